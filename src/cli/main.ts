@@ -1,0 +1,261 @@
+/**
+ * The `mobility` command. Exit codes come from one switch (exitCodeFor).
+ */
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE } from '../constants.js';
+import { MobilityError, toMobilityError, type ErrorCode } from '../errors.js';
+import { createLogger } from '../log.js';
+import { ProcessServer } from '../server/process-server.js';
+import { defaultAgentId, replicate, type DiskResult, type ReplicateMode } from '../agent/replicator.js';
+import { ProgressReporter, fmtBytes } from './progress.js';
+import { runDemo } from './demo.js';
+
+export const EXIT = { OK: 0, ERROR: 1, USAGE: 2, CONFIG: 3, AUTH: 4, UNREACHABLE: 5, MISMATCH: 6, INTERRUPTED: 130 } as const;
+
+export function exitCodeFor(code: ErrorCode): number {
+  switch (code) {
+    case 'MOB_ERR_USAGE': return EXIT.USAGE;
+    case 'MOB_ERR_CONFIG':
+    case 'MOB_ERR_SOURCE':
+    case 'MOB_ERR_STATE_CORRUPT':
+    case 'MOB_ERR_DISK_SIZE_CHANGED': return EXIT.CONFIG;
+    case 'MOB_ERR_AUTH':
+    case 'MOB_ERR_TLS_PIN': return EXIT.AUTH;
+    case 'MOB_ERR_UNREACHABLE':
+    case 'MOB_ERR_RETRY_EXHAUSTED':
+    case 'MOB_ERR_HEARTBEAT_TIMEOUT': return EXIT.UNREACHABLE;
+    default: return EXIT.ERROR;
+  }
+}
+
+const HELP: Record<string, string> = {
+  main: `mobility — block-level disaster-recovery replication
+
+Usage: mobility <command> [options]
+
+Commands:
+  server      run the process server and replica store
+  replicate   replicate disks to a server (initial, incremental or checksum resync)
+  verify      compare disks with their replicas without changing anything
+  demo        start a server and an agent on loopback, replicate a disk, prove the replica
+
+Run 'mobility <command> --help' for the options of a command.
+Exit codes: 0 ok, 1 error, 2 usage, 3 configuration/source, 4 auth/TLS pin, 5 unreachable, 6 verify found differences, 130 interrupted.
+`,
+  server: `Usage: mobility server [--data-dir DIR] [--listen HOST:PORT] [--san NAME]... [--no-tls]
+
+Runs the process server. On first start it creates in DATA-DIR:
+  tls/ca.pem, tls/server.pem (+ keys, mode 0600)   the TLS identity agents pin
+  token (mode 0600)                                 the pre-shared agent token
+  replicas/<agent>/<disk>/                          replica.img, state.json, wal.log
+
+Options:
+  --data-dir DIR      state directory (default ./mobility-data)
+  --listen HOST:PORT  address to listen on (default 127.0.0.1:${DEFAULT_PORT}; port 0 picks one)
+  --san NAME          extra DNS name or IP for the server certificate (repeatable; first start only)
+  --no-tls            plain ws:// (testing only)
+  --json-logs         JSON logs even on a terminal
+`,
+  replicate: `Usage: mobility replicate --server URL --token-file F (--ca F | --pin SHA256) --disk PATH[=ID]... [options]
+
+Replicates each disk to the server. The pass is chosen per disk (--mode auto):
+  initial      no replica yet: one full pass (zero blocks as flags, lz4 per block)
+  incremental  the digest map matches the replica: only changed pages are shipped
+  resync       digest map missing or untrusted: compare digests with the replica, ship only differences
+An interrupted initial replication resumes where the acknowledged data ends.
+
+Options:
+  --server URL          wss://HOST:PORT (or ws:// for a --no-tls server)
+  --token-file F        file holding the server's agent token (DATA-DIR/token)
+  --ca F                CA certificate to trust (DATA-DIR/tls/ca.pem)
+  --pin SHA256          server certificate fingerprint (instead of --ca)
+  --disk PATH[=ID]      file or block device; ID defaults to the file name (repeatable)
+  --agent-id ID         defaults to the host name
+  --state-dir DIR       agent state (digest maps), default ./mobility-agent
+  --mode M              auto | initial | incremental | resync (default auto)
+  --block-size N        transfer block size, e.g. 64K (default ${DEFAULT_BLOCK_SIZE / 1024}K)
+  --no-compress         send blocks raw
+  --max-rate N          bandwidth limit in bytes/s, e.g. 50M
+  --retry-deadline S    give up reconnecting after S seconds (default 120)
+  --json                print the result as JSON on stdout
+`,
+  verify: `Usage: mobility verify --server URL --token-file F (--ca F | --pin SHA256) --disk PATH[=ID]... [options]
+
+Compares each disk with its replica page by page (xxh64 of 4 KiB pages) and reports
+mismatching byte ranges. Changes nothing. Exit code 6 when any disk differs.
+
+Options: --server, --token-file, --ca, --pin, --disk, --agent-id, --state-dir, --retry-deadline, --json (as for replicate)
+`,
+  demo: `Usage: mobility demo [--dir DIR] [--size N] [--keep]
+
+Starts 'mobility server' on 127.0.0.1 with TLS, creates a mixed-content disk image,
+replicates it (initial), rewrites 1% of it, replicates again (incremental), verifies,
+and checks sha256(source) == sha256(replica) after each step.
+
+Options:
+  --dir DIR    work directory (default: a new temporary directory)
+  --size N     image size, e.g. 256M (default 256M)
+  --keep       keep the work directory
+`,
+};
+
+export function parseSize(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(s.trim());
+  if (!m) throw new MobilityError('MOB_ERR_USAGE', `not a size: ${s}`);
+  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  return Math.round(Number(m[1]) * mult);
+}
+
+type Values = Record<string, string | boolean | string[] | undefined>;
+
+function parse(argv: string[], options: ParseArgsConfig['options']): { values: Values } {
+  try {
+    const r = parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: false, strict: true });
+    return { values: r.values as Values };
+  } catch (err) {
+    throw new MobilityError('MOB_ERR_USAGE', (err as Error).message);
+  }
+}
+
+async function readSecretFile(file: string | undefined, what: string): Promise<string> {
+  if (!file) throw new MobilityError('MOB_ERR_USAGE', `--${what} is required`);
+  try {
+    const t = (await fsp.readFile(file, 'utf8')).trim();
+    if (!t) throw new MobilityError('MOB_ERR_CONFIG', `${file} is empty`);
+    return t;
+  } catch (err) {
+    if (err instanceof MobilityError) throw err;
+    throw new MobilityError('MOB_ERR_CONFIG', `cannot read ${file}: ${(err as Error).message}`);
+  }
+}
+
+async function cmdServer(argv: string[]): Promise<number> {
+  const { values: v } = parse(argv, {
+    'data-dir': { type: 'string' }, listen: { type: 'string' }, san: { type: 'string', multiple: true },
+    'no-tls': { type: 'boolean' }, 'json-logs': { type: 'boolean' },
+  });
+  if (v.help) { process.stdout.write(HELP.server); return EXIT.OK; }
+  const listen = (v.listen as string | undefined) ?? `127.0.0.1:${DEFAULT_PORT}`;
+  const m = /^(.*):(\d+)$/.exec(listen);
+  if (!m) throw new MobilityError('MOB_ERR_USAGE', `--listen wants HOST:PORT, got ${listen}`);
+  const logger = createLogger({ component: 'server', json: v['json-logs'] ? true : undefined });
+  const dataDir = path.resolve((v['data-dir'] as string | undefined) ?? 'mobility-data');
+  const server = new ProcessServer({ dataDir, host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]), tls: !v['no-tls'], extraNames: v.san as string[] | undefined, logger });
+  const addr = await server.start();
+  const scheme = v['no-tls'] ? 'ws' : 'wss';
+  // one machine-readable line on stdout for scripts and tests
+  process.stdout.write(JSON.stringify({
+    event: 'listening', url: `${scheme}://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`,
+    port: addr.port, dataDir, tokenFile: path.join(dataDir, 'token'), caFile: server.identity?.caFile ?? null, fingerprint: server.identity?.fingerprint256 ?? null,
+  }) + '\n');
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string) => {
+      logger.info('stopping', { signal: sig });
+      server.stop().then(resolve, resolve);
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+  return EXIT.OK;
+}
+
+function parseDisks(list: string[] | undefined): { path: string; id: string }[] {
+  if (!list?.length) throw new MobilityError('MOB_ERR_USAGE', '--disk is required');
+  return list.map((d) => {
+    const i = d.lastIndexOf('=');
+    const p = i > 0 ? d.slice(0, i) : d;
+    const id = i > 0 ? d.slice(i + 1) : path.basename(p).replace(/[^A-Za-z0-9._-]/g, '_').slice(0, 64);
+    return { path: p, id };
+  });
+}
+
+const CONN_OPTS = {
+  server: { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' },
+  disk: { type: 'string', multiple: true }, 'agent-id': { type: 'string' }, 'state-dir': { type: 'string' },
+  'retry-deadline': { type: 'string' }, json: { type: 'boolean' }, 'json-logs': { type: 'boolean' },
+} as const;
+
+async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
+  const { values: v } = parse(argv, verify ? CONN_OPTS : {
+    ...CONN_OPTS, mode: { type: 'string' }, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, 'max-rate': { type: 'string' },
+  });
+  if (v.help) { process.stdout.write(verify ? HELP.verify : HELP.replicate); return EXIT.OK; }
+  const server = v.server as string | undefined;
+  if (!server || !/^wss?:\/\//.test(server)) throw new MobilityError('MOB_ERR_USAGE', '--server wss://HOST:PORT is required');
+  const url = new URL(server);
+  if (url.pathname === '/' || url.pathname === '') url.pathname = '/v1/replicate';
+  const token = await readSecretFile(v['token-file'] as string | undefined, 'token-file');
+  let ca: string | undefined;
+  if (v.ca) {
+    try { ca = await fsp.readFile(v.ca as string, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read --ca ${String(v.ca)}: ${(err as Error).message}`); }
+  }
+  const mode = (verify ? 'verify' : ((v.mode as string | undefined) ?? 'auto')) as ReplicateMode;
+  if (!['auto', 'initial', 'incremental', 'resync', 'verify'].includes(mode)) throw new MobilityError('MOB_ERR_USAGE', `--mode must be auto, initial, incremental or resync`);
+  const blockSize = v['block-size'] ? parseSize(v['block-size'] as string) : DEFAULT_BLOCK_SIZE;
+  if (blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE || blockSize % PAGE_SIZE !== 0) {
+    throw new MobilityError('MOB_ERR_USAGE', `--block-size must be a multiple of ${PAGE_SIZE / 1024}K between ${MIN_BLOCK_SIZE / 1024}K and ${MAX_BLOCK_SIZE / 1024}K`);
+  }
+  const agentId = (v['agent-id'] as string | undefined) ?? defaultAgentId();
+  const logger = createLogger({ component: 'agent', json: v['json-logs'] ? true : undefined });
+  const progress = new ProgressReporter(logger);
+  let results: DiskResult[];
+  try {
+    results = await replicate({
+      serverUrl: url.toString(), token, ca, pin: v.pin as string | undefined, agentId, disks: parseDisks(v.disk as string[] | undefined),
+      stateDir: path.resolve((v['state-dir'] as string | undefined) ?? 'mobility-agent'), mode, blockSize,
+      compress: !v['no-compress'], maxRateBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
+      retryDeadlineMs: v['retry-deadline'] ? Number(v['retry-deadline']) * 1000 : undefined, logger,
+      onProgress: (p) => progress.update(p),
+    });
+  } finally {
+    progress.end();
+  }
+  if (v.json) process.stdout.write(JSON.stringify({ agentId, disks: results }, null, 2) + '\n');
+  else {
+    for (const r of results) {
+      const s = r.stats;
+      if (r.kind === 'verify') {
+        process.stdout.write(`${r.diskId}: ${s.mismatches.length === 0 ? 'replica matches the source' : `${fmtBytes(s.mismatchBytes)} differ in ${s.mismatches.length} range(s)`} (${fmtBytes(s.bytesScanned)} compared in ${(r.durationMs / 1000).toFixed(1)} s)\n`);
+        for (const m of s.mismatches.slice(0, 50)) process.stdout.write(`  differs: offset ${m.offset} length ${m.length}\n`);
+        if (s.mismatches.length > 50) process.stdout.write(`  ... ${s.mismatches.length - 50} more\n`);
+      } else {
+        process.stdout.write(`${r.diskId}: ${r.kind} (${r.reason}) done in ${(r.durationMs / 1000).toFixed(1)} s: scanned ${fmtBytes(s.bytesScanned)}, shipped ${s.blocksSent} blocks / ${s.pagesSent} pages (${fmtBytes(s.bytesChanged)} of data as ${fmtBytes(s.bytesSent)} on the wire), ${r.reconnects} reconnect(s)\n`);
+      }
+    }
+  }
+  if (verify && results.some((r) => r.stats.mismatches.length > 0)) return EXIT.MISMATCH;
+  return EXIT.OK;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  try {
+    switch (cmd) {
+      case 'server': return await cmdServer(rest);
+      case 'replicate': return await cmdReplicate(rest, false);
+      case 'verify': return await cmdReplicate(rest, true);
+      case 'demo': {
+        const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' } });
+        if (v.help) { process.stdout.write(HELP.demo); return EXIT.OK; }
+        return await runDemo({ dir: v.dir as string | undefined, size: v.size ? parseSize(v.size as string) : undefined, keep: Boolean(v.keep) });
+      }
+      case undefined: case 'help': case '--help': case '-h':
+        process.stdout.write(HELP.main);
+        return cmd === undefined ? EXIT.USAGE : EXIT.OK;
+      default:
+        throw new MobilityError('MOB_ERR_USAGE', `unknown command ${cmd}; see 'mobility --help'`);
+    }
+  } catch (err) {
+    const e = toMobilityError(err);
+    process.stderr.write(`mobility: ${e.code}: ${e.message}\n`);
+    return exitCodeFor(e.code);
+  }
+}
+
+const isEntry = process.argv[1] && /(?:main\.js|mobility(?:\.js)?)$/.test(process.argv[1]);
+if (isEntry) {
+  if (process.argv[2] !== 'server') process.once('SIGINT', () => process.exit(EXIT.INTERRUPTED));
+  main(process.argv.slice(2)).then((code) => process.exit(code));
+}

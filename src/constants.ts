@@ -1,0 +1,46 @@
+/** Defaults and bounds, in one place. Every buffer has a bound here. */
+export const PROTOCOL_VERSION = 1;
+export const AGENT_VERSION = '0.1.0';
+
+export const KiB = 1024;
+export const MiB = 1024 * KiB;
+export const GiB = 1024 * MiB;
+
+/** Transfer unit: a block is read, digested and compressed as one. */
+export const DEFAULT_BLOCK_SIZE = 64 * KiB;
+/** Delta unit: the source remembers one digest per page, and sends only changed pages of a block. */
+export const PAGE_SIZE = 4 * KiB;
+export const MIN_BLOCK_SIZE = 4 * KiB;
+export const MAX_BLOCK_SIZE = 1 * MiB;
+
+/** Source reads this much at a time (coalesced sequential reads). */
+export const READ_CHUNK_BYTES = 4 * MiB;
+/** A data frame is flushed when its payload reaches this size. */
+export const TARGET_FRAME_PAYLOAD = 1 * MiB;
+/** Largest binary message accepted (header + payload), with a coded error above it. */
+export const MAX_FRAME_BYTES = 8 * MiB;
+/** Largest protobuf header inside a message. */
+export const MAX_HEADER_BYTES = 256 * KiB;
+/** Hard ceiling handed to ws: above it ws closes with 1009 before buffering. */
+export const WS_MAX_PAYLOAD = 2 * MAX_FRAME_BYTES;
+/** Credit window the server grants: bounds bytes in flight and buffered on both sides. */
+export const CREDIT_WINDOW_BYTES = 32 * MiB;
+
+export const HEARTBEAT_MS = 5000;
+export const HEARTBEAT_MAX_MISSED = 3;
+
+/** Pages per DigestRequest, and how many requests the agent keeps outstanding. */
+export const DIGEST_REQUEST_PAGES = 1024;
+export const DIGEST_REQUESTS_IN_FLIGHT = 8;
+
+/** The replica store checkpoints (syncs replica, empties the WAL) past this WAL size. */
+export const WAL_CHECKPOINT_BYTES = 256 * MiB;
+/** The agent persists its digest map at most this often while a pass runs. */
+export const DIGEST_MAP_PERSIST_MS = 1000;
+
+export const RECONNECT_MIN_MS = 250;
+export const RECONNECT_MAX_MS = 10_000;
+export const DEFAULT_RETRY_DEADLINE_MS = 120_000;
+
+export const DEFAULT_PORT = 7443;
+export const ID_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;

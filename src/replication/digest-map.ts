@@ -1,0 +1,99 @@
+/**
+ * DigestMap: the source's durable record of what the target holds, one xxh64
+ * per page. An entry is set only after the target acknowledged that page as
+ * durable, so the map never claims more than the replica has: after any crash
+ * the worst case is resending pages the target already had.
+ * A digest of 0n means "unknown" (always resent).
+ *
+ * File format: u32 BE header length | JSON header | pages * 8 bytes (LE) | u64 LE xxh64 of all before.
+ */
+import fsp from 'node:fs/promises';
+import { xxh64 } from '@node-rs/xxhash';
+import { MobilityError } from '../errors.js';
+import { writeFileDurable } from '../util/durable-file.js';
+
+export interface DigestMapHeader {
+  version: 1;
+  diskId: string;
+  diskSize: number;
+  pageSize: number;
+  /** Replica generation this map describes; a different generation invalidates the map. */
+  generation: string;
+}
+
+export class DigestMap {
+  readonly pages: number;
+  readonly digests: BigUint64Array;
+  dirty = false;
+
+  constructor(readonly header: DigestMapHeader, digests?: BigUint64Array) {
+    this.pages = Math.ceil(header.diskSize / header.pageSize);
+    this.digests = digests ?? new BigUint64Array(this.pages);
+  }
+
+  /** Number of pages with a known digest. */
+  knownPages(): number {
+    let n = 0;
+    for (let i = 0; i < this.pages; i++) if (this.digests[i] !== 0n) n++;
+    return n;
+  }
+
+  set(page: number, d: bigint): void {
+    this.digests[page] = d === 0n ? 1n : d; // 0n is reserved for "unknown"; a collision only costs a resend
+    this.dirty = true;
+  }
+
+  static normalize(d: bigint): bigint {
+    return d === 0n ? 1n : d;
+  }
+
+  serialize(): Buffer {
+    const head = Buffer.from(JSON.stringify(this.header));
+    const body = Buffer.from(this.digests.buffer, this.digests.byteOffset, this.digests.byteLength);
+    const out = Buffer.allocUnsafe(4 + head.length + body.length + 8);
+    out.writeUInt32BE(head.length, 0);
+    head.copy(out, 4);
+    body.copy(out, 4 + head.length);
+    out.writeBigUInt64LE(xxh64(out.subarray(0, out.length - 8)), out.length - 8);
+    return out;
+  }
+
+  async save(file: string): Promise<void> {
+    await writeFileDurable(file, this.serialize(), 0o600);
+    this.dirty = false;
+  }
+
+  static parse(buf: Buffer, file: string): DigestMap {
+    const corrupt = (why: string) => new MobilityError('MOB_ERR_STATE_CORRUPT', `digest map ${file} is unusable: ${why}`);
+    if (buf.length < 12) throw corrupt('truncated');
+    const sum = buf.readBigUInt64LE(buf.length - 8);
+    if (xxh64(buf.subarray(0, buf.length - 8)) !== sum) throw corrupt('checksum mismatch (truncated or damaged)');
+    const hlen = buf.readUInt32BE(0);
+    if (4 + hlen > buf.length - 8) throw corrupt('header runs past the end');
+    let header: DigestMapHeader;
+    try {
+      header = JSON.parse(buf.subarray(4, 4 + hlen).toString('utf8')) as DigestMapHeader;
+    } catch {
+      throw corrupt('header is not JSON');
+    }
+    if (header.version !== 1 || !(header.pageSize > 0) || !(header.diskSize >= 0)) throw corrupt('unsupported header');
+    const pages = Math.ceil(header.diskSize / header.pageSize);
+    const bodyLen = buf.length - 8 - 4 - hlen;
+    if (bodyLen !== pages * 8) throw corrupt(`holds ${bodyLen / 8} digests, expected ${pages}`);
+    const digests = new BigUint64Array(pages);
+    Buffer.from(digests.buffer).set(buf.subarray(4 + hlen, 4 + hlen + bodyLen));
+    return new DigestMap(header, digests);
+  }
+
+  /** Loads a map; null when there is none. Throws MOB_ERR_STATE_CORRUPT when it is damaged. */
+  static async load(file: string): Promise<DigestMap | null> {
+    let buf: Buffer;
+    try {
+      buf = await fsp.readFile(file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    }
+    return DigestMap.parse(buf, file);
+  }
+}

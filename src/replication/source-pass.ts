@@ -1,0 +1,324 @@
+/**
+ * One replication pass of one disk, source side.
+ *
+ *   initial / incremental (scan): read the disk in large chunks, digest every
+ *     page, compare with the DigestMap (what the target holds), ship changed
+ *     blocks; a block where only some pages changed ships only those pages.
+ *   resync (checksum): ask the target for its page digests, compare with the
+ *     source, ship only mismatching pages; rebuilds the map.
+ *   verify: the same comparison, ships nothing, reports mismatching ranges.
+ *
+ * Map entries are set only when the server acks (durable). A pass survives
+ * reconnects: resume() takes the new Welcome's last durable sequence, treats
+ * frames up to it as acked, and rewinds the cursor to the first block of any
+ * frame that was lost.
+ */
+import { DIGEST_REQUEST_PAGES, DIGEST_REQUESTS_IN_FLIGHT, READ_CHUNK_BYTES, TARGET_FRAME_PAYLOAD } from '../constants.js';
+import { MobilityError } from '../errors.js';
+import { Encoding, encodeMessage, type Ack, type BlockRef, type DigestReply } from '../transport/frame-codec.js';
+import type { Connection } from '../transport/client.js';
+import { encodeBlock } from './block-codec.js';
+import { digestBytes, pageDigests } from './digest.js';
+import { DigestMap } from './digest-map.js';
+import { ChunkReader, type DiskSource } from './disk-source.js';
+
+export type PassKind = 'initial' | 'incremental' | 'resync' | 'verify';
+
+export interface PassStats {
+  bytesScanned: number;
+  blocksSent: number;
+  pagesSent: number;
+  /** Bytes of block data shipped before compression (whole blocks or changed pages). */
+  bytesChanged: number;
+  /** Wire bytes of data frames (headers + payloads). */
+  bytesSent: number;
+  zeroBlocks: number;
+  /** Ranges where source and replica differ (verify and resync). */
+  mismatches: { offset: number; length: number }[];
+  mismatchBytes: number;
+}
+
+interface InFlight {
+  firstBlock: number;
+  entries: { firstPage: number; mask: number[] | null; digests: BigUint64Array }[];
+}
+
+export interface PassOptions {
+  diskIndex: number;
+  blockSize: number;
+  pageSize: number;
+  compress: boolean;
+  /** Persist the map (throttled by the caller). Called after acks. */
+  onMapChanged?: () => void;
+  onProgress?: (p: { done: number; total: number; stats: PassStats }) => void;
+}
+
+export class SourcePass {
+  readonly stats: PassStats = { bytesScanned: 0, blocksSent: 0, pagesSent: 0, bytesChanged: 0, bytesSent: 0, zeroBlocks: 0, mismatches: [], mismatchBytes: 0 };
+  private cursorBlock = 0;
+  private inflight = new Map<number, InFlight>();
+  private seq = 0;
+  private readonly pagesPerBlock: number;
+  done = false;
+
+  constructor(readonly kind: PassKind, private readonly src: DiskSource, readonly map: DigestMap, private readonly o: PassOptions) {
+    this.pagesPerBlock = o.blockSize / o.pageSize;
+  }
+
+  /** Before (re)running on a new connection: settle what became durable, rewind over what was lost. */
+  resume(lastDurableSeq: number): void {
+    this.onAck(lastDurableSeq);
+    for (const f of this.inflight.values()) this.cursorBlock = Math.min(this.cursorBlock, f.firstBlock);
+    this.inflight.clear();
+    this.seq = Math.max(this.seq, lastDurableSeq);
+  }
+
+  /** Records acked frames into the map. */
+  onAck(seq: number): void {
+    let changed = false;
+    for (const [s, f] of this.inflight) {
+      if (s > seq) continue;
+      for (const e of f.entries) {
+        if (e.mask === null) for (let i = 0; i < e.digests.length; i++) this.map.set(e.firstPage + i, e.digests[i]);
+        else for (const i of e.mask) this.map.set(e.firstPage + i, e.digests[i]);
+      }
+      this.inflight.delete(s);
+      changed = true;
+    }
+    if (changed) this.o.onMapChanged?.();
+  }
+
+  /** Runs (or continues) the pass on conn until the server acked its end. Throws the connection's error if it drops. */
+  async run(conn: Connection): Promise<void> {
+    const onAck = (a: Ack) => {
+      if (a.disk === this.o.diskIndex) this.onAck(a.seq);
+    };
+    conn.on('ack', onAck);
+    try {
+      if (this.kind === 'resync' || this.kind === 'verify') await this.compareWithTarget(conn);
+      else await this.scan(conn);
+      if (this.kind !== 'verify') await this.finish(conn);
+      this.done = true;
+    } finally {
+      conn.off('ack', onAck);
+    }
+  }
+
+  // ---- frame building ----
+  private blocks: BlockRef[] = [];
+  private payloads: Buffer[] = [];
+  private payloadBytes = 0;
+  private entries: InFlight['entries'] = [];
+  private frameFirstBlock = -1;
+
+  private addBlock(index: number, enc: Encoding, payload: Buffer, mask: number[] | null, fullBlock: Buffer, pageDigs: BigUint64Array, pagesInBlock: number): void {
+    let pageMask: Uint8Array = Buffer.alloc(0);
+    if (mask) {
+      pageMask = Buffer.alloc(Math.ceil(pagesInBlock / 8));
+      for (const i of mask) pageMask[i >> 3] |= 1 << (i & 7);
+    }
+    this.blocks.push({ index, encoding: enc, length: payload.length, pageMask, digest: digestBytes(fullBlock) });
+    this.payloads.push(payload);
+    this.payloadBytes += payload.length;
+    this.entries.push({ firstPage: index * this.pagesPerBlock, mask, digests: pageDigs.slice(0, pagesInBlock) });
+    if (this.frameFirstBlock < 0) this.frameFirstBlock = index;
+    this.stats.blocksSent++;
+    this.stats.pagesSent += mask ? mask.length : pagesInBlock;
+    if (enc === Encoding.ZERO && !mask) this.stats.zeroBlocks++;
+  }
+
+  private async flush(conn: Connection): Promise<void> {
+    if (!this.blocks.length) return;
+    const seq = ++this.seq;
+    const msg = encodeMessage({ type: 'data', data: { disk: this.o.diskIndex, seq, blocks: this.blocks } }, this.payloads);
+    this.inflight.set(seq, { firstBlock: this.frameFirstBlock, entries: this.entries });
+    this.blocks = [];
+    this.payloads = [];
+    this.payloadBytes = 0;
+    this.entries = [];
+    this.frameFirstBlock = -1;
+    this.stats.bytesSent += msg.length;
+    await conn.sendData(msg);
+  }
+
+  private discardFrame(): void {
+    this.blocks = [];
+    this.payloads = [];
+    this.payloadBytes = 0;
+    this.entries = [];
+    this.frameFirstBlock = -1;
+  }
+
+  /**
+   * Ships one block given its page digests and the mask of pages that differ from the target
+   * (null = ship the whole block).
+   */
+  private async ship(conn: Connection, index: number, data: Buffer, digs: BigUint64Array, pagesInBlock: number, mask: number[] | null): Promise<void> {
+    let body: Buffer;
+    if (mask === null) {
+      body = data;
+      this.stats.bytesChanged += data.length;
+    } else {
+      const parts: Buffer[] = [];
+      for (const i of mask) parts.push(data.subarray(i * this.o.pageSize, Math.min((i + 1) * this.o.pageSize, data.length)));
+      body = Buffer.concat(parts);
+      this.stats.bytesChanged += body.length;
+    }
+    // A RAW payload may alias the reader's chunk buffer: safe because every chunk's
+    // frames are flushed (copied into a message) before the reader reuses that buffer.
+    const enc = encodeBlock(body, this.o.compress);
+    this.addBlock(index, enc.encoding, enc.payload, mask, data, digs, pagesInBlock);
+    if (this.payloadBytes >= TARGET_FRAME_PAYLOAD || this.blocks.length >= 512) await this.flush(conn);
+  }
+
+  private progress(done: number): void {
+    this.o.onProgress?.({ done, total: this.src.size, stats: this.stats });
+  }
+
+  private async scan(conn: Connection): Promise<void> {
+    this.discardFrame();
+    const bs = this.o.blockSize;
+    const chunk = Math.max(bs, Math.floor(READ_CHUNK_BYTES / bs) * bs);
+    const reader = new ChunkReader(this.src, this.cursorBlock * bs, this.src.size, chunk);
+    const digs = new BigUint64Array(this.pagesPerBlock);
+    const map = this.map.digests;
+    for (;;) {
+      const c = await reader.read();
+      if (!c) break;
+      for (let o = 0; o < c.data.length; o += bs) {
+        const index = (c.offset + o) / bs;
+        const data = c.data.subarray(o, Math.min(o + bs, c.data.length));
+        const n = pageDigests(data, this.o.pageSize, digs);
+        const first = index * this.pagesPerBlock;
+        let mask: number[] | null = null;
+        let changed = 0;
+        for (let i = 0; i < n; i++) {
+          if (map[first + i] !== DigestMap.normalize(digs[i])) {
+            changed++;
+            (mask ??= []).push(i);
+          }
+        }
+        if (changed === 0) continue;
+        await this.ship(conn, index, data, digs, n, changed === n ? null : mask);
+      }
+      this.stats.bytesScanned += c.data.length;
+      // everything before the next chunk is either acked or in a frame we track
+      await this.flush(conn);
+      this.cursorBlock = (c.offset + c.data.length) / bs;
+      this.progress(c.offset + c.data.length);
+    }
+    await this.flush(conn);
+  }
+
+  private async compareWithTarget(conn: Connection): Promise<void> {
+    this.discardFrame();
+    const ps = this.o.pageSize;
+    const bs = this.o.blockSize;
+    const totalPages = Math.ceil(this.src.size / ps);
+    const reqPages = Math.max(this.pagesPerBlock, Math.floor(DIGEST_REQUEST_PAGES / this.pagesPerBlock) * this.pagesPerBlock);
+    const replies = new Map<number, Buffer>();
+    let wake: (() => void) | null = null;
+    const onReply = (r: DigestReply, payload: Buffer) => {
+      if (r.disk !== this.o.diskIndex) return;
+      replies.set(r.firstPage, payload);
+      wake?.();
+    };
+    conn.on('digestReply', onReply);
+    const onClose = () => wake?.();
+    conn.on('close', onClose);
+    let requestId = 0;
+    let nextReqPage = this.cursorBlock * this.pagesPerBlock;
+    const request = () => {
+      if (nextReqPage >= totalPages) return;
+      const count = Math.min(reqPages, totalPages - nextReqPage);
+      conn.send(encodeMessage({ type: 'digestRequest', digestRequest: { disk: this.o.diskIndex, requestId: ++requestId, firstPage: nextReqPage, pageCount: count } }));
+      nextReqPage += count;
+    };
+    try {
+      for (let i = 0; i < DIGEST_REQUESTS_IN_FLIGHT; i++) request();
+      const chunkBytes = reqPages * ps;
+      const reader = new ChunkReader(this.src, this.cursorBlock * bs, this.src.size, chunkBytes);
+      const local = new BigUint64Array(reqPages);
+      const digs = new BigUint64Array(this.pagesPerBlock);
+      let mismatchStart = -1;
+      for (;;) {
+        const c = await reader.read();
+        if (!c) break;
+        const firstPage = c.offset / ps;
+        const n = pageDigests(c.data, ps, local);
+        while (!replies.has(firstPage)) {
+          if (conn.closed) throw conn.closed;
+          await new Promise<void>((r) => (wake = r));
+          wake = null;
+        }
+        const remote = replies.get(firstPage)!;
+        replies.delete(firstPage);
+        request();
+        if (remote.length !== n * 8) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `digest reply for page ${firstPage} has ${remote.length / 8} digests, expected ${n}`);
+        for (let b = 0; b * this.pagesPerBlock < n; b++) {
+          const p0 = b * this.pagesPerBlock;
+          const pagesInBlock = Math.min(this.pagesPerBlock, n - p0);
+          let mask: number[] | null = null;
+          for (let i = 0; i < pagesInBlock; i++) {
+            const p = p0 + i;
+            const differs = remote.readBigUInt64LE(8 * p) !== local[p];
+            const pageOff = (firstPage + p) * ps;
+            if (differs) {
+              (mask ??= []).push(i);
+              if (mismatchStart < 0) mismatchStart = pageOff;
+            } else {
+              if (mismatchStart >= 0) this.addMismatch(mismatchStart, pageOff);
+              mismatchStart = -1;
+              if (this.kind === 'resync') this.map.set(firstPage + p, local[p]);
+            }
+          }
+          if (mask && this.kind === 'resync') {
+            const index = (c.offset + p0 * ps) / bs;
+            const data = c.data.subarray(p0 * ps, Math.min((p0 + pagesInBlock) * ps, c.data.length));
+            digs.set(local.subarray(p0, p0 + pagesInBlock));
+            await this.ship(conn, index, data, digs, pagesInBlock, mask.length === pagesInBlock ? null : mask);
+          }
+        }
+        this.stats.bytesScanned += c.data.length;
+        await this.flush(conn);
+        this.cursorBlock = (c.offset + c.data.length) / bs;
+        this.progress(c.offset + c.data.length);
+      }
+      if (mismatchStart >= 0) this.addMismatch(mismatchStart, this.src.size);
+      await this.flush(conn);
+    } finally {
+      conn.off('digestReply', onReply);
+      conn.off('close', onClose);
+    }
+  }
+
+  private addMismatch(start: number, end: number): void {
+    const last = this.stats.mismatches[this.stats.mismatches.length - 1];
+    const e = Math.min(end, this.src.size);
+    if (last && last.offset + last.length === start) last.length += e - start;
+    else this.stats.mismatches.push({ offset: start, length: e - start });
+    this.stats.mismatchBytes += e - start;
+  }
+
+  /** Sends PassEnd and waits until the server recorded it (which also acks every earlier frame). */
+  private async finish(conn: Connection): Promise<void> {
+    const seq = ++this.seq;
+    const acked = new Promise<void>((resolve, reject) => {
+      const onAck = (a: Ack) => {
+        if (a.disk === this.o.diskIndex && a.seq >= seq) {
+          conn.off('ack', onAck);
+          conn.off('close', onClose);
+          resolve();
+        }
+      };
+      const onClose = (err: MobilityError) => {
+        conn.off('ack', onAck);
+        reject(err);
+      };
+      conn.on('ack', onAck);
+      conn.on('close', onClose);
+    });
+    conn.send(encodeMessage({ type: 'passEnd', passEnd: { disk: this.o.diskIndex, seq, kind: this.kind } }));
+    await acked;
+  }
+}

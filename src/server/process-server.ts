@@ -1,0 +1,425 @@
+/**
+ * Process server: accepts agent connections over wss, authenticates them,
+ * verifies every block before it is persisted, commits through the replica
+ * store and acknowledges only durable data. One bad client never affects the
+ * others: its errors are answered with a coded Error frame and its connection
+ * is closed; nothing from the offending frame is persisted.
+ */
+import crypto from 'node:crypto';
+import fsp from 'node:fs/promises';
+import https from 'node:https';
+import http from 'node:http';
+import path from 'node:path';
+import type { AddressInfo } from 'node:net';
+import { WebSocketServer, type WebSocket } from 'ws';
+import {
+  CREDIT_WINDOW_BYTES, DIGEST_REQUESTS_IN_FLIGHT, HEARTBEAT_MAX_MISSED, HEARTBEAT_MS, ID_PATTERN, MAX_BLOCK_SIZE,
+  MAX_FRAME_BYTES, MIN_BLOCK_SIZE, PROTOCOL_VERSION, WS_MAX_PAYLOAD,
+} from '../constants.js';
+import { MobilityError, toMobilityError } from '../errors.js';
+import { createLogger, type Logger } from '../log.js';
+import { ensureTlsIdentity, type TlsIdentity } from '../transport/tls.js';
+import { decodeMessage, encodeMessage, errorMessage, Encoding, type Data, type DecodedFrame, type DiskState, type Hello } from '../transport/frame-codec.js';
+import { decodeBlock } from '../replication/block-codec.js';
+import { digest, digestEquals, zeroBuffer } from '../replication/digest.js';
+import { ReplicaStore, type WriteOp } from '../replication/replica-store.js';
+import { writeFileDurable } from '../util/durable-file.js';
+
+export interface ProcessServerOptions {
+  dataDir: string;
+  host?: string;
+  port?: number;
+  tls?: boolean;
+  extraNames?: string[];
+  logger?: Logger;
+  heartbeatMs?: number;
+  maxFrameBytes?: number;
+  creditBytes?: number;
+}
+
+/** Reads the pre-shared agent token, creating it (mode 0600) on first start. */
+export async function ensureToken(dataDir: string): Promise<string> {
+  const file = path.join(dataDir, 'token');
+  try {
+    const t = (await fsp.readFile(file, 'utf8')).trim();
+    if (t) return t;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+  }
+  const token = crypto.randomBytes(32).toString('base64url');
+  await writeFileDurable(file, token + '\n', 0o600);
+  return token;
+}
+
+function tokenMatches(given: string, expected: string): boolean {
+  const a = crypto.createHash('sha256').update(given).digest();
+  const b = crypto.createHash('sha256').update(expected).digest();
+  return crypto.timingSafeEqual(a, b);
+}
+
+interface SessionDisk {
+  key: string;
+  diskId: string;
+  sizeBytes: number;
+  blockSize: number;
+  pageSize: number;
+  store: ReplicaStore;
+  lastSeq: number;
+}
+
+const zeroDigests = new Map<number, bigint>();
+function zeroDigest(len: number): bigint {
+  let d = zeroDigests.get(len);
+  if (d === undefined) {
+    d = digest(zeroBuffer(len));
+    zeroDigests.set(len, d);
+  }
+  return d;
+}
+
+export class ProcessServer {
+  private http: https.Server | http.Server | null = null;
+  private wss: WebSocketServer | null = null;
+  private readonly sessions = new Set<Session>();
+  /** Disk key -> the session holding it, or the promise of its store closing. */
+  readonly diskLocks = new Map<string, Session | Promise<void>>();
+  readonly log: Logger;
+  token = '';
+  identity: TlsIdentity | null = null;
+  stats = { sessions: 0, rejected: 0, bytesReceived: 0 };
+
+  constructor(readonly opts: ProcessServerOptions) {
+    this.log = opts.logger ?? createLogger({ component: 'server' });
+  }
+
+  get heartbeatMs(): number { return this.opts.heartbeatMs ?? HEARTBEAT_MS; }
+  get maxFrameBytes(): number { return this.opts.maxFrameBytes ?? MAX_FRAME_BYTES; }
+  get creditBytes(): number { return this.opts.creditBytes ?? CREDIT_WINDOW_BYTES; }
+
+  /** Starts listening; resolves with the bound address. */
+  async start(): Promise<AddressInfo> {
+    await fsp.mkdir(this.opts.dataDir, { recursive: true, mode: 0o700 });
+    this.token = await ensureToken(this.opts.dataDir);
+    const useTls = this.opts.tls ?? true;
+    if (useTls) {
+      this.identity = await ensureTlsIdentity(this.opts.dataDir, this.opts.extraNames);
+      this.http = https.createServer({ key: this.identity.key, cert: this.identity.cert });
+    } else {
+      this.http = http.createServer();
+    }
+    this.http.on('request', (_req, res) => {
+      res.writeHead(426, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ code: 'MOB_ERR_USAGE', message: 'connect with a WebSocket to /v1/replicate' }) + '\n');
+    });
+    this.wss = new WebSocketServer({ server: this.http, path: '/v1/replicate', maxPayload: WS_MAX_PAYLOAD, perMessageDeflate: false });
+    this.wss.on('connection', (ws, req) => {
+      const s = new Session(this, ws, req.socket.remoteAddress ?? '?');
+      this.sessions.add(s);
+      this.stats.sessions++;
+      ws.once('close', () => this.sessions.delete(s));
+    });
+    await new Promise<void>((resolve, reject) => {
+      this.http!.once('error', reject);
+      this.http!.listen(this.opts.port ?? 0, this.opts.host ?? '127.0.0.1', () => resolve());
+    });
+    const addr = this.http.address() as AddressInfo;
+    this.log.info('listening', { address: addr.address, port: addr.port, tls: useTls, fingerprint: this.identity?.fingerprint256 });
+    return addr;
+  }
+
+  /** Opens a disk's replica for a session, or throws MOB_ERR_DISK_BUSY. */
+  async acquireDisk(session: Session, agentId: string, diskId: string, sizeBytes: number): Promise<{ store: ReplicaStore; created: boolean; key: string }> {
+    const key = `${agentId}/${diskId}`;
+    const held = this.diskLocks.get(key);
+    if (held instanceof Promise) await held;
+    else if (held) throw new MobilityError('MOB_ERR_DISK_BUSY', `disk ${diskId} of agent ${agentId} is being replicated by another session`);
+    if (this.diskLocks.get(key)) throw new MobilityError('MOB_ERR_DISK_BUSY', `disk ${diskId} of agent ${agentId} is being replicated by another session`);
+    this.diskLocks.set(key, session);
+    try {
+      const { store, created } = await ReplicaStore.open(path.join(this.opts.dataDir, 'replicas', agentId, diskId), agentId, diskId, sizeBytes);
+      return { store, created, key };
+    } catch (err) {
+      this.diskLocks.delete(key);
+      throw err;
+    }
+  }
+
+  releaseDisk(key: string, store: ReplicaStore): void {
+    const closing: Promise<void> = store.close().catch((err) => { this.log.error('replica close failed', { disk: key, error: String(err) }); })
+      .finally(() => { if (this.diskLocks.get(key) === closing) this.diskLocks.delete(key); });
+    this.diskLocks.set(key, closing);
+  }
+
+  /** Stops accepting, tells every agent, checkpoints every open replica. */
+  async stop(): Promise<void> {
+    for (const s of this.sessions) s.fail(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'server is stopping'));
+    await Promise.all([...this.diskLocks.values()].filter((v): v is Promise<void> => v instanceof Promise));
+    await new Promise<void>((r) => (this.wss ? this.wss.close(() => r()) : r()));
+    await new Promise<void>((r) => (this.http ? this.http.close(() => r()) : r()));
+    await Promise.all([...this.diskLocks.values()].filter((v): v is Promise<void> => v instanceof Promise));
+  }
+}
+
+class Session {
+  private state: 'await-hello' | 'ready' | 'closed' = 'await-hello';
+  private chain: Promise<void> = Promise.resolve();
+  private disks: SessionDisk[] = [];
+  private agentId = '';
+  private granted = 0;
+  private received = 0;
+  private digestInFlight = 0;
+  private lastRecv = Date.now();
+  private hbTimer: NodeJS.Timeout;
+  private readonly log: Logger;
+
+  constructor(private readonly server: ProcessServer, private readonly ws: WebSocket, peer: string) {
+    this.log = server.log.child({ peer });
+    ws.on('message', (data, isBinary) => this.onMessage(data as Buffer, isBinary));
+    ws.on('close', () => this.cleanup());
+    ws.on('error', (err) => {
+      // ws raises 1009 here for messages above WS_MAX_PAYLOAD
+      this.log.warn('connection error', { error: err.message });
+      this.cleanup();
+    });
+    this.hbTimer = setInterval(() => this.heartbeat(), this.server.heartbeatMs);
+    this.hbTimer.unref();
+  }
+
+  private heartbeat(): void {
+    if (Date.now() - this.lastRecv > this.server.heartbeatMs * HEARTBEAT_MAX_MISSED) {
+      this.fail(new MobilityError('MOB_ERR_HEARTBEAT_TIMEOUT', `no frame from the agent for ${Date.now() - this.lastRecv} ms`));
+      return;
+    }
+    this.send(encodeMessage({ type: 'heartbeat', heartbeat: { sentAtMs: Date.now(), reply: false } }));
+  }
+
+  private send(buf: Buffer): void {
+    if (this.ws.readyState === this.ws.OPEN) this.ws.send(buf);
+  }
+
+  private onMessage(data: Buffer, isBinary: boolean): void {
+    this.lastRecv = Date.now();
+    if (this.state === 'closed') return;
+    this.server.stats.bytesReceived += data.length;
+    let frame: DecodedFrame;
+    try {
+      if (!isBinary) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'text messages are not part of the protocol');
+      frame = decodeMessage(data, this.server.maxFrameBytes);
+    } catch (err) {
+      this.fail(toMobilityError(err, 'MOB_ERR_FRAME_MALFORMED'));
+      return;
+    }
+    const size = data.length;
+    this.chain = this.chain.then(() => this.handle(frame, size)).catch((err) => this.fail(toMobilityError(err)));
+  }
+
+  private async handle(frame: DecodedFrame, size: number): Promise<void> {
+    if (this.state === 'closed') return;
+    if (this.state === 'await-hello') {
+      if (frame.type !== 'hello') throw new MobilityError('MOB_ERR_HANDSHAKE', `expected hello, got ${frame.type}`);
+      await this.onHello(frame.hello);
+      return;
+    }
+    switch (frame.type) {
+      case 'data':
+        this.received += size;
+        if (this.received > this.granted) {
+          throw new MobilityError('MOB_ERR_CREDIT_EXCEEDED', `agent sent ${this.received} bytes with ${this.granted} granted`);
+        }
+        await this.onData(frame.data, frame.payload, size);
+        return;
+      case 'digestRequest':
+        this.onDigestRequest(frame.digestRequest.disk, frame.digestRequest.requestId, frame.digestRequest.firstPage, frame.digestRequest.pageCount);
+        return;
+      case 'passEnd': {
+        const d = this.disk(frame.passEnd.disk);
+        this.nextSeq(d, frame.passEnd.seq);
+        const kind = frame.passEnd.kind;
+        if (!['initial', 'incremental', 'resync'].includes(kind)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `unknown pass kind ${kind}`);
+        await d.store.endPass(kind, frame.passEnd.seq);
+        this.log.info('pass complete', { agent: this.agentId, disk: d.diskId, kind, seq: frame.passEnd.seq });
+        this.send(encodeMessage({ type: 'ack', ack: { disk: frame.passEnd.disk, seq: frame.passEnd.seq, creditBytes: 0 } }));
+        return;
+      }
+      case 'heartbeat':
+        if (!frame.heartbeat.reply) this.send(encodeMessage({ type: 'heartbeat', heartbeat: { sentAtMs: frame.heartbeat.sentAtMs, reply: true } }));
+        return;
+      case 'hello':
+        throw new MobilityError('MOB_ERR_HANDSHAKE', 'hello sent twice');
+      default:
+        throw new MobilityError('MOB_ERR_UNKNOWN_MESSAGE', `an agent may not send ${frame.type} frames`);
+    }
+  }
+
+  private async onHello(h: Hello): Promise<void> {
+    if (h.protocolVersion !== PROTOCOL_VERSION) {
+      throw new MobilityError('MOB_ERR_PROTOCOL_VERSION', `agent speaks protocol ${h.protocolVersion}, server speaks ${PROTOCOL_VERSION}`);
+    }
+    if (!tokenMatches(h.token, this.server.token)) {
+      this.server.stats.rejected++;
+      throw new MobilityError('MOB_ERR_AUTH', 'agent token refused');
+    }
+    if (!ID_PATTERN.test(h.agentId)) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `agent id ${JSON.stringify(h.agentId)} is not [A-Za-z0-9._-]{1,64}`);
+    if (h.disks.length === 0 || h.disks.length > 64) throw new MobilityError('MOB_ERR_HANDSHAKE', `a session carries 1 to 64 disks, not ${h.disks.length}`);
+    const seen = new Set<string>();
+    for (const d of h.disks) {
+      if (!ID_PATTERN.test(d.diskId)) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `disk id ${JSON.stringify(d.diskId)} is not [A-Za-z0-9._-]{1,64}`);
+      if (seen.has(d.diskId)) throw new MobilityError('MOB_ERR_HANDSHAKE', `disk ${d.diskId} listed twice`);
+      seen.add(d.diskId);
+      if (d.pageSize < 512 || d.pageSize > 65536 || (d.pageSize & (d.pageSize - 1)) !== 0) throw new MobilityError('MOB_ERR_HANDSHAKE', `page size ${d.pageSize} is not a power of two in 512..65536`);
+      if (d.blockSize < MIN_BLOCK_SIZE || d.blockSize > MAX_BLOCK_SIZE || d.blockSize % d.pageSize !== 0) throw new MobilityError('MOB_ERR_HANDSHAKE', `block size ${d.blockSize} is not a multiple of the page size within ${MIN_BLOCK_SIZE}..${MAX_BLOCK_SIZE}`);
+      if (!Number.isSafeInteger(d.sizeBytes) || d.sizeBytes <= 0 || d.sizeBytes % 512 !== 0) throw new MobilityError('MOB_ERR_HANDSHAKE', `disk size ${d.sizeBytes} is not a positive multiple of 512`);
+    }
+    this.agentId = h.agentId;
+    const states: DiskState[] = [];
+    try {
+      for (const d of h.disks) {
+        const { store, created, key } = await this.server.acquireDisk(this, h.agentId, d.diskId, d.sizeBytes);
+        this.disks.push({ key, diskId: d.diskId, sizeBytes: d.sizeBytes, blockSize: d.blockSize, pageSize: d.pageSize, store, lastSeq: store.lastDurableSeq });
+        states.push({
+          diskId: d.diskId, lastDurableSeq: store.lastDurableSeq, generation: store.generation, initialComplete: store.initialComplete,
+          sizeBytes: store.sizeBytes, replicaExists: !created,
+        });
+      }
+    } catch (err) {
+      this.releaseAll();
+      throw err;
+    }
+    if (this.state === 'closed') {
+      this.releaseAll();
+      return;
+    }
+    this.state = 'ready';
+    this.granted = this.server.creditBytes;
+    this.log.info('agent connected', { agent: h.agentId, disks: h.disks.map((d) => d.diskId), agentVersion: h.agentVersion });
+    this.send(encodeMessage({
+      type: 'welcome',
+      welcome: {
+        protocolVersion: PROTOCOL_VERSION, sessionId: crypto.randomUUID(), disks: states, creditBytes: this.granted,
+        maxFrameBytes: this.server.maxFrameBytes, heartbeatMs: this.server.heartbeatMs,
+      },
+    }));
+  }
+
+  private disk(i: number): SessionDisk {
+    const d = this.disks[i];
+    if (!d) throw new MobilityError('MOB_ERR_UNKNOWN_DISK', `disk index ${i} is not part of this session (${this.disks.length} disks)`);
+    return d;
+  }
+
+  private nextSeq(d: SessionDisk, seq: number): void {
+    if (seq <= d.lastSeq) throw new MobilityError('MOB_ERR_SEQUENCE', `sequence ${seq} on disk ${d.diskId} does not follow ${d.lastSeq}`);
+    d.lastSeq = seq;
+  }
+
+  /** Validates and decodes every block of the frame before anything is queued for persistence. */
+  private async onData(m: Data, payload: Buffer, size: number): Promise<void> {
+    const d = this.disk(m.disk);
+    this.nextSeq(d, m.seq);
+    const ops: WriteOp[] = [];
+    let o = 0;
+    for (const b of m.blocks) {
+      const offset = b.index * d.blockSize;
+      if (!Number.isSafeInteger(offset) || offset < 0 || offset >= d.sizeBytes) {
+        throw new MobilityError('MOB_ERR_OUT_OF_RANGE', `block ${b.index} lies beyond the ${d.sizeBytes}-byte disk ${d.diskId}`);
+      }
+      const blockLen = Math.min(d.blockSize, d.sizeBytes - offset);
+      if (b.length > payload.length - o) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `block ${b.index} claims ${b.length} payload bytes, ${payload.length - o} remain`);
+      const p = payload.subarray(o, o + b.length);
+      o += b.length;
+      let data: Buffer | null;
+      if (b.pageMask.length === 0) {
+        if (b.encoding === Encoding.ZERO) {
+          if (b.length !== 0) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'zero block carries a payload');
+          if (b.digest.length !== 8 || Buffer.from(b.digest).readBigUInt64LE(0) !== zeroDigest(blockLen)) {
+            throw new MobilityError('MOB_ERR_DIGEST_MISMATCH', `block ${b.index} of ${d.diskId}: zero flag does not match its digest`);
+          }
+          data = null;
+        } else {
+          data = decodeBlock(b.encoding, p, blockLen);
+          if (!digestEquals(data, b.digest)) throw new MobilityError('MOB_ERR_DIGEST_MISMATCH', `block ${b.index} of ${d.diskId} does not match its digest`);
+        }
+      } else {
+        data = await this.patch(d, b.index, offset, blockLen, b.pageMask, b.encoding, p, b.digest);
+      }
+      ops.push({ offset, length: blockLen, data });
+    }
+    if (o !== payload.length) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `frame carries ${payload.length - o} payload bytes no block accounts for`);
+    const seq = m.seq;
+    d.store.submit(ops, seq).then(
+      () => {
+        // credit comes back only with the ack, after persistence: that bounds what is buffered here
+        this.granted += size;
+        this.send(encodeMessage({ type: 'ack', ack: { disk: m.disk, seq, creditBytes: size } }));
+      },
+      (err) => this.fail(toMobilityError(err, 'MOB_ERR_STORAGE')),
+    );
+  }
+
+  /** Applies changed pages on top of the replica's current block and checks the result. */
+  private async patch(d: SessionDisk, index: number, offset: number, blockLen: number, mask: Uint8Array, enc: Encoding, p: Buffer, dig: Uint8Array): Promise<Buffer> {
+    const pagesInBlock = Math.ceil(blockLen / d.pageSize);
+    if (mask.length !== Math.ceil(pagesInBlock / 8)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `page mask of ${mask.length} bytes for a ${pagesInBlock}-page block`);
+    const pages: number[] = [];
+    let expected = 0;
+    for (let i = 0; i < mask.length * 8; i++) {
+      if (!(mask[i >> 3] & (1 << (i & 7)))) continue;
+      if (i >= pagesInBlock) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `page mask names page ${i} of a ${pagesInBlock}-page block`);
+      pages.push(i);
+      expected += Math.min(d.pageSize, blockLen - i * d.pageSize);
+    }
+    if (pages.length === 0) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `empty page mask for block ${index}`);
+    const delta = decodeBlock(enc, p, expected);
+    const block = Buffer.from(await d.store.read(offset, blockLen));
+    let src = 0;
+    for (const i of pages) {
+      const len = Math.min(d.pageSize, blockLen - i * d.pageSize);
+      delta.copy(block, i * d.pageSize, src, src + len);
+      src += len;
+    }
+    if (!digestEquals(block, dig)) {
+      throw new MobilityError('MOB_ERR_REPLICA_DIVERGED', `block ${index} of ${d.diskId}: changed pages applied to the replica do not give the source block`);
+    }
+    return block;
+  }
+
+  private onDigestRequest(diskIdx: number, requestId: number, firstPage: number, pageCount: number): void {
+    const d = this.disk(diskIdx);
+    if (pageCount <= 0 || pageCount > 65536) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `digest request for ${pageCount} pages (1..65536)`);
+    if (firstPage * d.pageSize >= d.sizeBytes) throw new MobilityError('MOB_ERR_OUT_OF_RANGE', `page ${firstPage} lies beyond the ${d.sizeBytes}-byte disk ${d.diskId}`);
+    if (this.digestInFlight >= DIGEST_REQUESTS_IN_FLIGHT * 2) throw new MobilityError('MOB_ERR_CREDIT_EXCEEDED', 'too many outstanding digest requests');
+    this.digestInFlight++;
+    d.store.pageDigests(firstPage, pageCount, d.pageSize).then(
+      (digests) => {
+        this.digestInFlight--;
+        this.send(encodeMessage({ type: 'digestReply', digestReply: { disk: diskIdx, requestId, firstPage, pageCount: digests.length / 8 } }, digests));
+      },
+      (err) => this.fail(toMobilityError(err, 'MOB_ERR_STORAGE')),
+    );
+  }
+
+  /** Sends a coded error, closes the connection and releases the disks. Idempotent. */
+  fail(err: MobilityError): void {
+    if (this.state === 'closed') return;
+    const level = err.code === 'MOB_ERR_SHUTTING_DOWN' ? 'info' : 'warn';
+    this.log.log(level, 'closing session', { agent: this.agentId || undefined, code: err.code, error: err.message });
+    this.send(errorMessage(err));
+    this.ws.close(4000, err.code);
+    const t = setTimeout(() => this.ws.terminate(), 2000);
+    t.unref();
+    this.cleanup();
+  }
+
+  private cleanup(): void {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    clearInterval(this.hbTimer);
+    // let in-flight handling settle, then checkpoint and release each disk
+    void this.chain.finally(() => this.releaseAll());
+  }
+
+  private releaseAll(): void {
+    for (const d of this.disks) this.server.releaseDisk(d.key, d.store);
+    this.disks = [];
+  }
+}

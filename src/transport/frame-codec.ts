@@ -1,0 +1,156 @@
+/**
+ * Framing: every binary WebSocket message is
+ *   uint32 BE header length | protobuf Frame (proto/mobility.proto) | raw payload.
+ * The payload never goes through protobuf (a `bytes` field would copy it).
+ * decodeMessage() is a pure function of one whole message; it throws a coded
+ * MobilityError for anything malformed and never returns a partial frame.
+ */
+import { fileURLToPath } from 'node:url';
+import protobuf from 'protobufjs';
+import { MAX_FRAME_BYTES, MAX_HEADER_BYTES } from '../constants.js';
+import { MobilityError } from '../errors.js';
+
+const protoPath = fileURLToPath(new URL('../../../proto/mobility.proto', import.meta.url));
+const root = protobuf.loadSync(protoPath);
+const FrameType = root.lookupType('mobility.v1.Frame');
+
+export enum Encoding {
+  ZERO = 0,
+  RAW = 1,
+  LZ4 = 2,
+}
+
+export interface DiskInfo { diskId: string; sizeBytes: number; blockSize: number; pageSize: number }
+export interface Hello { protocolVersion: number; agentId: string; token: string; disks: DiskInfo[]; agentVersion: string }
+export interface DiskState { diskId: string; lastDurableSeq: number; generation: string; initialComplete: boolean; sizeBytes: number; replicaExists: boolean }
+export interface Welcome { protocolVersion: number; sessionId: string; disks: DiskState[]; creditBytes: number; maxFrameBytes: number; heartbeatMs: number }
+export interface BlockRef { index: number; encoding: Encoding; length: number; pageMask: Uint8Array; digest: Uint8Array }
+export interface Data { disk: number; seq: number; blocks: BlockRef[] }
+export interface Ack { disk: number; seq: number; creditBytes: number }
+export interface ErrorBody { code: string; message: string; retryable: boolean }
+export interface Heartbeat { sentAtMs: number; reply: boolean }
+export interface DigestRequest { disk: number; requestId: number; firstPage: number; pageCount: number }
+export interface DigestReply { disk: number; requestId: number; firstPage: number; pageCount: number }
+export interface PassEnd { disk: number; seq: number; kind: string }
+
+export type FrameBody =
+  | { type: 'hello'; hello: Hello }
+  | { type: 'welcome'; welcome: Welcome }
+  | { type: 'data'; data: Data }
+  | { type: 'ack'; ack: Ack }
+  | { type: 'error'; error: ErrorBody }
+  | { type: 'heartbeat'; heartbeat: Heartbeat }
+  | { type: 'digestRequest'; digestRequest: DigestRequest }
+  | { type: 'digestReply'; digestReply: DigestReply }
+  | { type: 'passEnd'; passEnd: PassEnd };
+
+export type FrameType = FrameBody['type'];
+export type DecodedFrame = FrameBody & { payload: Buffer };
+
+const TYPES: readonly FrameType[] = ['hello', 'welcome', 'data', 'ack', 'error', 'heartbeat', 'digestRequest', 'digestReply', 'passEnd'];
+
+/** protobufjs gives uint64 as Long objects (or numbers); offsets and sequences stay below 2^53. */
+function num(v: unknown): number {
+  if (v === undefined || v === null) return 0;
+  if (typeof v === 'number') return v;
+  const n = (v as { toNumber(): number }).toNumber();
+  if (!Number.isSafeInteger(n)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'integer field out of range');
+  return n;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/** Encodes a frame. `payload` may be several buffers; they are copied once into the message. */
+export function encodeMessage(body: FrameBody, payload: Buffer | Buffer[] = EMPTY): Buffer {
+  const { type, ...rest } = body as FrameBody & Record<string, unknown>;
+  const header = FrameType.encode(FrameType.fromObject({ [type]: (rest as Record<string, unknown>)[type] })).finish();
+  const parts = Array.isArray(payload) ? payload : [payload];
+  let payloadLen = 0;
+  for (const p of parts) payloadLen += p.length;
+  const out = Buffer.allocUnsafe(4 + header.length + payloadLen);
+  out.writeUInt32BE(header.length, 0);
+  out.set(header, 4);
+  let o = 4 + header.length;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+/** Decodes one whole binary message. Throws MOB_ERR_FRAME_* / MOB_ERR_UNKNOWN_MESSAGE. */
+export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): DecodedFrame {
+  if (msg.length > maxFrameBytes) {
+    throw new MobilityError('MOB_ERR_FRAME_TOO_LARGE', `frame of ${msg.length} bytes exceeds the limit of ${maxFrameBytes}`);
+  }
+  if (msg.length < 4) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `frame of ${msg.length} bytes is shorter than its length prefix`);
+  const headerLen = msg.readUInt32BE(0);
+  if (headerLen > MAX_HEADER_BYTES) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `header length ${headerLen} exceeds ${MAX_HEADER_BYTES}`);
+  if (4 + headerLen > msg.length) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `header length ${headerLen} runs past the end of a ${msg.length}-byte frame (truncated)`);
+  let decoded: protobuf.Message & Record<string, unknown>;
+  try {
+    decoded = FrameType.decode(msg.subarray(4, 4 + headerLen)) as protobuf.Message & Record<string, unknown>;
+  } catch (err) {
+    throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `header does not decode: ${(err as Error).message}`);
+  }
+  const type = TYPES.find((t) => decoded[t] !== undefined && decoded[t] !== null);
+  if (type === undefined) throw new MobilityError('MOB_ERR_UNKNOWN_MESSAGE', 'frame carries no known message type');
+  const payload = msg.subarray(4 + headerLen);
+  const m = decoded[type] as Record<string, unknown>;
+  if (payload.length > 0 && type !== 'data' && type !== 'digestReply') {
+    throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `${type} frame must not carry a payload`);
+  }
+  switch (type) {
+    case 'hello':
+      return {
+        type, payload,
+        hello: {
+          protocolVersion: num(m.protocolVersion), agentId: String(m.agentId ?? ''), token: String(m.token ?? ''),
+          agentVersion: String(m.agentVersion ?? ''),
+          disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({
+            diskId: String(d.diskId ?? ''), sizeBytes: num(d.sizeBytes), blockSize: num(d.blockSize), pageSize: num(d.pageSize),
+          })),
+        },
+      };
+    case 'welcome':
+      return {
+        type, payload,
+        welcome: {
+          protocolVersion: num(m.protocolVersion), sessionId: String(m.sessionId ?? ''), creditBytes: num(m.creditBytes),
+          maxFrameBytes: num(m.maxFrameBytes), heartbeatMs: num(m.heartbeatMs),
+          disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({
+            diskId: String(d.diskId ?? ''), lastDurableSeq: num(d.lastDurableSeq), generation: String(d.generation ?? ''),
+            initialComplete: Boolean(d.initialComplete), sizeBytes: num(d.sizeBytes), replicaExists: Boolean(d.replicaExists),
+          })),
+        },
+      };
+    case 'data':
+      return {
+        type, payload,
+        data: {
+          disk: num(m.disk), seq: num(m.seq),
+          blocks: ((m.blocks as Record<string, unknown>[] | undefined) ?? []).map((b) => ({
+            index: num(b.index), encoding: num(b.encoding) as Encoding, length: num(b.length),
+            pageMask: (b.pageMask as Uint8Array | undefined) ?? EMPTY, digest: (b.digest as Uint8Array | undefined) ?? EMPTY,
+          })),
+        },
+      };
+    case 'ack':
+      return { type, payload, ack: { disk: num(m.disk), seq: num(m.seq), creditBytes: num(m.creditBytes) } };
+    case 'error':
+      return { type, payload, error: { code: String(m.code ?? ''), message: String(m.message ?? ''), retryable: Boolean(m.retryable) } };
+    case 'heartbeat':
+      return { type, payload, heartbeat: { sentAtMs: num(m.sentAtMs), reply: Boolean(m.reply) } };
+    case 'digestRequest':
+      return { type, payload, digestRequest: { disk: num(m.disk), requestId: num(m.requestId), firstPage: num(m.firstPage), pageCount: num(m.pageCount) } };
+    case 'digestReply':
+      return { type, payload, digestReply: { disk: num(m.disk), requestId: num(m.requestId), firstPage: num(m.firstPage), pageCount: num(m.pageCount) } };
+    case 'passEnd':
+      return { type, payload, passEnd: { disk: num(m.disk), seq: num(m.seq), kind: String(m.kind ?? '') } };
+  }
+}
+
+/** Encodes a coded error frame. */
+export function errorMessage(err: MobilityError): Buffer {
+  return encodeMessage({ type: 'error', error: { code: err.code, message: err.message, retryable: err.retryable } });
+}
