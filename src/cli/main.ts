@@ -101,6 +101,12 @@ Options:
 `,
 };
 
+/** Peak RSS and CPU seconds of this process, for benchmarks and operators. */
+export function resources(): { maxRssBytes: number; userCpuSec: number; systemCpuSec: number } {
+  const r = process.resourceUsage();
+  return { maxRssBytes: r.maxRSS * 1024, userCpuSec: r.userCPUTime / 1e6, systemCpuSec: r.systemCPUTime / 1e6 };
+}
+
 export function parseSize(s: string): number {
   const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(s.trim());
   if (!m) throw new MobilityError('MOB_ERR_USAGE', `not a size: ${s}`);
@@ -153,7 +159,10 @@ async function cmdServer(argv: string[]): Promise<number> {
   await new Promise<void>((resolve) => {
     const stop = (sig: string) => {
       logger.info('stopping', { signal: sig });
-      server.stop().then(resolve, resolve);
+      server.stop().then(() => {
+        logger.info('stopped', { resources: resources(), stats: server.stats });
+        resolve();
+      }, resolve);
     };
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
@@ -212,7 +221,7 @@ async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
   } finally {
     progress.end();
   }
-  if (v.json) process.stdout.write(JSON.stringify({ agentId, disks: results }, null, 2) + '\n');
+  if (v.json) process.stdout.write(JSON.stringify({ agentId, disks: results, resources: resources() }, null, 2) + '\n');
   else {
     for (const r of results) {
       const s = r.stats;
