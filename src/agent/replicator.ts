@@ -108,10 +108,11 @@ export async function replicate(opts: ReplicateOptions): Promise<DiskResult[]> {
     let failingSince = 0;
     for (;;) {
       let conn: Connection | null = null;
+      // the backoff and the retry deadline reset only when a connection made progress, so a
+      // server that accepts and then fails every session (e.g. a full store) is not retried forever
+      const progressBefore = progressOf(ctxs);
       try {
         conn = await Connection.connect({ url: opts.serverUrl, ca: opts.ca, pin: opts.pin, hello, limiter });
-        backoff = RECONNECT_MIN_MS;
-        failingSince = 0;
         for (let i = 0; i < ctxs.length; i++) {
           const c = ctxs[i];
           if (c.result) continue;
@@ -137,6 +138,10 @@ export async function replicate(opts: ReplicateOptions): Promise<DiskResult[]> {
           for (const c of ctxs) if (c.pass && !c.result && c.pass.kind !== 'verify') { c.map = null; c.mapProblem = 'replica diverged from the digest map'; c.pass = null; }
         }
         if (!e.retryable) throw e;
+        if (progressOf(ctxs) > progressBefore) {
+          backoff = RECONNECT_MIN_MS;
+          failingSince = 0;
+        }
         if (!failingSince) failingSince = Date.now();
         if (Date.now() - failingSince > deadlineMs) {
           throw new MobilityError('MOB_ERR_RETRY_EXHAUSTED', `gave up after ${Math.round((Date.now() - failingSince) / 1000)} s: ${e.code}: ${e.message}`, { cause: e });
@@ -151,6 +156,12 @@ export async function replicate(opts: ReplicateOptions): Promise<DiskResult[]> {
   } finally {
     for (const c of ctxs) await c.src.close().catch(() => undefined);
   }
+}
+
+function progressOf(ctxs: DiskCtx[]): number {
+  let n = 0;
+  for (const c of ctxs) n += (c.pass?.ackedFrames ?? 0) + (c.result ? 1 : 0);
+  return n;
 }
 
 /** Chooses the pass for a disk on (re)connect, or resumes the running one. */

@@ -60,6 +60,8 @@ export class SourcePass {
   private seq = 0;
   private readonly pagesPerBlock: number;
   done = false;
+  /** Frames acknowledged so far (progress, for the reconnect policy). */
+  ackedFrames = 0;
 
   constructor(readonly kind: PassKind, private readonly src: DiskSource, readonly map: DigestMap, private readonly o: PassOptions) {
     this.pagesPerBlock = o.blockSize / o.pageSize;
@@ -83,6 +85,7 @@ export class SourcePass {
         else for (const i of e.mask) this.map.set(e.firstPage + i, e.digests[i]);
       }
       this.inflight.delete(s);
+      this.ackedFrames++;
       changed = true;
     }
     if (changed) this.o.onMapChanged?.();
