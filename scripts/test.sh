@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs (Debian packages, npm packages from the
+# lock file), builds with strict TypeScript, and runs every test.
+# Real tools are required, never optional: a missing one fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+for pair in sshd:openssh-server ssh:openssh-client rsync:rsync fio:fio mkfs.ext4:e2fsprogs mount:mount; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_pkgs+=("${pair#*:}")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${need_pkgs[@]}"
+fi
+
+npm ci --no-audit --no-fund
+npm run build
+npm run typecheck
+
+log=$(mktemp)
+set +e
+npx tap 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+summary=$(grep -E '^# \{ total: ' "$log" | tail -n 1)
+pass=$(sed -nE 's/.*pass: ([0-9]+).*/\1/p' <<<"$summary")
+fail=$(sed -nE 's/.*fail: ([0-9]+).*/\1/p' <<<"$summary")
+rm -f "$log"
+echo "tests: ${pass:-0} passed, ${fail:-0} failed"
+if [ -z "$summary" ] || [ "${pass:-0}" -eq 0 ]; then echo "no tests ran" >&2; exit 1; fi
+exit "$rc"
