@@ -101,6 +101,47 @@ function procCpuSec(pid: number | undefined): number | null {
 }
 let CLK_TCK = 100;
 
+/**
+ * Tells other load on the (shared) machine from ours: CPU ticks of the whole
+ * machine (user + nice + system, from /proc/stat) minus those of this process,
+ * its reaped descendants (agent, rsync, ssh, cp, cat...) and its long-lived
+ * children (server, sshd with its per-connection children). What remains is
+ * other processes and kernel threads (writeback after `sync` included).
+ */
+class LoadMonitor {
+  readonly pids = new Set<number>();
+  private ticks(pid: number | 'self'): number {
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      return Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]);
+    } catch {
+      return 0; // exited: its ticks moved into our cutime/cstime when it was reaped
+    }
+  }
+  sample(): { machine: number; steal: number; ours: number } {
+    const c = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+    let ours = this.ticks('self');
+    for (const p of this.pids) ours += this.ticks(p);
+    return { machine: c[0] + c[1] + c[2], steal: c[7] ?? 0, ours };
+  }
+  /** CPU seconds used by others (and stolen by the hypervisor) since `a`. */
+  other(a: { machine: number; steal: number; ours: number }): number {
+    const b = this.sample();
+    return Math.max(0, (b.machine - a.machine) - (b.ours - a.ours) + (b.steal - a.steal)) / CLK_TCK;
+  }
+  /** Waits (up to maxMs) for a second in which others used < 10% of one core. Returns the ms waited. */
+  async waitQuiet(maxMs = 120_000): Promise<number> {
+    const t0 = Date.now();
+    for (;;) {
+      const a = this.sample();
+      await new Promise((r) => setTimeout(r, 1000));
+      if (this.other(a) < 0.1 || Date.now() - t0 > maxMs) return Date.now() - t0 - 1000;
+    }
+  }
+}
+const load = new LoadMonitor();
+
 // ---------------------------------------------------------------- statistics
 
 function median(xs: number[]): number {
@@ -182,7 +223,7 @@ async function startSshd(dir: string): Promise<Sshd> {
 interface Resources { maxRssBytes: number; userCpuSec: number; systemCpuSec: number }
 interface Stats { bytesScanned: number; blocksSent: number; pagesSent: number; bytesChanged: number; bytesSent: number; zeroBlocks: number; mismatchBytes: number }
 interface AgentJson { disks: { kind: string; reason: string; durationMs: number; stats: Stats }[]; resources: Resources }
-interface AgentRun { ms: number; kind: string; passMs: number; stats: Stats; resources: Resources }
+interface AgentRun { ms: number; otherCpuSec: number; kind: string; passMs: number; stats: Stats; resources: Resources }
 
 function stoppedResources(s: SpawnedServer): Resources | null {
   const lines = s.stderr().split('\n').reverse();
@@ -259,6 +300,7 @@ async function main(): Promise<void> {
 
     say('starting a private sshd on 127.0.0.1...');
     sshd = await startSshd(path.join(work, 'ssh'));
+    if (sshd.child.pid) load.pids.add(sshd.child.pid);
     say(`  sshd on port ${sshd.port}, cipher ${SSH_CIPHER}, ${sshVersion}, ${rsyncVersion}`);
 
     // server identity (CA, certificate, token) made once; each initial run copies it into a fresh data dir
@@ -276,12 +318,21 @@ async function main(): Promise<void> {
     const startServer = async () => {
       const s = await spawnServer(srvDir);
       servers.add(s);
+      if (s.child.pid) load.pids.add(s.child.pid);
       return s;
     };
     const endServer = async (s: SpawnedServer) => {
       await stopServer(s);
       servers.delete(s);
+      if (s.child.pid) load.pids.delete(s.child.pid); // reaped: its CPU is now in our cutime
       return stoppedResources(s);
+    };
+
+    /** Before a timed round: wait for other load on the machine to settle (noted in the results). */
+    const quiet = async () => {
+      const waited = await load.waitQuiet();
+      if (waited > 0) say(`  (waited ${(waited / 1000).toFixed(0)} s for other load on the machine to settle)`);
+      return waited;
     };
 
     const runAgent = async (s: SpawnedServer, mode: string, expectKind: string): Promise<AgentRun> => {
@@ -289,12 +340,14 @@ async function main(): Promise<void> {
         CLI_PATH, 'replicate', '--server', s.info.url, '--token-file', s.info.tokenFile, '--ca', s.info.caFile!,
         '--disk', `${image}=${DISK_ID}`, '--agent-id', AGENT_ID, '--state-dir', agentDir, '--json', '--json-logs', '--mode', mode,
       ];
+      const l0 = load.sample();
       const r = await exec(process.execPath, args);
+      const otherCpuSec = load.other(l0);
       if (r.code !== 0) throw new Error(`mobility replicate --mode ${mode} failed (exit ${r.code ?? r.signal}): ${r.stderr.slice(-3000)}`);
       const j = JSON.parse(r.stdout) as AgentJson;
       const d = j.disks[0];
       if (d.kind !== expectKind) throw new Error(`expected a ${expectKind} pass, the agent ran ${d.kind} (${d.reason})`);
-      return { ms: r.ms, kind: d.kind, passMs: d.durationMs, stats: d.stats, resources: j.resources };
+      return { ms: r.ms, otherCpuSec, kind: d.kind, passMs: d.durationMs, stats: d.stats, resources: j.resources };
     };
 
     const checkSame = async (what: string, file: string) => {
@@ -311,12 +364,13 @@ async function main(): Promise<void> {
     };
     const runRsync = async (args: string[]) => {
       await syncAll();
+      const l0 = load.sample();
       const t0 = performance.now();
       const r = await must('rsync', [...args, '--stats', '--no-h', '-e', sshd!.rsh, image, `${sshd!.dest}:${rsyncTarget}`], 'rsync');
       const t1 = performance.now();
       await syncAll();
       const t2 = performance.now();
-      return { ms: t2 - t0, rsyncMs: t1 - t0, syncMs: t2 - t1, ...rsyncStats(r.stdout) };
+      return { ms: t2 - t0, otherCpuSec: load.other(l0), rsyncMs: t1 - t0, syncMs: t2 - t1, ...rsyncStats(r.stdout) };
     };
 
     // ------------------------------------------------------------ 3. initial
@@ -324,10 +378,12 @@ async function main(): Promise<void> {
     const initial = {
       ours: [] as (AgentRun & { server: Resources | null; serverCpuDuringRunSec: number | null })[],
       rsync: [] as Awaited<ReturnType<typeof runRsync>>[],
-      cp: [] as { ms: number; cpMs: number; syncMs: number }[],
+      cp: [] as { ms: number; otherCpuSec: number; cpMs: number; syncMs: number }[],
+      waitedForQuietMs: [] as number[],
     };
     for (let r = 0; r <= RUNS; r++) {
       const label = r === 0 ? 'warm-up' : `run ${r}/${RUNS}`;
+      if (r > 0) initial.waitedForQuietMs.push(await quiet());
       await freshServerDir();
       await fsp.rm(agentDir, { recursive: true, force: true });
       const s = await startServer();
@@ -344,11 +400,13 @@ async function main(): Promise<void> {
 
       await fsp.rm(cpTarget, { force: true });
       await syncAll();
+      const l0 = load.sample();
       const t0 = performance.now();
       await must('cp', ['--sparse=always', image, cpTarget], 'cp');
       const t1 = performance.now();
       await syncAll();
       const t2 = performance.now();
+      const cpOther = load.other(l0);
       await checkSame('cp target', cpTarget);
       await fsp.rm(cpTarget, { force: true });
 
@@ -357,7 +415,7 @@ async function main(): Promise<void> {
       if (r === 0) continue;
       initial.ours.push({ ...ours, server, serverCpuDuringRunSec: cpu0 !== null && cpu1 !== null ? cpu1 - cpu0 : null });
       initial.rsync.push(rs);
-      initial.cp.push({ ms: t2 - t0, cpMs: t1 - t0, syncMs: t2 - t1 });
+      initial.cp.push({ ms: t2 - t0, otherCpuSec: cpOther, cpMs: t1 - t0, syncMs: t2 - t1 });
     }
 
     // ------------------------------------------------------------ 4. incremental
@@ -366,9 +424,10 @@ async function main(): Promise<void> {
     const srv = await startServer();
     await checkSame('replica before incremental', replica);
     await checkSame('rsync target before incremental', rsyncTarget);
-    const incremental = { ours: [] as AgentRun[], rsync: [] as Awaited<ReturnType<typeof runRsync>>[], changedBytes: [] as number[], written: [] as Record<RegionKind, number>[] };
+    const incremental = { ours: [] as AgentRun[], rsync: [] as Awaited<ReturnType<typeof runRsync>>[], changedBytes: [] as number[], written: [] as Record<RegionKind, number>[], waitedForQuietMs: [] as number[] };
     for (let r = 0; r <= RUNS; r++) {
       const label = r === 0 ? 'warm-up' : `run ${r}/${RUNS}`;
+      if (r > 0) incremental.waitedForQuietMs.push(await quiet());
       const written = await churnImage(image, SIZE, 0.01, r, kinds);
       imageSha = await sha256File(image);
       const changed = written.zero + written.random + written.text;
@@ -409,19 +468,23 @@ async function main(): Promise<void> {
 
     // ------------------------------------------------------------ 5. resync
     say('\n[resync] checksum resync of identical disks vs cat image | wc -c');
-    const resync = { ours: [] as AgentRun[], cat: [] as number[] };
+    const resync = { ours: [] as AgentRun[], cat: [] as number[], catOtherCpuSec: [] as number[], waitedForQuietMs: [] as number[] };
     const quoted = `'${image.replace(/'/g, `'\\''`)}'`;
     for (let r = 0; r <= RUNS; r++) {
       const label = r === 0 ? 'warm-up' : `run ${r}/${RUNS}`;
+      if (r > 0) resync.waitedForQuietMs.push(await quiet());
       await syncAll();
       const ours = await runAgent(srv, 'resync', 'resync');
       if (ours.stats.pagesSent !== 0 || ours.stats.mismatchBytes !== 0) throw new Error(`CORRECTNESS: resync of identical disks shipped ${ours.stats.pagesSent} pages`);
+      const l0 = load.sample();
       const cat = await must('sh', ['-c', `cat ${quoted} | wc -c`], 'cat | wc -c');
+      const catOther = load.other(l0);
       if (Number(cat.stdout.trim()) !== SIZE) throw new Error(`cat | wc -c counted ${cat.stdout.trim()}, expected ${SIZE}`);
       say(`  ${label}: ours ${(ours.ms / 1000).toFixed(2)} s, cat|wc ${(cat.ms / 1000).toFixed(2)} s`);
       if (r === 0) continue;
       resync.ours.push(ours);
       resync.cat.push(cat.ms);
+      resync.catOtherCpuSec.push(catOther);
     }
     await checkSame('replica after resync', replica);
     const srvLater = await endServer(srv);

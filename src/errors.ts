@@ -18,7 +18,7 @@ export const ERROR_CODES = {
   MOB_ERR_UNKNOWN_DISK: { retryable: false, summary: 'A frame names a disk that is not part of this session.' },
   MOB_ERR_BAD_DISK_ID: { retryable: false, summary: 'A disk or agent id has characters outside [A-Za-z0-9._-] or is too long.' },
   MOB_ERR_DISK_BUSY: { retryable: true, summary: 'Another session is replicating this disk.' },
-  MOB_ERR_DISK_SIZE_CHANGED: { retryable: false, summary: 'The source disk is smaller than its replica, or its block geometry changed.' },
+  MOB_ERR_DISK_SIZE_CHANGED: { retryable: false, summary: 'The source disk is smaller than its replica (shrinking is not supported).' },
   MOB_ERR_SEQUENCE: { retryable: false, summary: 'A data frame sequence number did not increase.' },
   MOB_ERR_CREDIT_EXCEEDED: { retryable: false, summary: 'The agent sent more bytes than the server granted.' },
   MOB_ERR_HEARTBEAT_TIMEOUT: { retryable: true, summary: 'The peer stopped answering heartbeats.' },

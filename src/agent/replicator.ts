@@ -100,7 +100,7 @@ export async function replicate(opts: ReplicateOptions): Promise<DiskResult[]> {
       ctxs.push({ id: d.id, path: d.path, src, mapFile, map, mapProblem, pass: null, reason: '', saving: null, lastSave: 0, result: null, reconnects: 0, started: Date.now() });
     }
     const hello = {
-      agentId: opts.agentId, token: opts.token, agentVersion: AGENT_VERSION,
+      agentId: opts.agentId, token: opts.token, agentVersion: AGENT_VERSION, readOnly: opts.mode === 'verify',
       disks: ctxs.map((c) => ({ diskId: c.id, sizeBytes: c.src.size, blockSize: bs, pageSize: PAGE_SIZE })),
     };
     const deadlineMs = opts.retryDeadlineMs ?? DEFAULT_RETRY_DEADLINE_MS;

@@ -207,6 +207,8 @@ async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
     throw new MobilityError('MOB_ERR_USAGE', `--block-size must be a multiple of ${PAGE_SIZE / 1024}K between ${MIN_BLOCK_SIZE / 1024}K and ${MAX_BLOCK_SIZE / 1024}K`);
   }
   const agentId = (v['agent-id'] as string | undefined) ?? defaultAgentId();
+  const retryDeadline = v['retry-deadline'] === undefined ? undefined : Number(v['retry-deadline']);
+  if (retryDeadline !== undefined && !(retryDeadline >= 0)) throw new MobilityError('MOB_ERR_USAGE', `--retry-deadline wants seconds, got ${String(v['retry-deadline'])}`);
   const logger = createLogger({ component: 'agent', json: v['json-logs'] ? true : undefined });
   const progress = new ProgressReporter(logger);
   let results: DiskResult[];
@@ -215,7 +217,7 @@ async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
       serverUrl: url.toString(), token, ca, pin: v.pin as string | undefined, agentId, disks: parseDisks(v.disk as string[] | undefined),
       stateDir: path.resolve((v['state-dir'] as string | undefined) ?? 'mobility-agent'), mode, blockSize,
       compress: !v['no-compress'], maxRateBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
-      retryDeadlineMs: v['retry-deadline'] ? Number(v['retry-deadline']) * 1000 : undefined, logger,
+      retryDeadlineMs: retryDeadline === undefined ? undefined : retryDeadline * 1000, logger,
       onProgress: (p) => progress.update(p),
     });
   } finally {

@@ -57,6 +57,8 @@ export class ReplicaStore {
     private state: ReplicaState,
     private readonly replica: fsp.FileHandle,
     private readonly wal: Wal,
+    /** Opened for a verify session: never created, grown or checkpointed. */
+    readonly readOnly: boolean,
   ) {}
 
   get generation(): string { return this.state.generation; }
@@ -71,8 +73,8 @@ export class ReplicaStore {
    * Throws MOB_ERR_DISK_SIZE_CHANGED when the source is smaller than the replica,
    * MOB_ERR_STATE_CORRUPT when state.json is unreadable.
    */
-  static async open(dir: string, agentId: string, diskId: string, sizeBytes: number): Promise<{ store: ReplicaStore; created: boolean }> {
-    await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+  static async open(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { readOnly?: boolean } = {}): Promise<{ store: ReplicaStore; created: boolean }> {
+    if (!opts.readOnly) await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
     const stateFile = path.join(dir, 'state.json');
     let state: ReplicaState | null = null;
     try {
@@ -86,6 +88,12 @@ export class ReplicaStore {
       }
       state = null;
     }
+    if (state === null && opts.readOnly) {
+      throw new MobilityError('MOB_ERR_UNKNOWN_DISK', `disk ${diskId} of agent ${agentId} has no replica on this server`);
+    }
+    if (state === null && (await fsp.stat(path.join(dir, 'replica.img')).then(() => true, () => false))) {
+      throw new MobilityError('MOB_ERR_STATE_CORRUPT', `replica ${path.join(dir, 'replica.img')} exists without its state.json; refusing to overwrite it (restore state.json or remove the directory)`);
+    }
     const created = state === null;
     const now = new Date().toISOString();
     if (!state) {
@@ -93,14 +101,14 @@ export class ReplicaStore {
         version: 1, agentId, diskId, sizeBytes, generation: randomUUID(), initialComplete: false,
         lastDurableSeq: 0, passes: 0, createdAt: now, updatedAt: now, lastPass: null,
       };
-    } else if (sizeBytes < state.sizeBytes) {
-      throw new MobilityError('MOB_ERR_DISK_SIZE_CHANGED', `source disk ${diskId} is ${sizeBytes} bytes but its replica is ${state.sizeBytes}; shrinking a protected disk is not supported (disable and re-enable protection)`);
+    } else if (sizeBytes < state.sizeBytes && !opts.readOnly) {
+      throw new MobilityError('MOB_ERR_DISK_SIZE_CHANGED', `source disk ${diskId} is ${sizeBytes} bytes but its replica is ${state.sizeBytes}; shrinking a protected disk is not supported (remove the replica directory on the server to start over)`);
     }
     const replica = await fsp.open(path.join(dir, 'replica.img'), created ? 'w+' : 'r+', 0o600);
     const wal = await Wal.open(path.join(dir, 'wal.log'));
-    const store = new ReplicaStore(dir, state, replica, wal);
+    const store = new ReplicaStore(dir, state, replica, wal, opts.readOnly ?? false);
     try {
-      if (created || sizeBytes > state.sizeBytes) {
+      if (!opts.readOnly && (created || sizeBytes > state.sizeBytes)) {
         await replica.truncate(sizeBytes); // sparse: holes read as zeros
         state.sizeBytes = sizeBytes;
         await replica.sync();
@@ -122,11 +130,9 @@ export class ReplicaStore {
   /** Replays intact WAL records into the replica, then checkpoints. Idempotent. */
   private async recover(): Promise<void> {
     if (this.wal.bytes === 0) return;
-    const { records, validBytes } = await this.wal.readAll();
-    for (const r of records) {
-      await this.writeRange(r.offset, r.length, r.data);
-      if (r.seq > this.state.lastDurableSeq) this.state.lastDurableSeq = r.seq;
-    }
+    const { records, validBytes, lastCommitSeq } = await this.wal.readAll();
+    for (const r of records) await this.writeRange(r.offset, r.length, r.data);
+    if (lastCommitSeq > this.state.lastDurableSeq) this.state.lastDurableSeq = lastCommitSeq;
     if (validBytes !== this.wal.bytes) await this.wal.truncate(validBytes);
     await this.checkpoint();
   }
@@ -321,7 +327,7 @@ export class ReplicaStore {
   /** Waits for queued writes, checkpoints (best effort when failed) and closes. */
   async close(): Promise<void> {
     await this.whenApplied();
-    if (!this.failed) await this.checkpoint().catch(() => undefined);
+    if (!this.failed && !this.readOnly) await this.checkpoint().catch(() => undefined);
     await this.closeHandles();
   }
 }

@@ -128,7 +128,7 @@ export class ProcessServer {
   }
 
   /** Opens a disk's replica for a session, or throws MOB_ERR_DISK_BUSY. */
-  async acquireDisk(session: Session, agentId: string, diskId: string, sizeBytes: number): Promise<{ store: ReplicaStore; created: boolean; key: string }> {
+  async acquireDisk(session: Session, agentId: string, diskId: string, sizeBytes: number, readOnly = false): Promise<{ store: ReplicaStore; created: boolean; key: string }> {
     const key = `${agentId}/${diskId}`;
     const held = this.diskLocks.get(key);
     if (held instanceof Promise) await held;
@@ -136,7 +136,7 @@ export class ProcessServer {
     if (this.diskLocks.get(key)) throw new MobilityError('MOB_ERR_DISK_BUSY', `disk ${diskId} of agent ${agentId} is being replicated by another session`);
     this.diskLocks.set(key, session);
     try {
-      const { store, created } = await ReplicaStore.open(path.join(this.opts.dataDir, 'replicas', agentId, diskId), agentId, diskId, sizeBytes);
+      const { store, created } = await ReplicaStore.open(path.join(this.opts.dataDir, 'replicas', agentId, diskId), agentId, diskId, sizeBytes, { readOnly });
       return { store, created, key };
     } catch (err) {
       this.diskLocks.delete(key);
@@ -168,6 +168,7 @@ class Session {
   private granted = 0;
   private received = 0;
   private digestInFlight = 0;
+  private readOnly = false;
   private lastRecv = Date.now();
   private hbTimer: NodeJS.Timeout;
   private readonly log: Logger;
@@ -190,7 +191,8 @@ class Session {
       this.fail(new MobilityError('MOB_ERR_HEARTBEAT_TIMEOUT', `no frame from the agent for ${Date.now() - this.lastRecv} ms`));
       return;
     }
-    this.send(encodeMessage({ type: 'heartbeat', heartbeat: { sentAtMs: Date.now(), reply: false } }));
+    // nothing but a Welcome or an Error may precede the Welcome
+    if (this.state === 'ready') this.send(encodeMessage({ type: 'heartbeat', heartbeat: { sentAtMs: Date.now(), reply: false } }));
   }
 
   private send(buf: Buffer): void {
@@ -219,6 +221,9 @@ class Session {
       if (frame.type !== 'hello') throw new MobilityError('MOB_ERR_HANDSHAKE', `expected hello, got ${frame.type}`);
       await this.onHello(frame.hello);
       return;
+    }
+    if (this.readOnly && (frame.type === 'data' || frame.type === 'passEnd')) {
+      throw new MobilityError('MOB_ERR_UNKNOWN_MESSAGE', `${frame.type} frames are not allowed in a read-only (verify) session`);
     }
     switch (frame.type) {
       case 'data':
@@ -271,10 +276,11 @@ class Session {
       if (!Number.isSafeInteger(d.sizeBytes) || d.sizeBytes <= 0 || d.sizeBytes % 512 !== 0) throw new MobilityError('MOB_ERR_HANDSHAKE', `disk size ${d.sizeBytes} is not a positive multiple of 512`);
     }
     this.agentId = h.agentId;
+    this.readOnly = h.readOnly === true;
     const states: DiskState[] = [];
     try {
       for (const d of h.disks) {
-        const { store, created, key } = await this.server.acquireDisk(this, h.agentId, d.diskId, d.sizeBytes);
+        const { store, created, key } = await this.server.acquireDisk(this, h.agentId, d.diskId, d.sizeBytes, h.readOnly);
         this.disks.push({ key, diskId: d.diskId, sizeBytes: d.sizeBytes, blockSize: d.blockSize, pageSize: d.pageSize, store, lastSeq: store.lastDurableSeq });
         states.push({
           diskId: d.diskId, lastDurableSeq: store.lastDurableSeq, generation: store.generation, initialComplete: store.initialComplete,

@@ -103,6 +103,7 @@ export class Connection extends EventEmitter {
           return;
         }
         if (!settled) {
+          if (f.type === 'heartbeat') return; // a slow handshake (WAL replay on the server) is not an error
           if (f.type !== 'welcome') return settle(new MobilityError('MOB_ERR_HANDSHAKE', `expected welcome, got ${f.type}`));
           if (f.welcome.protocolVersion !== PROTOCOL_VERSION) {
             return settle(new MobilityError('MOB_ERR_PROTOCOL_VERSION', `server speaks protocol ${f.welcome.protocolVersion}, agent ${PROTOCOL_VERSION}`));

@@ -21,7 +21,7 @@ export enum Encoding {
 }
 
 export interface DiskInfo { diskId: string; sizeBytes: number; blockSize: number; pageSize: number }
-export interface Hello { protocolVersion: number; agentId: string; token: string; disks: DiskInfo[]; agentVersion: string }
+export interface Hello { protocolVersion: number; agentId: string; token: string; disks: DiskInfo[]; agentVersion: string; readOnly?: boolean }
 export interface DiskState { diskId: string; lastDurableSeq: number; generation: string; initialComplete: boolean; sizeBytes: number; replicaExists: boolean }
 export interface Welcome { protocolVersion: number; sessionId: string; disks: DiskState[]; creditBytes: number; maxFrameBytes: number; heartbeatMs: number }
 export interface BlockRef { index: number; encoding: Encoding; length: number; pageMask: Uint8Array; digest: Uint8Array }
@@ -106,7 +106,7 @@ export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): Dec
         type, payload,
         hello: {
           protocolVersion: num(m.protocolVersion), agentId: String(m.agentId ?? ''), token: String(m.token ?? ''),
-          agentVersion: String(m.agentVersion ?? ''),
+          agentVersion: String(m.agentVersion ?? ''), readOnly: Boolean(m.readOnly),
           disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({
             diskId: String(d.diskId ?? ''), sizeBytes: num(d.sizeBytes), blockSize: num(d.blockSize), pageSize: num(d.pageSize),
           })),

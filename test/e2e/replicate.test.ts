@@ -83,6 +83,10 @@ t.test('initial, incremental, lost map, corrupted replica, verify', async (t) =>
   const args2 = (extra: string[] = []) => replicateArgs({ url: srv2.info.url, tokenFile: srv2.info.tokenFile, caFile: srv2.info.caFile!, disk: `${img}=d0`, stateDir: path.join(dir, 'agent'), extra });
   const fix = await run(args2(['--mode', 'resync']));
   t.equal(fix.disks[0].stats.pagesSent, 3, 'resync repairs exactly the damaged pages');
+  const v3 = await runCli(vargs.map((a) => (a === 'agent1' ? 'stranger' : a))).done;
+  t.equal(v3.code, 1, 'verify of a disk without a replica fails');
+  t.match(v3.stderr, /MOB_ERR_UNKNOWN_DISK/);
+  t.equal(await fsp.stat(path.join(dir, 'srv', 'replicas', 'stranger')).then(() => true, () => false), false, 'verify created nothing on the server');
   const v2 = await runCli(vargs).done;
   t.equal(v2.code, 0, 'verify is clean after the repair');
   t.equal(await sha256File(replica), await sha256File(img));
@@ -104,6 +108,8 @@ t.test('usage and configuration errors exit with their codes', async (t) => {
   const r4 = await runCli(['replicate', '--server', 'wss://127.0.0.1:1', '--token-file', path.join(dir, 'tok'), '--pin', 'AA', '--disk', path.join(dir, 'small.img'), '--state-dir', path.join(dir, 's'), '--retry-deadline', '1']).done;
   t.equal(r4.code, 5, 'unreachable server: exit 5 after the retry deadline');
   t.match(r4.stderr, /MOB_ERR_RETRY_EXHAUSTED/);
+  const r5 = await runCli(['replicate', '--server', 'wss://127.0.0.1:1', '--token-file', path.join(dir, 'tok'), '--pin', 'AA', '--disk', path.join(dir, 'small.img'), '--retry-deadline', 'soon']).done;
+  t.equal(r5.code, 2, 'a non-numeric retry deadline is a usage error');
   for (const c of ['server', 'replicate', 'verify', 'demo']) {
     const h = await runCli([c, '--help']).done;
     t.equal(h.code, 0);

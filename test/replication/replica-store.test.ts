@@ -2,7 +2,7 @@ import t from 'tap';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { ReplicaStore } from '../../src/replication/replica-store.js';
-import { Wal } from '../../src/replication/wal.js';
+import { Wal, encodeRecordHeader } from '../../src/replication/wal.js';
 import { tmpDir } from '../helpers.js';
 
 const SIZE = 1024 * 1024;
@@ -34,6 +34,9 @@ t.test('WAL: a crash after the log is durable is recovered on open; a torn tail 
     { seq: 6, offset: 8192, length: 4096, data: Buffer.alloc(4096, 0xbb) },
   ]);
   await wal.close();
+  // a batch whose records reached the log but whose commit record did not: never acknowledged
+  const uncommitted = Buffer.alloc(4096, 0xdd);
+  await fsp.appendFile(path.join(dir, 'wal.log'), Buffer.concat([encodeRecordHeader({ seq: 9, offset: 16384, length: 4096, data: uncommitted }), uncommitted]));
   await fsp.appendFile(path.join(dir, 'wal.log'), Buffer.from('MWAL torn record that never became durable'));
   const { store: s2, created } = await ReplicaStore.open(dir, 'a', 'd', SIZE);
   t.notOk(created);
@@ -41,6 +44,7 @@ t.test('WAL: a crash after the log is durable is recovered on open; a torn tail 
   const rep = await fsp.readFile(path.join(dir, 'replica.img'));
   t.ok(rep.subarray(0, 4096).every((b) => b === 0xaa) && rep.subarray(8192, 12288).every((b) => b === 0xbb), 'logged writes applied');
   t.ok(rep.subarray(4096, 8192).every((b) => b === 0), 'nothing else touched');
+  t.ok(rep.subarray(16384, 20480).every((b) => b === 0), 'a batch without its commit record is not applied');
   t.equal((await fsp.stat(path.join(dir, 'wal.log'))).size, 0, 'log checkpointed');
   // replay is idempotent: opening again changes nothing
   await s2.close();
@@ -64,4 +68,9 @@ t.test('a damaged state file is a coded error, and a shrunk disk is refused', as
   await grown.close();
   await fsp.writeFile(path.join(dir, 'state.json'), '{"version":1,');
   await t.rejects(ReplicaStore.open(dir, 'a', 'd', SIZE), { code: 'MOB_ERR_STATE_CORRUPT' });
+  await fsp.rm(path.join(dir, 'state.json'));
+  await t.rejects(ReplicaStore.open(dir, 'a', 'd', SIZE), { code: 'MOB_ERR_STATE_CORRUPT' }, 'a replica without its state is never overwritten');
+  t.equal((await fsp.stat(path.join(dir, 'replica.img'))).size, SIZE * 2, 'replica untouched');
+  await t.rejects(ReplicaStore.open(path.join(dir, 'nope'), 'a', 'd', SIZE, { readOnly: true }), { code: 'MOB_ERR_UNKNOWN_DISK' });
+  t.equal(await fsp.stat(path.join(dir, 'nope')).then(() => true, () => false), false, 'read-only open creates nothing');
 });
