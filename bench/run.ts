@@ -20,7 +20,10 @@
  * Replicas are checked with sha256 after every run; a mismatch aborts.
  *
  * Output: a table on stdout and bench/results/latest.json (BENCH_OUT overrides).
- * BENCH_KEEP=1 keeps the work directory.
+ * BENCH_KEEP=1 keeps the work directory. The machine may be shared: before each
+ * timed round the benchmark waits (up to BENCH_QUIET_WAIT s, default 120) for
+ * other processes to go quiet, and it reports the CPU others used during each
+ * timed command.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -38,6 +41,8 @@ const MiB = 1024 * 1024;
 const SIZE = parseSize(process.env.BENCH_SIZE ?? '2G');
 const RUNS = Number(process.env.BENCH_RUNS ?? '3');
 const KEEP = process.env.BENCH_KEEP === '1';
+/** Longest wait for other load to settle before a timed round (BENCH_QUIET_WAIT seconds, default 120). */
+const QUIET_WAIT_MS = Number(process.env.BENCH_QUIET_WAIT ?? '120') * 1000;
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
 const OUT = process.env.BENCH_OUT ? path.resolve(process.env.BENCH_OUT) : path.join(REPO, 'bench', 'results', 'latest.json');
 const AGENT_ID = 'bench';
@@ -131,7 +136,7 @@ class LoadMonitor {
     return Math.max(0, (b.machine - a.machine) - (b.ours - a.ours) + (b.steal - a.steal)) / CLK_TCK;
   }
   /** Waits (up to maxMs) for a second in which others used < 10% of one core. Returns the ms waited. */
-  async waitQuiet(maxMs = 120_000): Promise<number> {
+  async waitQuiet(maxMs = QUIET_WAIT_MS): Promise<number> {
     const t0 = Date.now();
     for (;;) {
       const a = this.sample();
@@ -411,7 +416,8 @@ async function main(): Promise<void> {
       await fsp.rm(cpTarget, { force: true });
 
       say(`  ${label}: ours ${(ours.ms / 1000).toFixed(2)} s (${(ours.stats.bytesSent / MiB).toFixed(0)} MiB on the wire, agent RSS ${(ours.resources.maxRssBytes / MiB).toFixed(0)} MiB, server RSS ${server ? (server.maxRssBytes / MiB).toFixed(0) : '?'} MiB)`
-        + `, rsync ${(rs.ms / 1000).toFixed(2)} s (sync ${(rs.syncMs / 1000).toFixed(2)}), cp ${((t2 - t0) / 1000).toFixed(2)} s (sync ${((t2 - t1) / 1000).toFixed(2)})`);
+        + `, rsync ${(rs.ms / 1000).toFixed(2)} s (sync ${(rs.syncMs / 1000).toFixed(2)}), cp ${((t2 - t0) / 1000).toFixed(2)} s (sync ${((t2 - t1) / 1000).toFixed(2)})`
+        + `; other load ${ours.otherCpuSec.toFixed(1)}/${rs.otherCpuSec.toFixed(1)}/${cpOther.toFixed(1)} cpu-s`);
       if (r === 0) continue;
       initial.ours.push({ ...ours, server, serverCpuDuringRunSec: cpu0 !== null && cpu1 !== null ? cpu1 - cpu0 : null });
       initial.rsync.push(rs);
@@ -438,7 +444,8 @@ async function main(): Promise<void> {
       const rs = await runRsync(['--inplace', '--no-whole-file', '-I']);
       await checkSame('rsync target after incremental', rsyncTarget);
       say(`  ${label}: churn ${(changed / MiB).toFixed(1)} MiB; ours ${(ours.ms / 1000).toFixed(2)} s, ${(ours.stats.bytesSent / MiB).toFixed(2)} MiB on the wire`
-        + `; rsync ${(rs.ms / 1000).toFixed(2)} s (sync ${(rs.syncMs / 1000).toFixed(2)}), ${(rs.bytesSent / MiB).toFixed(2)} MiB sent, ${(rs.bytesReceived / MiB).toFixed(2)} MiB received`);
+        + `; rsync ${(rs.ms / 1000).toFixed(2)} s (sync ${(rs.syncMs / 1000).toFixed(2)}), ${(rs.bytesSent / MiB).toFixed(2)} MiB sent, ${(rs.bytesReceived / MiB).toFixed(2)} MiB received`
+        + `; other load ${ours.otherCpuSec.toFixed(1)}/${rs.otherCpuSec.toFixed(1)} cpu-s`);
       if (r === 0) continue;
       incremental.ours.push(ours);
       incremental.rsync.push(rs);
@@ -480,7 +487,7 @@ async function main(): Promise<void> {
       const cat = await must('sh', ['-c', `cat ${quoted} | wc -c`], 'cat | wc -c');
       const catOther = load.other(l0);
       if (Number(cat.stdout.trim()) !== SIZE) throw new Error(`cat | wc -c counted ${cat.stdout.trim()}, expected ${SIZE}`);
-      say(`  ${label}: ours ${(ours.ms / 1000).toFixed(2)} s, cat|wc ${(cat.ms / 1000).toFixed(2)} s`);
+      say(`  ${label}: ours ${(ours.ms / 1000).toFixed(2)} s, cat|wc ${(cat.ms / 1000).toFixed(2)} s; other load ${ours.otherCpuSec.toFixed(1)}/${catOther.toFixed(1)} cpu-s`);
       if (r === 0) continue;
       resync.ours.push(ours);
       resync.cat.push(cat.ms);
@@ -531,6 +538,23 @@ async function main(): Promise<void> {
       if (i === 0) say(widths.map((w) => '-'.repeat(w)).join('  '));
     });
 
+    // a timed run is 'disturbed' when other processes used more than 15% of one core on average during it
+    const disturbed: string[] = [];
+    const flag = (what: string, runs: { ms: number; other: number }[]) => runs.forEach((x, i) => {
+      if (x.other > 0.15 * (x.ms / 1000)) disturbed.push(`${what} run ${i + 1}: others used ${x.other.toFixed(1)} cpu-s in ${(x.ms / 1000).toFixed(1)} s`);
+    });
+    flag('initial ours', initial.ours.map((x) => ({ ms: x.ms, other: x.otherCpuSec })));
+    flag('initial rsync', initial.rsync.map((x) => ({ ms: x.ms, other: x.otherCpuSec })));
+    flag('initial cp', initial.cp.map((x) => ({ ms: x.ms, other: x.otherCpuSec })));
+    flag('incremental ours', incremental.ours.map((x) => ({ ms: x.ms, other: x.otherCpuSec })));
+    flag('incremental rsync', incremental.rsync.map((x) => ({ ms: x.ms, other: x.otherCpuSec })));
+    flag('resync ours', resync.ours.map((x) => ({ ms: x.ms, other: x.otherCpuSec })));
+    flag('cat | wc', resync.cat.map((ms, i) => ({ ms, other: resync.catOtherCpuSec[i] })));
+    if (disturbed.length) {
+      say('\nother load on the machine during timed runs (kernel writeback after sync counts here too):');
+      for (const d of disturbed) say(`  ${d}`);
+    } else say('\nno timed run saw other load above 15% of one core');
+
     const result = {
       date: new Date().toISOString(),
       config: {
@@ -540,6 +564,7 @@ async function main(): Promise<void> {
       },
       machine,
       code: { commit: gitHead, uncommittedSrcFiles: gitDirty },
+      disturbedRuns: disturbed,
       medians: { ...ms, incWireOurs, incWireRsync, incChanged, textRatio, agentRssBytes: agentRss, serverRssBytes: serverRss },
       rows,
       raw: {

@@ -169,6 +169,7 @@ class Session {
   private received = 0;
   private digestInFlight = 0;
   private readOnly = false;
+  private helloInProgress = false;
   private lastRecv = Date.now();
   private hbTimer: NodeJS.Timeout;
   private readonly log: Logger;
@@ -187,6 +188,7 @@ class Session {
   }
 
   private heartbeat(): void {
+    if (this.helloInProgress) return; // opening replicas (WAL replay) may take a while: not the agent's silence
     if (Date.now() - this.lastRecv > this.server.heartbeatMs * HEARTBEAT_MAX_MISSED) {
       this.fail(new MobilityError('MOB_ERR_HEARTBEAT_TIMEOUT', `no frame from the agent for ${Date.now() - this.lastRecv} ms`));
       return;
@@ -219,7 +221,13 @@ class Session {
     if (this.state === 'closed') return;
     if (this.state === 'await-hello') {
       if (frame.type !== 'hello') throw new MobilityError('MOB_ERR_HANDSHAKE', `expected hello, got ${frame.type}`);
-      await this.onHello(frame.hello);
+      this.helloInProgress = true;
+      try {
+        await this.onHello(frame.hello);
+      } finally {
+        this.helloInProgress = false;
+        this.lastRecv = Date.now();
+      }
       return;
     }
     if (this.readOnly && (frame.type === 'data' || frame.type === 'passEnd')) {
