@@ -576,7 +576,8 @@ async function main(): Promise<void> {
     const tmp = OUT + '.tmp';
     await fsp.writeFile(tmp, JSON.stringify(result, null, 2) + '\n');
     await fsp.rename(tmp, OUT);
-    say(`\nraw results: ${path.relative(process.cwd(), OUT) || OUT}`);
+    const rel = path.relative(process.cwd(), OUT);
+    say(`\nraw results: ${rel && !rel.startsWith('..') ? rel : OUT}`);
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);

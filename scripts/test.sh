@@ -20,7 +20,9 @@ npm run build
 
 log=$(mktemp)
 set +e
-npx tap 2>&1 | tee "$log"
+mapfile -t files < <(find dist/test -name '*.test.js' | sort)
+[ ${#files[@]} -gt 0 ] || { echo "no test files were built" >&2; exit 1; }
+npx tap "${files[@]}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 summary=$(grep -E '^# \{ total: ' "$log" | tail -n 1)
