@@ -132,8 +132,15 @@ class LoadMonitor {
   }
   /** CPU seconds used by others (and stolen by the hypervisor) since `a`. */
   other(a: { machine: number; steal: number; ours: number }): number {
+    return this.since(a).otherCpuSec;
+  }
+  /** CPU seconds used since `a` by others (and stolen by the hypervisor), and by us (this process tree, server and sshd included). */
+  since(a: { machine: number; steal: number; ours: number }): { otherCpuSec: number; ownCpuSec: number } {
     const b = this.sample();
-    return Math.max(0, (b.machine - a.machine) - (b.ours - a.ours) + (b.steal - a.steal)) / CLK_TCK;
+    return {
+      otherCpuSec: Math.max(0, (b.machine - a.machine) - (b.ours - a.ours) + (b.steal - a.steal)) / CLK_TCK,
+      ownCpuSec: (b.ours - a.ours) / CLK_TCK,
+    };
   }
   /** Waits (up to maxMs) for a second in which others used < 10% of one core. Returns the ms waited. */
   async waitQuiet(maxMs = QUIET_WAIT_MS): Promise<number> {
@@ -228,7 +235,7 @@ async function startSshd(dir: string): Promise<Sshd> {
 interface Resources { maxRssBytes: number; userCpuSec: number; systemCpuSec: number }
 interface Stats { bytesScanned: number; blocksSent: number; pagesSent: number; bytesChanged: number; bytesSent: number; zeroBlocks: number; mismatchBytes: number }
 interface AgentJson { disks: { kind: string; reason: string; durationMs: number; stats: Stats }[]; resources: Resources }
-interface AgentRun { ms: number; otherCpuSec: number; kind: string; passMs: number; stats: Stats; resources: Resources }
+interface AgentRun { ms: number; otherCpuSec: number; ownCpuSec: number; kind: string; passMs: number; stats: Stats; resources: Resources }
 
 function stoppedResources(s: SpawnedServer): Resources | null {
   const lines = s.stderr().split('\n').reverse();
@@ -336,7 +343,7 @@ async function main(): Promise<void> {
     /** Before a timed round: wait for other load on the machine to settle (noted in the results). */
     const quiet = async () => {
       const waited = await load.waitQuiet();
-      if (waited > 0) say(`  (waited ${(waited / 1000).toFixed(0)} s for other load on the machine to settle)`);
+      if (waited >= 1000) say(`  (waited ${(waited / 1000).toFixed(0)} s for other load on the machine to settle)`);
       return waited;
     };
 
@@ -347,12 +354,12 @@ async function main(): Promise<void> {
       ];
       const l0 = load.sample();
       const r = await exec(process.execPath, args);
-      const otherCpuSec = load.other(l0);
+      const { otherCpuSec, ownCpuSec } = load.since(l0);
       if (r.code !== 0) throw new Error(`mobility replicate --mode ${mode} failed (exit ${r.code ?? r.signal}): ${r.stderr.slice(-3000)}`);
       const j = JSON.parse(r.stdout) as AgentJson;
       const d = j.disks[0];
       if (d.kind !== expectKind) throw new Error(`expected a ${expectKind} pass, the agent ran ${d.kind} (${d.reason})`);
-      return { ms: r.ms, otherCpuSec, kind: d.kind, passMs: d.durationMs, stats: d.stats, resources: j.resources };
+      return { ms: r.ms, otherCpuSec, ownCpuSec, kind: d.kind, passMs: d.durationMs, stats: d.stats, resources: j.resources };
     };
 
     const checkSame = async (what: string, file: string) => {
@@ -375,7 +382,7 @@ async function main(): Promise<void> {
       const t1 = performance.now();
       await syncAll();
       const t2 = performance.now();
-      return { ms: t2 - t0, otherCpuSec: load.other(l0), rsyncMs: t1 - t0, syncMs: t2 - t1, ...rsyncStats(r.stdout) };
+      return { ms: t2 - t0, ...load.since(l0), rsyncMs: t1 - t0, syncMs: t2 - t1, ...rsyncStats(r.stdout) };
     };
 
     // ------------------------------------------------------------ 3. initial
@@ -383,7 +390,7 @@ async function main(): Promise<void> {
     const initial = {
       ours: [] as (AgentRun & { server: Resources | null; serverCpuDuringRunSec: number | null })[],
       rsync: [] as Awaited<ReturnType<typeof runRsync>>[],
-      cp: [] as { ms: number; otherCpuSec: number; cpMs: number; syncMs: number }[],
+      cp: [] as { ms: number; otherCpuSec: number; ownCpuSec: number; cpMs: number; syncMs: number }[],
       waitedForQuietMs: [] as number[],
     };
     for (let r = 0; r <= RUNS; r++) {
@@ -411,7 +418,8 @@ async function main(): Promise<void> {
       const t1 = performance.now();
       await syncAll();
       const t2 = performance.now();
-      const cpOther = load.other(l0);
+      const cpCpu = load.since(l0);
+      const cpOther = cpCpu.otherCpuSec;
       await checkSame('cp target', cpTarget);
       await fsp.rm(cpTarget, { force: true });
 
@@ -421,7 +429,7 @@ async function main(): Promise<void> {
       if (r === 0) continue;
       initial.ours.push({ ...ours, server, serverCpuDuringRunSec: cpu0 !== null && cpu1 !== null ? cpu1 - cpu0 : null });
       initial.rsync.push(rs);
-      initial.cp.push({ ms: t2 - t0, otherCpuSec: cpOther, cpMs: t1 - t0, syncMs: t2 - t1 });
+      initial.cp.push({ ms: t2 - t0, ...cpCpu, cpMs: t1 - t0, syncMs: t2 - t1 });
     }
 
     // ------------------------------------------------------------ 4. incremental
@@ -475,7 +483,7 @@ async function main(): Promise<void> {
 
     // ------------------------------------------------------------ 5. resync
     say('\n[resync] checksum resync of identical disks vs cat image | wc -c');
-    const resync = { ours: [] as AgentRun[], cat: [] as number[], catOtherCpuSec: [] as number[], waitedForQuietMs: [] as number[] };
+    const resync = { ours: [] as AgentRun[], cat: [] as number[], catOtherCpuSec: [] as number[], catOwnCpuSec: [] as number[], waitedForQuietMs: [] as number[] };
     const quoted = `'${image.replace(/'/g, `'\\''`)}'`;
     for (let r = 0; r <= RUNS; r++) {
       const label = r === 0 ? 'warm-up' : `run ${r}/${RUNS}`;
@@ -485,13 +493,15 @@ async function main(): Promise<void> {
       if (ours.stats.pagesSent !== 0 || ours.stats.mismatchBytes !== 0) throw new Error(`CORRECTNESS: resync of identical disks shipped ${ours.stats.pagesSent} pages`);
       const l0 = load.sample();
       const cat = await must('sh', ['-c', `cat ${quoted} | wc -c`], 'cat | wc -c');
-      const catOther = load.other(l0);
+      const catCpu = load.since(l0);
+      const catOther = catCpu.otherCpuSec;
       if (Number(cat.stdout.trim()) !== SIZE) throw new Error(`cat | wc -c counted ${cat.stdout.trim()}, expected ${SIZE}`);
       say(`  ${label}: ours ${(ours.ms / 1000).toFixed(2)} s, cat|wc ${(cat.ms / 1000).toFixed(2)} s; other load ${ours.otherCpuSec.toFixed(1)}/${catOther.toFixed(1)} cpu-s`);
       if (r === 0) continue;
       resync.ours.push(ours);
       resync.cat.push(cat.ms);
       resync.catOtherCpuSec.push(catOther);
+      resync.catOwnCpuSec.push(catCpu.ownCpuSec);
     }
     await checkSame('replica after resync', replica);
     const srvLater = await endServer(srv);
@@ -522,6 +532,10 @@ async function main(): Promise<void> {
       { measurement: 'resync identical: ours vs cat | wc -c', ours: s(ms.resyncOurs), peer: s(ms.cat), ratio: ms.resyncOurs / ms.cat, unit: 's', target: '<= 1.30', met: ms.resyncOurs / ms.cat <= 1.3 },
       { measurement: 'initial: agent peak RSS (max of runs)', ours: agentRss / MiB, peer: null, ratio: null, unit: 'MiB', target: '<= 200 MiB', met: agentRss <= 200 * MiB },
       { measurement: 'initial: server peak RSS (max of runs)', ours: serverRss / MiB, peer: null, ratio: null, unit: 'MiB', target: '<= 200 MiB', met: serverRss <= 200 * MiB },
+      { measurement: 'initial: CPU s, ours (agent+server) vs rsync (all procs)', ours: med(initial.ours.map((x) => x.ownCpuSec)), peer: med(initial.rsync.map((x) => x.ownCpuSec)), ratio: med(initial.ours.map((x) => x.ownCpuSec)) / med(initial.rsync.map((x) => x.ownCpuSec)), unit: 's', target: '-', met: null },
+      { measurement: 'initial: CPU s, ours vs cp + sync', ours: med(initial.ours.map((x) => x.ownCpuSec)), peer: med(initial.cp.map((x) => x.ownCpuSec)), ratio: med(initial.ours.map((x) => x.ownCpuSec)) / med(initial.cp.map((x) => x.ownCpuSec)), unit: 's', target: '-', met: null },
+      { measurement: 'incremental 1%: CPU s, ours vs rsync', ours: med(incremental.ours.map((x) => x.ownCpuSec)), peer: med(incremental.rsync.map((x) => x.ownCpuSec)), ratio: med(incremental.ours.map((x) => x.ownCpuSec)) / med(incremental.rsync.map((x) => x.ownCpuSec)), unit: 's', target: '-', met: null },
+      { measurement: 'resync: CPU s, ours vs cat | wc -c', ours: med(resync.ours.map((x) => x.ownCpuSec)), peer: med(resync.catOwnCpuSec), ratio: med(resync.ours.map((x) => x.ownCpuSec)) / med(resync.catOwnCpuSec), unit: 's', target: '-', met: null },
       { measurement: 'initial: agent CPU user+sys', ours: med(initial.ours.map((x) => x.resources.userCpuSec + x.resources.systemCpuSec)), peer: null, ratio: null, unit: 's', target: '-', met: null },
       { measurement: 'initial: server CPU user+sys (whole process)', ours: med(initial.ours.map((x) => (x.server ? x.server.userCpuSec + x.server.systemCpuSec : NaN))), peer: null, ratio: null, unit: 's', target: '-', met: null },
     ];
