@@ -109,38 +109,53 @@ let CLK_TCK = 100;
 /**
  * Tells other load on the (shared) machine from ours: CPU ticks of the whole
  * machine (user + nice + system, from /proc/stat) minus those of this process,
- * its reaped descendants (agent, rsync, ssh, cp, cat...) and its long-lived
- * children (server, sshd with its per-connection children). What remains is
- * other processes and kernel threads (writeback after `sync` included).
+ * its reaped descendants (agent, rsync, ssh, cp, cat...), its long-lived
+ * children (server, sshd with its per-connection children) and kernel threads
+ * (writeback, journal: mostly caused by our own writes). What remains is other
+ * processes on the machine, plus time stolen by the hypervisor.
  */
+interface LoadSample { machine: number; steal: number; ours: number; kernel: number }
 class LoadMonitor {
   readonly pids = new Set<number>();
-  private ticks(pid: number | 'self'): number {
+  private stat(pid: number | 'self'): string[] | null {
     try {
       const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      return Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]);
+      return stat.slice(stat.lastIndexOf(')') + 2).split(' '); // [0] state, [1] ppid, [11] utime, [12] stime, [13] cutime, [14] cstime
     } catch {
-      return 0; // exited: its ticks moved into our cutime/cstime when it was reaped
+      return null; // exited: a child of ours has its ticks in our cutime/cstime once reaped
     }
   }
-  sample(): { machine: number; steal: number; ours: number } {
+  private treeTicks(pid: number | 'self'): number {
+    const f = this.stat(pid);
+    return f ? Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]) : 0;
+  }
+  private kernelTicks(): number {
+    let n = 0;
+    for (const e of fs.readdirSync('/proc')) {
+      if (!/^\d+$/.test(e)) continue;
+      const f = this.stat(Number(e));
+      if (f && (e === '2' || f[1] === '2')) n += Number(f[11]) + Number(f[12]);
+    }
+    return n;
+  }
+  sample(): LoadSample {
     const c = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
-    let ours = this.ticks('self');
-    for (const p of this.pids) ours += this.ticks(p);
-    return { machine: c[0] + c[1] + c[2], steal: c[7] ?? 0, ours };
+    let ours = this.treeTicks('self');
+    for (const p of this.pids) ours += this.treeTicks(p);
+    return { machine: c[0] + c[1] + c[2], steal: c[7] ?? 0, ours, kernel: this.kernelTicks() };
   }
-  /** CPU seconds used by others (and stolen by the hypervisor) since `a`. */
-  other(a: { machine: number; steal: number; ours: number }): number {
-    return this.since(a).otherCpuSec;
-  }
-  /** CPU seconds used since `a` by others (and stolen by the hypervisor), and by us (this process tree, server and sshd included). */
-  since(a: { machine: number; steal: number; ours: number }): { otherCpuSec: number; ownCpuSec: number } {
+  /** CPU seconds since `a`: others (+ hypervisor steal), ours (this process tree, server and sshd included), kernel threads. */
+  since(a: LoadSample): { otherCpuSec: number; ownCpuSec: number; kernelThreadCpuSec: number } {
     const b = this.sample();
+    const kernel = b.kernel - a.kernel;
     return {
-      otherCpuSec: Math.max(0, (b.machine - a.machine) - (b.ours - a.ours) + (b.steal - a.steal)) / CLK_TCK,
+      otherCpuSec: Math.max(0, (b.machine - a.machine) - (b.ours - a.ours) - kernel + (b.steal - a.steal)) / CLK_TCK,
       ownCpuSec: (b.ours - a.ours) / CLK_TCK,
+      kernelThreadCpuSec: kernel / CLK_TCK,
     };
+  }
+  other(a: LoadSample): number {
+    return this.since(a).otherCpuSec;
   }
   /** Waits (up to maxMs) for a second in which others used < 10% of one core. Returns the ms waited. */
   async waitQuiet(maxMs = QUIET_WAIT_MS): Promise<number> {
@@ -235,7 +250,7 @@ async function startSshd(dir: string): Promise<Sshd> {
 interface Resources { maxRssBytes: number; userCpuSec: number; systemCpuSec: number }
 interface Stats { bytesScanned: number; blocksSent: number; pagesSent: number; bytesChanged: number; bytesSent: number; zeroBlocks: number; mismatchBytes: number }
 interface AgentJson { disks: { kind: string; reason: string; durationMs: number; stats: Stats }[]; resources: Resources }
-interface AgentRun { ms: number; otherCpuSec: number; ownCpuSec: number; kind: string; passMs: number; stats: Stats; resources: Resources }
+interface AgentRun { ms: number; otherCpuSec: number; ownCpuSec: number; kernelThreadCpuSec: number; kind: string; passMs: number; stats: Stats; resources: Resources }
 
 function stoppedResources(s: SpawnedServer): Resources | null {
   const lines = s.stderr().split('\n').reverse();
@@ -301,7 +316,12 @@ async function main(): Promise<void> {
     say(`Mobility benchmark: image ${(SIZE / MiB).toFixed(0)} MiB, 1 warm-up + ${RUNS} timed run(s) per measurement`);
     say(`machine: ${machine.nproc} cpu (${machine.cpuModel}), ${(machine.memoryBytes / 2 ** 30).toFixed(1)} GiB, kernel ${machine.kernel}, node ${machine.node}, work fs ${fsType}`);
     say('page cache: nothing is dropped; every tool reads its input from cache');
-    if (machine.loadAvgAtStart[0] > 0.5) say(`WARNING: load average ${machine.loadAvgAtStart.map((x) => x.toFixed(2)).join(' ')}: something else is running, figures will be noisy`);
+    {
+      const a = load.sample();
+      await new Promise((r) => setTimeout(r, 2000));
+      const other = load.other(a);
+      if (other > 0.2) say(`WARNING: other processes use ${(50 * other).toFixed(0)}% of one core right now; timed rounds wait for quiet, figures may still be noisy`);
+    }
 
     say('generating the image...');
     const { kinds } = await writeSampleImage(image, SIZE, 1);
@@ -354,12 +374,12 @@ async function main(): Promise<void> {
       ];
       const l0 = load.sample();
       const r = await exec(process.execPath, args);
-      const { otherCpuSec, ownCpuSec } = load.since(l0);
+      const cpu = load.since(l0);
       if (r.code !== 0) throw new Error(`mobility replicate --mode ${mode} failed (exit ${r.code ?? r.signal}): ${r.stderr.slice(-3000)}`);
       const j = JSON.parse(r.stdout) as AgentJson;
       const d = j.disks[0];
       if (d.kind !== expectKind) throw new Error(`expected a ${expectKind} pass, the agent ran ${d.kind} (${d.reason})`);
-      return { ms: r.ms, otherCpuSec, ownCpuSec, kind: d.kind, passMs: d.durationMs, stats: d.stats, resources: j.resources };
+      return { ms: r.ms, ...cpu, kind: d.kind, passMs: d.durationMs, stats: d.stats, resources: j.resources };
     };
 
     const checkSame = async (what: string, file: string) => {
@@ -390,7 +410,7 @@ async function main(): Promise<void> {
     const initial = {
       ours: [] as (AgentRun & { server: Resources | null; serverCpuDuringRunSec: number | null })[],
       rsync: [] as Awaited<ReturnType<typeof runRsync>>[],
-      cp: [] as { ms: number; otherCpuSec: number; ownCpuSec: number; cpMs: number; syncMs: number }[],
+      cp: [] as { ms: number; otherCpuSec: number; ownCpuSec: number; kernelThreadCpuSec: number; cpMs: number; syncMs: number }[],
       waitedForQuietMs: [] as number[],
     };
     for (let r = 0; r <= RUNS; r++) {
@@ -483,7 +503,7 @@ async function main(): Promise<void> {
 
     // ------------------------------------------------------------ 5. resync
     say('\n[resync] checksum resync of identical disks vs cat image | wc -c');
-    const resync = { ours: [] as AgentRun[], cat: [] as number[], catOtherCpuSec: [] as number[], catOwnCpuSec: [] as number[], waitedForQuietMs: [] as number[] };
+    const resync = { ours: [] as AgentRun[], cat: [] as number[], catOtherCpuSec: [] as number[], catOwnCpuSec: [] as number[], catKernelThreadCpuSec: [] as number[], waitedForQuietMs: [] as number[] };
     const quoted = `'${image.replace(/'/g, `'\\''`)}'`;
     for (let r = 0; r <= RUNS; r++) {
       const label = r === 0 ? 'warm-up' : `run ${r}/${RUNS}`;
@@ -502,6 +522,7 @@ async function main(): Promise<void> {
       resync.cat.push(cat.ms);
       resync.catOtherCpuSec.push(catOther);
       resync.catOwnCpuSec.push(catCpu.ownCpuSec);
+      resync.catKernelThreadCpuSec.push(catCpu.kernelThreadCpuSec);
     }
     await checkSame('replica after resync', replica);
     const srvLater = await endServer(srv);
@@ -552,10 +573,10 @@ async function main(): Promise<void> {
       if (i === 0) say(widths.map((w) => '-'.repeat(w)).join('  '));
     });
 
-    // a timed run is 'disturbed' when other processes used more than 15% of one core on average during it
+    // a timed run is 'disturbed' when other processes used more than 15% of one core on average during it (and > 0.1 cpu-s: ticks are 10 ms)
     const disturbed: string[] = [];
     const flag = (what: string, runs: { ms: number; other: number }[]) => runs.forEach((x, i) => {
-      if (x.other > 0.15 * (x.ms / 1000)) disturbed.push(`${what} run ${i + 1}: others used ${x.other.toFixed(1)} cpu-s in ${(x.ms / 1000).toFixed(1)} s`);
+      if (x.other > Math.max(0.1, 0.15 * (x.ms / 1000))) disturbed.push(`${what} run ${i + 1}: others used ${x.other.toFixed(1)} cpu-s in ${(x.ms / 1000).toFixed(1)} s`);
     });
     flag('initial ours', initial.ours.map((x) => ({ ms: x.ms, other: x.otherCpuSec })));
     flag('initial rsync', initial.rsync.map((x) => ({ ms: x.ms, other: x.otherCpuSec })));
@@ -565,7 +586,7 @@ async function main(): Promise<void> {
     flag('resync ours', resync.ours.map((x) => ({ ms: x.ms, other: x.otherCpuSec })));
     flag('cat | wc', resync.cat.map((ms, i) => ({ ms, other: resync.catOtherCpuSec[i] })));
     if (disturbed.length) {
-      say('\nother load on the machine during timed runs (kernel writeback after sync counts here too):');
+      say('\nother processes were busy during these timed runs:');
       for (const d of disturbed) say(`  ${d}`);
     } else say('\nno timed run saw other load above 15% of one core');
 
