@@ -7,10 +7,8 @@ import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE } from '../constants.js';
 import { MobilityError, toMobilityError, type ErrorCode } from '../errors.js';
 import { createLogger } from '../log.js';
-import { ProcessServer } from '../server/process-server.js';
 import { defaultAgentId, replicate, type DiskResult, type ReplicateMode } from '../agent/replicator.js';
 import { ProgressReporter, fmtBytes } from './progress.js';
-import { runDemo } from './demo.js';
 
 export const EXIT = { OK: 0, ERROR: 1, USAGE: 2, CONFIG: 3, AUTH: 4, UNREACHABLE: 5, MISMATCH: 6, INTERRUPTED: 130 } as const;
 
@@ -147,6 +145,8 @@ async function cmdServer(argv: string[]): Promise<number> {
   const m = /^(.*):(\d+)$/.exec(listen);
   if (!m) throw new MobilityError('MOB_ERR_USAGE', `--listen wants HOST:PORT, got ${listen}`);
   const logger = createLogger({ component: 'server', json: v['json-logs'] ? true : undefined });
+  // loaded here so the agent commands do not pay for the server's modules at start-up
+  const { ProcessServer } = await import('../server/process-server.js');
   const dataDir = path.resolve((v['data-dir'] as string | undefined) ?? 'mobility-data');
   const server = new ProcessServer({ dataDir, host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]), tls: !v['no-tls'], extraNames: v.san as string[] | undefined, logger });
   const addr = await server.start();
@@ -250,6 +250,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'demo': {
         const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' } });
         if (v.help) { process.stdout.write(HELP.demo); return EXIT.OK; }
+        const { runDemo } = await import('./demo.js');
         return await runDemo({ dir: v.dir as string | undefined, size: v.size ? parseSize(v.size as string) : undefined, keep: Boolean(v.keep) });
       }
       case undefined: case 'help': case '--help': case '-h':

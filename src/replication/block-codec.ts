@@ -9,6 +9,11 @@ import { MobilityError } from '../errors.js';
 
 export interface EncodedBlock { encoding: Encoding; payload: Buffer }
 
+/** Largest lz4 output for `len` input bytes: the size of a scratch buffer for encodeBlock. */
+export function encodeBound(len: number): number {
+  return lz4.encodeBound(len);
+}
+
 /** Encodes `data` (a whole block, or the concatenated changed pages of one). */
 export function encodeBlock(data: Buffer, compress: boolean, scratch?: Buffer): EncodedBlock {
   if (isZero(data)) return { encoding: Encoding.ZERO, payload: Buffer.alloc(0) };

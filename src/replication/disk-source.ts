@@ -69,35 +69,41 @@ class FileDiskSource implements DiskSource {
 }
 
 /**
- * Sequential reader over [startOffset, end) with one read ahead, so the disk
- * read of chunk N+1 overlaps the digest/compress work on chunk N.
+ * Sequential reader over [startOffset, end) that keeps `depth` reads in flight
+ * (libuv runs them on its thread pool), so copying the next chunks out of the
+ * page cache overlaps the digest/compress work on the current one.
  */
 export class ChunkReader {
-  private readonly bufs: [Buffer, Buffer];
+  private readonly bufs: Buffer[];
   private next = 0;
-  private pending: Promise<{ offset: number; data: Buffer } | null> | null = null;
+  private readonly pending: Promise<{ offset: number; data: Buffer }>[] = [];
   private offset: number;
 
-  constructor(private readonly src: DiskSource, startOffset: number, private readonly end: number, chunkBytes: number) {
-    this.bufs = [Buffer.allocUnsafe(chunkBytes), Buffer.allocUnsafe(chunkBytes)];
+  constructor(private readonly src: DiskSource, startOffset: number, private readonly end: number, chunkBytes: number, private readonly depth = 2) {
+    this.bufs = Array.from({ length: depth + 1 }, () => Buffer.allocUnsafe(chunkBytes));
     this.offset = startOffset;
   }
 
-  private issue(): Promise<{ offset: number; data: Buffer } | null> {
-    if (this.offset >= this.end) return Promise.resolve(null);
-    const buf = this.bufs[this.next];
-    this.next ^= 1;
-    const off = this.offset;
-    const len = Math.min(buf.length, this.end - off);
-    this.offset += len;
-    return this.src.read(buf, off, len).then(() => ({ offset: off, data: buf.subarray(0, len) }));
+  private fill(): void {
+    while (this.pending.length < this.depth && this.offset < this.end) {
+      const buf = this.bufs[this.next];
+      this.next = (this.next + 1) % this.bufs.length;
+      const off = this.offset;
+      const len = Math.min(buf.length, this.end - off);
+      this.offset += len;
+      const p = this.src.read(buf, off, len).then(() => ({ offset: off, data: buf.subarray(0, len) }));
+      p.catch(() => undefined); // observed when awaited; never an unhandled rejection meanwhile
+      this.pending.push(p);
+    }
   }
 
-  /** The returned buffer stays valid until the call after next. */
+  /** The next chunk, or null at the end. The returned buffer stays valid until the next call. */
   async read(): Promise<{ offset: number; data: Buffer } | null> {
-    const cur = this.pending ?? this.issue();
+    this.fill();
+    const cur = this.pending.shift();
+    if (!cur) return null;
     const got = await cur;
-    this.pending = got ? this.issue() : null;
+    this.fill();
     return got;
   }
 }

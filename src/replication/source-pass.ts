@@ -17,8 +17,8 @@ import { DIGEST_REQUEST_PAGES, DIGEST_REQUESTS_IN_FLIGHT, READ_CHUNK_BYTES, TARG
 import { MobilityError } from '../errors.js';
 import { Encoding, encodeMessage, type Ack, type BlockRef, type DigestReply } from '../transport/frame-codec.js';
 import type { Connection } from '../transport/client.js';
-import { encodeBlock } from './block-codec.js';
-import { digestBytes, pageDigests } from './digest.js';
+import { encodeBlock, encodeBound } from './block-codec.js';
+import { digest, pageDigests } from './digest.js';
 import { DigestMap } from './digest-map.js';
 import { ChunkReader, type DiskSource } from './disk-source.js';
 
@@ -40,7 +40,8 @@ export interface PassStats {
 
 interface InFlight {
   firstBlock: number;
-  entries: { firstPage: number; mask: number[] | null; digests: BigUint64Array }[];
+  /** blockDigest: xxh64 of the whole block as the target holds it once this entry is applied. */
+  entries: { block: number; firstPage: number; mask: number[] | null; digests: BigUint64Array; blockDigest: bigint }[];
 }
 
 export interface PassOptions {
@@ -63,8 +64,13 @@ export class SourcePass {
   /** Frames acknowledged so far (progress, for the reconnect policy). */
   ackedFrames = 0;
 
+  /** Reused lz4 output buffer (encodeBlock copies what it keeps). */
+  private readonly scratch: Buffer;
+
   constructor(readonly kind: PassKind, private readonly src: DiskSource, readonly map: DigestMap, private readonly o: PassOptions) {
     this.pagesPerBlock = o.blockSize / o.pageSize;
+    this.scratch = Buffer.allocUnsafe(encodeBound(o.blockSize));
+    map.useBlockSize(o.blockSize);
   }
 
   /** Before (re)running on a new connection: settle what became durable, rewind over what was lost. */
@@ -83,6 +89,7 @@ export class SourcePass {
       for (const e of f.entries) {
         if (e.mask === null) for (let i = 0; i < e.digests.length; i++) this.map.set(e.firstPage + i, e.digests[i]);
         else for (const i of e.mask) this.map.set(e.firstPage + i, e.digests[i]);
+        this.map.setBlock(e.block, e.blockDigest);
       }
       this.inflight.delete(s);
       this.ackedFrames++;
@@ -120,10 +127,13 @@ export class SourcePass {
       pageMask = Buffer.alloc(Math.ceil(pagesInBlock / 8));
       for (const i of mask) pageMask[i >> 3] |= 1 << (i & 7);
     }
-    this.blocks.push({ index, encoding: enc, length: payload.length, pageMask, digest: digestBytes(fullBlock) });
+    const blockDigest = digest(fullBlock);
+    const dig = Buffer.allocUnsafe(8);
+    dig.writeBigUInt64LE(blockDigest, 0);
+    this.blocks.push({ index, encoding: enc, length: payload.length, pageMask, digest: dig });
     this.payloads.push(payload);
     this.payloadBytes += payload.length;
-    this.entries.push({ firstPage: index * this.pagesPerBlock, mask, digests: pageDigs.slice(0, pagesInBlock) });
+    this.entries.push({ block: index, firstPage: index * this.pagesPerBlock, mask, digests: pageDigs.slice(0, pagesInBlock), blockDigest });
     if (this.frameFirstBlock < 0) this.frameFirstBlock = index;
     this.stats.blocksSent++;
     this.stats.pagesSent += mask ? mask.length : pagesInBlock;
@@ -169,7 +179,7 @@ export class SourcePass {
     }
     // A RAW payload may alias the reader's chunk buffer: safe because every chunk's
     // frames are flushed (copied into a message) before the reader reuses that buffer.
-    const enc = encodeBlock(body, this.o.compress);
+    const enc = encodeBlock(body, this.o.compress, this.scratch);
     this.addBlock(index, enc.encoding, enc.payload, mask, data, digs, pagesInBlock);
     if (this.payloadBytes >= TARGET_FRAME_PAYLOAD || this.blocks.length >= 512) await this.flush(conn);
   }
@@ -185,12 +195,20 @@ export class SourcePass {
     const reader = new ChunkReader(this.src, this.cursorBlock * bs, this.src.size, chunk);
     const digs = new BigUint64Array(this.pagesPerBlock);
     const map = this.map.digests;
+    const blockMap = this.map.blockDigests;
+    const blockLevel = this.kind === 'incremental' && this.pagesPerBlock > 1;
     for (;;) {
       const c = await reader.read();
       if (!c) break;
       for (let o = 0; o < c.data.length; o += bs) {
         const index = (c.offset + o) / bs;
         const data = c.data.subarray(o, Math.min(o + bs, c.data.length));
+        // one hash per unchanged block: its digest equals what the target holds
+        let bd = 0n;
+        if (blockLevel) {
+          bd = DigestMap.normalize(digest(data));
+          if (blockMap[index] === bd) continue;
+        }
         const n = pageDigests(data, this.o.pageSize, digs);
         const first = index * this.pagesPerBlock;
         let mask: number[] | null = null;
@@ -201,7 +219,10 @@ export class SourcePass {
             (mask ??= []).push(i);
           }
         }
-        if (changed === 0) continue;
+        if (changed === 0) {
+          if (blockLevel) this.map.setBlock(index, bd); // every page matches: so does the block
+          continue;
+        }
         await this.ship(conn, index, data, digs, n, changed === n ? null : mask);
       }
       this.stats.bytesScanned += c.data.length;

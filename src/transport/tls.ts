@@ -9,7 +9,7 @@ import crypto from 'node:crypto';
 import fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import forge from 'node-forge';
+import type forgeNs from 'node-forge';
 import { writeFileDurable } from '../util/durable-file.js';
 
 export interface TlsIdentity {
@@ -33,9 +33,9 @@ function serial(): string {
   return '01' + crypto.randomBytes(15).toString('hex');
 }
 
-function makeCert(opts: {
-  subjectCN: string; publicPem: string; signerKeyPem: string; issuer?: forge.pki.Certificate; isCa: boolean; altNames?: string[]; years: number;
-}): forge.pki.Certificate {
+function makeCert(forge: typeof forgeNs, opts: {
+  subjectCN: string; publicPem: string; signerKeyPem: string; issuer?: forgeNs.pki.Certificate; isCa: boolean; altNames?: string[]; years: number;
+}): forgeNs.pki.Certificate {
   const cert = forge.pki.createCertificate();
   cert.publicKey = forge.pki.publicKeyFromPem(opts.publicPem);
   cert.serialNumber = serial();
@@ -82,11 +82,13 @@ export async function ensureTlsIdentity(dataDir: string, extraNames: string[] = 
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
   }
+  // node-forge is loaded only here (first start), so agents do not pay for it at start-up
+  const forge = (await import('node-forge')).default;
   const caKeys = rsaKeyPair();
-  const caCert = makeCert({ subjectCN: 'Mobility CA', publicPem: caKeys.publicPem, signerKeyPem: caKeys.privatePem, isCa: true, years: 20 });
+  const caCert = makeCert(forge, { subjectCN: 'Mobility CA', publicPem: caKeys.publicPem, signerKeyPem: caKeys.privatePem, isCa: true, years: 20 });
   const srvKeys = rsaKeyPair();
   const names = [...new Set(['localhost', '127.0.0.1', '::1', os.hostname(), ...extraNames])];
-  const srvCert = makeCert({
+  const srvCert = makeCert(forge, {
     subjectCN: os.hostname(), publicPem: srvKeys.publicPem, signerKeyPem: caKeys.privatePem, issuer: caCert, isCa: false, altNames: names, years: 5,
   });
   const ca = forge.pki.certificateToPem(caCert);
