@@ -30,6 +30,12 @@ export const ERROR_CODES = {
   MOB_ERR_STORAGE: { retryable: true, summary: 'The replica store failed to write or sync.' },
   MOB_ERR_SHUTTING_DOWN: { retryable: true, summary: 'The server is stopping.' },
   MOB_ERR_RETRY_EXHAUSTED: { retryable: false, summary: 'The agent gave up reconnecting after its retry deadline.' },
+  MOB_ERR_TRACKER: { retryable: false, summary: 'The kernel change tracker (tracefs block events) cannot be set up or read.' },
+  MOB_ERR_TRACKING_LOST: { retryable: false, summary: 'Change tracking lost events (ring buffer overrun, lost instance after a reboot, interrupted drain): the disk needs a checksum resync.' },
+  MOB_ERR_FREEZE: { retryable: true, summary: 'A filesystem could not be frozen, or the freeze exceeded its time bound (it was thawed; the cut is retried later).' },
+  MOB_ERR_HOOK: { retryable: true, summary: 'An application-consistency hook script failed or timed out (the filesystems were thawed).' },
+  MOB_ERR_UNKNOWN_POINT: { retryable: false, summary: 'No such recovery point, or it is outside the retention window.' },
+  MOB_ERR_CUT: { retryable: false, summary: 'A consistency cut frame is invalid (unknown disk, sequence ahead of the data, disks missing).' },
   MOB_ERR_INTERNAL: { retryable: true, summary: 'An unexpected internal error (a bug): the message says more.' },
 } as const;
 

@@ -18,7 +18,9 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'MOB_ERR_CONFIG':
     case 'MOB_ERR_SOURCE':
     case 'MOB_ERR_STATE_CORRUPT':
-    case 'MOB_ERR_DISK_SIZE_CHANGED': return EXIT.CONFIG;
+    case 'MOB_ERR_DISK_SIZE_CHANGED':
+    case 'MOB_ERR_TRACKER':
+    case 'MOB_ERR_UNKNOWN_POINT': return EXIT.CONFIG;
     case 'MOB_ERR_AUTH':
     case 'MOB_ERR_TLS_PIN': return EXIT.AUTH;
     case 'MOB_ERR_UNREACHABLE':

@@ -5,6 +5,8 @@
  *   replica.img   sparse, same size as the source disk
  *   state.json    geometry, generation, initial-complete flag, last durable seq (written durably)
  *   wal.log       redo log of block writes not yet checkpointed into replica.img
+ *   undo/<P>.undo old bytes of ranges first overwritten after recovery point P
+ *                 (the current epoch; see undo-journal.ts)
  *
  * Contract: submit() resolves only once the writes are durable (fdatasync), so
  * an ack may follow. Writes are group-committed: while one commit syncs, the
@@ -12,6 +14,9 @@
  * nothing to protect, so writes go straight to the replica and the replica is
  * synced; afterwards they go through the WAL (sequential log + one fdatasync),
  * are then applied in place, and the replica is synced at checkpoints.
+ * Once a recovery point exists (setEpoch), each batch first captures the old
+ * bytes of ranges not yet captured in the epoch into the undo journal (durable
+ * before the batch's WAL commit), so every point stays reconstructable.
  * One ReplicaStore per disk at a time (the server holds a lock per disk).
  */
 import fsp from 'node:fs/promises';
@@ -23,6 +28,7 @@ import { WAL_CHECKPOINT_BYTES, READ_CHUNK_BYTES } from '../constants.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import { Wal, type WalRecord } from './wal.js';
 import { isZero, zeroBuffer } from './digest.js';
+import { UndoJournal, type UndoRecord } from './undo-journal.js';
 
 export interface ReplicaState {
   version: 1;
@@ -50,7 +56,10 @@ export class ReplicaStore {
   /** Latest not-yet-applied content per written range (keyed by offset), so reads see accepted writes. */
   private overlay = new Map<number, Buffer | null>();
   private idleWaiters: (() => void)[] = [];
+  private undo: UndoJournal | null = null;
+  private epochId: string | null = null;
   bytesWritten = 0;
+  undoBytesWritten = 0;
 
   private constructor(
     readonly dir: string,
@@ -73,7 +82,7 @@ export class ReplicaStore {
    * Throws MOB_ERR_DISK_SIZE_CHANGED when the source is smaller than the replica,
    * MOB_ERR_STATE_CORRUPT when state.json is unreadable.
    */
-  static async open(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { readOnly?: boolean } = {}): Promise<{ store: ReplicaStore; created: boolean }> {
+  static async open(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { readOnly?: boolean; epoch?: string | null } = {}): Promise<{ store: ReplicaStore; created: boolean }> {
     if (!opts.readOnly) await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
     const stateFile = path.join(dir, 'state.json');
     let state: ReplicaState | null = null;
@@ -115,11 +124,47 @@ export class ReplicaStore {
         await store.saveState();
       }
       await store.recover();
+      if (opts.epoch && !opts.readOnly) await store.setEpoch(opts.epoch);
     } catch (err) {
       await store.closeHandles();
       throw err;
     }
     return { store, created };
+  }
+
+  /** The recovery point whose undo epoch is current (null before the first point). */
+  get epoch(): string | null { return this.epochId; }
+  get undoDir(): string { return path.join(this.dir, 'undo'); }
+
+  /**
+   * Starts capturing old bytes for point `id`: called after the point is in the catalog,
+   * with no batch in progress (the caller awaited whenApplied()). Idempotent.
+   */
+  async setEpoch(id: string): Promise<void> {
+    if (this.epochId === id) return;
+    await this.whenApplied();
+    await fsp.mkdir(this.undoDir, { recursive: true, mode: 0o700 });
+    const next = await UndoJournal.open(path.join(this.undoDir, `${id}.undo`));
+    const prev = this.undo;
+    this.undo = next;
+    this.epochId = id;
+    await prev?.close().catch(() => undefined);
+  }
+
+  /** Old bytes of the ops' ranges not yet captured in this epoch (first overwrite only). */
+  private async captureUndo(ops: WriteOp[]): Promise<UndoRecord[]> {
+    if (!this.undo || !this.state.initialComplete) return [];
+    const recs: UndoRecord[] = [];
+    const seen = new Set<number>();
+    for (const op of ops) {
+      if (this.undo.captured.has(op.offset) || seen.has(op.offset)) continue;
+      seen.add(op.offset);
+      const old = Buffer.allocUnsafe(op.length);
+      const { bytesRead } = await this.replica.read(old, 0, op.length, op.offset);
+      if (bytesRead < op.length) old.fill(0, bytesRead);
+      recs.push({ offset: op.offset, length: op.length, data: old });
+    }
+    return recs;
   }
 
   private async saveState(): Promise<void> {
@@ -246,6 +291,12 @@ export class ReplicaStore {
             await this.applyOps(ops);
             await this.replica.datasync();
           } else {
+            // old bytes are durable before the redo records commit: a committed write is always revertible
+            const undo = await this.captureUndo(ops);
+            if (undo.length) {
+              await this.undo!.append(undo);
+              for (const u of undo) this.undoBytesWritten += u.length;
+            }
             const recs: WalRecord[] = [];
             for (const p of batch) for (const op of p.ops) recs.push({ seq: p.seq, offset: op.offset, length: op.length, data: op.data });
             await this.wal.append(recs);
@@ -320,6 +371,8 @@ export class ReplicaStore {
   }
 
   private async closeHandles(): Promise<void> {
+    await this.undo?.close().catch(() => undefined);
+    this.undo = null;
     await this.replica.close().catch(() => undefined);
     await this.wal.close().catch(() => undefined);
   }

@@ -23,6 +23,9 @@ import { decodeMessage, encodeMessage, errorMessage, Encoding, type Data, type D
 import { decodeBlock } from '../replication/block-codec.js';
 import { digest, digestEquals, zeroBuffer } from '../replication/digest.js';
 import { ReplicaStore, type WriteOp } from '../replication/replica-store.js';
+import { PointCatalog, type PointKind } from '../replication/recovery-points.js';
+import type { Cut, Health } from '../transport/frame-codec.js';
+import { handleApi } from './api.js';
 import { writeFileDurable } from '../util/durable-file.js';
 
 export interface ProcessServerOptions {
@@ -35,6 +38,16 @@ export interface ProcessServerOptions {
   heartbeatMs?: number;
   maxFrameBytes?: number;
   creditBytes?: number;
+  /** Recovery points older than this are pruned (the newest is always kept). Default 24 h. */
+  retentionMs?: number;
+  /** status flags a disk whose newest point is older than this. Default 15 min. */
+  rpoAlertMs?: number;
+}
+
+/** Last Health report of a disk, as kept by the server for status. */
+export interface DiskHealthRecord {
+  state: string; reason: string; backlogBytes: number; dataLagMs: number; churnBytesPerSec: number;
+  freezeFailures: number; lastFreezeMs: number; progressPermille: number; receivedAt: number; connected: boolean;
 }
 
 /** Reads the pre-shared agent token, creating it (mode 0600) on first start. */
@@ -86,7 +99,11 @@ export class ProcessServer {
   readonly log: Logger;
   token = '';
   identity: TlsIdentity | null = null;
-  stats = { sessions: 0, rejected: 0, bytesReceived: 0 };
+  stats = { sessions: 0, rejected: 0, bytesReceived: 0, points: 0, pruned: 0 };
+  private readonly catalogs = new Map<string, Promise<PointCatalog>>();
+  private readonly agentLocks = new Map<string, Promise<unknown>>();
+  /** agent -> disk -> last health */
+  readonly health = new Map<string, Map<string, DiskHealthRecord>>();
 
   constructor(readonly opts: ProcessServerOptions) {
     this.log = opts.logger ?? createLogger({ component: 'server' });
@@ -107,9 +124,8 @@ export class ProcessServer {
     } else {
       this.http = http.createServer();
     }
-    this.http.on('request', (_req, res) => {
-      res.writeHead(426, { 'content-type': 'application/json' });
-      res.end(JSON.stringify({ code: 'MOB_ERR_USAGE', message: 'connect with a WebSocket to /v1/replicate' }) + '\n');
+    this.http.on('request', (req, res) => {
+      void handleApi(this, req, res);
     });
     this.wss = new WebSocketServer({ server: this.http, path: '/v1/replicate', maxPayload: WS_MAX_PAYLOAD, perMessageDeflate: false });
     this.wss.on('connection', (ws, req) => {
@@ -127,6 +143,81 @@ export class ProcessServer {
     return addr;
   }
 
+  get retentionMs(): number { return this.opts.retentionMs ?? 24 * 3600_000; }
+  get rpoAlertMs(): number { return this.opts.rpoAlertMs ?? 15 * 60_000; }
+
+  agentDir(agentId: string): string { return path.join(this.opts.dataDir, 'replicas', agentId); }
+  diskDir(agentId: string, diskId: string): string { return path.join(this.agentDir(agentId), diskId); }
+
+  /** The recovery point catalog of an agent (loaded once, then kept). */
+  catalog(agentId: string): Promise<PointCatalog> {
+    let c = this.catalogs.get(agentId);
+    if (!c) {
+      c = PointCatalog.load(this.agentDir(agentId));
+      c.catch(() => this.catalogs.delete(agentId));
+      this.catalogs.set(agentId, c);
+    }
+    return c;
+  }
+
+  /** Runs fn with the agent's catalog lock held (cuts, pruning, test failover). */
+  withAgentLock<T>(agentId: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.agentLocks.get(agentId) ?? Promise.resolve();
+    const run = prev.catch(() => undefined).then(fn);
+    this.agentLocks.set(agentId, run.catch(() => undefined));
+    return run;
+  }
+
+  /**
+   * Records a cut as a recovery point: every store has applied (and made durable) what came
+   * before the cut; the catalog is written; then each disk's undo epoch moves to the new
+   * point; then points past retention are pruned.
+   */
+  async recordCut(agentId: string, stores: { diskId: string; store: ReplicaStore; seq: number }[], cut: Cut): Promise<string> {
+    return this.withAgentLock(agentId, async () => {
+      for (const s of stores) {
+        await s.store.whenApplied();
+        if (!s.store.initialComplete) throw new MobilityError('MOB_ERR_CUT', `disk ${s.diskId} has not completed its initial replication; a cut cannot be a recovery point yet`);
+      }
+      const cat = await this.catalog(agentId);
+      const disks: Record<string, { seq: number; sizeBytes: number }> = {};
+      for (const s of stores) disks[s.diskId] = { seq: s.seq, sizeBytes: s.store.sizeBytes };
+      const point = await cat.add({
+        kind: (cut.kind === 'app' ? 'app' : 'crash') as PointKind, takenAt: new Date(cut.takenAtMs || Date.now()).toISOString(),
+        frozenMs: cut.frozenMs, note: cut.note, disks,
+      });
+      for (const s of stores) await s.store.setEpoch(point.id);
+      this.stats.points++;
+      const removed = await cat.prune(new Date(Date.now() - this.retentionMs), (d) => this.diskDir(agentId, d));
+      this.stats.pruned += removed.length;
+      if (removed.length) this.log.info('recovery points pruned', { agent: agentId, points: removed.map((p) => p.id) });
+      this.log.info('recovery point recorded', { agent: agentId, point: point.id, kind: point.kind, frozenMs: cut.frozenMs, disks: Object.keys(disks) });
+      return point.id;
+    });
+  }
+
+  recordHealth(agentId: string, diskIds: string[], h: Health): void {
+    let m = this.health.get(agentId);
+    if (!m) this.health.set(agentId, (m = new Map()));
+    for (const d of h.disks) {
+      const id = diskIds[d.disk];
+      if (!id) continue;
+      m.set(id, {
+        state: d.state, reason: d.reason, backlogBytes: d.backlogBytes, dataLagMs: d.dataLagMs, churnBytesPerSec: d.churnBytesPerSec,
+        freezeFailures: d.freezeFailures, lastFreezeMs: d.lastFreezeMs, progressPermille: d.progressPermille, receivedAt: Date.now(), connected: true,
+      });
+    }
+  }
+
+  markDisconnected(agentId: string, diskIds: string[]): void {
+    const m = this.health.get(agentId);
+    if (!m) return;
+    for (const id of diskIds) {
+      const h = m.get(id);
+      if (h) h.connected = false;
+    }
+  }
+
   /** Opens a disk's replica for a session, or throws MOB_ERR_DISK_BUSY. */
   async acquireDisk(session: Session, agentId: string, diskId: string, sizeBytes: number, readOnly = false): Promise<{ store: ReplicaStore; created: boolean; key: string }> {
     const key = `${agentId}/${diskId}`;
@@ -136,7 +227,13 @@ export class ProcessServer {
     if (this.diskLocks.get(key)) throw new MobilityError('MOB_ERR_DISK_BUSY', `disk ${diskId} of agent ${agentId} is being replicated by another session`);
     this.diskLocks.set(key, session);
     try {
-      const { store, created } = await ReplicaStore.open(path.join(this.opts.dataDir, 'replicas', agentId, diskId), agentId, diskId, sizeBytes, { readOnly });
+      const cat = await this.catalog(agentId);
+      const dir = this.diskDir(agentId, diskId);
+      if (!readOnly) {
+        const orphans = await cat.removeOrphans(diskId, dir);
+        if (orphans.length) this.log.info('removed undo files no recovery point names', { agent: agentId, disk: diskId, files: orphans });
+      }
+      const { store, created } = await ReplicaStore.open(dir, agentId, diskId, sizeBytes, { readOnly, epoch: cat.latestFor(diskId)?.id ?? null });
       return { store, created, key };
     } catch (err) {
       this.diskLocks.delete(key);
@@ -230,7 +327,7 @@ class Session {
       }
       return;
     }
-    if (this.readOnly && (frame.type === 'data' || frame.type === 'passEnd')) {
+    if (this.readOnly && (frame.type === 'data' || frame.type === 'passEnd' || frame.type === 'cut')) {
       throw new MobilityError('MOB_ERR_UNKNOWN_MESSAGE', `${frame.type} frames are not allowed in a read-only (verify) session`);
     }
     switch (frame.type) {
@@ -254,6 +351,12 @@ class Session {
         this.send(encodeMessage({ type: 'ack', ack: { disk: frame.passEnd.disk, seq: frame.passEnd.seq, creditBytes: 0 } }));
         return;
       }
+      case 'cut':
+        await this.onCut(frame.cut);
+        return;
+      case 'health':
+        this.server.recordHealth(this.agentId, this.disks.map((d) => d.diskId), frame.health);
+        return;
       case 'heartbeat':
         if (!frame.heartbeat.reply) this.send(encodeMessage({ type: 'heartbeat', heartbeat: { sentAtMs: frame.heartbeat.sentAtMs, reply: true } }));
         return;
@@ -313,6 +416,21 @@ class Session {
         maxFrameBytes: this.server.maxFrameBytes, heartbeatMs: this.server.heartbeatMs,
       },
     }));
+  }
+
+  /** A cut covers everything received before it on this session, for every disk of the session. */
+  private async onCut(c: Cut): Promise<void> {
+    if (c.kind !== 'crash' && c.kind !== 'app') throw new MobilityError('MOB_ERR_CUT', `unknown cut kind ${JSON.stringify(c.kind)}`);
+    const seen = new Set<number>();
+    for (const cd of c.disks) {
+      const d = this.disk(cd.disk);
+      if (seen.has(cd.disk)) throw new MobilityError('MOB_ERR_CUT', `cut names disk ${d.diskId} twice`);
+      seen.add(cd.disk);
+      if (cd.seq > d.lastSeq) throw new MobilityError('MOB_ERR_CUT', `cut names sequence ${cd.seq} on disk ${d.diskId}, but only ${d.lastSeq} was received`);
+    }
+    if (seen.size !== this.disks.length) throw new MobilityError('MOB_ERR_CUT', `a cut must cover every disk of the session (${seen.size} of ${this.disks.length})`);
+    const pointId = await this.server.recordCut(this.agentId, c.disks.map((cd) => ({ diskId: this.disks[cd.disk].diskId, store: this.disks[cd.disk].store, seq: this.disks[cd.disk].lastSeq })), c);
+    this.send(encodeMessage({ type: 'cutAck', cutAck: { cutId: c.cutId, pointId } }));
   }
 
   private disk(i: number): SessionDisk {
@@ -433,6 +551,7 @@ class Session {
   }
 
   private releaseAll(): void {
+    if (this.agentId) this.server.markDisconnected(this.agentId, this.disks.map((d) => d.diskId));
     for (const d of this.disks) this.server.releaseDisk(d.key, d.store);
     this.disks = [];
   }

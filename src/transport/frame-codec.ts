@@ -32,6 +32,14 @@ export interface Heartbeat { sentAtMs: number; reply: boolean }
 export interface DigestRequest { disk: number; requestId: number; firstPage: number; pageCount: number }
 export interface DigestReply { disk: number; requestId: number; firstPage: number; pageCount: number }
 export interface PassEnd { disk: number; seq: number; kind: string }
+export interface CutDisk { disk: number; seq: number }
+export interface Cut { cutId: number; kind: string; disks: CutDisk[]; takenAtMs: number; frozenMs: number; note: string }
+export interface CutAck { cutId: number; pointId: string }
+export interface DiskHealth {
+  disk: number; state: string; reason: string; backlogBytes: number; dataLagMs: number; churnBytesPerSec: number;
+  freezeFailures: number; lastFreezeMs: number; progressPermille: number;
+}
+export interface Health { disks: DiskHealth[] }
 
 export type FrameBody =
   | { type: 'hello'; hello: Hello }
@@ -42,12 +50,15 @@ export type FrameBody =
   | { type: 'heartbeat'; heartbeat: Heartbeat }
   | { type: 'digestRequest'; digestRequest: DigestRequest }
   | { type: 'digestReply'; digestReply: DigestReply }
-  | { type: 'passEnd'; passEnd: PassEnd };
+  | { type: 'passEnd'; passEnd: PassEnd }
+  | { type: 'cut'; cut: Cut }
+  | { type: 'cutAck'; cutAck: CutAck }
+  | { type: 'health'; health: Health };
 
 export type FrameType = FrameBody['type'];
 export type DecodedFrame = FrameBody & { payload: Buffer };
 
-const TYPES: readonly FrameType[] = ['hello', 'welcome', 'data', 'ack', 'error', 'heartbeat', 'digestRequest', 'digestReply', 'passEnd'];
+const TYPES: readonly FrameType[] = ['hello', 'welcome', 'data', 'ack', 'error', 'heartbeat', 'digestRequest', 'digestReply', 'passEnd', 'cut', 'cutAck', 'health'];
 
 /** protobufjs gives uint64 as Long objects (or numbers); offsets and sequences stay below 2^53. */
 function num(v: unknown): number {
@@ -147,6 +158,27 @@ export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): Dec
       return { type, payload, digestReply: { disk: num(m.disk), requestId: num(m.requestId), firstPage: num(m.firstPage), pageCount: num(m.pageCount) } };
     case 'passEnd':
       return { type, payload, passEnd: { disk: num(m.disk), seq: num(m.seq), kind: String(m.kind ?? '') } };
+    case 'cut':
+      return {
+        type, payload,
+        cut: {
+          cutId: num(m.cutId), kind: String(m.kind ?? ''), takenAtMs: num(m.takenAtMs), frozenMs: num(m.frozenMs), note: String(m.note ?? ''),
+          disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({ disk: num(d.disk), seq: num(d.seq) })),
+        },
+      };
+    case 'cutAck':
+      return { type, payload, cutAck: { cutId: num(m.cutId), pointId: String(m.pointId ?? '') } };
+    case 'health':
+      return {
+        type, payload,
+        health: {
+          disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({
+            disk: num(d.disk), state: String(d.state ?? ''), reason: String(d.reason ?? ''), backlogBytes: num(d.backlogBytes),
+            dataLagMs: num(d.dataLagMs), churnBytesPerSec: num(d.churnBytesPerSec), freezeFailures: num(d.freezeFailures),
+            lastFreezeMs: num(d.lastFreezeMs), progressPermille: num(d.progressPermille),
+          })),
+        },
+      };
   }
 }
 

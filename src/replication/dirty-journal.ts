@@ -1,0 +1,262 @@
+/**
+ * DirtyJournal: the agent's durable set of blocks that changed on the source
+ * and are not yet known to be on the target, per disk, fed by the tracker.
+ *
+ * Files in the agent state directory (mode 0600):
+ *   dirty.snap  JSON snapshot: dirty blocks (dirty + in flight) per disk, the
+ *               tracker's loss counters, disks that need a scan, replaced atomically
+ *   dirty.log.N lines appended with write(2) (no fsync) since snapshot N-1 was
+ *               captured (a capture switches to a new log; writing the snapshot
+ *               deletes the logs it includes):
+ *                 "B n"        a drain of the tracker begins (events leave the kernel)
+ *                 "D i a-b,…"  blocks a..b of disk i became dirty
+ *                 "E n"        the drain's blocks are all logged
+ *
+ * Why no fsync: these files must survive the agent being killed, which page-cache
+ * writes do; a machine crash loses the tracefs instance too, and that always means
+ * a scan. A "B" without its "E" means the agent died between taking events out of
+ * the kernel and logging them: open() reports it (torn) and the caller scans.
+ *
+ * The snapshot is taken together with the digest map (snapshot(): the caller
+ * serialises the map in the same tick), so a block leaves the persisted dirty set
+ * only once a persisted map holds what the target acknowledged for it. On open,
+ * every block in the set must be treated as unknown to the map (the target may
+ * hold a newer version than the map says): see forgetInMap() in the protector.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { MobilityError } from '../errors.js';
+
+export interface JournalDisk { id: string; sizeBytes: number; blockSize: number }
+export interface LossBaseline { overrun: number; dropped: number; lostNotices: number }
+
+interface SnapFile {
+  version: 1;
+  disks: Record<string, { blockSize: number; sizeBytes: number; blocks: [number, number][]; scanRequired: string | null }>;
+  counters: LossBaseline;
+  savedAt: string;
+  /** Logs with a lower number are included in this snapshot. */
+  logGen: number;
+}
+
+/** Inclusive ranges of a sorted list of block numbers. */
+export function toRanges(blocks: number[]): [number, number][] {
+  const out: [number, number][] = [];
+  for (const b of blocks) {
+    const last = out[out.length - 1];
+    if (last && b === last[1] + 1) last[1] = b;
+    else if (!last || b > last[1]) out.push([b, b]);
+  }
+  return out;
+}
+
+export class DiskDirt {
+  /** block -> time (ms) it first became dirty since it was last acknowledged */
+  readonly dirty = new Map<number, number>();
+  /** blocks handed to the shipper, not yet acknowledged -> time first dirty */
+  readonly inflight = new Map<number, number>();
+  /** Why this disk needs a scan before tracking can be trusted again (null: it does not). */
+  scanRequired: string | null = null;
+  constructor(readonly id: string, readonly blockSize: number, readonly sizeBytes: number) {}
+  get blocks(): number { return Math.ceil(this.sizeBytes / this.blockSize); }
+  /** Bytes not yet acknowledged (dirty + in flight). */
+  backlogBytes(): number { return (this.dirty.size + this.inflight.size) * this.blockSize; }
+  /** Age of the oldest unacknowledged change, ms (0 when none). */
+  oldestMs(now = Date.now()): number {
+    let oldest = now;
+    for (const t of this.dirty.values()) if (t < oldest) oldest = t;
+    for (const t of this.inflight.values()) if (t < oldest) oldest = t;
+    return now - oldest;
+  }
+}
+
+export class DirtyJournal {
+  readonly disks: DiskDirt[];
+  counters: LossBaseline = { overrun: 0, dropped: 0, lostNotices: 0 };
+  private drainNo = 0;
+  private logFd: number;
+  private logBytes = 0;
+
+  private constructor(readonly dir: string, disks: DiskDirt[], private logGen: number) {
+    this.disks = disks;
+    this.logFd = fs.openSync(this.logPath(logGen), 'a', 0o600);
+    this.logBytes = fs.fstatSync(this.logFd).size;
+  }
+
+  get snapFile(): string { return path.join(this.dir, 'dirty.snap'); }
+  private logPath(gen: number): string { return path.join(this.dir, `dirty.log.${gen}`); }
+  /** Bytes in the current log (the caller snapshots when it grows). */
+  get logSize(): number { return this.logBytes; }
+
+  /**
+   * Loads the journal for these disks. found=false when there was none (first start);
+   * torn=true when the agent died mid-drain (the caller must scan every disk).
+   * A disk whose geometry changed since the snapshot gets scanRequired.
+   */
+  static open(dir: string, disks: JournalDisk[]): { journal: DirtyJournal; found: boolean; torn: boolean } {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const dd = disks.map((d) => new DiskDirt(d.id, d.blockSize, d.sizeBytes));
+    const byId = new Map(dd.map((d, i) => [d.id, i]));
+    let found = false;
+    let torn = false;
+    let counters: LossBaseline = { overrun: 0, dropped: 0, lostNotices: 0 };
+    const snapPath = path.join(dir, 'dirty.snap');
+    let snap: SnapFile | null = null;
+    try {
+      snap = JSON.parse(fs.readFileSync(snapPath, 'utf8')) as SnapFile;
+      if (snap.version !== 1) throw new Error('unsupported version');
+      found = true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+        throw new MobilityError('MOB_ERR_STATE_CORRUPT', `dirty-block snapshot ${snapPath} is unreadable: ${(err as Error).message}`);
+      }
+    }
+    const now = Date.now();
+    if (snap) {
+      counters = snap.counters;
+      for (const d of dd) {
+        const s = snap.disks[d.id];
+        if (!s) { d.scanRequired = 'disk was not tracked before'; continue; }
+        if (s.blockSize !== d.blockSize || s.sizeBytes !== d.sizeBytes) { d.scanRequired = 'disk geometry or block size changed'; continue; }
+        d.scanRequired = s.scanRequired;
+        for (const [a, b] of s.blocks) for (let x = a; x <= b; x++) d.dirty.set(x, now);
+      }
+    } else {
+      for (const d of dd) d.scanRequired = 'no tracking state (first start)';
+    }
+    const snapGen = snap?.logGen ?? 0;
+    const gens = fs.readdirSync(dir).map((f) => /^dirty\.log\.(\d+)$/.exec(f)).filter((m): m is RegExpExecArray => m !== null)
+      .map((m) => Number(m[1])).sort((a, b) => a - b);
+    let text = '';
+    for (const g of gens) {
+      if (g < snapGen) { fs.rmSync(path.join(dir, `dirty.log.${g}`), { force: true }); continue; }
+      text += fs.readFileSync(path.join(dir, `dirty.log.${g}`), 'utf8');
+    }
+    if (text) found = true;
+    let open: string | null = null;
+    for (const line of text.split('\n')) {
+      if (!line) continue;
+      const kind = line[0];
+      if (kind === 'B') open = line.slice(2);
+      else if (kind === 'E') { if (open === line.slice(2)) open = null; }
+      else if (kind === 'D') {
+        const m = /^D (\d+) ([\d,-]+)$/.exec(line);
+        if (!m) { torn = true; break; } // a half-written line: the drain it belongs to never ended
+        const d = dd[Number(m[1])];
+        if (!d) continue;
+        for (const r of m[2].split(',')) {
+          const [a, b] = r.split('-').map(Number);
+          for (let x = a; x <= (b ?? a); x++) if (x < d.blocks) d.dirty.set(x, now);
+        }
+      }
+    }
+    if (open !== null) torn = true;
+    void byId;
+    const j = new DirtyJournal(dir, dd, Math.max(snapGen, gens[gens.length - 1] ?? 0));
+    j.counters = counters;
+    return { journal: j, found, torn };
+  }
+
+  private append(s: string): void {
+    const b = Buffer.from(s);
+    fs.writeSync(this.logFd, b);
+    this.logBytes += b.length;
+  }
+
+  /** Logs the start of a drain; call immediately before taking events out of the kernel. */
+  beginDrain(): number {
+    this.append(`B ${++this.drainNo}\n`);
+    return this.drainNo;
+  }
+
+  /** Marks byte ranges dirty (logged before returning). */
+  addExtents(extents: { disk: number; offset: number; length: number }[], now = Date.now()): void {
+    const per = new Map<number, number[]>();
+    for (const e of extents) {
+      const d = this.disks[e.disk];
+      if (!d || e.length <= 0) continue;
+      const a = Math.floor(e.offset / d.blockSize);
+      const b = Math.min(d.blocks - 1, Math.floor((e.offset + e.length - 1) / d.blockSize));
+      let list = per.get(e.disk);
+      if (!list) per.set(e.disk, (list = []));
+      for (let x = a; x <= b; x++) {
+        if (!d.dirty.has(x)) {
+          d.dirty.set(x, d.inflight.get(x) ?? now);
+          list.push(x);
+        }
+      }
+    }
+    for (const [disk, list] of per) {
+      if (!list.length) continue;
+      list.sort((x, y) => x - y);
+      this.append(`D ${disk} ${toRanges(list).map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(',')}\n`);
+    }
+  }
+
+  /** Logs the end of drain n: everything it took from the kernel is logged. */
+  endDrain(n: number): void {
+    this.append(`E ${n}\n`);
+  }
+
+  /** Moves up to max dirty blocks of a disk to in flight, lowest first. */
+  take(disk: number, max: number): number[] {
+    const d = this.disks[disk];
+    const blocks = [...d.dirty.keys()].sort((a, b) => a - b).slice(0, max);
+    for (const b of blocks) {
+      d.inflight.set(b, d.dirty.get(b)!);
+      d.dirty.delete(b);
+    }
+    return blocks;
+  }
+
+  /** The target acknowledged these blocks (or they needed nothing): no longer in flight. A block dirtied again meanwhile stays dirty. */
+  settle(disk: number, blocks: number[]): void {
+    const d = this.disks[disk];
+    for (const b of blocks) d.inflight.delete(b);
+  }
+
+  /** Puts in-flight blocks back (connection lost before their ack). */
+  requeue(disk: number, blocks?: number[]): void {
+    const d = this.disks[disk];
+    for (const b of blocks ?? [...d.inflight.keys()]) {
+      const t = d.inflight.get(b);
+      if (t === undefined) continue;
+      d.inflight.delete(b);
+      if (!d.dirty.has(b)) d.dirty.set(b, t);
+    }
+  }
+
+  /**
+   * Captures what a snapshot will hold, synchronously (call in the same tick as
+   * serialising the digest map), and returns a function that writes it and
+   * empties the log.
+   */
+  snapshot(): () => void {
+    const snap: SnapFile = { version: 1, disks: {}, counters: { ...this.counters }, savedAt: new Date().toISOString(), logGen: 0 };
+    for (const d of this.disks) {
+      const blocks = [...new Set([...d.dirty.keys(), ...d.inflight.keys()])].sort((a, b) => a - b);
+      snap.disks[d.id] = { blockSize: d.blockSize, sizeBytes: d.sizeBytes, blocks: toRanges(blocks), scanRequired: d.scanRequired };
+    }
+    // what is logged from now on goes to a new log, which this snapshot does not include
+    const gen = this.logGen + 1;
+    snap.logGen = gen;
+    fs.closeSync(this.logFd);
+    this.logGen = gen;
+    this.logFd = fs.openSync(this.logPath(gen), 'a', 0o600);
+    this.logBytes = 0;
+    const body = JSON.stringify(snap);
+    return () => {
+      const tmp = `${this.snapFile}.tmp`;
+      fs.writeFileSync(tmp, body, { mode: 0o600 });
+      fs.renameSync(tmp, this.snapFile);
+      for (let g = gen - 1; g >= 0; g--) {
+        if (!fs.existsSync(this.logPath(g))) break;
+        fs.rmSync(this.logPath(g), { force: true });
+      }
+    };
+  }
+
+  close(): void {
+    try { fs.closeSync(this.logFd); } catch { /* closed */ }
+  }
+}
