@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for pair in sshd:openssh-server ssh:openssh-client rsync:rsync fio:fio mkfs.ext4:e2fsprogs mount:mount; do
+for pair in sshd:openssh-server ssh:openssh-client rsync:rsync fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs mount:mount sfdisk:fdisk partx:util-linux fsfreeze:util-linux losetup:mount; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_pkgs+=("${pair#*:}")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

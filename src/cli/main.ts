@@ -5,7 +5,7 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE } from '../constants.js';
-import { MobilityError, toMobilityError, type ErrorCode } from '../errors.js';
+import { MobilityError, isErrorCode, toMobilityError, type ErrorCode } from '../errors.js';
 import { createLogger } from '../log.js';
 import { defaultAgentId, replicate, type DiskResult, type ReplicateMode } from '../agent/replicator.js';
 import { ProgressReporter, fmtBytes } from './progress.js';
@@ -39,6 +39,10 @@ Commands:
   server      run the process server and replica store
   replicate   replicate disks to a server (initial, incremental or checksum resync)
   verify      compare disks with their replicas without changing anything
+  protect     protect block devices continuously (tracefs tracking, consistency cuts, recovery points)
+  status      per-disk state, RPO, data lag, backlog and churn, as the server sees them
+  points      list an agent's recovery points
+  test-failover  materialise a writable image of a recovery point (or --cleanup it)
   demo        start a server and an agent on loopback, replicate a disk, prove the replica
 
 Run 'mobility <command> --help' for the options of a command.
@@ -88,6 +92,46 @@ mismatching byte ranges. Changes nothing. Exit code 6 when any disk differs.
 
 Options: --server, --token-file, --ca, --pin, --disk, --agent-id, --state-dir, --retry-deadline, --json (as for replicate)
 `,
+  protect: `Usage: mobility protect --server URL --token-file F (--ca F | --pin SHA256) --disk DEV[=ID]... [options]
+
+Protects block devices continuously until stopped (SIGTERM/SIGINT):
+  - a private tracefs instance records every completed write, discard and write-zeroes;
+    it keeps recording while the agent is down, so a restart costs no scan
+  - changed blocks are read (O_DIRECT) and shipped within a fraction of a second;
+    a block stays dirty until the server has made it durable
+  - consistency cuts: converge, freeze the filesystems mounted from the disks, ship the
+    remainder, thaw, record a recovery point (crash-consistent every --crash-interval,
+    app-consistent with hooks every --app-interval); SIGUSR1 asks for an app-consistent
+    cut now, SIGUSR2 for a crash-consistent one
+  - lost tracking (buffer overrun, reboot) -> resync-required -> resyncing (a scan
+    against the digest map, never a full copy) -> continuous
+Events are printed on stdout as JSON lines.
+
+Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --state-dir, --block-size, --no-compress, --max-rate):
+  --crash-interval D    crash-consistent cut interval, e.g. 5m, 30s (default 5m, at least 15s)
+  --app-interval D      app-consistent cut interval (default 60m)
+  --hooks-dir DIR       hook scripts: DIR/pre-freeze/*, DIR/frozen/*, DIR/post-thaw/*
+  --hook-timeout D      per hook (default 60s)
+  --freeze-limit D      longest time the filesystems may stay frozen (default 10s); past it they are thawed and the cut is retried later
+  --trace-buffer-kb N   per-CPU trace buffer (default 8192)
+`,
+  status: `Usage: mobility status --server URL --token-file F (--ca F | --pin SHA256) [--json]
+
+Per disk: state (initial-sync, continuous, resync-required, resyncing, disconnected) and
+reason, RPO (age of the newest recovery point, with an alert past the server's threshold),
+data lag (age of the oldest unshipped write), backlog, churn, freeze statistics.
+`,
+  points: `Usage: mobility points --server URL --token-file F (--ca F | --pin SHA256) [--agent-id ID] [--json]
+
+Lists the agent's recovery points (id, time, kind crash/app, freeze time, disks).
+`,
+  'test-failover': `Usage: mobility test-failover --server URL --token-file F (--ca F | --pin SHA256) [--agent-id ID] [--point ID|latest|latest-app] [--cleanup] [--json]
+
+Materialises a writable image of every disk of the point in the server's data directory
+(test-failover/<agent>/<point>/<disk>.img): a reflink copy where the filesystem supports
+it, else a sparse copy, then the undo journal rolls it back to the point. Replication goes
+on meanwhile. --cleanup removes the images of that point.
+`,
   demo: `Usage: mobility demo [--dir DIR] [--size N] [--keep]
 
 Starts 'mobility server' on 127.0.0.1 with TLS, creates a mixed-content disk image,
@@ -105,6 +149,12 @@ Options:
 export function resources(): { maxRssBytes: number; userCpuSec: number; systemCpuSec: number } {
   const r = process.resourceUsage();
   return { maxRssBytes: r.maxRSS * 1024, userCpuSec: r.userCPUTime / 1e6, systemCpuSec: r.systemCPUTime / 1e6 };
+}
+
+export function parseDuration(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(s.trim());
+  if (!m) throw new MobilityError('MOB_ERR_USAGE', `not a duration: ${s} (e.g. 30s, 5m, 1h)`);
+  return Math.round(Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 's') as 'ms' | 's' | 'm' | 'h']);
 }
 
 export function parseSize(s: string): number {
@@ -188,6 +238,142 @@ const CONN_OPTS = {
   'retry-deadline': { type: 'string' }, json: { type: 'boolean' }, 'json-logs': { type: 'boolean' },
 } as const;
 
+async function connOptions(v: Values): Promise<{ url: URL; token: string; ca?: string; pin?: string }> {
+  const server = v.server as string | undefined;
+  if (!server || !/^wss?:\/\//.test(server)) throw new MobilityError('MOB_ERR_USAGE', '--server wss://HOST:PORT is required');
+  const url = new URL(server);
+  if (url.pathname === '/' || url.pathname === '') url.pathname = '/v1/replicate';
+  const token = await readSecretFile(v['token-file'] as string | undefined, 'token-file');
+  let ca: string | undefined;
+  if (v.ca) {
+    try { ca = await fsp.readFile(v.ca as string, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read --ca ${String(v.ca)}: ${(err as Error).message}`); }
+  }
+  return { url, token, ca, pin: v.pin as string | undefined };
+}
+
+function parseBlockSize(v: Values): number {
+  const blockSize = v['block-size'] ? parseSize(v['block-size'] as string) : DEFAULT_BLOCK_SIZE;
+  if (blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE || blockSize % PAGE_SIZE !== 0) {
+    throw new MobilityError('MOB_ERR_USAGE', `--block-size must be a multiple of ${PAGE_SIZE / 1024}K between ${MIN_BLOCK_SIZE / 1024}K and ${MAX_BLOCK_SIZE / 1024}K`);
+  }
+  return blockSize;
+}
+
+async function cmdProtect(argv: string[]): Promise<number> {
+  const { values: v } = parse(argv, {
+    ...CONN_OPTS, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, 'max-rate': { type: 'string' },
+    'crash-interval': { type: 'string' }, 'app-interval': { type: 'string' }, 'hooks-dir': { type: 'string' }, 'hook-timeout': { type: 'string' },
+    'freeze-limit': { type: 'string' }, 'trace-buffer-kb': { type: 'string' },
+  });
+  if (v.help) { process.stdout.write(HELP.protect); return EXIT.OK; }
+  const c = await connOptions(v);
+  const logger = createLogger({ component: 'agent', json: v['json-logs'] ? true : undefined });
+  const { Protector } = await import('../agent/protector.js');
+  const dur = (k: string) => (v[k] === undefined ? undefined : parseDuration(v[k] as string));
+  const bufKb = v['trace-buffer-kb'] === undefined ? undefined : Number(v['trace-buffer-kb']);
+  if (bufKb !== undefined && !(Number.isInteger(bufKb) && bufKb > 0)) throw new MobilityError('MOB_ERR_USAGE', '--trace-buffer-kb wants a positive integer');
+  const p = new Protector({
+    serverUrl: c.url.toString(), token: c.token, ca: c.ca, pin: c.pin, agentId: (v['agent-id'] as string | undefined) ?? defaultAgentId(),
+    disks: parseDisks(v.disk as string[] | undefined), stateDir: path.resolve((v['state-dir'] as string | undefined) ?? 'mobility-agent'),
+    blockSize: parseBlockSize(v), compress: !v['no-compress'], maxRateBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
+    crashIntervalMs: dur('crash-interval'), appIntervalMs: dur('app-interval'), hooksDir: v['hooks-dir'] ? path.resolve(v['hooks-dir'] as string) : undefined,
+    hookTimeoutMs: dur('hook-timeout'), freezeLimitMs: dur('freeze-limit'), trackerBufferKb: bufKb, logger,
+    onEvent: (e) => process.stdout.write(JSON.stringify({ ...e, at: new Date().toISOString() }) + '\n'),
+  });
+  const stop = () => p.stop();
+  process.removeAllListeners('SIGINT');
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  process.on('SIGUSR1', () => p.requestCut('app'));
+  process.on('SIGUSR2', () => p.requestCut('crash'));
+  await p.run();
+  return EXIT.OK;
+}
+
+/** Calls the server's HTTP API (same address and TLS identity as the replication endpoint). */
+async function api(c: { url: URL; token: string; ca?: string; pin?: string }, method: string, pathname: string, body?: unknown): Promise<Record<string, unknown>> {
+  const https = await import('node:https');
+  const http = await import('node:http');
+  const secure = c.url.protocol === 'wss:';
+  if (secure && !c.ca && !c.pin) throw new MobilityError('MOB_ERR_TLS_PIN', 'give the server CA (--ca) or certificate fingerprint (--pin)');
+  const u = new URL(pathname, `${secure ? 'https' : 'http'}://${c.url.host}`);
+  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+  return new Promise((resolve, reject) => {
+    const req = (secure ? https : http).request(u, {
+      method, headers: { authorization: `Bearer ${c.token}`, ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}) },
+      ...(secure ? { ca: c.ca, rejectUnauthorized: c.ca !== undefined, checkServerIdentity: () => undefined } : {}),
+    }, (res) => {
+      if (secure && c.pin) {
+        const fp = (res.socket as import('node:tls').TLSSocket).getPeerCertificate?.()?.fingerprint256 ?? '';
+        if (fp.replace(/:/g, '').toLowerCase() !== c.pin.replace(/:/g, '').toLowerCase()) {
+          res.destroy();
+          reject(new MobilityError('MOB_ERR_TLS_PIN', `server certificate fingerprint ${fp} does not match the pinned one`));
+          return;
+        }
+      }
+      const parts: Buffer[] = [];
+      res.on('data', (d: Buffer) => parts.push(d));
+      res.on('end', () => {
+        let j: Record<string, unknown>;
+        try { j = JSON.parse(Buffer.concat(parts).toString('utf8')) as Record<string, unknown>; } catch { j = {}; }
+        if ((res.statusCode ?? 500) >= 400) {
+          const code = typeof j.code === 'string' && isErrorCode(j.code) ? j.code : 'MOB_ERR_INTERNAL';
+          reject(new MobilityError(code, `server: ${String(j.message ?? res.statusCode)}`));
+        } else resolve(j);
+      });
+    });
+    req.on('error', (err) => reject(new MobilityError('MOB_ERR_UNREACHABLE', `cannot reach ${u.host}: ${err.message}`, { cause: err })));
+    req.end(payload);
+  });
+}
+
+function fmtAge(ms: number | null | undefined): string {
+  if (ms === null || ms === undefined) return '-';
+  if (ms < 1000) return `${ms} ms`;
+  if (ms < 120_000) return `${(ms / 1000).toFixed(1)} s`;
+  if (ms < 7_200_000) return `${(ms / 60_000).toFixed(1)} min`;
+  return `${(ms / 3_600_000).toFixed(1)} h`;
+}
+
+async function cmdOps(cmd: 'status' | 'points' | 'test-failover', argv: string[]): Promise<number> {
+  const { values: v } = parse(argv, {
+    server: { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' }, 'agent-id': { type: 'string' },
+    json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' },
+  });
+  if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
+  const c = await connOptions(v);
+  const agent = (v['agent-id'] as string | undefined) ?? defaultAgentId();
+  const out = (j: unknown, text: () => string) => process.stdout.write(v.json ? JSON.stringify(j, null, 2) + '\n' : text());
+  if (cmd === 'status') {
+    const j = await api(c, 'GET', '/v1/status');
+    const disks = (j.disks ?? []) as import('../server/api.js').DiskStatus[];
+    out(j, () => {
+      if (!disks.length) return 'no protected disks\n';
+      const rows = [['AGENT', 'DISK', 'STATE', 'RPO', 'LAG', 'BACKLOG', 'CHURN/s', 'POINTS', 'LAST FREEZE', 'REASON']];
+      for (const d of disks) {
+        rows.push([d.agent, d.disk, d.state, `${fmtAge(d.rpoMs)}${d.rpoAlert ? ' !' : ''}`, fmtAge(d.dataLagMs), d.backlogBytes === null ? '-' : fmtBytes(d.backlogBytes),
+          d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
+      }
+      const w = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+      return rows.map((r) => r.map((x, i) => x.padEnd(w[i])).join('  ').trimEnd()).join('\n') + '\n' + (disks.some((d) => d.rpoAlert) ? '! RPO above the alert threshold (or no recovery point yet)\n' : '');
+    });
+    return EXIT.OK;
+  }
+  if (cmd === 'points') {
+    const j = await api(c, 'GET', `/v1/points?agent=${encodeURIComponent(agent)}`);
+    const pts = (j.points ?? []) as import('../replication/recovery-points.js').RecoveryPoint[];
+    out(j, () => pts.length ? pts.map((p) => `${p.id}  ${p.takenAt}  ${p.kind.padEnd(5)}  frozen ${p.frozenMs} ms  disks ${Object.keys(p.disks).join(',')}${p.note ? `  (${p.note})` : ''}`).join('\n') + '\n' : `no recovery points for agent ${agent}\n`);
+    return EXIT.OK;
+  }
+  const j = await api(c, 'POST', '/v1/test-failover', { agent, point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup) });
+  out(j, () => {
+    const r = j as unknown as { point: { id: string; takenAt: string; kind: string }; dir: string; removed: boolean; disks: { diskId: string; image: string; method: string; ms: number; undoRecords: number }[] };
+    if (r.removed) return `removed the test-failover images of ${r.point.id} (${r.dir})\n`;
+    return `recovery point ${r.point.id} (${r.point.kind}, ${r.point.takenAt}) materialised in ${r.dir}:\n` + r.disks.map((d) => `  ${d.diskId}: ${d.image} (${d.method}, ${d.undoRecords} undo records, ${d.ms} ms)`).join('\n') + '\n';
+  });
+  return EXIT.OK;
+}
+
 async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
   const { values: v } = parse(argv, verify ? CONN_OPTS : {
     ...CONN_OPTS, mode: { type: 'string' }, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, 'max-rate': { type: 'string' },
@@ -249,6 +435,8 @@ export async function main(argv: string[]): Promise<number> {
       case 'server': return await cmdServer(rest);
       case 'replicate': return await cmdReplicate(rest, false);
       case 'verify': return await cmdReplicate(rest, true);
+      case 'protect': return await cmdProtect(rest);
+      case 'status': case 'points': case 'test-failover': return await cmdOps(cmd, rest);
       case 'demo': {
         const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' } });
         if (v.help) { process.stdout.write(HELP.demo); return EXIT.OK; }

@@ -58,6 +58,15 @@ export class DigestMap {
     this.dirty = true;
   }
 
+  /** Forgets what the target holds for a block (its pages and block digest become unknown: always resent). */
+  forgetBlock(block: number, blockSize: number): void {
+    const per = blockSize / this.header.pageSize;
+    const first = block * per;
+    this.digests.fill(0n, Math.min(first, this.pages), Math.min(first + per, this.pages));
+    if (this.header.blockSize === blockSize && block < this.blockDigests.length) this.blockDigests[block] = 0n;
+    this.dirty = true;
+  }
+
   /** Number of pages with a known digest. */
   knownPages(): number {
     let n = 0;

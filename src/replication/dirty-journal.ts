@@ -9,7 +9,7 @@
  *               captured (a capture switches to a new log; writing the snapshot
  *               deletes the logs it includes):
  *                 "B n"        a drain of the tracker begins (events leave the kernel)
- *                 "D i a-b,…"  blocks a..b of disk i became dirty
+ *                 "D id a-b,…" blocks a..b of the disk with that id became dirty
  *                 "E n"        the drain's blocks are all logged
  *
  * Why no fsync: these files must survive the agent being killed, which page-cache
@@ -60,7 +60,13 @@ export class DiskDirt {
   constructor(readonly id: string, readonly blockSize: number, readonly sizeBytes: number) {}
   get blocks(): number { return Math.ceil(this.sizeBytes / this.blockSize); }
   /** Bytes not yet acknowledged (dirty + in flight). */
-  backlogBytes(): number { return (this.dirty.size + this.inflight.size) * this.blockSize; }
+  backlogBytes(): number {
+    let n = this.dirty.size;
+    for (const b of this.inflight.keys()) if (!this.dirty.has(b)) n++;
+    const last = this.blocks - 1;
+    const short = this.blockSize - (this.sizeBytes - last * this.blockSize);
+    return n * this.blockSize - (this.dirty.has(last) || this.inflight.has(last) ? short : 0);
+  }
   /** Age of the oldest unacknowledged change, ms (0 when none). */
   oldestMs(now = Date.now()): number {
     let oldest = now;
@@ -134,15 +140,20 @@ export class DirtyJournal {
     }
     if (text) found = true;
     let open: string | null = null;
+    let maxDrain = 0;
     for (const line of text.split('\n')) {
       if (!line) continue;
       const kind = line[0];
-      if (kind === 'B') open = line.slice(2);
-      else if (kind === 'E') { if (open === line.slice(2)) open = null; }
+      if (kind === 'B') {
+        if (open !== null) torn = true; // a drain that never ended, followed by another run's drains
+        open = line.slice(2);
+        maxDrain = Math.max(maxDrain, Number(open) || 0);
+      } else if (kind === 'E') { if (open === line.slice(2)) open = null; }
       else if (kind === 'D') {
-        const m = /^D (\d+) ([\d,-]+)$/.exec(line);
+        const m = /^D ([A-Za-z0-9._-]+) ([\d,-]+)$/.exec(line);
         if (!m) { torn = true; break; } // a half-written line: the drain it belongs to never ended
-        const d = dd[Number(m[1])];
+        const idx = byId.get(m[1]);
+        const d = idx === undefined ? undefined : dd[idx];
         if (!d) continue;
         for (const r of m[2].split(',')) {
           const [a, b] = r.split('-').map(Number);
@@ -151,9 +162,9 @@ export class DirtyJournal {
       }
     }
     if (open !== null) torn = true;
-    void byId;
     const j = new DirtyJournal(dir, dd, Math.max(snapGen, gens[gens.length - 1] ?? 0));
     j.counters = counters;
+    j.drainNo = maxDrain; // drain numbers stay unique across runs (a torn drain is never matched by a later one)
     return { journal: j, found, torn };
   }
 
@@ -189,7 +200,7 @@ export class DirtyJournal {
     for (const [disk, list] of per) {
       if (!list.length) continue;
       list.sort((x, y) => x - y);
-      this.append(`D ${disk} ${toRanges(list).map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(',')}\n`);
+      this.append(`D ${this.disks[disk].id} ${toRanges(list).map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(',')}\n`);
     }
   }
 
@@ -198,10 +209,18 @@ export class DirtyJournal {
     this.append(`E ${n}\n`);
   }
 
-  /** Moves up to max dirty blocks of a disk to in flight, lowest first. */
+  /**
+   * Moves up to max dirty blocks of a disk to in flight, lowest first. A block still in
+   * flight is not taken again until it is settled: one version of a block is in flight at
+   * a time, so an ack never settles a newer write than the one it carried.
+   */
   take(disk: number, max: number): number[] {
     const d = this.disks[disk];
-    const blocks = [...d.dirty.keys()].sort((a, b) => a - b).slice(0, max);
+    const blocks: number[] = [];
+    for (const b of [...d.dirty.keys()].sort((x, y) => x - y)) {
+      if (blocks.length >= max) break;
+      if (!d.inflight.has(b)) blocks.push(b);
+    }
     for (const b of blocks) {
       d.inflight.set(b, d.dirty.get(b)!);
       d.dirty.delete(b);

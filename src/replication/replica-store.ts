@@ -28,7 +28,7 @@ import { WAL_CHECKPOINT_BYTES, READ_CHUNK_BYTES } from '../constants.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import { Wal, type WalRecord } from './wal.js';
 import { isZero, zeroBuffer } from './digest.js';
-import { UndoJournal, type UndoRecord } from './undo-journal.js';
+import { UNDO_UNIT, UndoJournal, type UndoRecord } from './undo-journal.js';
 
 export interface ReplicaState {
   version: 1;
@@ -151,18 +151,32 @@ export class ReplicaStore {
     await prev?.close().catch(() => undefined);
   }
 
-  /** Old bytes of the ops' ranges not yet captured in this epoch (first overwrite only). */
+  /** Old bytes of the ops' ranges not yet captured in this epoch (first overwrite only), in 4 KiB units. */
   private async captureUndo(ops: WriteOp[]): Promise<UndoRecord[]> {
     if (!this.undo || !this.state.initialComplete) return [];
     const recs: UndoRecord[] = [];
     const seen = new Set<number>();
+    const captured = this.undo.captured;
+    const take = async (start: number, end: number) => {
+      const old = Buffer.allocUnsafe(end - start);
+      const { bytesRead } = await this.replica.read(old, 0, old.length, start);
+      if (bytesRead < old.length) old.fill(0, bytesRead);
+      recs.push({ offset: start, length: old.length, data: old });
+    };
     for (const op of ops) {
-      if (this.undo.captured.has(op.offset) || seen.has(op.offset)) continue;
-      seen.add(op.offset);
-      const old = Buffer.allocUnsafe(op.length);
-      const { bytesRead } = await this.replica.read(old, 0, op.length, op.offset);
-      if (bytesRead < op.length) old.fill(0, bytesRead);
-      recs.push({ offset: op.offset, length: op.length, data: old });
+      const end = op.offset + op.length;
+      let runStart = -1;
+      for (let u = Math.floor(op.offset / UNDO_UNIT); u * UNDO_UNIT < end; u++) {
+        const fresh = !captured.has(u) && !seen.has(u);
+        if (fresh) {
+          seen.add(u);
+          if (runStart < 0) runStart = Math.max(op.offset, u * UNDO_UNIT);
+        } else if (runStart >= 0) {
+          await take(runStart, u * UNDO_UNIT);
+          runStart = -1;
+        }
+      }
+      if (runStart >= 0) await take(runStart, end);
     }
     return recs;
   }

@@ -51,6 +51,8 @@ export interface PassOptions {
   compress: boolean;
   /** Persist the map (throttled by the caller). Called after acks. */
   onMapChanged?: () => void;
+  /** The target made these blocks durable (continuous shipping settles them in the dirty journal). */
+  onFrameAcked?: (blocks: number[]) => void;
   onProgress?: (p: { done: number; total: number; stats: PassStats }) => void;
 }
 
@@ -63,6 +65,9 @@ export class SourcePass {
   done = false;
   /** Frames acknowledged so far (progress, for the reconnect policy). */
   ackedFrames = 0;
+
+  /** Highest sequence used so far (a following pass on the same session continues after it). */
+  get lastSeq(): number { return this.seq; }
 
   /** Reused lz4 output buffer (encodeBlock copies what it keeps). */
   private readonly scratch: Buffer;
@@ -92,6 +97,7 @@ export class SourcePass {
         this.map.setBlock(e.block, e.blockDigest);
       }
       this.inflight.delete(s);
+      this.o.onFrameAcked?.(f.entries.map((e) => e.block));
       this.ackedFrames++;
       changed = true;
     }
@@ -233,6 +239,66 @@ export class SourcePass {
     }
     await this.flush(conn);
   }
+
+  private runBuf: Buffer | null = null;
+
+  /**
+   * Continuous shipping: reads the given blocks (coalesced into runs), ships the pages
+   * that differ from what the target holds, and returns the blocks that needed nothing.
+   * Every frame is sent before this returns, so a cut sent afterwards covers them.
+   * Subscribe acks with listen() while using this outside run().
+   */
+  async shipBlocks(conn: Connection, blocks: number[]): Promise<number[]> {
+    this.discardFrame();
+    const bs = this.o.blockSize;
+    const maxRun = Math.max(1, Math.floor(READ_CHUNK_BYTES / bs));
+    this.runBuf ??= Buffer.allocUnsafe(maxRun * bs);
+    const digs = new BigUint64Array(this.pagesPerBlock);
+    const map = this.map.digests;
+    const unchanged: number[] = [];
+    const sorted = [...blocks].sort((a, b) => a - b);
+    let i = 0;
+    while (i < sorted.length) {
+      const first = sorted[i];
+      let j = i + 1;
+      while (j < sorted.length && sorted[j] === sorted[j - 1] + 1 && j - i < maxRun) j++;
+      const start = first * bs;
+      const len = Math.min((j - i) * bs, this.src.size - start);
+      if (len <= 0) { i = j; continue; }
+      await this.src.read(this.runBuf, start, len);
+      for (let k = i; k < j; k++) {
+        const index = sorted[k];
+        const o = (index - first) * bs;
+        if (o >= len) break;
+        const data = this.runBuf.subarray(o, Math.min(o + bs, len));
+        const n = pageDigests(data, this.o.pageSize, digs);
+        const p0 = index * this.pagesPerBlock;
+        let mask: number[] | null = null;
+        for (let p = 0; p < n; p++) if (map[p0 + p] !== DigestMap.normalize(digs[p])) (mask ??= []).push(p);
+        if (!mask) {
+          unchanged.push(index);
+          continue;
+        }
+        await this.ship(conn, index, data, digs, n, mask.length === n ? null : mask);
+      }
+      this.stats.bytesScanned += len;
+      await this.flush(conn); // the next run reuses runBuf, which RAW payloads alias
+      i = j;
+    }
+    return unchanged;
+  }
+
+  /** Feeds this pass the connection's acks (for shipBlocks); returns the unsubscribe function. */
+  listen(conn: Connection): () => void {
+    const onAck = (a: Ack) => {
+      if (a.disk === this.o.diskIndex) this.onAck(a.seq);
+    };
+    conn.on('ack', onAck);
+    return () => conn.off('ack', onAck);
+  }
+
+  /** Frames sent and not yet acknowledged. */
+  get framesInFlight(): number { return this.inflight.size; }
 
   private async compareWithTarget(conn: Connection): Promise<void> {
     this.discardFrame();

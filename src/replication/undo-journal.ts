@@ -57,9 +57,21 @@ export function parseUndo(buf: Buffer): { records: UndoRecord[]; validBytes: num
   return { records, validBytes: o };
 }
 
+/** Capture granularity (the page size every write is aligned to). */
+export const UNDO_UNIT = 4096;
+
 export class UndoJournal {
-  /** Offsets captured in this epoch: a range is captured once, the first time it is overwritten. */
+  /**
+   * 4 KiB units (offset / UNDO_UNIT) captured in this epoch: a unit is captured once, the
+   * first time it is overwritten. Units, not record offsets, so a later write with another
+   * length (a session with another block size) still captures what it adds.
+   */
   readonly captured = new Set<number>();
+
+  /** Marks the units a record covers as captured. */
+  markCaptured(offset: number, length: number): void {
+    for (let u = Math.floor(offset / UNDO_UNIT); u * UNDO_UNIT < offset + length; u++) this.captured.add(u);
+  }
 
   private constructor(readonly file: string, private readonly fh: fsp.FileHandle, private size: number) {}
 
@@ -74,7 +86,7 @@ export class UndoJournal {
         await fh.sync();
       }
       const j = new UndoJournal(file, fh, validBytes);
-      for (const r of records) j.captured.add(r.offset);
+      for (const r of records) j.markCaptured(r.offset, r.length);
       return j;
     } catch (err) {
       await fh.close();
@@ -102,7 +114,7 @@ export class UndoJournal {
       this.size += len;
     }
     await this.fh.datasync();
-    for (const r of records) this.captured.add(r.offset);
+    for (const r of records) this.markCaptured(r.offset, r.length);
   }
 
   async close(): Promise<void> {

@@ -9,7 +9,7 @@ import { EventEmitter } from 'node:events';
 import WebSocket from 'ws';
 import { HEARTBEAT_MAX_MISSED, PROTOCOL_VERSION, WS_MAX_PAYLOAD } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
-import { decodeMessage, encodeMessage, type Ack, type DecodedFrame, type DigestReply, type Hello, type Welcome } from './frame-codec.js';
+import { decodeMessage, encodeMessage, type Ack, type CutAck, type DecodedFrame, type DigestReply, type Hello, type Welcome } from './frame-codec.js';
 import { normalizeFingerprint } from './tls.js';
 import type { RateLimiter } from './rate-limiter.js';
 import type { TLSSocket } from 'node:tls';
@@ -29,6 +29,7 @@ export declare interface Connection {
   on(event: 'ack', l: (a: Ack) => void): this;
   on(event: 'digestReply', l: (r: DigestReply, payload: Buffer) => void): this;
   on(event: 'close', l: (err: MobilityError) => void): this;
+  on(event: 'cutAck', l: (a: CutAck) => void): this;
 }
 
 export class Connection extends EventEmitter {
@@ -154,6 +155,9 @@ export class Connection extends EventEmitter {
         return;
       case 'digestReply':
         this.emit('digestReply', f.digestReply, f.payload);
+        return;
+      case 'cutAck':
+        this.emit('cutAck', f.cutAck);
         return;
       case 'heartbeat':
         if (!f.heartbeat.reply) this.send(encodeMessage({ type: 'heartbeat', heartbeat: { sentAtMs: f.heartbeat.sentAtMs, reply: true } }));

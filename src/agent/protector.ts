@@ -1,0 +1,666 @@
+/**
+ * Continuous protection of a Linux machine's block devices (`mobility protect`).
+ *
+ *   tracefs tracker ─► dirty journal (durable across agent restarts)
+ *        ─► shipper: read dirty blocks (O_DIRECT), ship changed pages, settle on ack
+ *        ─► cuts: converge, freeze, ship the remainder, thaw, Cut frame ─► recovery point
+ *
+ * Per disk state: initial-sync → continuous; a loss of tracking (trace buffer overrun,
+ * lost trace instance, agent died mid-drain) makes it resync-required (with the reason),
+ * then resyncing (an incremental scan against the digest map: never a full copy), then
+ * continuous again. Cuts happen only while every disk is continuous.
+ *
+ * Persistence: the digest map of each disk and the dirty journal are snapshotted
+ * together (see dirty-journal.ts), so a block leaves the durable dirty set only once
+ * a durable map holds what the target acknowledged for it. Blocks dirty at start are
+ * forgotten in the map (the target may hold a newer version than the map says).
+ *
+ * The state directory must not live on a protected disk: the agent writes it while
+ * the protected filesystems are frozen.
+ */
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import {
+  AGENT_VERSION, DEFAULT_BLOCK_SIZE, ID_PATTERN, PAGE_SIZE, RECONNECT_MAX_MS, RECONNECT_MIN_MS,
+} from '../constants.js';
+import { MobilityError, toMobilityError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { Connection } from '../transport/client.js';
+import { encodeMessage, type CutAck, type DiskState } from '../transport/frame-codec.js';
+import { RateLimiter } from '../transport/rate-limiter.js';
+import { DigestMap } from '../replication/digest-map.js';
+import { openDiskSource, type DiskSource } from '../replication/disk-source.js';
+import { SourcePass, type PassKind } from '../replication/source-pass.js';
+import { DirtyJournal, type LossBaseline } from '../replication/dirty-journal.js';
+import { TracefsTracker } from '../replication/tracefs-tracker.js';
+import { writeFileDurable } from '../util/durable-file.js';
+import { devOf, deviceFamily, freezeAll, mountsOn, runHooks, thawAll, type HookResult } from './freeze.js';
+
+export type DiskStateName = 'initial-sync' | 'continuous' | 'resync-required' | 'resyncing' | 'error';
+export type CutKind = 'crash' | 'app';
+
+export const DEFAULT_CRASH_INTERVAL_MS = 5 * 60_000;
+export const MIN_CRASH_INTERVAL_MS = 15_000;
+export const DEFAULT_APP_INTERVAL_MS = 60 * 60_000;
+export const DEFAULT_FREEZE_LIMIT_MS = 10_000;
+export const DEFAULT_HOOK_TIMEOUT_MS = 60_000;
+/** A cut starts its freeze once the unshipped backlog is below this. */
+const CONVERGE_BYTES = 32 * 1024 * 1024;
+const CONVERGE_TIMEOUT_MS = 60_000;
+const DRAIN_MS = 100;
+const COUNTER_CHECK_MS = 1000;
+const PERSIST_MS = 2000;
+const HEALTH_MS = 3000;
+const TAKE_BLOCKS = 128;
+
+export interface ProtectOptions {
+  serverUrl: string;
+  token: string;
+  ca?: string;
+  pin?: string;
+  agentId: string;
+  disks: { path: string; id: string }[];
+  stateDir: string;
+  blockSize?: number;
+  compress?: boolean;
+  maxRateBytes?: number;
+  crashIntervalMs?: number;
+  appIntervalMs?: number;
+  hooksDir?: string;
+  hookTimeoutMs?: number;
+  freezeLimitMs?: number;
+  trackerBufferKb?: number;
+  tracefsRoot?: string;
+  /** Read plain files too (tests with image files); block devices always use O_DIRECT. */
+  logger: Logger;
+  signal?: AbortSignal;
+  onEvent?: (e: ProtectEvent) => void;
+}
+
+export type ProtectEvent =
+  | { event: 'started'; agentId: string; trackerResumed: boolean; journalFound: boolean; scanRequired: Record<string, string | null> }
+  | { event: 'state'; disk: string; state: DiskStateName; reason: string }
+  | { event: 'pass'; disk: string; kind: PassKind; reason: string }
+  | { event: 'pass-done'; disk: string; kind: PassKind; bytesScanned: number; bytesSent: number; blocksSent: number; ms: number }
+  | { event: 'connected' }
+  | { event: 'disconnected'; code: string; message: string }
+  | { event: 'cut'; cutId: number; kind: CutKind; pointId: string; frozenMs: number; mounts: string[]; note: string }
+  | { event: 'cut-failed'; cutId: number; kind: CutKind; code: string; message: string }
+  | { event: 'hook'; phase: string; hook: string; ok: boolean; ms: number; output: string }
+  | { event: 'stopped' };
+
+interface PDisk {
+  i: number;
+  id: string;
+  path: string;
+  src: DiskSource;
+  mapFile: string;
+  map: DigestMap | null;
+  mapProblem: string | null;
+  state: DiskStateName;
+  reason: string;
+  /** The scan pass running or interrupted (initial, incremental or resync). */
+  scan: SourcePass | null;
+  /** Continuous shipping (kind 'incremental', used through shipBlocks). */
+  shipper: SourcePass | null;
+  unlisten: (() => void) | null;
+  scanStarted: number;
+  progressPermille: number;
+  churnBytes: number;
+  churnRate: number;
+}
+
+export class Protector {
+  private readonly bs: number;
+  private readonly log: Logger;
+  private disks: PDisk[] = [];
+  private tracker!: TracefsTracker;
+  private journal!: DirtyJournal;
+  private family = new Set<string>();
+  private conn: Connection | null = null;
+  private stopping = false;
+  private wakeLoop: (() => void) | null = null;
+  private timers: NodeJS.Timeout[] = [];
+  private persisting: Promise<void> | null = null;
+  private lastPersist = 0;
+  /** Cut ids increase across agent restarts (hooks and logs use them). */
+  private cutNo = Date.now();
+  private lastAppCut = 0;
+  private lastCut = 0;
+  private retryCutAt = 0;
+  private requestedCut: CutKind | null = null;
+  private freezeFailures = 0;
+  private lastFreezeMs = 0;
+  private pendingCuts = new Map<number, { kind: CutKind; frozenMs: number; mounts: string[]; note: string }>();
+  private readonly crashMs: number;
+  private readonly appMs: number;
+  private lastCounterCheck = 0;
+  private started = false;
+
+  constructor(private readonly o: ProtectOptions) {
+    this.bs = o.blockSize ?? DEFAULT_BLOCK_SIZE;
+    this.log = o.logger;
+    this.crashMs = o.crashIntervalMs ?? DEFAULT_CRASH_INTERVAL_MS;
+    this.appMs = o.appIntervalMs ?? DEFAULT_APP_INTERVAL_MS;
+    if (this.crashMs < MIN_CRASH_INTERVAL_MS) throw new MobilityError('MOB_ERR_USAGE', `the crash-consistent interval must be at least ${MIN_CRASH_INTERVAL_MS / 1000} s`);
+    if (this.appMs < this.crashMs) throw new MobilityError('MOB_ERR_USAGE', 'the app-consistent interval must not be shorter than the crash-consistent one');
+  }
+
+  private emit(e: ProtectEvent): void {
+    this.o.onEvent?.(e);
+  }
+
+  /** Asks for a cut as soon as every disk is continuous (e.g. on SIGUSR1 / SIGUSR2). */
+  requestCut(kind: CutKind): void {
+    this.requestedCut = this.requestedCut === 'app' ? 'app' : kind;
+    this.wakeLoop?.();
+  }
+
+  private setState(d: PDisk, state: DiskStateName, reason: string): void {
+    if (d.state === state && d.reason === reason) return;
+    d.state = state;
+    d.reason = reason;
+    this.log.info('disk state', { disk: d.id, state, reason });
+    this.emit({ event: 'state', disk: d.id, state, reason });
+  }
+
+  async run(): Promise<void> {
+    const o = this.o;
+    const stateDir = path.join(o.stateDir, o.agentId);
+    await fsp.mkdir(stateDir, { recursive: true, mode: 0o700 });
+    try {
+      await this.open(stateDir);
+      this.started = true;
+      await this.loop();
+    } finally {
+      await this.shutdown();
+    }
+  }
+
+  private async open(stateDir: string): Promise<void> {
+    const o = this.o;
+    for (const d of o.disks) {
+      if (!ID_PATTERN.test(d.id)) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `disk id ${JSON.stringify(d.id)} is not [A-Za-z0-9._-]{1,64}`);
+      const st = await fsp.stat(d.path).catch((err: Error) => { throw new MobilityError('MOB_ERR_SOURCE', `cannot open ${d.path}: ${err.message}`); });
+      if (!st.isBlockDevice()) throw new MobilityError('MOB_ERR_TRACKER', `${d.path} is not a block device: continuous protection tracks block devices (use 'mobility replicate' for image files)`);
+      for (const f of deviceFamily(d.path)) this.family.add(f);
+    }
+    const sd = devOf(fs.statSync(stateDir).dev);
+    if (this.family.has(`${sd.major}:${sd.minor}`)) {
+      throw new MobilityError('MOB_ERR_CONFIG', `the state directory ${stateDir} is on a protected disk; put it on another disk (it is written while the protected filesystems are frozen)`);
+    }
+    // the tracker starts before anything is read, so no write between our read and its first event is missed
+    this.tracker = await TracefsTracker.open({ name: `mobility-${o.agentId}`, disks: o.disks.map((d) => ({ path: d.path })), bufferKb: o.trackerBufferKb, tracefsRoot: o.tracefsRoot });
+    for (const [i, d] of o.disks.entries()) {
+      const src = await openDiskSource(d.path, { direct: true });
+      const mapFile = path.join(stateDir, `${d.id}.map`);
+      let map: DigestMap | null = null;
+      let mapProblem: string | null = null;
+      try {
+        map = await DigestMap.load(mapFile);
+        if (!map) mapProblem = 'digest map missing';
+      } catch (err) {
+        mapProblem = toMobilityError(err, 'MOB_ERR_STATE_CORRUPT').message;
+      }
+      this.disks.push({
+        i, id: d.id, path: d.path, src, mapFile, map, mapProblem, state: 'initial-sync', reason: 'starting', scan: null, shipper: null, unlisten: null,
+        scanStarted: 0, progressPermille: 0, churnBytes: 0, churnRate: 0,
+      });
+    }
+    const { journal, found, torn } = DirtyJournal.open(stateDir, this.disks.map((d) => ({ id: d.id, sizeBytes: d.src.size, blockSize: this.bs })));
+    this.journal = journal;
+    const now = this.tracker.counters();
+    if (!this.tracker.resumed) {
+      for (const jd of journal.disks) jd.scanRequired ??= 'the trace instance was not running (machine restarted or tracking was removed)';
+      journal.counters = now;
+    } else if (torn) {
+      for (const jd of journal.disks) jd.scanRequired ??= 'the agent stopped while taking events out of the tracker';
+    } else if (lossSince(journal.counters, now)) {
+      for (const jd of journal.disks) jd.scanRequired ??= `trace events were lost while the agent was down (${describeLoss(journal.counters, now)})`;
+      journal.counters = now;
+    }
+    // the target may hold a newer version of a dirty block than the map says
+    for (const d of this.disks) {
+      const jd = journal.disks[d.i];
+      if (d.map) for (const b of new Set([...jd.dirty.keys(), ...jd.inflight.keys()])) d.map.forgetBlock(b, this.bs);
+    }
+    this.log.info('protection starting', {
+      agent: o.agentId, trackerResumed: this.tracker.resumed, journalFound: found, torn,
+      scanRequired: Object.fromEntries(journal.disks.map((jd) => [jd.id, jd.scanRequired])),
+      dirtyBlocks: Object.fromEntries(journal.disks.map((jd) => [jd.id, jd.dirty.size])),
+    });
+    this.emit({ event: 'started', agentId: o.agentId, trackerResumed: this.tracker.resumed, journalFound: found, scanRequired: Object.fromEntries(journal.disks.map((jd) => [jd.id, jd.scanRequired])) });
+    for (const d of this.disks) {
+      const sr = journal.disks[d.i].scanRequired;
+      if (sr && found) this.setState(d, 'resync-required', sr);
+    }
+    await this.persist(true);
+    this.timers.push(setInterval(() => this.drainOnce(), DRAIN_MS));
+    this.timers.push(setInterval(() => this.sendHealth(), HEALTH_MS));
+    this.timers.push(setInterval(() => { if (Date.now() - this.lastPersist >= PERSIST_MS || this.journal.logSize > 4 << 20) void this.persist(false).catch((err) => this.log.error('cannot persist state', { error: (err as Error).message })); }, 500));
+    for (const t of this.timers) t.unref?.();
+  }
+
+  /** Takes every pending event out of the kernel into the durable journal; watches the loss counters. */
+  private drainOnce(): void {
+    if (!this.tracker) return;
+    const n = this.journal.beginDrain();
+    let ext;
+    try {
+      ext = this.tracker.drain();
+    } catch (err) {
+      this.journal.endDrain(n);
+      this.lossDetected(`reading the trace failed: ${(err as Error).message}`);
+      return;
+    }
+    this.journal.addExtents(ext);
+    this.journal.endDrain(n);
+    for (const e of ext) { const d = this.disks[e.disk]; if (d) d.churnBytes += e.length; }
+    if (ext.length) this.wakeLoop?.();
+    const t = Date.now();
+    if (t - this.lastCounterCheck >= COUNTER_CHECK_MS) {
+      this.lastCounterCheck = t;
+      const c = this.tracker.counters();
+      if (lossSince(this.journal.counters, c)) {
+        const why = `trace buffer overran (${describeLoss(this.journal.counters, c)}); some writes may be unrecorded`;
+        this.journal.counters = c;
+        this.lossDetected(why);
+      }
+    }
+  }
+
+  private lossDetected(reason: string): void {
+    for (const d of this.disks) {
+      this.journal.disks[d.i].scanRequired = reason;
+      if (d.state === 'continuous' || d.state === 'resyncing') this.setState(d, 'resync-required', reason);
+    }
+    this.log.warn('change tracking lost events: the disks will be scanned', { reason });
+    this.wakeLoop?.();
+  }
+
+  /** Snapshot of maps + journal (same tick), maps written durably first. */
+  private async persist(force: boolean): Promise<void> {
+    if (this.persisting) {
+      await this.persisting;
+      if (!force) return;
+    }
+    this.lastPersist = Date.now();
+    const bodies: [string, Buffer][] = [];
+    for (const d of this.disks) {
+      if (!d.map) continue;
+      // a resync trusts matched pages only once the server recorded the pass end
+      if (d.scan && d.scan.kind === 'resync' && !d.scan.done) continue;
+      if (d.map.dirty || force) bodies.push([d.mapFile, d.map.serialize()]);
+    }
+    const writeSnap = this.journal.snapshot();
+    const work = (async () => {
+      for (const [file, body] of bodies) await writeFileDurable(file, body, 0o600);
+      writeSnap();
+    })();
+    this.persisting = work.finally(() => { this.persisting = null; });
+    await this.persisting;
+  }
+
+  private backlogBytes(): number {
+    let n = 0;
+    for (const jd of this.journal.disks) n += jd.backlogBytes();
+    return n;
+  }
+
+  private sendHealth(): void {
+    const now = Date.now();
+    for (const d of this.disks) {
+      d.churnRate = d.churnRate * 0.5 + (d.churnBytes / (HEALTH_MS / 1000)) * 0.5;
+      d.churnBytes = 0;
+    }
+    const conn = this.conn;
+    if (!conn || conn.closed) return;
+    try {
+      conn.send(encodeMessage({
+        type: 'health',
+        health: {
+          disks: this.disks.map((d) => {
+            const jd = this.journal.disks[d.i];
+            return {
+              disk: d.i, state: d.state, reason: d.reason, backlogBytes: jd.backlogBytes(), dataLagMs: jd.oldestMs(now),
+              churnBytesPerSec: Math.round(d.churnRate), freezeFailures: this.freezeFailures, lastFreezeMs: this.lastFreezeMs,
+              progressPermille: d.progressPermille,
+            };
+          }),
+        },
+      }));
+    } catch { /* connection closing */ }
+  }
+
+  private async loop(): Promise<void> {
+    const limiter = this.o.maxRateBytes ? new RateLimiter(this.o.maxRateBytes) : undefined;
+    let backoff = RECONNECT_MIN_MS;
+    const hello = {
+      agentId: this.o.agentId, token: this.o.token, agentVersion: AGENT_VERSION, readOnly: false,
+      disks: this.disks.map((d) => ({ diskId: d.id, sizeBytes: d.src.size, blockSize: this.bs, pageSize: PAGE_SIZE })),
+    };
+    while (!this.stopping) {
+      let conn: Connection | null = null;
+      try {
+        conn = await Connection.connect({ url: this.o.serverUrl, ca: this.o.ca, pin: this.o.pin, hello, limiter });
+        this.conn = conn;
+        backoff = RECONNECT_MIN_MS;
+        this.emit({ event: 'connected' });
+        this.log.info('connected', { server: this.o.serverUrl });
+        await this.session(conn);
+      } catch (err) {
+        const e = toMobilityError(err);
+        conn?.shutdown();
+        this.conn = null;
+        for (const d of this.disks) {
+          d.unlisten?.();
+          d.unlisten = null;
+          this.journal.requeue(d.i);
+        }
+        for (const [id, c] of this.pendingCuts) this.emit({ event: 'cut-failed', cutId: id, kind: c.kind, code: e.code, message: `connection lost before the server acknowledged the cut: ${e.message}` });
+        this.pendingCuts.clear();
+        if (this.stopping) break;
+        if (!e.retryable) throw e;
+        this.emit({ event: 'disconnected', code: e.code, message: e.message });
+        const wait = Math.round(backoff * (0.5 + Math.random() / 2));
+        this.log.warn('connection lost; reconnecting', { code: e.code, error: e.message, retryInMs: wait });
+        await this.sleep(wait);
+        backoff = Math.min(RECONNECT_MAX_MS, backoff * 2);
+      }
+    }
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((r) => {
+      const t = setTimeout(() => { this.wakeLoop = null; r(); }, ms);
+      this.wakeLoop = () => { clearTimeout(t); this.wakeLoop = null; r(); };
+    });
+  }
+
+  /** Chooses what each disk does on this connection. */
+  private prepare(d: PDisk, ws: DiskState): void {
+    const jd = this.journal.disks[d.i];
+    const fresh = () => new DigestMap({ version: 1, diskId: d.id, diskSize: d.src.size, pageSize: PAGE_SIZE, generation: ws.generation });
+    const sameReplica = d.map !== null && d.map.header.generation === ws.generation && d.map.header.diskSize === d.src.size && d.map.header.pageSize === PAGE_SIZE;
+    if (d.scan && sameReplica) {
+      d.scan.resume(ws.lastDurableSeq); // an interrupted scan continues where it was
+      d.shipper = null;
+      return;
+    }
+    let kind: PassKind | null;
+    let reason: string;
+    if (!ws.replicaExists) {
+      kind = 'initial'; reason = 'new replica'; d.map = fresh();
+    } else if (!sameReplica) {
+      kind = 'resync';
+      reason = d.mapProblem ?? (d.map && d.map.header.generation !== ws.generation ? 'digest map belongs to another replica generation' : 'disk geometry changed');
+      d.map = fresh();
+    } else if (!ws.initialComplete) {
+      kind = 'initial'; reason = 'resuming interrupted initial replication';
+    } else if (jd.scanRequired) {
+      kind = 'incremental'; reason = jd.scanRequired;
+    } else {
+      kind = null; reason = 'tracking is intact';
+    }
+    d.mapProblem = null;
+    if (kind) {
+      d.scan = this.newPass(d, kind);
+      d.scan.resume(Math.max(ws.lastDurableSeq, d.shipper?.lastSeq ?? 0));
+      d.shipper = null;
+      d.reason = reason;
+    } else {
+      if (!d.shipper) {
+        d.shipper = this.newPass(d, 'incremental');
+      }
+      d.shipper.resume(ws.lastDurableSeq);
+      this.setState(d, 'continuous', reason);
+    }
+  }
+
+  private newPass(d: PDisk, kind: PassKind): SourcePass {
+    return new SourcePass(kind, d.src, d.map!, {
+      diskIndex: d.i, blockSize: this.bs, pageSize: PAGE_SIZE, compress: this.o.compress ?? true,
+      onFrameAcked: (blocks) => this.journal.settle(d.i, blocks),
+      onProgress: (p) => { d.progressPermille = Math.floor((p.done / Math.max(1, p.total)) * 1000); },
+    });
+  }
+
+  private async runScan(conn: Connection, d: PDisk): Promise<void> {
+    const pass = d.scan!;
+    const jd = this.journal.disks[d.i];
+    this.setState(d, pass.kind === 'initial' ? 'initial-sync' : 'resyncing', d.reason);
+    // a loss noticed from here on needs another scan; one noticed before is covered by this one
+    jd.scanRequired = null;
+    d.scanStarted = Date.now();
+    this.emit({ event: 'pass', disk: d.id, kind: pass.kind, reason: d.reason });
+    this.log.info('scan starting', { disk: d.id, kind: pass.kind, reason: d.reason });
+    await pass.run(conn);
+    const s = pass.stats;
+    this.emit({ event: 'pass-done', disk: d.id, kind: pass.kind, bytesScanned: s.bytesScanned, bytesSent: s.bytesSent, blocksSent: s.blocksSent, ms: Date.now() - d.scanStarted });
+    this.log.info('scan complete', { disk: d.id, kind: pass.kind, bytesScanned: s.bytesScanned, blocksSent: s.blocksSent, bytesSent: s.bytesSent, ms: Date.now() - d.scanStarted });
+    d.shipper = this.newPass(d, 'incremental');
+    d.shipper.resume(pass.lastSeq);
+    d.scan = null;
+    d.progressPermille = 1000;
+    await this.persist(true);
+    if (jd.scanRequired) this.setState(d, 'resync-required', jd.scanRequired);
+    else this.setState(d, 'continuous', 'scan complete');
+  }
+
+  private async session(conn: Connection): Promise<void> {
+    const onCutAck = (a: CutAck) => this.onCutAck(a);
+    conn.on('cutAck', onCutAck);
+    try {
+      for (const d of this.disks) this.prepare(d, conn.welcome.disks[d.i]);
+      this.sendHealth();
+      while (!this.stopping) {
+        if (conn.closed) throw conn.closed;
+        // scans first (initial, resync, or after lost tracking)
+        let scanned = false;
+        for (const d of this.disks) {
+          const jd = this.journal.disks[d.i];
+          if (!d.scan && jd.scanRequired && d.shipper) {
+            await this.quiesce(conn, d);
+            d.scan = this.newPass(d, 'incremental');
+            d.scan.resume(d.shipper.lastSeq);
+            d.reason = jd.scanRequired;
+            d.unlisten?.();
+            d.unlisten = null;
+            d.shipper = null;
+          }
+          if (d.scan) {
+            await this.runScan(conn, d);
+            scanned = true;
+          }
+        }
+        if (scanned) continue;
+        for (const d of this.disks) if (!d.unlisten && d.shipper) d.unlisten = d.shipper.listen(conn);
+        const shipped = await this.shipRound(conn);
+        if (this.cutDue()) {
+          await this.cut(conn, this.nextCutKind());
+          continue;
+        }
+        if (!shipped) await this.sleep(DRAIN_MS);
+      }
+    } finally {
+      conn.off('cutAck', onCutAck);
+      for (const d of this.disks) { d.unlisten?.(); d.unlisten = null; }
+    }
+  }
+
+  /** Waits until the disk's shipped frames are acknowledged (before a scan takes over the sequence). */
+  private async quiesce(conn: Connection, d: PDisk): Promise<void> {
+    while (d.shipper && d.shipper.framesInFlight > 0) {
+      if (conn.closed) throw conn.closed;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  /** Ships one batch of dirty blocks per continuous disk; false when there was nothing to take. */
+  private async shipRound(conn: Connection): Promise<boolean> {
+    let any = false;
+    for (const d of this.disks) {
+      if (!d.shipper || d.state !== 'continuous') continue;
+      const blocks = this.journal.take(d.i, TAKE_BLOCKS);
+      if (!blocks.length) continue;
+      any = true;
+      const unchanged = await d.shipper.shipBlocks(conn, blocks);
+      this.journal.settle(d.i, unchanged);
+    }
+    return any;
+  }
+
+  private allContinuous(): boolean {
+    return this.disks.every((d) => d.state === 'continuous' && d.shipper !== null);
+  }
+
+  private cutDue(): boolean {
+    if (!this.allContinuous()) return false;
+    const now = Date.now();
+    if (this.requestedCut) return true;
+    if (now < this.retryCutAt) return false;
+    return now - this.lastAppCut >= this.appMs || now - this.lastCut >= this.crashMs;
+  }
+
+  private nextCutKind(): CutKind {
+    if (this.requestedCut) return this.requestedCut;
+    return Date.now() - this.lastAppCut >= this.appMs ? 'app' : 'crash';
+  }
+
+  private dirtyBlocks(): number {
+    let n = 0;
+    for (const jd of this.journal.disks) n += jd.dirty.size;
+    return n;
+  }
+
+  /**
+   * One consistency cut: converge, (app: pre-freeze hooks), freeze, ship the remainder,
+   * frozen hooks, thaw (always), send the Cut; (app: post-thaw hooks).
+   */
+  private async cut(conn: Connection, requested: CutKind): Promise<void> {
+    this.requestedCut = null;
+    const cutId = ++this.cutNo;
+    let kind = requested;
+    const limit = this.o.freezeLimitMs ?? DEFAULT_FREEZE_LIMIT_MS;
+    const hookTimeout = this.o.hookTimeoutMs ?? DEFAULT_HOOK_TIMEOUT_MS;
+    const notes: string[] = [];
+    const converge = Date.now() + CONVERGE_TIMEOUT_MS;
+    while (this.backlogBytes() > CONVERGE_BYTES && Date.now() < converge) {
+      if (conn.closed) throw conn.closed;
+      if (!(await this.shipRound(conn))) await new Promise((r) => setTimeout(r, 10));
+      if (!this.allContinuous()) return; // tracking was lost meanwhile: scan first
+    }
+    const mounts = mountsOn(this.family);
+    const env = { MOBILITY_CUT_ID: String(cutId), MOBILITY_CUT_KIND: kind, MOBILITY_MOUNTS: mounts.join('\n') };
+    const reportHooks = (rs: HookResult[]) => {
+      for (const r of rs) {
+        this.emit({ event: 'hook', phase: r.phase, hook: r.hook, ok: r.ok, ms: r.ms, output: r.output });
+        if (!r.ok) this.log.warn('hook failed', { code: 'MOB_ERR_HOOK', phase: r.phase, hook: r.hook, output: r.output });
+      }
+      return rs.every((r) => r.ok);
+    };
+    let preRan = false;
+    if (kind === 'app') {
+      preRan = true;
+      if (!reportHooks(await runHooks(this.o.hooksDir, 'pre-freeze', env, hookTimeout))) {
+        kind = 'crash';
+        notes.push('a pre-freeze hook failed: recorded as crash-consistent');
+      }
+    }
+    if (!mounts.length) notes.push('no filesystem is mounted from the protected disks: nothing was frozen');
+    let frozeAt = 0;
+    let frozenMs = 0;
+    let failure: MobilityError | null = null;
+    let seqs: number[] = [];
+    try {
+      frozeAt = Date.now();
+      await freezeAll(mounts, limit);
+      const bound = frozeAt + limit;
+      // everything written before the freeze is on the disks now, and its events are in the trace
+      this.drainOnce();
+      for (;;) {
+        if (conn.closed) throw conn.closed;
+        if (!this.allContinuous()) throw new MobilityError('MOB_ERR_CUT', 'change tracking was lost during the cut');
+        // a block in flight is fine (read after its last write) unless it is dirty again: then it waits for its ack and goes again
+        if (this.dirtyBlocks() === 0) break;
+        if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the remainder was not shipped within the ${limit} ms freeze bound (backlog ${this.backlogBytes()} bytes)`);
+        if (!(await this.shipRound(conn))) await new Promise((r) => setTimeout(r, 5));
+        this.drainOnce();
+      }
+      if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
+      this.drainOnce();
+      if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen (a frozen-phase hook or an unfrozen writer wrote to them)');
+      if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
+      seqs = this.disks.map((d) => d.shipper!.lastSeq);
+    } catch (err) {
+      failure = toMobilityError(err, 'MOB_ERR_FREEZE');
+    } finally {
+      if (frozeAt) {
+        const failed = await thawAll(mounts);
+        frozenMs = Date.now() - frozeAt;
+        this.lastFreezeMs = frozenMs;
+        if (failed.length) this.log.error('thaw failed', { code: 'MOB_ERR_FREEZE', failed });
+      }
+    }
+    if (preRan) reportHooks(await runHooks(this.o.hooksDir, 'post-thaw', env, hookTimeout));
+    if (failure) {
+      if (failure.code === 'MOB_ERR_FREEZE') this.freezeFailures++;
+      this.retryCutAt = Date.now() + Math.min(60_000, this.crashMs);
+      this.log.warn('cut failed; retrying later', { cutId, kind, code: failure.code, error: failure.message, frozenMs });
+      this.emit({ event: 'cut-failed', cutId, kind, code: failure.code, message: failure.message });
+      if (failure.code === 'MOB_ERR_UNREACHABLE' || conn.closed) throw conn.closed ?? failure;
+      return;
+    }
+    const now = Date.now();
+    this.lastCut = now;
+    if (requested === 'app') this.lastAppCut = now;
+    this.retryCutAt = 0;
+    const note = notes.join('; ');
+    this.pendingCuts.set(cutId, { kind, frozenMs, mounts, note });
+    conn.send(encodeMessage({ type: 'cut', cut: { cutId, kind, disks: seqs.map((seq, disk) => ({ disk, seq })), takenAtMs: frozeAt, frozenMs, note } }));
+    this.log.info('cut sent', { cutId, kind, frozenMs, mounts, note });
+  }
+
+  private onCutAck(a: CutAck): void {
+    const c = this.pendingCuts.get(a.cutId);
+    if (!c) return;
+    this.pendingCuts.delete(a.cutId);
+    this.log.info('recovery point recorded', { cutId: a.cutId, point: a.pointId, kind: c.kind, frozenMs: c.frozenMs });
+    this.emit({ event: 'cut', cutId: a.cutId, kind: c.kind, pointId: a.pointId, frozenMs: c.frozenMs, mounts: c.mounts, note: c.note });
+  }
+
+  /** Stops after the current step; the trace instance keeps recording (restart costs no scan). */
+  stop(): void {
+    this.stopping = true;
+    this.conn?.shutdown();
+    this.wakeLoop?.();
+  }
+
+  private async shutdown(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
+    this.timers = [];
+    if (this.started) {
+      try {
+        this.drainOnce();
+        for (const d of this.disks) this.journal.requeue(d.i);
+        await this.persist(true);
+      } catch (err) {
+        this.log.error('cannot persist state at stop', { error: (err as Error).message });
+      }
+    }
+    this.conn?.shutdown();
+    this.tracker?.close({ keep: true });
+    this.journal?.close();
+    for (const d of this.disks) await d.src.close().catch(() => undefined);
+    this.emit({ event: 'stopped' });
+  }
+}
+
+function lossSince(base: LossBaseline, now: LossBaseline): boolean {
+  return now.overrun > base.overrun || now.dropped > base.dropped || now.lostNotices > base.lostNotices;
+}
+
+function describeLoss(base: LossBaseline, now: LossBaseline): string {
+  return `overrun +${Math.max(0, now.overrun - base.overrun)}, dropped +${Math.max(0, now.dropped - base.dropped)}, lost notices +${Math.max(0, now.lostNotices - base.lostNotices)}`;
+}

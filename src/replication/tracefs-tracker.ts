@@ -1,0 +1,332 @@
+/**
+ * Kernel change tracker built on tracefs block events.
+ *
+ * Why tracefs: blktrace (the BLKTRACESETUP ioctl) is not available everywhere,
+ * but the `block:block_rq_complete` tracepoint is, and it is exact: every
+ * completed request of a blk-mq disk reports (dev, sector, nr_sector, rwbs).
+ * We create a private ftrace instance (/sys/kernel/tracing/instances/NAME)
+ * so nothing else that uses tracing is disturbed, filter it in the kernel on
+ * the tracked disks' dev_t, and drain its trace_pipe without blocking.
+ *
+ * Design points:
+ *  - The tracepoint always reports the WHOLE disk's dev and sectors relative to
+ *    the whole disk, even for I/O submitted to a partition (the partition remap
+ *    happens at bio submission). So the filter is on the parent disks and each
+ *    event is mapped back onto every tracked spec (whole disk or partition) it
+ *    overlaps, clipped and made relative to that spec.
+ *  - Writes ('W'), discards ('D') and anything the kernel prints as 'N' (write
+ *    zeroes and other non read/write ops) are modifying. Reads ('R') and
+ *    flush-only requests are ignored. A request that completed with an error
+ *    still counts (conservative: part of it may have reached the media).
+ *  - options/overwrite = 0: when the ring buffer is full the kernel drops NEW
+ *    events and counts them ("dropped events" in per_cpu/cpuN/stats) instead
+ *    of silently overwriting old ones. Any nonzero overrun/dropped/LOST count
+ *    means the dirty set is incomplete and the caller must resync the disk.
+ *    The counters are cumulative for the lifetime of the kernel instance.
+ *  - close({ keep: true }) closes our file descriptors but leaves the instance
+ *    recording, so an agent stop/upgrade/restart does not lose writes: the next
+ *    open() finds the instance with the same filter, reports resumed = true and
+ *    delivers what was recorded meanwhile. If the instance is gone (reboot) or
+ *    differs, it is recreated and resumed = false (the caller must resync).
+ *  - trace_pipe is opened O_NONBLOCK and read with readSync until EAGAIN: a
+ *    blocking read (fs.createReadStream) would pin a libuv thread and keep the
+ *    process from exiting.
+ *  - Only request-based (blk-mq) disks emit block_rq_complete. Bio-based
+ *    devices (device-mapper linear, md, zram, brd) never would, so they are
+ *    refused rather than silently tracked as "never written".
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { StringDecoder } from 'node:string_decoder';
+import { MobilityError } from '../errors.js';
+
+export interface TrackedDiskSpec { path: string }
+/** disk = index into the specs given to open(); offset/length in bytes relative to the start of that device. */
+export interface DirtyExtent { disk: number; offset: number; length: number }
+/** overrun and dropped are summed over CPUs (kernel, cumulative per instance); lostNotices = "LOST N EVENTS" lines seen by this tracker object. */
+export interface LossCounters { overrun: number; dropped: number; lostNotices: number }
+
+const DEFAULT_TRACEFS = '/sys/kernel/tracing';
+const DEFAULT_BUFFER_KB = 8192;
+const EVENT_DIR = path.join('events', 'block', 'block_rq_complete');
+const NAME_RE = /^[A-Za-z0-9_.-]+$/;
+/** Upper bound of bytes read by one drain() so a flood of events cannot make it spin forever. */
+const MAX_DRAIN_BYTES = 64 * 1024 * 1024;
+const READ_CHUNK = 256 * 1024;
+// "<comm>-<pid> [cpu] flags ts: block_rq_complete: 7,0 WS () 8000 + 8 be,0,4 [0]" (cmd may be non-empty for passthrough)
+const EVENT_RE = /block_rq_complete: (\d+),(\d+) (\S*) \(.*\) (\d+) \+ (\d+)/;
+const LOST_RE = /\[LOST \d+ EVENTS\]/;
+
+interface Mapped {
+  index: number;
+  /** kernel dev_t of the whole disk the tracepoint reports: (major << 20) | minor */
+  parentDev: number;
+  parentKey: string; // "MAJ,MIN" as printed in trace lines
+  startByte: number; // start of the spec on its parent disk
+  sizeBytes: number;
+}
+
+function trackerError(name: string, what: string, cause?: unknown): MobilityError {
+  const c = cause as NodeJS.ErrnoException | undefined;
+  const detail = cause === undefined ? '' : `: ${c?.code ? `${c.code} ` : ''}${c?.message ?? String(cause)}`;
+  return new MobilityError('MOB_ERR_TRACKER', `tracefs tracker '${name}': ${what}${detail}`, cause === undefined ? undefined : { cause });
+}
+
+function readTrim(p: string): string {
+  return fs.readFileSync(p, 'utf8').trim();
+}
+
+function writeCtl(p: string, value: string): void {
+  fs.writeFileSync(p, value + '\n');
+}
+
+/** glibc encoding of st_rdev -> (major, minor). */
+function decodeRdev(rdev: bigint): { major: number; minor: number } {
+  const major = Number(((rdev >> 8n) & 0xfffn) | ((rdev >> 32n) & ~0xfffn));
+  const minor = Number((rdev & 0xffn) | ((rdev >> 12n) & ~0xffn));
+  return { major, minor };
+}
+
+function mapSpec(name: string, spec: TrackedDiskSpec, index: number): Mapped {
+  let st: fs.BigIntStats;
+  try {
+    st = fs.statSync(spec.path, { bigint: true });
+  } catch (err) {
+    throw trackerError(name, `cannot stat disk ${spec.path}`, err);
+  }
+  if (!st.isBlockDevice()) throw trackerError(name, `${spec.path} is not a block device`);
+  const { major, minor } = decodeRdev(st.rdev);
+  const sys = `/sys/dev/block/${major}:${minor}`;
+  try {
+    const sizeBytes = Number(readTrim(path.join(sys, 'size'))) * 512;
+    let startByte = 0;
+    let parentSys = sys;
+    if (fs.existsSync(path.join(sys, 'partition'))) {
+      startByte = Number(readTrim(path.join(sys, 'start'))) * 512;
+      parentSys = path.dirname(fs.realpathSync(sys));
+    }
+    const m = /^(\d+):(\d+)$/.exec(readTrim(path.join(parentSys, 'dev')));
+    if (!m) throw new Error(`unexpected ${parentSys}/dev content`);
+    const pMajor = Number(m[1]);
+    const pMinor = Number(m[2]);
+    if (!fs.existsSync(path.join(parentSys, 'mq'))) {
+      throw trackerError(name, `${spec.path} (disk ${path.basename(fs.realpathSync(parentSys))}) is bio-based, not blk-mq: block_rq_complete never fires for it, so it cannot be tracked`);
+    }
+    if (!Number.isSafeInteger(sizeBytes) || !Number.isSafeInteger(startByte)) throw new Error('bad size/start in sysfs');
+    return { index, parentDev: pMajor * 2 ** 20 + pMinor, parentKey: `${pMajor},${pMinor}`, startByte, sizeBytes };
+  } catch (err) {
+    if (err instanceof MobilityError) throw err;
+    throw trackerError(name, `cannot resolve ${spec.path} (${major}:${minor}) in sysfs`, err);
+  }
+}
+
+async function ensureTracefs(root: string, explicit: boolean, name: string): Promise<void> {
+  if (fs.existsSync(path.join(root, 'instances'))) return;
+  if (!explicit) {
+    try {
+      await promisify(execFile)('mount', ['-t', 'tracefs', 'tracefs', root]);
+    } catch {
+      // reported below
+    }
+    if (fs.existsSync(path.join(root, 'instances'))) return;
+  }
+  throw trackerError(name, `tracefs is not available at ${root} (no 'instances' directory${explicit ? '' : '; mounting tracefs there failed — root privileges and a kernel with tracefs are needed'})`);
+}
+
+/** Sorts and merges overlapping or adjacent extents of the same disk. */
+function coalesce(list: DirtyExtent[]): DirtyExtent[] {
+  if (list.length < 2) return list;
+  list.sort((a, b) => a.disk - b.disk || a.offset - b.offset);
+  const out: DirtyExtent[] = [{ ...list[0]! }];
+  for (let i = 1; i < list.length; i++) {
+    const e = list[i]!;
+    const last = out[out.length - 1]!;
+    if (e.disk === last.disk && e.offset <= last.offset + last.length) {
+      last.length = Math.max(last.length, e.offset + e.length - last.offset);
+    } else {
+      out.push({ ...e });
+    }
+  }
+  return out;
+}
+
+export class TracefsTracker {
+  readonly resumed: boolean;
+  readonly instanceDir: string;
+  private readonly name: string;
+  private readonly byParent: Map<string, Mapped[]>;
+  private fd: number | null;
+  private readonly decoder = new StringDecoder('utf8');
+  private partial = '';
+  private lost = 0;
+  private readonly buf = Buffer.allocUnsafe(READ_CHUNK);
+
+  private constructor(name: string, instanceDir: string, resumed: boolean, mapped: Mapped[], fd: number) {
+    this.name = name;
+    this.instanceDir = instanceDir;
+    this.resumed = resumed;
+    this.fd = fd;
+    this.byParent = new Map();
+    for (const m of mapped) {
+      const l = this.byParent.get(m.parentKey) ?? [];
+      l.push(m);
+      this.byParent.set(m.parentKey, l);
+    }
+  }
+
+  static async open(o: { name: string; disks: TrackedDiskSpec[]; bufferKb?: number; tracefsRoot?: string }): Promise<TracefsTracker> {
+    const name = o.name;
+    if (!NAME_RE.test(name) || name === '.' || name === '..' || name.length > 200) {
+      throw trackerError(String(name), 'instance name must match [A-Za-z0-9_.-]+');
+    }
+    if (o.disks.length === 0) throw trackerError(name, 'no disks to track');
+    const bufferKb = o.bufferKb ?? DEFAULT_BUFFER_KB;
+    if (!Number.isInteger(bufferKb) || bufferKb < 1) throw trackerError(name, `invalid bufferKb ${bufferKb}`);
+    const mapped = o.disks.map((d, i) => mapSpec(name, d, i));
+    const root = o.tracefsRoot ?? DEFAULT_TRACEFS;
+    await ensureTracefs(root, o.tracefsRoot !== undefined, name);
+
+    const devs = [...new Set(mapped.map((m) => m.parentDev))].sort((a, b) => a - b);
+    const filter = devs.map((d) => `dev == ${d}`).join(' || ');
+    const dir = path.join(root, 'instances', name);
+    const ev = path.join(dir, EVENT_DIR);
+
+    let resumed = false;
+    try {
+      if (fs.existsSync(dir)) {
+        let same = false;
+        try {
+          same = readTrim(path.join(ev, 'filter')) === filter && readTrim(path.join(ev, 'enable')) === '1'
+            && readTrim(path.join(dir, 'tracing_on')) === '1' && readTrim(path.join(dir, 'options', 'overwrite')) === '0';
+        } catch {
+          same = false;
+        }
+        if (same) {
+          resumed = true;
+        } else {
+          try { writeCtl(path.join(ev, 'enable'), '0'); } catch { /* removed below anyway */ }
+          fs.rmdirSync(dir);
+        }
+      }
+      if (!resumed) {
+        fs.mkdirSync(dir);
+        try {
+          if (!fs.existsSync(ev)) throw new Error(`${EVENT_DIR} missing: the kernel has no block tracepoints`);
+          writeCtl(path.join(dir, 'buffer_size_kb'), String(bufferKb));
+          writeCtl(path.join(dir, 'options', 'overwrite'), '0');
+          writeCtl(path.join(ev, 'filter'), filter);
+          writeCtl(path.join(ev, 'enable'), '1');
+          writeCtl(path.join(dir, 'tracing_on'), '1');
+        } catch (err) {
+          try { writeCtl(path.join(ev, 'enable'), '0'); } catch { /* ignore */ }
+          try { fs.rmdirSync(dir); } catch { /* ignore */ }
+          throw err;
+        }
+      }
+    } catch (err) {
+      throw trackerError(name, `cannot set up instance ${dir}`, err);
+    }
+    let fd: number;
+    try {
+      fd = fs.openSync(path.join(dir, 'trace_pipe'), fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+    } catch (err) {
+      throw trackerError(name, `cannot open ${dir}/trace_pipe`, err);
+    }
+    return new TracefsTracker(name, dir, resumed, mapped, fd);
+  }
+
+  /**
+   * Reads everything currently in trace_pipe without blocking and returns the
+   * modified extents (merged per disk, sorted by disk and offset). A partial
+   * trailing line is kept for the next call. Events are consumed: they are not
+   * delivered again, even to another tracker on the same instance.
+   */
+  drain(): DirtyExtent[] {
+    if (this.fd === null) throw trackerError(this.name, 'drain() after close()');
+    let text = this.partial;
+    let total = 0;
+    for (;;) {
+      let n: number;
+      try {
+        n = fs.readSync(this.fd, this.buf, 0, this.buf.length, null);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') break;
+        if (code === 'EINTR') continue;
+        throw trackerError(this.name, `reading ${this.instanceDir}/trace_pipe failed`, err);
+      }
+      if (n === 0) break;
+      text += this.decoder.write(this.buf.subarray(0, n));
+      total += n;
+      if (total >= MAX_DRAIN_BYTES) break;
+    }
+    const nl = text.lastIndexOf('\n');
+    this.partial = nl < 0 ? text : text.slice(nl + 1);
+    if (nl < 0) return [];
+    const out: DirtyExtent[] = [];
+    for (const line of text.slice(0, nl).split('\n')) this.parseLine(line, out);
+    return coalesce(out);
+  }
+
+  private parseLine(line: string, out: DirtyExtent[]): void {
+    const m = EVENT_RE.exec(line);
+    if (!m) {
+      if (LOST_RE.test(line)) this.lost++;
+      return;
+    }
+    const rwbs = m[3]!;
+    if (!/[WDNZ]/.test(rwbs)) return; // reads and flush-only requests
+    const sectors = Number(m[5]);
+    if (sectors === 0) return;
+    const specs = this.byParent.get(`${m[1]},${m[2]}`);
+    if (!specs) return;
+    const begin = Number(m[4]) * 512;
+    const end = begin + sectors * 512;
+    for (const s of specs) {
+      const lo = Math.max(begin, s.startByte);
+      const hi = Math.min(end, s.startByte + s.sizeBytes);
+      if (hi > lo) out.push({ disk: s.index, offset: lo - s.startByte, length: hi - lo });
+    }
+  }
+
+  /** Current loss counters: overrun (incl. commit overrun) and dropped events summed over all CPUs, plus LOST lines seen. */
+  counters(): LossCounters {
+    let overrun = 0;
+    let dropped = 0;
+    const perCpu = path.join(this.instanceDir, 'per_cpu');
+    try {
+      for (const cpu of fs.readdirSync(perCpu)) {
+        if (!/^cpu\d+$/.test(cpu)) continue;
+        const stats = fs.readFileSync(path.join(perCpu, cpu, 'stats'), 'utf8');
+        const num = (re: RegExp) => Number(re.exec(stats)?.[1] ?? 0);
+        overrun += num(/^overrun: (\d+)/m) + num(/^commit overrun: (\d+)/m);
+        dropped += num(/^dropped events: (\d+)/m);
+      }
+    } catch (err) {
+      throw trackerError(this.name, `cannot read ${perCpu}/cpu*/stats`, err);
+    }
+    return { overrun, dropped, lostNotices: this.lost };
+  }
+
+  /**
+   * keep = true: close our descriptors and leave the instance recording (agent
+   * stop/upgrade); the next open() with the same name and disks resumes it.
+   * keep = false (default): disable the event and remove the instance.
+   */
+  close(o?: { keep?: boolean }): void {
+    if (this.fd !== null) {
+      try { fs.closeSync(this.fd); } catch { /* already closed */ }
+      this.fd = null;
+    }
+    if (o?.keep) return;
+    if (!fs.existsSync(this.instanceDir)) return;
+    try {
+      try { writeCtl(path.join(this.instanceDir, EVENT_DIR, 'enable'), '0'); } catch { /* rmdir decides */ }
+      fs.rmdirSync(this.instanceDir);
+    } catch (err) {
+      throw trackerError(this.name, `cannot remove instance ${this.instanceDir}`, err);
+    }
+  }
+}
