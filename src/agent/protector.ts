@@ -45,9 +45,13 @@ export const MIN_CRASH_INTERVAL_MS = 15_000;
 export const DEFAULT_APP_INTERVAL_MS = 60 * 60_000;
 export const DEFAULT_FREEZE_LIMIT_MS = 10_000;
 export const DEFAULT_HOOK_TIMEOUT_MS = 60_000;
-/** A cut starts its freeze once the unshipped backlog is below this. */
-const CONVERGE_BYTES = 32 * 1024 * 1024;
-const CONVERGE_TIMEOUT_MS = 60_000;
+/**
+ * A cut starts its freeze once the unshipped backlog is below this, or once it stops
+ * shrinking (a hot working set larger than this never converges further), or at the timeout.
+ */
+const CONVERGE_BYTES = 64 * 1024 * 1024;
+const CONVERGE_STALL_MS = 2000;
+const CONVERGE_TIMEOUT_MS = 30_000;
 const DRAIN_MS = 100;
 const COUNTER_CHECK_MS = 1000;
 const PERSIST_MS = 2000;
@@ -546,7 +550,11 @@ export class Protector {
     const hookTimeout = this.o.hookTimeoutMs ?? DEFAULT_HOOK_TIMEOUT_MS;
     const notes: string[] = [];
     const converge = Date.now() + CONVERGE_TIMEOUT_MS;
-    while (this.backlogBytes() > CONVERGE_BYTES && Date.now() < converge) {
+    let best = Infinity;
+    let bestAt = Date.now();
+    while (this.backlogBytes() > CONVERGE_BYTES && Date.now() < converge && Date.now() - bestAt < CONVERGE_STALL_MS) {
+      const b = this.backlogBytes();
+      if (b < best * 0.95) { best = b; bestAt = Date.now(); }
       if (conn.closed) throw conn.closed;
       if (!(await this.shipRound(conn))) await new Promise((r) => setTimeout(r, 10));
       if (!this.allContinuous()) return; // tracking was lost meanwhile: scan first

@@ -192,7 +192,8 @@ export class DirtyJournal {
       if (!list) per.set(e.disk, (list = []));
       for (let x = a; x <= b; x++) {
         if (!d.dirty.has(x)) {
-          d.dirty.set(x, d.inflight.get(x) ?? now);
+          // a write after the in-flight copy was read: its age starts now (the older write is in flight)
+          d.dirty.set(x, now);
           list.push(x);
         }
       }
@@ -210,14 +211,16 @@ export class DirtyJournal {
   }
 
   /**
-   * Moves up to max dirty blocks of a disk to in flight, lowest first. A block still in
+   * Moves up to max dirty blocks of a disk to in flight, oldest change first (a Map keeps
+   * insertion order, and a block re-enters it when dirtied again), so a hot region cannot
+   * starve the rest of the disk. A block still in
    * flight is not taken again until it is settled: one version of a block is in flight at
    * a time, so an ack never settles a newer write than the one it carried.
    */
   take(disk: number, max: number): number[] {
     const d = this.disks[disk];
     const blocks: number[] = [];
-    for (const b of [...d.dirty.keys()].sort((x, y) => x - y)) {
+    for (const b of d.dirty.keys()) {
       if (blocks.length >= max) break;
       if (!d.inflight.has(b)) blocks.push(b);
     }

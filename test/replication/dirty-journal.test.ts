@@ -100,10 +100,10 @@ t.test('dirty journal: take / settle / requeue', async (t) => {
   t.same(keys(j.disks[0].inflight), [0, 1, 2, 3]);
   t.equal(j.disks[0].backlogBytes(), 6 * BS, 'in flight still counts as backlog');
 
-  // block 1 changes again while in flight: it is dirty again, keeping the time of its first change
+  // block 1 changes again while in flight: it is dirty again, aged from the new write (the old one is in flight)
   j.addExtents([{ disk: 0, offset: BS, length: 1 }], 500);
   t.ok(j.disks[0].dirty.has(1), 'dirtied again while in flight');
-  t.equal(j.disks[0].dirty.get(1), 100, 'keeps the in-flight first-change time');
+  t.equal(j.disks[0].dirty.get(1), 500, 'its age starts at the new write');
   t.equal(j.disks[0].backlogBytes(), 6 * BS, 'block 1, dirty again while in flight, is counted once');
   t.same(j.take(0, 1), [4], 'a block still in flight is not taken again before it settles');
   j.requeue(0, [4]);
@@ -113,7 +113,7 @@ t.test('dirty journal: take / settle / requeue', async (t) => {
 
   // connection lost: in-flight blocks go back to dirty
   const t2 = j.take(0, 10);
-  t.same(t2, [1, 4, 5]);
+  t.same(t2, [5, 1, 4], 'oldest change first (5 waited longest, then 1, then the requeued 4)');
   t.equal(j.disks[0].dirty.size, 0);
   j.requeue(0, [4]);
   t.same(keys(j.disks[0].dirty), [4], 'requeue of named blocks only');
@@ -124,8 +124,8 @@ t.test('dirty journal: take / settle / requeue', async (t) => {
   j.requeue(0);
   t.same(keys(j.disks[0].dirty), [1, 4, 5], 'requeue() puts everything back');
   t.equal(j.disks[0].inflight.size, 0);
-  t.equal(j.disks[0].dirty.get(1), 100, 'requeued blocks keep their first-change time');
-  t.equal(j.disks[0].dirty.get(5), 100);
+  t.equal(j.disks[0].dirty.get(1), 500, 'requeued blocks keep their change time');
+  t.equal(j.disks[0].dirty.get(5), 900, 'a block dirtied again while in flight keeps the newer time when requeued');
   t.same(j.take(0, 0), [], 'take 0');
 });
 
