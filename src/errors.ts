@@ -34,6 +34,7 @@ export const ERROR_CODES = {
   MOB_ERR_TRACKING_LOST: { retryable: false, summary: 'Change tracking lost events (ring buffer overrun, lost instance after a reboot, interrupted drain): the disk needs a checksum resync.' },
   MOB_ERR_FREEZE: { retryable: true, summary: 'A filesystem could not be frozen, or the freeze exceeded its time bound (it was thawed; the cut is retried later).' },
   MOB_ERR_HOOK: { retryable: true, summary: 'An application-consistency hook script failed or timed out (the filesystems were thawed).' },
+  MOB_ERR_FAILED_OVER: { retryable: false, summary: 'The agent was failed over: replication is stopped until reprotect fails it back.' },
   MOB_ERR_UNKNOWN_POINT: { retryable: false, summary: 'No such recovery point, or it is outside the retention window.' },
   MOB_ERR_CUT: { retryable: false, summary: 'A consistency cut frame is invalid (unknown disk, sequence ahead of the data, disks missing).' },
   MOB_ERR_INTERNAL: { retryable: true, summary: 'An unexpected internal error (a bug): the message says more.' },

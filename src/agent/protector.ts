@@ -455,6 +455,11 @@ export class Protector {
   private async session(conn: Connection): Promise<void> {
     const onCutAck = (a: CutAck) => this.onCutAck(a);
     conn.on('cutAck', onCutAck);
+    const onCutRequest = (r: { kind: string; reason: string }) => {
+      this.log.info('the server asked for a cut', { kind: r.kind, reason: r.reason });
+      this.requestCut(r.kind === 'app' ? 'app' : 'crash');
+    };
+    conn.on('cutRequest', onCutRequest);
     try {
       for (const d of this.disks) this.prepare(d, conn.welcome.disks[d.i]);
       this.sendHealth();
@@ -489,6 +494,7 @@ export class Protector {
       }
     } finally {
       conn.off('cutAck', onCutAck);
+      conn.off('cutRequest', onCutRequest);
       for (const d of this.disks) { d.unlisten?.(); d.unlisten = null; }
     }
   }

@@ -43,6 +43,8 @@ Commands:
   status      per-disk state, RPO, data lag, backlog and churn, as the server sees them
   points      list an agent's recovery points
   test-failover  materialise a writable image of a recovery point (or --cleanup it)
+  failover    stop replication of an agent and promote a recovery point (after a final cut)
+  reprotect   fail back: pull only the differences from the promoted images into the original disks
   demo        start a server and an agent on loopback, replicate a disk, prove the replica
 
 Run 'mobility <command> --help' for the options of a command.
@@ -131,6 +133,25 @@ Materialises a writable image of every disk of the point in the server's data di
 (test-failover/<agent>/<point>/<disk>.img): a reflink copy where the filesystem supports
 it, else a sparse copy, then the undo journal rolls it back to the point. Replication goes
 on meanwhile. --cleanup removes the images of that point.
+`,
+  failover: `Usage: mobility failover --server URL --token-file F (--ca F | --pin SHA256) --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
+
+Fails an agent over on the server:
+  1. with --point latest (the default) and the agent connected, asks it for a final
+     crash-consistent cut and waits for it (up to 2 minutes), unless --no-final-cut;
+  2. materialises the point of every disk as <data-dir>/failover/<agent>/<disk>.img:
+     the promoted disks, to attach to the recovery machine;
+  3. stops replication: the agent's session ends with MOB_ERR_FAILED_OVER and new sessions
+     are refused until 'mobility reprotect' fails back.
+`,
+  reprotect: `Usage: mobility reprotect --server URL --token-file F (--ca F | --pin SHA256) --agent-id ID --disk DEV[=ID]... [--json]
+
+Run on the original machine once the recovered machine is shut down. For each disk (it must
+not be mounted): compares it page by page with its promoted image on the server and writes
+only the differing pages (a checksum resync in the reverse direction), checks the disk now
+equals the image, then fails back on the server: the promoted images become the replicas
+(a new generation; the points of the old timeline are dropped) and 'mobility protect' can
+run again (its first pass is a checksum resync that finds nothing to send).
 `,
   demo: `Usage: mobility demo [--dir DIR] [--size N] [--keep]
 
@@ -335,10 +356,11 @@ function fmtAge(ms: number | null | undefined): string {
   return `${(ms / 3_600_000).toFixed(1)} h`;
 }
 
-async function cmdOps(cmd: 'status' | 'points' | 'test-failover', argv: string[]): Promise<number> {
+async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 'reprotect', argv: string[]): Promise<number> {
   const { values: v } = parse(argv, {
     server: { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' }, 'agent-id': { type: 'string' },
-    json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' },
+    json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
+    disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' },
   });
   if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
   const c = await connOptions(v);
@@ -363,6 +385,31 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover', argv: string[]
     const j = await api(c, 'GET', `/v1/points?agent=${encodeURIComponent(agent)}`);
     const pts = (j.points ?? []) as import('../replication/recovery-points.js').RecoveryPoint[];
     out(j, () => pts.length ? pts.map((p) => `${p.id}  ${p.takenAt}  ${p.kind.padEnd(5)}  frozen ${p.frozenMs} ms  disks ${Object.keys(p.disks).join(',')}${p.note ? `  (${p.note})` : ''}`).join('\n') + '\n' : `no recovery points for agent ${agent}\n`);
+    return EXIT.OK;
+  }
+  if (cmd === 'failover') {
+    if (!v['agent-id']) throw new MobilityError('MOB_ERR_USAGE', '--agent-id is required (failover acts on one agent)');
+    const j = await api(c, 'POST', '/v1/failover', { agent, point: (v.point as string | undefined) ?? 'latest', finalCut: !v['no-final-cut'] });
+    const r = j as unknown as { point: { id: string; kind: string; takenAt: string }; finalCut: { requested: boolean; pointId: string | null; note: string }; dir: string; disks: { diskId: string; image: string; method: string }[] };
+    out(j, () => `agent ${agent} failed over to ${r.point.id} (${r.point.kind}, ${r.point.takenAt})${r.finalCut.pointId ? ' — the final cut' : ''}${r.finalCut.note ? `; ${r.finalCut.note}` : ''}\n`
+      + r.disks.map((d) => `  ${d.diskId}: ${d.image} (${d.method})`).join('\n') + '\nreplication is stopped; run mobility reprotect on the original machine to fail back\n');
+    return EXIT.OK;
+  }
+  if (cmd === 'reprotect') {
+    if (!v['agent-id']) throw new MobilityError('MOB_ERR_USAGE', '--agent-id is required');
+    const logger = createLogger({ component: 'agent', json: v['json-logs'] ? true : undefined });
+    const { reprotect } = await import('../agent/reprotect.js');
+    const progress = new ProgressReporter(logger);
+    let disks;
+    try {
+      disks = await reprotect({ serverUrl: c.url.toString(), token: c.token, ca: c.ca, pin: c.pin, agentId: agent, disks: parseDisks(v.disk as string[] | undefined), logger,
+        onProgress: (p) => progress.update({ diskId: p.diskId, kind: 'reprotect', done: p.done, total: p.total, stats: { bytesSent: 0 } }) });
+    } finally {
+      progress.end();
+    }
+    const fb = await api(c, 'POST', '/v1/failback', { agent });
+    out({ disks, failback: fb }, () => disks.map((d) => `${d.diskId}: ${d.path} now equals its promoted image: ${d.pagesPulled} pages (${fmtBytes(d.bytesPulled)}) pulled of ${fmtBytes(d.sizeBytes)} in ${(d.ms / 1000).toFixed(1)} s`).join('\n')
+      + `\nfailed back: the promoted images are the replicas now; run mobility protect again\n`);
     return EXIT.OK;
   }
   const j = await api(c, 'POST', '/v1/test-failover', { agent, point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup) });
@@ -436,7 +483,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'replicate': return await cmdReplicate(rest, false);
       case 'verify': return await cmdReplicate(rest, true);
       case 'protect': return await cmdProtect(rest);
-      case 'status': case 'points': case 'test-failover': return await cmdOps(cmd, rest);
+      case 'status': case 'points': case 'test-failover': case 'failover': case 'reprotect': return await cmdOps(cmd, rest);
       case 'demo': {
         const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' } });
         if (v.help) { process.stdout.write(HELP.demo); return EXIT.OK; }

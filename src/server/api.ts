@@ -16,6 +16,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { ID_PATTERN } from '../constants.js';
 import { MobilityError, toMobilityError } from '../errors.js';
 import { materializeDisk, type MaterializedDisk, type RecoveryPoint } from '../replication/recovery-points.js';
+import { failback, failover, readFailoverState } from './failover.js';
 import type { ProcessServer } from './process-server.js';
 
 const MAX_BODY = 64 * 1024;
@@ -30,6 +31,7 @@ function statusFor(code: string): number {
     case 'MOB_ERR_AUTH': return 401;
     case 'MOB_ERR_USAGE': case 'MOB_ERR_CONFIG': case 'MOB_ERR_BAD_DISK_ID': return 400;
     case 'MOB_ERR_UNKNOWN_POINT': case 'MOB_ERR_UNKNOWN_DISK': return 404;
+    case 'MOB_ERR_FAILED_OVER': case 'MOB_ERR_DISK_BUSY': return 409;
     default: return 500;
   }
 }
@@ -97,11 +99,12 @@ export async function collectStatus(server: ProcessServer): Promise<DiskStatus[]
       const latest = pts[pts.length - 1] ?? null;
       const latestApp = [...pts].reverse().find((p) => p.kind === 'app') ?? null;
       const h = server.health.get(agent)?.get(dd.name) ?? null;
+      const fo = await readFailoverState(server, agent);
       const rpoMs = latest ? Math.max(0, now - Date.parse(latest.takenAt)) : null;
       out.push({
         agent, disk: dd.name, sizeBytes: st.sizeBytes, initialComplete: st.initialComplete,
-        state: h ? (h.connected ? h.state : 'disconnected') : st.initialComplete ? 'disconnected' : 'initial-sync',
-        reason: h?.reason ?? '', connected: h?.connected ?? false, healthAgeMs: h ? now - h.receivedAt : null,
+        state: fo ? 'failed-over' : h ? (h.connected ? h.state : 'disconnected') : st.initialComplete ? 'disconnected' : 'initial-sync',
+        reason: fo ? `failed over to ${fo.point} at ${fo.failedOverAt}` : h?.reason ?? '', connected: h?.connected ?? false, healthAgeMs: h ? now - h.receivedAt : null,
         rpoMs, rpoAlert: rpoMs === null || rpoMs > server.rpoAlertMs, latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
         dataLagMs: h?.dataLagMs ?? null, backlogBytes: h?.backlogBytes ?? null, churnBytesPerSec: h?.churnBytesPerSec ?? null,
         freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? null,
@@ -151,6 +154,14 @@ export async function handleApi(server: ProcessServer, req: IncomingMessage, res
     } else if (req.method === 'GET' && url.pathname === '/v1/points') {
       const agent = agentParam(url.searchParams.get('agent'));
       send(res, 200, { agent, points: (await server.catalog(agent)).list() });
+    } else if (req.method === 'POST' && url.pathname === '/v1/failover') {
+      const b = await readBody(req);
+      const agent = agentParam(b.agent);
+      const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
+      send(res, 200, await failover(server, agent, ref, b.finalCut !== false));
+    } else if (req.method === 'POST' && url.pathname === '/v1/failback') {
+      const b = await readBody(req);
+      send(res, 200, await failback(server, agentParam(b.agent)));
     } else if (req.method === 'POST' && url.pathname === '/v1/test-failover') {
       const b = await readBody(req);
       const agent = agentParam(b.agent);

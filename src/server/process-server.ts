@@ -26,6 +26,7 @@ import { ReplicaStore, type WriteOp } from '../replication/replica-store.js';
 import { PointCatalog, type PointKind } from '../replication/recovery-points.js';
 import type { Cut, Health } from '../transport/frame-codec.js';
 import { handleApi } from './api.js';
+import { PromotedImage, readFailoverState, type FailoverState } from './failover.js';
 import { writeFileDurable } from '../util/durable-file.js';
 
 export interface ProcessServerOptions {
@@ -196,6 +197,24 @@ export class ProcessServer {
     });
   }
 
+  /** Asks the agent's live protect session for a cut; false when it is not connected. */
+  requestCut(agentId: string, kind: 'crash' | 'app', reason: string): boolean {
+    let sent = false;
+    for (const s of this.sessions) if (s.agent === agentId && s.canCut) { s.sendCutRequest(kind, reason); sent = true; }
+    return sent;
+  }
+
+  /** Ends every session of the agent with err. */
+  disconnectAgent(agentId: string, err: MobilityError): void {
+    for (const s of this.sessions) if (s.agent === agentId) s.fail(err);
+  }
+
+  /** Forgets an agent's recovery points (failback starts a new timeline). */
+  async resetCatalog(agentId: string): Promise<void> {
+    this.catalogs.delete(agentId);
+    await fsp.rm(path.join(this.agentDir(agentId), 'points.json'), { force: true });
+  }
+
   recordHealth(agentId: string, diskIds: string[], h: Health): void {
     let m = this.health.get(agentId);
     if (!m) this.health.set(agentId, (m = new Map()));
@@ -266,6 +285,8 @@ class Session {
   private received = 0;
   private digestInFlight = 0;
   private readOnly = false;
+  /** Reprotect sessions read the promoted images instead of replicas. */
+  private images: PromotedImage[] | null = null;
   private helloInProgress = false;
   private lastRecv = Date.now();
   private hbTimer: NodeJS.Timeout;
@@ -292,6 +313,14 @@ class Session {
     }
     // nothing but a Welcome or an Error may precede the Welcome
     if (this.state === 'ready') this.send(encodeMessage({ type: 'heartbeat', heartbeat: { sentAtMs: Date.now(), reply: false } }));
+  }
+
+  get agent(): string { return this.agentId; }
+  /** A ready session that writes (protect or replicate) can take a cut. */
+  get canCut(): boolean { return this.state === 'ready' && !this.readOnly; }
+
+  sendCutRequest(kind: 'crash' | 'app', reason: string): void {
+    this.send(encodeMessage({ type: 'cutRequest', cutRequest: { kind, reason } }));
   }
 
   private send(buf: Buffer): void {
@@ -337,6 +366,9 @@ class Session {
           throw new MobilityError('MOB_ERR_CREDIT_EXCEEDED', `agent sent ${this.received} bytes with ${this.granted} granted`);
         }
         await this.onData(frame.data, frame.payload, size);
+        return;
+      case 'readRequest':
+        this.onReadRequest(frame.readRequest.disk, frame.readRequest.requestId, frame.readRequest.firstPage, frame.readRequest.pageCount);
         return;
       case 'digestRequest':
         this.onDigestRequest(frame.digestRequest.disk, frame.digestRequest.requestId, frame.digestRequest.firstPage, frame.digestRequest.pageCount);
@@ -388,6 +420,10 @@ class Session {
     }
     this.agentId = h.agentId;
     this.readOnly = h.readOnly === true;
+    const fo = await readFailoverState(this.server, h.agentId);
+    if (h.purpose === 'reprotect') return this.onReprotectHello(h, fo);
+    if (h.purpose) throw new MobilityError('MOB_ERR_HANDSHAKE', `unknown session purpose ${JSON.stringify(h.purpose)}`);
+    if (fo) throw new MobilityError('MOB_ERR_FAILED_OVER', `agent ${h.agentId} was failed over to ${fo.point} at ${fo.failedOverAt}; replication is stopped until 'mobility reprotect' fails it back`);
     const states: DiskState[] = [];
     try {
       for (const d of h.disks) {
@@ -416,6 +452,53 @@ class Session {
         maxFrameBytes: this.server.maxFrameBytes, heartbeatMs: this.server.heartbeatMs,
       },
     }));
+  }
+
+  /** A reprotect session: the agent reads the promoted images (digests and pages), writes nothing. */
+  private async onReprotectHello(h: Hello, fo: FailoverState | null): Promise<void> {
+    if (!fo) throw new MobilityError('MOB_ERR_CONFIG', `agent ${h.agentId} is not failed over: nothing to reprotect from`);
+    this.readOnly = true;
+    const images: PromotedImage[] = [];
+    this.images = images;
+    const states: DiskState[] = [];
+    for (const d of h.disks) {
+      const p = fo.disks[d.diskId];
+      if (!p) throw new MobilityError('MOB_ERR_UNKNOWN_DISK', `disk ${d.diskId} is not part of the failover of ${h.agentId} (${Object.keys(fo.disks).join(', ')})`);
+      if (p.sizeBytes !== d.sizeBytes) throw new MobilityError('MOB_ERR_DISK_SIZE_CHANGED', `disk ${d.diskId} is ${d.sizeBytes} bytes, its promoted image ${p.sizeBytes}`);
+      images.push(await PromotedImage.open(p.image, p.sizeBytes));
+      this.pageSizes.push(d.pageSize);
+      states.push({ diskId: d.diskId, lastDurableSeq: 0, generation: fo.point, initialComplete: true, sizeBytes: p.sizeBytes, replicaExists: true });
+    }
+    if (this.state === 'closed') return;
+    this.state = 'ready';
+    this.log.info('reprotect session', { agent: h.agentId, point: fo.point, disks: h.disks.map((d) => d.diskId) });
+    this.send(encodeMessage({
+      type: 'welcome',
+      welcome: { protocolVersion: PROTOCOL_VERSION, sessionId: crypto.randomUUID(), disks: states, creditBytes: 0, maxFrameBytes: this.server.maxFrameBytes, heartbeatMs: this.server.heartbeatMs },
+    }));
+  }
+
+  private pageSizes: number[] = [];
+
+  private image(i: number): PromotedImage {
+    const img = this.images?.[i];
+    if (!img) throw new MobilityError('MOB_ERR_UNKNOWN_DISK', `disk index ${i} is not part of this session`);
+    return img;
+  }
+
+  private onReadRequest(diskIdx: number, requestId: number, firstPage: number, pageCount: number): void {
+    if (!this.images) throw new MobilityError('MOB_ERR_UNKNOWN_MESSAGE', 'read requests are only allowed in reprotect sessions');
+    const img = this.image(diskIdx);
+    if (pageCount <= 0 || pageCount > 256) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `read request for ${pageCount} pages (1..256)`);
+    if (this.digestInFlight >= DIGEST_REQUESTS_IN_FLIGHT * 2) throw new MobilityError('MOB_ERR_CREDIT_EXCEEDED', 'too many outstanding requests');
+    this.digestInFlight++;
+    img.read(firstPage, pageCount, this.pageSizes[diskIdx]).then(
+      (data) => {
+        this.digestInFlight--;
+        this.send(encodeMessage({ type: 'readReply', readReply: { disk: diskIdx, requestId, firstPage, pageCount } }, data));
+      },
+      (err) => this.fail(toMobilityError(err, 'MOB_ERR_STORAGE')),
+    );
   }
 
   /** A cut covers everything received before it on this session, for every disk of the session. */
@@ -516,8 +599,21 @@ class Session {
   }
 
   private onDigestRequest(diskIdx: number, requestId: number, firstPage: number, pageCount: number): void {
-    const d = this.disk(diskIdx);
     if (pageCount <= 0 || pageCount > 65536) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `digest request for ${pageCount} pages (1..65536)`);
+    if (this.images) {
+      const img = this.image(diskIdx);
+      if (this.digestInFlight >= DIGEST_REQUESTS_IN_FLIGHT * 2) throw new MobilityError('MOB_ERR_CREDIT_EXCEEDED', 'too many outstanding digest requests');
+      this.digestInFlight++;
+      img.pageDigests(firstPage, pageCount, this.pageSizes[diskIdx]).then(
+        (digests) => {
+          this.digestInFlight--;
+          this.send(encodeMessage({ type: 'digestReply', digestReply: { disk: diskIdx, requestId, firstPage, pageCount: digests.length / 8 } }, digests));
+        },
+        (err) => this.fail(toMobilityError(err, 'MOB_ERR_STORAGE')),
+      );
+      return;
+    }
+    const d = this.disk(diskIdx);
     if (firstPage * d.pageSize >= d.sizeBytes) throw new MobilityError('MOB_ERR_OUT_OF_RANGE', `page ${firstPage} lies beyond the ${d.sizeBytes}-byte disk ${d.diskId}`);
     if (this.digestInFlight >= DIGEST_REQUESTS_IN_FLIGHT * 2) throw new MobilityError('MOB_ERR_CREDIT_EXCEEDED', 'too many outstanding digest requests');
     this.digestInFlight++;
@@ -551,6 +647,8 @@ class Session {
   }
 
   private releaseAll(): void {
+    if (this.images) for (const img of this.images) void img.close();
+    this.images = null;
     if (this.agentId) this.server.markDisconnected(this.agentId, this.disks.map((d) => d.diskId));
     for (const d of this.disks) this.server.releaseDisk(d.key, d.store);
     this.disks = [];

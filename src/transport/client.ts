@@ -9,7 +9,7 @@ import { EventEmitter } from 'node:events';
 import WebSocket from 'ws';
 import { HEARTBEAT_MAX_MISSED, PROTOCOL_VERSION, WS_MAX_PAYLOAD } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
-import { decodeMessage, encodeMessage, type Ack, type CutAck, type DecodedFrame, type DigestReply, type Hello, type Welcome } from './frame-codec.js';
+import { decodeMessage, encodeMessage, type Ack, type CutAck, type CutRequest, type DecodedFrame, type ReadReply, type DigestReply, type Hello, type Welcome } from './frame-codec.js';
 import { normalizeFingerprint } from './tls.js';
 import type { RateLimiter } from './rate-limiter.js';
 import type { TLSSocket } from 'node:tls';
@@ -30,6 +30,8 @@ export declare interface Connection {
   on(event: 'digestReply', l: (r: DigestReply, payload: Buffer) => void): this;
   on(event: 'close', l: (err: MobilityError) => void): this;
   on(event: 'cutAck', l: (a: CutAck) => void): this;
+  on(event: 'cutRequest', l: (r: CutRequest) => void): this;
+  on(event: 'readReply', l: (r: ReadReply, payload: Buffer) => void): this;
 }
 
 export class Connection extends EventEmitter {
@@ -158,6 +160,12 @@ export class Connection extends EventEmitter {
         return;
       case 'cutAck':
         this.emit('cutAck', f.cutAck);
+        return;
+      case 'cutRequest':
+        this.emit('cutRequest', f.cutRequest);
+        return;
+      case 'readReply':
+        this.emit('readReply', f.readReply, f.payload);
         return;
       case 'heartbeat':
         if (!f.heartbeat.reply) this.send(encodeMessage({ type: 'heartbeat', heartbeat: { sentAtMs: f.heartbeat.sentAtMs, reply: true } }));

@@ -21,7 +21,7 @@ export enum Encoding {
 }
 
 export interface DiskInfo { diskId: string; sizeBytes: number; blockSize: number; pageSize: number }
-export interface Hello { protocolVersion: number; agentId: string; token: string; disks: DiskInfo[]; agentVersion: string; readOnly?: boolean }
+export interface Hello { protocolVersion: number; agentId: string; token: string; disks: DiskInfo[]; agentVersion: string; readOnly?: boolean; purpose?: string }
 export interface DiskState { diskId: string; lastDurableSeq: number; generation: string; initialComplete: boolean; sizeBytes: number; replicaExists: boolean }
 export interface Welcome { protocolVersion: number; sessionId: string; disks: DiskState[]; creditBytes: number; maxFrameBytes: number; heartbeatMs: number }
 export interface BlockRef { index: number; encoding: Encoding; length: number; pageMask: Uint8Array; digest: Uint8Array }
@@ -40,6 +40,9 @@ export interface DiskHealth {
   freezeFailures: number; lastFreezeMs: number; progressPermille: number;
 }
 export interface Health { disks: DiskHealth[] }
+export interface CutRequest { kind: string; reason: string }
+export interface ReadRequest { disk: number; requestId: number; firstPage: number; pageCount: number }
+export interface ReadReply { disk: number; requestId: number; firstPage: number; pageCount: number }
 
 export type FrameBody =
   | { type: 'hello'; hello: Hello }
@@ -53,12 +56,15 @@ export type FrameBody =
   | { type: 'passEnd'; passEnd: PassEnd }
   | { type: 'cut'; cut: Cut }
   | { type: 'cutAck'; cutAck: CutAck }
-  | { type: 'health'; health: Health };
+  | { type: 'health'; health: Health }
+  | { type: 'cutRequest'; cutRequest: CutRequest }
+  | { type: 'readRequest'; readRequest: ReadRequest }
+  | { type: 'readReply'; readReply: ReadReply };
 
 export type FrameType = FrameBody['type'];
 export type DecodedFrame = FrameBody & { payload: Buffer };
 
-const TYPES: readonly FrameType[] = ['hello', 'welcome', 'data', 'ack', 'error', 'heartbeat', 'digestRequest', 'digestReply', 'passEnd', 'cut', 'cutAck', 'health'];
+const TYPES: readonly FrameType[] = ['hello', 'welcome', 'data', 'ack', 'error', 'heartbeat', 'digestRequest', 'digestReply', 'passEnd', 'cut', 'cutAck', 'health', 'cutRequest', 'readRequest', 'readReply'];
 
 /** protobufjs gives uint64 as Long objects (or numbers); offsets and sequences stay below 2^53. */
 function num(v: unknown): number {
@@ -108,7 +114,7 @@ export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): Dec
   if (type === undefined) throw new MobilityError('MOB_ERR_UNKNOWN_MESSAGE', 'frame carries no known message type');
   const payload = msg.subarray(4 + headerLen);
   const m = decoded[type] as Record<string, unknown>;
-  if (payload.length > 0 && type !== 'data' && type !== 'digestReply') {
+  if (payload.length > 0 && type !== 'data' && type !== 'digestReply' && type !== 'readReply') {
     throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `${type} frame must not carry a payload`);
   }
   switch (type) {
@@ -117,7 +123,7 @@ export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): Dec
         type, payload,
         hello: {
           protocolVersion: num(m.protocolVersion), agentId: String(m.agentId ?? ''), token: String(m.token ?? ''),
-          agentVersion: String(m.agentVersion ?? ''), readOnly: Boolean(m.readOnly),
+          agentVersion: String(m.agentVersion ?? ''), readOnly: Boolean(m.readOnly), purpose: String(m.purpose ?? ''),
           disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({
             diskId: String(d.diskId ?? ''), sizeBytes: num(d.sizeBytes), blockSize: num(d.blockSize), pageSize: num(d.pageSize),
           })),
@@ -166,6 +172,12 @@ export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): Dec
           disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({ disk: num(d.disk), seq: num(d.seq) })),
         },
       };
+    case 'cutRequest':
+      return { type, payload, cutRequest: { kind: String(m.kind ?? ''), reason: String(m.reason ?? '') } };
+    case 'readRequest':
+      return { type, payload, readRequest: { disk: num(m.disk), requestId: num(m.requestId), firstPage: num(m.firstPage), pageCount: num(m.pageCount) } };
+    case 'readReply':
+      return { type, payload, readReply: { disk: num(m.disk), requestId: num(m.requestId), firstPage: num(m.firstPage), pageCount: num(m.pageCount) } };
     case 'cutAck':
       return { type, payload, cutAck: { cutId: num(m.cutId), pointId: String(m.pointId ?? '') } };
     case 'health':
