@@ -34,6 +34,8 @@ export interface RecoveryPoint {
   takenAt: string;
   frozenMs: number;
   note: string;
+  /** The agent's id of the cut (hooks see it as MOBILITY_CUT_ID); 0 when unknown. */
+  cutId?: number;
   disks: Record<string, { seq: number; sizeBytes: number }>;
 }
 

@@ -185,7 +185,7 @@ export class ProcessServer {
       for (const s of stores) disks[s.diskId] = { seq: s.seq, sizeBytes: s.store.sizeBytes };
       const point = await cat.add({
         kind: (cut.kind === 'app' ? 'app' : 'crash') as PointKind, takenAt: new Date(cut.takenAtMs || Date.now()).toISOString(),
-        frozenMs: cut.frozenMs, note: cut.note, disks,
+        frozenMs: cut.frozenMs, note: cut.note, cutId: cut.cutId, disks,
       });
       for (const s of stores) await s.store.setEpoch(point.id);
       this.stats.points++;

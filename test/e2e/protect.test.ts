@@ -302,3 +302,39 @@ t.test('failover (final cut, promoted image, replication stopped), then reprotec
   t.equal(c.pointId, 'rp-000001', 'a new timeline of recovery points starts');
   await agent.stop();
 });
+
+t.test('the server killed at any instant of cuts under load leaves every recovery point complete or absent', async (t) => {
+  const s = await setup(t, 128);
+  const port = s.server.info.port;
+  let server = s.server;
+  t.teardown(() => stopServer(server));
+  const agent = new Agent(s.args(['--crash-interval', '15s']));
+  t.teardown(() => agent.stop());
+  await agent.waitEvent((e) => e.event === 'cut', 120_000, 'the first cut');
+  const load = workload(s.mnt, 30);
+  t.teardown(() => { load.kill('SIGKILL'); });
+  for (let k = 0; k < 4; k++) {
+    const before = agent.events.length;
+    agent.child.kill(k % 2 ? 'SIGUSR1' : 'SIGUSR2');
+    await sleep(200 + k * 400); // a different moment of the cut each time
+    server.child.kill('SIGKILL');
+    await new Promise((r) => server.child.once('exit', r));
+    server = await spawnServer(path.join(s.dir, 'srv'), { port });
+    await agent.waitEvent((e) => agent.events.indexOf(e) >= before && e.event === 'connected', 60_000, `reconnect after server kill ${k + 1}`);
+  }
+  await exited(load);
+  const last = await agent.cut('app');
+  t.equal(last.event, 'cut', 'cuts work after the kills');
+  const conn = ['--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!];
+  const pts = await runCli(['points', ...conn, '--agent-id', s.agentId, '--json']).done;
+  const points = (JSON.parse(pts.stdout) as { points: { id: string; cutId?: number }[] }).points;
+  t.ok(points.length >= 2, `${points.length} recovery points survived`);
+  let checked = 0;
+  for (const p of points) {
+    if (!p.cutId || !fs.existsSync(path.join(s.sums, String(p.cutId)))) continue;
+    await materializeAndCheck(t, { ...s, server }, p.id, String(p.cutId));
+    checked++;
+  }
+  t.equal(checked, points.length, 'every point in the catalog is complete: fsck-clean with the files of its cut');
+  await agent.stop();
+});
