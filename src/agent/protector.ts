@@ -212,7 +212,7 @@ export class Protector {
         scanStarted: 0, progressPermille: 0, churnBytes: 0, churnRate: 0,
       });
     }
-    const { journal, found, torn } = DirtyJournal.open(stateDir, this.disks.map((d) => ({ id: d.id, sizeBytes: d.src.size, blockSize: this.bs })));
+    const { journal, found, torn } = DirtyJournal.open(stateDir, this.disks.map((d) => ({ id: d.id, sizeBytes: d.src.size, blockSize: this.bs })), (text) => this.tracker.parseText(text));
     this.journal = journal;
     const now = this.tracker.counters();
     if (!this.tracker.resumed) {
@@ -252,7 +252,7 @@ export class Protector {
     const n = this.journal.beginDrain();
     let ext;
     try {
-      ext = this.tracker.drain();
+      ext = this.tracker.drain(this.journal);
     } catch (err) {
       this.journal.endDrain(n);
       this.lossDetected(`reading the trace failed: ${(err as Error).message}`);

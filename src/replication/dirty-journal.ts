@@ -10,12 +10,16 @@
  *               deletes the logs it includes):
  *                 "B n"        a drain of the tracker begins (events leave the kernel)
  *                 "D id a-b,…" blocks a..b of the disk with that id became dirty
+ *                 "R"          a read of the trace is about to happen
+ *                 "T len\n" + len raw bytes   what that read returned (len 0: nothing)
  *                 "E n"        the drain's blocks are all logged
  *
  * Why no fsync: these files must survive the agent being killed, which page-cache
  * writes do; a machine crash loses the tracefs instance too, and that always means
- * a scan. A "B" without its "E" means the agent died between taking events out of
- * the kernel and logging them: open() reports it (torn) and the caller scans.
+ * a scan. A "B" without its "E" means the agent died in the middle of a drain: its raw
+ * trace text ("T" records) is replayed through the tracker's parser; only when the last
+ * record is an "R" (killed between a read and the record of what it returned, a window of
+ * two system calls) are events lost, and open() reports it (torn): the caller scans.
  *
  * The snapshot is taken together with the digest map (snapshot(): the caller
  * serialises the map in the same tick), so a block leaves the persisted dirty set
@@ -99,7 +103,7 @@ export class DirtyJournal {
    * torn=true when the agent died mid-drain (the caller must scan every disk).
    * A disk whose geometry changed since the snapshot gets scanRequired.
    */
-  static open(dir: string, disks: JournalDisk[]): { journal: DirtyJournal; found: boolean; torn: boolean } {
+  static open(dir: string, disks: JournalDisk[], replayRaw?: (text: string) => { disk: number; offset: number; length: number }[]): { journal: DirtyJournal; found: boolean; torn: boolean } {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const dd = disks.map((d) => new DiskDirt(d.id, d.blockSize, d.sizeBytes));
     const byId = new Map(dd.map((d, i) => [d.id, i]));
@@ -133,35 +137,67 @@ export class DirtyJournal {
     const snapGen = snap?.logGen ?? 0;
     const gens = fs.readdirSync(dir).map((f) => /^dirty\.log\.(\d+)$/.exec(f)).filter((m): m is RegExpExecArray => m !== null)
       .map((m) => Number(m[1])).sort((a, b) => a - b);
-    let text = '';
+    const parts: Buffer[] = [];
     for (const g of gens) {
       if (g < snapGen) { fs.rmSync(path.join(dir, `dirty.log.${g}`), { force: true }); continue; }
-      text += fs.readFileSync(path.join(dir, `dirty.log.${g}`), 'utf8');
+      parts.push(fs.readFileSync(path.join(dir, `dirty.log.${g}`)));
     }
-    if (text) found = true;
-    let open: string | null = null;
+    const buf = Buffer.concat(parts);
+    if (buf.length) found = true;
+    const markRange = (d: DiskDirt, a: number, b: number) => { for (let x = a; x <= b; x++) if (x < d.blocks) d.dirty.set(x, now); };
+    const pending: { disk: number; offset: number; length: number }[] = [];
+    let open: { n: string; raw: Buffer[]; last: 'B' | 'R' | 'T' } | null = null;
     let maxDrain = 0;
-    for (const line of text.split('\n')) {
-      if (!line) continue;
+    // a drain that never logged its end: replay its raw trace, unless a read's result is missing
+    const settleOpen = () => {
+      if (!open) return;
+      if (open.last === 'R' || !replayRaw) torn = true;
+      if (replayRaw) {
+        const text = Buffer.concat(open.raw).toString('utf8');
+        const nl = text.lastIndexOf('\n');
+        if (nl >= 0) pending.push(...replayRaw(text.slice(0, nl)));
+      }
+      open = null;
+    };
+    let pos = 0;
+    while (pos < buf.length) {
+      const nl = buf.indexOf(10, pos);
+      // a half-written last record: only a cut "T" header (or its data) means a read's result is lost
+      if (nl < 0) { if (open && buf[pos] === 0x54) open.last = 'R'; break; }
+      const line = buf.toString('utf8', pos, nl);
+      pos = nl + 1;
       const kind = line[0];
       if (kind === 'B') {
-        if (open !== null) torn = true; // a drain that never ended, followed by another run's drains
-        open = line.slice(2);
-        maxDrain = Math.max(maxDrain, Number(open) || 0);
-      } else if (kind === 'E') { if (open === line.slice(2)) open = null; }
-      else if (kind === 'D') {
+        settleOpen();
+        open = { n: line.slice(2), raw: [], last: 'B' };
+        maxDrain = Math.max(maxDrain, Number(open.n) || 0);
+      } else if (kind === 'R') {
+        if (open) open.last = 'R';
+      } else if (kind === 'T') {
+        const len = Number(line.slice(2));
+        if (!Number.isSafeInteger(len) || len < 0 || pos + len > buf.length) { if (open) open.last = 'R'; break; }
+        if (open) { open.raw.push(buf.subarray(pos, pos + len)); open.last = 'T'; }
+        pos += len;
+      } else if (kind === 'E') {
+        if (open && open.n === line.slice(2)) open = null; // its D lines are complete
+      } else if (kind === 'D') {
         const m = /^D ([A-Za-z0-9._-]+) ([\d,-]+)$/.exec(line);
-        if (!m) { torn = true; break; } // a half-written line: the drain it belongs to never ended
+        if (!m) { if (open) open.last = 'R'; else torn = true; continue; }
         const idx = byId.get(m[1]);
         const d = idx === undefined ? undefined : dd[idx];
         if (!d) continue;
         for (const r of m[2].split(',')) {
           const [a, b] = r.split('-').map(Number);
-          for (let x = a; x <= (b ?? a); x++) if (x < d.blocks) d.dirty.set(x, now);
+          markRange(d, a, b ?? a);
         }
       }
     }
-    if (open !== null) torn = true;
+    settleOpen();
+    for (const e of pending) {
+      const d = dd[e.disk];
+      if (!d || e.length <= 0) continue;
+      markRange(d, Math.floor(e.offset / d.blockSize), Math.floor((e.offset + e.length - 1) / d.blockSize));
+    }
     const j = new DirtyJournal(dir, dd, Math.max(snapGen, gens[gens.length - 1] ?? 0));
     j.counters = counters;
     j.drainNo = maxDrain; // drain numbers stay unique across runs (a torn drain is never matched by a later one)
@@ -203,6 +239,18 @@ export class DirtyJournal {
       list.sort((x, y) => x - y);
       this.append(`D ${this.disks[disk].id} ${toRanges(list).map(([a, b]) => (a === b ? `${a}` : `${a}-${b}`)).join(',')}\n`);
     }
+  }
+
+  /** The tracker is about to read the trace (see RawJournal in tracefs-tracker.ts). */
+  beforeRead(): void {
+    this.append('R\n');
+  }
+
+  /** What the read returned, raw, in one write with its header. */
+  afterRead(raw: Buffer): void {
+    const rec = Buffer.concat([Buffer.from(`T ${raw.length}\n`), raw]);
+    fs.writeSync(this.logFd, rec);
+    this.logBytes += rec.length;
   }
 
   /** Logs the end of drain n: everything it took from the kernel is logged. */

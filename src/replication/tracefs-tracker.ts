@@ -52,6 +52,17 @@ const DEFAULT_TRACEFS = '/sys/kernel/tracing';
 const DEFAULT_BUFFER_KB = 8192;
 const EVENT_DIR = path.join('events', 'block', 'block_rq_complete');
 const NAME_RE = /^[A-Za-z0-9_.-]+$/;
+/**
+ * Where drain() records what it takes out of the kernel, around every read: an agent
+ * killed between taking events and recording their extents can then recover them.
+ */
+export interface RawJournal {
+  /** Called right before each read of trace_pipe. */
+  beforeRead(): void;
+  /** Called right after it with the bytes read (empty for none). */
+  afterRead(raw: Buffer): void;
+}
+
 /** Upper bound of bytes read by one drain() so a flood of events cannot make it spin forever. */
 const MAX_DRAIN_BYTES = 64 * 1024 * 1024;
 const READ_CHUNK = 256 * 1024;
@@ -243,20 +254,23 @@ export class TracefsTracker {
    * trailing line is kept for the next call. Events are consumed: they are not
    * delivered again, even to another tracker on the same instance.
    */
-  drain(): DirtyExtent[] {
+  drain(journal?: RawJournal): DirtyExtent[] {
     if (this.fd === null) throw trackerError(this.name, 'drain() after close()');
     let text = this.partial;
     let total = 0;
     for (;;) {
       let n: number;
+      journal?.beforeRead();
       try {
         n = fs.readSync(this.fd, this.buf, 0, this.buf.length, null);
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
-        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') break;
-        if (code === 'EINTR') continue;
+        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') { journal?.afterRead(this.buf.subarray(0, 0)); break; }
+        if (code === 'EINTR') { journal?.afterRead(this.buf.subarray(0, 0)); continue; }
         throw trackerError(this.name, `reading ${this.instanceDir}/trace_pipe failed`, err);
       }
+      // persisted before anything else happens: events out of the kernel are never only in memory
+      journal?.afterRead(this.buf.subarray(0, n));
       if (n === 0) break;
       text += this.decoder.write(this.buf.subarray(0, n));
       total += n;
@@ -267,6 +281,13 @@ export class TracefsTracker {
     if (nl < 0) return [];
     const out: DirtyExtent[] = [];
     for (const line of text.slice(0, nl).split('\n')) this.parseLine(line, out);
+    return coalesce(out);
+  }
+
+  /** Extents of raw trace text kept by a journal (replay after the agent died mid-drain). */
+  parseText(text: string): DirtyExtent[] {
+    const out: DirtyExtent[] = [];
+    for (const line of text.split('\n')) this.parseLine(line, out);
     return coalesce(out);
   }
 

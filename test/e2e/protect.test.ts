@@ -236,6 +236,25 @@ t.test('a trace buffer overrun goes resync-required, then resyncing, then contin
   t.equal(c.event, 'cut', `a cut after the resync succeeds ${JSON.stringify(c)}`);
   await materializeAndCheck(t, s, String(c.pointId), String(c.cutId));
   await agent.stop();
+
+  // a lost trace instance (as after a reboot): a scan against the digest map, never a full copy
+  const inst = `/sys/kernel/tracing/instances/mobility-${s.agentId}`;
+  fs.writeFileSync(`${inst}/events/block/block_rq_complete/enable`, '0');
+  fs.rmdirSync(inst);
+  sh('dd', ['if=/dev/urandom', `of=${s.mnt}/while-untracked`, 'bs=64k', 'count=40', 'status=none']);
+  sh('sync', []);
+  const again = new Agent(s.args(['--crash-interval', '15s']));
+  t.teardown(() => again.stop());
+  const st = await again.waitEvent((e) => e.event === 'started', 30_000, 'restart');
+  t.equal(st.trackerResumed, false, 'the instance was gone');
+  t.match(String((st.scanRequired as Record<string, string>).d0), /not running/, 'so the disk needs a scan, with the reason');
+  const rescan = await again.waitEvent((e) => e.event === 'pass-done', 60_000, 'the scan');
+  t.equal(rescan.kind, 'incremental', 'an incremental scan against the digest map');
+  t.ok(Number(rescan.bytesSent) < 16 * 1024 * 1024, `that ships only what changed (${String(rescan.bytesSent)} bytes on the wire for a 128 MiB disk)`);
+  const c2 = await again.cut('app');
+  t.equal(c2.event, 'cut', 'then cuts work again');
+  await materializeAndCheck(t, s, String(c2.pointId), String(c2.cutId));
+  await again.stop();
 });
 
 t.test('failover (final cut, promoted image, replication stopped), then reprotect pulls only the differences and protection resumes', async (t) => {
@@ -336,5 +355,39 @@ t.test('the server killed at any instant of cuts under load leaves every recover
     checked++;
   }
   t.equal(checked, points.length, 'every point in the catalog is complete: fsck-clean with the files of its cut');
+  await agent.stop();
+});
+
+t.test('failures are explained: a failing pre-freeze hook downgrades the cut, a freeze past its bound is thawed and reported', async (t) => {
+  const s = await setup(t, 64);
+  const agent = new Agent(s.args(['--crash-interval', '15s', '--freeze-limit', '1s']));
+  t.teardown(() => agent.stop());
+  await agent.waitEvent((e) => e.event === 'cut', 120_000, 'the first cut');
+  await fsp.writeFile(path.join(s.hooks, 'pre-freeze', '20-fail'), '#!/bin/sh\necho "database refused to quiesce" >&2\nexit 3\n', { mode: 0o755 });
+  const c = await agent.cut('app');
+  t.equal(c.event, 'cut', 'the cut is still made');
+  t.equal(c.kind, 'crash', 'but recorded as crash-consistent');
+  t.match(String(c.note), /pre-freeze hook failed/, `with a note: ${String(c.note)}`);
+  t.ok(agent.find((e) => e.event === 'hook' && e.ok === false && /quiesce/.test(String(e.output))), 'the hook failure and its output are reported');
+  const hooksLog = await fsp.readFile(path.join(s.dir, 'hooks.log'), 'utf8');
+  t.match(hooksLog, new RegExp(`post-thaw ${String(c.cutId)} app`), 'post-thaw hooks still ran');
+  await fsp.rm(path.join(s.hooks, 'pre-freeze', '20-fail'));
+
+  // a frozen-phase hook that takes longer than the 1 s freeze bound
+  await fsp.writeFile(path.join(s.hooks, 'frozen', '20-slow'), '#!/bin/sh\nsleep 5\n', { mode: 0o755 });
+  const f = await agent.cut('crash');
+  t.equal(f.event, 'cut-failed', 'the cut fails');
+  t.equal(f.code, 'MOB_ERR_FREEZE', `with MOB_ERR_FREEZE: ${String(f.message)}`);
+  // thawed: a write completes at once
+  const t0 = Date.now();
+  sh('dd', ['if=/dev/zero', `of=${s.mnt}/after-thaw`, 'bs=4k', 'count=1', 'conv=fsync', 'status=none']);
+  t.ok(Date.now() - t0 < 3000, 'the filesystem was thawed');
+  await sleep(3500); // let a health report carry the failure
+  const st = await runCli(['status', '--server', s.server.info.url, '--token-file', s.server.info.tokenFile, '--ca', s.server.info.caFile!, '--json']).done;
+  const d = (JSON.parse(st.stdout) as { disks: { agent: string; freezeFailures: number }[] }).disks.find((x) => x.agent === s.agentId);
+  t.ok(d && d.freezeFailures >= 1, `status reports the freeze failure (${d?.freezeFailures})`);
+  await fsp.rm(path.join(s.hooks, 'frozen', '20-slow'));
+  const ok = await agent.cut('crash');
+  t.equal(ok.event, 'cut', 'the next cut succeeds once the hook is gone');
   await agent.stop();
 });

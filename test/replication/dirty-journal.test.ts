@@ -380,3 +380,74 @@ t.test('dirty journal: geometry change, new disk and corrupt snapshot', async (t
   await fsp.writeFile(path.join(dir, 'dirty.snap'), JSON.stringify({ version: 2 }));
   t.throws(() => DirtyJournal.open(dir, [A, B]), { code: 'MOB_ERR_STATE_CORRUPT' }, 'unknown version');
 });
+
+// raw trace records: a drain interrupted by kill -9 is replayed from what its reads returned
+const fakeParse = (text: string) => text.split('\n').filter(Boolean).map((l) => {
+  const [disk, offset, length] = l.split(' ').map(Number);
+  return { disk, offset, length };
+});
+
+t.test('dirty journal: a drain killed after its reads were recorded is replayed from the raw trace, not torn', async (t) => {
+  const dir = await tmpDir(t);
+  const { journal: j } = DirtyJournal.open(dir, [A, B], fakeParse);
+  j.snapshot()();
+  j.beginDrain();
+  j.beforeRead();
+  j.afterRead(Buffer.from(`0 ${2 * BS} ${BS}\n1 ${10 * BS} 1\n`));
+  j.beforeRead();
+  j.afterRead(Buffer.alloc(0)); // EAGAIN
+  // killed here: no D lines, no E
+  j.close();
+  const r = DirtyJournal.open(dir, [A, B], fakeParse);
+  t.teardown(() => r.journal.close());
+  t.equal(r.torn, false, 'not torn: every read result was recorded');
+  t.same(keys(r.journal.disks[0].dirty), [2], 'diskA block 2 from the raw trace');
+  t.same(keys(r.journal.disks[1].dirty), [10], 'diskB block 10 from the raw trace');
+});
+
+t.test('dirty journal: killed between a read and its record is torn; a cut T record too', async (t) => {
+  for (const tail of ['R\n', 'R\nT 50\nabc', 'R\nT 5']) {
+    const dir = await tmpDir(t);
+    const { journal: j } = DirtyJournal.open(dir, [A], fakeParse);
+    j.snapshot()();
+    j.beginDrain();
+    j.beforeRead();
+    j.afterRead(Buffer.from(`0 0 ${BS}\n`));
+    j.close();
+    const log = logs(dir).pop()!;
+    fs.appendFileSync(path.join(dir, log), tail);
+    const r = DirtyJournal.open(dir, [A], fakeParse);
+    t.equal(r.torn, true, `torn with tail ${JSON.stringify(tail)}`);
+    t.ok(r.journal.disks[0].dirty.has(0), 'what was recorded is still replayed');
+    r.journal.close();
+  }
+  // without a parser the raw trace cannot be replayed: torn
+  const dir = await tmpDir(t);
+  const { journal: j } = DirtyJournal.open(dir, [A]);
+  j.snapshot()();
+  j.beginDrain();
+  j.beforeRead();
+  j.afterRead(Buffer.from(`0 0 ${BS}\n`));
+  j.close();
+  const r = DirtyJournal.open(dir, [A]);
+  t.equal(r.torn, true, 'no parser: torn');
+  r.journal.close();
+});
+
+t.test('dirty journal: a completed drain uses its D lines; its raw trace is not needed', async (t) => {
+  const dir = await tmpDir(t);
+  const { journal: j } = DirtyJournal.open(dir, [A], fakeParse);
+  j.snapshot()();
+  const n = j.beginDrain();
+  j.beforeRead();
+  j.afterRead(Buffer.from(`0 ${5 * BS} ${BS}\n`));
+  j.addExtents([{ disk: 0, offset: 5 * BS, length: BS }]);
+  j.endDrain(n);
+  j.close();
+  let calls = 0;
+  const r = DirtyJournal.open(dir, [A], (text) => { calls++; return fakeParse(text); });
+  t.teardown(() => r.journal.close());
+  t.equal(r.torn, false);
+  t.equal(calls, 0, 'the raw trace of an ended drain is not replayed');
+  t.same(keys(r.journal.disks[0].dirty), [5]);
+});
