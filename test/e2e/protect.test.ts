@@ -391,3 +391,27 @@ t.test('failures are explained: a failing pre-freeze hook downgrades the cut, a 
   t.equal(ok.event, 'cut', 'the next cut succeeds once the hook is gone');
   await agent.stop();
 });
+
+t.test('repeated kill -9 of the agent under heavy churn never costs a rescan, and the next point is exact', async (t) => {
+  const s = await setup(t, 128);
+  let agent = new Agent(s.args(['--crash-interval', '15s']));
+  t.teardown(() => agent.stop());
+  await agent.waitEvent((e) => e.event === 'cut', 120_000, 'the first cut');
+  const load = workload(s.mnt, 40);
+  t.teardown(() => { load.kill('SIGKILL'); });
+  let rescans = 0;
+  for (let k = 0; k < 6; k++) {
+    await sleep(700 + Math.floor(Math.random() * 900)); // a random moment of the 100 ms drain cycle
+    await agent.kill9();
+    agent = new Agent(s.args(['--crash-interval', '15s']));
+    const st = await agent.waitEvent((e) => e.event === 'started', 30_000, `restart ${k + 1}`);
+    if ((st.scanRequired as Record<string, string | null>).d0 !== null || st.trackerResumed !== true) rescans++;
+    await agent.waitEvent((e) => e.event === 'state', 30_000, `state after restart ${k + 1}`);
+  }
+  t.equal(rescans, 0, 'six kills -9 at random moments under load, no rescan');
+  await exited(load);
+  const c = await agent.cut('app');
+  t.equal(c.event, 'cut', 'a cut after the kills');
+  await materializeAndCheck(t, s, String(c.pointId), String(c.cutId));
+  await agent.stop();
+});
