@@ -240,38 +240,49 @@ export class SourcePass {
     await this.flush(conn);
   }
 
-  private runBuf: Buffer | null = null;
-
   /**
-   * Continuous shipping: reads the given blocks (coalesced into runs), ships the pages
-   * that differ from what the target holds, and returns the blocks that needed nothing.
-   * Every frame is sent before this returns, so a cut sent afterwards covers them.
-   * Subscribe acks with listen() while using this outside run().
+   * Continuous shipping: reads the given blocks (coalesced into runs, up to three runs read
+   * ahead), ships the pages that differ from what the target holds, and returns the blocks
+   * that needed nothing. Every frame is sent before this returns, so a cut sent afterwards
+   * covers them. Subscribe acks with listen() while using this outside run().
    */
   async shipBlocks(conn: Connection, blocks: number[]): Promise<number[]> {
     this.discardFrame();
     const bs = this.o.blockSize;
     const maxRun = Math.max(1, Math.floor(READ_CHUNK_BYTES / bs));
-    this.runBuf ??= Buffer.allocUnsafe(maxRun * bs);
     const digs = new BigUint64Array(this.pagesPerBlock);
     const map = this.map.digests;
     const unchanged: number[] = [];
     const sorted = [...blocks].sort((a, b) => a - b);
-    let i = 0;
-    while (i < sorted.length) {
-      const first = sorted[i];
+    const runs: { first: number; count: number; start: number; len: number }[] = [];
+    for (let i = 0; i < sorted.length;) {
       let j = i + 1;
       while (j < sorted.length && sorted[j] === sorted[j - 1] + 1 && j - i < maxRun) j++;
-      const start = first * bs;
+      const start = sorted[i] * bs;
       const len = Math.min((j - i) * bs, this.src.size - start);
-      if (len <= 0) { i = j; continue; }
-      await this.src.read(this.runBuf, start, len);
-      for (let k = i; k < j; k++) {
-        const index = sorted[k];
-        const o = (index - first) * bs;
-        if (o >= len) break;
-        const data = this.runBuf.subarray(o, Math.min(o + bs, len));
-        const n = pageDigests(data, this.o.pageSize, digs);
+      if (len > 0) runs.push({ first: sorted[i], count: j - i, start, len });
+      i = j;
+    }
+    // each run has its own buffer: RAW payloads may alias it until the frame is flushed
+    const read = (r: (typeof runs)[number]) => {
+      const buf = Buffer.allocUnsafe(r.len);
+      const p = this.src.read(buf, r.start, r.len).then(() => buf);
+      p.catch(() => undefined);
+      return p;
+    };
+    const ahead: Promise<Buffer>[] = [];
+    let next = 0;
+    const fill = () => { while (ahead.length < 3 && next < runs.length) ahead.push(read(runs[next++])); };
+    for (const r of runs) {
+      fill();
+      const data = await ahead.shift()!;
+      fill();
+      for (let k = 0; k < r.count; k++) {
+        const index = r.first + k;
+        const o = k * bs;
+        if (o >= r.len) break;
+        const block = data.subarray(o, Math.min(o + bs, r.len));
+        const n = pageDigests(block, this.o.pageSize, digs);
         const p0 = index * this.pagesPerBlock;
         let mask: number[] | null = null;
         for (let p = 0; p < n; p++) if (map[p0 + p] !== DigestMap.normalize(digs[p])) (mask ??= []).push(p);
@@ -279,12 +290,11 @@ export class SourcePass {
           unchanged.push(index);
           continue;
         }
-        await this.ship(conn, index, data, digs, n, mask.length === n ? null : mask);
+        await this.ship(conn, index, block, digs, n, mask.length === n ? null : mask);
       }
-      this.stats.bytesScanned += len;
-      await this.flush(conn); // the next run reuses runBuf, which RAW payloads alias
-      i = j;
+      this.stats.bytesScanned += r.len;
     }
+    await this.flush(conn);
     return unchanged;
   }
 
