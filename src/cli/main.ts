@@ -426,21 +426,10 @@ async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
     ...CONN_OPTS, mode: { type: 'string' }, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, 'max-rate': { type: 'string' },
   });
   if (v.help) { process.stdout.write(verify ? HELP.verify : HELP.replicate); return EXIT.OK; }
-  const server = v.server as string | undefined;
-  if (!server || !/^wss?:\/\//.test(server)) throw new MobilityError('MOB_ERR_USAGE', '--server wss://HOST:PORT is required');
-  const url = new URL(server);
-  if (url.pathname === '/' || url.pathname === '') url.pathname = '/v1/replicate';
-  const token = await readSecretFile(v['token-file'] as string | undefined, 'token-file');
-  let ca: string | undefined;
-  if (v.ca) {
-    try { ca = await fsp.readFile(v.ca as string, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read --ca ${String(v.ca)}: ${(err as Error).message}`); }
-  }
+  const { url, token, ca } = await connOptions(v);
   const mode = (verify ? 'verify' : ((v.mode as string | undefined) ?? 'auto')) as ReplicateMode;
   if (!['auto', 'initial', 'incremental', 'resync', 'verify'].includes(mode)) throw new MobilityError('MOB_ERR_USAGE', `--mode must be auto, initial, incremental or resync`);
-  const blockSize = v['block-size'] ? parseSize(v['block-size'] as string) : DEFAULT_BLOCK_SIZE;
-  if (blockSize < MIN_BLOCK_SIZE || blockSize > MAX_BLOCK_SIZE || blockSize % PAGE_SIZE !== 0) {
-    throw new MobilityError('MOB_ERR_USAGE', `--block-size must be a multiple of ${PAGE_SIZE / 1024}K between ${MIN_BLOCK_SIZE / 1024}K and ${MAX_BLOCK_SIZE / 1024}K`);
-  }
+  const blockSize = parseBlockSize(v);
   const agentId = (v['agent-id'] as string | undefined) ?? defaultAgentId();
   const retryDeadline = v['retry-deadline'] === undefined ? undefined : Number(v['retry-deadline']);
   if (retryDeadline !== undefined && !(retryDeadline >= 0)) throw new MobilityError('MOB_ERR_USAGE', `--retry-deadline wants seconds, got ${String(v['retry-deadline'])}`);

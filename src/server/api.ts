@@ -15,8 +15,8 @@ import path from 'node:path';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { ID_PATTERN } from '../constants.js';
 import { MobilityError, toMobilityError } from '../errors.js';
-import { materializeDisk, type MaterializedDisk, type RecoveryPoint } from '../replication/recovery-points.js';
-import { failback, failover, readFailoverState } from './failover.js';
+import { type MaterializedDisk, type RecoveryPoint } from '../replication/recovery-points.js';
+import { failback, failover, materializePoint, readFailoverState } from './failover.js';
 import type { ProcessServer } from './process-server.js';
 
 const MAX_BODY = 64 * 1024;
@@ -87,6 +87,7 @@ export async function collectStatus(server: ProcessServer): Promise<DiskStatus[]
   const now = Date.now();
   for (const agent of await agents(server)) {
     const cat = await server.catalog(agent);
+    const fo = await readFailoverState(server, agent);
     const dirs = (await fsp.readdir(server.agentDir(agent), { withFileTypes: true })).filter((d) => d.isDirectory());
     for (const dd of dirs) {
       let st: { sizeBytes: number; initialComplete: boolean };
@@ -99,7 +100,6 @@ export async function collectStatus(server: ProcessServer): Promise<DiskStatus[]
       const latest = pts[pts.length - 1] ?? null;
       const latestApp = [...pts].reverse().find((p) => p.kind === 'app') ?? null;
       const h = server.health.get(agent)?.get(dd.name) ?? null;
-      const fo = await readFailoverState(server, agent);
       const rpoMs = latest ? Math.max(0, now - Date.parse(latest.takenAt)) : null;
       out.push({
         agent, disk: dd.name, sizeBytes: st.sizeBytes, initialComplete: st.initialComplete,
@@ -125,14 +125,7 @@ export async function testFailover(server: ProcessServer, agent: string, ref: st
       return { point, dir, disks: [], removed: true };
     }
     await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
-    const disks: MaterializedDisk[] = [];
-    for (const [diskId, d] of Object.entries(point.disks)) {
-      const ddir = server.diskDir(agent, diskId);
-      disks.push(await materializeDisk({
-        diskId, replica: path.join(ddir, 'replica.img'), undoDir: path.join(ddir, 'undo'), out: path.join(dir, `${diskId}.img`),
-        sizeBytes: d.sizeBytes, epochs: async () => (await server.catalog(agent)).epochsFrom(point, diskId),
-      }));
-    }
+    const disks = await materializePoint(server, agent, point, dir);
     server.log.info('test failover image ready', { agent, point: point.id, dir, disks: disks.map((d) => ({ disk: d.diskId, method: d.method, ms: d.ms, undoRecords: d.undoRecords })) });
     return { point, dir, disks, removed: false };
   });

@@ -78,14 +78,7 @@ export async function failover(server: ProcessServer, agent: string, ref: string
     const dir = path.join(server.opts.dataDir, 'failover', agent);
     await fsp.rm(dir, { recursive: true, force: true });
     await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
-    const disks: MaterializedDisk[] = [];
-    for (const [diskId, d] of Object.entries(point.disks)) {
-      const ddir = server.diskDir(agent, diskId);
-      disks.push(await materializeDisk({
-        diskId, replica: path.join(ddir, 'replica.img'), undoDir: path.join(ddir, 'undo'), out: path.join(dir, `${diskId}.img`),
-        sizeBytes: d.sizeBytes, epochs: async () => cat.epochsFrom(point, diskId),
-      }));
-    }
+    const disks = await materializePoint(server, agent, point, dir);
     const st: FailoverState = {
       version: 1, agent, point: point.id, pointTakenAt: point.takenAt, failedOverAt: new Date().toISOString(),
       disks: Object.fromEntries(disks.map((d) => [d.diskId, { image: d.image, sizeBytes: d.sizeBytes }])),
@@ -96,6 +89,19 @@ export async function failover(server: ProcessServer, agent: string, ref: string
     server.log.info('failed over', { agent, point: point.id, finalCut: fc, dir, disks: disks.map((d) => ({ disk: d.diskId, method: d.method, ms: d.ms })) });
     return { point, finalCut: fc, dir, disks };
   });
+}
+
+/** Writes an image of every disk of the point into dir (<disk>.img); call with the agent lock held. */
+export async function materializePoint(server: ProcessServer, agent: string, point: RecoveryPoint, dir: string): Promise<MaterializedDisk[]> {
+  const disks: MaterializedDisk[] = [];
+  for (const [diskId, d] of Object.entries(point.disks)) {
+    const ddir = server.diskDir(agent, diskId);
+    disks.push(await materializeDisk({
+      diskId, replica: path.join(ddir, 'replica.img'), undoDir: path.join(ddir, 'undo'), out: path.join(dir, `${diskId}.img`),
+      sizeBytes: d.sizeBytes, epochs: async () => (await server.catalog(agent)).epochsFrom(point, diskId),
+    }));
+  }
+  return disks;
 }
 
 /** The promoted images become the replicas (new generation); the old timeline's points are dropped. */
