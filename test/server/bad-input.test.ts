@@ -9,7 +9,7 @@ import path from 'node:path';
 import WebSocket from 'ws';
 import { ProcessServer } from '../../src/server/process-server.js';
 import { createLogger } from '../../src/log.js';
-import { encodeMessage, decodeMessage, Encoding, type FrameBody } from '../../src/transport/frame-codec.js';
+import { encodeMessage, decodeMessage, Encoding, type FrameBody, type Hello } from '../../src/transport/frame-codec.js';
 import { digestBytes } from '../../src/replication/digest.js';
 import { replicate } from '../../src/agent/replicator.js';
 import { sha256File, writeSampleImage } from '../../src/util/sample-image.js';
@@ -99,6 +99,13 @@ t.test('bad input', async (t) => {
     { name: 'sequence goes backwards', agent: 'b14', msgs: () => [encodeMessage(hello('b14')), dataFrame({ seq: 5 }), dataFrame({ seq: 5 })], code: 'MOB_ERR_SEQUENCE', afterWelcome: true },
     { name: 'path traversal in agent id', agent: '../x', msgs: () => [encodeMessage(hello('../x'))], code: 'MOB_ERR_BAD_DISK_ID' },
     { name: 'hello twice', agent: 'b16', msgs: () => [encodeMessage(hello('b16')), encodeMessage(hello('b16'))], code: 'MOB_ERR_HANDSHAKE', afterWelcome: true },
+    { name: 'cut of an unknown kind', agent: 'b17', msgs: () => [encodeMessage(hello('b17')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'weird', disks: [{ disk: 0, seq: 0 }], takenAtMs: 1, frozenMs: 0, note: '' } })], code: 'MOB_ERR_CUT', afterWelcome: true },
+    { name: 'cut naming data never received', agent: 'b18', msgs: () => [encodeMessage(hello('b18')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [{ disk: 0, seq: 7 }], takenAtMs: 1, frozenMs: 0, note: '' } })], code: 'MOB_ERR_CUT', afterWelcome: true },
+    { name: 'cut missing a disk of the session', agent: 'b19', msgs: () => [encodeMessage(hello('b19')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [], takenAtMs: 1, frozenMs: 0, note: '' } })], code: 'MOB_ERR_CUT', afterWelcome: true },
+    { name: 'cut before the initial replication completed', agent: 'b20', msgs: () => [encodeMessage(hello('b20')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [{ disk: 0, seq: 0 }], takenAtMs: 1, frozenMs: 0, note: '' } })], code: 'MOB_ERR_CUT', afterWelcome: true },
+    { name: 'read request outside a reprotect session', agent: 'b21', msgs: () => [encodeMessage(hello('b21')), encodeMessage({ type: 'readRequest', readRequest: { disk: 0, requestId: 1, firstPage: 0, pageCount: 1 } })], code: 'MOB_ERR_UNKNOWN_MESSAGE', afterWelcome: true },
+    { name: 'reprotect of an agent that is not failed over', agent: 'b22', msgs: () => [encodeMessage({ type: 'hello', hello: { ...(hello('b22') as { hello: Hello }).hello, purpose: 'reprotect', readOnly: true } })], code: 'MOB_ERR_CONFIG' },
+    { name: 'unknown session purpose', agent: 'b23', msgs: () => [encodeMessage({ type: 'hello', hello: { ...(hello('b23') as { hello: Hello }).hello, purpose: 'exfiltrate' } })], code: 'MOB_ERR_HANDSHAKE' },
   ];
 
   for (const c of cases) {
