@@ -6,7 +6,11 @@ import winston from 'winston';
 
 export type Logger = winston.Logger;
 
-export function createLogger(opts: { level?: string; json?: boolean; silent?: boolean; component?: string } = {}): Logger {
+/**
+ * file: also write JSON lines to this file, rotated by size (10 MiB x 5 files), as a
+ * daemon under a service manager does; the terminal (stderr) keeps its own format.
+ */
+export function createLogger(opts: { level?: string; json?: boolean; silent?: boolean; component?: string; file?: string } = {}): Logger {
   const json = opts.json ?? !process.stderr.isTTY;
   const format = json
     ? winston.format.combine(winston.format.timestamp(), winston.format.json())
@@ -23,6 +27,12 @@ export function createLogger(opts: { level?: string; json?: boolean; silent?: bo
     silent: opts.silent ?? false,
     defaultMeta: opts.component ? { component: opts.component } : undefined,
     format,
-    transports: [new winston.transports.Stream({ stream: process.stderr })],
+    transports: [
+      new winston.transports.Stream({ stream: process.stderr }),
+      ...(opts.file ? [new winston.transports.File({
+        filename: opts.file, maxsize: 10 * 1024 * 1024, maxFiles: 5, tailable: true,
+        format: winston.format.combine(winston.format.timestamp(), winston.format.json()),
+      })] : []),
+    ],
   });
 }

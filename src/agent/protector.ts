@@ -63,6 +63,9 @@ export interface ProtectOptions {
   token: string;
   ca?: string;
   pin?: string;
+  /** Client certificate and key of a registered agent (PEM); replaces the token. */
+  cert?: string;
+  key?: string;
   agentId: string;
   disks: { path: string; id: string }[];
   stateDir: string;
@@ -347,7 +350,7 @@ export class Protector {
     while (!this.stopping) {
       let conn: Connection | null = null;
       try {
-        conn = await Connection.connect({ url: this.o.serverUrl, ca: this.o.ca, pin: this.o.pin, hello, limiter });
+        conn = await Connection.connect({ url: this.o.serverUrl, ca: this.o.ca, pin: this.o.pin, cert: this.o.cert, key: this.o.key, hello, limiter });
         this.conn = conn;
         backoff = RECONNECT_MIN_MS;
         this.emit({ event: 'connected' });

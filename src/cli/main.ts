@@ -20,12 +20,21 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'MOB_ERR_STATE_CORRUPT':
     case 'MOB_ERR_DISK_SIZE_CHANGED':
     case 'MOB_ERR_TRACKER':
-    case 'MOB_ERR_UNKNOWN_POINT': return EXIT.CONFIG;
+    case 'MOB_ERR_UNKNOWN_POINT':
+    case 'MOB_ERR_UNKNOWN_MACHINE':
+    case 'MOB_ERR_UNKNOWN_POLICY':
+    case 'MOB_ERR_PREFLIGHT': return EXIT.CONFIG;
     case 'MOB_ERR_AUTH':
+    case 'MOB_ERR_PASSPHRASE':
+    case 'MOB_ERR_TOKEN_USED':
+    case 'MOB_ERR_CLONE':
+    case 'MOB_ERR_FORBIDDEN':
+    case 'MOB_ERR_NOT_REGISTERED':
     case 'MOB_ERR_TLS_PIN': return EXIT.AUTH;
     case 'MOB_ERR_UNREACHABLE':
     case 'MOB_ERR_RETRY_EXHAUSTED':
-    case 'MOB_ERR_HEARTBEAT_TIMEOUT': return EXIT.UNREACHABLE;
+    case 'MOB_ERR_HEARTBEAT_TIMEOUT':
+    case 'MOB_ERR_AGENT_OFFLINE': return EXIT.UNREACHABLE;
     default: return EXIT.ERROR;
   }
 }
@@ -46,6 +55,19 @@ Commands:
   failover    stop replication of an agent and promote a recovery point (after a final cut)
   reprotect   fail back: pull only the differences from the promoted images into the original disks
   demo        start a server and an agent on loopback, replicate a disk, prove the replica
+
+Configuration server and agents:
+  passphrase  show or rotate the registration passphrase (on the server)
+  token       mint a one-time registration token
+  register    register this machine's agent with a server (passphrase or token)
+  agent       run the Mobility service (under systemd; install.sh sets it up)
+  preflight   check this machine can run the agent (root, OS, space, tracefs, clock, server port, disks)
+  machines    registered machines with their inventory, connection, policy and disks
+  policy      create, list and assign replication policies
+  enable      start protecting a disk of a registered machine (pushed to its agent)
+  disable     stop protecting a disk and remove its replica
+  push-install  install the agent on Linux hosts over SSH (parallel, with progress)
+  push-account  store, list or remove push-install accounts (encrypted at rest)
 
 Run 'mobility <command> --help' for the options of a command.
 Exit codes: 0 ok, 1 error, 2 usage, 3 configuration/source, 4 auth/TLS pin, 5 unreachable, 6 verify found differences, 130 interrupted.
@@ -185,18 +207,18 @@ export function parseSize(s: string): number {
   return Math.round(Number(m[1]) * mult);
 }
 
-type Values = Record<string, string | boolean | string[] | undefined>;
+export type Values = Record<string, string | boolean | string[] | undefined>;
 
-function parse(argv: string[], options: ParseArgsConfig['options']): { values: Values } {
+export function parse(argv: string[], options: ParseArgsConfig['options'], allowPositionals = false): { values: Values; positionals: string[] } {
   try {
-    const r = parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: false, strict: true });
-    return { values: r.values as Values };
+    const r = parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals, strict: true });
+    return { values: r.values as Values, positionals: r.positionals };
   } catch (err) {
     throw new MobilityError('MOB_ERR_USAGE', (err as Error).message);
   }
 }
 
-async function readSecretFile(file: string | undefined, what: string): Promise<string> {
+export async function readSecretFile(file: string | undefined, what: string): Promise<string> {
   if (!file) throw new MobilityError('MOB_ERR_USAGE', `--${what} is required`);
   try {
     const t = (await fsp.readFile(file, 'utf8')).trim();
@@ -312,7 +334,7 @@ async function cmdProtect(argv: string[]): Promise<number> {
 }
 
 /** Calls the server's HTTP API (same address and TLS identity as the replication endpoint). */
-async function api(c: { url: URL; token: string; ca?: string; pin?: string }, method: string, pathname: string, body?: unknown): Promise<Record<string, unknown>> {
+export async function api(c: { url: URL; token: string; ca?: string; pin?: string }, method: string, pathname: string, body?: unknown): Promise<Record<string, unknown>> {
   const https = await import('node:https');
   const http = await import('node:http');
   const secure = c.url.protocol === 'wss:';
@@ -348,7 +370,7 @@ async function api(c: { url: URL; token: string; ca?: string; pin?: string }, me
   });
 }
 
-function fmtAge(ms: number | null | undefined): string {
+export function fmtAge(ms: number | null | undefined): string {
   if (ms === null || ms === undefined) return '-';
   if (ms < 1000) return `${ms} ms`;
   if (ms < 120_000) return `${(ms / 1000).toFixed(1)} s`;
@@ -473,6 +495,11 @@ export async function main(argv: string[]): Promise<number> {
       case 'verify': return await cmdReplicate(rest, true);
       case 'protect': return await cmdProtect(rest);
       case 'status': case 'points': case 'test-failover': case 'failover': case 'reprotect': return await cmdOps(cmd, rest);
+      case 'register': case 'agent': case 'preflight': case 'passphrase': case 'token': case 'machines': case 'policy':
+      case 'enable': case 'disable': case 'push-install': case 'push-account': {
+        const { runAdmin } = await import('./admin.js');
+        return await runAdmin(cmd, rest);
+      }
       case 'demo': {
         const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' } });
         if (v.help) { process.stdout.write(HELP.demo); return EXIT.OK; }

@@ -18,17 +18,23 @@ import { MobilityError, toMobilityError } from '../errors.js';
 import { type MaterializedDisk, type RecoveryPoint } from '../replication/recovery-points.js';
 import { failback, failover, materializePoint, readFailoverState } from './failover.js';
 import type { ProcessServer } from './process-server.js';
+import { handleConfigApi } from './config-api.js';
 
 const MAX_BODY = 64 * 1024;
 
-function send(res: ServerResponse, status: number, body: unknown): void {
+export function send(res: ServerResponse, status: number, body: unknown): void {
   res.writeHead(status, { 'content-type': 'application/json' });
   res.end(JSON.stringify(body, null, 1) + '\n');
 }
 
 function statusFor(code: string): number {
   switch (code) {
-    case 'MOB_ERR_AUTH': return 401;
+    case 'MOB_ERR_AUTH': case 'MOB_ERR_PASSPHRASE': case 'MOB_ERR_TOKEN_USED': return 401;
+    case 'MOB_ERR_FORBIDDEN': case 'MOB_ERR_CLONE': case 'MOB_ERR_NOT_REGISTERED': return 403;
+    case 'MOB_ERR_RATE_LIMITED': return 429;
+    case 'MOB_ERR_UNKNOWN_MACHINE': case 'MOB_ERR_UNKNOWN_POLICY': return 404;
+    case 'MOB_ERR_AGENT_OFFLINE': return 503;
+    case 'MOB_ERR_PREFLIGHT': return 412;
     case 'MOB_ERR_USAGE': case 'MOB_ERR_CONFIG': case 'MOB_ERR_BAD_DISK_ID': return 400;
     case 'MOB_ERR_UNKNOWN_POINT': case 'MOB_ERR_UNKNOWN_DISK': return 404;
     case 'MOB_ERR_FAILED_OVER': case 'MOB_ERR_DISK_BUSY': return 409;
@@ -44,7 +50,7 @@ function authorized(server: ProcessServer, req: IncomingMessage): boolean {
   return crypto.timingSafeEqual(a, b);
 }
 
-async function readBody(req: IncomingMessage): Promise<Record<string, unknown>> {
+export async function readBody(req: IncomingMessage): Promise<Record<string, unknown>> {
   let size = 0;
   const parts: Buffer[] = [];
   for await (const c of req) {
@@ -105,7 +111,7 @@ export async function collectStatus(server: ProcessServer): Promise<DiskStatus[]
         agent, disk: dd.name, sizeBytes: st.sizeBytes, initialComplete: st.initialComplete,
         state: fo ? 'failed-over' : h ? (h.connected ? h.state : 'disconnected') : st.initialComplete ? 'disconnected' : 'initial-sync',
         reason: fo ? `failed over to ${fo.point} at ${fo.failedOverAt}` : h?.reason ?? '', connected: h?.connected ?? false, healthAgeMs: h ? now - h.receivedAt : null,
-        rpoMs, rpoAlert: rpoMs === null || rpoMs > server.rpoAlertMs, latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
+        rpoMs, rpoAlert: rpoMs === null || rpoMs > server.rpoAlertFor(agent), latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
         dataLagMs: h?.dataLagMs ?? null, backlogBytes: h?.backlogBytes ?? null, churnBytesPerSec: h?.churnBytesPerSec ?? null,
         freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? null,
       });
@@ -138,6 +144,18 @@ export async function handleApi(server: ProcessServer, req: IncomingMessage, res
       send(res, 426, { code: 'MOB_ERR_USAGE', message: 'connect with a WebSocket to /v1/replicate' });
       return;
     }
+    // unauthenticated: server time (preflight clock check) and registration (its own secret, rate limited)
+    if (req.method === 'GET' && url.pathname === '/v1/time') {
+      send(res, 200, { nowMs: Date.now() });
+      return;
+    }
+    if (req.method === 'POST' && (url.pathname === '/v1/register/challenge' || url.pathname === '/v1/register')) {
+      if (!server.identity) throw new MobilityError('MOB_ERR_CONFIG', 'registration needs TLS (the server runs with --no-tls)');
+      const b = await readBody(req);
+      const ip = req.socket.remoteAddress ?? '?';
+      send(res, 200, url.pathname === '/v1/register' ? await server.registry.register(b, ip) : await server.registry.challenge(b, ip));
+      return;
+    }
     if (!authorized(server, req)) {
       req.resume();
       throw new MobilityError('MOB_ERR_AUTH', 'missing or wrong bearer token');
@@ -160,6 +178,8 @@ export async function handleApi(server: ProcessServer, req: IncomingMessage, res
       const agent = agentParam(b.agent);
       const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
       send(res, 200, await testFailover(server, agent, ref, b.cleanup === true));
+    } else if (await handleConfigApi(server, req, res, url)) {
+      // answered
     } else {
       req.resume();
       send(res, 404, { code: 'MOB_ERR_USAGE', message: `no such endpoint: ${req.method} ${url.pathname}` });
@@ -167,6 +187,7 @@ export async function handleApi(server: ProcessServer, req: IncomingMessage, res
   } catch (err) {
     const e = toMobilityError(err);
     if (e.code === 'MOB_ERR_INTERNAL' || e.code === 'MOB_ERR_STORAGE') server.log.error('api request failed', { code: e.code, error: e.message });
-    if (!res.headersSent) send(res, statusFor(e.code), { code: e.code, message: e.message });
+    const details = (err as { details?: unknown }).details;
+    if (!res.headersSent) send(res, statusFor(e.code), { code: e.code, message: e.message, ...(details ? { details } : {}) });
   }
 }

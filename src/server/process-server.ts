@@ -28,6 +28,10 @@ import type { Cut, Health } from '../transport/frame-codec.js';
 import { handleApi } from './api.js';
 import { PromotedImage, readFailoverState, type FailoverState } from './failover.js';
 import { writeFileDurable } from '../util/durable-file.js';
+import type { TLSSocket } from 'node:tls';
+import { ConfigDb, type Policy } from './config-db.js';
+import { ControlHub } from './control.js';
+import { ensurePassphrase, Registry } from './registry.js';
 
 export interface ProcessServerOptions {
   dataDir: string;
@@ -43,6 +47,8 @@ export interface ProcessServerOptions {
   retentionMs?: number;
   /** status flags a disk whose newest point is older than this. Default 15 min. */
   rpoAlertMs?: number;
+  /** Failed registrations per address before MOB_ERR_RATE_LIMITED (default 10 per minute). */
+  registerFailureLimit?: number;
 }
 
 /** Last Health report of a disk, as kept by the server for status. */
@@ -94,6 +100,7 @@ function zeroDigest(len: number): bigint {
 export class ProcessServer {
   private http: https.Server | http.Server | null = null;
   private wss: WebSocketServer | null = null;
+  private controlWss: WebSocketServer | null = null;
   private readonly sessions = new Set<Session>();
   /** Disk key -> the session holding it, or the promise of its store closing. */
   readonly diskLocks = new Map<string, Session | Promise<void>>();
@@ -105,6 +112,9 @@ export class ProcessServer {
   private readonly agentLocks = new Map<string, Promise<unknown>>();
   /** agent -> disk -> last health */
   readonly health = new Map<string, Map<string, DiskHealthRecord>>();
+  db!: ConfigDb;
+  registry!: Registry;
+  control!: ControlHub;
 
   constructor(readonly opts: ProcessServerOptions) {
     this.log = opts.logger ?? createLogger({ component: 'server' });
@@ -118,22 +128,59 @@ export class ProcessServer {
   async start(): Promise<AddressInfo> {
     await fsp.mkdir(this.opts.dataDir, { recursive: true, mode: 0o700 });
     this.token = await ensureToken(this.opts.dataDir);
+    this.db = ConfigDb.open(this.opts.dataDir);
+    await ensurePassphrase(this.opts.dataDir);
+    this.control = new ControlHub(this.db, this.log.child({ component: 'control' }));
+    this.registry = new Registry({
+      dataDir: this.opts.dataDir, db: this.db, log: this.log.child({ component: 'registry' }),
+      fingerprint: () => this.identity?.fingerprint256 ?? '', failureLimit: this.opts.registerFailureLimit,
+    });
     const useTls = this.opts.tls ?? true;
     if (useTls) {
       this.identity = await ensureTlsIdentity(this.opts.dataDir, this.opts.extraNames);
-      this.http = https.createServer({ key: this.identity.key, cert: this.identity.cert });
+      // client certificates are asked for, not required: operators and legacy agents use the bearer token
+      this.http = https.createServer({ key: this.identity.key, cert: this.identity.cert, ca: this.identity.ca, requestCert: true, rejectUnauthorized: false });
     } else {
       this.http = http.createServer();
     }
     this.http.on('request', (req, res) => {
       void handleApi(this, req, res);
     });
-    this.wss = new WebSocketServer({ server: this.http, path: '/v1/replicate', maxPayload: WS_MAX_PAYLOAD, perMessageDeflate: false });
-    this.wss.on('connection', (ws, req) => {
-      const s = new Session(this, ws, req.socket.remoteAddress ?? '?');
-      this.sessions.add(s);
-      this.stats.sessions++;
-      ws.once('close', () => this.sessions.delete(s));
+    this.wss = new WebSocketServer({ noServer: true, maxPayload: WS_MAX_PAYLOAD, perMessageDeflate: false });
+    const controlWss = new WebSocketServer({ noServer: true, maxPayload: 4 * 1024 * 1024, perMessageDeflate: false });
+    this.controlWss = controlWss;
+    this.http.on('upgrade', (req: http.IncomingMessage, socket: import('node:stream').Duplex, head: Buffer) => {
+      const pathname = new URL(req.url ?? '/', 'http://x').pathname;
+      const peer = req.socket.remoteAddress ?? '?';
+      if (pathname === '/v1/replicate') {
+        this.wss!.handleUpgrade(req, socket, head, (ws) => {
+          let certAgent: string | null = null;
+          let certErr: MobilityError | null = null;
+          try { certAgent = this.certAgent(req.socket); } catch (err) { certErr = toMobilityError(err); }
+          const s = new Session(this, ws, peer, certAgent, certErr);
+          this.sessions.add(s);
+          this.stats.sessions++;
+          ws.once('close', () => this.sessions.delete(s));
+        });
+      } else if (pathname === '/v1/control') {
+        controlWss.handleUpgrade(req, socket, head, (ws) => {
+          let agentId: string | null;
+          try {
+            agentId = this.certAgent(req.socket);
+            if (!agentId) throw new MobilityError('MOB_ERR_AUTH', 'the control channel needs the agent\'s client certificate (run mobility register)');
+          } catch (err) {
+            const e = toMobilityError(err);
+            this.stats.rejected++;
+            this.log.warn('control connection refused', { peer, code: e.code, reason: e.message });
+            ws.send(JSON.stringify({ type: 'error', code: e.code, message: e.message }));
+            ws.close(1008, e.code);
+            return;
+          }
+          this.control.attach(ws, agentId, peer);
+        });
+      } else {
+        socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n');
+      }
     });
     await new Promise<void>((resolve, reject) => {
       this.http!.once('error', reject);
@@ -146,6 +193,37 @@ export class ProcessServer {
 
   get retentionMs(): number { return this.opts.retentionMs ?? 24 * 3600_000; }
   get rpoAlertMs(): number { return this.opts.rpoAlertMs ?? 15 * 60_000; }
+
+  /** The policy governing a registered agent, or null for agents that are not registered (token sessions). */
+  policyOf(agentId: string): Policy | null {
+    const row = this.db.getAgent(agentId);
+    if (!row) return null;
+    return this.db.getPolicy(row.policy ?? 'default');
+  }
+  retentionFor(agentId: string): number { return this.policyOf(agentId)?.retentionMs ?? this.retentionMs; }
+  rpoAlertFor(agentId: string): number { return this.policyOf(agentId)?.rpoThresholdMs ?? this.rpoAlertMs; }
+
+  /**
+   * The registered agent a TLS connection's client certificate names, or null when no
+   * certificate was presented. A certificate not signed by this server's CA, or one that is
+   * not the agent's current certificate (re-registered since), is refused.
+   */
+  certAgent(socket: import('node:net').Socket): string | null {
+    const tls = socket as TLSSocket;
+    if (typeof tls.getPeerCertificate !== 'function') return null;
+    const cert = tls.getPeerCertificate();
+    if (!cert || Object.keys(cert).length === 0) return null;
+    if (!tls.authorized) {
+      throw new MobilityError('MOB_ERR_AUTH', `client certificate refused: ${String(tls.authorizationError ?? 'not signed by this server\'s CA')}`);
+    }
+    const cn = Array.isArray(cert.subject?.CN) ? cert.subject.CN[0] : cert.subject?.CN;
+    const row = cn ? this.db.getAgent(cn) : null;
+    if (!row) throw new MobilityError('MOB_ERR_NOT_REGISTERED', `the client certificate names agent ${JSON.stringify(cn)}, which is not registered`);
+    if (row.certFingerprint !== cert.fingerprint256) {
+      throw new MobilityError('MOB_ERR_NOT_REGISTERED', `this certificate of agent ${row.id} was superseded by a later registration (${row.registeredAt}); register again`);
+    }
+    return row.id;
+  }
 
   agentDir(agentId: string): string { return path.join(this.opts.dataDir, 'replicas', agentId); }
   diskDir(agentId: string, diskId: string): string { return path.join(this.agentDir(agentId), diskId); }
@@ -189,7 +267,7 @@ export class ProcessServer {
       });
       for (const s of stores) await s.store.setEpoch(point.id);
       this.stats.points++;
-      const removed = await cat.prune(new Date(Date.now() - this.retentionMs), (d) => this.diskDir(agentId, d));
+      const removed = await cat.prune(new Date(Date.now() - this.retentionFor(agentId)), (d) => this.diskDir(agentId, d));
       this.stats.pruned += removed.length;
       if (removed.length) this.log.info('recovery points pruned', { agent: agentId, points: removed.map((p) => p.id) });
       this.log.info('recovery point recorded', { agent: agentId, point: point.id, kind: point.kind, frozenMs: cut.frozenMs, disks: Object.keys(disks) });
@@ -269,10 +347,13 @@ export class ProcessServer {
   /** Stops accepting, tells every agent, checkpoints every open replica. */
   async stop(): Promise<void> {
     for (const s of this.sessions) s.fail(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'server is stopping'));
+    this.control?.close();
+    await new Promise<void>((r) => (this.controlWss ? this.controlWss.close(() => r()) : r()));
     await Promise.all([...this.diskLocks.values()].filter((v): v is Promise<void> => v instanceof Promise));
     await new Promise<void>((r) => (this.wss ? this.wss.close(() => r()) : r()));
     await new Promise<void>((r) => (this.http ? this.http.close(() => r()) : r()));
     await Promise.all([...this.diskLocks.values()].filter((v): v is Promise<void> => v instanceof Promise));
+    this.db?.close();
   }
 }
 
@@ -292,7 +373,8 @@ class Session {
   private hbTimer: NodeJS.Timeout;
   private readonly log: Logger;
 
-  constructor(private readonly server: ProcessServer, private readonly ws: WebSocket, peer: string) {
+  constructor(private readonly server: ProcessServer, private readonly ws: WebSocket, peer: string,
+    private readonly certAgentId: string | null = null, private readonly certError: MobilityError | null = null) {
     this.log = server.log.child({ peer });
     ws.on('message', (data, isBinary) => this.onMessage(data as Buffer, isBinary));
     ws.on('close', () => this.cleanup());
@@ -403,9 +485,25 @@ class Session {
     if (h.protocolVersion !== PROTOCOL_VERSION) {
       throw new MobilityError('MOB_ERR_PROTOCOL_VERSION', `agent speaks protocol ${h.protocolVersion}, server speaks ${PROTOCOL_VERSION}`);
     }
-    if (!tokenMatches(h.token, this.server.token)) {
+    if (this.certError) {
       this.server.stats.rejected++;
-      throw new MobilityError('MOB_ERR_AUTH', 'agent token refused');
+      throw this.certError;
+    }
+    if (this.certAgentId !== null) {
+      // a registered agent: its certificate is its identity, and it writes only its own disks
+      if (h.agentId !== this.certAgentId) {
+        this.server.stats.rejected++;
+        throw new MobilityError('MOB_ERR_FORBIDDEN', `the certificate of agent ${this.certAgentId} cannot replicate the disks of agent ${JSON.stringify(h.agentId)}`);
+      }
+    } else {
+      if (!tokenMatches(h.token, this.server.token)) {
+        this.server.stats.rejected++;
+        throw new MobilityError('MOB_ERR_AUTH', 'agent token refused');
+      }
+      if (ID_PATTERN.test(h.agentId) && this.server.db.getAgent(h.agentId)) {
+        this.server.stats.rejected++;
+        throw new MobilityError('MOB_ERR_FORBIDDEN', `agent ${h.agentId} is registered: its replication must authenticate with its own client certificate, not the shared token`);
+      }
     }
     if (!ID_PATTERN.test(h.agentId)) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `agent id ${JSON.stringify(h.agentId)} is not [A-Za-z0-9._-]{1,64}`);
     if (h.disks.length === 0 || h.disks.length > 64) throw new MobilityError('MOB_ERR_HANDSHAKE', `a session carries 1 to 64 disks, not ${h.disks.length}`);

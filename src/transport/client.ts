@@ -20,6 +20,9 @@ export interface ConnectOptions {
   ca?: string;
   /** SHA-256 fingerprint of the server certificate (instead of, or on top of, ca). */
   pin?: string;
+  /** The agent's client certificate and key (registered agents); PEM. */
+  cert?: string;
+  key?: string;
   hello: Omit<Hello, 'protocolVersion'>;
   connectTimeoutMs?: number;
   limiter?: RateLimiter;
@@ -58,7 +61,7 @@ export class Connection extends EventEmitter {
       maxPayload: WS_MAX_PAYLOAD,
       perMessageDeflate: false,
       handshakeTimeout: opts.connectTimeoutMs ?? 10_000,
-      ...(secure ? { ca: opts.ca, rejectUnauthorized: opts.ca !== undefined } : {}),
+      ...(secure ? { ca: opts.ca, rejectUnauthorized: opts.ca !== undefined, cert: opts.cert, key: opts.key } : {}),
     });
     if (secure && opts.ca === undefined && opts.pin === undefined) {
       ws.terminate();

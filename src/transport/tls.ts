@@ -99,3 +99,35 @@ export async function ensureTlsIdentity(dataDir: string, extraNames: string[] = 
   await writeFileDurable(f('server.pem'), cert + ca, 0o644);
   return { key: srvKeys.privatePem, cert: cert + ca, ca, caFile: f('ca.pem'), fingerprint256: fingerprintOf(cert) };
 }
+
+/**
+ * Signs an agent's public key as a client certificate (CN = agent id, clientAuth)
+ * with the server CA in <dataDir>/tls. The agent keeps its private key; the
+ * server keeps only the certificate's fingerprint.
+ */
+export async function signClientCert(dataDir: string, publicPem: string, agentId: string): Promise<{ cert: string; fingerprint256: string }> {
+  const dir = path.join(dataDir, 'tls');
+  const [caKey, caPem] = await Promise.all([fsp.readFile(path.join(dir, 'ca.key'), 'utf8'), fsp.readFile(path.join(dir, 'ca.pem'), 'utf8')]);
+  const forge = (await import('node-forge')).default;
+  let pub: string;
+  try {
+    pub = crypto.createPublicKey(publicPem).export({ type: 'spki', format: 'pem' }).toString();
+  } catch (err) {
+    throw new Error(`the public key is not a PEM key: ${(err as Error).message}`);
+  }
+  const c = forge.pki.createCertificate();
+  c.publicKey = forge.pki.publicKeyFromPem(pub);
+  c.serialNumber = serial();
+  c.validity.notBefore = new Date(Date.now() - 60_000);
+  c.validity.notAfter = new Date(Date.now() + 5 * 365 * 86400_000);
+  c.setSubject([{ name: 'commonName', value: agentId }, { name: 'organizationName', value: 'Mobility agent' }]);
+  c.setIssuer(forge.pki.certificateFromPem(caPem).subject.attributes);
+  c.setExtensions([
+    { name: 'basicConstraints', cA: false, critical: true },
+    { name: 'keyUsage', digitalSignature: true, keyEncipherment: true, critical: true },
+    { name: 'extKeyUsage', clientAuth: true },
+  ]);
+  c.sign(forge.pki.privateKeyFromPem(caKey), forge.md.sha256.create());
+  const cert = forge.pki.certificateToPem(c);
+  return { cert, fingerprint256: fingerprintOf(cert) };
+}

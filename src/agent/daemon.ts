@@ -1,0 +1,320 @@
+/**
+ * `mobility agent`: the Mobility service on a protected machine, run by the
+ * service manager. It keeps a control connection to the server (client
+ * certificate, pinned server), reports its inventory, answers preflight
+ * requests, and protects exactly the disks the server assigns, under the
+ * assigned policy. Assignments are pushed by the server; a change restarts
+ * protection with the new disk set (state is persisted first, so nothing is
+ * rescanned that need not be).
+ *
+ * Signals: SIGTERM/SIGINT drain and persist, then exit 0; SIGHUP reloads the
+ * configuration file (log level, inventory interval; a changed server means
+ * reconnecting).
+ */
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import type { TLSSocket } from 'node:tls';
+import { WebSocket } from 'ws';
+import { AGENT_VERSION } from '../constants.js';
+import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
+import { createLogger, type Logger } from '../log.js';
+import { normalizeFingerprint } from '../transport/tls.js';
+import { loadAgentConfig, loadCredentials, type AgentConfig, type Credentials } from './config.js';
+import { collectInventory, readMachineId } from './inventory.js';
+import type { Protector, ProtectEvent } from './protector.js';
+import { runPreflight } from '../install/preflight.js';
+
+const RECONNECT_MIN_MS = 1000;
+const RECONNECT_MAX_MS = 30_000;
+/** A clone or a revoked agent retries slowly: an operator has to act. */
+const REFUSED_RETRY_MS = 60_000;
+const PROTECT_RESTART_MS = 15_000;
+const DEFAULT_INVENTORY_MS = 15 * 60_000;
+
+interface Policy { name: string; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number }
+interface Assignments { agentId: string; policy: Policy; disks: { diskId: string; device: string }[] }
+
+export class AgentDaemon {
+  private cfg!: AgentConfig;
+  private creds!: Credentials;
+  private log: Logger;
+  private ws: WebSocket | null = null;
+  private stopping = false;
+  private protector: Protector | null = null;
+  private protectorDone: Promise<void> | null = null;
+  private applied = '';
+  private desired: Assignments | null = null;
+  private applying: Promise<void> = Promise.resolve();
+  private invTimer: NodeJS.Timeout | null = null;
+  private retryTimer: NodeJS.Timeout | null = null;
+  private wakeReconnect: (() => void) | null = null;
+  private machineId = '';
+  status: { connected: boolean; lastError: string | null; disks: string[] } = { connected: false, lastError: null, disks: [] };
+
+  constructor(private readonly configFile: string, private readonly opts: { pidFile?: string; json?: boolean } = {}) {
+    this.log = createLogger({ component: 'agent', json: opts.json });
+  }
+
+  private async load(): Promise<void> {
+    this.cfg = await loadAgentConfig(this.configFile);
+    this.creds = await loadCredentials(this.cfg.stateDir);
+    this.machineId = await readMachineId(this.cfg.machineIdFile);
+    const old = this.log;
+    this.log = createLogger({ component: 'agent', json: this.opts.json, file: this.cfg.logFile, level: this.cfg.logLevel });
+    if (old !== this.log) old.close();
+  }
+
+  async run(): Promise<void> {
+    await this.load();
+    if (this.opts.pidFile) await fsp.writeFile(this.opts.pidFile, `${process.pid}\n`, { mode: 0o644 });
+    this.log.info('agent starting', { agent: this.creds.identity.agentId, server: this.cfg.server, version: AGENT_VERSION, pid: process.pid });
+    const stop = (sig: string) => { this.log.info('stopping', { signal: sig }); void this.stop(); };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+    process.on('SIGHUP', () => { void this.reload(); });
+    try {
+      await this.controlLoop();
+    } finally {
+      await this.stopProtector();
+      if (this.invTimer) clearInterval(this.invTimer);
+      if (this.opts.pidFile) await fsp.rm(this.opts.pidFile, { force: true });
+      this.log.info('agent stopped', { agent: this.creds.identity.agentId });
+      await new Promise<void>((r) => { this.log.on('finish', r); this.log.end(); setTimeout(r, 500).unref(); });
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.wakeReconnect?.();
+    this.ws?.close(1000, 'agent stopping');
+    this.protector?.stop();
+  }
+
+  private async reload(): Promise<void> {
+    const before = this.cfg;
+    try {
+      await this.load();
+    } catch (err) {
+      this.log.error('reload failed; keeping the running configuration', { code: toMobilityError(err).code, error: (err as Error).message });
+      this.cfg = before;
+      return;
+    }
+    this.log.info('configuration reloaded', { file: this.configFile });
+    if (before.server !== this.cfg.server) this.ws?.close(1000, 'server changed');
+    this.scheduleInventory();
+  }
+
+  private scheduleInventory(): void {
+    if (this.invTimer) clearInterval(this.invTimer);
+    this.invTimer = setInterval(() => void this.sendInventory(), this.cfg.inventoryIntervalMs ?? DEFAULT_INVENTORY_MS);
+    this.invTimer.unref();
+  }
+
+  private async sendInventory(): Promise<void> {
+    try {
+      const inventory = await collectInventory({ machineIdFile: this.cfg.machineIdFile });
+      this.send({ type: 'inventory', inventory });
+    } catch (err) {
+      this.log.warn('inventory failed', { error: (err as Error).message });
+    }
+  }
+
+  private send(m: object): void {
+    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(m));
+  }
+
+  private async controlLoop(): Promise<void> {
+    let backoff = RECONNECT_MIN_MS;
+    while (!this.stopping) {
+      let wait = backoff;
+      try {
+        await this.controlSession(() => { backoff = RECONNECT_MIN_MS; });
+        backoff = RECONNECT_MIN_MS;
+      } catch (err) {
+        const e = toMobilityError(err);
+        this.status.lastError = `${e.code}: ${e.message}`;
+        if (e.code === 'MOB_ERR_CLONE' || e.code === 'MOB_ERR_NOT_REGISTERED' || e.code === 'MOB_ERR_AUTH') {
+          // never replicate as someone else
+          this.log.error('the server refused this agent; protection stopped until an operator acts', { code: e.code, error: e.message });
+          await this.apply(null);
+          wait = REFUSED_RETRY_MS;
+        } else if (!this.stopping) {
+          this.log.warn('control connection lost', { code: e.code, error: e.message, retryInMs: backoff });
+        }
+        backoff = Math.min(RECONNECT_MAX_MS, backoff * 2);
+      }
+      this.status.connected = false;
+      if (this.stopping) break;
+      await new Promise<void>((r) => { this.wakeReconnect = r; this.retryTimer = setTimeout(r, wait); });
+    }
+  }
+
+  private controlSession(onWelcome: () => void): Promise<void> {
+    const u = new URL(this.cfg.server);
+    u.pathname = '/v1/control';
+    const pin = normalizeFingerprint(this.creds.identity.serverFingerprint);
+    return new Promise<void>((resolve, reject) => {
+      const ws = new WebSocket(u.toString(), { ca: this.creds.ca, cert: this.creds.cert, key: this.creds.key, handshakeTimeout: 10_000, perMessageDeflate: false });
+      this.ws = ws;
+      let refused: MobilityError | null = null;
+      let alive = true;
+      const ping = setInterval(() => {
+        if (!alive) { ws.terminate(); return; }
+        alive = false;
+        ws.ping();
+      }, 20_000);
+      ws.on('pong', () => { alive = true; });
+      ws.on('ping', () => { alive = true; });
+      ws.on('upgrade', (res) => {
+        const fp = (res.socket as TLSSocket).getPeerCertificate?.()?.fingerprint256 ?? '';
+        if (fp !== pin) {
+          refused = new MobilityError('MOB_ERR_TLS_PIN', `the server certificate ${fp} is not the one pinned at registration (${pin})`);
+          ws.terminate();
+        }
+      });
+      ws.on('open', () => {
+        this.send({ type: 'hello', machineId: this.machineId, hostname: os.hostname(), agentVersion: AGENT_VERSION });
+      });
+      ws.on('message', (data, isBinary) => {
+        alive = true;
+        if (isBinary) return;
+        let m: Record<string, unknown>;
+        try { m = JSON.parse(String(data)) as Record<string, unknown>; } catch { return; }
+        if (m.type === 'error') {
+          const code = typeof m.code === 'string' && isErrorCode(m.code) ? m.code : 'MOB_ERR_INTERNAL';
+          refused = new MobilityError(code, `server: ${String(m.message)}`);
+          return;
+        }
+        if (m.type === 'assignments') {
+          if (!this.status.connected) {
+            this.status.connected = true;
+            this.status.lastError = null;
+            onWelcome();
+            this.log.info('control connected', { server: this.cfg.server });
+            void this.sendInventory();
+            this.scheduleInventory();
+          }
+          void this.apply(m as unknown as Assignments);
+          return;
+        }
+        if (m.type === 'preflight') {
+          void this.preflight(String(m.id), Array.isArray(m.disks) ? m.disks.map(String) : []);
+        }
+      });
+      ws.on('error', (err) => {
+        refused ??= /certificate|self.signed|unable to verify/i.test(err.message)
+          ? new MobilityError('MOB_ERR_TLS_PIN', `server certificate refused: ${err.message}`)
+          : new MobilityError('MOB_ERR_UNREACHABLE', `control connection to ${u.host} failed: ${err.message}`);
+      });
+      ws.on('close', (code) => {
+        clearInterval(ping);
+        this.ws = null;
+        if (refused) reject(refused);
+        else if (this.stopping || code === 1000) resolve();
+        else reject(new MobilityError('MOB_ERR_UNREACHABLE', `control connection closed (${code})`));
+      });
+    });
+  }
+
+  private async preflight(id: string, disks: string[]): Promise<void> {
+    const checks = await runPreflight({ stateDir: this.cfg.stateDir, disks, tracefsRoot: this.cfg.tracefsRoot, only: ['root', 'os', 'disk-space', 'tracefs', ...disks.map((d) => `disk:${d}`)] })
+      .catch((err: Error) => [{ id: 'preflight', ok: false, code: 'MOB_ERR_INTERNAL' as const, message: err.message, ms: 0 }]);
+    this.log.info('preflight', { id, ok: checks.every((c) => c.ok), failed: checks.filter((c) => !c.ok).map((c) => c.code) });
+    this.send({ type: 'preflight-result', id, checks });
+  }
+
+  /** Serialised: protection follows the latest assignments (null = protect nothing). */
+  private apply(a: Assignments | null): Promise<void> {
+    this.desired = a;
+    this.applying = this.applying.then(() => this.reconcile()).catch((err) => {
+      this.log.error('cannot apply assignments', { error: (err as Error).message });
+    });
+    return this.applying;
+  }
+
+  private key(a: Assignments | null): string {
+    if (!a || a.disks.length === 0) return '';
+    const p = a.policy;
+    return JSON.stringify([a.disks.map((d) => [d.diskId, d.device]).sort(), p.crashIntervalMs, p.appIntervalMs, p.compress, p.bandwidthBytes]);
+  }
+
+  private async reconcile(): Promise<void> {
+    const a = this.desired;
+    const k = this.key(a);
+    if (k === this.applied && (this.protector || k === '')) return;
+    const before = this.status.disks;
+    await this.stopProtector();
+    const now = a?.disks.map((d) => d.diskId) ?? [];
+    const agentId = this.creds.identity.agentId;
+    const protectDir = path.join(this.cfg.stateDir, 'protect');
+    // disks no longer assigned: forget their tracking state
+    for (const gone of before.filter((d) => !now.includes(d))) {
+      await fsp.rm(path.join(protectDir, agentId, `${gone}.map`), { force: true });
+      this.log.info('protection removed', { disk: gone });
+    }
+    this.applied = k;
+    this.status.disks = now;
+    if (!a || now.length === 0) {
+      removeTraceInstance(`mobility-${agentId}`, this.cfg.tracefsRoot);
+      if (before.length) await fsp.rm(path.join(protectDir, agentId), { recursive: true, force: true });
+      return;
+    }
+    this.log.info('protecting', { disks: a.disks, policy: a.policy.name });
+    const { Protector } = await import('./protector.js');
+    const replicateUrl = new URL(this.cfg.server);
+    replicateUrl.pathname = '/v1/replicate';
+    const p = new Protector({
+      serverUrl: replicateUrl.toString(), token: '', ca: this.creds.ca, pin: this.creds.identity.serverFingerprint, cert: this.creds.cert, key: this.creds.key,
+      agentId, disks: a.disks.map((d) => ({ path: d.device, id: d.diskId })), stateDir: protectDir,
+      compress: a.policy.compress, maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
+      appIntervalMs: a.policy.appIntervalMs || undefined, hooksDir: this.cfg.hooksDir, tracefsRoot: this.cfg.tracefsRoot,
+      logger: this.log.child({ component: 'protect' }),
+      onEvent: (e: ProtectEvent) => this.onProtectEvent(e),
+    });
+    this.protector = p;
+    this.protectorDone = p.run().then(
+      () => { this.log.info('protection stopped'); },
+      (err) => {
+        const e = toMobilityError(err);
+        this.log.error('protection failed', { code: e.code, error: e.message, restartInMs: PROTECT_RESTART_MS });
+        this.send({ type: 'event', event: { event: 'protect-failed', code: e.code, message: e.message } });
+      },
+    ).finally(() => {
+      if (this.protector !== p) return;
+      this.protector = null;
+      this.protectorDone = null;
+      // a failed run is retried with the same assignments (unless they changed or we stop)
+      if (!this.stopping) {
+        const t = setTimeout(() => { if (!this.stopping && !this.protector) void this.apply(this.desired); }, PROTECT_RESTART_MS);
+        t.unref();
+      }
+    });
+  }
+
+  private onProtectEvent(e: ProtectEvent): void {
+    if (e.event === 'state' || e.event === 'pass-done' || e.event === 'cut' || e.event === 'cut-failed' || e.event === 'pass') this.send({ type: 'event', event: e });
+  }
+
+  private async stopProtector(): Promise<void> {
+    const p = this.protector;
+    if (!p) return;
+    this.protector = null;
+    p.stop();
+    await this.protectorDone;
+    this.protectorDone = null;
+  }
+}
+
+/** Removes the agent's kernel trace instance (nothing left protected, or uninstall). */
+export function removeTraceInstance(name: string, tracefsRoot?: string): void {
+  for (const root of tracefsRoot ? [tracefsRoot] : ['/sys/kernel/tracing', '/sys/kernel/debug/tracing']) {
+    const dir = path.join(root, 'instances', name);
+    if (!fs.existsSync(dir)) continue;
+    try { fs.writeFileSync(path.join(dir, 'events/block/block_rq_complete/enable'), '0'); } catch { /* already off */ }
+    try { fs.rmdirSync(dir); } catch { /* busy: the next start reuses it */ }
+    return;
+  }
+}

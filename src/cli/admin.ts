@@ -1,0 +1,312 @@
+/**
+ * Configuration-server and agent-lifecycle commands of the `mobility` CLI:
+ * passphrase, token, register, agent, preflight, machines, policy, enable,
+ * disable, push-install, push-account.
+ */
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { DEFAULT_PORT } from '../constants.js';
+import { MobilityError } from '../errors.js';
+import { EXIT, api, fmtAge, parse, parseDuration, parseSize, readSecretFile, type Values } from './main.js';
+import { fmtBytes } from './progress.js';
+
+const HELP: Record<string, string> = {
+  passphrase: `Usage: mobility passphrase show|rotate [--data-dir DIR]
+
+The registration passphrase agents present to 'mobility register' (pull install).
+The server creates it on first start in DATA-DIR/passphrase (mode 0600). rotate
+replaces it at once (a running server uses the new one for the next registration);
+registered agents keep working: they authenticate with their own certificates.
+`,
+  token: `Usage: mobility token create [--label TEXT] [--ttl D] (--data-dir DIR | --token-file F --ca F) [--server URL] [--json]
+
+Mints a one-time registration token (valid once, for --ttl, default 24h). Push install
+mints one per host itself; use this for installs you run by hand.
+`,
+  register: `Usage: mobility register --server wss://HOST:PORT (--passphrase-file F | --token-file F) (--config F | --state-dir DIR) [--pin SHA256] [--machine-id-file F]
+
+Registers this machine's agent. The server proves it knows the secret before the
+secret is sent; its certificate is then pinned. The agent's key never leaves the
+machine; its certificate, the server CA and the identity go to the state directory
+(mode 0600). Registering again keeps the agent's identity; a cloned machine (same
+identity, different machine id) is refused with MOB_ERR_CLONE.
+`,
+  agent: `Usage: mobility agent --config F [--pid-file F] [--json-logs]
+
+The Mobility service (run by systemd: see install.sh). Keeps a control connection to
+the server, reports inventory, runs preflight checks on request, and protects the disks
+the server assigns under their policy. SIGTERM drains and persists state; SIGHUP
+reloads the configuration. Logs: JSON to the config's logFile (rotated, 10 MiB x 5)
+and stderr (readable lines on a terminal).
+`,
+  preflight: `Usage: mobility preflight [--server URL] [--state-dir DIR] [--disk DEV]... [--json]
+
+Checks this machine can run the agent: root, OS/kernel/arch, Node.js, free space for the
+agent state, tracefs, and with --server the server port and clock skew; with --disk each
+disk (block device, size within limits). Exit 0 when all pass, 3 otherwise; every failure
+has a MOB_ERR_PRE_* code and says how to fix it.
+`,
+  machines: `Usage: mobility machines (--data-dir DIR | --token-file F --ca F) [--server URL] [--json]
+
+Registered machines: connection, policy, protected disks, and the inventory the agent
+reports (OS, kernel, CPU, memory, disks, IPs).
+`,
+  policy: `Usage:
+  mobility policy create NAME [--rpo D] [--retention D] [--crash-interval D] [--app-interval D] [--no-compress] [--max-rate N]
+  mobility policy list
+  mobility policy assign --machine M --policy NAME
+(connection: --data-dir DIR | --token-file F --ca F; --server URL)
+
+A policy governs all the disks of a machine (they form one consistency group):
+  --rpo D             alert when the newest recovery point is older (default 15m)
+  --retention D       keep recovery points this long (default 24h)
+  --crash-interval D  crash-consistent cuts (default 5m, at least 15s)
+  --app-interval D    app-consistent cuts (default 1h; 0 = none)
+  --no-compress       ship blocks raw
+  --max-rate N        bandwidth limit in bytes/s (e.g. 50M; default unlimited)
+Creating an existing policy updates it; the agents under it get the change at once.
+`,
+  enable: `Usage: mobility enable --machine M --disk DEV [--disk-id ID] [--policy NAME] (--data-dir DIR | --token-file F --ca F) [--server URL]
+
+Runs the preflight checks for DEV on the machine's agent, then assigns the disk: the agent
+starts its initial replication at once (pushed over its control connection).
+`,
+  disable: `Usage: mobility disable --machine M --disk ID|DEV [--keep-replica] (--data-dir DIR | --token-file F --ca F) [--server URL]
+
+Stops protecting the disk: the agent drops its tracking state, and the server removes the
+replica and its recovery points (unless --keep-replica).
+`,
+  'push-install': `Usage: mobility push-install --host H[:PORT]... --user U (--key F | --password-file F | --account NAME) [options]
+
+Installs the agent on Linux hosts over SSH, in parallel: connect, remote preflight
+(root or passwordless sudo, Linux x86_64/aarch64, Node.js 20+, free space), upload the
+bundle over SFTP, run install.sh with a one-time token, wait until the agent connects.
+Each host ends with ok or a MOB_ERR_PUSH_* code (docs/errors.md). Exit 0 only when every
+host succeeded.
+
+Options:
+  --host H[:PORT]     repeatable; or --hosts-file F (one per line)
+  --port P            SSH port (default 22)
+  --user U            account (root, or one with passwordless sudo)
+  --key F             private key file; --password-file F: file holding the password
+  --account NAME      a stored push account (mobility push-account add)
+  --host-key SHA256   expected host key fingerprint (default: trust on first use)
+  --bundle F          default dist/bundle/mobility-agent-*.tar.gz
+  --prefix DIR        install root on the hosts (default /)
+  --parallel N        hosts at a time (default 4)
+  --timeout D         wait for the agent to connect (default 2m)
+  --server URL        the address agents use to reach this server (default wss://127.0.0.1:${DEFAULT_PORT})
+  --data-dir DIR      the server's data directory (token, CA, push accounts)
+  --json              results as JSON
+`,
+  'push-account': `Usage:
+  mobility push-account add --name N --user U (--key F | --password-file F) [--data-dir DIR]
+  mobility push-account list [--data-dir DIR]
+  mobility push-account remove --name N [--data-dir DIR]
+
+Push accounts live in the server's database, their secrets sealed with AES-256-GCM under
+DATA-DIR/secrets.key (0600). They are never printed or logged.
+`,
+};
+
+const CONN = {
+  server: { type: 'string' }, 'data-dir': { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' }, json: { type: 'boolean' },
+} as const;
+
+function dataDir(v: Values): string {
+  return path.resolve((v['data-dir'] as string | undefined) ?? 'mobility-data');
+}
+
+/** Operator connection: the server URL, and the admin token and CA from --token-file/--ca or the data directory. */
+async function adminConn(v: Values): Promise<{ url: URL; token: string; ca?: string; pin?: string }> {
+  const url = new URL((v.server as string | undefined) ?? `wss://127.0.0.1:${DEFAULT_PORT}`);
+  if (!/^wss?:$/.test(url.protocol)) throw new MobilityError('MOB_ERR_USAGE', '--server must be wss://HOST:PORT');
+  const tokenFile = (v['token-file'] as string | undefined) ?? path.join(dataDir(v), 'token');
+  const token = await readSecretFile(tokenFile, 'token-file');
+  let ca: string | undefined;
+  const caFile = (v.ca as string | undefined) ?? (v.pin ? undefined : path.join(dataDir(v), 'tls', 'ca.pem'));
+  if (caFile) {
+    try { ca = await fsp.readFile(caFile, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read the CA ${caFile}: ${(err as Error).message}`); }
+  }
+  return { url, token, ca, pin: v.pin as string | undefined };
+}
+
+function table(rows: string[][]): string {
+  const w = rows[0].map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
+  return rows.map((r) => r.map((x, i) => (x ?? '').padEnd(w[i])).join('  ').trimEnd()).join('\n') + '\n';
+}
+
+const durOpt = (v: Values, k: string): number | undefined => (v[k] === undefined ? undefined : parseDuration(v[k] as string));
+
+export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
+  const out = (v: Values, j: unknown, text: () => string) => process.stdout.write(v.json ? JSON.stringify(j, null, 2) + '\n' : text());
+  switch (cmd) {
+    case 'passphrase': {
+      const [sub, ...rest] = argv;
+      const { values: v } = parse(rest, { 'data-dir': { type: 'string' } });
+      if (v.help || !['show', 'rotate'].includes(sub)) { process.stdout.write(HELP.passphrase); return v.help ? EXIT.OK : EXIT.USAGE; }
+      const { ensurePassphrase, rotatePassphrase, passphraseFile } = await import('../server/registry.js');
+      const dir = dataDir(v);
+      if (sub === 'show') {
+        try { await fsp.access(dir); } catch { throw new MobilityError('MOB_ERR_CONFIG', `no server data directory at ${dir} (give --data-dir)`); }
+        process.stdout.write((await ensurePassphrase(dir)) + '\n');
+      } else {
+        const p = await rotatePassphrase(dir);
+        process.stdout.write(p + '\n');
+        process.stderr.write(`the passphrase in ${passphraseFile(dir)} was replaced; the old one no longer registers agents\n`);
+      }
+      return EXIT.OK;
+    }
+    case 'token': {
+      const [sub, ...rest] = argv;
+      const { values: v } = parse(rest, { ...CONN, label: { type: 'string' }, ttl: { type: 'string' } });
+      if (v.help || sub !== 'create') { process.stdout.write(HELP.token); return v.help ? EXIT.OK : EXIT.USAGE; }
+      const j = await api(await adminConn(v), 'POST', '/v1/tokens', { label: v.label ?? '', ttlMs: durOpt(v, 'ttl') });
+      out(v, j, () => `${String(j.token)}\n`);
+      return EXIT.OK;
+    }
+    case 'register': {
+      const { values: v } = parse(argv, {
+        server: { type: 'string' }, 'passphrase-file': { type: 'string' }, 'token-file': { type: 'string' }, config: { type: 'string' },
+        'state-dir': { type: 'string' }, pin: { type: 'string' }, 'machine-id-file': { type: 'string' }, json: { type: 'boolean' },
+      });
+      if (v.help) { process.stdout.write(HELP.register); return EXIT.OK; }
+      if (Boolean(v['passphrase-file']) === Boolean(v['token-file'])) throw new MobilityError('MOB_ERR_USAGE', 'give exactly one of --passphrase-file and --token-file');
+      const kind = v['passphrase-file'] ? 'passphrase' : 'token';
+      const secret = await readSecretFile((v['passphrase-file'] ?? v['token-file']) as string, kind === 'passphrase' ? 'passphrase-file' : 'token-file');
+      let stateDir = v['state-dir'] ? path.resolve(v['state-dir'] as string) : undefined;
+      let machineIdFile = v['machine-id-file'] as string | undefined;
+      let server = v.server as string | undefined;
+      let pin = v.pin as string | undefined;
+      if (v.config) {
+        const { loadAgentConfig } = await import('../agent/config.js');
+        const c = await loadAgentConfig(v.config as string);
+        stateDir ??= c.stateDir;
+        machineIdFile ??= c.machineIdFile;
+        server ??= c.server;
+        pin ??= c.pin;
+      }
+      if (!stateDir) throw new MobilityError('MOB_ERR_USAGE', 'give --config or --state-dir');
+      if (!server) throw new MobilityError('MOB_ERR_USAGE', '--server wss://HOST:PORT is required');
+      const { registerAgent } = await import('../install/register.js');
+      const r = await registerAgent({ server, stateDir, kind, secret, pin, machineIdFile });
+      out(v, r, () => `${r.reRegistered ? 're-registered' : 'registered'} as agent ${r.agentId} with ${server}; server certificate ${r.serverFingerprint} pinned\n`);
+      return EXIT.OK;
+    }
+    case 'agent': {
+      const { values: v } = parse(argv, { config: { type: 'string' }, 'pid-file': { type: 'string' }, 'json-logs': { type: 'boolean' } });
+      if (v.help) { process.stdout.write(HELP.agent); return EXIT.OK; }
+      if (!v.config) throw new MobilityError('MOB_ERR_USAGE', '--config is required');
+      const { AgentDaemon } = await import('../agent/daemon.js');
+      process.removeAllListeners('SIGINT');
+      const d = new AgentDaemon(path.resolve(v.config as string), { pidFile: v['pid-file'] ? path.resolve(v['pid-file'] as string) : undefined, json: v['json-logs'] ? true : undefined });
+      await d.run();
+      return EXIT.OK;
+    }
+    case 'preflight': {
+      const { values: v } = parse(argv, { server: { type: 'string' }, 'state-dir': { type: 'string' }, disk: { type: 'string', multiple: true }, json: { type: 'boolean' } });
+      if (v.help) { process.stdout.write(HELP.preflight); return EXIT.OK; }
+      const { runPreflight, formatPreflight } = await import('../install/preflight.js');
+      const checks = await runPreflight({ serverUrl: v.server as string | undefined, stateDir: path.resolve((v['state-dir'] as string | undefined) ?? '/var/lib/mobility'), disks: v.disk as string[] | undefined });
+      const ok = checks.every((c) => c.ok);
+      out(v, { ok, checks }, () => formatPreflight(checks) + (ok ? 'preflight: all checks passed\n' : 'preflight: FAILED\n'));
+      if (!ok && !v.json) {
+        const first = checks.find((c) => !c.ok)!;
+        process.stderr.write(`MOBILITY-PREFLIGHT fail ${first.code ?? 'MOB_ERR_PREFLIGHT'} ${first.message}\n`);
+      }
+      return ok ? EXIT.OK : EXIT.CONFIG;
+    }
+    case 'machines': {
+      const { values: v } = parse(argv, CONN);
+      if (v.help) { process.stdout.write(HELP.machines); return EXIT.OK; }
+      const j = await api(await adminConn(v), 'GET', '/v1/machines');
+      const { formatMachines } = await import('../agent/inventory.js');
+      type M = { agentId: string; hostname: string; connected: boolean; lastSeen: string | null; inventory: import('../agent/inventory.js').Inventory | null; policy: string; disks: { diskId: string; device: string }[] };
+      const ms = (j.machines ?? []) as M[];
+      out(v, j, () => ms.length === 0 ? 'no registered machines\n' : formatMachines(ms.map((m) => ({ ...m, disks: m.disks.length })))
+        + ms.filter((m) => m.disks.length).map((m) => `${m.agentId}: policy ${m.policy}; protected ${m.disks.map((d) => `${d.diskId} (${d.device})`).join(', ')}`).join('\n') + (ms.some((m) => m.disks.length) ? '\n' : ''));
+      return EXIT.OK;
+    }
+    case 'policy': {
+      const [sub, ...rest] = argv;
+      const { values: v, positionals } = parse(rest, {
+        ...CONN, rpo: { type: 'string' }, retention: { type: 'string' }, 'crash-interval': { type: 'string' }, 'app-interval': { type: 'string' },
+        'no-compress': { type: 'boolean' }, compress: { type: 'boolean' }, 'max-rate': { type: 'string' }, machine: { type: 'string' }, policy: { type: 'string' },
+      }, true);
+      if (v.help || !['create', 'list', 'assign'].includes(sub)) { process.stdout.write(HELP.policy); return v.help ? EXIT.OK : EXIT.USAGE; }
+      const c = await adminConn(v);
+      type P = { name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number };
+      const fmt = (ps: P[]) => table([['POLICY', 'RPO ALERT', 'RETENTION', 'CRASH', 'APP', 'COMPRESS', 'MAX RATE'],
+        ...ps.map((p) => [p.name, fmtAge(p.rpoThresholdMs), fmtAge(p.retentionMs), fmtAge(p.crashIntervalMs), p.appIntervalMs ? fmtAge(p.appIntervalMs) : 'off', p.compress ? 'lz4' : 'no', p.bandwidthBytes ? `${fmtBytes(p.bandwidthBytes)}/s` : 'unlimited'])]);
+      if (sub === 'list') {
+        const j = await api(c, 'GET', '/v1/policies');
+        out(v, j, () => fmt(j.policies as P[]));
+      } else if (sub === 'create') {
+        const name = positionals[0];
+        if (!name) throw new MobilityError('MOB_ERR_USAGE', 'policy create needs a NAME');
+        const j = await api(c, 'POST', '/v1/policies', {
+          name, rpoThresholdMs: durOpt(v, 'rpo'), retentionMs: durOpt(v, 'retention'), crashIntervalMs: durOpt(v, 'crash-interval'), appIntervalMs: durOpt(v, 'app-interval'),
+          compress: v['no-compress'] ? false : v.compress ? true : undefined, bandwidthBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
+        });
+        out(v, j, () => fmt([j.policy as P]));
+      } else {
+        if (!v.machine || !v.policy) throw new MobilityError('MOB_ERR_USAGE', 'policy assign needs --machine and --policy');
+        const j = await api(c, 'POST', '/v1/policies/assign', { machine: v.machine, policy: v.policy });
+        out(v, j, () => `machine ${String(j.agentId)} now replicates under policy ${(j.policy as P).name}${j.pushed ? '' : ' (the agent is offline; it gets the policy when it connects)'}\n`);
+      }
+      return EXIT.OK;
+    }
+    case 'enable': case 'disable': {
+      const { values: v } = parse(argv, { ...CONN, machine: { type: 'string' }, disk: { type: 'string' }, 'disk-id': { type: 'string' }, policy: { type: 'string' }, 'keep-replica': { type: 'boolean' } });
+      if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
+      if (!v.machine || !v.disk) throw new MobilityError('MOB_ERR_USAGE', `${cmd} needs --machine and --disk`);
+      const c = await adminConn(v);
+      if (cmd === 'enable') {
+        const j = await api(c, 'POST', '/v1/enable', { machine: v.machine, disk: v.disk, diskId: v['disk-id'], policy: v.policy });
+        out(v, j, () => `enabled ${String(j.diskId)} (${String(j.device)}) on ${String(j.agentId)} under policy ${String(j.policy)}; preflight passed; initial replication starts now (mobility status shows progress)\n`);
+      } else {
+        const j = await api(c, 'POST', '/v1/disable', { machine: v.machine, disk: v.disk, keepReplica: Boolean(v['keep-replica']) });
+        out(v, j, () => `disabled ${String(j.diskId)} on ${String(j.agentId)}${j.replicaRemoved ? '; replica and recovery points removed' : '; replica kept'}\n`);
+      }
+      return EXIT.OK;
+    }
+    case 'push-account': {
+      const [sub, ...rest] = argv;
+      const { values: v } = parse(rest, { 'data-dir': { type: 'string' }, name: { type: 'string' }, user: { type: 'string' }, key: { type: 'string' }, 'password-file': { type: 'string' }, json: { type: 'boolean' } });
+      if (v.help || !['add', 'list', 'remove'].includes(sub)) { process.stdout.write(HELP['push-account']); return v.help ? EXIT.OK : EXIT.USAGE; }
+      const { ConfigDb } = await import('../server/config-db.js');
+      const db = ConfigDb.open(dataDir(v));
+      try {
+        if (sub === 'list') {
+          const rows = db.listPushAccounts();
+          out(v, rows, () => rows.length ? table([['NAME', 'USER', 'KIND', 'CREATED'], ...rows.map((r) => [r.name, r.user, r.kind, r.createdAt])]) : 'no push accounts\n');
+        } else if (sub === 'remove') {
+          if (!v.name) throw new MobilityError('MOB_ERR_USAGE', '--name is required');
+          if (!db.removePushAccount(v.name as string)) throw new MobilityError('MOB_ERR_CONFIG', `no push account named ${String(v.name)}`);
+          process.stdout.write(`removed push account ${String(v.name)}\n`);
+        } else {
+          if (!v.name || !v.user) throw new MobilityError('MOB_ERR_USAGE', '--name and --user are required');
+          if (Boolean(v.key) === Boolean(v['password-file'])) throw new MobilityError('MOB_ERR_USAGE', 'give exactly one of --key and --password-file');
+          const secret = v.key ? await readSecretFile(v.key as string, 'key') : await readSecretFile(v['password-file'] as string, 'password-file');
+          db.putPushAccount({ name: v.name as string, user: v.user as string, kind: v.key ? 'key' : 'password', secret: v.key ? secret + '\n' : secret });
+          process.stdout.write(`stored push account ${String(v.name)} (${v.key ? 'key' : 'password'}, encrypted at rest)\n`);
+        }
+      } finally {
+        db.close();
+      }
+      return EXIT.OK;
+    }
+    case 'push-install': {
+      const { values: v } = parse(argv, {
+        ...CONN, host: { type: 'string', multiple: true }, 'hosts-file': { type: 'string' }, port: { type: 'string' }, user: { type: 'string' }, key: { type: 'string' },
+        'password-file': { type: 'string' }, account: { type: 'string' }, 'host-key': { type: 'string' }, bundle: { type: 'string' }, prefix: { type: 'string' },
+        parallel: { type: 'string' }, timeout: { type: 'string' },
+      });
+      if (v.help) { process.stdout.write(HELP['push-install']); return EXIT.OK; }
+      const { pushInstall } = await import('./push-cli.js');
+      return pushInstall(v, await adminConn(v), dataDir(v));
+    }
+    default:
+      throw new MobilityError('MOB_ERR_USAGE', `unknown command ${cmd}`);
+  }
+}

@@ -1,0 +1,288 @@
+/**
+ * The configuration server's state: registered machines, one-time install
+ * tokens, replication policies, enabled disks and push accounts, in an
+ * embedded SQLite database (<data-dir>/config.db, mode 0600, WAL journal).
+ *
+ * Schema changes are numbered migrations applied in one transaction each;
+ * PRAGMA user_version records the last applied one, so an older database is
+ * upgraded in place on start and a newer one is refused (never downgraded).
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import Database from 'better-sqlite3';
+import { MobilityError } from '../errors.js';
+
+export const MIGRATIONS: string[] = [
+  // 1: initial schema
+  `CREATE TABLE policies (
+     name TEXT PRIMARY KEY,
+     rpo_threshold_ms INTEGER NOT NULL,
+     retention_ms INTEGER NOT NULL,
+     crash_interval_ms INTEGER NOT NULL,
+     app_interval_ms INTEGER NOT NULL,
+     compress INTEGER NOT NULL,
+     bandwidth_bytes INTEGER NOT NULL,
+     created_at TEXT NOT NULL);
+   INSERT INTO policies VALUES ('default', 900000, 86400000, 300000, 3600000, 1, 0, strftime('%Y-%m-%dT%H:%M:%fZ','now'));
+   CREATE TABLE agents (
+     id TEXT PRIMARY KEY,
+     machine_id TEXT NOT NULL UNIQUE,
+     hostname TEXT NOT NULL,
+     cert_fingerprint TEXT NOT NULL,
+     registered_at TEXT NOT NULL,
+     registered_with TEXT NOT NULL,
+     last_seen TEXT,
+     inventory TEXT,
+     inventory_at TEXT,
+     policy TEXT REFERENCES policies(name));
+   CREATE TABLE tokens (
+     id TEXT PRIMARY KEY,
+     hash TEXT NOT NULL,
+     label TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     expires_at TEXT NOT NULL,
+     used_at TEXT,
+     used_by TEXT);
+   CREATE TABLE disks (
+     agent_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+     disk_id TEXT NOT NULL,
+     device TEXT NOT NULL,
+     enabled_at TEXT NOT NULL,
+     PRIMARY KEY (agent_id, disk_id));
+   CREATE TABLE push_accounts (
+     name TEXT PRIMARY KEY,
+     user TEXT NOT NULL,
+     kind TEXT NOT NULL CHECK (kind IN ('key', 'password')),
+     secret BLOB NOT NULL,
+     created_at TEXT NOT NULL);`,
+];
+
+export interface Policy {
+  name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number;
+  compress: boolean; bandwidthBytes: number; createdAt: string;
+}
+
+export interface AgentRow {
+  id: string; machineId: string; hostname: string; certFingerprint: string; registeredAt: string; registeredWith: string;
+  lastSeen: string | null; inventory: unknown; inventoryAt: string | null; policy: string | null;
+}
+
+export interface DiskRow { agentId: string; diskId: string; device: string; enabledAt: string }
+
+export interface TokenRow { id: string; hash: string; label: string; createdAt: string; expiresAt: string; usedAt: string | null; usedBy: string | null }
+
+export interface PushAccount { name: string; user: string; kind: 'key' | 'password'; secret: string; createdAt: string }
+
+const now = () => new Date().toISOString();
+
+function rowToPolicy(r: Record<string, unknown>): Policy {
+  return {
+    name: r.name as string, rpoThresholdMs: r.rpo_threshold_ms as number, retentionMs: r.retention_ms as number,
+    crashIntervalMs: r.crash_interval_ms as number, appIntervalMs: r.app_interval_ms as number, compress: r.compress === 1,
+    bandwidthBytes: r.bandwidth_bytes as number, createdAt: r.created_at as string,
+  };
+}
+
+function rowToAgent(r: Record<string, unknown>): AgentRow {
+  let inventory: unknown = null;
+  if (typeof r.inventory === 'string') {
+    try { inventory = JSON.parse(r.inventory); } catch { inventory = null; }
+  }
+  return {
+    id: r.id as string, machineId: r.machine_id as string, hostname: r.hostname as string, certFingerprint: r.cert_fingerprint as string,
+    registeredAt: r.registered_at as string, registeredWith: r.registered_with as string, lastSeen: (r.last_seen as string | null) ?? null,
+    inventory, inventoryAt: (r.inventory_at as string | null) ?? null, policy: (r.policy as string | null) ?? null,
+  };
+}
+
+/** AES-256-GCM with a key kept in <data-dir>/secrets.key (0600): push-account secrets at rest. */
+class SecretBox {
+  constructor(private readonly key: Buffer) {}
+  static load(dataDir: string): SecretBox {
+    const file = path.join(dataDir, 'secrets.key');
+    let key: Buffer;
+    try {
+      key = fs.readFileSync(file);
+      if (key.length !== 32) throw new MobilityError('MOB_ERR_STATE_CORRUPT', `${file} is not a 32-byte key`);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      key = crypto.randomBytes(32);
+      fs.writeFileSync(file, key, { mode: 0o600, flag: 'wx' });
+    }
+    return new SecretBox(key);
+  }
+  seal(plain: string, aad: string): Buffer {
+    const iv = crypto.randomBytes(12);
+    const c = crypto.createCipheriv('aes-256-gcm', this.key, iv);
+    c.setAAD(Buffer.from(aad));
+    const body = Buffer.concat([c.update(plain, 'utf8'), c.final()]);
+    return Buffer.concat([Buffer.from([1]), iv, c.getAuthTag(), body]);
+  }
+  open(sealed: Buffer, aad: string): string {
+    if (sealed.length < 29 || sealed[0] !== 1) throw new MobilityError('MOB_ERR_STATE_CORRUPT', 'a stored secret has an unknown format');
+    const d = crypto.createDecipheriv('aes-256-gcm', this.key, sealed.subarray(1, 13));
+    d.setAAD(Buffer.from(aad));
+    d.setAuthTag(sealed.subarray(13, 29));
+    try {
+      return Buffer.concat([d.update(sealed.subarray(29)), d.final()]).toString('utf8');
+    } catch {
+      throw new MobilityError('MOB_ERR_STATE_CORRUPT', 'a stored secret does not decrypt with secrets.key (was the key replaced?)');
+    }
+  }
+}
+
+export class ConfigDb {
+  private readonly db: Database.Database;
+  private readonly box: SecretBox;
+  readonly schemaVersion: number;
+
+  private constructor(readonly file: string, dataDir: string) {
+    const existed = fs.existsSync(file);
+    this.db = new Database(file);
+    if (!existed) fs.chmodSync(file, 0o600);
+    this.db.pragma('journal_mode = WAL');
+    this.db.pragma('synchronous = FULL');
+    this.db.pragma('foreign_keys = ON');
+    this.db.pragma('busy_timeout = 5000');
+    this.schemaVersion = this.migrate();
+    this.box = SecretBox.load(dataDir);
+  }
+
+  static open(dataDir: string): ConfigDb {
+    fs.mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+    try {
+      return new ConfigDb(path.join(dataDir, 'config.db'), dataDir);
+    } catch (err) {
+      if (err instanceof MobilityError) throw err;
+      throw new MobilityError('MOB_ERR_STATE_CORRUPT', `cannot open the configuration database: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  private migrate(): number {
+    const current = this.db.pragma('user_version', { simple: true }) as number;
+    if (current > MIGRATIONS.length) {
+      throw new MobilityError('MOB_ERR_STATE_CORRUPT', `config.db has schema version ${current}, newer than this server (${MIGRATIONS.length}); upgrade the server`);
+    }
+    for (let v = current; v < MIGRATIONS.length; v++) {
+      this.db.transaction(() => {
+        this.db.exec(MIGRATIONS[v]);
+        this.db.pragma(`user_version = ${v + 1}`);
+      })();
+    }
+    return MIGRATIONS.length;
+  }
+
+  close(): void { this.db.close(); }
+
+  // ---- policies
+  listPolicies(): Policy[] {
+    return (this.db.prepare('SELECT * FROM policies ORDER BY name').all() as Record<string, unknown>[]).map(rowToPolicy);
+  }
+  getPolicy(name: string): Policy {
+    const r = this.db.prepare('SELECT * FROM policies WHERE name = ?').get(name) as Record<string, unknown> | undefined;
+    if (!r) throw new MobilityError('MOB_ERR_UNKNOWN_POLICY', `no policy named ${JSON.stringify(name)} (see mobility policy list)`);
+    return rowToPolicy(r);
+  }
+  /** Creates or replaces a policy. */
+  putPolicy(p: Omit<Policy, 'createdAt'>): Policy {
+    this.db.prepare(`INSERT INTO policies (name, rpo_threshold_ms, retention_ms, crash_interval_ms, app_interval_ms, compress, bandwidth_bytes, created_at)
+      VALUES (@name, @rpo, @ret, @crash, @app, @compress, @bw, @at)
+      ON CONFLICT(name) DO UPDATE SET rpo_threshold_ms = @rpo, retention_ms = @ret, crash_interval_ms = @crash, app_interval_ms = @app, compress = @compress, bandwidth_bytes = @bw`)
+      .run({ name: p.name, rpo: p.rpoThresholdMs, ret: p.retentionMs, crash: p.crashIntervalMs, app: p.appIntervalMs, compress: p.compress ? 1 : 0, bw: p.bandwidthBytes, at: now() });
+    return this.getPolicy(p.name);
+  }
+
+  // ---- agents
+  getAgent(id: string): AgentRow | null {
+    const r = this.db.prepare('SELECT * FROM agents WHERE id = ?').get(id) as Record<string, unknown> | undefined;
+    return r ? rowToAgent(r) : null;
+  }
+  agentByMachine(machineId: string): AgentRow | null {
+    const r = this.db.prepare('SELECT * FROM agents WHERE machine_id = ?').get(machineId) as Record<string, unknown> | undefined;
+    return r ? rowToAgent(r) : null;
+  }
+  /** By id, then by hostname (unique match only). */
+  findAgent(ref: string): AgentRow {
+    const a = this.getAgent(ref);
+    if (a) return a;
+    const rows = (this.db.prepare('SELECT * FROM agents WHERE hostname = ?').all(ref) as Record<string, unknown>[]).map(rowToAgent);
+    if (rows.length === 1) return rows[0];
+    if (rows.length > 1) throw new MobilityError('MOB_ERR_UNKNOWN_MACHINE', `${rows.length} machines are named ${ref}: use the agent id (${rows.map((r) => r.id).join(', ')})`);
+    throw new MobilityError('MOB_ERR_UNKNOWN_MACHINE', `no registered machine has id or hostname ${JSON.stringify(ref)} (see mobility machines)`);
+  }
+  listAgents(): AgentRow[] {
+    return (this.db.prepare('SELECT * FROM agents ORDER BY id').all() as Record<string, unknown>[]).map(rowToAgent);
+  }
+  upsertAgent(a: { id: string; machineId: string; hostname: string; certFingerprint: string; registeredWith: string }): void {
+    this.db.prepare(`INSERT INTO agents (id, machine_id, hostname, cert_fingerprint, registered_at, registered_with)
+      VALUES (@id, @machineId, @hostname, @certFingerprint, @at, @registeredWith)
+      ON CONFLICT(id) DO UPDATE SET hostname = @hostname, cert_fingerprint = @certFingerprint, registered_at = @at, registered_with = @registeredWith`)
+      .run({ ...a, at: now() });
+  }
+  touchAgent(id: string): void {
+    this.db.prepare('UPDATE agents SET last_seen = ? WHERE id = ?').run(now(), id);
+  }
+  setInventory(id: string, inventory: unknown): void {
+    this.db.prepare('UPDATE agents SET inventory = ?, inventory_at = ?, last_seen = ? WHERE id = ?').run(JSON.stringify(inventory), now(), now(), id);
+  }
+  setAgentPolicy(id: string, policy: string | null): void {
+    if (policy !== null) this.getPolicy(policy);
+    this.db.prepare('UPDATE agents SET policy = ? WHERE id = ?').run(policy, id);
+  }
+
+  // ---- one-time tokens: "<id>.<secret>"; only sha256(secret) is stored
+  createToken(label: string, ttlMs: number): string {
+    const id = crypto.randomBytes(6).toString('hex');
+    const secret = crypto.randomBytes(24).toString('base64url');
+    this.db.prepare('INSERT INTO tokens (id, hash, label, created_at, expires_at) VALUES (?, ?, ?, ?, ?)')
+      .run(id, crypto.createHash('sha256').update(secret).digest('hex'), label, now(), new Date(Date.now() + ttlMs).toISOString());
+    return `${id}.${secret}`;
+  }
+  getToken(id: string): TokenRow | null {
+    const r = this.db.prepare('SELECT * FROM tokens WHERE id = ?').get(id) as Record<string, unknown> | undefined;
+    if (!r) return null;
+    return {
+      id: r.id as string, hash: r.hash as string, label: r.label as string, createdAt: r.created_at as string, expiresAt: r.expires_at as string,
+      usedAt: (r.used_at as string | null) ?? null, usedBy: (r.used_by as string | null) ?? null,
+    };
+  }
+  /** Marks the token used; false when it was already used (the check and the mark are one statement). */
+  consumeToken(id: string, usedBy: string): boolean {
+    return this.db.prepare('UPDATE tokens SET used_at = ?, used_by = ? WHERE id = ? AND used_at IS NULL').run(now(), usedBy, id).changes === 1;
+  }
+
+  // ---- enabled disks
+  listDisks(agentId?: string): DiskRow[] {
+    const rows = (agentId === undefined
+      ? this.db.prepare('SELECT * FROM disks ORDER BY agent_id, disk_id').all()
+      : this.db.prepare('SELECT * FROM disks WHERE agent_id = ? ORDER BY disk_id').all(agentId)) as Record<string, unknown>[];
+    return rows.map((r) => ({ agentId: r.agent_id as string, diskId: r.disk_id as string, device: r.device as string, enabledAt: r.enabled_at as string }));
+  }
+  enableDisk(agentId: string, diskId: string, device: string): void {
+    this.db.prepare(`INSERT INTO disks (agent_id, disk_id, device, enabled_at) VALUES (?, ?, ?, ?)
+      ON CONFLICT(agent_id, disk_id) DO UPDATE SET device = excluded.device`).run(agentId, diskId, device, now());
+  }
+  disableDisk(agentId: string, diskId: string): boolean {
+    return this.db.prepare('DELETE FROM disks WHERE agent_id = ? AND disk_id = ?').run(agentId, diskId).changes === 1;
+  }
+
+  // ---- push accounts (secret sealed with secrets.key)
+  putPushAccount(a: { name: string; user: string; kind: 'key' | 'password'; secret: string }): void {
+    this.db.prepare(`INSERT INTO push_accounts (name, user, kind, secret, created_at) VALUES (?, ?, ?, ?, ?)
+      ON CONFLICT(name) DO UPDATE SET user = excluded.user, kind = excluded.kind, secret = excluded.secret`)
+      .run(a.name, a.user, a.kind, this.box.seal(a.secret, a.name), now());
+  }
+  getPushAccount(name: string): PushAccount {
+    const r = this.db.prepare('SELECT * FROM push_accounts WHERE name = ?').get(name) as Record<string, unknown> | undefined;
+    if (!r) throw new MobilityError('MOB_ERR_CONFIG', `no push account named ${JSON.stringify(name)} (see mobility push-account list)`);
+    return { name: r.name as string, user: r.user as string, kind: r.kind as 'key' | 'password', secret: this.box.open(r.secret as Buffer, r.name as string), createdAt: r.created_at as string };
+  }
+  listPushAccounts(): Omit<PushAccount, 'secret'>[] {
+    return (this.db.prepare('SELECT name, user, kind, created_at FROM push_accounts ORDER BY name').all() as Record<string, unknown>[])
+      .map((r) => ({ name: r.name as string, user: r.user as string, kind: r.kind as 'key' | 'password', createdAt: r.created_at as string }));
+  }
+  removePushAccount(name: string): boolean {
+    return this.db.prepare('DELETE FROM push_accounts WHERE name = ?').run(name).changes === 1;
+  }
+}

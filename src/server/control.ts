@@ -1,0 +1,165 @@
+/**
+ * The control connection: one WebSocket per registered agent (/v1/control,
+ * authenticated by the agent's client certificate), JSON text messages. The
+ * server pushes the agent's assignments (disks to protect and the policy that
+ * governs them) whenever they change, asks it to run preflight checks, and
+ * receives its inventory. See docs/protocol.md, "Control channel".
+ */
+import crypto from 'node:crypto';
+import type { WebSocket } from 'ws';
+import { MobilityError, toMobilityError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { ConfigDb, Policy } from './config-db.js';
+
+export const CONTROL_PING_MS = 15_000;
+const PREFLIGHT_TIMEOUT_MS = 60_000;
+
+export interface Assignment { diskId: string; device: string }
+export interface AssignmentsMessage { type: 'assignments'; agentId: string; policy: Policy; disks: Assignment[] }
+
+export interface PreflightReply { ok: boolean; checks: { id: string; ok: boolean; code?: string; message: string; fix?: string }[] }
+
+class ControlSession {
+  private readonly pending = new Map<string, { resolve: (r: PreflightReply) => void; reject: (e: MobilityError) => void; timer: NodeJS.Timeout }>();
+  private alive = true;
+  private readonly ping: NodeJS.Timeout;
+  ready = false;
+
+  constructor(readonly hub: ControlHub, readonly agentId: string, readonly ws: WebSocket, readonly log: Logger) {
+    ws.on('message', (data, isBinary) => this.onMessage(data as Buffer, isBinary));
+    ws.on('pong', () => { this.alive = true; });
+    ws.on('close', () => this.closed());
+    ws.on('error', () => this.closed());
+    this.ping = setInterval(() => {
+      if (!this.alive) { ws.terminate(); return; }
+      this.alive = false;
+      ws.ping();
+    }, CONTROL_PING_MS);
+    this.ping.unref();
+  }
+
+  send(msg: object): void {
+    if (this.ws.readyState === this.ws.OPEN) this.ws.send(JSON.stringify(msg));
+  }
+
+  fail(err: MobilityError): void {
+    this.send({ type: 'error', code: err.code, message: err.message });
+    this.ws.close(1008, err.code);
+  }
+
+  private onMessage(data: Buffer, isBinary: boolean): void {
+    try {
+      if (isBinary) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'control messages are JSON text');
+      let m: Record<string, unknown>;
+      try {
+        m = JSON.parse(data.toString('utf8')) as Record<string, unknown>;
+      } catch {
+        throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a control message is not JSON');
+      }
+      if (typeof m !== 'object' || m === null) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a control message is not an object');
+      if (!this.ready && m.type !== 'hello') throw new MobilityError('MOB_ERR_HANDSHAKE', 'the first control message must be a hello');
+      switch (m.type) {
+        case 'hello': return this.onHello(m);
+        case 'inventory':
+          this.hub.db.setInventory(this.agentId, m.inventory ?? null);
+          this.log.info('inventory received', { agent: this.agentId });
+          return;
+        case 'preflight-result': {
+          const p = this.pending.get(String(m.id));
+          if (!p) return;
+          this.pending.delete(String(m.id));
+          clearTimeout(p.timer);
+          const checks = Array.isArray(m.checks) ? (m.checks as PreflightReply['checks']) : [];
+          p.resolve({ ok: checks.every((c) => c.ok), checks });
+          return;
+        }
+        case 'event':
+          this.hub.db.touchAgent(this.agentId);
+          this.log.info('agent event', { agent: this.agentId, ...(typeof m.event === 'object' && m.event ? m.event : {}) });
+          return;
+        default:
+          throw new MobilityError('MOB_ERR_UNKNOWN_MESSAGE', `unknown control message type ${JSON.stringify(m.type)}`);
+      }
+    } catch (err) {
+      this.fail(toMobilityError(err));
+    }
+  }
+
+  private onHello(m: Record<string, unknown>): void {
+    if (this.ready) throw new MobilityError('MOB_ERR_HANDSHAKE', 'hello sent twice');
+    const row = this.hub.db.getAgent(this.agentId);
+    if (!row) throw new MobilityError('MOB_ERR_NOT_REGISTERED', `agent ${this.agentId} is not registered`);
+    const machineId = typeof m.machineId === 'string' ? m.machineId.toLowerCase() : '';
+    if (machineId !== row.machineId) {
+      this.log.warn('clone refused', { agent: this.agentId, registeredMachine: row.machineId, machineId });
+      throw new MobilityError('MOB_ERR_CLONE', `agent ${this.agentId} is registered for machine ${row.machineId}, but this machine's id is ${machineId || '(none)'}: a cloned machine or copied agent state; remove the agent state and register the clone as a new machine`);
+    }
+    this.ready = true;
+    const prev = this.hub.sessions.get(this.agentId);
+    if (prev && prev !== this) prev.fail(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'superseded by a newer control connection of the same agent'));
+    this.hub.sessions.set(this.agentId, this);
+    this.hub.db.touchAgent(this.agentId);
+    this.log.info('agent control connected', { agent: this.agentId, version: m.agentVersion });
+    this.send(this.hub.assignments(this.agentId));
+  }
+
+  preflight(disks: string[]): Promise<PreflightReply> {
+    const id = crypto.randomBytes(8).toString('hex');
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${this.agentId} did not answer the preflight request within ${PREFLIGHT_TIMEOUT_MS / 1000} s`));
+      }, PREFLIGHT_TIMEOUT_MS);
+      this.pending.set(id, { resolve, reject, timer });
+      this.send({ type: 'preflight', id, disks });
+    });
+  }
+
+  private closed(): void {
+    clearInterval(this.ping);
+    for (const p of this.pending.values()) {
+      clearTimeout(p.timer);
+      p.reject(new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${this.agentId} disconnected`));
+    }
+    this.pending.clear();
+    if (this.hub.sessions.get(this.agentId) === this) {
+      this.hub.sessions.delete(this.agentId);
+      this.log.info('agent control disconnected', { agent: this.agentId });
+    }
+  }
+}
+
+export class ControlHub {
+  readonly sessions = new Map<string, ControlSession>();
+  constructor(readonly db: ConfigDb, readonly log: Logger) {}
+
+  attach(ws: WebSocket, agentId: string, peer: string): void {
+    new ControlSession(this, agentId, ws, this.log.child({ peer }));
+  }
+
+  connected(agentId: string): boolean { return this.sessions.has(agentId); }
+
+  assignments(agentId: string): AssignmentsMessage {
+    const row = this.db.getAgent(agentId);
+    const policy = this.db.getPolicy(row?.policy ?? 'default');
+    return { type: 'assignments', agentId, policy, disks: this.db.listDisks(agentId).map((d) => ({ diskId: d.diskId, device: d.device })) };
+  }
+
+  /** Sends the agent its current assignments; false when it is not connected (it gets them when it connects). */
+  push(agentId: string): boolean {
+    const s = this.sessions.get(agentId);
+    if (!s) return false;
+    s.send(this.assignments(agentId));
+    return true;
+  }
+
+  async preflight(agentId: string, disks: string[]): Promise<PreflightReply> {
+    const s = this.sessions.get(agentId);
+    if (!s) throw new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${agentId} is not connected, so its preflight checks cannot run; start it (systemctl start mobility-agent) and retry`);
+    return s.preflight(disks);
+  }
+
+  close(): void {
+    for (const s of this.sessions.values()) s.fail(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'server is stopping'));
+  }
+}
