@@ -70,9 +70,6 @@ const MAX_LINE_CHARS = 64 * 1024;
 /** Failure messages quote at most this much of the script's other output. */
 const MAX_TAIL_CHARS = 2000;
 
-export const PUSH_ENV_PASSWORD = 'MOBILITY_PUSH_PASSWORD';
-export const PUSH_ENV_TOKEN = 'MOBILITY_PUSH_TOKEN';
-
 /** The environment variables that carry the secrets into the PowerShell process. */
 export interface PushShellEnv {
   MOBILITY_PUSH_PASSWORD: string;
