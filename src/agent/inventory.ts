@@ -8,15 +8,19 @@
  * collectInventory only reads (sysfs, /proc, lsblk through systeminformation),
  * so it is safe to call at any time and from several places at once.
  *
- * Cost: about 50 ms on a small VM. The systeminformation calls run in parallel;
- * diskLayout (which runs smartctl on every disk) is only used for disk models
- * and is cut off after DISK_LAYOUT_TIMEOUT_MS. Network interfaces do not come
- * from si.networkInterfaces(): on Linux it runs a shell script with execSync
- * for every interface (about 30 ms each, plus nmcli when NetworkManager is
- * installed), which blocks the event loop, so Promise.all cannot overlap it and
- * heartbeats stall on hosts with many interfaces. It also reports one IPv4 and
- * one IPv6 address per interface. os.networkInterfaces() plus /sys/class/net
- * gives every address without a child process.
+ * Cost: about 40-70 ms on a small (2-core) VM. The systeminformation calls that stay
+ * (cpu, blockDevices, diskLayout, uuid) run in parallel; diskLayout (which runs
+ * smartctl on every disk) is only used for disk models and is cut off after
+ * DISK_LAYOUT_TIMEOUT_MS. Two calls are avoided on Linux because they run
+ * child processes with execSync, which blocks the event loop (Promise.all
+ * cannot overlap them, and heartbeats stall meanwhile):
+ *  - si.osInfo() runs `hostname -f`, a DNS lookup when the hostname is not in
+ *    /etc/hosts: with an unreachable resolver it blocked 2 s per resolver
+ *    timeout. Distro and release come from /etc/os-release instead.
+ *  - si.networkInterfaces() runs a shell script per interface (about 30 ms
+ *    each, plus nmcli when NetworkManager is installed) and reports only one
+ *    IPv4 and one IPv6 address per interface. os.networkInterfaces() plus
+ *    /sys/class/net gives every address without a child process.
  */
 import fsp from 'node:fs/promises';
 import os from 'node:os';
@@ -79,7 +83,7 @@ export async function collectInventory(opts: { machineIdFile?: string } = {}): P
   const collectedAt = new Date().toISOString();
   const [machineId, osInfo, cpu, blocks, layout, nics] = await Promise.all([
     readMachineId(opts.machineIdFile),
-    si.osInfo().catch(() => null),
+    readOsRelease(),
     si.cpu().catch(() => null),
     si.blockDevices().catch(() => []),
     bounded(si.diskLayout(), DISK_LAYOUT_TIMEOUT_MS, []),
@@ -92,11 +96,11 @@ export async function collectInventory(opts: { machineIdFile?: string } = {}): P
     machineId,
     hostname: os.hostname(),
     os: {
-      platform: osInfo?.platform || process.platform,
-      distro: osInfo?.distro ?? '',
-      release: osInfo?.release ?? '',
+      platform: process.platform,
+      distro: osInfo.distro,
+      release: osInfo.release,
       kernel: os.release(),
-      arch: osInfo?.arch || os.arch(),
+      arch: os.arch(),
     },
     cpu: {
       model: [cpu?.manufacturer, cpu?.brand].filter(Boolean).join(' ') || cpus[0]?.model.trim() || '',
@@ -108,6 +112,27 @@ export async function collectInventory(opts: { machineIdFile?: string } = {}): P
     collectedAt,
     collectMs: Math.round(performance.now() - started),
   };
+}
+
+/**
+ * Distro name and version: /etc/os-release (NAME, VERSION_ID) on Linux, as
+ * systeminformation reads them but without its `hostname -f`; si.osInfo() elsewhere.
+ */
+async function readOsRelease(): Promise<{ distro: string; release: string }> {
+  if (process.platform === 'linux') {
+    for (const file of ['/etc/os-release', '/usr/lib/os-release']) {
+      let text: string;
+      try { text = await fsp.readFile(file, 'utf8'); } catch { continue; }
+      const v = new Map<string, string>();
+      for (const line of text.split('\n')) {
+        const m = /^([A-Z0-9_]+)=(.*)$/.exec(line.trim());
+        if (m) v.set(m[1], m[2].replace(/^(["'])(.*)\1$/, '$2'));
+      }
+      return { distro: v.get('NAME') ?? v.get('ID') ?? '', release: v.get('VERSION_ID') ?? '' };
+    }
+  }
+  const info = await si.osInfo().catch(() => null);
+  return { distro: info?.distro ?? '', release: info?.release ?? '' };
 }
 
 /** The lsblk fields disksFrom reads (a subset of si.Systeminformation.BlockDevicesData). */
@@ -290,7 +315,7 @@ export interface MachineRow {
 }
 
 /**
- * A fixed-width table, header line first, one line per row, no trailing newline:
+ * A fixed-width table, header line first, one line per row, each line ending in "\n":
  * AGENT HOSTNAME STATE OS KERNEL CPU MEM DISKS IPS [POLICY] [PROTECTED] LAST SEEN.
  * Inventory columns show "-" for a row without inventory. The inventory is JSON
  * an agent sent, so fields it lacks show "-" rather than throwing.
@@ -323,5 +348,5 @@ export function formatMachines(rows: MachineRow[]): string {
   });
   const all = [header, ...table];
   const widths = header.map((_, i) => Math.max(...all.map((cells) => cells[i].length)));
-  return all.map((cells) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ')).join('\n');
+  return all.map((cells) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]))).join('  ') + '\n').join('');
 }

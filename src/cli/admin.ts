@@ -224,7 +224,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       type M = { agentId: string; hostname: string; connected: boolean; lastSeen: string | null; inventory: import('../agent/inventory.js').Inventory | null; policy: string; disks: { diskId: string; device: string }[] };
       const ms = (j.machines ?? []) as M[];
       out(v, j, () => ms.length === 0 ? 'no registered machines\n' : formatMachines(ms.map((m) => ({ ...m, disks: m.disks.length })))
-        + ms.filter((m) => m.disks.length).map((m) => `${m.agentId}: policy ${m.policy}; protected ${m.disks.map((d) => `${d.diskId} (${d.device})`).join(', ')}`).join('\n') + (ms.some((m) => m.disks.length) ? '\n' : ''));
+        + ms.filter((m) => m.disks.length).map((m) => `${m.agentId} protects ${m.disks.map((d) => `${d.diskId} (${d.device})`).join(', ')}\n`).join(''));
       return EXIT.OK;
     }
     case 'policy': {
