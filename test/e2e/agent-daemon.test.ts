@@ -1,0 +1,102 @@
+/**
+ * The agent as a managed daemon, with real processes: `mobility server`,
+ * `mobility register` (passphrase), `mobility agent` with a config file, a loop
+ * device. Assignments and policies reach the agent over its control connection
+ * (pushed, no restart of the agent), SIGHUP reloads, SIGTERM drains and exits 0,
+ * the JSON log file is written, disable cleans up on both sides.
+ *
+ * Needs root, losetup and tracefs: a missing one fails the test.
+ */
+import t from 'tap';
+import { execFileSync, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { CLI_PATH, spawnServer, stopServer } from '../../src/server/spawn.js';
+import { runCli, tmpDir, waitFor } from '../helpers.js';
+
+const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+
+t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => {
+  const work = await tmpDir(t, 'mobility-daemon-');
+  const server = await spawnServer(path.join(work, 'srv'));
+  t.teardown(() => stopServer(server));
+  const conn = ['--server', server.info.url, '--data-dir', server.info.dataDir];
+  const cli = (args: string[]) => runCli(args).done;
+
+  const pass = path.join(server.info.dataDir, 'passphrase');
+  t.equal(fs.statSync(pass).mode & 0o777, 0o600, 'passphrase file is 0600');
+  const show = await cli(['passphrase', 'show', '--data-dir', server.info.dataDir]);
+  t.equal(show.stdout.trim(), fs.readFileSync(pass, 'utf8').trim());
+
+  const midFile = path.join(work, 'machine-id');
+  await fsp.writeFile(midFile, 'ab'.repeat(16) + '\n');
+  const stateDir = path.join(work, 'agent-state');
+  const config = path.join(work, 'agent.json');
+  const logFile = path.join(work, 'agent.log');
+  await fsp.writeFile(config, JSON.stringify({ server: server.info.url, stateDir, logFile, machineIdFile: midFile, inventoryIntervalMs: 60_000 }));
+  const reg = await cli(['register', '--config', config, '--passphrase-file', pass, '--json']);
+  t.equal(reg.code, 0, reg.stderr);
+  const agentId = (JSON.parse(reg.stdout) as { agentId: string }).agentId;
+
+  // enable while the agent is not running: its preflight cannot run
+  const img = path.join(work, 'disk.img');
+  sh('truncate', ['-s', '64M', img]);
+  sh('dd', ['if=/dev/urandom', `of=${img}`, 'bs=1M', 'count=8', 'conv=notrunc', 'status=none']);
+  const loop = sh('losetup', ['--find', '--show', img]).trim();
+  t.teardown(() => { try { sh('losetup', ['-d', loop]); } catch { /* gone */ } });
+  const offline = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop]);
+  t.equal(offline.code, 5, 'agent offline -> exit 5');
+  t.match(offline.stderr, /MOB_ERR_AGENT_OFFLINE/);
+
+  const pidFile = path.join(work, 'agent.pid');
+  const agent = spawn(process.execPath, [CLI_PATH, 'agent', '--config', config, '--pid-file', pidFile, '--json-logs'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  agent.stderr!.on('data', (d: Buffer) => { err = (err + d.toString()).slice(-400_000); });
+  const exited = new Promise<number | null>((r) => agent.once('exit', (c) => r(c)));
+  t.teardown(() => { if (agent.exitCode === null) agent.kill('SIGKILL'); });
+  await waitFor(() => err.includes('"control connected"'), 20_000, 'control connection');
+  t.equal(Number(fs.readFileSync(pidFile, 'utf8')), agent.pid, 'pid file');
+
+  const fast = await cli(['policy', 'create', 'fast', ...conn, '--rpo', '1m', '--retention', '2h', '--crash-interval', '15s', '--app-interval', '0', '--json']);
+  t.equal(fast.code, 0, fast.stderr);
+  const en = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop, '--disk-id', 'd1', '--policy', 'fast']);
+  t.equal(en.code, 0, en.stderr);
+  await waitFor(() => /"message":"protecting".*"policy":"fast"/.test(err), 20_000, 'protection under policy fast');
+  await waitFor(() => fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId, 'points.json')), 60_000, 'a recovery point');
+  const size = fs.statSync(img).size;
+  t.equal(sh('sh', ['-c', `head -c ${size} ${path.join(server.info.dataDir, 'replicas', agentId, 'd1', 'replica.img')} | sha256sum`]),
+    sh('sh', ['-c', `head -c ${size} ${loop} | sha256sum`]), 'replica == disk');
+
+  // a policy change is pushed: the agent restarts protection with it, without a restart of the process
+  const slower = await cli(['policy', 'create', 'fast', ...conn, '--crash-interval', '30s']);
+  t.equal(slower.code, 0, slower.stderr);
+  await waitFor(() => (err.match(/"message":"protecting"/g) ?? []).length >= 2, 20_000, 'protection restarted with the changed policy');
+  const st = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as { rpoAlertMs: number; disks: { agent: string; disk: string; rpoAlert: boolean }[] };
+  t.ok(st.disks.some((d) => d.agent === agentId && d.disk === 'd1'), 'status lists the disk');
+
+  const machines = JSON.parse((await cli(['machines', ...conn, '--json'])).stdout) as { machines: { agentId: string; policy: string; disks: { diskId: string }[]; connected: boolean }[] };
+  const me = machines.machines.find((m) => m.agentId === agentId)!;
+  t.equal(me.policy, 'fast');
+  t.same(me.disks.map((d) => d.diskId), ['d1']);
+  t.ok(me.connected);
+
+  agent.kill('SIGHUP');
+  await waitFor(() => err.includes('"configuration reloaded"'), 10_000, 'reload on SIGHUP');
+  t.equal(agent.exitCode, null, 'SIGHUP does not stop the agent');
+
+  const dis = await cli(['disable', ...conn, '--machine', agentId, '--disk', 'd1']);
+  t.equal(dis.code, 0, dis.stderr);
+  t.notOk(fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId)), 'replica removed on the server');
+  await waitFor(() => !fs.existsSync(`/sys/kernel/tracing/instances/mobility-${agentId}`), 20_000, 'trace instance removed');
+  await waitFor(() => !fs.existsSync(path.join(stateDir, 'protect', agentId)), 20_000, 'agent tracking state removed');
+
+  agent.kill('SIGTERM');
+  t.equal(await exited, 0, 'SIGTERM: clean exit');
+  t.notOk(fs.existsSync(pidFile), 'pid file removed');
+  const lines = fs.readFileSync(logFile, 'utf8').trim().split('\n');
+  t.ok(lines.length > 5, 'log file written');
+  t.ok(lines.every((l) => { try { JSON.parse(l); return true; } catch { return false; } }), 'log file is JSON lines');
+  t.notOk(fs.readFileSync(logFile, 'utf8').includes(fs.readFileSync(pass, 'utf8').trim()), 'no passphrase in the log');
+  t.notOk(fs.readFileSync(logFile, 'utf8').includes('PRIVATE KEY'), 'no key in the log');
+});

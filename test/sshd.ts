@@ -1,0 +1,93 @@
+/**
+ * A private sshd on 127.0.0.1 for push-install tests: its own host key, config
+ * and authorized_keys, key login only. Needs openssh-server and openssh-client;
+ * a missing tool fails the test (never skips).
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import crypto from 'node:crypto';
+
+export interface TestSshd { port: number; userKey: string; hostKeySha256: string; stop(): Promise<void> }
+
+export function findTool(name: string, pkg: string): string {
+  for (const d of [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/usr/local/sbin', '/sbin'].filter(Boolean)) {
+    const p = path.join(d, name);
+    try { fs.accessSync(p, fs.constants.X_OK); return p; } catch { /* next */ }
+  }
+  throw new Error(`this test needs '${name}': apt-get install --no-install-recommends ${pkg}`);
+}
+
+export function run(cmd: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(cmd, args, { maxBuffer: 64 * 1024 * 1024 }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : 1) : 0, stdout, stderr });
+    });
+  });
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export async function startSshd(dir: string): Promise<TestSshd> {
+  const sshd = findTool('sshd', 'openssh-server');
+  const keygen = findTool('ssh-keygen', 'openssh-client');
+  await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+  const hostKey = path.join(dir, 'host_ed25519');
+  const userKey = path.join(dir, 'user_ed25519');
+  for (const [f, c] of [[hostKey, 'host'], [userKey, 'user']]) {
+    const r = await run(keygen, ['-q', '-t', 'ed25519', '-N', '', '-C', `mobility-test-${c}`, '-f', f]);
+    if (r.code !== 0) throw new Error(`ssh-keygen failed: ${r.stderr}`);
+  }
+  const authorized = path.join(dir, 'authorized_keys');
+  await fsp.writeFile(authorized, await fsp.readFile(userKey + '.pub'), { mode: 0o644 });
+  await fsp.mkdir('/run/sshd', { recursive: true, mode: 0o755 }).catch(() => undefined);
+  const pub = (await fsp.readFile(hostKey + '.pub', 'utf8')).trim().split(/\s+/)[1];
+  const hostKeySha256 = crypto.createHash('sha256').update(Buffer.from(pub, 'base64')).digest('base64').replace(/=+$/, '');
+  let lastErr = '';
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const port = await freePort();
+    const config = path.join(dir, 'sshd_config');
+    await fsp.writeFile(config, [
+      `Port ${port}`, 'ListenAddress 127.0.0.1', `HostKey ${hostKey}`, `PidFile ${path.join(dir, 'sshd.pid')}`,
+      `AuthorizedKeysFile ${authorized}`, 'PubkeyAuthentication yes', 'PasswordAuthentication no', 'KbdInteractiveAuthentication no',
+      'PermitRootLogin prohibit-password', 'UsePAM no', 'StrictModes no', 'PrintMotd no', 'X11Forwarding no', 'LogLevel ERROR',
+      'Subsystem sftp internal-sftp', '',
+    ].join('\n'));
+    const t = await run(sshd, ['-t', '-f', config]);
+    if (t.code !== 0) throw new Error(`sshd -t failed: ${t.stderr}`);
+    const child: ChildProcess = spawn(sshd, ['-D', '-e', '-f', config], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    child.stderr!.on('data', (d: Buffer) => { err += d.toString(); });
+    const deadline = Date.now() + 10_000;
+    let up = false;
+    while (Date.now() < deadline && child.exitCode === null) {
+      up = await new Promise<boolean>((r) => {
+        const s = net.connect(port, '127.0.0.1', () => { s.destroy(); r(true); });
+        s.once('error', () => r(false));
+      });
+      if (up) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    if (up && child.exitCode === null) {
+      return {
+        port, userKey, hostKeySha256,
+        stop: () => new Promise<void>((r) => { if (child.exitCode !== null) return r(); child.once('exit', () => r()); child.kill('SIGTERM'); }),
+      };
+    }
+    child.kill('SIGTERM');
+    lastErr = err;
+    if (!/address already in use/i.test(err)) break;
+  }
+  throw new Error(`could not start a private sshd on 127.0.0.1: ${lastErr.trim()}`);
+}
