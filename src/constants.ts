@@ -43,4 +43,5 @@ export const RECONNECT_MAX_MS = 10_000;
 export const DEFAULT_RETRY_DEADLINE_MS = 120_000;
 
 export const DEFAULT_PORT = 7443;
-export const ID_PATTERN = /^[A-Za-z0-9._-]{1,64}$/;
+/** Agent, disk and policy ids: path components, so "." and ".." are refused. */
+export const ID_PATTERN = /^(?!\.{1,2}$)[A-Za-z0-9._-]{1,64}$/;

@@ -42,7 +42,7 @@ function freePort(): Promise<number> {
 export async function startSshd(dir: string): Promise<TestSshd> {
   const sshd = findTool('sshd', 'openssh-server');
   const keygen = findTool('ssh-keygen', 'openssh-client');
-  await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+  await fsp.mkdir(dir, { recursive: true, mode: 0o755 });
   const hostKey = path.join(dir, 'host_ed25519');
   const userKey = path.join(dir, 'user_ed25519');
   for (const [f, c] of [[hostKey, 'host'], [userKey, 'user']]) {

@@ -139,7 +139,10 @@ export class AgentDaemon {
         if (e.code === 'MOB_ERR_CLONE' || e.code === 'MOB_ERR_NOT_REGISTERED' || e.code === 'MOB_ERR_AUTH') {
           // never replicate as someone else
           this.log.error('the server refused this agent; protection stopped until an operator acts', { code: e.code, error: e.message });
-          await this.apply(null);
+          // stop, but keep the tracking state: only the server's assignments remove it
+          await this.applying;
+          await this.stopProtector();
+          this.applied = '';
           wait = REFUSED_RETRY_MS;
         } else if (!this.stopping) {
           this.log.warn('control connection lost', { code: e.code, error: e.message, retryInMs: backoff });

@@ -108,7 +108,11 @@ class SecretBox {
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
       key = crypto.randomBytes(32);
-      fs.writeFileSync(file, key, { mode: 0o600, flag: 'wx' });
+      // durable before first use: a key lost after a crash would orphan every sealed secret
+      const fd = fs.openSync(file, 'wx', 0o600);
+      try { fs.writeSync(fd, key); fs.fsyncSync(fd); } finally { fs.closeSync(fd); }
+      const dfd = fs.openSync(dataDir, 'r');
+      try { fs.fsyncSync(dfd); } finally { fs.closeSync(dfd); }
     }
     return new SecretBox(key);
   }
@@ -140,13 +144,18 @@ export class ConfigDb {
   private constructor(readonly file: string, dataDir: string) {
     const existed = fs.existsSync(file);
     this.db = new Database(file);
-    if (!existed) fs.chmodSync(file, 0o600);
-    this.db.pragma('journal_mode = WAL');
-    this.db.pragma('synchronous = FULL');
-    this.db.pragma('foreign_keys = ON');
-    this.db.pragma('busy_timeout = 5000');
-    this.schemaVersion = this.migrate();
-    this.box = SecretBox.load(dataDir);
+    try {
+      if (!existed) fs.chmodSync(file, 0o600);
+      this.db.pragma('journal_mode = WAL');
+      this.db.pragma('synchronous = FULL');
+      this.db.pragma('foreign_keys = ON');
+      this.db.pragma('busy_timeout = 5000');
+      this.schemaVersion = this.migrate();
+      this.box = SecretBox.load(dataDir);
+    } catch (err) {
+      this.db.close();
+      throw err;
+    }
   }
 
   static open(dataDir: string): ConfigDb {

@@ -159,6 +159,10 @@ export class ControlHub {
     return s.preflight(disks);
   }
 
+  disconnect(agentId: string, err: MobilityError): void {
+    this.sessions.get(agentId)?.fail(err);
+  }
+
   close(): void {
     for (const s of this.sessions.values()) s.fail(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'server is stopping'));
   }

@@ -134,6 +134,11 @@ export class ProcessServer {
     this.registry = new Registry({
       dataDir: this.opts.dataDir, db: this.db, log: this.log.child({ component: 'registry' }),
       fingerprint: () => this.identity?.fingerprint256 ?? '', failureLimit: this.opts.registerFailureLimit,
+      onReplaced: (agentId) => {
+        const e = new MobilityError('MOB_ERR_NOT_REGISTERED', `agent ${agentId} registered again: connections made with its previous certificate are closed`);
+        for (const s of this.sessions) if (s.agent === agentId && s.viaCertificate) s.fail(e);
+        this.control.disconnect(agentId, e);
+      },
     });
     const useTls = this.opts.tls ?? true;
     if (useTls) {
@@ -398,6 +403,7 @@ class Session {
   }
 
   get agent(): string { return this.agentId; }
+  get viaCertificate(): boolean { return this.certAgentId !== null; }
   /** A ready session that writes (protect or replicate) can take a cut. */
   get canCut(): boolean { return this.state === 'ready' && !this.readOnly; }
 

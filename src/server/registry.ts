@@ -87,6 +87,8 @@ export class Registry {
   constructor(private readonly o: {
     dataDir: string; db: ConfigDb; log: Logger; fingerprint: () => string;
     failureLimit?: number; failureWindowMs?: number;
+    /** Called after a registration replaced an agent's certificate (its open sessions must end). */
+    onReplaced?: (agentId: string) => void;
   }) {}
 
   private get limit(): number { return this.o.failureLimit ?? 10; }
@@ -191,6 +193,7 @@ export class Registry {
       throw new MobilityError('MOB_ERR_USAGE', `cannot sign the agent key: ${(err as Error).message}`);
     }
     this.o.db.upsertAgent({ id: agentId, machineId, hostname: r.hostname, certFingerprint: signed.fingerprint256, registeredWith });
+    if (reRegistered) this.o.onReplaced?.(agentId);
     this.failures.delete(ip);
     this.o.log.info(reRegistered ? 'agent re-registered' : 'agent registered', { agent: agentId, hostname: r.hostname, machineId, with: registeredWith, peer: ip });
     const ca = await fsp.readFile(path.join(this.o.dataDir, 'tls', 'ca.pem'), 'utf8');
