@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for pair in sshd:openssh-server ssh:openssh-client rsync:rsync fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs mount:mount sfdisk:fdisk partx:util-linux fsfreeze:util-linux losetup:mount; do
+# native npm modules (lz4, better-sqlite3) build with node-gyp: python3, make, g++;
+# push-install tests create a non-root account (useradd, passwd) and run sshd/sftp
+for pair in sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client rsync:rsync fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs mount:mount sfdisk:fdisk partx:util-linux fsfreeze:util-linux setpriv:util-linux flock:util-linux losetup:mount useradd:passwd tar:tar gzip:gzip python3:python3 make:make g++:g++; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_pkgs+=("${pair#*:}")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

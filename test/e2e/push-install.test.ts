@@ -102,6 +102,7 @@ t.test('push install over SSH, enable, initial replication, upgrade, uninstall',
     t.equal(res.length, 1);
     t.ok(res[0].ok, `host result: ${res[0].code} ${res[0].message}`);
     agentId = res[0].agentId ?? '';
+    t.comment(`push install of one host took ${(res[0] as { ms?: number }).ms ?? '?'} ms (connect, preflight, upload, install, registration)`);
     t.ok(agentId, 'the agent registered and connected');
     // the install left its pieces where the layout says, secrets 0600
     const st = path.join(prefix, 'var/lib/mobility');
@@ -137,11 +138,23 @@ t.test('push install over SSH, enable, initial replication, upgrade, uninstall',
 
   await t.test('upgrade in place keeps identity and replication state', async (t) => {
     const gen = JSON.parse(fs.readFileSync(path.join(server.info.dataDir, 'replicas', agentId, 'data', 'state.json'), 'utf8')) as { generation: string };
-    const r = await cli(['push-install', ...conn, '--host', `127.0.0.1:${sshd.port}`, '--user', 'root', '--key', sshd.userKey,
+    // this time through a stored push account, and with a second host that cannot be reached
+    const acct = await cli(['push-account', 'add', '--data-dir', server.info.dataDir, '--name', 'lab', '--user', 'root', '--key', sshd.userKey]);
+    t.equal(acct.code, 0, acct.stderr);
+    const keyText = fs.readFileSync(sshd.userKey, 'utf8');
+    const dbBytes = Buffer.concat(['config.db', 'config.db-wal'].map((f) => { try { return fs.readFileSync(path.join(server.info.dataDir, f)); } catch { return Buffer.alloc(0); } }));
+    t.notOk(dbBytes.includes(Buffer.from(keyText.split('\n')[1])), 'the stored key is not in the database in clear');
+    const r = await cli(['push-install', ...conn, '--host', `127.0.0.1:${sshd.port}`, '--host', '127.0.0.1:1', '--account', 'lab',
       '--bundle', bundle, '--prefix', prefix, '--json', '--timeout', '60s']);
-    t.equal(r.code, 0, r.stderr.slice(-3000));
-    const res = (JSON.parse(r.stdout) as { results: { ok: boolean; agentId?: string }[] }).results;
-    t.equal(res[0].agentId, agentId, 'same agent id after the upgrade');
+    t.equal(r.code, 1, 'one host failed: exit 1');
+    t.notOk(r.stderr.includes(keyText.split('\n')[1]), 'the key is not printed');
+    const res = (JSON.parse(r.stdout) as { results: { host: string; ok: boolean; agentId?: string; code?: string }[] }).results;
+    t.equal(res.length, 2);
+    const good = res.find((x) => x.ok);
+    const bad = res.find((x) => !x.ok);
+    t.equal(good?.agentId, agentId, 'same agent id after the upgrade');
+    t.equal(bad?.code, 'MOB_ERR_PUSH_UNREACHABLE', 'the unreachable host has its code; the other host was installed anyway');
+    t.equal(fs.readdirSync(server.info.dataDir).filter((f) => f.startsWith('.push-key-')).length, 0, 'no key file left behind');
     await waitFor(async () => {
       const s = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as { disks: { agent: string; disk: string; state: string; connected: boolean }[] };
       const d = s.disks.find((x) => x.agent === agentId && x.disk === 'data');
