@@ -395,7 +395,8 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
       if (!disks.length) return 'no protected disks\n';
       const rows = [['AGENT', 'DISK', 'STATE', 'RPO', 'LAG', 'BACKLOG', 'CHURN/s', 'POINTS', 'LAST FREEZE', 'REASON']];
       for (const d of disks) {
-        rows.push([d.agent, d.disk, d.state, `${fmtAge(d.rpoMs)}${d.rpoAlert ? ' !' : ''}`, fmtAge(d.dataLagMs), d.backlogBytes === null ? '-' : fmtBytes(d.backlogBytes),
+        const scanning = (d.state === 'initial-sync' || d.state === 'resyncing') && d.progressPermille !== null && d.progressPermille !== undefined;
+        rows.push([d.agent, d.disk, scanning ? `${d.state} ${(d.progressPermille! / 10).toFixed(1)}%` : d.state, `${fmtAge(d.rpoMs)}${d.rpoAlert ? ' !' : ''}`, fmtAge(d.dataLagMs), d.backlogBytes === null ? '-' : fmtBytes(d.backlogBytes),
           d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
       }
       const w = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));

@@ -85,6 +85,8 @@ export interface DiskStatus {
   state: string; reason: string; connected: boolean; healthAgeMs: number | null;
   rpoMs: number | null; rpoAlert: boolean; latestPoint: string | null; latestAppPoint: string | null; points: number;
   dataLagMs: number | null; backlogBytes: number | null; churnBytesPerSec: number | null; freezeFailures: number; lastFreezeMs: number | null;
+  /** Progress of the running scan (initial sync or resync), 0..1000, from the agent's last health report. */
+  progressPermille: number | null;
 }
 
 /** Status of every disk of every agent the server has a replica for. */
@@ -113,7 +115,7 @@ export async function collectStatus(server: ProcessServer): Promise<DiskStatus[]
         reason: fo ? `failed over to ${fo.point} at ${fo.failedOverAt}` : h?.reason ?? '', connected: h?.connected ?? false, healthAgeMs: h ? now - h.receivedAt : null,
         rpoMs, rpoAlert: rpoMs === null || rpoMs > server.rpoAlertFor(agent), latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
         dataLagMs: h?.dataLagMs ?? null, backlogBytes: h?.backlogBytes ?? null, churnBytesPerSec: h?.churnBytesPerSec ?? null,
-        freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? null,
+        freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? null, progressPermille: h?.progressPermille ?? null,
       });
     }
   }

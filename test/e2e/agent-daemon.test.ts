@@ -73,7 +73,20 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   t.equal(slower.code, 0, slower.stderr);
   await waitFor(() => (err.match(/"message":"protecting"/g) ?? []).length >= 2, 20_000, 'protection restarted with the changed policy');
   const st = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as { rpoAlertMs: number; disks: { agent: string; disk: string; rpoAlert: boolean }[] };
-  t.ok(st.disks.some((d) => d.agent === agentId && d.disk === 'd1'), 'status lists the disk');
+  const mine = st.disks.find((d) => d.agent === agentId && d.disk === 'd1') as ({ progressPermille?: unknown; rpoAlert: boolean } | undefined);
+  t.ok(mine, 'status lists the disk');
+  t.ok(mine && 'progressPermille' in mine, 'status carries the scan progress');
+  t.equal(st.rpoAlertMs, 15 * 60_000, 'the server-wide default threshold is still reported');
+  t.equal(mine?.rpoAlert, false, 'RPO within the policy threshold (1 min)');
+
+  // the alert threshold is the machine's policy, not the server-wide default
+  const strict = await cli(['policy', 'create', 'fast', ...conn, '--rpo', '1s']);
+  t.equal(strict.code, 0, strict.stderr);
+  await waitFor(async () => {
+    const s2 = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as { disks: { agent: string; disk: string; rpoAlert: boolean }[] };
+    return s2.disks.find((d) => d.agent === agentId && d.disk === 'd1')?.rpoAlert === true;
+  }, 30_000, 'an RPO alert under a 1 s threshold');
+  t.pass('RPO alert follows the policy threshold');
 
   const machines = JSON.parse((await cli(['machines', ...conn, '--json'])).stdout) as { machines: { agentId: string; policy: string; disks: { diskId: string }[]; connected: boolean }[] };
   const me = machines.machines.find((m) => m.agentId === agentId)!;
