@@ -223,7 +223,10 @@ export class AgentDaemon {
   }
 
   private async preflight(id: string, disks: string[]): Promise<void> {
-    const checks = await runPreflight({ stateDir: this.cfg.stateDir, disks, tracefsRoot: this.cfg.tracefsRoot, only: ['root', 'os', 'disk-space', 'tracefs', ...disks.map((d) => `disk:${d}`)] })
+    const checks = await runPreflight({
+      serverUrl: this.cfg.server, stateDir: this.cfg.stateDir, disks, tracefsRoot: this.cfg.tracefsRoot,
+      only: ['root', 'os', 'disk-space', 'tracefs', 'server-port', 'clock', ...disks.map((d) => `disk:${d}`)],
+    })
       .catch((err: Error) => [{ id: 'preflight', ok: false, code: 'MOB_ERR_INTERNAL' as const, message: err.message, ms: 0 }]);
     this.log.info('preflight', { id, ok: checks.every((c) => c.ok), failed: checks.filter((c) => !c.ok).map((c) => c.code) });
     this.send({ type: 'preflight-result', id, checks });

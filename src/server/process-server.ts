@@ -49,6 +49,8 @@ export interface ProcessServerOptions {
   rpoAlertMs?: number;
   /** Failed registrations per address before MOB_ERR_RATE_LIMITED (default 10 per minute). */
   registerFailureLimit?: number;
+  /** Registration challenges per address per minute (default 60). */
+  registerChallengeLimit?: number;
 }
 
 /** Last Health report of a disk, as kept by the server for status. */
@@ -133,7 +135,7 @@ export class ProcessServer {
     this.control = new ControlHub(this.db, this.log.child({ component: 'control' }));
     this.registry = new Registry({
       dataDir: this.opts.dataDir, db: this.db, log: this.log.child({ component: 'registry' }),
-      fingerprint: () => this.identity?.fingerprint256 ?? '', failureLimit: this.opts.registerFailureLimit,
+      fingerprint: () => this.identity?.fingerprint256 ?? '', failureLimit: this.opts.registerFailureLimit, challengeLimit: this.opts.registerChallengeLimit,
       onReplaced: (agentId) => {
         const e = new MobilityError('MOB_ERR_NOT_REGISTERED', `agent ${agentId} registered again: connections made with its previous certificate are closed`);
         for (const s of this.sessions) if (s.agent === agentId && s.viaCertificate) s.fail(e);

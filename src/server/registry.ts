@@ -81,12 +81,15 @@ const MACHINE_ID = /^[0-9a-zA-Z-]{8,64}$/;
 
 export class Registry {
   private readonly failures = new Map<string, { count: number; since: number }>();
+  private readonly challenges = new Map<string, { count: number; since: number }>();
   /** Per-token-id keys for unknown ids, so a challenge never tells which ids exist. */
   private readonly decoyKey = crypto.randomBytes(32);
 
   constructor(private readonly o: {
     dataDir: string; db: ConfigDb; log: Logger; fingerprint: () => string;
     failureLimit?: number; failureWindowMs?: number;
+    /** Challenges per address per window (default 60). */
+    challengeLimit?: number;
     /** Called after a registration replaced an agent's certificate (its open sessions must end). */
     onReplaced?: (agentId: string) => void;
   }) {}
@@ -123,6 +126,14 @@ export class Registry {
 
   async challenge(body: Record<string, unknown>, ip: string): Promise<{ proof: string; fingerprint: string }> {
     this.checkRate(ip);
+    // a proof is something to guess the secret against offline: hand out few of them per address
+    const now = Date.now();
+    const c = this.challenges.get(ip);
+    if (c && now - c.since <= this.windowMs) {
+      if (++c.count > (this.o.challengeLimit ?? 60)) throw new MobilityError('MOB_ERR_RATE_LIMITED', `too many registration challenges from ${ip}; retry in ${Math.ceil((c.since + this.windowMs - now) / 1000)} s`);
+    } else {
+      this.challenges.set(ip, { count: 1, since: now });
+    }
     const nonce = body.nonce;
     if (typeof nonce !== 'string' || !/^[0-9a-f]{32,128}$/.test(nonce)) throw new MobilityError('MOB_ERR_USAGE', 'nonce must be 32 to 128 hex characters');
     const fp = this.o.fingerprint();

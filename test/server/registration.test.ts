@@ -446,3 +446,26 @@ t.test('registration', async (t) => {
     }
   });
 });
+
+t.test('registration challenges are rate limited per address', async (t) => {
+  const dataDir = await tmpDir(t, 'mobility-chal-');
+  const server = new ProcessServer({ dataDir, port: 0, registerChallengeLimit: 5, logger: winston.createLogger({ silent: true }) });
+  const addr = await server.start();
+  t.teardown(() => server.stop());
+  const post = (): Promise<{ status: number; json: Record<string, unknown> }> => new Promise((resolve, reject) => {
+    const body = JSON.stringify({ kind: 'passphrase', nonce: crypto.randomBytes(32).toString('hex') });
+    const req = https.request({ host: '127.0.0.1', port: addr.port, path: '/v1/register/challenge', method: 'POST', rejectUnauthorized: false,
+      headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+      let d = '';
+      res.on('data', (c: Buffer) => (d += c.toString()));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, json: JSON.parse(d) as Record<string, unknown> }));
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+  for (let i = 0; i < 5; i++) t.equal((await post()).status, 200, `challenge ${i + 1} answered`);
+  const over = await post();
+  t.equal(over.status, 429);
+  t.equal(over.json.code, 'MOB_ERR_RATE_LIMITED');
+  t.notOk('proof' in over.json, 'no proof past the limit');
+});
