@@ -207,7 +207,8 @@ t.test('push failures have stable codes and do not stop other hosts', async (t) 
   // a non-root account without sudo
   const user = `mobpush${process.pid % 100000}`;
   sh('useradd', ['-M', '-d', '/nonexistent', '-s', '/bin/sh', user]);
-  t.teardown(() => { try { sh('userdel', [user]); } catch { /* gone */ } });
+  // -f: an sshd child of the refused login may still hold the account for a moment
+  t.teardown(() => { try { sh('userdel', ['-f', user]); } catch { /* gone */ } });
   sh('usermod', ['-p', '*', user]);
   const notRoot = await inst.install({ host: '127.0.0.1', port: sshd.port, user, keyFile: sshd.userKey }, req);
   t.equal(notRoot.code, 'MOB_ERR_PUSH_NOT_ROOT', notRoot.message);
