@@ -40,6 +40,7 @@ export class AgentDaemon {
   private cfg!: AgentConfig;
   private creds!: Credentials;
   private log: Logger;
+  private logReady = false;
   private ws: WebSocket | null = null;
   private stopping = false;
   private protector: Protector | null = null;
@@ -61,9 +62,14 @@ export class AgentDaemon {
     this.cfg = await loadAgentConfig(this.configFile);
     this.creds = await loadCredentials(this.cfg.stateDir);
     this.machineId = await readMachineId(this.cfg.machineIdFile);
-    const old = this.log;
-    this.log = createLogger({ component: 'agent', json: this.opts.json, file: this.cfg.logFile, level: this.cfg.logLevel });
-    if (old !== this.log) old.close();
+    // one logger for the life of the process (the running protector holds a child of it); a reload
+    // changes its level; a new logFile takes effect at the next start
+    if (!this.logReady) {
+      this.log = createLogger({ component: 'agent', json: this.opts.json, file: this.cfg.logFile, level: this.cfg.logLevel });
+      this.logReady = true;
+    } else {
+      this.log.level = this.cfg.logLevel ?? process.env.MOBILITY_LOG_LEVEL ?? 'info';
+    }
   }
 
   async run(): Promise<void> {

@@ -2,7 +2,6 @@
  * `mobility push-install`: many hosts in parallel, one line of progress per
  * host on a terminal (JSON lines otherwise), a result per host at the end.
  */
-import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { MobilityError } from '../errors.js';
@@ -36,7 +35,7 @@ export async function pushInstall(v: Values, conn: Conn, dataDir: string): Promi
   let user = v.user as string | undefined;
   let keyFile: string | undefined;
   let password: string | undefined;
-  let tmpKey: string | null = null;
+  let storedKey: string | null = null;
   if (v.account) {
     const { ConfigDb } = await import('../server/config-db.js');
     const db = ConfigDb.open(dataDir);
@@ -44,10 +43,7 @@ export async function pushInstall(v: Values, conn: Conn, dataDir: string): Promi
       const a = db.getPushAccount(v.account as string);
       user ??= a.user;
       if (a.kind === 'password') password = a.secret;
-      else {
-        // ssh2 takes the key as a buffer; it never touches the disk unencrypted
-        tmpKey = a.secret;
-      }
+      else storedKey = a.secret; // handed to ssh2 in memory; never written to disk in clear
     } finally {
       db.close();
     }
@@ -106,19 +102,8 @@ export async function pushInstall(v: Values, conn: Conn, dataDir: string): Promi
         const t = await api(conn, 'POST', '/v1/tokens', { label: `push-install ${spec}`, ttlMs: timeoutMs + 30 * 60_000 });
         const fingerprint = String(t.fingerprint ?? '');
         const ph: PushHost = { host, port, user: user!, keyFile, password, hostKeySha256: v['host-key'] as string | undefined };
-        if (tmpKey !== null) {
-          // a stored key: hand it to ssh2 through a private temp file readable by us only
-          const f = path.join(dataDir, `.push-key-${process.pid}-${next}`);
-          fs.writeFileSync(f, tmpKey, { mode: 0o600 });
-          ph.keyFile = f;
-          try {
-            r = await installer.install(ph, { bundle, serverUrl, token: String(t.token), serverFingerprint: fingerprint, prefix: v.prefix as string | undefined }, (s, d) => report(spec, s, d));
-          } finally {
-            fs.rmSync(f, { force: true });
-          }
-        } else {
-          r = await installer.install(ph, { bundle, serverUrl, token: String(t.token), serverFingerprint: fingerprint, prefix: v.prefix as string | undefined }, (s, d) => report(spec, s, d));
-        }
+        if (storedKey !== null) ph.privateKey = Buffer.from(storedKey);
+        r = await installer.install(ph, { bundle, serverUrl, token: String(t.token), serverFingerprint: fingerprint, prefix: v.prefix as string | undefined }, (s, d) => report(spec, s, d));
       } catch (err) {
         const e = err instanceof MobilityError ? err : new MobilityError('MOB_ERR_PUSH_INSTALL_FAILED', String(err));
         r = { host, ok: false, code: e.code, message: e.message, step: 'connect', ms: 0 };

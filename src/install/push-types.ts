@@ -10,8 +10,10 @@ export interface PushHost {
   host: string;
   port?: number;
   user: string;
-  /** Exactly one of keyFile / password. Secrets are never logged. */
+  /** Exactly one of keyFile / privateKey / password. Secrets are never logged. */
   keyFile?: string;
+  /** The private key itself (a stored push account): never written to disk. */
+  privateKey?: Buffer;
   password?: string;
   /** Expected host key SHA-256 fingerprint (base64, as ssh-keygen -lf prints it, without "SHA256:"); absent = trust on first use. */
   hostKeySha256?: string;

@@ -27,8 +27,12 @@ export interface RegisterOptions {
   timeoutMs?: number;
 }
 
-/** POST over TLS without a CA, returning the JSON and the server certificate's fingerprint. */
-function post(base: URL, pathname: string, body: unknown, timeoutMs: number): Promise<{ status: number; json: Record<string, unknown>; fingerprint: string }> {
+/**
+ * POST over TLS without a CA, returning the JSON and the server certificate's fingerprint.
+ * With expectFingerprint the body (which then holds the secret) is written only after the
+ * handshake presented that certificate.
+ */
+function post(base: URL, pathname: string, body: unknown, timeoutMs: number, expectFingerprint?: string): Promise<{ status: number; json: Record<string, unknown>; fingerprint: string }> {
   return new Promise((resolve, reject) => {
     const data = Buffer.from(JSON.stringify(body));
     const req = https.request({
@@ -48,7 +52,20 @@ function post(base: URL, pathname: string, body: unknown, timeoutMs: number): Pr
     });
     req.on('timeout', () => req.destroy(new MobilityError('MOB_ERR_UNREACHABLE', `${base.host} did not answer within ${timeoutMs} ms`)));
     req.on('error', (err) => reject(err instanceof MobilityError ? err : new MobilityError('MOB_ERR_UNREACHABLE', `cannot reach ${base.host}: ${err.message}`, { cause: err })));
-    req.end(data);
+    if (expectFingerprint === undefined) {
+      req.end(data);
+      return;
+    }
+    req.once('socket', (sock) => {
+      (sock as TLSSocket).once('secureConnect', () => {
+        const fp = (sock as TLSSocket).getPeerCertificate()?.fingerprint256 ?? '';
+        if (fp !== expectFingerprint) {
+          req.destroy(new MobilityError('MOB_ERR_TLS_PIN', `the server certificate changed between the two registration requests (${fp}, expected ${expectFingerprint}); the secret was not sent`));
+        } else {
+          req.end(data);
+        }
+      });
+    });
   });
 }
 
@@ -87,7 +104,7 @@ export async function registerAgent(o: RegisterOptions): Promise<Identity & { re
   const reg = await post(url, '/v1/register', {
     kind: o.kind, secret: o.secret, machineId, hostname: o.hostname ?? os.hostname(), publicKey: pubPem,
     ...(previous ? { agentId: previous.agentId } : {}),
-  }, timeoutMs);
+  }, timeoutMs, ch.fingerprint);
   if (reg.fingerprint !== ch.fingerprint) throw new MobilityError('MOB_ERR_TLS_PIN', 'the server certificate changed between the two registration requests');
   if (reg.status !== 200) throw serverError(reg.json, reg.status);
   const r = reg.json as { agentId: string; cert: string; ca: string; serverFingerprint: string; reRegistered: boolean };

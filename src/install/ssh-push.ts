@@ -81,7 +81,8 @@ export class SshPushInstaller implements PushInstaller {
           return !h.hostKeySha256 || hostKeySeen === h.hostKeySha256.replace(/^SHA256:/, '').replace(/=+$/, '');
         },
       };
-      if (h.keyFile) cfg.privateKey = await fsp.readFile(h.keyFile);
+      if (h.privateKey) cfg.privateKey = h.privateKey;
+      else if (h.keyFile) cfg.privateKey = await fsp.readFile(h.keyFile);
       else if (h.password !== undefined) cfg.password = h.password;
       else throw new MobilityError('MOB_ERR_USAGE', 'a push account needs a key file or a password');
       await new Promise<void>((resolve, reject) => {

@@ -76,6 +76,9 @@ export interface PushAccount { name: string; user: string; kind: 'key' | 'passwo
 
 const now = () => new Date().toISOString();
 
+/** Thrown inside a transaction to roll it back as a registration conflict. */
+class ConflictAbort extends Error {}
+
 function rowToPolicy(r: Record<string, unknown>): Policy {
   return {
     name: r.name as string, rpoThresholdMs: r.rpo_threshold_ms as number, retentionMs: r.retention_ms as number,
@@ -229,6 +232,33 @@ export class ConfigDb {
       ON CONFLICT(id) DO UPDATE SET hostname = @hostname, cert_fingerprint = @certFingerprint, registered_at = @at, registered_with = @registeredWith`)
       .run({ ...a, at: now() });
   }
+  /**
+   * Spends the token (if any) and writes the agent in one transaction. 'conflict' when the id
+   * belongs to another machine or the machine to another id; 'token-used' when the token was spent.
+   */
+  registerAgent(a: { id: string; machineId: string; hostname: string; certFingerprint: string; registeredWith: string }, tokenId: string | null, usedBy: string): 'ok' | 'token-used' | 'conflict' {
+    try {
+      return this.registerTx(a, tokenId, usedBy);
+    } catch (err) {
+      if (err instanceof ConflictAbort) return 'conflict'; // rolled back: the token is not spent
+      throw err;
+    }
+  }
+
+  private registerTx(a: { id: string; machineId: string; hostname: string; certFingerprint: string; registeredWith: string }, tokenId: string | null, usedBy: string): 'ok' | 'token-used' {
+    return this.db.transaction((): 'ok' | 'token-used' => {
+      if (tokenId !== null && !this.consumeToken(tokenId, usedBy)) return 'token-used';
+      const byMachine = this.agentByMachine(a.machineId);
+      if (byMachine && byMachine.id !== a.id) throw new ConflictAbort();
+      const r = this.db.prepare(`INSERT INTO agents (id, machine_id, hostname, cert_fingerprint, registered_at, registered_with)
+        VALUES (@id, @machineId, @hostname, @certFingerprint, @at, @registeredWith)
+        ON CONFLICT(id) DO UPDATE SET hostname = @hostname, cert_fingerprint = @certFingerprint, registered_at = @at, registered_with = @registeredWith
+        WHERE agents.machine_id = @machineId`).run({ ...a, at: now() });
+      if (r.changes !== 1) throw new ConflictAbort();
+      return 'ok';
+    })();
+  }
+
   touchAgent(id: string): void {
     this.db.prepare('UPDATE agents SET last_seen = ? WHERE id = ?').run(now(), id);
   }

@@ -13,6 +13,7 @@ import type { ConfigDb, Policy } from './config-db.js';
 
 export const CONTROL_PING_MS = 15_000;
 const PREFLIGHT_TIMEOUT_MS = 60_000;
+const HELLO_TIMEOUT_MS = 10_000;
 
 export interface Assignment { diskId: string; device: string }
 export interface AssignmentsMessage { type: 'assignments'; agentId: string; policy: Policy; disks: Assignment[] }
@@ -25,8 +26,15 @@ class ControlSession {
   private readonly ping: NodeJS.Timeout;
   ready = false;
 
-  constructor(readonly hub: ControlHub, readonly agentId: string, readonly ws: WebSocket, readonly log: Logger) {
+  private readonly helloTimer: NodeJS.Timeout;
+
+  constructor(readonly hub: ControlHub, readonly agentId: string, readonly ws: WebSocket, readonly log: Logger, readonly certFingerprint: string) {
+    hub.all.add(this);
     ws.on('message', (data, isBinary) => this.onMessage(data as Buffer, isBinary));
+    this.helloTimer = setTimeout(() => {
+      if (!this.ready) this.fail(new MobilityError('MOB_ERR_HANDSHAKE', `no hello within ${HELLO_TIMEOUT_MS / 1000} s`));
+    }, HELLO_TIMEOUT_MS);
+    this.helloTimer.unref();
     ws.on('pong', () => { this.alive = true; });
     ws.on('close', () => this.closed());
     ws.on('error', () => this.closed());
@@ -45,6 +53,7 @@ class ControlSession {
   fail(err: MobilityError): void {
     this.send({ type: 'error', code: err.code, message: err.message });
     this.ws.close(1008, err.code);
+    setTimeout(() => this.ws.terminate(), 5000).unref();
   }
 
   private onMessage(data: Buffer, isBinary: boolean): void {
@@ -69,13 +78,20 @@ class ControlSession {
           if (!p) return;
           this.pending.delete(String(m.id));
           clearTimeout(p.timer);
-          const checks = Array.isArray(m.checks) ? (m.checks as PreflightReply['checks']) : [];
+          const valid = Array.isArray(m.checks) && m.checks.length > 0
+            && (m.checks as unknown[]).every((c) => typeof c === 'object' && c !== null && typeof (c as { ok?: unknown }).ok === 'boolean' && typeof (c as { id?: unknown }).id === 'string');
+          if (!valid) {
+            const e = new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a preflight result must be a non-empty list of checks');
+            p.reject(e);
+            throw e;
+          }
+          const checks = m.checks as PreflightReply['checks'];
           p.resolve({ ok: checks.every((c) => c.ok), checks });
           return;
         }
         case 'event':
           this.hub.db.touchAgent(this.agentId);
-          this.log.info('agent event', { agent: this.agentId, ...(typeof m.event === 'object' && m.event ? m.event : {}) });
+          this.log.info('agent event', { agent: this.agentId, event: typeof m.event === 'object' && m.event ? m.event : null });
           return;
         default:
           throw new MobilityError('MOB_ERR_UNKNOWN_MESSAGE', `unknown control message type ${JSON.stringify(m.type)}`);
@@ -89,6 +105,8 @@ class ControlSession {
     if (this.ready) throw new MobilityError('MOB_ERR_HANDSHAKE', 'hello sent twice');
     const row = this.hub.db.getAgent(this.agentId);
     if (!row) throw new MobilityError('MOB_ERR_NOT_REGISTERED', `agent ${this.agentId} is not registered`);
+    // checked again here: the certificate may have been superseded since the connection opened
+    if (row.certFingerprint !== this.certFingerprint) throw new MobilityError('MOB_ERR_NOT_REGISTERED', `this certificate of agent ${this.agentId} was superseded by a later registration; register again`);
     const machineId = typeof m.machineId === 'string' ? m.machineId.toLowerCase() : '';
     if (machineId !== row.machineId) {
       this.log.warn('clone refused', { agent: this.agentId, registeredMachine: row.machineId, machineId });
@@ -117,6 +135,8 @@ class ControlSession {
 
   private closed(): void {
     clearInterval(this.ping);
+    clearTimeout(this.helloTimer);
+    this.hub.all.delete(this);
     for (const p of this.pending.values()) {
       clearTimeout(p.timer);
       p.reject(new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${this.agentId} disconnected`));
@@ -130,11 +150,14 @@ class ControlSession {
 }
 
 export class ControlHub {
+  /** Sessions that completed their hello, by agent. */
   readonly sessions = new Map<string, ControlSession>();
+  /** Every open session, with or without a hello. */
+  readonly all = new Set<ControlSession>();
   constructor(readonly db: ConfigDb, readonly log: Logger) {}
 
-  attach(ws: WebSocket, agentId: string, peer: string): void {
-    new ControlSession(this, agentId, ws, this.log.child({ peer }));
+  attach(ws: WebSocket, agentId: string, peer: string, certFingerprint: string): void {
+    new ControlSession(this, agentId, ws, this.log.child({ peer }), certFingerprint);
   }
 
   connected(agentId: string): boolean { return this.sessions.has(agentId); }
@@ -160,10 +183,13 @@ export class ControlHub {
   }
 
   disconnect(agentId: string, err: MobilityError): void {
-    this.sessions.get(agentId)?.fail(err);
+    for (const s of this.all) if (s.agentId === agentId) s.fail(err);
   }
 
   close(): void {
-    for (const s of this.sessions.values()) s.fail(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'server is stopping'));
+    for (const s of this.all) {
+      s.fail(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'server is stopping'));
+      s.ws.terminate();
+    }
   }
 }

@@ -138,7 +138,7 @@ export class ProcessServer {
       fingerprint: () => this.identity?.fingerprint256 ?? '', failureLimit: this.opts.registerFailureLimit, challengeLimit: this.opts.registerChallengeLimit,
       onReplaced: (agentId) => {
         const e = new MobilityError('MOB_ERR_NOT_REGISTERED', `agent ${agentId} registered again: connections made with its previous certificate are closed`);
-        for (const s of this.sessions) if (s.agent === agentId && s.viaCertificate) s.fail(e);
+        for (const s of this.sessions) if (s.certAgent === agentId) s.fail(e);
         this.control.disconnect(agentId, e);
       },
     });
@@ -179,11 +179,14 @@ export class ProcessServer {
             const e = toMobilityError(err);
             this.stats.rejected++;
             this.log.warn('control connection refused', { peer, code: e.code, reason: e.message });
+            // a refused peer can still send garbage while the close handshake runs: never let it throw
+            ws.on('error', () => undefined);
             ws.send(JSON.stringify({ type: 'error', code: e.code, message: e.message }));
             ws.close(1008, e.code);
+            setTimeout(() => ws.terminate(), 5000).unref();
             return;
           }
-          this.control.attach(ws, agentId, peer);
+          this.control.attach(ws, agentId, peer, (req.socket as TLSSocket).getPeerCertificate().fingerprint256);
         });
       } else {
         socket.end('HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n');
@@ -405,7 +408,8 @@ class Session {
   }
 
   get agent(): string { return this.agentId; }
-  get viaCertificate(): boolean { return this.certAgentId !== null; }
+  /** The registered agent whose certificate opened this session (null: token session). */
+  get certAgent(): string | null { return this.certAgentId; }
   /** A ready session that writes (protect or replicate) can take a cut. */
   get canCut(): boolean { return this.state === 'ready' && !this.readOnly; }
 

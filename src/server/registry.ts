@@ -82,6 +82,7 @@ const MACHINE_ID = /^[0-9a-zA-Z-]{8,64}$/;
 export class Registry {
   private readonly failures = new Map<string, { count: number; since: number }>();
   private readonly challenges = new Map<string, { count: number; since: number }>();
+  private lock: Promise<void> = Promise.resolve();
   /** Per-token-id keys for unknown ids, so a challenge never tells which ids exist. */
   private readonly decoyKey = crypto.randomBytes(32);
 
@@ -98,6 +99,10 @@ export class Registry {
   private get windowMs(): number { return this.o.failureWindowMs ?? 60_000; }
 
   private checkRate(ip: string): void {
+    if (this.failures.size + this.challenges.size > 10_000) {
+      const now = Date.now();
+      for (const m of [this.failures, this.challenges]) for (const [k, v] of m) if (now - v.since > this.windowMs) m.delete(k);
+    }
     const f = this.failures.get(ip);
     if (!f) return;
     if (Date.now() - f.since > this.windowMs) { this.failures.delete(ip); return; }
@@ -151,6 +156,7 @@ export class Registry {
     const machineId = r.machineId.toLowerCase();
 
     let registeredWith: string;
+    let tokenId: string | null = null;
     if (r.kind === 'passphrase') {
       const expected = secretKey(await ensurePassphrase(this.o.dataDir));
       if (!equalSecret(secretKey(r.secret), expected)) this.fail(ip, new MobilityError('MOB_ERR_PASSPHRASE', 'the registration passphrase is wrong (mobility passphrase show, on the server)'));
@@ -164,12 +170,25 @@ export class Registry {
       if (!row || !equalSecret(given, expected)) this.fail(ip, new MobilityError('MOB_ERR_PASSPHRASE', 'the one-time registration token is wrong'));
       if (row.usedAt) this.fail(ip, new MobilityError('MOB_ERR_TOKEN_USED', `the one-time token ${row.id} was already used at ${row.usedAt} (by ${row.usedBy ?? '?'}); mint a new one`));
       if (Date.parse(row.expiresAt) < Date.now()) this.fail(ip, new MobilityError('MOB_ERR_TOKEN_USED', `the one-time token ${row.id} expired at ${row.expiresAt}; mint a new one`));
-      if (!this.o.db.consumeToken(row.id, `${r.hostname} (${machineId})`)) this.fail(ip, new MobilityError('MOB_ERR_TOKEN_USED', `the one-time token ${row.id} was just used by another registration`));
+      tokenId = row.id;
       registeredWith = `token ${row.id}`;
     } else {
       throw new MobilityError('MOB_ERR_USAGE', 'kind must be "passphrase" or "token"');
     }
 
+    // one registration at a time from here: identity resolution, signing and the write are one step
+    const prev = this.lock;
+    let release!: () => void;
+    this.lock = new Promise<void>((r) => (release = r));
+    await prev;
+    try {
+      return await this.registerLocked(r as RegisterRequest, machineId, registeredWith, tokenId, ip);
+    } finally {
+      release();
+    }
+  }
+
+  private async registerLocked(r: RegisterRequest, machineId: string, registeredWith: string, tokenId: string | null, ip: string): Promise<RegisterReply> {
     // identity: the agent's claim (from its saved state), else its machine, else a new id
     let agentId: string;
     let reRegistered = false;
@@ -203,7 +222,10 @@ export class Registry {
     } catch (err) {
       throw new MobilityError('MOB_ERR_USAGE', `cannot sign the agent key: ${(err as Error).message}`);
     }
-    this.o.db.upsertAgent({ id: agentId, machineId, hostname: r.hostname, certFingerprint: signed.fingerprint256, registeredWith });
+    // the token is spent only by a registration that succeeds, together with the agent's row
+    const outcome = this.o.db.registerAgent({ id: agentId, machineId, hostname: r.hostname, certFingerprint: signed.fingerprint256, registeredWith }, tokenId, `${r.hostname} (${machineId})`);
+    if (outcome === 'token-used') this.fail(ip, new MobilityError('MOB_ERR_TOKEN_USED', `the one-time token ${tokenId} was just used by another registration`));
+    if (outcome === 'conflict') this.fail(ip, new MobilityError('MOB_ERR_CLONE', `agent id ${agentId} or machine ${machineId} was just registered for another machine; retry`));
     if (reRegistered) this.o.onReplaced?.(agentId);
     this.failures.delete(ip);
     this.o.log.info(reRegistered ? 'agent re-registered' : 'agent registered', { agent: agentId, hostname: r.hostname, machineId, with: registeredWith, peer: ip });

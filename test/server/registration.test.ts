@@ -469,3 +469,32 @@ t.test('registration challenges are rate limited per address', async (t) => {
   t.equal(over.json.code, 'MOB_ERR_RATE_LIMITED');
   t.notOk('proof' in over.json, 'no proof past the limit');
 });
+
+t.test('a refused control connection sending garbage frames does not take the server down', async (t) => {
+  const dataDir = await tmpDir(t, 'mobility-ctlgarbage-');
+  const server = new ProcessServer({ dataDir, port: 0, logger: winston.createLogger({ silent: true }) });
+  const addr = await server.start();
+  t.teardown(() => server.stop());
+  // a raw client: upgrade without a certificate, read the refusal, then send a frame with reserved
+  // bits set instead of answering the close
+  const { connect } = await import('node:tls');
+  const sock = connect({ host: '127.0.0.1', port: addr.port, rejectUnauthorized: false });
+  sock.on('error', () => undefined);
+  await new Promise<void>((r) => sock.once('secureConnect', () => r()));
+  sock.write(['GET /v1/control HTTP/1.1', `Host: 127.0.0.1:${addr.port}`, 'Upgrade: websocket', 'Connection: Upgrade',
+    `Sec-WebSocket-Key: ${crypto.randomBytes(16).toString('base64')}`, 'Sec-WebSocket-Version: 13', '', ''].join('\r\n'));
+  let got = '';
+  await new Promise<void>((resolve) => {
+    const on = (d: Buffer) => { got += d.toString('latin1'); if (got.includes('MOB_ERR_AUTH')) { sock.off('data', on); resolve(); } };
+    sock.on('data', on);
+    setTimeout(resolve, 5000);
+  });
+  t.match(got, /101 Switching Protocols[\s\S]*MOB_ERR_AUTH/, 'refused with MOB_ERR_AUTH');
+  sock.write(Buffer.from([0xf1, 0x80, 0, 0, 0, 0]));
+  await sleep(300);
+  const alive = await new Promise<number>((resolve, reject) => {
+    https.get({ host: '127.0.0.1', port: addr.port, path: '/v1/time', rejectUnauthorized: false }, (res) => { res.resume(); resolve(res.statusCode ?? 0); }).on('error', reject);
+  });
+  t.equal(alive, 200, 'the server still answers');
+  sock.destroy();
+});
