@@ -19,7 +19,7 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawnServer, stopServer, type SpawnedServer } from '../../src/server/spawn.js';
-import { SshPushInstaller } from '../../src/install/ssh-push.js';
+import { SshPushInstaller, pushCodeFor } from '../../src/install/ssh-push.js';
 import { runCli, tmpDir, waitFor } from '../helpers.js';
 import { run, startSshd, type TestSshd } from '../sshd.js';
 
@@ -203,6 +203,24 @@ t.test('push failures have stable codes and do not stop other hosts', async (t) 
   t.equal(closed.code, 'MOB_ERR_PUSH_UNREACHABLE', closed.message);
   t.equal(hostKey.code, 'MOB_ERR_PUSH_HOST_KEY', hostKey.message);
   for (const r of [badKey, closed, hostKey]) { t.equal(r.ok, false); t.equal(r.step, 'connect'); }
+
+  // too little space under the install prefix (a 16 MiB tmpfs), and a bundle that is not one
+  const small = path.join(work, 'small');
+  await fsp.mkdir(small);
+  sh('mount', ['-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', small]);
+  t.teardown(() => { try { sh('umount', [small]); } catch { /* gone */ } });
+  const lowDisk = await inst.install({ host: '127.0.0.1', port: sshd.port, user: 'root', keyFile: sshd.userKey }, { ...req, prefix: small });
+  t.equal(lowDisk.code, 'MOB_ERR_PUSH_LOW_DISK', lowDisk.message);
+  t.equal(lowDisk.step, 'preflight');
+  const badBundle = await inst.install({ host: '127.0.0.1', port: sshd.port, user: 'root', keyFile: sshd.userKey }, { ...req, prefix: path.join(work, 'root') });
+  t.equal(badBundle.code, 'MOB_ERR_PUSH_INSTALL_FAILED', badBundle.message);
+  t.equal(badBundle.step, 'install');
+  t.notOk(fs.readdirSync('/tmp').some((n) => n.startsWith('mobility-push-') && fs.existsSync(path.join('/tmp', n, 'token'))), 'the uploaded token was removed after the failure');
+  // what install.sh reports on the host maps to push codes
+  t.equal(pushCodeFor('MOB_ERR_PRE_NOT_ROOT'), 'MOB_ERR_PUSH_NOT_ROOT');
+  t.equal(pushCodeFor('MOB_ERR_PRE_NODE_VERSION'), 'MOB_ERR_PUSH_OS_UNSUPPORTED');
+  t.equal(pushCodeFor('MOB_ERR_PRE_LOW_DISK'), 'MOB_ERR_PUSH_LOW_DISK');
+  t.equal(pushCodeFor('MOB_ERR_PRE_NO_TRACEFS'), 'MOB_ERR_PUSH_INSTALL_FAILED');
 
   // a non-root account without sudo
   const user = `mobpush${process.pid % 100000}`;
