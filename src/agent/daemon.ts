@@ -11,7 +11,6 @@
  * configuration file (log level, inventory interval; a changed server means
  * reconnecting).
  */
-import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -25,6 +24,7 @@ import { loadAgentConfig, loadCredentials, type AgentConfig, type Credentials } 
 import { collectInventory, readMachineId } from './inventory.js';
 import type { Protector, ProtectEvent } from './protector.js';
 import { runPreflight } from '../install/preflight.js';
+import { TracefsTracker } from '../replication/tracefs-tracker.js';
 
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 30_000;
@@ -52,7 +52,7 @@ export class AgentDaemon {
   private retryTimer: NodeJS.Timeout | null = null;
   private wakeReconnect: (() => void) | null = null;
   private machineId = '';
-  status: { connected: boolean; lastError: string | null; disks: string[] } = { connected: false, lastError: null, disks: [] };
+  private status: { connected: boolean; disks: string[] } = { connected: false, disks: [] };
 
   constructor(private readonly configFile: string, private readonly opts: { pidFile?: string; json?: boolean } = {}) {
     this.log = createLogger({ component: 'agent', json: opts.json });
@@ -141,7 +141,6 @@ export class AgentDaemon {
         backoff = RECONNECT_MIN_MS;
       } catch (err) {
         const e = toMobilityError(err);
-        this.status.lastError = `${e.code}: ${e.message}`;
         if (e.code === 'MOB_ERR_CLONE' || e.code === 'MOB_ERR_NOT_REGISTERED' || e.code === 'MOB_ERR_AUTH') {
           // never replicate as someone else
           this.log.error('the server refused this agent; protection stopped until an operator acts', { code: e.code, error: e.message });
@@ -200,7 +199,6 @@ export class AgentDaemon {
         if (m.type === 'assignments') {
           if (!this.status.connected) {
             this.status.connected = true;
-            this.status.lastError = null;
             onWelcome();
             this.log.info('control connected', { server: this.cfg.server });
             void this.sendInventory();
@@ -270,7 +268,11 @@ export class AgentDaemon {
     this.applied = k;
     this.status.disks = now;
     if (!a || now.length === 0) {
-      removeTraceInstance(`mobility-${agentId}`, this.cfg.tracefsRoot);
+      try {
+        TracefsTracker.remove(`mobility-${agentId}`, this.cfg.tracefsRoot);
+      } catch (err) {
+        this.log.warn('cannot remove the trace instance; the next protection reuses it', { error: (err as Error).message });
+      }
       if (before.length) await fsp.rm(path.join(protectDir, agentId), { recursive: true, force: true });
       return;
     }
@@ -317,16 +319,5 @@ export class AgentDaemon {
     p.stop();
     await this.protectorDone;
     this.protectorDone = null;
-  }
-}
-
-/** Removes the agent's kernel trace instance (nothing left protected, or uninstall). */
-export function removeTraceInstance(name: string, tracefsRoot?: string): void {
-  for (const root of tracefsRoot ? [tracefsRoot] : ['/sys/kernel/tracing', '/sys/kernel/debug/tracing']) {
-    const dir = path.join(root, 'instances', name);
-    if (!fs.existsSync(dir)) continue;
-    try { fs.writeFileSync(path.join(dir, 'events/block/block_rq_complete/enable'), '0'); } catch { /* already off */ }
-    try { fs.rmdirSync(dir); } catch { /* busy: the next start reuses it */ }
-    return;
   }
 }

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { DEFAULT_PORT } from '../constants.js';
 import { MobilityError } from '../errors.js';
 import { EXIT, api, fmtAge, parse, parseDuration, parseSize, readSecretFile, type Values } from './main.js';
-import { fmtBytes } from './progress.js';
+import { fmtBytes, table } from './progress.js';
 
 const HELP: Record<string, string> = {
   passphrase: `Usage: mobility passphrase show|rotate [--data-dir DIR]
@@ -129,11 +129,6 @@ async function adminConn(v: Values): Promise<{ url: URL; token: string; ca?: str
     try { ca = await fsp.readFile(caFile, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read the CA ${caFile}: ${(err as Error).message}`); }
   }
   return { url, token, ca, pin: v.pin as string | undefined };
-}
-
-function table(rows: string[][]): string {
-  const w = rows[0].map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
-  return rows.map((r) => r.map((x, i) => (x ?? '').padEnd(w[i])).join('  ').trimEnd()).join('\n') + '\n';
 }
 
 const durOpt = (v: Values, k: string): number | undefined => (v[k] === undefined ? undefined : parseDuration(v[k] as string));

@@ -8,7 +8,7 @@ import { DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_
 import { MobilityError, isErrorCode, toMobilityError, type ErrorCode } from '../errors.js';
 import { createLogger } from '../log.js';
 import { defaultAgentId, replicate, type DiskResult, type ReplicateMode } from '../agent/replicator.js';
-import { ProgressReporter, fmtBytes } from './progress.js';
+import { ProgressReporter, fmtBytes, table } from './progress.js';
 
 export const EXIT = { OK: 0, ERROR: 1, USAGE: 2, CONFIG: 3, AUTH: 4, UNREACHABLE: 5, MISMATCH: 6, INTERRUPTED: 130 } as const;
 
@@ -399,8 +399,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
         rows.push([d.agent, d.disk, scanning ? `${d.state} ${(d.progressPermille! / 10).toFixed(1)}%` : d.state, `${fmtAge(d.rpoMs)}${d.rpoAlert ? ' !' : ''}`, fmtAge(d.dataLagMs), d.backlogBytes === null ? '-' : fmtBytes(d.backlogBytes),
           d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
       }
-      const w = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
-      return rows.map((r) => r.map((x, i) => x.padEnd(w[i])).join('  ').trimEnd()).join('\n') + '\n' + (disks.some((d) => d.rpoAlert) ? '! RPO above the alert threshold (or no recovery point yet)\n' : '');
+      return table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above the alert threshold (or no recovery point yet)\n' : '');
     });
     return EXIT.OK;
   }

@@ -53,3 +53,9 @@ export class ProgressReporter {
     this.drew = false;
   }
 }
+
+/** Fixed-width columns, two spaces apart, one line per row (the first row is the header). */
+export function table(rows: string[][]): string {
+  const w = rows[0].map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
+  return rows.map((r) => r.map((x, i) => (x ?? '').padEnd(w[i])).join('  ').trimEnd()).join('\n') + '\n';
+}

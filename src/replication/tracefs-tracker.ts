@@ -342,12 +342,21 @@ export class TracefsTracker {
       this.fd = null;
     }
     if (o?.keep) return;
-    if (!fs.existsSync(this.instanceDir)) return;
-    try {
-      try { writeCtl(path.join(this.instanceDir, EVENT_DIR, 'enable'), '0'); } catch { /* rmdir decides */ }
-      fs.rmdirSync(this.instanceDir);
-    } catch (err) {
-      throw trackerError(this.name, `cannot remove instance ${this.instanceDir}`, err);
-    }
+    removeInstanceDir(this.name, this.instanceDir);
+  }
+
+  /** Removes a kept instance without opening it (protection disabled, or uninstall). */
+  static remove(name: string, tracefsRoot?: string): void {
+    removeInstanceDir(name, path.join(tracefsRoot ?? DEFAULT_TRACEFS, 'instances', name));
+  }
+}
+
+function removeInstanceDir(name: string, dir: string): void {
+  if (!fs.existsSync(dir)) return;
+  try {
+    try { writeCtl(path.join(dir, EVENT_DIR, 'enable'), '0'); } catch { /* rmdir decides */ }
+    fs.rmdirSync(dir);
+  } catch (err) {
+    throw trackerError(name, `cannot remove instance ${dir}`, err);
   }
 }

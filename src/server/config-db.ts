@@ -226,11 +226,9 @@ export class ConfigDb {
   listAgents(): AgentRow[] {
     return (this.db.prepare('SELECT * FROM agents ORDER BY id').all() as Record<string, unknown>[]).map(rowToAgent);
   }
+  /** Creates or updates an agent; throws when the id or the machine id belongs to another machine. */
   upsertAgent(a: { id: string; machineId: string; hostname: string; certFingerprint: string; registeredWith: string }): void {
-    this.db.prepare(`INSERT INTO agents (id, machine_id, hostname, cert_fingerprint, registered_at, registered_with)
-      VALUES (@id, @machineId, @hostname, @certFingerprint, @at, @registeredWith)
-      ON CONFLICT(id) DO UPDATE SET hostname = @hostname, cert_fingerprint = @certFingerprint, registered_at = @at, registered_with = @registeredWith`)
-      .run({ ...a, at: now() });
+    if (this.registerAgent(a, null, '') !== 'ok') throw new MobilityError('MOB_ERR_CLONE', `agent ${a.id} or machine ${a.machineId} belongs to another machine`);
   }
   /**
    * Spends the token (if any) and writes the agent in one transaction. 'conflict' when the id
