@@ -225,19 +225,32 @@ stop_agent() {
 }
 
 # The agent's kernel trace instance (it keeps recording across agent restarts, so
-# stopping the agent leaves it): named mobility-<agent id>, the id in identity.json.
+# stopping the agent leaves it). The agent records its name in
+# protect/<agent id>/trace-instance (mobility-<agent id>-<digest of the state dir>: unique to
+# this installation). An instance locked by a live process (/run/mobility/trace-locks/NAME.lock
+# holds "pid starttime") is in use and is never removed. rmdir alone: the kernel disables it.
 remove_trace_instance() {
-  local id root dir
-  [ -f "$P/var/lib/mobility/identity.json" ] || return 0
-  id=$(sed -n 's/.*"agentId": *"\([A-Za-z0-9._-]*\)".*/\1/p' "$P/var/lib/mobility/identity.json" | head -n 1)
-  [ -n "$id" ] || return 0
-  for root in /sys/kernel/tracing /sys/kernel/debug/tracing; do
-    dir="$root/instances/mobility-$id"
-    [ -d "$dir" ] || continue
-    if [ "$DRY_RUN" = 1 ]; then echo "would remove the trace instance $dir"; return 0; fi
-    echo 0 >"$dir/events/block/block_rq_complete/enable" 2>/dev/null || true
-    rmdir "$dir" 2>/dev/null && echo "removed the trace instance $dir" || echo "warning: cannot remove the trace instance $dir" >&2
-    return 0
+  local f name root dir lock pid start now
+  for f in "$STATE"/protect/*/trace-instance; do
+    [ -f "$f" ] || continue
+    name=$(head -n 1 "$f" | tr -cd 'A-Za-z0-9._-')
+    [ -n "$name" ] || continue
+    lock="/run/mobility/trace-locks/$name.lock"
+    if [ -f "$lock" ]; then
+      read -r pid start <"$lock" || true
+      now=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f20)
+      if [ -n "$pid" ] && [ -n "$now" ] && [ "$now" = "$start" ]; then
+        echo "warning: the trace instance $name is in use by process $pid (MOB_ERR_TRACKER_BUSY): left in place" >&2
+        continue
+      fi
+    fi
+    for root in /sys/kernel/tracing /sys/kernel/debug/tracing; do
+      dir="$root/instances/$name"
+      [ -d "$dir" ] || continue
+      if [ "$DRY_RUN" = 1 ]; then echo "would remove the trace instance $dir"; break; fi
+      rmdir "$dir" 2>/dev/null && echo "removed the trace instance $dir" || echo "warning: cannot remove the trace instance $dir" >&2
+      break
+    done
   done
 }
 

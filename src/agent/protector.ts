@@ -33,7 +33,8 @@ import { DigestMap } from '../replication/digest-map.js';
 import { openDiskSource, type DiskSource } from '../replication/disk-source.js';
 import { SourcePass, type PassKind } from '../replication/source-pass.js';
 import { DirtyJournal, type LossBaseline } from '../replication/dirty-journal.js';
-import { TracefsTracker } from '../replication/tracefs-tracker.js';
+import { TracefsTracker, traceInstanceName } from '../replication/tracefs-tracker.js';
+import { chooseSamples, digestPages, includeFromEnv, WrittenPages, DEFAULT_RANDOM_SAMPLES, DEFAULT_WRITTEN_SAMPLES } from '../replication/cut-sample.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import { devOf, deviceFamily, freezeAll, mountsOn, runHooks, thawAll, type HookResult } from './freeze.js';
 
@@ -79,6 +80,10 @@ export interface ProtectOptions {
   freezeLimitMs?: number;
   trackerBufferKb?: number;
   tracefsRoot?: string;
+  /** Where trace instance locks live (default /run/mobility/trace-locks). */
+  lockDir?: string;
+  /** Pages sampled at random per disk at each cut (default 64); pages written since the last cut add up to as many again. */
+  cutSamples?: number;
   /** Read plain files too (tests with image files); block devices always use O_DIRECT. */
   logger: Logger;
   signal?: AbortSignal;
@@ -92,8 +97,9 @@ export type ProtectEvent =
   | { event: 'pass-done'; disk: string; kind: PassKind; bytesScanned: number; bytesSent: number; blocksSent: number; ms: number }
   | { event: 'connected' }
   | { event: 'disconnected'; code: string; message: string }
-  | { event: 'cut'; cutId: number; kind: CutKind; pointId: string; frozenMs: number; mounts: string[]; note: string }
+  | { event: 'cut'; cutId: number; kind: CutKind; pointId: string; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number }
   | { event: 'cut-failed'; cutId: number; kind: CutKind; code: string; message: string }
+  | { event: 'tracking-lost'; reason: string; repaired: boolean }
   | { event: 'hook'; phase: string; hook: string; ok: boolean; ms: number; output: string }
   | { event: 'stopped' };
 
@@ -116,6 +122,10 @@ interface PDisk {
   progressPermille: number;
   churnBytes: number;
   churnRate: number;
+  /** Pages written since the last cut (a uniform sample), for the cut's verification. */
+  written: WrittenPages;
+  /** Set when a cut's sampled verification found the replica differs: the next scan is a checksum resync against the replica. */
+  checksumResync: string | null;
 }
 
 export class Protector {
@@ -139,11 +149,15 @@ export class Protector {
   private requestedCut: CutKind | null = null;
   private freezeFailures = 0;
   private lastFreezeMs = 0;
-  private pendingCuts = new Map<number, { kind: CutKind; frozenMs: number; mounts: string[]; note: string }>();
+  private pendingCuts = new Map<number, { kind: CutKind; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number }>();
   private readonly crashMs: number;
   private readonly appMs: number;
   private lastCounterCheck = 0;
   private started = false;
+  /** Why tracking is not live and could not be repaired yet (no scan or cut until it is). */
+  private trackerProblem: string | null = null;
+  /** How long reading the last cut's samples took (they overlap the remainder; sampleWaitMs is what the freeze waited). */
+  private lastSampleReadMs = 0;
 
   constructor(private readonly o: ProtectOptions) {
     this.bs = o.blockSize ?? DEFAULT_BLOCK_SIZE;
@@ -170,6 +184,8 @@ export class Protector {
     d.reason = reason;
     this.log.info('disk state', { disk: d.id, state, reason });
     this.emit({ event: 'state', disk: d.id, state, reason });
+    // the server (and status) learn a state change at once, not at the next periodic report
+    if (this.journal) this.sendHealth(false);
   }
 
   async run(): Promise<void> {
@@ -198,7 +214,11 @@ export class Protector {
       throw new MobilityError('MOB_ERR_CONFIG', `the state directory ${stateDir} is on a protected disk; put it on another disk (it is written while the protected filesystems are frozen)`);
     }
     // the tracker starts before anything is read, so no write between our read and its first event is missed
-    this.tracker = await TracefsTracker.open({ name: `mobility-${o.agentId}`, disks: o.disks.map((d) => ({ path: d.path })), bufferKb: o.trackerBufferKb, tracefsRoot: o.tracefsRoot });
+    this.tracker = await TracefsTracker.open({
+      name: traceInstanceName(o.agentId, o.stateDir), disks: o.disks.map((d) => ({ path: d.path })), bufferKb: o.trackerBufferKb, tracefsRoot: o.tracefsRoot, lockDir: o.lockDir,
+    });
+    // uninstall finds the instance of this installation by this file
+    await writeFileDurable(path.join(stateDir, 'trace-instance'), `${this.tracker.name}\n`, 0o600);
     for (const [i, d] of o.disks.entries()) {
       const src = await openDiskSource(d.path, { direct: true });
       const mapFile = path.join(stateDir, `${d.id}.map`);
@@ -212,7 +232,7 @@ export class Protector {
       }
       this.disks.push({
         i, id: d.id, path: d.path, src, mapFile, map, mapProblem, state: 'initial-sync', reason: 'starting', scan: null, shipper: null, unlisten: null,
-        scanStarted: 0, progressPermille: 0, churnBytes: 0, churnRate: 0,
+        scanStarted: 0, progressPermille: 0, churnBytes: 0, churnRate: 0, written: new WrittenPages(), checksumResync: null,
       });
     }
     const { journal, found, torn } = DirtyJournal.open(stateDir, this.disks.map((d) => ({ id: d.id, sizeBytes: d.src.size, blockSize: this.bs })), (text) => this.tracker.parseText(text));
@@ -244,7 +264,7 @@ export class Protector {
     }
     await this.persist(true);
     this.timers.push(setInterval(() => this.drainOnce(), DRAIN_MS));
-    this.timers.push(setInterval(() => this.sendHealth(), HEALTH_MS));
+    this.timers.push(setInterval(() => this.sendHealth(true), HEALTH_MS));
     this.timers.push(setInterval(() => { if (Date.now() - this.lastPersist >= PERSIST_MS || this.journal.logSize > 4 << 20) void this.persist(false).catch((err) => this.log.error('cannot persist state', { error: (err as Error).message })); }, 500));
     for (const t of this.timers) t.unref?.();
   }
@@ -252,6 +272,15 @@ export class Protector {
   /** Takes every pending event out of the kernel into the durable journal; watches the loss counters. */
   private drainOnce(): void {
     if (!this.tracker) return;
+    if (this.trackerProblem) {
+      // tracking is off and the last repair failed: retry it every check interval
+      const t = Date.now();
+      if (t - this.lastCounterCheck >= COUNTER_CHECK_MS) {
+        this.lastCounterCheck = t;
+        this.checkTracking();
+      }
+      return;
+    }
     const n = this.journal.beginDrain();
     let ext;
     try {
@@ -263,11 +292,17 @@ export class Protector {
     }
     this.journal.addExtents(ext);
     this.journal.endDrain(n);
-    for (const e of ext) { const d = this.disks[e.disk]; if (d) d.churnBytes += e.length; }
+    for (const e of ext) {
+      const d = this.disks[e.disk];
+      if (!d) continue;
+      d.churnBytes += e.length;
+      d.written.add(e.offset, e.length, PAGE_SIZE);
+    }
     if (ext.length) this.wakeLoop?.();
     const t = Date.now();
     if (t - this.lastCounterCheck >= COUNTER_CHECK_MS) {
       this.lastCounterCheck = t;
+      if (!this.checkTracking()) return;
       const c = this.tracker.counters();
       if (lossSince(this.journal.counters, c)) {
         const why = `trace buffer overran (${describeLoss(this.journal.counters, c)}); some writes may be unrecorded`;
@@ -275,6 +310,33 @@ export class Protector {
         this.lossDetected(why);
       }
     }
+  }
+
+  /**
+   * Self-check: is the trace instance still live as we set it up (anyone with root can switch
+   * it off)? If not: repair it first (so writes from now on are recorded), then require a scan
+   * of every disk (writes while it was off are unknown). Returns whether tracking is live.
+   */
+  private checkTracking(): boolean {
+    const problem = this.trackerProblem ?? this.tracker.selfCheck();
+    if (!problem) return true;
+    const reason = problem.startsWith('tracking was disabled') ? problem : `tracking was disabled: ${problem}`;
+    let repaired = false;
+    try {
+      this.tracker.repair();
+      repaired = this.tracker.selfCheck() === null;
+    } catch (err) {
+      this.log.error('cannot repair change tracking', { code: 'MOB_ERR_TRACKER', error: (err as Error).message });
+    }
+    const first = this.trackerProblem === null;
+    this.trackerProblem = repaired ? null : reason;
+    if (first || repaired) {
+      this.log.warn('change tracking was switched off under the agent', { code: 'MOB_ERR_TRACKING_LOST', reason, repaired });
+      this.emit({ event: 'tracking-lost', reason, repaired });
+    }
+    if (repaired) this.journal.counters = this.tracker.counters();
+    if (first || repaired) this.lossDetected(repaired ? reason : `${reason} (repair failed; retrying every second)`);
+    return repaired;
   }
 
   private lossDetected(reason: string): void {
@@ -298,6 +360,7 @@ export class Protector {
       if (!d.map) continue;
       // a resync trusts matched pages only once the server recorded the pass end
       if (d.scan && d.scan.kind === 'resync' && !d.scan.done) continue;
+      if (d.checksumResync) continue; // removed on purpose: not to be trusted until the resync ends
       if (d.map.dirty || force) bodies.push([d.mapFile, d.map.serialize()]);
     }
     const writeSnap = this.journal.snapshot();
@@ -315,11 +378,14 @@ export class Protector {
     return n;
   }
 
-  private sendHealth(): void {
+  /** periodic = the HEALTH_MS timer (updates the churn rate); otherwise an immediate report of a state change. */
+  private sendHealth(periodic: boolean): void {
     const now = Date.now();
-    for (const d of this.disks) {
-      d.churnRate = d.churnRate * 0.5 + (d.churnBytes / (HEALTH_MS / 1000)) * 0.5;
-      d.churnBytes = 0;
+    if (periodic) {
+      for (const d of this.disks) {
+        d.churnRate = d.churnRate * 0.5 + (d.churnBytes / (HEALTH_MS / 1000)) * 0.5;
+        d.churnBytes = 0;
+      }
     }
     const conn = this.conn;
     if (!conn || conn.closed) return;
@@ -405,6 +471,8 @@ export class Protector {
       d.map = fresh();
     } else if (!ws.initialComplete) {
       kind = 'initial'; reason = 'resuming interrupted initial replication';
+    } else if (d.checksumResync) {
+      kind = 'resync'; reason = d.checksumResync; d.map = fresh();
     } else if (jd.scanRequired) {
       kind = 'incremental'; reason = jd.scanRequired;
     } else {
@@ -450,6 +518,8 @@ export class Protector {
     d.shipper.resume(pass.lastSeq);
     d.scan = null;
     d.progressPermille = 1000;
+    if (pass.kind === 'resync') d.checksumResync = null;
+    d.written.clear();
     await this.persist(true);
     if (jd.scanRequired) this.setState(d, 'resync-required', jd.scanRequired);
     else this.setState(d, 'continuous', 'scan complete');
@@ -465,16 +535,27 @@ export class Protector {
     conn.on('cutRequest', onCutRequest);
     try {
       for (const d of this.disks) this.prepare(d, conn.welcome.disks[d.i]);
-      this.sendHealth();
+      this.sendHealth(false);
       while (!this.stopping) {
         if (conn.closed) throw conn.closed;
         // scans first (initial, resync, or after lost tracking)
         let scanned = false;
+        if (this.trackerProblem) {
+          // a scan now would not see the writes that follow it: wait for the repair
+          await this.sleep(COUNTER_CHECK_MS);
+          continue;
+        }
         for (const d of this.disks) {
           const jd = this.journal.disks[d.i];
           if (!d.scan && jd.scanRequired && d.shipper) {
             await this.quiesce(conn, d);
-            d.scan = this.newPass(d, 'incremental');
+            if (d.checksumResync) {
+              // the replica differs from what the digest map says: compare with the replica itself
+              d.map = new DigestMap({ version: 1, diskId: d.id, diskSize: d.src.size, pageSize: PAGE_SIZE, generation: conn.welcome.disks[d.i].generation });
+              d.scan = this.newPass(d, 'resync');
+            } else {
+              d.scan = this.newPass(d, 'incremental');
+            }
             d.scan.resume(d.shipper.lastSeq);
             d.reason = jd.scanRequired;
             d.unlisten?.();
@@ -590,12 +671,20 @@ export class Protector {
     let frozenMs = 0;
     let failure: MobilityError | null = null;
     let seqs: number[] = [];
+    let samples: { pages: number[]; digests: Buffer }[] = [];
+    let sampleWaitMs = 0;
+    let sampling: Promise<{ pages: number[]; digests: Buffer }[]> | null = null;
     try {
       frozeAt = Date.now();
       await freezeAll(mounts, limit);
       const bound = frozeAt + limit;
       // everything written before the freeze is on the disks now, and its events are in the trace
       this.drainOnce();
+      this.assertTrackingLive();
+      // the evidence: sampled pages read now (frozen = the cut's content), while the remainder ships
+      const sampleT0 = Date.now();
+      sampling = this.readSamples().then((r) => { this.lastSampleReadMs = Date.now() - sampleT0; return r; });
+      sampling.catch(() => undefined);
       for (;;) {
         if (conn.closed) throw conn.closed;
         if (!this.allContinuous()) throw new MobilityError('MOB_ERR_CUT', 'change tracking was lost during the cut');
@@ -606,8 +695,13 @@ export class Protector {
         this.drainOnce();
       }
       if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
+      const t0 = Date.now();
+      samples = await sampling;
+      sampleWaitMs = Date.now() - t0;
       this.drainOnce();
       if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen (a frozen-phase hook or an unfrozen writer wrote to them)');
+      // tracking was live for the whole window the point covers (checked again after the hooks)
+      this.assertTrackingLive();
       if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
       seqs = this.disks.map((d) => d.shipper!.lastSeq);
     } catch (err) {
@@ -634,17 +728,74 @@ export class Protector {
     if (requested === 'app') this.lastAppCut = now;
     this.retryCutAt = 0;
     const note = notes.join('; ');
-    this.pendingCuts.set(cutId, { kind, frozenMs, mounts, note });
-    conn.send(encodeMessage({ type: 'cut', cut: { cutId, kind, disks: seqs.map((seq, disk) => ({ disk, seq })), takenAtMs: frozeAt, frozenMs, note } }));
-    this.log.info('cut sent', { cutId, kind, frozenMs, mounts, note });
+    const samplePages = samples.reduce((n, x) => n + x.pages.length, 0);
+    this.pendingCuts.set(cutId, { kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs });
+    for (const d of this.disks) d.written.clear();
+    conn.send(encodeMessage({
+      type: 'cut',
+      cut: {
+        cutId, kind, takenAtMs: frozeAt, frozenMs, note,
+        disks: seqs.map((seq, disk) => ({ disk, seq, samplePages: samples[disk]!.pages, sampleDigests: samples[disk]!.digests })),
+      },
+    }));
+    this.log.info('cut sent', { cutId, kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs });
+  }
+
+  /** Throws MOB_ERR_TRACKING_LOST (after starting the repair and the resync) when the self-check fails. */
+  private assertTrackingLive(): void {
+    const problem = this.trackerProblem ?? this.tracker.selfCheck();
+    if (!problem) return;
+    this.checkTracking();
+    throw new MobilityError('MOB_ERR_TRACKING_LOST', `change tracking was switched off during the cut (${problem}); no point is recorded until the disks are rescanned`);
+  }
+
+  /** Digests the cut's sample of every disk (called inside the freeze). */
+  private readSamples(): Promise<{ pages: number[]; digests: Buffer }[]> {
+    const random = this.o.cutSamples ?? DEFAULT_RANDOM_SAMPLES;
+    const writtenBudget = this.o.cutSamples ?? DEFAULT_WRITTEN_SAMPLES;
+    return Promise.all(this.disks.map(async (d) => {
+      const pages = chooseSamples({
+        totalPages: Math.ceil(d.src.size / PAGE_SIZE), written: d.written.list(), random, writtenBudget, include: includeFromEnv(d.id),
+      });
+      return { pages, digests: await digestPages(d.src, pages, PAGE_SIZE) };
+    }));
   }
 
   private onCutAck(a: CutAck): void {
     const c = this.pendingCuts.get(a.cutId);
     if (!c) return;
     this.pendingCuts.delete(a.cutId);
-    this.log.info('recovery point recorded', { cutId: a.cutId, point: a.pointId, kind: c.kind, frozenMs: c.frozenMs });
-    this.emit({ event: 'cut', cutId: a.cutId, kind: c.kind, pointId: a.pointId, frozenMs: c.frozenMs, mounts: c.mounts, note: c.note });
+    if (!a.pointId) {
+      const code = a.errorCode || 'MOB_ERR_CUT';
+      const message = a.errorMessage || 'the server did not record the cut';
+      this.log.error('recovery point refused by the server', { cutId: a.cutId, code, error: message });
+      this.emit({ event: 'cut-failed', cutId: a.cutId, kind: c.kind, code, message });
+      if (code === 'MOB_ERR_POINT_UNVERIFIED') this.verificationFailed(a);
+      return;
+    }
+    this.log.info('recovery point recorded', { cutId: a.cutId, point: a.pointId, kind: c.kind, frozenMs: c.frozenMs, verifiedPages: a.verifiedPages });
+    this.emit({ event: 'cut', cutId: a.cutId, kind: c.kind, pointId: a.pointId, frozenMs: c.frozenMs, mounts: c.mounts, note: c.note, samplePages: c.samplePages, sampleWaitMs: c.sampleWaitMs, sampleReadMs: c.sampleReadMs });
+  }
+
+  /**
+   * The replica differs from the source at a sampled page: whatever the digest map says is not
+   * to be trusted, so each named disk gets a checksum resync against the replica. The map file
+   * is removed first, so an agent restart before the resync ends also resyncs by checksum.
+   */
+  private verificationFailed(a: CutAck): void {
+    for (const i of new Set((a.mismatches ?? []).map((m) => m.disk))) {
+      const d = this.disks[i];
+      if (!d) continue;
+      const ms = (a.mismatches ?? []).filter((m) => m.disk === i);
+      const first = ms[0]!;
+      const reason = `sampled verification of cut ${a.cutId} failed: ${ms.length} page(s) of the replica differ from the source `
+        + `(page ${first.page}, byte ${first.page * PAGE_SIZE}: replica ${first.replicaDigest.toString(16).padStart(16, '0')}, source ${first.sourceDigest.toString(16).padStart(16, '0')})`;
+      d.checksumResync = reason;
+      try { fs.rmSync(d.mapFile, { force: true }); } catch (err) { this.log.error('cannot remove the digest map', { disk: d.id, error: (err as Error).message }); }
+      this.journal.disks[d.i].scanRequired = reason;
+      this.setState(d, 'resync-required', reason);
+    }
+    this.wakeLoop?.();
   }
 
   /** Stops after the current step; the trace instance keeps recording (restart costs no scan). */

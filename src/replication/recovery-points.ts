@@ -36,6 +36,11 @@ export interface RecoveryPoint {
   note: string;
   /** The agent's id of the cut (hooks see it as MOBILITY_CUT_ID); 0 when unknown. */
   cutId?: number;
+  /**
+   * Evidence: per disk, how many pages sampled at the source inside the freeze matched the
+   * replica at this point's sequence (absent in points recorded before verification existed).
+   */
+  verification?: Record<string, { pages: number }>;
   disks: Record<string, { seq: number; sizeBytes: number }>;
 }
 

@@ -40,7 +40,9 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { StringDecoder } from 'node:string_decoder';
+import crypto from 'node:crypto';
 import { MobilityError } from '../errors.js';
+import { acquireInstanceLock, assertInstanceFree, DEFAULT_LOCK_DIR, releaseInstanceLock } from './instance-lock.js';
 
 export interface TrackedDiskSpec { path: string }
 /** disk = index into the specs given to open(); offset/length in bytes relative to the start of that device. */
@@ -163,22 +165,62 @@ function coalesce(list: DirtyExtent[]): DirtyExtent[] {
   return out;
 }
 
+/**
+ * The instance name of one agent installation: the agent id plus a digest of its state
+ * directory, so two installations on one machine (even registered under the same name)
+ * never share, disable or remove each other's instance.
+ */
+export function traceInstanceName(agentId: string, stateDir: string): string {
+  const h = crypto.createHash('sha256').update(path.resolve(stateDir)).digest('hex').slice(0, 8);
+  return `mobility-${agentId}-${h}`;
+}
+
+/** What open() set up; self-checks compare the live instance against it. */
+interface Expected { filter: string; bufferKb: number; requestedKb: number; ino: bigint }
+
+/** One instance setup (fresh): buffer, overwrite off, filter, event on, tracing on. */
+function setUpInstance(dir: string, bufferKb: number, filter: string): void {
+  const ev = path.join(dir, EVENT_DIR);
+  fs.mkdirSync(dir);
+  try {
+    if (!fs.existsSync(ev)) throw new Error(`${EVENT_DIR} missing: the kernel has no block tracepoints`);
+    writeCtl(path.join(dir, 'buffer_size_kb'), String(bufferKb));
+    writeCtl(path.join(dir, 'options', 'overwrite'), '0');
+    writeCtl(path.join(ev, 'filter'), filter);
+    writeCtl(path.join(ev, 'enable'), '1');
+    writeCtl(path.join(dir, 'tracing_on'), '1');
+  } catch (err) {
+    try { writeCtl(path.join(ev, 'enable'), '0'); } catch { /* ignore */ }
+    try { fs.rmdirSync(dir); } catch { /* ignore */ }
+    throw err;
+  }
+}
+
+/** The buffer size the kernel reports (it rounds up to whole pages; "7 (expanded: 1408)" before first use). */
+function readBufferKb(dir: string): number {
+  return Number(/^\d+/.exec(readTrim(path.join(dir, 'buffer_size_kb')))?.[0] ?? NaN);
+}
+
 export class TracefsTracker {
   readonly resumed: boolean;
   readonly instanceDir: string;
-  private readonly name: string;
+  readonly name: string;
   private readonly byParent: Map<string, Mapped[]>;
   private fd: number | null;
   private readonly decoder = new StringDecoder('utf8');
   private partial = '';
   private lost = 0;
   private readonly buf = Buffer.allocUnsafe(READ_CHUNK);
+  private expected: Expected;
+  private readonly lockDir: string;
 
-  private constructor(name: string, instanceDir: string, resumed: boolean, mapped: Mapped[], fd: number) {
+  private constructor(name: string, instanceDir: string, resumed: boolean, mapped: Mapped[], fd: number, expected: Expected, lockDir: string) {
     this.name = name;
     this.instanceDir = instanceDir;
     this.resumed = resumed;
     this.fd = fd;
+    this.expected = expected;
+    this.lockDir = lockDir;
     this.byParent = new Map();
     for (const m of mapped) {
       const l = this.byParent.get(m.parentKey) ?? [];
@@ -187,7 +229,7 @@ export class TracefsTracker {
     }
   }
 
-  static async open(o: { name: string; disks: TrackedDiskSpec[]; bufferKb?: number; tracefsRoot?: string }): Promise<TracefsTracker> {
+  static async open(o: { name: string; disks: TrackedDiskSpec[]; bufferKb?: number; tracefsRoot?: string; lockDir?: string }): Promise<TracefsTracker> {
     const name = o.name;
     if (!NAME_RE.test(name) || name === '.' || name === '..' || name.length > 200) {
       throw trackerError(String(name), 'instance name must match [A-Za-z0-9_.-]+');
@@ -198,6 +240,9 @@ export class TracefsTracker {
     const mapped = o.disks.map((d, i) => mapSpec(name, d, i));
     const root = o.tracefsRoot ?? DEFAULT_TRACEFS;
     await ensureTracefs(root, o.tracefsRoot !== undefined, name);
+    const lockDir = o.lockDir ?? DEFAULT_LOCK_DIR;
+    // owned from here on: nothing else may disable or remove it while we use it
+    acquireInstanceLock(name, lockDir);
 
     const devs = [...new Set(mapped.map((m) => m.parentDev))].sort((a, b) => a - b);
     const filter = devs.map((d) => `dev == ${d}`).join(' || ');
@@ -205,6 +250,7 @@ export class TracefsTracker {
     const ev = path.join(dir, EVENT_DIR);
 
     let resumed = false;
+    let expected: Expected;
     try {
       if (fs.existsSync(dir)) {
         let same = false;
@@ -217,35 +263,94 @@ export class TracefsTracker {
         if (same) {
           resumed = true;
         } else {
-          try { writeCtl(path.join(ev, 'enable'), '0'); } catch { /* removed below anyway */ }
-          fs.rmdirSync(dir);
+          fs.rmdirSync(dir); // ours (we hold its lock) but set up differently: recreated below
         }
       }
-      if (!resumed) {
-        fs.mkdirSync(dir);
-        try {
-          if (!fs.existsSync(ev)) throw new Error(`${EVENT_DIR} missing: the kernel has no block tracepoints`);
-          writeCtl(path.join(dir, 'buffer_size_kb'), String(bufferKb));
-          writeCtl(path.join(dir, 'options', 'overwrite'), '0');
-          writeCtl(path.join(ev, 'filter'), filter);
-          writeCtl(path.join(ev, 'enable'), '1');
-          writeCtl(path.join(dir, 'tracing_on'), '1');
-        } catch (err) {
-          try { writeCtl(path.join(ev, 'enable'), '0'); } catch { /* ignore */ }
-          try { fs.rmdirSync(dir); } catch { /* ignore */ }
-          throw err;
-        }
-      }
+      // a resumed instance keeps its buffer size (resizing would discard what it recorded meanwhile)
+      if (!resumed) setUpInstance(dir, bufferKb, filter);
+      expected = { filter, bufferKb: readBufferKb(dir), requestedKb: bufferKb, ino: fs.statSync(dir, { bigint: true }).ino };
     } catch (err) {
+      releaseInstanceLock(name, lockDir);
       throw trackerError(name, `cannot set up instance ${dir}`, err);
     }
     let fd: number;
     try {
       fd = fs.openSync(path.join(dir, 'trace_pipe'), fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
     } catch (err) {
+      releaseInstanceLock(name, lockDir);
       throw trackerError(name, `cannot open ${dir}/trace_pipe`, err);
     }
-    return new TracefsTracker(name, dir, resumed, mapped, fd);
+    return new TracefsTracker(name, dir, resumed, mapped, fd, expected, lockDir);
+  }
+
+  /**
+   * Is tracking live as open() set it up? Returns null when it is, else what differs
+   * (e.g. "events/block/block_rq_complete/enable is 0"). Anyone with root can switch
+   * an instance off under us; the caller checks every second and inside every cut's
+   * freeze, and treats any difference as lost tracking (resync). Cheap: a few sysfs reads.
+   */
+  selfCheck(): string | null {
+    const dir = this.instanceDir;
+    const ex = this.expected;
+    let st: fs.BigIntStats | undefined;
+    try {
+      st = fs.statSync(dir, { bigint: true, throwIfNoEntry: false });
+    } catch (err) {
+      return `the trace instance ${dir} cannot be read: ${(err as Error).message}`;
+    }
+    if (!st) return `the trace instance ${dir} was removed`;
+    if (st.ino !== ex.ino) return `the trace instance ${dir} was removed and recreated`;
+    const checks: [string, string][] = [
+      [path.join(EVENT_DIR, 'enable'), '1'],
+      ['tracing_on', '1'],
+      [path.join(EVENT_DIR, 'filter'), ex.filter],
+      [path.join('options', 'overwrite'), '0'],
+    ];
+    try {
+      for (const [file, want] of checks) {
+        const have = readTrim(path.join(dir, file));
+        if (have !== want) return `${file} is ${JSON.stringify(have).slice(1, -1) || '(empty)'}${file.endsWith('filter') ? ` (set: ${want})` : ''}`;
+      }
+      const kb = readBufferKb(dir);
+      if (kb !== ex.bufferKb) return `buffer_size_kb is ${kb} (set: ${ex.bufferKb}; resizing discards recorded events)`;
+    } catch (err) {
+      return `the trace instance ${dir} cannot be read: ${(err as Error).message}`;
+    }
+    return null;
+  }
+
+  /**
+   * Puts tracking back as open() set it up after selfCheck() found a difference: re-arms
+   * the settings in place, or recreates the instance (and reopens trace_pipe) when it was
+   * removed or replaced. Events recorded before the repair may be incomplete: the caller
+   * must rescan. Throws MOB_ERR_TRACKER when it cannot.
+   */
+  repair(): void {
+    if (this.fd === null) throw trackerError(this.name, 'repair() after close()');
+    const dir = this.instanceDir;
+    const ex = this.expected;
+    try {
+      const st = fs.statSync(dir, { bigint: true, throwIfNoEntry: false });
+      if (st && st.ino === ex.ino) {
+        const ev = path.join(dir, EVENT_DIR);
+        writeCtl(path.join(dir, 'options', 'overwrite'), '0');
+        if (readBufferKb(dir) !== ex.bufferKb) writeCtl(path.join(dir, 'buffer_size_kb'), String(ex.requestedKb));
+        writeCtl(path.join(ev, 'filter'), ex.filter);
+        writeCtl(path.join(ev, 'enable'), '1');
+        writeCtl(path.join(dir, 'tracing_on'), '1');
+        this.expected = { ...ex, bufferKb: readBufferKb(dir) };
+        return;
+      }
+      try { fs.closeSync(this.fd); } catch { /* already closed */ }
+      this.fd = null;
+      if (st) fs.rmdirSync(dir); // an instance someone else created under our name
+      setUpInstance(dir, ex.requestedKb, ex.filter);
+      this.expected = { ...ex, bufferKb: readBufferKb(dir), ino: fs.statSync(dir, { bigint: true }).ino };
+      this.fd = fs.openSync(path.join(dir, 'trace_pipe'), fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+      this.partial = '';
+    } catch (err) {
+      throw trackerError(this.name, `cannot repair instance ${dir}`, err);
+    }
   }
 
   /**
@@ -255,7 +360,7 @@ export class TracefsTracker {
    * delivered again, even to another tracker on the same instance.
    */
   drain(journal?: RawJournal): DirtyExtent[] {
-    if (this.fd === null) throw trackerError(this.name, 'drain() after close()');
+    if (this.fd === null) throw trackerError(this.name, 'drain() without an open trace_pipe (closed, or a repair failed)');
     let text = this.partial;
     let total = 0;
     for (;;) {
@@ -341,12 +446,19 @@ export class TracefsTracker {
       try { fs.closeSync(this.fd); } catch { /* already closed */ }
       this.fd = null;
     }
-    if (o?.keep) return;
-    removeInstanceDir(this.name, this.instanceDir);
+    try {
+      if (!o?.keep) removeInstanceDir(this.name, this.instanceDir);
+    } finally {
+      releaseInstanceLock(this.name, this.lockDir);
+    }
   }
 
-  /** Removes a kept instance without opening it (protection disabled, or uninstall). */
-  static remove(name: string, tracefsRoot?: string): void {
+  /**
+   * Removes a kept instance without opening it (protection disabled, or uninstall).
+   * MOB_ERR_TRACKER_BUSY while a live agent holds it: it is never disabled under its user.
+   */
+  static remove(name: string, tracefsRoot?: string, lockDir?: string): void {
+    assertInstanceFree(name, 'remove', lockDir);
     removeInstanceDir(name, path.join(tracefsRoot ?? DEFAULT_TRACEFS, 'instances', name));
   }
 }
@@ -354,7 +466,9 @@ export class TracefsTracker {
 function removeInstanceDir(name: string, dir: string): void {
   if (!fs.existsSync(dir)) return;
   try {
-    try { writeCtl(path.join(dir, EVENT_DIR, 'enable'), '0'); } catch { /* rmdir decides */ }
+    // rmdir alone: the kernel disables the instance's events as it removes it. Disabling first
+    // would leave a disabled instance behind whenever the rmdir is refused (EBUSY: a reader holds
+    // trace_pipe), switching tracking off under whoever reads it.
     fs.rmdirSync(dir);
   } catch (err) {
     throw trackerError(name, `cannot remove instance ${dir}`, err);

@@ -32,9 +32,12 @@ export interface Heartbeat { sentAtMs: number; reply: boolean }
 export interface DigestRequest { disk: number; requestId: number; firstPage: number; pageCount: number }
 export interface DigestReply { disk: number; requestId: number; firstPage: number; pageCount: number }
 export interface PassEnd { disk: number; seq: number; kind: string }
-export interface CutDisk { disk: number; seq: number }
+/** samplePages[i]'s source digest is sampleDigests[8*i .. 8*i+8] (xxh64, little-endian). */
+export interface CutDisk { disk: number; seq: number; samplePages?: number[]; sampleDigests?: Uint8Array }
 export interface Cut { cutId: number; kind: string; disks: CutDisk[]; takenAtMs: number; frozenMs: number; note: string }
-export interface CutAck { cutId: number; pointId: string }
+export interface CutMismatch { disk: number; page: number; replicaDigest: bigint; sourceDigest: bigint }
+/** pointId set: recorded. Otherwise errorCode/errorMessage say why not (mismatches for MOB_ERR_POINT_UNVERIFIED). */
+export interface CutAck { cutId: number; pointId: string; errorCode?: string; errorMessage?: string; mismatches?: CutMismatch[]; verifiedPages?: number }
 export interface DiskHealth {
   disk: number; state: string; reason: string; backlogBytes: number; dataLagMs: number; churnBytesPerSec: number;
   freezeFailures: number; lastFreezeMs: number; progressPermille: number;
@@ -66,6 +69,14 @@ export type DecodedFrame = FrameBody & { payload: Buffer };
 
 const TYPES: readonly FrameType[] = ['hello', 'welcome', 'data', 'ack', 'error', 'heartbeat', 'digestRequest', 'digestReply', 'passEnd', 'cut', 'cutAck', 'health', 'cutRequest', 'readRequest', 'readReply'];
 
+/** A fixed64 digest as an unsigned bigint (protobufjs gives a Long or a number). */
+function u64(v: unknown): bigint {
+  if (v === undefined || v === null) return 0n;
+  if (typeof v === 'number') return BigInt.asUintN(64, BigInt(v));
+  const l = v as { low: number; high: number };
+  return (BigInt(l.high >>> 0) << 32n) | BigInt(l.low >>> 0);
+}
+
 /** protobufjs gives uint64 as Long objects (or numbers); offsets and sequences stay below 2^53. */
 function num(v: unknown): number {
   if (v === undefined || v === null) return 0;
@@ -80,7 +91,10 @@ const EMPTY = Buffer.alloc(0);
 /** Encodes a frame. `payload` may be several buffers; they are copied once into the message. */
 export function encodeMessage(body: FrameBody, payload: Buffer | Buffer[] = EMPTY): Buffer {
   const { type, ...rest } = body as FrameBody & Record<string, unknown>;
-  const header = FrameType.encode(FrameType.fromObject({ [type]: (rest as Record<string, unknown>)[type] })).finish();
+  let msg = (rest as Record<string, unknown>)[type];
+  // fixed64 digests travel as bigints in our types; protobufjs takes decimal strings
+  if (type === 'cutAck') msg = JSON.parse(JSON.stringify(msg, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v)));
+  const header = FrameType.encode(FrameType.fromObject({ [type]: msg })).finish();
   const parts = Array.isArray(payload) ? payload : [payload];
   let payloadLen = 0;
   for (const p of parts) payloadLen += p.length;
@@ -169,7 +183,11 @@ export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): Dec
         type, payload,
         cut: {
           cutId: num(m.cutId), kind: String(m.kind ?? ''), takenAtMs: num(m.takenAtMs), frozenMs: num(m.frozenMs), note: String(m.note ?? ''),
-          disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({ disk: num(d.disk), seq: num(d.seq) })),
+          disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({
+            disk: num(d.disk), seq: num(d.seq),
+            samplePages: ((d.samplePages as unknown[] | undefined) ?? []).map(num),
+            sampleDigests: (d.sampleDigests as Uint8Array | undefined) ?? new Uint8Array(0),
+          })),
         },
       };
     case 'cutRequest':
@@ -179,7 +197,16 @@ export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): Dec
     case 'readReply':
       return { type, payload, readReply: { disk: num(m.disk), requestId: num(m.requestId), firstPage: num(m.firstPage), pageCount: num(m.pageCount) } };
     case 'cutAck':
-      return { type, payload, cutAck: { cutId: num(m.cutId), pointId: String(m.pointId ?? '') } };
+      return {
+        type, payload,
+        cutAck: {
+          cutId: num(m.cutId), pointId: String(m.pointId ?? ''), errorCode: String(m.errorCode ?? ''), errorMessage: String(m.errorMessage ?? ''),
+          verifiedPages: num(m.verifiedPages),
+          mismatches: ((m.mismatches as Record<string, unknown>[] | undefined) ?? []).map((x) => ({
+            disk: num(x.disk), page: num(x.page), replicaDigest: u64(x.replicaDigest), sourceDigest: u64(x.sourceDigest),
+          })),
+        },
+      };
     case 'health':
       return {
         type, payload,

@@ -191,3 +191,88 @@ t.test('bad inputs are MOB_ERR_TRACKER', async (t) => {
     'no tracefs at the given root');
   t.equal(fs.existsSync(path.join(TRACEFS, 'instances', name)), false, 'nothing created');
 });
+
+t.test('self-check: anything that switches tracking off is named, and repair() makes it live again', async (t) => {
+  const { dev } = await loopDevice(t);
+  const name = instanceName();
+  track(t, name);
+  const tr = await TracefsTracker.open({ name, disks: [{ path: dev }], bufferKb: 1024 });
+  t.teardown(() => tr.close());
+  t.equal(tr.selfCheck(), null, 'live right after open');
+  const ctl = (f: string, v: string) => fs.writeFileSync(path.join(tr.instanceDir, f), v + '\n');
+  const cases: [string, string, RegExp][] = [
+    ['events/block/block_rq_complete/enable', '0', /^events\/block\/block_rq_complete\/enable is 0$/],
+    ['tracing_on', '0', /^tracing_on is 0$/],
+    ['events/block/block_rq_complete/filter', '0', /filter is none \(set: dev == \d+\)/],
+    ['options/overwrite', '1', /^options\/overwrite is 1$/],
+    ['buffer_size_kb', '64', /^buffer_size_kb is \d+ \(set: \d+/],
+    ['events/enable', '0', /enable is 0/],
+  ];
+  for (const [file, value, want] of cases) {
+    ctl(file, value);
+    t.match(tr.selfCheck(), want, `${file} = ${value} is noticed: ${tr.selfCheck()}`);
+    tr.repair();
+    t.equal(tr.selfCheck(), null, `repair() re-arms it after ${file} = ${value}`);
+    ddWrite(dev, 50, 1);
+    t.same(await drainUntil(tr, [{ disk: 0, offset: 204800, length: 4096 }]), [{ disk: 0, offset: 204800, length: 4096 }], 'and writes are recorded again');
+  }
+});
+
+t.test('self-check notices a removed or recreated instance (fake tracefs root), repair recreates it', async (t) => {
+  const { dev } = await loopDevice(t);
+  const root = await tmpDir(t);
+  const name = instanceName();
+  const lockDir = path.join(root, 'locks');
+  // a tracefs look-alike the tracker resumes (real tracefs refuses rmdir while trace_pipe is open)
+  const dev0 = fs.statSync(dev, { bigint: true }).rdev;
+  const major = Number(((dev0 >> 8n) & 0xfffn) | ((dev0 >> 32n) & ~0xfffn));
+  const minor = Number((dev0 & 0xffn) | ((dev0 >> 12n) & ~0xffn));
+  const make = () => {
+    const d = path.join(root, 'instances', name);
+    fs.mkdirSync(path.join(d, 'events/block/block_rq_complete'), { recursive: true });
+    fs.mkdirSync(path.join(d, 'options'), { recursive: true });
+    fs.mkdirSync(path.join(d, 'per_cpu'), { recursive: true });
+    fs.writeFileSync(path.join(d, 'events/block/block_rq_complete/filter'), `dev == ${major * 2 ** 20 + minor}\n`);
+    fs.writeFileSync(path.join(d, 'events/block/block_rq_complete/enable'), '1\n');
+    fs.writeFileSync(path.join(d, 'tracing_on'), '1\n');
+    fs.writeFileSync(path.join(d, 'options/overwrite'), '0\n');
+    fs.writeFileSync(path.join(d, 'buffer_size_kb'), '8192\n');
+    fs.writeFileSync(path.join(d, 'trace_pipe'), '');
+    return d;
+  };
+  const dir = make();
+  const tr = await TracefsTracker.open({ name, disks: [{ path: dev }], tracefsRoot: root, lockDir });
+  t.teardown(() => tr.close({ keep: true }));
+  t.equal(tr.resumed, true);
+  t.equal(tr.selfCheck(), null);
+  fs.rmSync(dir, { recursive: true });
+  t.match(tr.selfCheck(), /was removed$/, 'removal noticed');
+  make();
+  t.match(tr.selfCheck(), /was removed and recreated$/, 'a look-alike recreated under the same name is noticed (inode)');
+});
+
+t.test('instances are owned: another process can neither use nor remove one in use; rmdir never leaves it disabled', async (t) => {
+  const { dev } = await loopDevice(t);
+  const name = instanceName();
+  track(t, name);
+  const tr = await TracefsTracker.open({ name, disks: [{ path: dev }] });
+  t.teardown(() => tr.close());
+  const mod = path.resolve('dist/src/replication/tracefs-tracker.js');
+  const other = (code: string) => execFileSync(process.execPath, ['--input-type=module', '-e',
+    `import { TracefsTracker } from ${JSON.stringify(mod)};\ntry { ${code}; console.log('ok'); } catch (e) { console.log(e.code, e.message); }`], { encoding: 'utf8' });
+  t.match(other(`TracefsTracker.remove(${JSON.stringify(name)})`), /^MOB_ERR_TRACKER_BUSY .*in use by process \d+/, 'remove() from another process: MOB_ERR_TRACKER_BUSY');
+  t.match(other(`await TracefsTracker.open({ name: ${JSON.stringify(name)}, disks: [{ path: ${JSON.stringify(dev)} }] })`), /^MOB_ERR_TRACKER_BUSY/, 'open() from another process: MOB_ERR_TRACKER_BUSY');
+  t.equal(tr.selfCheck(), null, 'still live after both attempts');
+  // a raw rmdir (what uninstall.sh does) is refused while trace_pipe is open and changes nothing
+  t.throws(() => fs.rmdirSync(tr.instanceDir), /EBUSY/);
+  t.equal(tr.selfCheck(), null, 'still enabled after a refused rmdir');
+  tr.close({ keep: true });
+  t.match(other(`TracefsTracker.remove(${JSON.stringify(name)})`), /^ok/, 'once the user closed it, remove() works');
+  t.equal(fs.existsSync(tr.instanceDir), false);
+  // a lock left by a dead process is stale and taken over
+  fs.mkdirSync('/run/mobility/trace-locks', { recursive: true });
+  fs.writeFileSync(`/run/mobility/trace-locks/${name}.lock`, '999999999 1\n');
+  const again = await TracefsTracker.open({ name, disks: [{ path: dev }] });
+  t.equal(again.selfCheck(), null, 'a stale lock does not block');
+  again.close();
+});

@@ -1,0 +1,94 @@
+/**
+ * Evidence for a recovery point: inside a cut's freeze the agent digests a sample of pages of
+ * each disk (a fresh uniform random sample, plus pages written since the previous cut); the
+ * server checks them against the replica at the cut's sequence before it records the point.
+ *
+ * Why both: the random part catches any divergence, whatever its cause (tracking switched off
+ * and on again between self-checks, a replica damaged behind the server's back, an apply bug),
+ * with probability growing with every cut; the written part checks exactly the pages the cut
+ * is about. Cost: one small positional read per sampled page, done while the remainder ships.
+ */
+import type { DiskSource } from './disk-source.js';
+import { digest } from './digest.js';
+
+export const DEFAULT_RANDOM_SAMPLES = 64;
+export const DEFAULT_WRITTEN_SAMPLES = 64;
+/** Written pages remembered between cuts (a reservoir: a uniform sample of everything written). */
+const WRITTEN_RESERVOIR = 4096;
+/** Sample reads in flight per disk. */
+const READS_IN_FLIGHT = 8;
+
+/** A uniform sample (reservoir) of the pages written since the last cut. */
+export class WrittenPages {
+  private pages: number[] = [];
+  private seen = 0;
+
+  /** Records the pages of a written byte range. */
+  add(offset: number, length: number, pageSize: number): void {
+    const first = Math.floor(offset / pageSize);
+    const last = Math.floor((offset + length - 1) / pageSize);
+    for (let p = first; p <= last; p++) {
+      this.seen++;
+      if (this.pages.length < WRITTEN_RESERVOIR) this.pages.push(p);
+      else {
+        const j = Math.floor(Math.random() * this.seen);
+        if (j < WRITTEN_RESERVOIR) this.pages[j] = p;
+      }
+    }
+  }
+
+  get size(): number { return this.pages.length; }
+  list(): readonly number[] { return this.pages; }
+  clear(): void { this.pages = []; this.seen = 0; }
+}
+
+/**
+ * Chooses the pages to sample: `random` uniform pages of the disk, up to `written` of the
+ * written pages (chosen at random), and every page of `include`; sorted, without duplicates.
+ */
+export function chooseSamples(o: { totalPages: number; written: readonly number[]; random?: number; writtenBudget?: number; include?: readonly number[] }): number[] {
+  const out = new Set<number>();
+  const random = Math.min(o.random ?? DEFAULT_RANDOM_SAMPLES, o.totalPages);
+  for (let i = 0; i < random; i++) out.add(Math.floor(Math.random() * o.totalPages));
+  const w = [...new Set(o.written)].filter((p) => p < o.totalPages);
+  const budget = o.writtenBudget ?? DEFAULT_WRITTEN_SAMPLES;
+  for (let i = 0; i < budget && w.length; i++) {
+    const j = Math.floor(Math.random() * w.length);
+    out.add(w[j]!);
+    w[j] = w[w.length - 1]!;
+    w.pop();
+  }
+  for (const p of o.include ?? []) if (Number.isSafeInteger(p) && p >= 0 && p < o.totalPages) out.add(p);
+  return [...out].sort((a, b) => a - b);
+}
+
+/** Reads each page (the last one may be short) and returns their xxh64 digests, 8 bytes LE each, in order. */
+export async function digestPages(src: DiskSource, pages: readonly number[], pageSize: number): Promise<Buffer> {
+  const out = Buffer.alloc(pages.length * 8);
+  let next = 0;
+  const worker = async () => {
+    const buf = Buffer.allocUnsafe(pageSize);
+    while (next < pages.length) {
+      const i = next++;
+      const off = pages[i]! * pageSize;
+      const len = Math.min(pageSize, src.size - off);
+      await src.read(buf, off, len);
+      out.writeBigUInt64LE(digest(buf.subarray(0, len)), 8 * i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(READS_IN_FLIGHT, pages.length) }, worker));
+  return out;
+}
+
+/**
+ * Pages to sample at every cut whatever the draw (a diagnostic, e.g. after a storage incident on
+ * the server): MOBILITY_CUT_SAMPLE_INCLUDE="disk:page,page;disk2:page".
+ */
+export function includeFromEnv(diskId: string, env = process.env.MOBILITY_CUT_SAMPLE_INCLUDE): number[] {
+  if (!env) return [];
+  for (const part of env.split(';')) {
+    const [id, list] = part.split(':');
+    if (id === diskId && list) return list.split(',').map(Number).filter((n) => Number.isSafeInteger(n) && n >= 0);
+  }
+  return [];
+}
