@@ -7,6 +7,7 @@ import crypto from 'node:crypto';
 import fsp from 'node:fs/promises';
 import https from 'node:https';
 import os from 'node:os';
+import path from 'node:path';
 import type { TLSSocket } from 'node:tls';
 import { MobilityError, isErrorCode } from '../errors.js';
 import { normalizeFingerprint } from '../transport/tls.js';
@@ -25,6 +26,13 @@ export interface RegisterOptions {
   machineIdFile?: string;
   hostname?: string;
   timeoutMs?: number;
+  /** Take over the identity even while another installation of it on this machine is connected. */
+  replace?: boolean;
+}
+
+/** This installation's id: a digest of its state directory (the trace instance name uses the same). */
+export function installIdOf(stateDir: string): string {
+  return crypto.createHash('sha256').update(path.resolve(stateDir)).digest('hex').slice(0, 16);
 }
 
 /**
@@ -104,6 +112,7 @@ export async function registerAgent(o: RegisterOptions): Promise<Identity & { re
   const reg = await post(url, '/v1/register', {
     kind: o.kind, secret: o.secret, machineId, hostname: o.hostname ?? os.hostname(), publicKey: pubPem,
     ...(previous ? { agentId: previous.agentId } : {}),
+    installId: installIdOf(o.stateDir), ...(o.replace ? { replace: true } : {}),
   }, timeoutMs, ch.fingerprint);
   if (reg.fingerprint !== ch.fingerprint) throw new MobilityError('MOB_ERR_TLS_PIN', 'the server certificate changed between the two registration requests');
   if (reg.status !== 200) throw serverError(reg.json, reg.status);

@@ -56,6 +56,9 @@ export const MIGRATIONS: string[] = [
      kind TEXT NOT NULL CHECK (kind IN ('key', 'password')),
      secret BLOB NOT NULL,
      created_at TEXT NOT NULL);`,
+  // 2: which installation of the agent registered (a digest of its state directory): a second
+  // installation on the same machine must not silently take over a live agent's identity
+  `ALTER TABLE agents ADD COLUMN install_id TEXT;`,
 ];
 
 export interface Policy {
@@ -66,6 +69,8 @@ export interface Policy {
 export interface AgentRow {
   id: string; machineId: string; hostname: string; certFingerprint: string; registeredAt: string; registeredWith: string;
   lastSeen: string | null; inventory: unknown; inventoryAt: string | null; policy: string | null;
+  /** The registering installation (digest of the agent's state directory); null for agents registered before it was recorded. */
+  installId: string | null;
 }
 
 export interface DiskRow { agentId: string; diskId: string; device: string; enabledAt: string }
@@ -96,6 +101,7 @@ function rowToAgent(r: Record<string, unknown>): AgentRow {
     id: r.id as string, machineId: r.machine_id as string, hostname: r.hostname as string, certFingerprint: r.cert_fingerprint as string,
     registeredAt: r.registered_at as string, registeredWith: r.registered_with as string, lastSeen: (r.last_seen as string | null) ?? null,
     inventory, inventoryAt: (r.inventory_at as string | null) ?? null, policy: (r.policy as string | null) ?? null,
+    installId: (r.install_id as string | null | undefined) ?? null,
   };
 }
 
@@ -234,7 +240,7 @@ export class ConfigDb {
    * Spends the token (if any) and writes the agent in one transaction. 'conflict' when the id
    * belongs to another machine or the machine to another id; 'token-used' when the token was spent.
    */
-  registerAgent(a: { id: string; machineId: string; hostname: string; certFingerprint: string; registeredWith: string }, tokenId: string | null, usedBy: string): 'ok' | 'token-used' | 'conflict' {
+  registerAgent(a: { id: string; machineId: string; hostname: string; certFingerprint: string; registeredWith: string; installId?: string | null }, tokenId: string | null, usedBy: string): 'ok' | 'token-used' | 'conflict' {
     try {
       return this.registerTx(a, tokenId, usedBy);
     } catch (err) {
@@ -243,15 +249,16 @@ export class ConfigDb {
     }
   }
 
-  private registerTx(a: { id: string; machineId: string; hostname: string; certFingerprint: string; registeredWith: string }, tokenId: string | null, usedBy: string): 'ok' | 'token-used' {
+  private registerTx(a: { id: string; machineId: string; hostname: string; certFingerprint: string; registeredWith: string; installId?: string | null }, tokenId: string | null, usedBy: string): 'ok' | 'token-used' {
     return this.db.transaction((): 'ok' | 'token-used' => {
       if (tokenId !== null && !this.consumeToken(tokenId, usedBy)) return 'token-used';
       const byMachine = this.agentByMachine(a.machineId);
       if (byMachine && byMachine.id !== a.id) throw new ConflictAbort();
-      const r = this.db.prepare(`INSERT INTO agents (id, machine_id, hostname, cert_fingerprint, registered_at, registered_with)
-        VALUES (@id, @machineId, @hostname, @certFingerprint, @at, @registeredWith)
-        ON CONFLICT(id) DO UPDATE SET hostname = @hostname, cert_fingerprint = @certFingerprint, registered_at = @at, registered_with = @registeredWith
-        WHERE agents.machine_id = @machineId`).run({ ...a, at: now() });
+      const r = this.db.prepare(`INSERT INTO agents (id, machine_id, hostname, cert_fingerprint, registered_at, registered_with, install_id)
+        VALUES (@id, @machineId, @hostname, @certFingerprint, @at, @registeredWith, @installId)
+        ON CONFLICT(id) DO UPDATE SET hostname = @hostname, cert_fingerprint = @certFingerprint, registered_at = @at, registered_with = @registeredWith,
+          install_id = COALESCE(@installId, agents.install_id)
+        WHERE agents.machine_id = @machineId`).run({ ...a, installId: a.installId ?? null, at: now() });
       if (r.changes !== 1) throw new ConflictAbort();
       return 'ok';
     })();

@@ -73,6 +73,10 @@ export interface RegisterRequest {
   hostname: string;
   agentId?: string;
   publicKey: string;
+  /** Digest of the registering installation's state directory (16 hex). */
+  installId?: string;
+  /** Take over the identity even while another installation of it is connected. */
+  replace?: boolean;
 }
 
 export interface RegisterReply { agentId: string; cert: string; ca: string; serverFingerprint: string; reRegistered: boolean }
@@ -93,6 +97,8 @@ export class Registry {
     challengeLimit?: number;
     /** Called after a registration replaced an agent's certificate (its open sessions must end). */
     onReplaced?: (agentId: string) => void;
+    /** Whether the agent is connected now (control channel or replication). */
+    isConnected?: (agentId: string) => boolean;
   }) {}
 
   private get limit(): number { return this.o.failureLimit ?? 10; }
@@ -153,6 +159,8 @@ export class Registry {
     if (typeof r.hostname !== 'string' || !r.hostname || r.hostname.length > 253) throw new MobilityError('MOB_ERR_USAGE', 'hostname is required');
     if (r.agentId !== undefined && (typeof r.agentId !== 'string' || !ID_PATTERN.test(r.agentId))) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `agent id ${JSON.stringify(r.agentId)} is not [A-Za-z0-9._-]{1,64}`);
     if (typeof r.publicKey !== 'string' || !r.publicKey.includes('PUBLIC KEY')) throw new MobilityError('MOB_ERR_USAGE', 'publicKey (PEM) is required');
+    if (r.installId !== undefined && (typeof r.installId !== 'string' || !/^[0-9a-f]{8,64}$/.test(r.installId))) throw new MobilityError('MOB_ERR_USAGE', 'installId must be 8 to 64 hex characters');
+    if (r.replace !== undefined && typeof r.replace !== 'boolean') throw new MobilityError('MOB_ERR_USAGE', 'replace must be a boolean');
     const machineId = r.machineId.toLowerCase();
 
     let registeredWith: string;
@@ -216,6 +224,15 @@ export class Registry {
       }
     }
 
+    // a second installation on this machine (another state directory) must not take over the
+    // identity of one that is connected and may be protecting disks: its certificate would be
+    // superseded and its protection stopped
+    const current = reRegistered ? this.o.db.getAgent(agentId) : null;
+    if (current?.installId && r.installId && current.installId !== r.installId && !r.replace && this.o.isConnected?.(agentId)) {
+      throw new MobilityError('MOB_ERR_AGENT_EXISTS', `agent ${agentId} is registered for this machine by another installation (${current.installId}), which is connected now: `
+        + 'registering this one would stop its protection. Uninstall or stop the other installation first, or register with --replace to take the identity over.');
+    }
+
     let signed: { cert: string; fingerprint256: string };
     try {
       signed = await signClientCert(this.o.dataDir, r.publicKey, agentId);
@@ -223,7 +240,7 @@ export class Registry {
       throw new MobilityError('MOB_ERR_USAGE', `cannot sign the agent key: ${(err as Error).message}`);
     }
     // the token is spent only by a registration that succeeds, together with the agent's row
-    const outcome = this.o.db.registerAgent({ id: agentId, machineId, hostname: r.hostname, certFingerprint: signed.fingerprint256, registeredWith }, tokenId, `${r.hostname} (${machineId})`);
+    const outcome = this.o.db.registerAgent({ id: agentId, machineId, hostname: r.hostname, certFingerprint: signed.fingerprint256, registeredWith, installId: r.installId ?? null }, tokenId, `${r.hostname} (${machineId})`);
     if (outcome === 'token-used') this.fail(ip, new MobilityError('MOB_ERR_TOKEN_USED', `the one-time token ${tokenId} was just used by another registration`));
     if (outcome === 'conflict') this.fail(ip, new MobilityError('MOB_ERR_CLONE', `agent id ${agentId} or machine ${machineId} was just registered for another machine; retry`));
     if (reRegistered) this.o.onReplaced?.(agentId);

@@ -307,6 +307,33 @@ t.test('registration', async (t) => {
     t.equal(third.reRegistered, true);
     t.equal(await replicationSession({ agentId: first.agentId, ...cur }), 'MOB_ERR_NOT_REGISTERED', 'and supersedes the previous certificate');
     t.equal((await rowOf(m)).length, 1, 'still one agent row for the machine');
+
+    // a second installation while the registered one is connected: refused, unless --replace
+    const connect = async (c: { cert: string; key: string }) => {
+      const ws = new WebSocket(`${serverUrl}/v1/control`, { ca: serverCa, cert: c.cert, key: c.key });
+      ws.on('error', () => undefined);
+      await new Promise<void>((resolve) => {
+        ws.on('open', () => ws.send(JSON.stringify({ type: 'hello', machineId: m.id, agentVersion: 'test' })));
+        ws.on('message', (d) => { if ((JSON.parse((d as Buffer).toString('utf8')) as Json).type === 'assignments') resolve(); });
+      });
+      t.teardown(() => ws.terminate());
+      return ws;
+    };
+    const liveDir = path.join(dir, 'state-beta-fresh');
+    const ws1 = await connect(await creds(liveDir));
+    const other = path.join(dir, 'state-beta-second-install');
+    await t.rejects(register(m, 'passphrase', passphrase, other), { code: 'MOB_ERR_AGENT_EXISTS', message: /another installation .* connected now.*--replace/ },
+      'a second installation cannot take over a connected agent\'s identity');
+    t.notOk(await exists(other), 'nothing written for the refused installation');
+    t.equal(await replicationSession({ agentId: first.agentId, ...(await creds(liveDir)) }), 'welcome', 'the connected installation keeps working');
+    const again = await register(m, 'passphrase', passphrase, liveDir);
+    t.equal(again.reRegistered, true, 'the same installation may re-register while connected (upgrade)');
+    ws1.terminate();
+    await connect(await creds(liveDir));
+    await t.rejects(register(m, 'passphrase', passphrase, other), { code: 'MOB_ERR_AGENT_EXISTS' }, 'still refused against the re-registered connection');
+    const took = await registerAgent({ server: serverUrl, stateDir: other, kind: 'passphrase', secret: passphrase, machineIdFile: m.file, hostname: m.name, replace: true });
+    t.equal(took.agentId, first.agentId, '--replace takes the identity over');
+    t.equal(await replicationSession({ agentId: first.agentId, ...(await creds(liveDir)) }), 'MOB_ERR_NOT_REGISTERED', 'and the replaced installation\'s certificate stops working');
   });
 
   await t.test('a copied agent state on another machine is a clone', async (t) => {
