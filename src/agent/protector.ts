@@ -217,8 +217,12 @@ export class Protector {
     this.tracker = await TracefsTracker.open({
       name: traceInstanceName(o.agentId, o.stateDir), disks: o.disks.map((d) => ({ path: d.path })), bufferKb: o.trackerBufferKb, tracefsRoot: o.tracefsRoot, lockDir: o.lockDir,
     });
-    // uninstall finds the instance of this installation by this file
-    await writeFileDurable(path.join(stateDir, 'trace-instance'), `${this.tracker.name}\n`, 0o600);
+    // "<name>\n<instance inode>\n": uninstall finds this installation's instance by it, and a restart
+    // tells the instance it left from a look-alike recreated meanwhile (same settings, events lost)
+    const idFile = path.join(stateDir, 'trace-instance');
+    const before = (await fsp.readFile(idFile, 'utf8').catch(() => '')).split('\n');
+    const replaced = this.tracker.resumed && before[0] === this.tracker.name && before[1] !== undefined && before[1] !== '' && before[1] !== this.tracker.identity;
+    await writeFileDurable(idFile, `${this.tracker.name}\n${this.tracker.identity}\n`, 0o600);
     for (const [i, d] of o.disks.entries()) {
       const src = await openDiskSource(d.path, { direct: true });
       const mapFile = path.join(stateDir, `${d.id}.map`);
@@ -240,6 +244,9 @@ export class Protector {
     const now = this.tracker.counters();
     if (!this.tracker.resumed) {
       for (const jd of journal.disks) jd.scanRequired ??= 'the trace instance was not running (machine restarted or tracking was removed)';
+      journal.counters = now;
+    } else if (replaced) {
+      for (const jd of journal.disks) jd.scanRequired ??= 'tracking was disabled: the trace instance was removed and recreated while the agent was down';
       journal.counters = now;
     } else if (torn) {
       for (const jd of journal.disks) jd.scanRequired ??= 'the agent stopped while taking events out of the tracker';

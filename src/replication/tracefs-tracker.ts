@@ -283,6 +283,9 @@ export class TracefsTracker {
     return new TracefsTracker(name, dir, resumed, mapped, fd, expected, lockDir);
   }
 
+  /** The instance's identity (its inode): a removed and recreated instance has another one. */
+  get identity(): string { return String(this.expected.ino); }
+
   /**
    * Is tracking live as open() set it up? Returns null when it is, else what differs
    * (e.g. "events/block/block_rq_complete/enable is 0"). Anyone with root can switch

@@ -176,6 +176,29 @@ t.test('tracking switched off under a running agent is noticed, rescanned, and n
     await materializeAndCheck(t, s, String(c.pointId), String(c.cutId));
   }
   await agent.stop();
+
+  // while the agent is down (upgrade, restart) someone removes the instance and recreates a
+  // look-alike with the same settings: what happened in between is not in it
+  const settings = ['buffer_size_kb', 'events/block/block_rq_complete/filter'].map((f) => fs.readFileSync(path.join(dir, f), 'utf8').trim());
+  fs.rmdirSync(dir);
+  sh('dd', ['if=/dev/urandom', `of=${s.mnt}/while-down`, 'bs=64k', 'count=32', 'conv=fsync', 'status=none']);
+  fs.mkdirSync(dir);
+  fs.writeFileSync(path.join(dir, 'buffer_size_kb'), `${/^\d+/.exec(settings[0]!)![0]}\n`);
+  fs.writeFileSync(path.join(dir, 'options/overwrite'), '0\n');
+  fs.writeFileSync(path.join(dir, 'events/block/block_rq_complete/filter'), `${settings[1]}\n`);
+  fs.writeFileSync(path.join(dir, 'events/block/block_rq_complete/enable'), '1\n');
+  fs.writeFileSync(path.join(dir, 'tracing_on'), '1\n');
+  const again = new Agent(s.args());
+  t.teardown(() => again.stop());
+  const st = await again.waitEvent((e) => e.event === 'started', 60_000, 'restart');
+  t.match(String((st.scanRequired as Record<string, string>).d0), /removed and recreated while the agent was down/, `a look-alike instance is not trusted: ${JSON.stringify(st.scanRequired)}`);
+  const rescan = await again.waitEvent((e) => e.event === 'pass-done', 120_000, 'the rescan');
+  t.equal(rescan.kind, 'incremental', 'an incremental scan against the digest map');
+  t.ok(Number(rescan.bytesSent) >= 32 * 65536 * 0.9, `which ships the write made in between (${String(rescan.bytesSent)} bytes)`);
+  const c = await again.cut('app');
+  t.equal(c.event, 'cut', 'then a point');
+  await materializeAndCheck(t, s, String(c.pointId), String(c.cutId));
+  await again.stop();
 });
 
 t.test('a replica page damaged behind the server is caught by the next cut, resynced, and the next point is exact', async (t) => {
