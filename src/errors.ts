@@ -46,6 +46,8 @@ export const ERROR_CODES = {
   MOB_ERR_UNKNOWN_MACHINE: { retryable: false, summary: 'No registered machine has this id or hostname.' },
   MOB_ERR_UNKNOWN_POLICY: { retryable: false, summary: 'No replication policy has this name.' },
   MOB_ERR_AGENT_OFFLINE: { retryable: true, summary: 'The machine\'s agent is not connected to the server, so the request cannot reach it.' },
+  MOB_ERR_NOT_PROTECTING: { retryable: false, summary: 'The machine protects nothing right now (no disk enabled, or its protection is not running), so there is nothing to cut.' },
+  MOB_ERR_CUT_TIMEOUT: { retryable: true, summary: 'The requested cut did not become a recovery point within the wait (it stays queued on the agent).' },
   MOB_ERR_PREFLIGHT: { retryable: false, summary: 'One or more preflight checks failed; each failure carries its own MOB_ERR_PRE_* code.' },
   MOB_ERR_PRE_NOT_ROOT: { retryable: false, summary: 'Preflight: the agent must run as root (it reads block devices and tracefs).' },
   MOB_ERR_PRE_OS_UNSUPPORTED: { retryable: false, summary: 'Preflight: operating system, kernel or architecture not supported.' },

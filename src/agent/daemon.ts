@@ -9,7 +9,10 @@
  *
  * Signals: SIGTERM/SIGINT drain and persist, then exit 0; SIGHUP reloads the
  * configuration file (log level, inventory interval; a changed server means
- * reconnecting).
+ * reconnecting); SIGUSR1 asks for an app-consistent cut now, SIGUSR2 for a
+ * crash-consistent one (as for `mobility protect`; logged and ignored when
+ * nothing is protected). The server asks for cuts the same way (`mobility cut`,
+ * a `cut` control message).
  */
 import fsp from 'node:fs/promises';
 import os from 'node:os';
@@ -22,7 +25,7 @@ import { createLogger, type Logger } from '../log.js';
 import { normalizeFingerprint } from '../transport/tls.js';
 import { loadAgentConfig, loadCredentials, type AgentConfig, type Credentials } from './config.js';
 import { collectInventory, readMachineId } from './inventory.js';
-import type { Protector, ProtectEvent } from './protector.js';
+import type { CutKind, Protector, ProtectEvent } from './protector.js';
 import { runPreflight } from '../install/preflight.js';
 import { TracefsTracker } from '../replication/tracefs-tracker.js';
 
@@ -32,6 +35,9 @@ const RECONNECT_MAX_MS = 30_000;
 const REFUSED_RETRY_MS = 60_000;
 const PROTECT_RESTART_MS = 15_000;
 const DEFAULT_INVENTORY_MS = 15 * 60_000;
+/** How long an on-demand cut is asked for again after lost tracking, a reconnect or a protection restart. */
+const DEFAULT_CUT_WAIT_MS = 120_000;
+const MAX_CUT_WAIT_MS = 3_600_000;
 
 interface Policy { name: string; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number }
 interface Assignments { agentId: string; policy: Policy; disks: { diskId: string; device: string }[] }
@@ -53,6 +59,8 @@ export class AgentDaemon {
   private wakeReconnect: (() => void) | null = null;
   private machineId = '';
   private status: { connected: boolean; disks: string[] } = { connected: false, disks: [] };
+  /** An on-demand cut not answered yet by a point (or a failure): asked for again when protection could have dropped it. */
+  private wantedCut: { kind: CutKind; until: number } | null = null;
 
   constructor(private readonly configFile: string, private readonly opts: { pidFile?: string; json?: boolean } = {}) {
     this.log = createLogger({ component: 'agent', json: opts.json });
@@ -80,6 +88,8 @@ export class AgentDaemon {
     process.once('SIGTERM', () => stop('SIGTERM'));
     process.once('SIGINT', () => stop('SIGINT'));
     process.on('SIGHUP', () => { void this.reload(); });
+    process.on('SIGUSR1', () => { this.requestCut('app', 'SIGUSR1'); });
+    process.on('SIGUSR2', () => { this.requestCut('crash', 'SIGUSR2'); });
     try {
       await this.controlLoop();
     } finally {
@@ -209,6 +219,10 @@ export class AgentDaemon {
         }
         if (m.type === 'preflight') {
           void this.preflight(String(m.id), Array.isArray(m.disks) ? m.disks.map(String) : []);
+          return;
+        }
+        if (m.type === 'cut') {
+          this.onCutMessage(m);
         }
       });
       ws.on('error', (err) => {
@@ -234,6 +248,44 @@ export class AgentDaemon {
       .catch((err: Error) => [{ id: 'preflight', ok: false, code: 'MOB_ERR_INTERNAL' as const, message: err.message, ms: 0 }]);
     this.log.info('preflight', { id, ok: checks.every((c) => c.ok), failed: checks.filter((c) => !c.ok).map((c) => c.code) });
     this.send({ type: 'preflight-result', id, checks });
+  }
+
+  /**
+   * An on-demand cut: SIGUSR1/SIGUSR2, or the server (`mobility cut`). False, and logged, when no
+   * protection is running (nothing assigned, or protection is restarting after a failure).
+   */
+  private requestCut(kind: CutKind, source: string, waitMs = DEFAULT_CUT_WAIT_MS): boolean {
+    const p = this.protector;
+    if (!p) {
+      this.log.warn('cut requested, but no protection is running', { kind, source, assignedDisks: this.desired?.disks.map((d) => d.diskId) ?? [] });
+      return false;
+    }
+    const w = this.wantedCut && Date.now() < this.wantedCut.until ? this.wantedCut : null;
+    this.wantedCut = { kind: w?.kind === 'app' ? 'app' : kind, until: Math.max(w?.until ?? 0, Date.now() + waitMs) };
+    this.log.info('cut requested', { kind, source });
+    p.requestCut(kind);
+    return true;
+  }
+
+  /** {type: 'cut', id, kind, waitMs}: answered at once with cut-reply; the point reaches the server on the replication session. */
+  private onCutMessage(m: Record<string, unknown>): void {
+    const id = String(m.id);
+    if (m.kind !== 'app' && m.kind !== 'crash') {
+      this.send({ type: 'cut-reply', id, accepted: false, code: 'MOB_ERR_USAGE', message: `unknown cut kind ${JSON.stringify(m.kind)}` });
+      return;
+    }
+    const waitMs = typeof m.waitMs === 'number' && m.waitMs > 0 ? Math.min(m.waitMs, MAX_CUT_WAIT_MS) : DEFAULT_CUT_WAIT_MS;
+    // taken before the protector hears of it: every cut that freezes after this answers the request
+    const requestedAtMs = Date.now();
+    if (this.requestCut(m.kind, 'server', waitMs)) {
+      this.send({ type: 'cut-reply', id, accepted: true, requestedAtMs });
+    } else {
+      const assigned = this.desired?.disks.length ?? 0;
+      this.send({
+        type: 'cut-reply', id, accepted: false, code: 'MOB_ERR_NOT_PROTECTING',
+        message: assigned ? `protection of ${assigned} assigned disk(s) is not running (starting, or restarting after a failure: see the agent log)` : 'no disk is assigned to this agent',
+      });
+    }
   }
 
   /** Serialised: protection follows the latest assignments (null = protect nothing). */
@@ -289,6 +341,8 @@ export class AgentDaemon {
       onEvent: (e: ProtectEvent) => this.onProtectEvent(e),
     });
     this.protector = p;
+    // a cut asked for while protection restarted is asked of the new protector
+    if (this.wantedCut && Date.now() < this.wantedCut.until) p.requestCut(this.wantedCut.kind);
     this.protectorDone = p.run().then(
       () => { this.log.info('protection stopped'); },
       (err) => {
@@ -310,6 +364,16 @@ export class AgentDaemon {
 
   private onProtectEvent(e: ProtectEvent): void {
     if (e.event === 'state' || e.event === 'pass-done' || e.event === 'cut' || e.event === 'cut-failed' || e.event === 'pass') this.send({ type: 'event', event: e });
+    const w = this.wantedCut;
+    if (!w) return;
+    if (Date.now() > w.until) {
+      this.wantedCut = null;
+    } else if (e.event === 'cut-failed' || (e.event === 'cut' && (e.kind === 'app' || w.kind === 'crash' || /pre-freeze hook failed/.test(e.note)))) {
+      this.wantedCut = null;
+    } else if ((e.event === 'state' && e.state === 'continuous') || e.event === 'connected') {
+      // the protector drops a requested cut when tracking is lost or the session ends while it converges
+      this.protector?.requestCut(w.kind);
+    }
   }
 
   private async stopProtector(): Promise<void> {

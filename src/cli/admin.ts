@@ -1,13 +1,14 @@
 /**
  * Configuration-server and agent-lifecycle commands of the `mobility` CLI:
  * passphrase, token, register, agent, preflight, machines, policy, enable,
- * disable, push-install, push-account.
+ * disable, cut, push-install, push-account.
  */
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { DEFAULT_PORT } from '../constants.js';
 import { MobilityError } from '../errors.js';
 import { EXIT, api, fmtAge, parse, parseDuration, parseSize, readSecretFile, type Values } from './main.js';
+import { confirmDestructive } from './confirm.js';
 import { fmtBytes, table } from './progress.js';
 
 const HELP: Record<string, string> = {
@@ -23,20 +24,24 @@ registered agents keep working: they authenticate with their own certificates.
 Mints a one-time registration token (valid once, for --ttl, default 24h). Push install
 mints one per host itself; use this for installs you run by hand.
 `,
-  register: `Usage: mobility register --server wss://HOST:PORT (--passphrase-file F | --token-file F) (--config F | --state-dir DIR) [--pin SHA256] [--machine-id-file F]
+  register: `Usage: mobility register --server wss://HOST:PORT (--passphrase-file F | --token-file F) (--config F | --state-dir DIR) [--pin SHA256] [--machine-id-file F] [--replace]
 
 Registers this machine's agent. The server proves it knows the secret before the
 secret is sent; its certificate is then pinned. The agent's key never leaves the
 machine; its certificate, the server CA and the identity go to the state directory
 (mode 0600). Registering again keeps the agent's identity; a cloned machine (same
-identity, different machine id) is refused with MOB_ERR_CLONE.
+identity, different machine id) is refused with MOB_ERR_CLONE. A second installation
+on this machine (another state directory) is refused with MOB_ERR_AGENT_EXISTS while
+the registered one is connected: --replace takes the identity over (the other one's
+certificate stops working and its protection stops).
 `,
   agent: `Usage: mobility agent --config F [--pid-file F] [--json-logs]
 
 The Mobility service (run by systemd: see install.sh). Keeps a control connection to
 the server, reports inventory, runs preflight checks on request, and protects the disks
 the server assigns under their policy. SIGTERM drains and persists state; SIGHUP
-reloads the configuration. Logs: JSON to the config's logFile (rotated, 10 MiB x 5)
+reloads the configuration; SIGUSR1 asks for an app-consistent cut now, SIGUSR2 for a
+crash-consistent one (logged and ignored when nothing is protected). Logs: JSON to the config's logFile (rotated, 10 MiB x 5)
 and stderr (readable lines on a terminal).
 `,
   preflight: `Usage: mobility preflight [--server URL] [--state-dir DIR] [--disk DEV]... [--json]
@@ -71,10 +76,29 @@ Creating an existing policy updates it; the agents under it get the change at on
 Runs the preflight checks for DEV on the machine's agent, then assigns the disk: the agent
 starts its initial replication at once (pushed over its control connection).
 `,
-  disable: `Usage: mobility disable --machine M --disk ID|DEV [--keep-replica] (--data-dir DIR | --token-file F --ca F) [--server URL]
+  disable: `Usage: mobility disable --machine M --disk ID|DEV [--keep-replica] [--yes] (--data-dir DIR | --token-file F --ca F) [--server URL] [--json]
 
-Stops protecting the disk: the agent drops its tracking state, and the server removes the
-replica and its recovery points (unless --keep-replica).
+Stops protecting the disk: the agent drops its tracking state, and the server deletes the
+replica, with the test-failover images made from it; disabling the machine's last disk
+deletes all its replicas, recovery points and test-failover images. This cannot be undone:
+on a terminal the command shows what will be deleted (disks, replica sizes, points, images)
+and asks; elsewhere it refuses (MOB_ERR_USAGE, exit 2, nothing changed) unless --yes is given.
+--keep-replica only stops protection, keeps everything and does not ask. A failed-over
+machine (its promoted images are live disks) is refused with MOB_ERR_FAILED_OVER unless
+--keep-replica.
+`,
+  cut: `Usage: mobility cut --machine M [--kind crash|app] [--timeout D] (--data-dir DIR | --token-file F --ca F) [--server URL] [--json]
+
+Asks the machine's agent for a consistency cut now (over its control connection) and waits
+until the recovery point is recorded: prints its id on stdout (details on stderr), or with
+--json the point as JSON. --kind crash (the default) freezes the filesystems, ships the
+remainder and thaws; --kind app also runs the hooks (pre-freeze, post-thaw). The answer is
+the first point of that kind frozen after the agent received the request.
+  --timeout D   wait at most this long (default 120s); the request stays queued on the agent
+Fails with: MOB_ERR_UNKNOWN_MACHINE (3), MOB_ERR_NOT_PROTECTING (3: no disk enabled, or its
+protection is not running), MOB_ERR_AGENT_OFFLINE (5), MOB_ERR_FAILED_OVER (1), the cut's own
+code when it failed (MOB_ERR_FREEZE, MOB_ERR_CUT, ...; MOB_ERR_HOOK when an app cut was
+downgraded to crash by a failing pre-freeze hook) (1), MOB_ERR_CUT_TIMEOUT (5).
 `,
   'push-install': `Usage: mobility push-install --host H[:PORT]... --user U (--key F | --password-file F | --account NAME) [options]
 
@@ -108,6 +132,25 @@ Push accounts live in the server's database, their secrets sealed with AES-256-G
 DATA-DIR/secrets.key (0600). They are never printed or logged.
 `,
 };
+
+interface DisablePlan {
+  lastDisk: boolean;
+  replicas: { diskId: string; sizeBytes: number; allocatedBytes: number }[];
+  points: number;
+  pointsNamingDisk: number;
+  testFailoverImages: { point: string; diskId: string; path: string; allocatedBytes: number }[];
+}
+
+function fmtDisablePlan(p: DisablePlan): string {
+  const lines: string[] = [];
+  if (!p.replicas.length) lines.push('  no replica (nothing was replicated yet)');
+  for (const r of p.replicas) lines.push(`  replica of disk ${r.diskId}: ${fmtBytes(r.sizeBytes)} disk, ${fmtBytes(r.allocatedBytes)} on the server (replica, log, undo journals)`);
+  if (p.lastDisk) lines.push(`  ${p.points} recovery point(s): the machine's last protected disk, so all of them`);
+  else lines.push(`  its undo journals: ${p.pointsNamingDisk} recovery point(s) that name it stay, but can no longer be materialised for it`);
+  if (!p.testFailoverImages.length) lines.push('  no test-failover images');
+  for (const i of p.testFailoverImages) lines.push(`  test-failover image of ${i.point}, disk ${i.diskId}: ${i.path} (${fmtBytes(i.allocatedBytes)})`);
+  return lines.join('\n') + '\n';
+}
 
 const CONN = {
   server: { type: 'string' }, 'data-dir': { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' }, json: { type: 'boolean' },
@@ -163,7 +206,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
     case 'register': {
       const { values: v } = parse(argv, {
         server: { type: 'string' }, 'passphrase-file': { type: 'string' }, 'token-file': { type: 'string' }, config: { type: 'string' },
-        'state-dir': { type: 'string' }, pin: { type: 'string' }, 'machine-id-file': { type: 'string' }, json: { type: 'boolean' },
+        'state-dir': { type: 'string' }, pin: { type: 'string' }, 'machine-id-file': { type: 'string' }, json: { type: 'boolean' }, replace: { type: 'boolean' },
       });
       if (v.help) { process.stdout.write(HELP.register); return EXIT.OK; }
       if (Boolean(v['passphrase-file']) === Boolean(v['token-file'])) throw new MobilityError('MOB_ERR_USAGE', 'give exactly one of --passphrase-file and --token-file');
@@ -184,7 +227,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       if (!stateDir) throw new MobilityError('MOB_ERR_USAGE', 'give --config or --state-dir');
       if (!server) throw new MobilityError('MOB_ERR_USAGE', '--server wss://HOST:PORT is required');
       const { registerAgent } = await import('../install/register.js');
-      const r = await registerAgent({ server, stateDir, kind, secret, pin, machineIdFile });
+      const r = await registerAgent({ server, stateDir, kind, secret, pin, machineIdFile, replace: v.replace === true });
       out(v, r, () => `${r.reRegistered ? 're-registered' : 'registered'} as agent ${r.agentId} with ${server}; server certificate ${r.serverFingerprint} pinned\n`);
       return EXIT.OK;
     }
@@ -252,7 +295,10 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       return EXIT.OK;
     }
     case 'enable': case 'disable': {
-      const { values: v } = parse(argv, { ...CONN, machine: { type: 'string' }, disk: { type: 'string' }, 'disk-id': { type: 'string' }, policy: { type: 'string' }, 'keep-replica': { type: 'boolean' } });
+      const { values: v } = parse(argv, {
+        ...CONN, machine: { type: 'string' }, disk: { type: 'string' }, 'disk-id': { type: 'string' }, policy: { type: 'string' }, 'keep-replica': { type: 'boolean' },
+        ...(cmd === 'disable' ? { yes: { type: 'boolean', short: 'y' } } : {}),
+      });
       if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
       if (!v.machine || !v.disk) throw new MobilityError('MOB_ERR_USAGE', `${cmd} needs --machine and --disk`);
       const c = await adminConn(v);
@@ -260,8 +306,35 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
         const j = await api(c, 'POST', '/v1/enable', { machine: v.machine, disk: v.disk, diskId: v['disk-id'], policy: v.policy });
         out(v, j, () => `enabled ${String(j.diskId)} (${String(j.device)}) on ${String(j.agentId)} under policy ${String(j.policy)}; preflight passed; initial replication starts now (mobility status shows progress)\n`);
       } else {
-        const j = await api(c, 'POST', '/v1/disable', { machine: v.machine, disk: v.disk, keepReplica: Boolean(v['keep-replica']) });
-        out(v, j, () => `disabled ${String(j.diskId)} on ${String(j.agentId)}${j.replicaRemoved ? '; replica and recovery points removed' : '; replica kept'}\n`);
+        const body = { machine: v.machine, disk: v.disk, keepReplica: Boolean(v['keep-replica']) };
+        if (!body.keepReplica) {
+          const dry = await api(c, 'POST', '/v1/disable', { ...body, dryRun: true });
+          await confirmDestructive({
+            yes: Boolean(v.yes), command: 'disable',
+            summary: `disable ${String(dry.diskId)} (${String(dry.device)}) on ${String(dry.agentId)} deletes, on the server:\n${fmtDisablePlan(dry.plan as DisablePlan)}`,
+          });
+        }
+        const j = await api(c, 'POST', '/v1/disable', body);
+        const removed = j.removed as DisablePlan | null;
+        out(v, j, () => `disabled ${String(j.diskId)} on ${String(j.agentId)}${removed ? '; deleted:\n' + fmtDisablePlan(removed) : '; replica, recovery points and test-failover images kept\n'}`);
+      }
+      return EXIT.OK;
+    }
+    case 'cut': {
+      const { values: v } = parse(argv, { ...CONN, machine: { type: 'string' }, kind: { type: 'string' }, timeout: { type: 'string' } });
+      if (v.help) { process.stdout.write(HELP.cut); return EXIT.OK; }
+      if (!v.machine) throw new MobilityError('MOB_ERR_USAGE', 'cut needs --machine');
+      const kind = (v.kind as string | undefined) ?? 'crash';
+      if (kind !== 'crash' && kind !== 'app') throw new MobilityError('MOB_ERR_USAGE', `--kind must be crash or app, not ${kind}`);
+      const timeoutMs = durOpt(v, 'timeout') ?? 120_000;
+      if (timeoutMs < 1000 || timeoutMs > 3_600_000) throw new MobilityError('MOB_ERR_USAGE', '--timeout must be between 1s and 1h');
+      const j = await api(await adminConn(v), 'POST', '/v1/cut', { machine: v.machine, kind, timeoutMs });
+      const p = j.point as { id: string; kind: string; takenAt: string; frozenMs: number; note: string };
+      if (v.json) {
+        process.stdout.write(JSON.stringify(j, null, 2) + '\n');
+      } else {
+        process.stdout.write(`${p.id}\n`);
+        process.stderr.write(`recovery point ${p.id} of ${String(j.agentId)}: ${p.kind}-consistent, frozen at ${p.takenAt} for ${p.frozenMs} ms${p.note ? ` (${p.note})` : ''}; waited ${fmtAge(Number(j.waitedMs))}\n`);
       }
       return EXIT.OK;
     }

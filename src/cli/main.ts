@@ -23,6 +23,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'MOB_ERR_UNKNOWN_POINT':
     case 'MOB_ERR_UNKNOWN_MACHINE':
     case 'MOB_ERR_UNKNOWN_POLICY':
+    case 'MOB_ERR_NOT_PROTECTING':
     case 'MOB_ERR_PREFLIGHT': return EXIT.CONFIG;
     case 'MOB_ERR_AUTH':
     case 'MOB_ERR_PASSPHRASE':
@@ -34,6 +35,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'MOB_ERR_UNREACHABLE':
     case 'MOB_ERR_RETRY_EXHAUSTED':
     case 'MOB_ERR_HEARTBEAT_TIMEOUT':
+    case 'MOB_ERR_CUT_TIMEOUT':
     case 'MOB_ERR_AGENT_OFFLINE': return EXIT.UNREACHABLE;
     default: return EXIT.ERROR;
   }
@@ -53,7 +55,7 @@ Commands:
   points      list an agent's recovery points
   test-failover  materialise a writable image of a recovery point (or --cleanup it)
   failover    stop replication of an agent and promote a recovery point (after a final cut)
-  reprotect   fail back: pull only the differences from the promoted images into the original disks
+  reprotect   fail back: pull only the differences from the promoted images into the original disks (asks first)
   demo        start a server and an agent on loopback, replicate a disk, prove the replica
 
 Configuration server and agents:
@@ -65,7 +67,8 @@ Configuration server and agents:
   machines    registered machines with their inventory, connection, policy and disks
   policy      create, list and assign replication policies
   enable      start protecting a disk of a registered machine (pushed to its agent)
-  disable     stop protecting a disk and remove its replica
+  disable     stop protecting a disk and delete its replica (asks first; --yes when not on a terminal)
+  cut         take a consistency cut of a machine now and print its recovery point
   push-install  install the agent on Linux hosts over SSH (parallel, with progress)
   push-account  store, list or remove push-install accounts (encrypted at rest)
 
@@ -166,7 +169,7 @@ Fails an agent over on the server:
   3. stops replication: the agent's session ends with MOB_ERR_FAILED_OVER and new sessions
      are refused until 'mobility reprotect' fails back.
 `,
-  reprotect: `Usage: mobility reprotect --server URL --token-file F (--ca F | --pin SHA256) --agent-id ID --disk DEV[=ID]... [--json]
+  reprotect: `Usage: mobility reprotect --server URL --token-file F (--ca F | --pin SHA256) --agent-id ID --disk DEV[=ID]... [--yes] [--json]
 
 Run on the original machine once the recovered machine is shut down. For each disk (it must
 not be mounted): compares it page by page with its promoted image on the server and writes
@@ -174,6 +177,8 @@ only the differing pages (a checksum resync in the reverse direction), checks th
 equals the image, then fails back on the server: the promoted images become the replicas
 (a new generation; the points of the old timeline are dropped) and 'mobility protect' can
 run again (its first pass is a checksum resync that finds nothing to send).
+Whatever was written to these disks after the failover is overwritten: on a terminal the
+command lists the disks and asks; elsewhere it refuses (MOB_ERR_USAGE, exit 2) without --yes.
 `,
   demo: `Usage: mobility demo [--dir DIR] [--size N] [--keep]
 
@@ -382,7 +387,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   const { values: v } = parse(argv, {
     server: { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' }, 'agent-id': { type: 'string' },
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
-    disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' },
+    disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' } } : {}),
   });
   if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
   const c = await connOptions(v);
@@ -419,12 +424,23 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   }
   if (cmd === 'reprotect') {
     if (!v['agent-id']) throw new MobilityError('MOB_ERR_USAGE', '--agent-id is required');
+    const disksToWrite = parseDisks(v.disk as string[] | undefined);
+    if (!v.yes) {
+      // what the server says about the failover (best effort: the reprotect itself checks it)
+      const fo = await api(c, 'GET', '/v1/status').then((j) => ((j.disks ?? []) as { agent: string; state: string; reason: string }[]).find((d) => d.agent === agent && d.state === 'failed-over')?.reason ?? '', () => '');
+      const { confirmDestructive } = await import('./confirm.js');
+      await confirmDestructive({
+        yes: false, command: 'reprotect',
+        summary: `reprotect overwrites these disks of this machine with the promoted images of ${agent}${fo ? ` (${fo})` : ''}: every page that differs is replaced, so whatever was written to them after the failover is lost:\n`
+          + disksToWrite.map((d) => `  ${d.path} (disk ${d.id})`).join('\n') + '\n',
+      });
+    }
     const logger = createLogger({ component: 'agent', json: v['json-logs'] ? true : undefined });
     const { reprotect } = await import('../agent/reprotect.js');
     const progress = new ProgressReporter(logger);
     let disks;
     try {
-      disks = await reprotect({ serverUrl: c.url.toString(), token: c.token, ca: c.ca, pin: c.pin, agentId: agent, disks: parseDisks(v.disk as string[] | undefined), logger,
+      disks = await reprotect({ serverUrl: c.url.toString(), token: c.token, ca: c.ca, pin: c.pin, agentId: agent, disks: disksToWrite, logger,
         onProgress: (p) => progress.update({ diskId: p.diskId, kind: 'reprotect', done: p.done, total: p.total, stats: { bytesSent: 0 } }) });
     } finally {
       progress.end();
@@ -496,7 +512,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'protect': return await cmdProtect(rest);
       case 'status': case 'points': case 'test-failover': case 'failover': case 'reprotect': return await cmdOps(cmd, rest);
       case 'register': case 'agent': case 'preflight': case 'passphrase': case 'token': case 'machines': case 'policy':
-      case 'enable': case 'disable': case 'push-install': case 'push-account': {
+      case 'enable': case 'disable': case 'cut': case 'push-install': case 'push-account': {
         const { runAdmin } = await import('./admin.js');
         return await runAdmin(cmd, rest);
       }

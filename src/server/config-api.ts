@@ -6,20 +6,26 @@
  *   POST /v1/policies                     {name, rpoThresholdMs?, retentionMs?, crashIntervalMs?, appIntervalMs?, compress?, bandwidthBytes?}
  *   POST /v1/policies/assign              {machine, policy}
  *   POST /v1/enable                       {machine, disk (device path on the machine), diskId?, policy?}
- *   POST /v1/disable                      {machine, disk (disk id or device), keepReplica?}
+ *   POST /v1/disable                      {machine, disk (disk id or device), keepReplica?, dryRun?}: dryRun answers what
+ *                                         would be deleted and changes nothing
+ *   POST /v1/cut                          {machine, kind?, timeoutMs?}: an on-demand cut; answers its recovery point
  *   POST /v1/tokens                       {label?, ttlMs?}: a one-time registration token
  */
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { ID_PATTERN } from '../constants.js';
-import { MobilityError } from '../errors.js';
+import { MobilityError, isErrorCode } from '../errors.js';
+import type { RecoveryPoint } from '../replication/recovery-points.js';
 import { readBody, send } from './api.js';
 import type { Policy } from './config-db.js';
+import { readFailoverState } from './failover.js';
 import type { ProcessServer } from './process-server.js';
 import { TOKEN_TTL_MS } from './registry.js';
 
 const MIN_CRASH_INTERVAL_MS = 15_000;
+export const DEFAULT_CUT_TIMEOUT_MS = 120_000;
+const MAX_CUT_TIMEOUT_MS = 3_600_000;
 
 function str(v: unknown, what: string): string {
   if (typeof v !== 'string' || !v) throw new MobilityError('MOB_ERR_USAGE', `${what} is required`);
@@ -45,6 +51,140 @@ async function waitReleased(server: ProcessServer, key: string, timeoutMs: numbe
     if (held instanceof Promise) { await held; continue; }
     if (Date.now() > end) return false;
     await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** Allocated bytes of a file or a directory tree (what deleting it frees). */
+async function allocated(p: string): Promise<number> {
+  let st;
+  try { st = await fsp.lstat(p); } catch { return 0; }
+  if (!st.isDirectory()) return st.blocks * 512;
+  let n = st.blocks * 512;
+  for (const e of await fsp.readdir(p).catch(() => [] as string[])) n += await allocated(path.join(p, e));
+  return n;
+}
+
+export interface DisablePlan {
+  /** The machine's last enabled disk: every replica and recovery point of the machine goes. */
+  lastDisk: boolean;
+  /** Replicas deleted: disk id, disk size, bytes on the server's disk (replica, WAL, undo journals). */
+  replicas: { diskId: string; sizeBytes: number; allocatedBytes: number }[];
+  /** Recovery points deleted (all of the machine's when lastDisk). */
+  points: number;
+  /** Points kept that name the disk (not lastDisk): they can no longer be materialised for it. */
+  pointsNamingDisk: number;
+  /** Test-failover images deleted with it (they would be orphaned). */
+  testFailoverImages: { point: string; diskId: string; path: string; allocatedBytes: number }[];
+}
+
+/** What disabling a disk without --keep-replica deletes. */
+export async function disablePlan(server: ProcessServer, agentId: string, diskId: string): Promise<DisablePlan> {
+  const lastDisk = server.db.listDisks(agentId).every((d) => d.diskId === diskId);
+  const replicas: DisablePlan['replicas'] = [];
+  const dirs = lastDisk
+    ? (await fsp.readdir(server.agentDir(agentId), { withFileTypes: true }).catch(() => [])).filter((d) => d.isDirectory()).map((d) => d.name).sort()
+    : [diskId];
+  for (const d of dirs) {
+    const dir = server.diskDir(agentId, d);
+    let sizeBytes: number;
+    try {
+      sizeBytes = (JSON.parse(await fsp.readFile(path.join(dir, 'state.json'), 'utf8')) as { sizeBytes: number }).sizeBytes;
+    } catch {
+      continue; // no replica there
+    }
+    replicas.push({ diskId: d, sizeBytes, allocatedBytes: await allocated(dir) });
+  }
+  let all: readonly RecoveryPoint[] = [];
+  try { all = (await server.catalog(agentId)).list(); } catch { /* no catalog */ }
+  const images: DisablePlan['testFailoverImages'] = [];
+  const tfDir = path.join(server.opts.dataDir, 'test-failover', agentId);
+  for (const point of (await fsp.readdir(tfDir).catch(() => [] as string[])).sort()) {
+    for (const f of (await fsp.readdir(path.join(tfDir, point)).catch(() => [] as string[])).sort()) {
+      const disk = f.replace(/\.img$/, '');
+      if (!f.endsWith('.img') || (!lastDisk && disk !== diskId)) continue;
+      const p = path.join(tfDir, point, f);
+      images.push({ point, diskId: disk, path: p, allocatedBytes: await allocated(p) });
+    }
+  }
+  return {
+    lastDisk, replicas, points: lastDisk ? all.length : 0,
+    pointsNamingDisk: lastDisk ? 0 : all.filter((p) => p.disks[diskId]).length, testFailoverImages: images,
+  };
+}
+
+/** Removes what disablePlan lists (call with the agent lock held). */
+async function removeReplicas(server: ProcessServer, agentId: string, diskId: string, plan: DisablePlan): Promise<void> {
+  const tfDir = path.join(server.opts.dataDir, 'test-failover', agentId);
+  if (plan.lastDisk) {
+    await fsp.rm(server.agentDir(agentId), { recursive: true, force: true });
+    await server.resetCatalog(agentId);
+    await fsp.rm(tfDir, { recursive: true, force: true });
+    return;
+  }
+  await fsp.rm(server.diskDir(agentId, diskId), { recursive: true, force: true });
+  for (const img of plan.testFailoverImages) {
+    await fsp.rm(img.path, { force: true });
+    await fsp.rmdir(path.dirname(img.path)).catch(() => undefined); // only when nothing else is left in it
+  }
+  await fsp.rmdir(tfDir).catch(() => undefined);
+}
+
+/**
+ * An on-demand cut: the agent is asked over its control connection, then the first recovery
+ * point of the machine taken (frozen) at or after the agent received the request answers it:
+ * an app-consistent point for kind app (a crash point downgraded from app because a pre-freeze
+ * hook failed is MOB_ERR_HOOK), any point for kind crash. The first cut failure the agent
+ * reports after accepting the request fails it with that failure's code.
+ */
+async function cutAndWait(server: ProcessServer, agentId: string, kind: 'crash' | 'app', timeoutMs: number, res: ServerResponse): Promise<{ point: RecoveryPoint; requestedAt: string; waitedMs: number }> {
+  const t0 = Date.now();
+  let requestedAtMs: number | null = null;
+  const seen: RecoveryPoint[] = [];
+  let finish!: (err: MobilityError | null, point?: RecoveryPoint) => void;
+  const done = new Promise<RecoveryPoint>((resolve, reject) => {
+    finish = (err, point) => { if (err) reject(err); else resolve(point!); };
+  });
+  done.catch(() => undefined); // settled while the request is still on its way is fine: it is awaited below
+  const consider = (p: RecoveryPoint) => {
+    if (requestedAtMs === null || Date.parse(p.takenAt) < requestedAtMs) return;
+    if (kind === 'crash' || p.kind === 'app') finish(null, p);
+    else if (/pre-freeze hook failed/.test(p.note)) finish(new MobilityError('MOB_ERR_HOOK', `the app-consistent cut of ${agentId} was downgraded (${p.note}); crash-consistent point ${p.id} was recorded instead`));
+  };
+  const unwatchPoints = server.watchCuts((agent, n) => {
+    if (agent !== agentId) return;
+    if ('point' in n) {
+      seen.push(n.point);
+      consider(n.point);
+    } else if (requestedAtMs !== null) {
+      finish(new MobilityError(isErrorCode(n.failed.code) ? n.failed.code : 'MOB_ERR_CUT', `the cut of ${agentId} failed: ${n.failed.message}`));
+    }
+  });
+  const unwatchEvents = server.control.watchEvents((agent, e) => {
+    if (agent !== agentId || requestedAtMs === null || e.event !== 'cut-failed') return;
+    const code = typeof e.code === 'string' && isErrorCode(e.code) ? e.code : 'MOB_ERR_CUT';
+    finish(new MobilityError(code, `the cut of ${agentId} failed on the agent: ${String(e.message)}`));
+  });
+  const timer = setTimeout(() => {
+    const h = [...(server.health.get(agentId)?.entries() ?? [])].map(([d, r]) => `${d} ${r.connected ? r.state : 'disconnected'}${r.state === 'initial-sync' || r.state === 'resyncing' ? ` ${(r.progressPermille / 10).toFixed(1)}%` : ''}`);
+    finish(new MobilityError('MOB_ERR_CUT_TIMEOUT', `no ${kind}-consistent recovery point of ${agentId} within ${Math.round(timeoutMs / 1000)} s`
+      + `${h.length ? ` (disks: ${h.join(', ')})` : ''}; a cut is taken once every disk is continuous, and the request stays queued on the agent`));
+  }, timeoutMs);
+  const gone = () => finish(new MobilityError('MOB_ERR_UNREACHABLE', 'the client went away'));
+  res.once('close', gone);
+  try {
+    const accepted = server.control.cut(agentId, kind, timeoutMs, (at) => {
+      requestedAtMs = at;
+      for (const p of seen) consider(p);
+    });
+    accepted.catch(() => undefined);
+    const { requestedAtMs: at } = await Promise.race([accepted, done.then(() => accepted)]);
+    const point = await done;
+    return { point, requestedAt: new Date(at).toISOString(), waitedMs: Date.now() - t0 };
+  } finally {
+    clearTimeout(timer);
+    unwatchPoints();
+    unwatchEvents();
+    res.off('close', gone);
   }
 }
 
@@ -123,25 +263,50 @@ export async function handleConfigApi(server: ProcessServer, req: IncomingMessag
       const ref = str(b.disk, 'disk');
       const row = db.listDisks(a.id).find((d) => d.diskId === ref || d.device === ref);
       if (!row) throw new MobilityError('MOB_ERR_UNKNOWN_DISK', `no enabled disk ${JSON.stringify(ref)} on ${a.id} (enabled: ${db.listDisks(a.id).map((d) => d.diskId).join(', ') || 'none'})`);
+      const keep = b.keepReplica === true;
+      if (!keep) {
+        // the promoted images of a failover are a running machine's disks: never orphan them
+        const fo = await readFailoverState(server, a.id);
+        if (fo) throw new MobilityError('MOB_ERR_FAILED_OVER', `${a.id} is failed over to ${fo.point} (since ${fo.failedOverAt}); removing its replicas would orphan the promoted images: fail back first (mobility reprotect), or disable with --keep-replica`);
+      }
+      if (b.dryRun === true) {
+        send(res, 200, { agentId: a.id, diskId: row.diskId, device: row.device, dryRun: true, keepReplica: keep, plan: keep ? null : await disablePlan(server, a.id, row.diskId) });
+        return true;
+      }
       db.disableDisk(a.id, row.diskId);
       const pushed = server.control.push(a.id);
-      let replicaRemoved = false;
-      if (b.keepReplica !== true) {
+      let removed: DisablePlan | null = null;
+      if (!keep) {
         const released = await waitReleased(server, `${a.id}/${row.diskId}`, 60_000);
         if (!released) throw new MobilityError('MOB_ERR_DISK_BUSY', `disk ${row.diskId} was disabled but a session still holds its replica; the replica was kept (disable again to remove it)`);
-        await server.withAgentLock(a.id, async () => {
-          if (db.listDisks(a.id).length === 0) {
-            await fsp.rm(server.agentDir(a.id), { recursive: true, force: true });
-            await server.resetCatalog(a.id);
-          } else {
-            await fsp.rm(server.diskDir(a.id, row.diskId), { recursive: true, force: true });
-          }
+        removed = await server.withAgentLock(a.id, async () => {
+          const plan = await disablePlan(server, a.id, row.diskId);
+          await removeReplicas(server, a.id, row.diskId, plan);
+          return plan;
         });
         server.health.get(a.id)?.delete(row.diskId);
-        replicaRemoved = true;
       }
-      server.log.info('replication disabled', { agent: a.id, disk: row.diskId, pushed, replicaRemoved });
-      send(res, 200, { agentId: a.id, diskId: row.diskId, pushed, replicaRemoved });
+      server.log.info('replication disabled', {
+        agent: a.id, disk: row.diskId, pushed, replicaRemoved: removed !== null, pointsRemoved: removed?.points ?? 0,
+        testFailoverImagesRemoved: removed?.testFailoverImages.map((i) => i.path) ?? [],
+      });
+      send(res, 200, { agentId: a.id, diskId: row.diskId, pushed, replicaRemoved: removed !== null, removed });
+      return true;
+    }
+    case 'POST /v1/cut': {
+      const b = await readBody(req);
+      const a = db.findAgent(str(b.machine, 'machine'));
+      const kind = b.kind === undefined || b.kind === null ? 'crash' : b.kind;
+      if (kind !== 'crash' && kind !== 'app') throw new MobilityError('MOB_ERR_USAGE', `kind must be crash or app, not ${JSON.stringify(kind)}`);
+      const timeoutMs = ms(b.timeoutMs, 'timeoutMs', DEFAULT_CUT_TIMEOUT_MS, 1000);
+      if (timeoutMs > MAX_CUT_TIMEOUT_MS) throw new MobilityError('MOB_ERR_USAGE', `timeoutMs must be at most ${MAX_CUT_TIMEOUT_MS}`);
+      const fo = await readFailoverState(server, a.id);
+      if (fo) throw new MobilityError('MOB_ERR_FAILED_OVER', `${a.id} is failed over to ${fo.point}: replication is stopped, so there is nothing to cut`);
+      if (db.listDisks(a.id).length === 0) throw new MobilityError('MOB_ERR_NOT_PROTECTING', `${a.id} protects no disk: enable one first (mobility enable --machine ${a.id} --disk DEV)`);
+      server.log.info('cut requested', { agent: a.id, kind, timeoutMs });
+      const r = await cutAndWait(server, a.id, kind, timeoutMs, res);
+      server.log.info('requested cut recorded', { agent: a.id, kind, point: r.point.id, waitedMs: r.waitedMs });
+      send(res, 200, { agentId: a.id, kind, ...r });
       return true;
     }
     case 'POST /v1/tokens': {

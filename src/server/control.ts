@@ -2,17 +2,20 @@
  * The control connection: one WebSocket per registered agent (/v1/control,
  * authenticated by the agent's client certificate), JSON text messages. The
  * server pushes the agent's assignments (disks to protect and the policy that
- * governs them) whenever they change, asks it to run preflight checks, and
- * receives its inventory. See docs/protocol.md, "Control channel".
+ * governs them) whenever they change, asks it to run preflight checks and
+ * on-demand cuts, and receives its inventory and protection events. See
+ * docs/protocol.md, "Control channel".
  */
 import crypto from 'node:crypto';
 import type { WebSocket } from 'ws';
-import { MobilityError, toMobilityError } from '../errors.js';
+import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { ConfigDb, Policy } from './config-db.js';
 
 export const CONTROL_PING_MS = 15_000;
 const PREFLIGHT_TIMEOUT_MS = 60_000;
+/** The agent answers a cut request at once (accepted or refused); the cut itself is waited for elsewhere. */
+const CUT_REPLY_TIMEOUT_MS = 30_000;
 const HELLO_TIMEOUT_MS = 10_000;
 
 export interface Assignment { diskId: string; device: string }
@@ -20,8 +23,13 @@ export interface AssignmentsMessage { type: 'assignments'; agentId: string; poli
 
 export interface PreflightReply { ok: boolean; checks: { id: string; ok: boolean; code?: string; message: string; fix?: string }[] }
 
+/** A protection event the agent forwarded ({event: 'cut' | 'cut-failed' | 'state' | ...}). */
+export type AgentEvent = Record<string, unknown> & { event?: unknown };
+
+interface Pending { type: string; resolve: (m: Record<string, unknown>) => void; reject: (e: MobilityError) => void; timer: NodeJS.Timeout }
+
 class ControlSession {
-  private readonly pending = new Map<string, { resolve: (r: PreflightReply) => void; reject: (e: MobilityError) => void; timer: NodeJS.Timeout }>();
+  private readonly pending = new Map<string, Pending>();
   private alive = true;
   private readonly ping: NodeJS.Timeout;
   ready = false;
@@ -74,10 +82,8 @@ class ControlSession {
           this.log.info('inventory received', { agent: this.agentId });
           return;
         case 'preflight-result': {
-          const p = this.pending.get(String(m.id));
+          const p = this.take(m, 'preflight');
           if (!p) return;
-          this.pending.delete(String(m.id));
-          clearTimeout(p.timer);
           const valid = Array.isArray(m.checks) && m.checks.length > 0
             && (m.checks as unknown[]).every((c) => typeof c === 'object' && c !== null && typeof (c as { ok?: unknown }).ok === 'boolean' && typeof (c as { id?: unknown }).id === 'string');
           if (!valid) {
@@ -85,14 +91,30 @@ class ControlSession {
             p.reject(e);
             throw e;
           }
-          const checks = m.checks as PreflightReply['checks'];
-          p.resolve({ ok: checks.every((c) => c.ok), checks });
+          p.resolve(m);
           return;
         }
-        case 'event':
-          this.hub.db.touchAgent(this.agentId);
-          this.log.info('agent event', { agent: this.agentId, event: typeof m.event === 'object' && m.event ? m.event : null });
+        case 'cut-reply': {
+          const p = this.take(m, 'cut');
+          if (!p) return;
+          const valid = m.accepted === true ? typeof m.requestedAtMs === 'number' && Number.isFinite(m.requestedAtMs)
+            : m.accepted === false && typeof m.code === 'string' && typeof m.message === 'string';
+          if (!valid) {
+            const e = new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a cut reply is {accepted: true, requestedAtMs} or {accepted: false, code, message}');
+            p.reject(e);
+            throw e;
+          }
+          // resolved synchronously: events that follow the reply on this connection belong to the request
+          p.resolve(m);
           return;
+        }
+        case 'event': {
+          this.hub.db.touchAgent(this.agentId);
+          const ev = typeof m.event === 'object' && m.event !== null && !Array.isArray(m.event) ? m.event as AgentEvent : null;
+          this.log.info('agent event', { agent: this.agentId, event: ev });
+          if (ev) this.hub.emitEvent(this.agentId, ev);
+          return;
+        }
         default:
           throw new MobilityError('MOB_ERR_UNKNOWN_MESSAGE', `unknown control message type ${JSON.stringify(m.type)}`);
       }
@@ -121,16 +143,35 @@ class ControlSession {
     this.send(this.hub.assignments(this.agentId));
   }
 
-  preflight(disks: string[]): Promise<PreflightReply> {
+  /** The pending request a reply answers (removed), or undefined for an unknown id or a reply of another kind. */
+  private take(m: Record<string, unknown>, type: string): Pending | undefined {
+    const p = this.pending.get(String(m.id));
+    if (!p || p.type !== type) return undefined;
+    this.pending.delete(String(m.id));
+    clearTimeout(p.timer);
+    return p;
+  }
+
+  /**
+   * Sends {type, id, ...body} and resolves with the agent's reply. onReply runs synchronously
+   * when the reply arrives (before any later message of this connection is handled).
+   */
+  request(type: string, body: object, timeoutMs: number, onReply?: (m: Record<string, unknown>) => void): Promise<Record<string, unknown>> {
     const id = crypto.randomBytes(8).toString('hex');
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(id);
-        reject(new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${this.agentId} did not answer the preflight request within ${PREFLIGHT_TIMEOUT_MS / 1000} s`));
-      }, PREFLIGHT_TIMEOUT_MS);
-      this.pending.set(id, { resolve, reject, timer });
-      this.send({ type: 'preflight', id, disks });
+        reject(new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${this.agentId} did not answer the ${type} request within ${timeoutMs / 1000} s`));
+      }, timeoutMs);
+      this.pending.set(id, { type, resolve: (m) => { onReply?.(m); resolve(m); }, reject, timer });
+      this.send({ type, id, ...body });
     });
+  }
+
+  async preflight(disks: string[]): Promise<PreflightReply> {
+    const m = await this.request('preflight', { disks }, PREFLIGHT_TIMEOUT_MS);
+    const checks = m.checks as PreflightReply['checks'];
+    return { ok: checks.every((c) => c.ok), checks };
   }
 
   private closed(): void {
@@ -154,7 +195,20 @@ export class ControlHub {
   readonly sessions = new Map<string, ControlSession>();
   /** Every open session, with or without a hello. */
   readonly all = new Set<ControlSession>();
+  private readonly eventWatchers = new Set<(agentId: string, e: AgentEvent) => void>();
   constructor(readonly db: ConfigDb, readonly log: Logger) {}
+
+  /** Calls fn with every protection event an agent forwards from now on, until the returned function is called. */
+  watchEvents(fn: (agentId: string, e: AgentEvent) => void): () => void {
+    this.eventWatchers.add(fn);
+    return () => { this.eventWatchers.delete(fn); };
+  }
+
+  emitEvent(agentId: string, e: AgentEvent): void {
+    for (const fn of [...this.eventWatchers]) {
+      try { fn(agentId, e); } catch (err) { this.log.error('event watcher failed', { error: (err as Error).message }); }
+    }
+  }
 
   attach(ws: WebSocket, agentId: string, peer: string, certFingerprint: string): void {
     new ControlSession(this, agentId, ws, this.log.child({ peer }), certFingerprint);
@@ -180,6 +234,22 @@ export class ControlHub {
     const s = this.sessions.get(agentId);
     if (!s) throw new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${agentId} is not connected, so its preflight checks cannot run; start it (systemctl start mobility-agent) and retry`);
     return s.preflight(disks);
+  }
+
+  /**
+   * Asks the agent for a cut now. Resolves when the agent accepted it, with the time of the
+   * request on the agent's clock (recovery points carry the agent's freeze time, so the point
+   * that answers the request is the first one taken at or after it); onAccepted runs
+   * synchronously with the reply, before any event the agent sent after it is handled.
+   * An agent with no running protection refuses (MOB_ERR_NOT_PROTECTING).
+   */
+  async cut(agentId: string, kind: 'crash' | 'app', waitMs: number, onAccepted: (requestedAtMs: number) => void): Promise<{ requestedAtMs: number }> {
+    const s = this.sessions.get(agentId);
+    if (!s) throw new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${agentId} is not connected, so it cannot be asked for a cut; start it (systemctl start mobility-agent) and retry`);
+    const m = await s.request('cut', { kind, waitMs }, CUT_REPLY_TIMEOUT_MS, (r) => { if (r.accepted === true) onAccepted(r.requestedAtMs as number); });
+    if (m.accepted === true) return { requestedAtMs: m.requestedAtMs as number };
+    const code = String(m.code);
+    throw new MobilityError(isErrorCode(code) ? code : 'MOB_ERR_NOT_PROTECTING', `agent ${agentId}: ${String(m.message)}`);
   }
 
   disconnect(agentId: string, err: MobilityError): void {

@@ -23,7 +23,7 @@ import { decodeMessage, encodeMessage, errorMessage, Encoding, type Data, type D
 import { decodeBlock } from '../replication/block-codec.js';
 import { digest, digestEquals, zeroBuffer } from '../replication/digest.js';
 import { ReplicaStore, type WriteOp } from '../replication/replica-store.js';
-import { PointCatalog, type PointKind } from '../replication/recovery-points.js';
+import { PointCatalog, type PointKind, type RecoveryPoint } from '../replication/recovery-points.js';
 import type { Cut, Health } from '../transport/frame-codec.js';
 import { handleApi } from './api.js';
 import { PromotedImage, readFailoverState, type FailoverState } from './failover.js';
@@ -58,6 +58,9 @@ export interface DiskHealthRecord {
   state: string; reason: string; backlogBytes: number; dataLagMs: number; churnBytesPerSec: number;
   freezeFailures: number; lastFreezeMs: number; progressPermille: number; receivedAt: number; connected: boolean;
 }
+
+/** What a cut watcher hears (ProcessServer.watchCuts): a recorded recovery point, or a cut that failed. */
+export type CutNotice = { point: RecoveryPoint } | { failed: { code: string; message: string } };
 
 /** Reads the pre-shared agent token, creating it (mode 0600) on first start. */
 export async function ensureToken(dataDir: string): Promise<string> {
@@ -281,6 +284,7 @@ export class ProcessServer {
       this.stats.pruned += removed.length;
       if (removed.length) this.log.info('recovery points pruned', { agent: agentId, points: removed.map((p) => p.id) });
       this.log.info('recovery point recorded', { agent: agentId, point: point.id, kind: point.kind, frozenMs: cut.frozenMs, disks: Object.keys(disks) });
+      this.notifyCut(agentId, { point });
       return point.id;
     });
   }
@@ -290,6 +294,21 @@ export class ProcessServer {
     let sent = false;
     for (const s of this.sessions) if (s.agent === agentId && s.canCut) { s.sendCutRequest(kind, reason); sent = true; }
     return sent;
+  }
+
+  private readonly cutWatchers = new Set<(agentId: string, n: CutNotice) => void>();
+
+  /** Calls fn for every recovery point recorded (and cut failure notified) from now on, until the returned function is called. `mobility cut` waits on it. */
+  watchCuts(fn: (agentId: string, n: CutNotice) => void): () => void {
+    this.cutWatchers.add(fn);
+    return () => { this.cutWatchers.delete(fn); };
+  }
+
+  /** Tells the cut watchers about a recorded point or a cut that failed on the server side. */
+  notifyCut(agentId: string, n: CutNotice): void {
+    for (const fn of [...this.cutWatchers]) {
+      try { fn(agentId, n); } catch (err) { this.log.error('cut watcher failed', { error: (err as Error).message }); }
+    }
   }
 
   /** Ends every session of the agent with err. */
