@@ -85,6 +85,8 @@ t.test('managed agent: SIGUSR2 and mobility cut make points; disable asks before
   sh('dd', ['if=/dev/urandom', `of=${mnt}/seed`, 'bs=64k', 'count=32', 'status=none']);
   sh('sync', []);
 
+  // the agent's trace instance: mobility-<agent id>, or mobility-<agent id>-<digest> (per installation)
+  const instances = () => fs.readdirSync(path.join(TRACEFS, 'instances')).filter((n) => n === `mobility-${agentId}` || n.startsWith(`mobility-${agentId}-`));
   let agent: ChildProcess | null = null;
   let err = '';
   const startAgent = async () => {
@@ -113,11 +115,11 @@ t.test('managed agent: SIGUSR2 and mobility cut make points; disable asks before
     try { sh('fsfreeze', ['-u', mnt]); } catch { /* not frozen */ }
     try { sh('umount', ['-l', mnt]); } catch { /* gone */ }
     try { sh('losetup', ['-d', loop]); } catch { /* gone */ }
-    const inst = path.join(TRACEFS, 'instances', `mobility-${agentId}`);
-    try {
-      fs.writeFileSync(path.join(inst, 'events/block/block_rq_complete/enable'), '0');
-      fs.rmdirSync(inst);
-    } catch { /* gone */ }
+    for (const n of instances()) {
+      const inst = path.join(TRACEFS, 'instances', n);
+      try { fs.writeFileSync(path.join(inst, 'events/block/block_rq_complete/enable'), '0'); } catch { /* gone */ }
+      try { fs.rmdirSync(inst); } catch { /* gone */ }
+    }
   });
 
   const points = async (): Promise<Point[]> => {
@@ -143,6 +145,7 @@ t.test('managed agent: SIGUSR2 and mobility cut make points; disable asks before
   // the first point after the initial sync is app-consistent (scheduled)
   await waitFor(() => catalog().length >= 1, 60_000, 'the first recovery point');
   const first = await points();
+  t.equal(instances().length, 1, 'the agent traces the disk in its own instance');
 
   // SIGUSR2: a crash-consistent point now, and the daemon lives on (it used to die of it)
   a1.kill('SIGUSR2');
@@ -242,7 +245,7 @@ t.test('managed agent: SIGUSR2 and mobility cut make points; disable asks before
   t.notOk(fs.existsSync(replicaDir), 'replicas and points deleted');
   t.notOk(fs.existsSync(path.join(dataDir, 'test-failover', agentId)), 'test-failover images deleted');
   t.same(await diskEnabled(), [], 'disabled');
-  await waitFor(() => !fs.existsSync(path.join(TRACEFS, 'instances', `mobility-${agentId}`)), 20_000, 'trace instance removed by the agent');
+  await waitFor(() => instances().length === 0, 20_000, 'trace instance removed by the agent');
   const none = await cli(['cut', ...conn, '--machine', agentId]);
   t.match(none.stderr, /MOB_ERR_NOT_PROTECTING/, 'nothing left to cut');
   // SIGUSR1 with nothing protected: logged, the daemon lives on
