@@ -32,6 +32,9 @@ export const ERROR_CODES = {
   MOB_ERR_RETRY_EXHAUSTED: { retryable: false, summary: 'The agent gave up reconnecting after its retry deadline.' },
   MOB_ERR_TRACKER: { retryable: false, summary: 'The kernel change tracker (tracefs block events) cannot be set up or read.' },
   MOB_ERR_TRACKING_LOST: { retryable: false, summary: 'Change tracking lost events (ring buffer overrun, lost instance after a reboot, interrupted drain): the disk needs a checksum resync.' },
+  MOB_ERR_AGENT_EXISTS: { retryable: false, summary: 'Another installation on this machine is registered under this agent identity and is connected; registering would stop its protection (use --replace to take over).' },
+  MOB_ERR_TRACKER_BUSY: { retryable: false, summary: 'The trace instance is in use by a running agent: it cannot be used, disabled or removed by another process until that agent stops.' },
+  MOB_ERR_POINT_UNVERIFIED: { retryable: true, summary: 'A cut\'s sampled verification failed: a sampled block of the replica differs from the source at the cut, so no recovery point was recorded and the disk is resynced.' },
   MOB_ERR_FREEZE: { retryable: true, summary: 'A filesystem could not be frozen, or the freeze exceeded its time bound (it was thawed; the cut is retried later).' },
   MOB_ERR_HOOK: { retryable: true, summary: 'An application-consistency hook script failed or timed out (the filesystems were thawed).' },
   MOB_ERR_FAILED_OVER: { retryable: false, summary: 'The agent was failed over: replication is stopped until reprotect fails it back.' },
@@ -68,6 +71,7 @@ export const ERROR_CODES = {
   MOB_ERR_PUSH_REG_TIMEOUT: { retryable: true, summary: 'Push install (95108): the agent was installed but did not register with the server in time.' },
   MOB_ERR_PUSH_NO_POWERSHELL: { retryable: false, summary: 'Push install (95109): the Windows path needs PowerShell (pwsh) on the server, and it is not installed.' },
   MOB_ERR_INTERNAL: { retryable: true, summary: 'An unexpected internal error (a bug): the message says more.' },
+  MOB_ERR_DISK_TOO_LARGE: { retryable: false, summary: 'The disk is larger than the largest file the replica store\'s filesystem can hold; nothing was created.' },
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

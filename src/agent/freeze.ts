@@ -51,14 +51,22 @@ export function mountsOn(devs: Set<string>, mountinfo = '/proc/self/mountinfo'):
 
 function run(cmd: string, args: string[], timeoutMs: number, env?: NodeJS.ProcessEnv): Promise<{ code: number | null; out: string; timedOut: boolean }> {
   return new Promise((resolve) => {
-    const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: env ?? process.env });
+    // its own process group: a timed-out hook is killed with everything it started (a child
+    // holding the output pipes would otherwise keep the freeze waiting past its bound)
+    const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: env ?? process.env, detached: true });
     let out = '';
     let timedOut = false;
+    let done = false;
+    const finish = (code: number | null, text: string) => { if (!done) { done = true; clearTimeout(t); resolve({ code, out: text, timedOut }); } };
     p.stdout.on('data', (d: Buffer) => { if (out.length < 4096) out += d.toString(); });
     p.stderr.on('data', (d: Buffer) => { if (out.length < 4096) out += d.toString(); });
-    const t = setTimeout(() => { timedOut = true; p.kill('SIGKILL'); }, timeoutMs);
-    p.on('error', (err) => { clearTimeout(t); resolve({ code: -1, out: err.message, timedOut }); });
-    p.on('close', (code) => { clearTimeout(t); resolve({ code, out: out.trim(), timedOut }); });
+    const t = setTimeout(() => {
+      timedOut = true;
+      try { process.kill(-p.pid!, 'SIGKILL'); } catch { p.kill('SIGKILL'); }
+    }, timeoutMs);
+    p.on('error', (err) => finish(-1, err.message));
+    p.on('exit', (code) => { if (timedOut) finish(code, out.trim()); });
+    p.on('close', (code) => finish(code, out.trim()));
   });
 }
 

@@ -640,6 +640,7 @@ export class Protector {
    * frozen hooks, thaw (always), send the Cut; (app: post-thaw hooks).
    */
   private async cut(conn: Connection, requested: CutKind): Promise<void> {
+    const asked = this.requestedCut;
     this.requestedCut = null;
     const cutId = ++this.cutNo;
     let kind = requested;
@@ -654,7 +655,11 @@ export class Protector {
       if (b < best * 0.95) { best = b; bestAt = Date.now(); }
       if (conn.closed) throw conn.closed;
       if (!(await this.shipRound(conn))) await new Promise((r) => setTimeout(r, 10));
-      if (!this.allContinuous()) return; // tracking was lost meanwhile: scan first
+      if (!this.allContinuous()) {
+        // tracking was lost meanwhile: scan first; a cut someone asked for is still owed
+        if (asked) this.requestedCut = this.requestedCut === 'app' ? 'app' : asked;
+        return;
+      }
     }
     const mounts = mountsOn(this.family);
     const env = { MOBILITY_CUT_ID: String(cutId), MOBILITY_CUT_KIND: kind, MOBILITY_MOUNTS: mounts.join('\n') };
