@@ -223,6 +223,9 @@ export class Protector {
     const before = (await fsp.readFile(idFile, 'utf8').catch(() => '')).split('\n');
     const replaced = this.tracker.resumed && before[0] === this.tracker.name && before[1] !== undefined && before[1] !== '' && before[1] !== this.tracker.identity;
     await writeFileDurable(idFile, `${this.tracker.name}\n${this.tracker.identity}\n`, 0o600);
+    // an instance named the way agents before per-installation names did (mobility-<agent id>):
+    // rmdir alone, which the kernel refuses while any reader (an older agent) holds it
+    try { fs.rmdirSync(path.join(path.dirname(this.tracker.instanceDir), `mobility-${o.agentId}`)); } catch { /* absent or in use */ }
     for (const [i, d] of o.disks.entries()) {
       const src = await openDiskSource(d.path, { direct: true });
       const mapFile = path.join(stateDir, `${d.id}.map`);

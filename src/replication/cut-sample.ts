@@ -15,6 +15,8 @@ export const DEFAULT_RANDOM_SAMPLES = 64;
 export const DEFAULT_WRITTEN_SAMPLES = 64;
 /** Written pages remembered between cuts (a reservoir: a uniform sample of everything written). */
 const WRITTEN_RESERVOIR = 4096;
+/** Pages one written extent contributes at most. */
+const EXTENT_PICKS = 64;
 /** Sample reads in flight per disk. */
 const READS_IN_FLIGHT = 8;
 
@@ -23,12 +25,19 @@ export class WrittenPages {
   private pages: number[] = [];
   private seen = 0;
 
-  /** Records the pages of a written byte range. */
+  /**
+   * Records the pages of a written byte range. Cost is bounded per call: a huge extent (a
+   * discard of a whole disk) contributes a random sample of EXTENT_PICKS of its pages, each
+   * standing for its share of the extent (the reservoir stays roughly uniform).
+   */
   add(offset: number, length: number, pageSize: number): void {
     const first = Math.floor(offset / pageSize);
-    const last = Math.floor((offset + length - 1) / pageSize);
-    for (let p = first; p <= last; p++) {
-      this.seen++;
+    const n = Math.floor((offset + length - 1) / pageSize) - first + 1;
+    const picks = Math.min(n, EXTENT_PICKS);
+    const weight = n / picks;
+    for (let k = 0; k < picks; k++) {
+      const p = picks === n ? first + k : first + Math.floor(Math.random() * n);
+      this.seen += weight;
       if (this.pages.length < WRITTEN_RESERVOIR) this.pages.push(p);
       else {
         const j = Math.floor(Math.random() * this.seen);
