@@ -20,6 +20,11 @@ fi
 npm ci --no-audit --no-fund
 npm run build
 
+# Residue of earlier runs whose test process is dead (killed on a timeout, the machine
+# stopped...): processes, trace instances, mounts, loop devices, test accounts and the
+# scratch directories under $TMPDIR/mobility-test/. Runs whose owner is alive are left alone.
+node dist/test/cleanup.js --sweep || echo "warning: the sweep could not clean everything (see above)" >&2
+
 log=$(mktemp)
 set +e
 mapfile -t files < <(find dist/test -name '*.test.js' | sort)
@@ -30,6 +35,9 @@ set -e
 summary=$(grep -E '^# \{ total: ' "$log" | tail -n 1)
 pass=$(sed -nE 's/.*pass: ([0-9]+).*/\1/p' <<<"$summary")
 fail=$(sed -nE 's/.*fail: ([0-9]+).*/\1/p' <<<"$summary")
+echo "longest test files:"
+grep -E '^(not )?ok [0-9]+ - .* # time=' "$log" | sed -E 's/^(not )?ok [0-9]+ - (.*) # time=([0-9.]+)ms.*/\3 \1\2/' \
+  | sort -rn | head -n 12 | awk '{ printf "  %7.1f s  %s %s\n", $1 / 1000, $2, $3 }'
 rm -f "$log"
 echo "tests: ${pass:-0} passed, ${fail:-0} failed"
 if [ -z "$summary" ] || [ "${pass:-0}" -eq 0 ]; then echo "no tests ran" >&2; exit 1; fi

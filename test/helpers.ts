@@ -1,20 +1,26 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import fsp from 'node:fs/promises';
-import os from 'node:os';
-import path from 'node:path';
-import { CLI_PATH } from '../src/server/spawn.js';
+import { CLI_PATH, spawnServer, stopServer, type SpawnedServer } from '../src/server/spawn.js';
+import { cleanup } from './cleanup.js';
 
-export async function tmpDir(t: { teardown(fn: () => unknown): void }, prefix = 'mobility-test-'): Promise<string> {
-  const d = await fsp.mkdtemp(path.join(os.tmpdir(), prefix));
-  t.teardown(() => fsp.rm(d, { recursive: true, force: true }));
-  return d;
+export { cleanup, removeTraceInstances, scratchRoot, sweep, traceInstancesOf, type Cleanup } from './cleanup.js';
+
+interface TestLike { teardown(fn: () => unknown): void; comment?(...args: unknown[]): void }
+
+/**
+ * A fresh directory under this test process's scratch root, removed at the end of the test
+ * (after anything mounted under it is unmounted and any loop device backed by a file in it
+ * is detached). See cleanup.ts.
+ */
+export async function tmpDir(t: TestLike, prefix = 'tmp-'): Promise<string> {
+  return cleanup(t).dir(prefix);
 }
 
 export interface CliRun { child: ChildProcess; done: Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> }
 
-/** Runs the mobility CLI as a real child process. */
+/** Runs the mobility CLI as a real child process (killed with the test process if it is still running then). */
 export function runCli(args: string[]): CliRun {
   const child = spawn(process.execPath, [CLI_PATH, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  cleanup().process(child);
   let stdout = '';
   let stderr = '';
   child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
@@ -25,6 +31,29 @@ export function runCli(args: string[]): CliRun {
   return { child, done };
 }
 
+/**
+ * `mobility server` as a child process of this test: stopped (SIGTERM, then SIGKILL) when the
+ * test ends, SIGKILLed with the test process on a timeout or signal.
+ */
+export async function startServer(t: TestLike, dataDir: string, opts: Parameters<typeof spawnServer>[1] = {}): Promise<SpawnedServer> {
+  const s = await spawnServer(dataDir, { timeoutMs: 120_000, ...opts });
+  cleanup(t).process(s.child);
+  t.teardown(() => stopGently(s.child));
+  return s;
+}
+
+/** SIGTERM, then SIGKILL if the process has not exited after graceMs. Resolves once it exited. */
+export function stopGently(child: ChildProcess, graceMs = 30_000): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  return new Promise((resolve) => {
+    const k = setTimeout(() => child.kill('SIGKILL'), graceMs);
+    child.once('exit', () => { clearTimeout(k); resolve(); });
+    child.kill('SIGTERM');
+  });
+}
+
+export { stopServer };
+
 export function replicateArgs(o: { url: string; tokenFile: string; caFile: string; disk: string; stateDir: string; agentId?: string; extra?: string[] }): string[] {
   return ['replicate', '--server', o.url, '--token-file', o.tokenFile, '--ca', o.caFile, '--disk', o.disk, '--state-dir', o.stateDir,
     '--agent-id', o.agentId ?? 'agent1', '--json', '--json-logs', ...(o.extra ?? [])];
@@ -32,6 +61,10 @@ export function replicateArgs(o: { url: string; tokenFile: string; caFile: strin
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * Polls cond every 50 ms. timeoutMs is a safety net against a hang, not a speed
+ * requirement: give it generously (the file's own timeout is 300 s).
+ */
 export async function waitFor(cond: () => Promise<boolean> | boolean, timeoutMs: number, what: string): Promise<void> {
   const end = Date.now() + timeoutMs;
   while (!(await cond())) {

@@ -9,6 +9,7 @@ import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import crypto from 'node:crypto';
+import { cleanup, type Cleanup } from './cleanup.js';
 
 export interface TestSshd { port: number; userKey: string; hostKeySha256: string; stop(): Promise<void> }
 
@@ -39,7 +40,8 @@ function freePort(): Promise<number> {
   });
 }
 
-export async function startSshd(dir: string): Promise<TestSshd> {
+/** Starts the sshd; it is registered with `scope` (default: the test process's scope), so it dies with the test even on a timeout. */
+export async function startSshd(dir: string, scope: Cleanup = cleanup()): Promise<TestSshd> {
   const sshd = findTool('sshd', 'openssh-server');
   const keygen = findTool('ssh-keygen', 'openssh-client');
   await fsp.mkdir(dir, { recursive: true, mode: 0o755 });
@@ -67,6 +69,7 @@ export async function startSshd(dir: string): Promise<TestSshd> {
     const t = await run(sshd, ['-t', '-f', config]);
     if (t.code !== 0) throw new Error(`sshd -t failed: ${t.stderr}`);
     const child: ChildProcess = spawn(sshd, ['-D', '-e', '-f', config], { stdio: ['ignore', 'ignore', 'pipe'] });
+    scope.process(child);
     let err = '';
     child.stderr!.on('data', (d: Buffer) => { err += d.toString(); });
     const deadline = Date.now() + 10_000;
@@ -82,7 +85,12 @@ export async function startSshd(dir: string): Promise<TestSshd> {
     if (up && child.exitCode === null) {
       return {
         port, userKey, hostKeySha256,
-        stop: () => new Promise<void>((r) => { if (child.exitCode !== null) return r(); child.once('exit', () => r()); child.kill('SIGTERM'); }),
+        stop: () => new Promise<void>((r) => {
+          if (child.exitCode !== null || child.signalCode !== null) return r();
+          const k = setTimeout(() => child.kill('SIGKILL'), 30_000);
+          child.once('exit', () => { clearTimeout(k); r(); });
+          child.kill('SIGTERM');
+        }),
       };
     }
     child.kill('SIGTERM');

@@ -12,15 +12,18 @@ import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { CLI_PATH, spawnServer, stopServer } from '../../src/server/spawn.js';
-import { runCli, tmpDir, waitFor } from '../helpers.js';
+import { CLI_PATH } from '../../src/server/spawn.js';
+import { cleanup, runCli, startServer, stopGently, tmpDir, traceInstancesOf, waitFor } from '../helpers.js';
+
+/** Waits are safety nets against a hang, not speed requirements (the file's limit is 300 s). */
+const LONG = 120_000;
 
 const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 
 t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => {
-  const work = await tmpDir(t, 'mobility-daemon-');
-  const server = await spawnServer(path.join(work, 'srv'));
-  t.teardown(() => stopServer(server));
+  const work = await tmpDir(t, 'daemon-');
+  const c = cleanup(t);
+  const server = await startServer(t, path.join(work, 'srv'));
   const conn = ['--server', server.info.url, '--data-dir', server.info.dataDir];
   const cli = (args: string[]) => runCli(args).done;
 
@@ -38,13 +41,14 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   const reg = await cli(['register', '--config', config, '--passphrase-file', pass, '--json']);
   t.equal(reg.code, 0, reg.stderr);
   const agentId = (JSON.parse(reg.stdout) as { agentId: string }).agentId;
+  c.traceInstances(agentId);
 
   // enable while the agent is not running: its preflight cannot run
   const img = path.join(work, 'disk.img');
   sh('truncate', ['-s', '64M', img]);
   sh('dd', ['if=/dev/urandom', `of=${img}`, 'bs=1M', 'count=8', 'conv=notrunc', 'status=none']);
   const loop = sh('losetup', ['--find', '--show', img]).trim();
-  t.teardown(() => { try { sh('losetup', ['-d', loop]); } catch { /* gone */ } });
+  c.loop(loop);
   const offline = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop]);
   t.equal(offline.code, 5, 'agent offline -> exit 5');
   t.match(offline.stderr, /MOB_ERR_AGENT_OFFLINE/);
@@ -53,17 +57,18 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   const agent = spawn(process.execPath, [CLI_PATH, 'agent', '--config', config, '--pid-file', pidFile, '--json-logs'], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   agent.stderr!.on('data', (d: Buffer) => { err = (err + d.toString()).slice(-400_000); });
-  const exited = new Promise<number | null>((r) => agent.once('exit', (c) => r(c)));
-  t.teardown(() => { if (agent.exitCode === null) agent.kill('SIGKILL'); });
-  await waitFor(() => err.includes('"control connected"'), 20_000, 'control connection');
+  c.process(agent);
+  const exited = new Promise<number | null>((r) => agent.once('exit', (code) => r(code)));
+  t.teardown(() => stopGently(agent));
+  await waitFor(() => err.includes('"control connected"'), LONG, 'control connection');
   t.equal(Number(fs.readFileSync(pidFile, 'utf8')), agent.pid, 'pid file');
 
   const fast = await cli(['policy', 'create', 'fast', ...conn, '--rpo', '1m', '--retention', '2h', '--crash-interval', '15s', '--app-interval', '0', '--json']);
   t.equal(fast.code, 0, fast.stderr);
   const en = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop, '--disk-id', 'd1', '--policy', 'fast']);
   t.equal(en.code, 0, en.stderr);
-  await waitFor(() => /"message":"protecting".*"policy":"fast"/.test(err), 20_000, 'protection under policy fast');
-  await waitFor(() => fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId, 'points.json')), 60_000, 'a recovery point');
+  await waitFor(() => /"message":"protecting".*"policy":"fast"/.test(err), LONG, 'protection under policy fast');
+  await waitFor(() => fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId, 'points.json')), LONG, 'a recovery point');
   const size = fs.statSync(img).size;
   t.equal(sh('sh', ['-c', `head -c ${size} ${path.join(server.info.dataDir, 'replicas', agentId, 'd1', 'replica.img')} | sha256sum`]),
     sh('sh', ['-c', `head -c ${size} ${loop} | sha256sum`]), 'replica == disk');
@@ -71,13 +76,18 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   // a policy change is pushed: the agent restarts protection with it, without a restart of the process
   const slower = await cli(['policy', 'create', 'fast', ...conn, '--crash-interval', '30s']);
   t.equal(slower.code, 0, slower.stderr);
-  await waitFor(() => (err.match(/"message":"protecting"/g) ?? []).length >= 2, 20_000, 'protection restarted with the changed policy');
-  const st = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as { rpoAlertMs: number; disks: { agent: string; disk: string; rpoAlert: boolean }[] };
-  const mine = st.disks.find((d) => d.agent === agentId && d.disk === 'd1') as ({ progressPermille?: unknown; rpoAlert: boolean } | undefined);
+  await waitFor(() => (err.match(/"message":"protecting"/g) ?? []).length >= 2, LONG, 'protection restarted with the changed policy');
+  type Status = { rpoAlertMs: number; disks: { agent: string; disk: string; rpoAlert: boolean; rpoMs: number | null; progressPermille?: unknown }[] };
+  const status = async () => JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as Status;
+  const st = await status();
+  const mine = st.disks.find((d) => d.agent === agentId && d.disk === 'd1');
   t.ok(mine, 'status lists the disk');
   t.ok(mine && 'progressPermille' in mine, 'status carries the scan progress');
   t.equal(st.rpoAlertMs, 15 * 60_000, 'the server-wide default threshold is still reported');
-  t.equal(mine?.rpoAlert, false, 'RPO within the policy threshold (1 min)');
+  t.equal(mine?.rpoAlert, mine ? mine.rpoMs === null || mine.rpoMs > 60_000 : undefined, `the alert follows the policy threshold (1 min) for an RPO of ${mine?.rpoMs} ms`);
+  // a loaded machine may fall behind for a while: the alert clears once a point is recent again
+  await waitFor(async () => (await status()).disks.find((d) => d.agent === agentId && d.disk === 'd1')?.rpoAlert === false, LONG, 'an RPO within the policy threshold');
+  t.pass('RPO within the policy threshold (1 min): no alert');
 
   // the alert threshold is the machine's policy, not the server-wide default
   const strict = await cli(['policy', 'create', 'fast', ...conn, '--rpo', '1s']);
@@ -85,7 +95,7 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   await waitFor(async () => {
     const s2 = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as { disks: { agent: string; disk: string; rpoAlert: boolean }[] };
     return s2.disks.find((d) => d.agent === agentId && d.disk === 'd1')?.rpoAlert === true;
-  }, 30_000, 'an RPO alert under a 1 s threshold');
+  }, LONG, 'an RPO alert under a 1 s threshold');
   t.pass('RPO alert follows the policy threshold');
 
   const machines = JSON.parse((await cli(['machines', ...conn, '--json'])).stdout) as { machines: { agentId: string; policy: string; disks: { diskId: string }[]; connected: boolean }[] };
@@ -95,14 +105,14 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   t.ok(me.connected);
 
   agent.kill('SIGHUP');
-  await waitFor(() => err.includes('"configuration reloaded"'), 10_000, 'reload on SIGHUP');
+  await waitFor(() => err.includes('"configuration reloaded"'), LONG, 'reload on SIGHUP');
   t.equal(agent.exitCode, null, 'SIGHUP does not stop the agent');
 
-  const dis = await cli(['disable', ...conn, '--machine', agentId, '--disk', 'd1']);
+  const dis = await cli(['disable', ...conn, '--machine', agentId, '--disk', 'd1', '--yes']);
   t.equal(dis.code, 0, dis.stderr);
   t.notOk(fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId)), 'replica removed on the server');
-  await waitFor(() => !fs.existsSync(`/sys/kernel/tracing/instances/mobility-${agentId}`), 20_000, 'trace instance removed');
-  await waitFor(() => !fs.existsSync(path.join(stateDir, 'protect', agentId)), 20_000, 'agent tracking state removed');
+  await waitFor(() => traceInstancesOf(agentId).length === 0, LONG, 'trace instance removed');
+  await waitFor(() => !fs.existsSync(path.join(stateDir, 'protect', agentId)), LONG, 'agent tracking state removed');
 
   agent.kill('SIGTERM');
   t.equal(await exited, 0, 'SIGTERM: clean exit');

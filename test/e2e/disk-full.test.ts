@@ -9,18 +9,16 @@ import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { spawnServer, stopServer } from '../../src/server/spawn.js';
 import { writeSampleImage } from '../../src/util/sample-image.js';
-import { replicateArgs, runCli, tmpDir } from '../helpers.js';
+import { cleanup, replicateArgs, runCli, startServer, tmpDir } from '../helpers.js';
 
 t.test('full replica store', async (t) => {
   const dir = await tmpDir(t);
   const mnt = path.join(dir, 'small');
   await fsp.mkdir(mnt);
   execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', mnt]);
-  t.teardown(() => { try { execFileSync('umount', ['-l', mnt]); } catch { /* gone */ } });
-  const srv = await spawnServer(path.join(mnt, 'srv'));
-  t.teardown(() => stopServer(srv));
+  cleanup(t).mount(mnt);
+  const srv = await startServer(t, path.join(mnt, 'srv'));
   const small = path.join(dir, 'small.img');
   await writeSampleImage(small, 4 * 1024 * 1024, 2);
   const big = path.join(dir, 'big.img');

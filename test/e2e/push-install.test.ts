@@ -18,12 +18,15 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { spawnServer, stopServer, type SpawnedServer } from '../../src/server/spawn.js';
+import type { SpawnedServer } from '../../src/server/spawn.js';
 import { SshPushInstaller, pushCodeFor } from '../../src/install/ssh-push.js';
-import { runCli, tmpDir, waitFor } from '../helpers.js';
+import { cleanup, runCli, startServer, tmpDir, traceInstancesOf, waitFor } from '../helpers.js';
 import { run, startSshd, type TestSshd } from '../sshd.js';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
+/** Waits are safety nets against a hang, not speed requirements (the file's limit is 300 s). */
+const LONG = 120_000;
+
 const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 
 async function listTree(dir: string): Promise<string[]> {
@@ -69,23 +72,25 @@ async function bundlePath(): Promise<string> {
 }
 
 t.test('push install over SSH, enable, initial replication, upgrade, uninstall', async (t) => {
-  const work = await tmpDir(t, 'mobility-push-');
+  const work = await tmpDir(t, 'push-');
+  const c = cleanup(t);
   const bundle = await bundlePath();
-  const sshd: TestSshd = await startSshd(path.join(work, 'ssh'));
+  const sshd: TestSshd = await startSshd(path.join(work, 'ssh'), c);
   t.teardown(() => sshd.stop());
-  const server: SpawnedServer = await spawnServer(path.join(work, 'srv'));
-  t.teardown(() => stopServer(server));
+  const server: SpawnedServer = await startServer(t, path.join(work, 'srv'));
   const conn = ['--server', server.info.url, '--data-dir', server.info.dataDir];
   const prefix = path.join(work, 'host-root');
   await fsp.mkdir(prefix);
   const before = await listTree(prefix);
+  // install.sh starts the agent detached (setsid) with a pid file: killed with the test whatever happens
+  c.pidFile(path.join(prefix, 'var/lib/mobility/agent.pid'), prefix);
 
   // a disk with data on it: the loop device the operator will protect
   const img = path.join(work, 'disk.img');
   sh('truncate', ['-s', '96M', img]);
   sh('dd', ['if=/dev/urandom', `of=${img}`, 'bs=1M', 'count=24', 'seek=8', 'conv=notrunc', 'status=none']);
   const loop = sh('losetup', ['--find', '--show', img]).trim();
-  t.teardown(() => { try { sh('losetup', ['-d', loop]); } catch { /* gone */ } });
+  c.loop(loop);
 
   let agentId = '';
   const uninstall = async () => {
@@ -96,12 +101,13 @@ t.test('push install over SSH, enable, initial replication, upgrade, uninstall',
 
   await t.test('push-install registers and starts the agent', async (t) => {
     const r = await cli(['push-install', ...conn, '--host', `127.0.0.1:${sshd.port}`, '--user', 'root', '--key', sshd.userKey,
-      '--host-key', sshd.hostKeySha256, '--bundle', bundle, '--prefix', prefix, '--json', '--timeout', '60s']);
+      '--host-key', sshd.hostKeySha256, '--bundle', bundle, '--prefix', prefix, '--json', '--timeout', '180s']);
     t.equal(r.code, 0, `push-install exit code\n${r.stderr.slice(-4000)}`);
     const res = (JSON.parse(r.stdout) as { results: { ok: boolean; agentId?: string; code?: string; message: string }[] }).results;
     t.equal(res.length, 1);
     t.ok(res[0].ok, `host result: ${res[0].code} ${res[0].message}`);
     agentId = res[0].agentId ?? '';
+    if (agentId) c.traceInstances(agentId);
     t.comment(`push install of one host took ${(res[0] as { ms?: number }).ms ?? '?'} ms (connect, preflight, upload, install, registration)`);
     t.ok(agentId, 'the agent registered and connected');
     // the install left its pieces where the layout says, secrets 0600
@@ -117,7 +123,7 @@ t.test('push install over SSH, enable, initial replication, upgrade, uninstall',
     await waitFor(async () => {
       const j = JSON.parse((await cli(['machines', ...conn, '--json'])).stdout) as { machines: { agentId: string; inventory: unknown }[] };
       return Boolean(j.machines.find((x) => x.agentId === agentId)?.inventory);
-    }, 30_000, 'inventory');
+    }, LONG, 'inventory');
   });
 
   await t.test('enable starts initial replication on the agent; the replica equals the disk', async (t) => {
@@ -127,7 +133,7 @@ t.test('push install over SSH, enable, initial replication, upgrade, uninstall',
       const s = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as { disks: { agent: string; disk: string; state: string; points: number }[] };
       const d = s.disks.find((x) => x.agent === agentId && x.disk === 'data');
       return d?.state === 'continuous' && d.points > 0;
-    }, 120_000, 'initial replication and a first recovery point');
+    }, LONG, 'initial replication and a first recovery point');
     const size = fs.statSync(img).size;
     t.equal(sha256(path.join(server.info.dataDir, 'replicas', agentId, 'data', 'replica.img'), size), sha256(loop, size), 'replica == disk');
     // a second enable of a missing device fails its preflight with a code, nothing assigned
@@ -145,7 +151,7 @@ t.test('push install over SSH, enable, initial replication, upgrade, uninstall',
     const dbBytes = Buffer.concat(['config.db', 'config.db-wal'].map((f) => { try { return fs.readFileSync(path.join(server.info.dataDir, f)); } catch { return Buffer.alloc(0); } }));
     t.notOk(dbBytes.includes(Buffer.from(keyText.split('\n')[1])), 'the stored key is not in the database in clear');
     const r = await cli(['push-install', ...conn, '--host', `127.0.0.1:${sshd.port}`, '--host', '127.0.0.1:1', '--account', 'lab',
-      '--bundle', bundle, '--prefix', prefix, '--json', '--timeout', '60s']);
+      '--bundle', bundle, '--prefix', prefix, '--json', '--timeout', '180s']);
     t.equal(r.code, 1, 'one host failed: exit 1');
     t.notOk(r.stderr.includes(keyText.split('\n')[1]), 'the key is not printed');
     const res = (JSON.parse(r.stdout) as { results: { host: string; ok: boolean; agentId?: string; code?: string }[] }).results;
@@ -159,17 +165,17 @@ t.test('push install over SSH, enable, initial replication, upgrade, uninstall',
       const s = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as { disks: { agent: string; disk: string; state: string; connected: boolean }[] };
       const d = s.disks.find((x) => x.agent === agentId && x.disk === 'data');
       return d?.state === 'continuous' && d.connected;
-    }, 120_000, 'protection resumed after the upgrade');
+    }, LONG, 'protection resumed after the upgrade');
     const gen2 = JSON.parse(fs.readFileSync(path.join(server.info.dataDir, 'replicas', agentId, 'data', 'state.json'), 'utf8')) as { generation: string };
     t.equal(gen2.generation, gen.generation, 'the replica was kept (no new initial replication)');
     t.notOk(fs.existsSync(path.join(prefix, 'opt/mobility.new')) || fs.existsSync(path.join(prefix, 'opt/mobility.old')), 'no staging leftovers');
   });
 
   await t.test('disable, then uninstall leaves nothing behind', async (t) => {
-    const d = await cli(['disable', ...conn, '--machine', agentId, '--disk', 'data']);
+    const d = await cli(['disable', ...conn, '--machine', agentId, '--disk', 'data', '--yes']);
     t.equal(d.code, 0, d.stderr);
     t.notOk(fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId)), 'replica removed');
-    await waitFor(() => !fs.existsSync(`/sys/kernel/tracing/instances/mobility-${agentId}`), 30_000, 'the trace instance to go');
+    await waitFor(() => traceInstancesOf(agentId).length === 0, LONG, 'the trace instance to go');
     const pidFile = path.join(prefix, 'var/lib/mobility/agent.pid');
     const pid = Number(fs.readFileSync(pidFile, 'utf8'));
     const u = await run('bash', [path.join(prefix, 'opt/mobility/uninstall.sh'), '--prefix', prefix]);
@@ -183,15 +189,17 @@ t.test('push install over SSH, enable, initial replication, upgrade, uninstall',
 });
 
 t.test('push failures have stable codes and do not stop other hosts', async (t) => {
-  const work = await tmpDir(t, 'mobility-pushfail-');
-  // sshd reads authorized_keys as the logging-in user: a non-root account must reach it
+  const work = await tmpDir(t, 'pushfail-');
+  const c = cleanup(t);
+  // sshd reads authorized_keys as the logging-in user: a non-root account must reach it (the scratch root is 0755)
   await fsp.chmod(work, 0o755);
-  const sshd = await startSshd(path.join(work, 'ssh'));
+  const sshd = await startSshd(path.join(work, 'ssh'), c);
   t.teardown(() => sshd.stop());
   const bundle = path.join(work, 'fake-bundle.tar.gz');
   await fsp.writeFile(bundle, 'not reached');
   const req = { bundle, serverUrl: 'wss://127.0.0.1:1', token: 'abc.def', serverFingerprint: 'AA' };
-  const inst = new SshPushInstaller({ connectTimeoutMs: 5000 });
+  // generous: on a loaded machine a live sshd may answer slowly; the closed port is refused at once anyway
+  const inst = new SshPushInstaller({ connectTimeoutMs: 60_000 });
   const otherKey = path.join(work, 'other_key');
   sh('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', otherKey]);
   const [badKey, closed, hostKey] = await Promise.all([
@@ -208,7 +216,7 @@ t.test('push failures have stable codes and do not stop other hosts', async (t) 
   const small = path.join(work, 'small');
   await fsp.mkdir(small);
   sh('mount', ['-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', small]);
-  t.teardown(() => { try { sh('umount', [small]); } catch { /* gone */ } });
+  c.mount(small);
   const lowDisk = await inst.install({ host: '127.0.0.1', port: sshd.port, user: 'root', keyFile: sshd.userKey }, { ...req, prefix: small });
   t.equal(lowDisk.code, 'MOB_ERR_PUSH_LOW_DISK', lowDisk.message);
   t.equal(lowDisk.step, 'preflight');
@@ -224,9 +232,9 @@ t.test('push failures have stable codes and do not stop other hosts', async (t) 
 
   // a non-root account without sudo
   const user = `mobpush${process.pid % 100000}`;
+  // registered first: removed (userdel -f: an sshd child of the refused login may still hold it) even on a timeout
+  c.user(user);
   sh('useradd', ['-M', '-d', '/nonexistent', '-s', '/bin/sh', user]);
-  // -f: an sshd child of the refused login may still hold the account for a moment
-  t.teardown(() => { try { sh('userdel', ['-f', user]); } catch { /* gone */ } });
   sh('usermod', ['-p', '*', user]);
   const notRoot = await inst.install({ host: '127.0.0.1', port: sshd.port, user, keyFile: sshd.userKey }, req);
   t.equal(notRoot.code, 'MOB_ERR_PUSH_NOT_ROOT', notRoot.message);

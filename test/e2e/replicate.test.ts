@@ -5,9 +5,9 @@
 import t from 'tap';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { spawnServer, stopServer } from '../../src/server/spawn.js';
+import { stopServer } from '../../src/server/spawn.js';
 import { churnImage, sha256File, writeSampleImage } from '../../src/util/sample-image.js';
-import { replicateArgs, runCli, tmpDir } from '../helpers.js';
+import { replicateArgs, runCli, startServer, tmpDir } from '../helpers.js';
 
 const SIZE = 48 * 1024 * 1024;
 const BLOCKS = SIZE / 65536;
@@ -16,8 +16,7 @@ t.test('initial, incremental, lost map, corrupted replica, verify', async (t) =>
   const dir = await tmpDir(t);
   const img = path.join(dir, 'disk.img');
   const { kinds } = await writeSampleImage(img, SIZE, 11);
-  const srv = await spawnServer(path.join(dir, 'srv'));
-  t.teardown(() => stopServer(srv));
+  const srv = await startServer(t, path.join(dir, 'srv'));
   const st = await fsp.stat(srv.info.tokenFile);
   t.equal(st.mode & 0o777, 0o600, 'token file is mode 0600');
   t.equal((await fsp.stat(path.join(dir, 'srv', 'tls', 'ca.key'))).mode & 0o777, 0o600, 'CA key is mode 0600');
@@ -73,8 +72,7 @@ t.test('initial, incremental, lost map, corrupted replica, verify', async (t) =>
   const fh = await fsp.open(replica, 'r+');
   await fh.write(Buffer.alloc(10000, 0x5a), 0, 10000, 3 * 1024 * 1024 + 100);
   await fh.close();
-  const srv2 = await spawnServer(path.join(dir, 'srv'));
-  t.teardown(() => stopServer(srv2));
+  const srv2 = await startServer(t, path.join(dir, 'srv'));
   const vargs = ['verify', '--server', srv2.info.url, '--token-file', srv2.info.tokenFile, '--ca', srv2.info.caFile!, '--disk', `${img}=d0`, '--state-dir', path.join(dir, 'agent'), '--agent-id', 'agent1', '--json'];
   const v1 = await runCli(vargs).done;
   t.equal(v1.code, 6, 'verify exits 6 on differences');
