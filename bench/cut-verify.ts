@@ -3,9 +3,9 @@
  *
  * ext4 on a loop device, a real server and `mobility protect` (no hooks), N crash cuts idle
  * and N under fio load (4 KiB random buffered writes, fsync every 64, rate-limited). For each
- * cut the agent reports frozenMs (the whole freeze), sampleReadMs (reading and digesting the
- * sample: 64 random pages + up to 64 written pages) and sampleWaitMs (how long the freeze
- * waited for the sample after the remainder had shipped: the freeze time verification adds).
+ * cut the agent reports frozenMs (the whole freeze) and sampleWaitMs (reading and digesting the
+ * sample inside the freeze: 64 random pages + up to 64 written pages, synchronous reads; this
+ * is the freeze time verification adds).
  * Peer measured in the same run: a bare `fsfreeze -f; fsfreeze -u` of the same filesystem
  * (the least any freeze can cost here).
  *

@@ -27,7 +27,7 @@ import { loadAgentConfig, loadCredentials, type AgentConfig, type Credentials } 
 import { collectInventory, readMachineId } from './inventory.js';
 import type { CutKind, Protector, ProtectEvent } from './protector.js';
 import { runPreflight } from '../install/preflight.js';
-import { TracefsTracker } from '../replication/tracefs-tracker.js';
+import { TracefsTracker, traceInstanceName } from '../replication/tracefs-tracker.js';
 
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 30_000;
@@ -321,7 +321,7 @@ export class AgentDaemon {
     this.status.disks = now;
     if (!a || now.length === 0) {
       try {
-        TracefsTracker.remove(`mobility-${agentId}`, this.cfg.tracefsRoot);
+        TracefsTracker.remove(traceInstanceName(agentId, protectDir), this.cfg.tracefsRoot);
       } catch (err) {
         this.log.warn('cannot remove the trace instance; the next protection reuses it', { error: (err as Error).message });
       }
