@@ -13,13 +13,14 @@
  * Needs root, losetup, mkfs.ext4, e2fsck, fsfreeze and tracefs: a missing one fails the test.
  */
 import t, { type Test } from 'tap';
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import readline from 'node:readline';
-import { CLI_PATH, spawnServer, stopServer } from '../../src/server/spawn.js';
-import { runCli, sleep, tmpDir, waitFor } from '../helpers.js';
+import { CLI_PATH } from '../../src/server/spawn.js';
+import { cleanup, type Cleanup } from '../cleanup.js';
+import { runCli, sleep, startServer, waitFor } from '../helpers.js';
 
 const TRACEFS = '/sys/kernel/tracing';
 const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
@@ -31,8 +32,9 @@ class Agent {
   child: ChildProcess;
   stderr = '';
   exited: Promise<number | null>;
-  constructor(args: string[], env: NodeJS.ProcessEnv = {}) {
-    this.child = spawn(process.execPath, [CLI_PATH, 'protect', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  constructor(c: Cleanup, args: string[], env: NodeJS.ProcessEnv = {}) {
+    // its own process group, killed by the cleanup scope whatever ends the test (a tap timeout too)
+    this.child = c.spawn(process.execPath, [CLI_PATH, 'protect', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
     readline.createInterface({ input: this.child.stdout! }).on('line', (l) => {
       try { this.events.push({ ...(JSON.parse(l) as Ev), at: Date.now() }); } catch { /* not an event */ }
     });
@@ -65,27 +67,24 @@ async function setup(t: Test, sizeMb = 128) {
     try { sh('sh', ['-c', `command -v ${tool}`]); } catch { throw new Error(`${tool} is required for this test`); }
   }
   if (!fs.existsSync(path.join(TRACEFS, 'instances'))) throw new Error('tracefs is required for this test');
-  const dir = await tmpDir(t);
+  const c = cleanup(t);
+  const dir = c.dir('trust-');
   const img = path.join(dir, 'disk.img');
   await fsp.writeFile(img, '');
   await fsp.truncate(img, sizeMb * 1024 * 1024);
   const loop = sh('losetup', ['--find', '--show', img]).trim();
+  c.loop(loop);
   const mnt = path.join(dir, 'mnt');
   await fsp.mkdir(mnt);
   sh('mkfs.ext4', ['-q', '-F', loop]);
   sh('mount', ['-o', 'noatime', loop, mnt]);
+  c.mount(mnt);
   sh('dd', ['if=/dev/urandom', `of=${mnt}/seed`, 'bs=64k', 'count=64', 'status=none']);
   sh('sync', []);
   const agentId = `trust-${process.pid}-${Math.floor(Math.random() * 1e6)}`;
   const instances = () => fs.readdirSync(path.join(TRACEFS, 'instances')).filter((n) => n.startsWith(`mobility-${agentId}-`));
-  t.teardown(() => {
-    try { sh('fsfreeze', ['-u', mnt]); } catch { /* not frozen */ }
-    try { sh('umount', ['-l', mnt]); } catch { /* gone */ }
-    try { sh('losetup', ['-d', loop]); } catch { /* gone */ }
-    for (const n of instances()) { try { fs.rmdirSync(path.join(TRACEFS, 'instances', n)); } catch { /* gone */ } }
-  });
-  const server = await spawnServer(path.join(dir, 'srv'));
-  t.teardown(() => stopServer(server));
+  c.traceInstances(agentId);
+  const server = await startServer(t, path.join(dir, 'srv'));
   const sums = path.join(dir, 'sums');
   const hooks = path.join(dir, 'hooks');
   await fsp.mkdir(sums);
@@ -94,8 +93,8 @@ async function setup(t: Test, sizeMb = 128) {
   await fsp.writeFile(path.join(hooks, 'frozen', '10-sums'), `#!/bin/sh\nset -e\ncd '${mnt}'\nfind . -type f ! -name lost+found | sort | xargs -r sha256sum > '${sums}'/$MOBILITY_CUT_ID.tmp\nmv '${sums}'/$MOBILITY_CUT_ID.tmp '${sums}'/$MOBILITY_CUT_ID\n`, { mode: 0o755 });
   const conn = ['--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!];
   const args = (extra: string[] = []) => [...conn, '--disk', `${loop}=d0`, '--agent-id', agentId, '--state-dir', path.join(dir, 'agent'),
-    '--hooks-dir', hooks, '--json-logs', '--crash-interval', '15s', '--app-interval', '60m', ...extra];
-  return { dir, img, loop, mnt, server, sums, agentId, args, conn, instances };
+    '--hooks-dir', hooks, '--json-logs', '--crash-interval', '60m', '--app-interval', '60m', '--freeze-limit', '60s', ...extra];
+  return { c, dir, img, loop, mnt, server, sums, agentId, args, conn, instances };
 }
 
 type Setup = Awaited<ReturnType<typeof setup>>;
@@ -131,7 +130,7 @@ async function materializeAndCheck(t: Test, s: Setup, pointId: string, cutId: st
 
 t.test('tracking switched off under a running agent is noticed, rescanned, and no point misses a write', async (t) => {
   const s = await setup(t);
-  const agent = new Agent(s.args());
+  const agent = new Agent(s.c, s.args());
   t.teardown(() => agent.stop());
   await agent.waitEvent((e) => e.event === 'cut', 120_000, 'the first point');
   const [inst] = s.instances();
@@ -188,7 +187,7 @@ t.test('tracking switched off under a running agent is noticed, rescanned, and n
   fs.writeFileSync(path.join(dir, 'events/block/block_rq_complete/filter'), `${settings[1]}\n`);
   fs.writeFileSync(path.join(dir, 'events/block/block_rq_complete/enable'), '1\n');
   fs.writeFileSync(path.join(dir, 'tracing_on'), '1\n');
-  const again = new Agent(s.args());
+  const again = new Agent(s.c, s.args());
   t.teardown(() => again.stop());
   const st = await again.waitEvent((e) => e.event === 'started', 60_000, 'restart');
   t.match(String((st.scanRequired as Record<string, string>).d0), /removed and recreated while the agent was down/, `a look-alike instance is not trusted: ${JSON.stringify(st.scanRequired)}`);
@@ -208,7 +207,7 @@ t.test('a replica page damaged behind the server is caught by the next cut, resy
   const firstBlock = Number(/^\s*0:\s+0\.\.\s*\d+:\s+(\d+)\.\./m.exec(fiemap)?.[1]);
   t.ok(Number.isInteger(firstBlock) && firstBlock > 0, `seed starts at 4 KiB block ${firstBlock}`);
   const page = firstBlock + 3;
-  const agent = new Agent(s.args(), { MOBILITY_CUT_SAMPLE_INCLUDE: `d0:${page}` });
+  const agent = new Agent(s.c, s.args(), { MOBILITY_CUT_SAMPLE_INCLUDE: `d0:${page}` });
   t.teardown(() => agent.stop());
   const first = await agent.waitEvent((e) => e.event === 'cut', 120_000, 'the first point');
   const replica = path.join(s.server.info.dataDir, 'replicas', s.agentId, 'd0', 'replica.img');
