@@ -158,10 +158,26 @@ export function traceInstancesOf(agentId: string): string[] {
   }
 }
 
-/** Removes the agent's trace instances (rmdir; when refused, the events are disabled and it is retried) and their stale lock files. */
+/** The live process holding an instance's lock (/run/mobility/trace-locks/<name>.lock, "pid starttime"), or null. */
+function instanceOwner(name: string): number | null {
+  try {
+    const m = /^(\d+) (\d+)/.exec(fs.readFileSync(path.join(TRACE_LOCK_DIR, `${name}.lock`), 'utf8'));
+    return m && alive(Number(m[1]), m[2]) ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Removes the agent's trace instances (rmdir; when refused, the events are disabled and it is
+ * retried) and their stale lock files. An instance whose lock is held by a live process is never
+ * touched (it is not ours: our processes are killed first) and is returned as not removed.
+ */
 export function removeTraceInstances(agentId: string): string[] {
   const failed: string[] = [];
   for (const name of traceInstancesOf(agentId)) {
+    const owner = instanceOwner(name);
+    if (owner !== null) { failed.push(`${name} (in use by live process ${owner})`); continue; }
     const dir = path.join(TRACEFS_INSTANCES, name);
     let ok = false;
     for (let i = 0; i < 20 && !ok; i++) {
@@ -196,8 +212,8 @@ function userExists(name: string): boolean {
 interface ReleaseContext {
   /** the test process itself: also kill its remaining descendants (never `spare`) */
   self?: { spare: Set<number> };
-  /** leave the directories (a signal handler in a hurry: the reaper removes them a moment later) */
-  keepDirs?: boolean;
+  /** a signal handler in a hurry (tap's SIGKILL follows within a second): wait less for processes, leave the directories (the reaper finishes) */
+  hurry?: boolean;
 }
 
 /**
@@ -251,7 +267,10 @@ function releaseAll(entries: Resource[], dirs: string[], ctx: ReleaseContext = {
   }
   const killed: number[] = [];
   for (const [pid, start] of victims) if (alive(pid, start)) { kill(pid); killed.push(pid); }
-  if (killed.length) did.push(`SIGKILL ${killed.length} processes (${killed.join(' ')}) [${Date.now() - t0} ms]`);
+  if (killed.length) {
+    did.push(`SIGKILL ${killed.length} processes (${killed.join(' ')}) [${Date.now() - t0} ms]`);
+    trace(`${why} (started)`, did, [], t0); // evidence even if this process is killed before the end
+  }
   // 2. thaw: a process blocked on a frozen filesystem does not die
   const allMounts = mounts();
   const ours = new Map<string, MountInfo>();
@@ -260,7 +279,7 @@ function releaseAll(entries: Resource[], dirs: string[], ctx: ReleaseContext = {
   const byDepth = [...ours.values()].sort((a, b) => b.path.length - a.path.length);
   for (const m of byDepth) if (!/^(tmpfs|proc|sysfs|devtmpfs|tracefs|overlay)$/.test(m.fstype)) run('fsfreeze', ['-u', m.path]);
   // 3. wait for the processes to be gone (zombies hold nothing)
-  const until = Date.now() + 3000;
+  const until = Date.now() + (ctx.hurry ? 600 : 3000);
   for (;;) {
     const left = [...victims].filter(([pid, start]) => alive(pid, start));
     if (!left.length) { if (victims.size) did.push(`all gone [${Date.now() - t0} ms]`); break; }
@@ -273,7 +292,7 @@ function releaseAll(entries: Resource[], dirs: string[], ctx: ReleaseContext = {
     const had = traceInstancesOf(e.agentId);
     const failed = removeTraceInstances(e.agentId);
     for (const n of failed) problems.push(`trace instance ${n}`);
-    const gone = had.filter((n) => !failed.includes(n));
+    const gone = had.filter((n) => !failed.some((f) => f === n || f.startsWith(`${n} `)));
     if (gone.length) did.push(`removed trace instances ${gone.join(' ')} [${Date.now() - t0} ms]`);
   }
   // 5. mounts, deepest first
@@ -295,7 +314,7 @@ function releaseAll(entries: Resource[], dirs: string[], ctx: ReleaseContext = {
     if (run('userdel', ['-f', e.name])) did.push(`deleted user ${e.name} [${Date.now() - t0} ms]`);
     else problems.push(`user ${e.name}`);
   }
-  if (ctx.keepDirs) {
+  if (ctx.hurry) {
     trace(why, did, problems, t0);
     return problems;
   }
@@ -384,7 +403,7 @@ function finishRun(why: string): void {
   dirs.push(state.root);
   const spare = new Set<number>(state.reaperPid ? [state.reaperPid] : []);
   // in a signal handler time is short (tap sends SIGKILL 1 s after its timeout message): the reaper removes the directories
-  const problems = releaseAll(entries, dirs, { self: { spare }, keepDirs: why !== 'exit' }, `test process ${why}`);
+  const problems = releaseAll(entries, dirs, { self: { spare }, hurry: why !== 'exit' }, `test process ${why}`);
   if (problems.length) {
     try { process.stderr.write(`mobility test cleanup: ${problems.join('; ')}\n`); } catch { /* closed */ }
   }

@@ -14,7 +14,7 @@ import { spawnServer, type SpawnedServer } from '../src/server/spawn.js';
 import { DigestMap } from '../src/replication/digest-map.js';
 import { Wal } from '../src/replication/wal.js';
 import { cleanup } from './cleanup.js';
-import { replicateArgs, startServer } from './helpers.js';
+import { replicateArgs, startServer, stopGently } from './helpers.js';
 
 export const SIZE = 64 * 1024 * 1024;
 export const BS = 64 * 1024;
@@ -50,7 +50,8 @@ export async function setup(t: Test, writeImage: (img: string) => Promise<unknow
     async restartServer() {
       srv = await spawnServer(dataDir, { port, timeoutMs: LONG });
       cleanup(t).process(srv.child);
-      t.teardown(() => { if (srv.child.exitCode === null) srv.child.kill('SIGTERM'); });
+      const child = srv.child;
+      t.teardown(() => stopGently(child));
     },
   };
 }

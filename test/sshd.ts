@@ -2,16 +2,30 @@
  * A private sshd on 127.0.0.1 for push-install tests: its own host key, config
  * and authorized_keys, key login only. Needs openssh-server and openssh-client;
  * a missing tool fails the test (never skips).
+ *
+ * The "remote host" gets a private /tmp: sshd runs in its own mount namespace
+ * (unshare -m) where /tmp is `remoteTmp`, a directory of the test's scratch root
+ * (the scratch root itself stays reachable at its usual path). What a push leaves
+ * in the host's /tmp (the upload directory with the bundle and the one-time token)
+ * is then visible to this test only, never to a concurrent run, and is removed with
+ * the scratch root even when the test is killed mid-push. Mounts the remote side
+ * must see have to exist before startSshd (the namespace copies the mount table once).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import os from 'node:os';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { cleanup, type Cleanup } from './cleanup.js';
+import { cleanup, SCRATCH_BASE, type Cleanup } from './cleanup.js';
 
-export interface TestSshd { port: number; userKey: string; hostKeySha256: string; stop(): Promise<void> }
+export interface TestSshd {
+  port: number; userKey: string; hostKeySha256: string;
+  /** the remote sessions' /tmp, as seen from the test */
+  remoteTmp: string;
+  stop(): Promise<void>;
+}
 
 export function findTool(name: string, pkg: string): string {
   for (const d of [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/usr/local/sbin', '/sbin'].filter(Boolean)) {
@@ -54,6 +68,19 @@ export async function startSshd(dir: string, scope: Cleanup = cleanup()): Promis
   const authorized = path.join(dir, 'authorized_keys');
   await fsp.writeFile(authorized, await fsp.readFile(userKey + '.pub'), { mode: 0o644 });
   await fsp.mkdir('/run/sshd', { recursive: true, mode: 0o755 }).catch(() => undefined);
+  const unshare = findTool('unshare', 'util-linux');
+  const remoteTmp = path.join(dir, 'remote-tmp');
+  await fsp.mkdir(remoteTmp, { recursive: true });
+  await fsp.chmod(remoteTmp, 0o1777);
+  // in the namespace: keep the scratch base reachable under the new /tmp, then put remoteTmp over /tmp
+  const tmp = os.tmpdir();
+  const keep = SCRATCH_BASE.startsWith(tmp + '/') ? path.join(remoteTmp, path.relative(tmp, SCRATCH_BASE)) : '';
+  const nsSetup = [
+    'set -e',
+    ...(keep ? [`mkdir -p '${keep}'`, `mount --rbind '${SCRATCH_BASE}' '${keep}'`] : []),
+    `mount --rbind '${remoteTmp}' '${tmp}'`,
+    'exec "$@"',
+  ].join('; ');
   const pub = (await fsp.readFile(hostKey + '.pub', 'utf8')).trim().split(/\s+/)[1];
   const hostKeySha256 = crypto.createHash('sha256').update(Buffer.from(pub, 'base64')).digest('base64').replace(/=+$/, '');
   let lastErr = '';
@@ -68,11 +95,11 @@ export async function startSshd(dir: string, scope: Cleanup = cleanup()): Promis
     ].join('\n'));
     const t = await run(sshd, ['-t', '-f', config]);
     if (t.code !== 0) throw new Error(`sshd -t failed: ${t.stderr}`);
-    const child: ChildProcess = spawn(sshd, ['-D', '-e', '-f', config], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child: ChildProcess = spawn(unshare, ['--mount', '--propagation', 'private', 'sh', '-c', nsSetup, 'sshd-ns', sshd, '-D', '-e', '-f', config], { stdio: ['ignore', 'ignore', 'pipe'] });
     scope.process(child);
     let err = '';
     child.stderr!.on('data', (d: Buffer) => { err += d.toString(); });
-    const deadline = Date.now() + 10_000;
+    const deadline = Date.now() + 60_000; // a safety net, not a speed requirement
     let up = false;
     while (Date.now() < deadline && child.exitCode === null) {
       up = await new Promise<boolean>((r) => {
@@ -84,7 +111,7 @@ export async function startSshd(dir: string, scope: Cleanup = cleanup()): Promis
     }
     if (up && child.exitCode === null) {
       return {
-        port, userKey, hostKeySha256,
+        port, userKey, hostKeySha256, remoteTmp,
         stop: () => new Promise<void>((r) => {
           if (child.exitCode !== null || child.signalCode !== null) return r();
           const k = setTimeout(() => child.kill('SIGKILL'), 30_000);

@@ -114,7 +114,7 @@ t.test('push install over SSH, enable, initial replication, upgrade, uninstall',
     const st = path.join(prefix, 'var/lib/mobility');
     for (const f of ['agent.key', 'agent.pem', 'identity.json']) t.equal(fs.statSync(path.join(st, f)).mode & 0o777, 0o600, `${f} is 0600`);
     t.ok(fs.existsSync(path.join(prefix, 'etc/systemd/system/mobility-agent.service')), 'unit written');
-    t.notOk(fs.readdirSync('/tmp').some((n) => n.startsWith('mobility-push-') && fs.existsSync(path.join('/tmp', n, 'token'))), 'the uploaded token was removed');
+    t.notOk(fs.readdirSync(sshd.remoteTmp).some((n) => n.startsWith('mobility-push-') && fs.existsSync(path.join(sshd.remoteTmp, n, 'token'))), 'the uploaded token was removed');
     const m = await cli(['machines', ...conn, '--json']);
     const machines = (JSON.parse(m.stdout) as { machines: { agentId: string; connected: boolean; inventory: { os: { kernel: string } } | null; registeredWith: string }[] }).machines;
     const me = machines.find((x) => x.agentId === agentId);
@@ -193,6 +193,11 @@ t.test('push failures have stable codes and do not stop other hosts', async (t) 
   const c = cleanup(t);
   // sshd reads authorized_keys as the logging-in user: a non-root account must reach it (the scratch root is 0755)
   await fsp.chmod(work, 0o755);
+  // too little space under the install prefix: a 16 MiB tmpfs, mounted before the sshd so that its sessions see it
+  const small = path.join(work, 'small');
+  await fsp.mkdir(small);
+  sh('mount', ['-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', small]);
+  c.mount(small);
   const sshd = await startSshd(path.join(work, 'ssh'), c);
   t.teardown(() => sshd.stop());
   const bundle = path.join(work, 'fake-bundle.tar.gz');
@@ -212,18 +217,14 @@ t.test('push failures have stable codes and do not stop other hosts', async (t) 
   t.equal(hostKey.code, 'MOB_ERR_PUSH_HOST_KEY', hostKey.message);
   for (const r of [badKey, closed, hostKey]) { t.equal(r.ok, false); t.equal(r.step, 'connect'); }
 
-  // too little space under the install prefix (a 16 MiB tmpfs), and a bundle that is not one
-  const small = path.join(work, 'small');
-  await fsp.mkdir(small);
-  sh('mount', ['-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', small]);
-  c.mount(small);
+  // too little space under the install prefix (the 16 MiB tmpfs), and a bundle that is not one
   const lowDisk = await inst.install({ host: '127.0.0.1', port: sshd.port, user: 'root', keyFile: sshd.userKey }, { ...req, prefix: small });
   t.equal(lowDisk.code, 'MOB_ERR_PUSH_LOW_DISK', lowDisk.message);
   t.equal(lowDisk.step, 'preflight');
   const badBundle = await inst.install({ host: '127.0.0.1', port: sshd.port, user: 'root', keyFile: sshd.userKey }, { ...req, prefix: path.join(work, 'root') });
   t.equal(badBundle.code, 'MOB_ERR_PUSH_INSTALL_FAILED', badBundle.message);
   t.equal(badBundle.step, 'install');
-  t.notOk(fs.readdirSync('/tmp').some((n) => n.startsWith('mobility-push-') && fs.existsSync(path.join('/tmp', n, 'token'))), 'the uploaded token was removed after the failure');
+  t.notOk(fs.readdirSync(sshd.remoteTmp).some((n) => n.startsWith('mobility-push-') && fs.existsSync(path.join(sshd.remoteTmp, n, 'token'))), 'the uploaded token was removed after the failure');
   // what install.sh reports on the host maps to push codes
   t.equal(pushCodeFor('MOB_ERR_PRE_NOT_ROOT'), 'MOB_ERR_PUSH_NOT_ROOT');
   t.equal(pushCodeFor('MOB_ERR_PRE_NODE_VERSION'), 'MOB_ERR_PUSH_OS_UNSUPPORTED');
