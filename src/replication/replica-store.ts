@@ -25,7 +25,7 @@ import { randomUUID } from 'node:crypto';
 import { xxh64 } from '@node-rs/xxhash';
 import { MobilityError, toMobilityError } from '../errors.js';
 import { WAL_CHECKPOINT_BYTES, READ_CHUNK_BYTES } from '../constants.js';
-import { writeFileDurable } from '../util/durable-file.js';
+import { fsyncDir, writeFileDurable } from '../util/durable-file.js';
 import { Wal, type WalRecord } from './wal.js';
 import { isZero, zeroBuffer } from './digest.js';
 import { UNDO_UNIT, UndoJournal, type UndoRecord } from './undo-journal.js';
@@ -61,8 +61,15 @@ export class ReplicaStore {
   bytesWritten = 0;
   undoBytesWritten = 0;
 
+  /** Set while a new replica lives in its temporary sibling directory (not yet published). */
+  private pending: PendingCreation | null = null;
+  private discarded = false;
+  /** Batches applied, and how many of them the last checkpoint covers: close() skips a checkpoint with nothing new. */
+  private appliedBatches = 0;
+  private checkpointedBatches = 0;
+
   private constructor(
-    readonly dir: string,
+    private dirPath: string,
     private state: ReplicaState,
     private readonly replica: fsp.FileHandle,
     private readonly wal: Wal,
@@ -70,6 +77,10 @@ export class ReplicaStore {
     readonly readOnly: boolean,
   ) {}
 
+  /** The replica's directory (its temporary sibling until a new replica is published). */
+  get dir(): string { return this.dirPath; }
+  /** True for a new replica opened with publish: false, until publish() or discard(). */
+  get unpublished(): boolean { return this.pending !== null; }
   get generation(): string { return this.state.generation; }
   get sizeBytes(): number { return this.state.sizeBytes; }
   get initialComplete(): boolean { return this.state.initialComplete; }
@@ -80,19 +91,27 @@ export class ReplicaStore {
   /**
    * Opens (creating if needed) the replica of a disk and replays its WAL.
    * Throws MOB_ERR_DISK_SIZE_CHANGED when the source is smaller than the replica,
-   * MOB_ERR_STATE_CORRUPT when state.json is unreadable.
+   * MOB_ERR_STATE_CORRUPT when state.json is unreadable or a replica.img holding data has
+   * no state.json, MOB_ERR_DISK_TOO_LARGE when the filesystem cannot hold a file of that size,
+   * MOB_ERR_UNKNOWN_DISK for a read-only open of a disk without a replica (nothing is created).
+   *
+   * A new replica is created atomically: in a temporary sibling directory, with state.json
+   * written durably, then renamed into place (and the parent fsynced), so a failure or a crash
+   * never leaves a half-created replica behind its disk id. With `publish: false` the rename
+   * is left to the caller (publish(), or discard() to drop it), so a session refused after
+   * some of its disks were opened creates nothing.
    */
-  static async open(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { readOnly?: boolean; epoch?: string | null } = {}): Promise<{ store: ReplicaStore; created: boolean }> {
-    if (!opts.readOnly) await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+  static async open(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { readOnly?: boolean; epoch?: string | null; publish?: boolean } = {}): Promise<{ store: ReplicaStore; created: boolean }> {
     const stateFile = path.join(dir, 'state.json');
     let state: ReplicaState | null = null;
     try {
       state = JSON.parse(await fsp.readFile(stateFile, 'utf8')) as ReplicaState;
-      if (state.version !== 1 || typeof state.generation !== 'string' || typeof state.sizeBytes !== 'number') {
+      if (state === null || typeof state !== 'object' || state.version !== 1 || typeof state.generation !== 'string' || typeof state.sizeBytes !== 'number') {
         throw new Error('unsupported state version');
       }
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code !== 'ENOENT' && code !== 'ENOTDIR') {
         throw new MobilityError('MOB_ERR_STATE_CORRUPT', `replica state ${stateFile} is unreadable: ${(err as Error).message}`);
       }
       state = null;
@@ -100,25 +119,31 @@ export class ReplicaStore {
     if (state === null && opts.readOnly) {
       throw new MobilityError('MOB_ERR_UNKNOWN_DISK', `disk ${diskId} of agent ${agentId} has no replica on this server`);
     }
-    if (state === null && (await fsp.stat(path.join(dir, 'replica.img')).then(() => true, () => false))) {
-      throw new MobilityError('MOB_ERR_STATE_CORRUPT', `replica ${path.join(dir, 'replica.img')} exists without its state.json; refusing to overwrite it (restore state.json or remove the directory)`);
-    }
-    const created = state === null;
-    const now = new Date().toISOString();
-    if (!state) {
-      state = {
-        version: 1, agentId, diskId, sizeBytes, generation: randomUUID(), initialComplete: false,
-        lastDurableSeq: 0, passes: 0, createdAt: now, updatedAt: now, lastPass: null,
-      };
-    } else if (sizeBytes < state.sizeBytes && !opts.readOnly) {
+    if (state === null) return ReplicaStore.create(dir, agentId, diskId, sizeBytes, opts);
+    if (sizeBytes < state.sizeBytes && !opts.readOnly) {
       throw new MobilityError('MOB_ERR_DISK_SIZE_CHANGED', `source disk ${diskId} is ${sizeBytes} bytes but its replica is ${state.sizeBytes}; shrinking a protected disk is not supported (remove the replica directory on the server to start over)`);
     }
-    const replica = await fsp.open(path.join(dir, 'replica.img'), created ? 'w+' : 'r+', 0o600);
-    const wal = await Wal.open(path.join(dir, 'wal.log'));
+    if (!opts.readOnly && !swept.has(path.dirname(dir))) await sweepStale(path.dirname(dir));
+    let replica: fsp.FileHandle;
+    try {
+      replica = await fsp.open(path.join(dir, 'replica.img'), 'r+');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+        throw new MobilityError('MOB_ERR_STATE_CORRUPT', `replica ${path.join(dir, 'replica.img')} is missing although its state.json exists (restore it, or remove the directory to start over)`);
+      }
+      throw toMobilityError(err, 'MOB_ERR_STORAGE');
+    }
+    let wal: Wal;
+    try {
+      wal = await Wal.open(path.join(dir, 'wal.log'));
+    } catch (err) {
+      await replica.close().catch(() => undefined);
+      throw toMobilityError(err, 'MOB_ERR_STORAGE');
+    }
     const store = new ReplicaStore(dir, state, replica, wal, opts.readOnly ?? false);
     try {
-      if (!opts.readOnly && (created || sizeBytes > state.sizeBytes)) {
-        await replica.truncate(sizeBytes); // sparse: holes read as zeros
+      if (!opts.readOnly && sizeBytes > state.sizeBytes) {
+        await growFile(replica, sizeBytes); // sparse: holes read as zeros
         state.sizeBytes = sizeBytes;
         await replica.sync();
         await store.saveState();
@@ -129,7 +154,88 @@ export class ReplicaStore {
       await store.closeHandles();
       throw err;
     }
-    return { store, created };
+    return { store, created: false };
+  }
+
+  /** Creates a new replica in a temporary sibling directory; publishes it unless told not to. */
+  private static async create(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { epoch?: string | null; publish?: boolean }): Promise<{ store: ReplicaStore; created: boolean }> {
+    const parent = path.dirname(dir);
+    const base = path.basename(dir);
+    const leftover = await inspectLeftover(dir);
+    const made = await fsp.mkdir(parent, { recursive: true, mode: 0o700 });
+    await sweepStale(parent);
+    const tmp = path.join(parent, `.${base}~new-${process.pid}-${randomUUID().slice(0, 8)}`);
+    liveTemps.add(tmp);
+    let replica: fsp.FileHandle | null = null;
+    let wal: Wal | null = null;
+    try {
+      // recursive: recreates the parent should a refused session of the same agent remove it meanwhile
+      await fsp.mkdir(tmp, { recursive: true, mode: 0o700 });
+      replica = await fsp.open(path.join(tmp, 'replica.img'), 'wx+', 0o600);
+      wal = await Wal.open(path.join(tmp, 'wal.log'));
+      await growFile(replica, sizeBytes); // sparse: holes read as zeros
+      await replica.sync();
+      const now = new Date().toISOString();
+      const state: ReplicaState = {
+        version: 1, agentId, diskId, sizeBytes, generation: randomUUID(), initialComplete: false,
+        lastDurableSeq: 0, passes: 0, createdAt: now, updatedAt: now, lastPass: null,
+      };
+      const store = new ReplicaStore(tmp, state, replica, wal, false);
+      await store.saveState();
+      store.pending = { target: dir, leftover, madeParents: made ?? null, epoch: opts.epoch ?? null };
+      if (opts.publish !== false) await store.publish();
+      return { store, created: true };
+    } catch (err) {
+      await replica?.close().catch(() => undefined);
+      await wal?.close().catch(() => undefined);
+      await fsp.rm(tmp, { recursive: true, force: true }).catch(() => undefined);
+      liveTemps.delete(tmp);
+      await removeEmptyParents(parent, made ?? null);
+      throw toMobilityError(err, 'MOB_ERR_STORAGE');
+    }
+  }
+
+  /**
+   * Moves a new replica from its temporary directory into place (replacing a leftover directory
+   * that holds no data), fsyncs the parent, then starts the undo epoch if a point names the disk.
+   */
+  async publish(): Promise<void> {
+    const p = this.pending;
+    if (!p) return;
+    const parent = path.dirname(p.target);
+    let aside: string | null = null;
+    if (p.leftover) {
+      aside = path.join(parent, `.${path.basename(p.target)}~old-${process.pid}-${randomUUID().slice(0, 8)}`);
+      liveTemps.add(aside);
+      await fsp.rename(p.target, aside);
+    }
+    try {
+      await fsp.rename(this.dirPath, p.target);
+    } catch (err) {
+      if (aside) await fsp.rename(aside, p.target).then(() => liveTemps.delete(aside!), () => undefined);
+      throw err;
+    }
+    await fsyncDir(parent);
+    liveTemps.delete(this.dirPath);
+    this.dirPath = p.target;
+    this.pending = null;
+    if (aside) {
+      await fsp.rm(aside, { recursive: true, force: true }).catch(() => undefined);
+      liveTemps.delete(aside);
+    }
+    if (p.epoch) await this.setEpoch(p.epoch);
+  }
+
+  /** Drops a new replica that was never published: nothing of it remains. No-op otherwise. */
+  async discard(): Promise<void> {
+    const p = this.pending;
+    if (!p || this.discarded) return;
+    this.discarded = true;
+    await this.closeHandles();
+    await fsp.rm(this.dirPath, { recursive: true, force: true }).catch(() => undefined);
+    liveTemps.delete(this.dirPath);
+    this.pending = null;
+    await removeEmptyParents(path.dirname(p.target), p.madeParents);
   }
 
   /** The recovery point whose undo epoch is current (null before the first point). */
@@ -322,6 +428,7 @@ export class ReplicaStore {
           this.queue = [];
           break;
         }
+        this.appliedBatches++;
         for (const op of ops) if (this.overlay.get(op.offset) === op.data) this.overlay.delete(op.offset);
         if (maxSeq > this.state.lastDurableSeq) this.state.lastDurableSeq = maxSeq;
         for (const p of batch) p.resolve();
@@ -345,9 +452,11 @@ export class ReplicaStore {
 
   /** Syncs the replica, empties the WAL and records the durable sequence. */
   async checkpoint(): Promise<void> {
+    const applied = this.appliedBatches;
     await this.replica.datasync();
     if (this.wal.bytes > 0) await this.wal.truncate(0);
     await this.saveState();
+    this.checkpointedBatches = applied;
   }
 
   /** xxh64 of each page in [firstPage, firstPage+count) of the replica, 8 bytes LE each. */
@@ -393,8 +502,126 @@ export class ReplicaStore {
 
   /** Waits for queued writes, checkpoints (best effort when failed) and closes. */
   async close(): Promise<void> {
+    // a new replica nobody published is dropped, never left half-created
+    if (this.pending || this.discarded) return this.discard();
     await this.whenApplied();
-    if (!this.failed && !this.readOnly) await this.checkpoint().catch(() => undefined);
+    // nothing applied since the last checkpoint (e.g. a verify or a refused session): nothing to sync
+    if (!this.failed && !this.readOnly && this.appliedBatches !== this.checkpointedBatches) await this.checkpoint().catch(() => undefined);
     await this.closeHandles();
+  }
+}
+
+interface PendingCreation {
+  /** Final directory of the replica. */
+  target: string;
+  /** The final directory exists and holds no data (no state.json, empty or all-hole files): replaced on publish. */
+  leftover: boolean;
+  /** First directory mkdir created on the way to the parent (removed again, if empty, on discard). */
+  madeParents: string | null;
+  epoch: string | null;
+}
+
+/** Temporary directories this process is using (never swept). */
+const liveTemps = new Set<string>();
+/** Parent directories swept since this process started (stale siblings come from earlier processes). */
+const swept = new Set<string>();
+/** Temporary siblings: `.<disk>~new-<pid>-<rand>` (being created), `.<disk>~old-<pid>-<rand>` (leftover set aside). `~` is never part of an id. */
+const TEMP_NAME = /^\..+~(?:new|old)-(\d+)-[0-9a-f]+$/;
+/** writeFileDurable's temporary file: never renamed over state.json, so never a state. */
+const STATE_TMP = /^state\.json\.tmp-\d+$/;
+/** Up to this size a leftover replica.img is read to check that it holds only zeros. */
+const LEFTOVER_READ_MAX = 64 * 1024 * 1024;
+
+function pidAlive(pid: number): boolean {
+  if (pid === process.pid) return true;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Removes temporary siblings left by a crash (their owner is gone, or is this process and no longer uses them). */
+async function sweepStale(parent: string): Promise<void> {
+  swept.add(parent);
+  let names: string[];
+  try {
+    names = await fsp.readdir(parent);
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    const m = TEMP_NAME.exec(n);
+    if (!m) continue;
+    const full = path.join(parent, n);
+    const pid = Number(m[1]);
+    if (liveTemps.has(full) || (pid !== process.pid && pidAlive(pid))) continue;
+    await fsp.rm(full, { recursive: true, force: true }).catch(() => undefined);
+  }
+}
+
+/** Removes `dir` and its parents up to `made` (the first directory a recursive mkdir created), while they are empty. */
+async function removeEmptyParents(dir: string, made: string | null): Promise<void> {
+  if (!made) return;
+  for (let d = dir; ; d = path.dirname(d)) {
+    try {
+      await fsp.rmdir(d);
+    } catch {
+      return; // not empty (another disk or session uses it) or already gone
+    }
+    if (d === made || path.dirname(d) === d || !d.startsWith(made)) return;
+  }
+}
+
+/**
+ * A replica directory without state.json: false when it does not exist; true when it holds nothing
+ * but an empty or all-zero (all-hole) replica.img, an empty wal.log and unrenamed state temp files
+ * (what a creation interrupted before its state.json leaves), which is then treated as new.
+ * Anything else, in particular a replica.img with data, is refused with MOB_ERR_STATE_CORRUPT.
+ */
+async function inspectLeftover(dir: string): Promise<boolean> {
+  let names: string[];
+  try {
+    names = await fsp.readdir(dir);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return false;
+    if (code === 'ENOTDIR') throw new MobilityError('MOB_ERR_STATE_CORRUPT', `${dir} is not a directory; refusing to replace it (remove it to start over)`);
+    throw toMobilityError(err, 'MOB_ERR_STORAGE');
+  }
+  const refuse = (why: string) => new MobilityError('MOB_ERR_STATE_CORRUPT',
+    `replica directory ${dir} has no state.json but ${why}; refusing to overwrite it (restore state.json or remove the directory)`);
+  for (const n of names) {
+    const full = path.join(dir, n);
+    const st = await fsp.lstat(full);
+    if (n === 'replica.img' && st.isFile()) {
+      if (st.size === 0) continue;
+      if (st.size > LEFTOVER_READ_MAX) {
+        if (st.blocks === 0) continue; // nothing allocated: all holes
+        throw refuse(`its replica.img exists with data`);
+      }
+      if (!isZero(await fsp.readFile(full))) throw refuse(`its replica.img exists with data`);
+    } else if (n === 'wal.log' && st.isFile()) {
+      if (st.size !== 0) throw refuse('its wal.log is not empty');
+    } else if (STATE_TMP.test(n) && st.isFile()) {
+      continue;
+    } else {
+      throw refuse(`it holds ${JSON.stringify(n)}`);
+    }
+  }
+  return true;
+}
+
+/** ftruncate up to `size`; a size above the filesystem's file size limit is MOB_ERR_DISK_TOO_LARGE. */
+async function growFile(fh: fsp.FileHandle, size: number): Promise<void> {
+  try {
+    await fh.truncate(size);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EFBIG' || code === 'EINVAL') {
+      throw new MobilityError('MOB_ERR_DISK_TOO_LARGE', `the replica store's filesystem cannot hold a file of ${size} bytes (${code})`, { cause: err });
+    }
+    throw toMobilityError(err, 'MOB_ERR_STORAGE');
   }
 }

@@ -23,6 +23,7 @@ import { decodeMessage, encodeMessage, errorMessage, Encoding, type Data, type D
 import { decodeBlock } from '../replication/block-codec.js';
 import { digest, digestEquals, zeroBuffer } from '../replication/digest.js';
 import { ReplicaStore, type WriteOp } from '../replication/replica-store.js';
+import { checkReplicaFits } from '../replication/file-size-limit.js';
 import { PointCatalog, type PointKind, type RecoveryPoint } from '../replication/recovery-points.js';
 import type { Cut, Health } from '../transport/frame-codec.js';
 import { handleApi } from './api.js';
@@ -344,8 +345,11 @@ export class ProcessServer {
     }
   }
 
-  /** Opens a disk's replica for a session, or throws MOB_ERR_DISK_BUSY. */
-  async acquireDisk(session: Session, agentId: string, diskId: string, sizeBytes: number, readOnly = false): Promise<{ store: ReplicaStore; created: boolean; key: string }> {
+  /**
+   * Opens a disk's replica for a session, or throws MOB_ERR_DISK_BUSY. With publish false a new
+   * replica stays unpublished (store.publish() / store.discard(), see ReplicaStore.open).
+   */
+  async acquireDisk(session: Session, agentId: string, diskId: string, sizeBytes: number, readOnly = false, publish = true): Promise<{ store: ReplicaStore; created: boolean; key: string }> {
     const key = `${agentId}/${diskId}`;
     const held = this.diskLocks.get(key);
     if (held instanceof Promise) await held;
@@ -359,7 +363,7 @@ export class ProcessServer {
         const orphans = await cat.removeOrphans(diskId, dir);
         if (orphans.length) this.log.info('removed undo files no recovery point names', { agent: agentId, disk: diskId, files: orphans });
       }
-      const { store, created } = await ReplicaStore.open(dir, agentId, diskId, sizeBytes, { readOnly, epoch: cat.latestFor(diskId)?.id ?? null });
+      const { store, created } = await ReplicaStore.open(dir, agentId, diskId, sizeBytes, { readOnly, publish, epoch: cat.latestFor(diskId)?.id ?? null });
       return { store, created, key };
     } catch (err) {
       this.diskLocks.delete(key);
@@ -497,6 +501,8 @@ class Session {
         return;
       }
       case 'cut':
+        // the point's time becomes a Date: beyond ±8.64e15 ms there is none (found by the fuzz test)
+        if (frame.cut.takenAtMs > 8.64e15) throw new MobilityError('MOB_ERR_CUT', `cut time ${frame.cut.takenAtMs} ms is not a representable date`);
         await this.onCut(frame.cut);
         return;
       case 'health':
@@ -553,21 +559,33 @@ class Session {
     if (h.purpose === 'reprotect') return this.onReprotectHello(h, fo);
     if (h.purpose) throw new MobilityError('MOB_ERR_HANDSHAKE', `unknown session purpose ${JSON.stringify(h.purpose)}`);
     if (fo) throw new MobilityError('MOB_ERR_FAILED_OVER', `agent ${h.agentId} was failed over to ${fo.point} at ${fo.failedOverAt}; replication is stopped until 'mobility reprotect' fails it back`);
+    // a disk the filesystem cannot hold as one file is refused before anything is created
+    if (!h.readOnly) {
+      for (const d of h.disks) {
+        await checkReplicaFits(this.server, this.server.opts.dataDir, this.server.diskDir(h.agentId, d.diskId), d.sizeBytes, `disk ${d.diskId}`);
+      }
+    }
     const states: DiskState[] = [];
+    // new replicas stay in their temporary directories until every disk of the session is open:
+    // a session refused half-way (or whose connection drops) leaves nothing behind
+    const dropUnpublished = async () => { for (const d of this.disks) await d.store.discard(); };
     try {
       for (const d of h.disks) {
-        const { store, created, key } = await this.server.acquireDisk(this, h.agentId, d.diskId, d.sizeBytes, h.readOnly);
+        const { store, created, key } = await this.server.acquireDisk(this, h.agentId, d.diskId, d.sizeBytes, h.readOnly, false);
         this.disks.push({ key, diskId: d.diskId, sizeBytes: d.sizeBytes, blockSize: d.blockSize, pageSize: d.pageSize, store, lastSeq: store.lastDurableSeq });
         states.push({
           diskId: d.diskId, lastDurableSeq: store.lastDurableSeq, generation: store.generation, initialComplete: store.initialComplete,
           sizeBytes: store.sizeBytes, replicaExists: !created,
         });
       }
+      if (this.state !== 'closed') for (const d of this.disks) await d.store.publish();
     } catch (err) {
+      await dropUnpublished();
       this.releaseAll();
-      throw err;
+      throw toMobilityError(err, 'MOB_ERR_STORAGE');
     }
     if (this.state === 'closed') {
+      await dropUnpublished();
       this.releaseAll();
       return;
     }

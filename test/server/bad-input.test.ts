@@ -9,12 +9,13 @@ import path from 'node:path';
 import WebSocket from 'ws';
 import { ProcessServer } from '../../src/server/process-server.js';
 import { createLogger } from '../../src/log.js';
-import { encodeMessage, decodeMessage, Encoding, type FrameBody, type Hello } from '../../src/transport/frame-codec.js';
+import { encodeMessage, decodeMessage, Encoding, type CutDisk, type FrameBody, type Hello } from '../../src/transport/frame-codec.js';
 import { digestBytes } from '../../src/replication/digest.js';
 import { replicate } from '../../src/agent/replicator.js';
 import { sha256File, writeSampleImage } from '../../src/util/sample-image.js';
 import { MAX_FRAME_BYTES, PROTOCOL_VERSION } from '../../src/constants.js';
 import { tmpDir, waitFor } from '../helpers.js';
+import { mountExt4 } from '../mount-helpers.js';
 
 const logger = createLogger({ silent: true });
 const DISK = 1024 * 1024;
@@ -82,7 +83,7 @@ t.test('bad input', async (t) => {
   const busy = await attack([encodeMessage(hello('good'))]);
   t.equal(busy.code, 'MOB_ERR_DISK_BUSY', 'a second session for a disk in use is refused while the first goes on');
 
-  const cases: { name: string; agent: string; msgs: () => (Buffer | string)[]; code: string; afterWelcome?: boolean }[] = [
+  const cases: { name: string; agent: string; msgs: () => (Buffer | string)[]; code: string; afterWelcome?: boolean; acks?: number }[] = [
     { name: 'truncated frame', agent: 'b1', msgs: () => [encodeMessage(hello('b1')), dataFrame().subarray(0, 20)], code: 'MOB_ERR_FRAME_MALFORMED', afterWelcome: true },
     { name: 'malformed protobuf header', agent: 'b2', msgs: () => [Buffer.from([0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])], code: 'MOB_ERR_FRAME_MALFORMED' },
     { name: 'text message', agent: 'b3', msgs: () => ['hello?'], code: 'MOB_ERR_FRAME_MALFORMED' },
@@ -106,17 +107,24 @@ t.test('bad input', async (t) => {
     { name: 'read request outside a reprotect session', agent: 'b21', msgs: () => [encodeMessage(hello('b21')), encodeMessage({ type: 'readRequest', readRequest: { disk: 0, requestId: 1, firstPage: 0, pageCount: 1 } })], code: 'MOB_ERR_UNKNOWN_MESSAGE', afterWelcome: true },
     { name: 'reprotect of an agent that is not failed over', agent: 'b22', msgs: () => [encodeMessage({ type: 'hello', hello: { ...(hello('b22') as { hello: Hello }).hello, purpose: 'reprotect', readOnly: true } })], code: 'MOB_ERR_CONFIG' },
     { name: 'unknown session purpose', agent: 'b23', msgs: () => [encodeMessage({ type: 'hello', hello: { ...(hello('b23') as { hello: Hello }).hello, purpose: 'exfiltrate' } })], code: 'MOB_ERR_HANDSHAKE' },
+    // found by the fuzz test: a cut time no Date can hold was MOB_ERR_INTERNAL ("Invalid time value")
+    {
+      name: 'cut at a time beyond any date', agent: 'b24', acks: 2, afterWelcome: true, code: 'MOB_ERR_CUT',
+      msgs: () => [encodeMessage(hello('b24')), dataFrame({ seq: 1 }), encodeMessage({ type: 'passEnd', passEnd: { disk: 0, seq: 2, kind: 'initial' } }),
+        encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', takenAtMs: Number.MAX_SAFE_INTEGER, frozenMs: 0, note: '', disks: [{ disk: 0, seq: 2, samplePages: [0], sampleDigests: digestBytes(block.subarray(0, 4096)) } as CutDisk] } })],
+    },
   ];
 
   for (const c of cases) {
     const r = await attack(c.msgs(), { afterWelcome: c.afterWelcome });
     t.equal(r.code, c.code, `${c.name}: coded error`);
     t.not(r.closeReason, 'NOT CLOSED', `${c.name}: connection closed`);
-    if (c.code !== 'MOB_ERR_SEQUENCE') t.equal(r.acks, 0, `${c.name}: nothing acknowledged`);
+    if (c.acks !== undefined) t.equal(r.acks, c.acks, `${c.name}: the valid frames before it acknowledged`);
+    else if (c.code !== 'MOB_ERR_SEQUENCE') t.equal(r.acks, 0, `${c.name}: nothing acknowledged`);
     // nothing of the bad frame reached the replica (it is sparse zeros if it exists at all)
     const rep = replicaOf(c.agent);
     const exists = await fsp.stat(rep).then(() => true, () => false);
-    if (exists && c.code !== 'MOB_ERR_SEQUENCE') {
+    if (exists && c.code !== 'MOB_ERR_SEQUENCE' && c.acks === undefined) {
       const content = await fsp.readFile(rep);
       t.ok(content.every((b) => b === 0), `${c.name}: replica holds nothing from the bad frame`);
     }
@@ -149,4 +157,124 @@ t.test('TLS pinning: wrong fingerprint and unknown CA are refused before the tok
   t.equal(await fsp.stat(path.join(dir, 'srv', 'replicas', 'a')).then(() => true, () => false), false, 'no Hello reached the server (no replica created)');
   const [ok] = await replicate({ ...base, pin: server.identity!.fingerprint256.replace(/:/g, '').toLowerCase() });
   t.equal(ok.kind, 'initial', 'the right fingerprint works');
+});
+
+/** Everything below `root` (sorted relative paths). */
+async function tree(root: string): Promise<string[]> {
+  const out: string[] = [];
+  const walk = async (d: string, rel: string) => {
+    for (const e of await fsp.readdir(d, { withFileTypes: true }).catch(() => [])) {
+      out.push(path.join(rel, e.name));
+      if (e.isDirectory()) await walk(path.join(d, e.name), path.join(rel, e.name));
+    }
+  };
+  await walk(root, '');
+  return out.sort();
+}
+
+/** Sends one Hello on a fresh connection; resolves with the Error frame (or 'welcome'). */
+async function helloOnce(url: string, ca: string | undefined, hello: Hello): Promise<{ code: string; message: string; retryable: boolean } | 'welcome'> {
+  const ws = new WebSocket(url, { ca });
+  ws.on('error', () => undefined);
+  await new Promise<void>((resolve, reject) => { ws.once('open', () => resolve()); ws.once('error', reject); });
+  const answer = new Promise<{ code: string; message: string; retryable: boolean } | 'welcome'>((resolve) => {
+    ws.on('message', (d) => {
+      const f = decodeMessage(d as Buffer);
+      if (f.type === 'error') resolve(f.error);
+      if (f.type === 'welcome') resolve('welcome');
+    });
+    ws.on('close', () => resolve({ code: 'CLOSED', message: '', retryable: true }));
+  });
+  ws.send(encodeMessage({ type: 'hello', hello }));
+  const r = await answer;
+  ws.close();
+  await new Promise((res) => { if (ws.readyState === ws.CLOSED) res(undefined); else ws.once('close', res); });
+  return r;
+}
+
+t.test('a disk larger than the filesystem can hold as one file is refused before anything is created', async (t) => {
+  // ext4 with 1 KiB blocks: the largest file is just under 4 TiB (16 TiB - 4 KiB with the usual 4 KiB blocks)
+  const mnt = await mountExt4(t, { sizeMb: 64, blockSize: 1024 });
+  const dataDir = path.join(mnt, 'srv');
+  const server = new ProcessServer({ dataDir, logger });
+  const addr = await server.start();
+  t.teardown(() => server.stop());
+  const url = `wss://127.0.0.1:${addr.port}/v1/replicate`;
+  const ca = server.identity!.ca;
+  const TiB = 1024 ** 4;
+  const hello = (agent: string, disks: { id: string; size: number }[]): Hello => ({
+    protocolVersion: PROTOCOL_VERSION, agentId: agent, token: server.token, agentVersion: 'test',
+    disks: disks.map((d) => ({ diskId: d.id, sizeBytes: d.size, blockSize: BS, pageSize: 4096 })),
+  });
+
+  const before = await tree(dataDir);
+  const r = await helloOnce(url, ca, hello('huge', [{ id: 'd0', size: 20 * TiB }]));
+  t.not(r, 'welcome');
+  if (r === 'welcome') return;
+  t.equal(r.code, 'MOB_ERR_DISK_TOO_LARGE', 'a coded error, not MOB_ERR_INTERNAL');
+  t.equal(r.retryable, false, 'not retryable: retrying cannot help');
+  t.match(r.message, /ext4/, `the message names the filesystem (${r.message})`);
+  const limit = Number(/at most (\d+) bytes/.exec(r.message)?.[1]);
+  t.ok(limit > 0 && limit < 20 * TiB, `the message names the limit (${limit})`);
+  // the limit is the filesystem's: a file of exactly that size fits, 512 bytes more does not
+  const probe = path.join(mnt, 'limit-check');
+  await fsp.writeFile(probe, '');
+  await fsp.truncate(probe, limit);
+  await t.rejects(fsp.truncate(probe, limit + 512), { code: 'EFBIG' }, 'the named limit is exact');
+  await fsp.rm(probe);
+  t.same(await tree(dataDir), before, 'no directory or file was created (no replica, no probe file left)');
+
+  // a session with a good disk and a too-large one creates neither
+  const r2 = await helloOnce(url, ca, hello('huge', [{ id: 'ok', size: DISK }, { id: 'd0', size: 20 * TiB }]));
+  t.equal(r2 === 'welcome' ? 'welcome' : r2.code, 'MOB_ERR_DISK_TOO_LARGE');
+  t.same(await tree(dataDir), before, 'a refused session creates none of its disks');
+
+  // earlier versions left a 0-byte replica.img and wal.log without state.json on EFBIG: that is a new replica
+  const stale = path.join(dataDir, 'replicas', 'huge', 'old');
+  await fsp.mkdir(stale, { recursive: true });
+  await fsp.writeFile(path.join(stale, 'replica.img'), '');
+  await fsp.writeFile(path.join(stale, 'wal.log'), '');
+
+  // the next valid Hello for the same disk id works
+  const img = path.join(mnt, 'src.img');
+  await writeSampleImage(img, DISK, 9);
+  const [ok] = await replicate({
+    serverUrl: url, token: server.token, ca, agentId: 'huge', disks: [{ path: img, id: 'd0' }], stateDir: path.join(mnt, 'agent'), mode: 'auto', logger,
+  });
+  t.equal(ok.kind, 'initial');
+  t.equal(await sha256File(path.join(dataDir, 'replicas', 'huge', 'd0', 'replica.img')), await sha256File(img), 'and replicates');
+  const [old] = await replicate({
+    serverUrl: url, token: server.token, ca, agentId: 'huge', disks: [{ path: img, id: 'old' }], stateDir: path.join(mnt, 'agent'), mode: 'auto', logger,
+  });
+  t.equal(old.kind, 'initial', 'a directory left by a failed creation (no state, no data) is a new replica, not MOB_ERR_STATE_CORRUPT');
+  t.equal(await sha256File(path.join(stale, 'replica.img')), await sha256File(img));
+
+  // a session refused at its second disk (after the first, new one was opened) creates nothing either
+  const beforeMixed = await tree(dataDir);
+  const r4 = await helloOnce(url, ca, hello('huge', [{ id: 'fresh', size: DISK }, { id: 'd0', size: 4096 }]));
+  t.equal(r4 === 'welcome' ? 'welcome' : r4.code, 'MOB_ERR_DISK_SIZE_CHANGED');
+  t.same(await tree(dataDir), beforeMixed, 'the new disk of a session refused at a later disk is not left behind');
+
+  // growing an existing replica beyond the limit is refused the same way, the replica untouched
+  const stateBefore = await fsp.readFile(path.join(dataDir, 'replicas', 'huge', 'd0', 'state.json'), 'utf8');
+  const r3 = await helloOnce(url, ca, hello('huge', [{ id: 'd0', size: 20 * TiB }]));
+  t.equal(r3 === 'welcome' ? 'welcome' : r3.code, 'MOB_ERR_DISK_TOO_LARGE');
+  t.equal(await fsp.readFile(path.join(dataDir, 'replicas', 'huge', 'd0', 'state.json'), 'utf8'), stateBefore, 'existing replica untouched');
+  t.equal((await fsp.stat(path.join(dataDir, 'replicas', 'huge', 'd0', 'replica.img'))).size, DISK);
+});
+
+t.test('verify of a disk without a replica creates nothing', async (t) => {
+  const dir = await tmpDir(t);
+  const dataDir = path.join(dir, 'srv');
+  const server = new ProcessServer({ dataDir, logger });
+  const addr = await server.start();
+  t.teardown(() => server.stop());
+  const img = path.join(dir, 'd.img');
+  await writeSampleImage(img, DISK, 4);
+  const before = await tree(dataDir);
+  await t.rejects(replicate({
+    serverUrl: `wss://127.0.0.1:${addr.port}/v1/replicate`, token: server.token, ca: server.identity!.ca, agentId: 'v', disks: [{ path: img, id: 'nope' }],
+    stateDir: path.join(dir, 'agent'), mode: 'verify', logger,
+  }), { code: 'MOB_ERR_UNKNOWN_DISK' });
+  t.same(await tree(dataDir), before, 'no replica directory (nor agent directory) was created');
 });
