@@ -99,7 +99,8 @@ export async function collectStatus(server: ProcessServer): Promise<DiskStatus[]
   for (const agent of await agents(server)) {
     const cat = await server.catalog(agent);
     const fo = await readFailoverState(server, agent);
-    const dirs = (await fsp.readdir(server.agentDir(agent), { withFileTypes: true })).filter((d) => d.isDirectory());
+    // disk ids only: a replica being created lives in a temporary sibling until it is published
+    const dirs = (await fsp.readdir(server.agentDir(agent), { withFileTypes: true })).filter((d) => d.isDirectory() && ID_PATTERN.test(d.name) && !d.name.startsWith('.'));
     for (const dd of dirs) {
       let st: { sizeBytes: number; initialComplete: boolean };
       try {

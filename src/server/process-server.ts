@@ -25,7 +25,7 @@ import { digest, digestEquals, zeroBuffer } from '../replication/digest.js';
 import { ReplicaStore, type WriteOp } from '../replication/replica-store.js';
 import { checkReplicaFits } from '../replication/file-size-limit.js';
 import { PointCatalog, type PointKind, type RecoveryPoint } from '../replication/recovery-points.js';
-import type { Cut, Health } from '../transport/frame-codec.js';
+import type { Cut, CutMismatch, Health } from '../transport/frame-codec.js';
 import { handleApi } from './api.js';
 import { PromotedImage, readFailoverState, type FailoverState } from './failover.js';
 import { writeFileDurable } from '../util/durable-file.js';
@@ -93,6 +93,29 @@ interface SessionDisk {
   lastSeq: number;
 }
 
+/** One disk of a cut, as recordCut needs it: its store, the cut's sequence and the source's samples. */
+export interface CutStore { index: number; diskId: string; store: ReplicaStore; seq: number; pageSize: number; samplePages: number[]; sampleDigests: Uint8Array }
+export interface CutOutcome { pointId: string | null; mismatches: CutMismatch[]; message: string; verifiedPages: number }
+
+/** Compares the source's sampled page digests with the replica's pages; returns the differences. */
+async function verifySamples(s: CutStore): Promise<CutMismatch[]> {
+  const out: CutMismatch[] = [];
+  const src = Buffer.from(s.sampleDigests.buffer, s.sampleDigests.byteOffset, s.sampleDigests.byteLength);
+  for (const [i, page] of s.samplePages.entries()) {
+    const have = (await s.store.pageDigests(page, 1, s.pageSize)).readBigUInt64LE(0);
+    const want = src.readBigUInt64LE(8 * i);
+    if (have !== want) out.push({ disk: s.index, page, replicaDigest: have, sourceDigest: want });
+  }
+  return out;
+}
+
+function hex64(v: bigint): string {
+  return v.toString(16).padStart(16, '0');
+}
+
+/** Pages a cut may sample per disk (the agent sends far fewer). */
+const MAX_CUT_SAMPLES = 4096;
+
 const zeroDigests = new Map<number, bigint>();
 function zeroDigest(len: number): bigint {
   let d = zeroDigests.get(len);
@@ -113,7 +136,7 @@ export class ProcessServer {
   readonly log: Logger;
   token = '';
   identity: TlsIdentity | null = null;
-  stats = { sessions: 0, rejected: 0, bytesReceived: 0, points: 0, pruned: 0 };
+  stats = { sessions: 0, rejected: 0, bytesReceived: 0, points: 0, pruned: 0, unverified: 0 };
   private readonly catalogs = new Map<string, Promise<PointCatalog>>();
   private readonly agentLocks = new Map<string, Promise<unknown>>();
   /** agent -> disk -> last health */
@@ -140,6 +163,7 @@ export class ProcessServer {
     this.registry = new Registry({
       dataDir: this.opts.dataDir, db: this.db, log: this.log.child({ component: 'registry' }),
       fingerprint: () => this.identity?.fingerprint256 ?? '', failureLimit: this.opts.registerFailureLimit, challengeLimit: this.opts.registerChallengeLimit,
+      isConnected: (agentId) => this.control.connected(agentId) || [...this.sessions].some((s) => s.certAgent === agentId),
       onReplaced: (agentId) => {
         const e = new MobilityError('MOB_ERR_NOT_REGISTERED', `agent ${agentId} registered again: connections made with its previous certificate are closed`);
         for (const s of this.sessions) if (s.certAgent === agentId) s.fail(e);
@@ -263,30 +287,64 @@ export class ProcessServer {
 
   /**
    * Records a cut as a recovery point: every store has applied (and made durable) what came
-   * before the cut; the catalog is written; then each disk's undo epoch moves to the new
-   * point; then points past retention are pruned.
+   * before the cut; the source's sampled page digests match the replica (the evidence that
+   * the point is right); the catalog is written; then each disk's undo epoch moves to the new
+   * point; then points past retention are pruned. A sample that differs refuses the point
+   * with MOB_ERR_POINT_UNVERIFIED (the mismatches are returned, nothing is recorded).
    */
-  async recordCut(agentId: string, stores: { diskId: string; store: ReplicaStore; seq: number }[], cut: Cut): Promise<string> {
+  async recordCut(agentId: string, stores: CutStore[], cut: Cut): Promise<CutOutcome> {
     return this.withAgentLock(agentId, async () => {
       for (const s of stores) {
         await s.store.whenApplied();
         if (!s.store.initialComplete) throw new MobilityError('MOB_ERR_CUT', `disk ${s.diskId} has not completed its initial replication; a cut cannot be a recovery point yet`);
+      }
+      // nothing after the cut has been submitted yet (the session handles frames in order), so the
+      // replica as it is now is the replica at the cut
+      const mismatches: CutMismatch[] = [];
+      const verification: Record<string, { pages: number }> = {};
+      for (const s of stores) {
+        mismatches.push(...(await verifySamples(s)));
+        verification[s.diskId] = { pages: s.samplePages.length };
+      }
+      if (mismatches.length) {
+        const byDisk = (m: CutMismatch) => stores.find((s) => s.index === m.disk)?.diskId ?? String(m.disk);
+        const first = mismatches[0]!;
+        const message = `sampled verification of cut ${cut.cutId} failed: ${mismatches.length} of ${stores.reduce((n, s) => n + s.samplePages.length, 0)} sampled pages differ `
+          + `(first: disk ${byDisk(first)} page ${first.page} (byte ${first.page * (stores.find((s) => s.index === first.disk)?.pageSize ?? 0)}): `
+          + `replica ${hex64(first.replicaDigest)}, source ${hex64(first.sourceDigest)}); no recovery point was recorded and the disk is resynced`;
+        this.log.warn('recovery point refused', { agent: agentId, cutId: cut.cutId, code: 'MOB_ERR_POINT_UNVERIFIED', error: message, disks: [...new Set(mismatches.map(byDisk))] });
+        this.stats.unverified++;
+        for (const d of new Set(mismatches.map(byDisk))) this.noteDiskEvent(agentId, d, 'resync-required', message);
+        this.notifyCut(agentId, { failed: { code: 'MOB_ERR_POINT_UNVERIFIED', message } });
+        return { pointId: null, mismatches, message, verifiedPages: 0 };
       }
       const cat = await this.catalog(agentId);
       const disks: Record<string, { seq: number; sizeBytes: number }> = {};
       for (const s of stores) disks[s.diskId] = { seq: s.seq, sizeBytes: s.store.sizeBytes };
       const point = await cat.add({
         kind: (cut.kind === 'app' ? 'app' : 'crash') as PointKind, takenAt: new Date(cut.takenAtMs || Date.now()).toISOString(),
-        frozenMs: cut.frozenMs, note: cut.note, cutId: cut.cutId, disks,
+        frozenMs: cut.frozenMs, note: cut.note, cutId: cut.cutId, verification, disks,
       });
       for (const s of stores) await s.store.setEpoch(point.id);
       this.stats.points++;
       const removed = await cat.prune(new Date(Date.now() - this.retentionFor(agentId)), (d) => this.diskDir(agentId, d));
       this.stats.pruned += removed.length;
       if (removed.length) this.log.info('recovery points pruned', { agent: agentId, points: removed.map((p) => p.id) });
-      this.log.info('recovery point recorded', { agent: agentId, point: point.id, kind: point.kind, frozenMs: cut.frozenMs, disks: Object.keys(disks) });
+      const verifiedPages = Object.values(verification).reduce((n, v) => n + v.pages, 0);
+      this.log.info('recovery point recorded', { agent: agentId, point: point.id, kind: point.kind, frozenMs: cut.frozenMs, disks: Object.keys(disks), verifiedPages });
       this.notifyCut(agentId, { point });
-      return point.id;
+      return { pointId: point.id, mismatches: [], message: '', verifiedPages };
+    });
+  }
+
+  /** Marks a disk's health at once (before the agent's next report), e.g. when the server refused a point. */
+  noteDiskEvent(agentId: string, diskId: string, state: string, reason: string): void {
+    let m = this.health.get(agentId);
+    if (!m) this.health.set(agentId, (m = new Map()));
+    const h = m.get(diskId);
+    m.set(diskId, {
+      state, reason, backlogBytes: h?.backlogBytes ?? 0, dataLagMs: h?.dataLagMs ?? 0, churnBytesPerSec: h?.churnBytesPerSec ?? 0,
+      freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? 0, progressPermille: h?.progressPermille ?? 0, receivedAt: Date.now(), connected: h?.connected ?? true,
     });
   }
 
@@ -648,19 +706,39 @@ class Session {
     );
   }
 
-  /** A cut covers everything received before it on this session, for every disk of the session. */
+  /**
+   * A cut covers everything received before it on this session, for every disk of the session,
+   * and carries the source's sampled page digests: the point is recorded only if they match.
+   */
   private async onCut(c: Cut): Promise<void> {
     if (c.kind !== 'crash' && c.kind !== 'app') throw new MobilityError('MOB_ERR_CUT', `unknown cut kind ${JSON.stringify(c.kind)}`);
     const seen = new Set<number>();
+    const stores: CutStore[] = [];
     for (const cd of c.disks) {
       const d = this.disk(cd.disk);
       if (seen.has(cd.disk)) throw new MobilityError('MOB_ERR_CUT', `cut names disk ${d.diskId} twice`);
       seen.add(cd.disk);
       if (cd.seq > d.lastSeq) throw new MobilityError('MOB_ERR_CUT', `cut names sequence ${cd.seq} on disk ${d.diskId}, but only ${d.lastSeq} was received`);
+      const pages = cd.samplePages ?? [];
+      const digests = cd.sampleDigests ?? new Uint8Array(0);
+      if (pages.length === 0) throw new MobilityError('MOB_ERR_CUT', `cut carries no verification samples for disk ${d.diskId}: a point needs evidence`);
+      if (pages.length > MAX_CUT_SAMPLES) throw new MobilityError('MOB_ERR_CUT', `cut carries ${pages.length} samples for disk ${d.diskId} (at most ${MAX_CUT_SAMPLES})`);
+      if (digests.length !== pages.length * 8) throw new MobilityError('MOB_ERR_CUT', `cut carries ${digests.length} digest bytes for ${pages.length} sampled pages of disk ${d.diskId}`);
+      for (const p of pages) {
+        if (!Number.isSafeInteger(p) || p < 0 || p * d.pageSize >= d.sizeBytes) throw new MobilityError('MOB_ERR_OUT_OF_RANGE', `sampled page ${p} lies beyond the ${d.sizeBytes}-byte disk ${d.diskId}`);
+      }
+      stores.push({ index: cd.disk, diskId: d.diskId, store: d.store, seq: d.lastSeq, pageSize: d.pageSize, samplePages: pages, sampleDigests: digests });
     }
     if (seen.size !== this.disks.length) throw new MobilityError('MOB_ERR_CUT', `a cut must cover every disk of the session (${seen.size} of ${this.disks.length})`);
-    const pointId = await this.server.recordCut(this.agentId, c.disks.map((cd) => ({ diskId: this.disks[cd.disk].diskId, store: this.disks[cd.disk].store, seq: this.disks[cd.disk].lastSeq })), c);
-    this.send(encodeMessage({ type: 'cutAck', cutAck: { cutId: c.cutId, pointId } }));
+    const r = await this.server.recordCut(this.agentId, stores, c);
+    if (r.pointId) {
+      this.send(encodeMessage({ type: 'cutAck', cutAck: { cutId: c.cutId, pointId: r.pointId, verifiedPages: r.verifiedPages } }));
+    } else {
+      this.send(encodeMessage({
+        type: 'cutAck',
+        cutAck: { cutId: c.cutId, pointId: '', errorCode: 'MOB_ERR_POINT_UNVERIFIED', errorMessage: r.message, mismatches: r.mismatches.slice(0, 64) },
+      }));
+    }
   }
 
   private disk(i: number): SessionDisk {
