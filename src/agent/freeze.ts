@@ -49,23 +49,59 @@ export function mountsOn(devs: Set<string>, mountinfo = '/proc/self/mountinfo'):
   return [...new Set(out)].sort((a, b) => a.length - b.length);
 }
 
-function run(cmd: string, args: string[], timeoutMs: number, env?: NodeJS.ProcessEnv): Promise<{ code: number | null; out: string; timedOut: boolean }> {
+/** After the timeout's SIGKILL, how long run() waits for the process itself to be reaped before resolving anyway. */
+const KILL_GRACE_MS = 500;
+
+interface RunResult {
+  code: number | null; out: string; timedOut: boolean;
+  /** The process itself had exited (with code) when the timeout fired: something it started still held its output. */
+  exitedBeforeTimeout: boolean;
+}
+
+/**
+ * Runs cmd with a bound: resolves within timeoutMs + KILL_GRACE_MS whatever the process and
+ * its children do. The process runs in its own process group; at the timeout the whole group
+ * is killed and the output pipes are closed on our side, so neither a hung command nor a child
+ * that left the group (setsid, a daemon) holding stdout/stderr can keep the caller waiting.
+ */
+function run(cmd: string, args: string[], timeoutMs: number, env?: NodeJS.ProcessEnv): Promise<RunResult> {
   return new Promise((resolve) => {
-    // its own process group: a timed-out hook is killed with everything it started (a child
-    // holding the output pipes would otherwise keep the freeze waiting past its bound)
     const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: env ?? process.env, detached: true });
     let out = '';
     let timedOut = false;
+    let exited = false;
+    let exitedBeforeTimeout = false;
+    let exitCode: number | null = null;
     let done = false;
-    const finish = (code: number | null, text: string) => { if (!done) { done = true; clearTimeout(t); resolve({ code, out: text, timedOut }); } };
+    let grace: NodeJS.Timeout | undefined;
+    const finish = (code: number | null, text: string) => {
+      if (done) return;
+      done = true;
+      clearTimeout(t);
+      clearTimeout(grace);
+      // whoever still holds the other ends of the pipes no longer keeps anything of ours alive
+      p.stdout.destroy();
+      p.stderr.destroy();
+      resolve({ code, out: text, timedOut, exitedBeforeTimeout });
+    };
     p.stdout.on('data', (d: Buffer) => { if (out.length < 4096) out += d.toString(); });
     p.stderr.on('data', (d: Buffer) => { if (out.length < 4096) out += d.toString(); });
     const t = setTimeout(() => {
       timedOut = true;
-      try { process.kill(-p.pid!, 'SIGKILL'); } catch { p.kill('SIGKILL'); }
+      exitedBeforeTimeout = exited;
+      // the group: the process and whatever it started that stayed in it (a child that left the
+      // group with setsid survives, but its hold on the pipes ends with finish())
+      try { process.kill(-p.pid!, 'SIGKILL'); } catch { if (!exited) p.kill('SIGKILL'); }
+      if (exited) finish(exitCode, out.trim());
+      else grace = setTimeout(() => finish(null, out.trim()), KILL_GRACE_MS);
     }, timeoutMs);
     p.on('error', (err) => finish(-1, err.message));
-    p.on('exit', (code) => { if (timedOut) finish(code, out.trim()); });
+    p.on('exit', (code) => {
+      exited = true;
+      exitCode = code;
+      if (timedOut) finish(code, out.trim());
+      // otherwise 'close' follows once every holder of the pipes is gone, or the timeout does
+    });
     p.on('close', (code) => finish(code, out.trim()));
   });
 }
@@ -118,7 +154,11 @@ export async function runHooks(hooksDir: string | undefined, phase: HookPhase, e
       continue;
     }
     const r = await run(file, [], timeoutMs, { ...process.env, ...env, MOBILITY_PHASE: phase });
-    results.push({ phase, hook: file, ok: r.code === 0, ms: Date.now() - t0, output: r.timedOut ? `timed out after ${timeoutMs} ms` : r.out.slice(0, 1000) });
+    // a hook that exited 0 but left a process holding its output did not finish in time either
+    const output = !r.timedOut ? r.out.slice(0, 1000)
+      : r.exitedBeforeTimeout ? `timed out after ${timeoutMs} ms: the hook exited (${r.code === null ? 'killed' : `exit ${r.code}`}) but a process it started still held its output${r.out ? `; output: ${r.out.slice(0, 900)}` : ''}`
+        : `timed out after ${timeoutMs} ms${r.out ? `; output: ${r.out.slice(0, 900)}` : ''}`;
+    results.push({ phase, hook: file, ok: r.code === 0 && !r.timedOut, ms: Date.now() - t0, output });
   }
   return results;
 }
