@@ -1,6 +1,7 @@
 /** Defaults and bounds, in one place. Every buffer has a bound here. */
-export const PROTOCOL_VERSION = 1;
-export const AGENT_VERSION = '0.1.0';
+/** 2: cuts carry sampled page digests (evidence) and CutAck can refuse a point. */
+export const PROTOCOL_VERSION = 2;
+export const AGENT_VERSION = '0.2.0';
 
 export const KiB = 1024;
 export const MiB = 1024 * KiB;

@@ -158,6 +158,9 @@ export class Protector {
   private trackerProblem: string | null = null;
   /** How long reading the last cut's samples took (all of it inside the freeze). */
   private lastSampleReadMs = 0;
+  private stateDir = '';
+  /** While a cut's sample is out: per disk, the extents drained since it was read. */
+  private sampledSince: { offset: number; length: number }[][] | null = null;
 
   constructor(private readonly o: ProtectOptions) {
     this.bs = o.blockSize ?? DEFAULT_BLOCK_SIZE;
@@ -191,6 +194,7 @@ export class Protector {
   async run(): Promise<void> {
     const o = this.o;
     const stateDir = path.join(o.stateDir, o.agentId);
+    this.stateDir = stateDir;
     await fsp.mkdir(stateDir, { recursive: true, mode: 0o700 });
     try {
       await this.open(stateDir);
@@ -231,15 +235,19 @@ export class Protector {
       const mapFile = path.join(stateDir, `${d.id}.map`);
       let map: DigestMap | null = null;
       let mapProblem: string | null = null;
+      // a refused point's checksum resync that did not finish before the agent stopped: the map
+      // is not to be trusted (it may say the replica holds what it does not)
+      const checksumResync = (await fsp.readFile(checksumMarker(mapFile), 'utf8').catch(() => '')).trim() || null;
       try {
-        map = await DigestMap.load(mapFile);
-        if (!map) mapProblem = 'digest map missing';
+        map = checksumResync ? null : await DigestMap.load(mapFile);
+        if (checksumResync) mapProblem = checksumResync;
+        else if (!map) mapProblem = 'digest map missing';
       } catch (err) {
         mapProblem = toMobilityError(err, 'MOB_ERR_STATE_CORRUPT').message;
       }
       this.disks.push({
         i, id: d.id, path: d.path, src, mapFile, map, mapProblem, state: 'initial-sync', reason: 'starting', scan: null, shipper: null, unlisten: null,
-        scanStarted: 0, progressPermille: 0, churnBytes: 0, churnRate: 0, written: new WrittenPages(), checksumResync: null,
+        scanStarted: 0, progressPermille: 0, churnBytes: 0, churnRate: 0, written: new WrittenPages(), checksumResync,
       });
     }
     const { journal, found, torn } = DirtyJournal.open(stateDir, this.disks.map((d) => ({ id: d.id, sizeBytes: d.src.size, blockSize: this.bs })), (text) => this.tracker.parseText(text));
@@ -307,19 +315,32 @@ export class Protector {
       if (!d) continue;
       d.churnBytes += e.length;
       d.written.add(e.offset, e.length, PAGE_SIZE);
+      // written after a cut's sample was read (an unfrozen writer): those sampled pages are re-read
+      this.sampledSince?.[e.disk]?.push({ offset: e.offset, length: e.length });
     }
     if (ext.length) this.wakeLoop?.();
     const t = Date.now();
     if (t - this.lastCounterCheck >= COUNTER_CHECK_MS) {
       this.lastCounterCheck = t;
       if (!this.checkTracking()) return;
-      const c = this.tracker.counters();
-      if (lossSince(this.journal.counters, c)) {
-        const why = `trace buffer overran (${describeLoss(this.journal.counters, c)}); some writes may be unrecorded`;
-        this.journal.counters = c;
-        this.lossDetected(why);
-      }
+      this.checkLoss();
     }
+  }
+
+  /** Loss counters against the journal's baseline; a loss requires a scan. Returns whether nothing was lost. */
+  private checkLoss(): boolean {
+    let c: LossBaseline;
+    try {
+      c = this.tracker.counters();
+    } catch (err) {
+      this.lossDetected(`the trace instance's loss counters cannot be read: ${(err as Error).message}`);
+      return false;
+    }
+    if (!lossSince(this.journal.counters, c)) return true;
+    const why = `trace buffer overran (${describeLoss(this.journal.counters, c)}); some writes may be unrecorded`;
+    this.journal.counters = c;
+    this.lossDetected(why);
+    return false;
   }
 
   /**
@@ -344,7 +365,12 @@ export class Protector {
       this.log.warn('change tracking was switched off under the agent', { code: 'MOB_ERR_TRACKING_LOST', reason, repaired });
       this.emit({ event: 'tracking-lost', reason, repaired });
     }
-    if (repaired) this.journal.counters = this.tracker.counters();
+    if (repaired) {
+      try { this.journal.counters = this.tracker.counters(); } catch { /* read again at the next check */ }
+      // the identity a restart compares against (a recreated instance has a new inode)
+      void writeFileDurable(path.join(this.stateDir, 'trace-instance'), `${this.tracker.name}\n${this.tracker.identity}\n`, 0o600)
+        .catch((err: Error) => this.log.error('cannot record the trace instance', { error: err.message }));
+    }
     if (first || repaired) this.lossDetected(repaired ? reason : `${reason} (repair failed; retrying every second)`);
     return repaired;
   }
@@ -466,7 +492,8 @@ export class Protector {
     const jd = this.journal.disks[d.i];
     const fresh = () => new DigestMap({ version: 1, diskId: d.id, diskSize: d.src.size, pageSize: PAGE_SIZE, generation: ws.generation });
     const sameReplica = d.map !== null && d.map.header.generation === ws.generation && d.map.header.diskSize === d.src.size && d.map.header.pageSize === PAGE_SIZE;
-    if (d.scan && sameReplica) {
+    // an interrupted scan continues, unless the map it trusts was found wrong since (checksum resync instead)
+    if (d.scan && sameReplica && !(d.checksumResync && d.scan.kind !== 'resync')) {
       d.scan.resume(ws.lastDurableSeq); // an interrupted scan continues where it was
       d.shipper = null;
       return;
@@ -528,10 +555,14 @@ export class Protector {
     d.shipper.resume(pass.lastSeq);
     d.scan = null;
     d.progressPermille = 1000;
+    const resynced = pass.kind === 'resync' && d.checksumResync !== null;
     if (pass.kind === 'resync') d.checksumResync = null;
     d.written.clear();
     await this.persist(true);
-    if (jd.scanRequired) this.setState(d, 'resync-required', jd.scanRequired);
+    // the new map is durable: the marker can go
+    if (resynced) await fsp.rm(checksumMarker(d.mapFile), { force: true });
+    if (d.checksumResync) this.setState(d, 'resync-required', d.checksumResync);
+    else if (jd.scanRequired) this.setState(d, 'resync-required', jd.scanRequired);
     else this.setState(d, 'continuous', 'scan complete');
   }
 
@@ -557,7 +588,7 @@ export class Protector {
         }
         for (const d of this.disks) {
           const jd = this.journal.disks[d.i];
-          if (!d.scan && jd.scanRequired && d.shipper) {
+          if (!d.scan && (jd.scanRequired || d.checksumResync) && d.shipper) {
             await this.quiesce(conn, d);
             if (d.checksumResync) {
               // the replica differs from what the digest map says: compare with the replica itself
@@ -567,7 +598,7 @@ export class Protector {
               d.scan = this.newPass(d, 'incremental');
             }
             d.scan.resume(d.shipper.lastSeq);
-            d.reason = jd.scanRequired;
+            d.reason = d.checksumResync ?? jd.scanRequired ?? 'rescan';
             d.unlisten?.();
             d.unlisten = null;
             d.shipper = null;
@@ -699,6 +730,7 @@ export class Protector {
       const t0 = Date.now();
       if (this.dirtyBlocks() > 0) {
         // a remainder to ship: read the sample meanwhile (frozen = the cut's content already)
+        this.sampledSince = this.disks.map(() => []);
         sampling = Promise.all(this.samplePlan().map(async (p) => ({ pages: p.pages, digests: await digestPagesAsync(p.src, p.pages, PAGE_SIZE) })));
         sampling.then(() => { this.lastSampleReadMs = Date.now() - t0; }, () => undefined);
       }
@@ -717,6 +749,17 @@ export class Protector {
       const t1 = Date.now();
       if (sampling) {
         samples = await sampling;
+        // a writer the freeze does not stop (swap, a raw device user) may have changed sampled
+        // pages after they were read, and the remainder shipped that: read those pages again
+        for (const [i, since] of (this.sampledSince ?? []).entries()) {
+          const s = samples[i]!;
+          const stale = s.pages.map((p, k) => [p, k] as const)
+            .filter(([p]) => since.some((e) => e.offset < (p + 1) * PAGE_SIZE && p * PAGE_SIZE < e.offset + e.length));
+          if (!stale.length) continue;
+          const fresh = digestPages(this.disks[i]!.src, stale.map(([p]) => p), PAGE_SIZE);
+          for (const [j, [, k]] of stale.entries()) fresh.copy(s.digests, 8 * k, 8 * j, 8 * j + 8);
+        }
+        this.sampledSince = null;
       } else {
         samples = this.samplePlan().map((p) => ({ pages: p.pages, digests: digestPages(p.src, p.pages, PAGE_SIZE) }));
         this.lastSampleReadMs = Date.now() - t1;
@@ -731,6 +774,7 @@ export class Protector {
     } catch (err) {
       failure = toMobilityError(err, 'MOB_ERR_FREEZE');
     } finally {
+      this.sampledSince = null;
       if (frozeAt) {
         const failed = await thawAll(mounts);
         frozenMs = Date.now() - frozeAt;
@@ -768,9 +812,12 @@ export class Protector {
   /** Throws MOB_ERR_TRACKING_LOST (after starting the repair and the resync) when the self-check fails. */
   private assertTrackingLive(): void {
     const problem = this.trackerProblem ?? this.tracker.selfCheck();
-    if (!problem) return;
-    this.checkTracking();
-    throw new MobilityError('MOB_ERR_TRACKING_LOST', `change tracking was switched off during the cut (${problem}); no point is recorded until the disks are rescanned`);
+    if (problem) {
+      this.checkTracking();
+      throw new MobilityError('MOB_ERR_TRACKING_LOST', `change tracking was switched off during the cut (${problem}); no point is recorded until the disks are rescanned`);
+    }
+    // events lost since the last check (a buffer overrun) would leave writes out of this point
+    if (!this.checkLoss()) throw new MobilityError('MOB_ERR_TRACKING_LOST', 'trace events were lost before the cut; no point is recorded until the disks are rescanned');
   }
 
   /** The pages each disk samples at this cut (drawn afresh). */
@@ -805,6 +852,7 @@ export class Protector {
    * is removed first, so an agent restart before the resync ends also resyncs by checksum.
    */
   private verificationFailed(a: CutAck): void {
+    const disks: PDisk[] = [];
     for (const i of new Set((a.mismatches ?? []).map((m) => m.disk))) {
       const d = this.disks[i];
       if (!d) continue;
@@ -812,11 +860,21 @@ export class Protector {
       const first = ms[0]!;
       const reason = `sampled verification of cut ${a.cutId} failed: ${ms.length} page(s) of the replica differ from the source `
         + `(page ${first.page}, byte ${first.page * PAGE_SIZE}: replica ${first.replicaDigest.toString(16).padStart(16, '0')}, source ${first.sourceDigest.toString(16).padStart(16, '0')})`;
+      // from here on persist() skips this disk's map
       d.checksumResync = reason;
-      try { fs.rmSync(d.mapFile, { force: true }); } catch (err) { this.log.error('cannot remove the digest map', { disk: d.id, error: (err as Error).message }); }
       this.journal.disks[d.i].scanRequired = reason;
       this.setState(d, 'resync-required', reason);
+      disks.push(d);
     }
+    // durable before anything else: a restart must resync by checksum too. A persist() that had
+    // already taken the old map is awaited first, so it cannot put that map back afterwards.
+    void (async () => {
+      await this.persisting?.catch(() => undefined);
+      for (const d of disks) {
+        await writeFileDurable(checksumMarker(d.mapFile), `${d.checksumResync ?? 'checksum resync required'}\n`, 0o600);
+        await fsp.rm(d.mapFile, { force: true });
+      }
+    })().catch((err: Error) => this.log.error('cannot record the checksum resync', { error: err.message }));
     this.wakeLoop?.();
   }
 
@@ -847,10 +905,20 @@ export class Protector {
   }
 }
 
+/** Marks a disk whose digest map must not be trusted until a checksum resync ends. */
+function checksumMarker(mapFile: string): string {
+  return mapFile.replace(/\.map$/, '.checksum-resync');
+}
+
+/**
+ * Counters that grew mean lost events; counters that went down mean the buffer was reset
+ * (resized or cleared by someone), which also discards recorded events.
+ */
 function lossSince(base: LossBaseline, now: LossBaseline): boolean {
-  return now.overrun > base.overrun || now.dropped > base.dropped || now.lostNotices > base.lostNotices;
+  return now.overrun !== base.overrun || now.dropped !== base.dropped || now.lostNotices > base.lostNotices;
 }
 
 function describeLoss(base: LossBaseline, now: LossBaseline): string {
+  if (now.overrun < base.overrun || now.dropped < base.dropped) return `the trace buffer was reset (loss counters went down from overrun ${base.overrun}, dropped ${base.dropped} to ${now.overrun}, ${now.dropped})`;
   return `overrun +${Math.max(0, now.overrun - base.overrun)}, dropped +${Math.max(0, now.dropped - base.dropped)}, lost notices +${Math.max(0, now.lostNotices - base.lostNotices)}`;
 }

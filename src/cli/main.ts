@@ -411,7 +411,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   if (cmd === 'points') {
     const j = await api(c, 'GET', `/v1/points?agent=${encodeURIComponent(agent)}`);
     const pts = (j.points ?? []) as import('../replication/recovery-points.js').RecoveryPoint[];
-    out(j, () => pts.length ? pts.map((p) => `${p.id}  ${p.takenAt}  ${p.kind.padEnd(5)}  frozen ${p.frozenMs} ms  disks ${Object.keys(p.disks).join(',')}${p.note ? `  (${p.note})` : ''}`).join('\n') + '\n' : `no recovery points for agent ${agent}\n`);
+    out(j, () => pts.length ? pts.map((p) => `${p.id}  ${p.takenAt}  ${p.kind.padEnd(5)}  frozen ${p.frozenMs} ms  disks ${Object.keys(p.disks).join(',')}${p.verification ? `  verified ${Object.values(p.verification).reduce((n, x) => n + x.pages, 0)} pages` : ''}${p.suspect ? `  SUSPECT (${p.suspect.disks.join(',')})` : ''}${p.note ? `  (${p.note})` : ''}`).join('\n') + '\n' : `no recovery points for agent ${agent}\n`);
     return EXIT.OK;
   }
   if (cmd === 'failover') {
@@ -452,9 +452,10 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   }
   const j = await api(c, 'POST', '/v1/test-failover', { agent, point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup) });
   out(j, () => {
-    const r = j as unknown as { point: { id: string; takenAt: string; kind: string }; dir: string; removed: boolean; disks: { diskId: string; image: string; method: string; ms: number; undoRecords: number }[] };
+    const r = j as unknown as { point: { id: string; takenAt: string; kind: string; suspect?: { disks: string[]; reason: string } }; dir: string; removed: boolean; disks: { diskId: string; image: string; method: string; ms: number; undoRecords: number }[] };
     if (r.removed) return `removed the test-failover images of ${r.point.id} (${r.dir})\n`;
-    return `recovery point ${r.point.id} (${r.point.kind}, ${r.point.takenAt}) materialised in ${r.dir}:\n` + r.disks.map((d) => `  ${d.diskId}: ${d.image} (${d.method}, ${d.undoRecords} undo records, ${d.ms} ms)`).join('\n') + '\n';
+    const warn = r.point.suspect ? `WARNING: ${r.point.id} is suspect on ${r.point.suspect.disks.join(', ')}: ${r.point.suspect.reason}; prefer a point recorded after the repair\n` : '';
+    return `${warn}recovery point ${r.point.id} (${r.point.kind}, ${r.point.takenAt}) materialised in ${r.dir}:\n` + r.disks.map((d) => `  ${d.diskId}: ${d.image} (${d.method}, ${d.undoRecords} undo records, ${d.ms} ms)`).join('\n') + '\n';
   });
   return EXIT.OK;
 }

@@ -41,6 +41,12 @@ export interface RecoveryPoint {
    * replica at this point's sequence (absent in points recorded before verification existed).
    */
   verification?: Record<string, { pages: number }>;
+  /**
+   * Set when a later cut's verification found the replica of one of its disks damaged: this
+   * point may hold the damage (undo captured afterwards restores the damaged bytes), whatever its
+   * own verification said. Test failover warns; prefer a point recorded after the repair.
+   */
+  suspect?: { at: string; disks: string[]; reason: string };
   disks: Record<string, { seq: number; sizeBytes: number }>;
 }
 
@@ -97,6 +103,23 @@ export class PointCatalog {
     await writeFileDurable(this.file, JSON.stringify(next, null, 1) + '\n', 0o600);
     this.data = next;
     return point;
+  }
+
+  /** Marks every point holding one of `diskIds` as suspect (durably). Returns how many. */
+  async markSuspect(diskIds: string[], reason: string): Promise<number> {
+    let n = 0;
+    const at = new Date().toISOString();
+    const points = this.data.points.map((p) => {
+      const disks = diskIds.filter((d) => p.disks[d]);
+      if (!disks.length) return p;
+      n++;
+      return { ...p, suspect: { at, disks: [...new Set([...(p.suspect?.disks ?? []), ...disks])], reason } };
+    });
+    if (!n) return 0;
+    const next: CatalogFile = { ...this.data, points };
+    await writeFileDurable(this.file, JSON.stringify(next, null, 1) + '\n', 0o600);
+    this.data = next;
+    return n;
   }
 
   /**

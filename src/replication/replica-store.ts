@@ -445,6 +445,9 @@ export class ReplicaStore {
   }
 
   /** Resolves when every submitted write has been committed and applied. */
+  /** The error that stopped this store (a failed batch or checkpoint), or null. */
+  get failure(): MobilityError | null { return this.failed; }
+
   whenApplied(): Promise<void> {
     if (!this.committing && !this.queue.length) return Promise.resolve();
     return new Promise((r) => this.idleWaiters.push(r));

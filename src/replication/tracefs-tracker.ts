@@ -207,6 +207,8 @@ export class TracefsTracker {
   readonly name: string;
   private readonly byParent: Map<string, Mapped[]>;
   private fd: number | null;
+  /** close() was called (fd is also null between the steps of a repair that failed: retried). */
+  private closed = false;
   private readonly decoder = new StringDecoder('utf8');
   private partial = '';
   private lost = 0;
@@ -329,12 +331,12 @@ export class TracefsTracker {
    * must rescan. Throws MOB_ERR_TRACKER when it cannot.
    */
   repair(): void {
-    if (this.fd === null) throw trackerError(this.name, 'repair() after close()');
+    if (this.closed) throw trackerError(this.name, 'repair() after close()');
     const dir = this.instanceDir;
     const ex = this.expected;
     try {
       const st = fs.statSync(dir, { bigint: true, throwIfNoEntry: false });
-      if (st && st.ino === ex.ino) {
+      if (st && st.ino === ex.ino && this.fd !== null) {
         const ev = path.join(dir, EVENT_DIR);
         writeCtl(path.join(dir, 'options', 'overwrite'), '0');
         if (readBufferKb(dir) !== ex.bufferKb) writeCtl(path.join(dir, 'buffer_size_kb'), String(ex.requestedKb));
@@ -344,8 +346,10 @@ export class TracefsTracker {
         this.expected = { ...ex, bufferKb: readBufferKb(dir) };
         return;
       }
-      try { fs.closeSync(this.fd); } catch { /* already closed */ }
-      this.fd = null;
+      if (this.fd !== null) {
+        try { fs.closeSync(this.fd); } catch { /* already closed */ }
+        this.fd = null;
+      }
       if (st) fs.rmdirSync(dir); // an instance someone else created under our name
       setUpInstance(dir, ex.requestedKb, ex.filter);
       this.expected = { ...ex, bufferKb: readBufferKb(dir), ino: fs.statSync(dir, { bigint: true }).ino };
@@ -445,6 +449,7 @@ export class TracefsTracker {
    * keep = false (default): disable the event and remove the instance.
    */
   close(o?: { keep?: boolean }): void {
+    this.closed = true;
     if (this.fd !== null) {
       try { fs.closeSync(this.fd); } catch { /* already closed */ }
       this.fd = null;

@@ -296,6 +296,8 @@ export class ProcessServer {
     return this.withAgentLock(agentId, async () => {
       for (const s of stores) {
         await s.store.whenApplied();
+        // a batch before the cut that failed (a full disk, say) means the replica is not at the cut
+        if (s.store.failure) throw new MobilityError(s.store.failure.code, `disk ${s.diskId}: the replica store failed before the cut: ${s.store.failure.message}`);
         if (!s.store.initialComplete) throw new MobilityError('MOB_ERR_CUT', `disk ${s.diskId} has not completed its initial replication; a cut cannot be a recovery point yet`);
       }
       // nothing after the cut has been submitted yet (the session handles frames in order), so the
@@ -314,7 +316,11 @@ export class ProcessServer {
           + `replica ${hex64(first.replicaDigest)}, source ${hex64(first.sourceDigest)}); no recovery point was recorded and the disk is resynced`;
         this.log.warn('recovery point refused', { agent: agentId, cutId: cut.cutId, code: 'MOB_ERR_POINT_UNVERIFIED', error: message, disks: [...new Set(mismatches.map(byDisk))] });
         this.stats.unverified++;
-        for (const d of new Set(mismatches.map(byDisk))) this.noteDiskEvent(agentId, d, 'resync-required', message);
+        const damaged = [...new Set(mismatches.map(byDisk))];
+        for (const d of damaged) this.noteDiskEvent(agentId, d, 'resync-required', message);
+        // the damage predates this cut: points already recorded may hold it too
+        const suspect = await (await this.catalog(agentId)).markSuspect(damaged, message);
+        if (suspect) this.log.warn('earlier recovery points marked suspect', { agent: agentId, disks: damaged, points: suspect });
         this.notifyCut(agentId, { failed: { code: 'MOB_ERR_POINT_UNVERIFIED', message } });
         return { pointId: null, mismatches, message, verifiedPages: 0 };
       }

@@ -246,8 +246,11 @@ t.test('a replica page damaged behind the server is caught by the next cut, resy
   t.not(good.pointId, first.pointId);
   await materializeAndCheck(t, s, String(good.pointId), String(good.cutId));
   const pts = await runCli(['points', ...s.conn, '--agent-id', s.agentId, '--json']).done;
-  const rec = (JSON.parse(pts.stdout) as { points: { id: string; verification?: Record<string, { pages: number }> }[] }).points.find((p) => p.id === good.pointId);
+  const all = (JSON.parse(pts.stdout) as { points: { id: string; verification?: Record<string, { pages: number }>; suspect?: { disks: string[] } }[] }).points;
+  const rec = all.find((p) => p.id === good.pointId);
   t.ok(rec?.verification?.d0 && rec.verification.d0.pages > 0, `the catalog records the point's evidence (${JSON.stringify(rec?.verification)})`);
+  t.notOk(rec?.suspect, 'the point recorded after the repair is not suspect');
+  t.same(all.find((p) => p.id === first.pointId)?.suspect?.disks, ['d0'], 'the point recorded before the damage was found is marked suspect (it may hold the damage)');
   await agent.stop();
   await sleep(100);
 });
