@@ -13,6 +13,17 @@
  * never mistaken for the owner. A lock whose owner is gone is stale and taken over.
  * Shell scripts can apply the same rule (uninstall.sh does).
  *
+ * Taking over a stale lock is "check it is stale, unlink it, create ours": not atomic. Two
+ * processes doing it at once could each unlink the other's fresh lock and both end up owners.
+ * So a takeover happens only under a second lock,
+ *
+ *   <lockDir>/<instance>.lock.takeover   "<pid> <starttime>\n", created with O_EXCL
+ *
+ * and only its holder unlinks the main lock (after reading it again: still stale). Creating the
+ * main lock where there is none needs no takeover (O_EXCL decides). The takeover lock is held
+ * for a few system calls; one whose holder died is stale and removed, but only while its
+ * content still names that dead process (read again right before the unlink).
+ *
  * Contract: acquire() is idempotent for the same process; release() removes the file only
  * when this process owns it. Both are synchronous (called around open/close of the tracker).
  */
@@ -66,10 +77,114 @@ export function assertInstanceFree(name: string, action: string, lockDir = DEFAU
   if (o && o.pid !== process.pid) throw busy(name, o, action);
 }
 
+/** How long acquire() waits for another process's takeover of the same stale lock. */
+const TAKEOVER_WAIT_MS = 5000;
+/** An empty or unreadable lock file younger than this is being written by its creator. */
+const WRITING_MS = 2000;
+
+const isLive = (o: LockOwner): boolean => processStartTime(o.pid) === o.startTime;
+const sameOwner = (a: LockOwner | null, b: LockOwner | null): boolean => a !== null && b !== null && a.pid === b.pid && a.startTime === b.startTime;
+
+function takeoverFile(lockDir: string, name: string): string {
+  return path.join(lockDir, `${name}.lock.takeover`);
+}
+
+/** Creates file with content, exclusively: false when it exists. */
+function createExclusive(file: string, content: string): boolean {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'wx', 0o644);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw new MobilityError('MOB_ERR_TRACKER', `cannot create the lock ${file}: ${(err as Error).message}`);
+  }
+  try {
+    fs.writeSync(fd, content);
+  } catch (err) {
+    fs.closeSync(fd);
+    try { fs.unlinkSync(file); } catch { /* gone */ }
+    throw new MobilityError('MOB_ERR_TRACKER', `cannot write the lock ${file}: ${(err as Error).message}`);
+  }
+  fs.closeSync(fd);
+  return true;
+}
+
+/** The file exists, holds no owner, and is young enough to be still being written. */
+function beingWritten(file: string): boolean {
+  const st = fs.statSync(file, { throwIfNoEntry: false });
+  return st !== undefined && Date.now() - st.mtimeMs < WRITING_MS;
+}
+
+/**
+ * Takes the takeover lock, waiting while another live process holds it. False when it is still
+ * held after TAKEOVER_WAIT_MS.
+ */
+function takeTakeover(file: string, mine: string, me: LockOwner): boolean {
+  const deadline = Date.now() + TAKEOVER_WAIT_MS;
+  for (;;) {
+    if (createExclusive(file, mine)) return true;
+    const o = readOwner(file);
+    if (o && sameOwner(o, me)) return true; // ours (a release that failed earlier)
+    if (o && !isLive(o)) {
+      // its holder died inside a takeover: remove it, but only while it still names that process
+      const again = readOwner(file);
+      if (sameOwner(again, o) && !isLive(again!)) {
+        try { fs.unlinkSync(file); } catch { /* someone else removed it */ }
+      }
+      continue;
+    }
+    if (!o && !beingWritten(file)) {
+      // empty or garbage and old: its creator died between create and write
+      const again = readOwner(file);
+      if (again === null && !beingWritten(file)) {
+        try { fs.unlinkSync(file); } catch { /* gone */ }
+      }
+      continue;
+    }
+    if (Date.now() >= deadline) return false;
+    sleepSync(5 + Math.floor(Math.random() * 10));
+  }
+}
+
+function releaseTakeover(file: string, me: LockOwner): void {
+  if (sameOwner(readOwner(file), me)) {
+    try { fs.unlinkSync(file); } catch { /* gone */ }
+  }
+}
+
+/**
+ * Replaces a stale (or dead garbage) lock with ours, under the takeover lock. 'retry' when the
+ * lock changed meanwhile (someone else owns it now, or it is being written): look again.
+ */
+function takeOver(name: string, file: string, lockDir: string, mine: string, me: LockOwner): 'ours' | 'retry' {
+  const tk = takeoverFile(lockDir, name);
+  if (!takeTakeover(tk, mine, me)) {
+    throw new MobilityError('MOB_ERR_TRACKER_BUSY', `cannot lock trace instance ${name}: another process has been taking over its stale lock for over ${TAKEOVER_WAIT_MS / 1000} s (${tk})`);
+  }
+  try {
+    // read again under the takeover lock: only its holder unlinks, so what we see stays until we act
+    const o = readOwner(file);
+    if (o && sameOwner(o, me)) return 'ours';
+    if (o && isLive(o)) throw busy(name, o, 'use');
+    if (!o && beingWritten(file)) return 'retry';
+    try {
+      fs.unlinkSync(file);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new MobilityError('MOB_ERR_TRACKER', `cannot remove the stale lock ${file}: ${(err as Error).message}`);
+    }
+    // a process starting now may create it first (O_EXCL): then it is the owner
+    return createExclusive(file, mine) ? 'ours' : 'retry';
+  } finally {
+    releaseTakeover(tk, me);
+  }
+}
+
 /** Takes the lock for this process, or throws MOB_ERR_TRACKER_BUSY. */
 export function acquireInstanceLock(name: string, lockDir = DEFAULT_LOCK_DIR): void {
-  const me = processStartTime(process.pid);
-  if (me === null) throw new MobilityError('MOB_ERR_TRACKER', 'cannot read /proc/self/stat to lock the trace instance');
+  const startTime = processStartTime(process.pid);
+  if (startTime === null) throw new MobilityError('MOB_ERR_TRACKER', 'cannot read /proc/self/stat to lock the trace instance');
+  const me: LockOwner = { pid: process.pid, startTime };
+  const mine = `${process.pid} ${startTime}\n`;
   try {
     fs.mkdirSync(lockDir, { recursive: true, mode: 0o755 });
   } catch (err) {
@@ -77,37 +192,26 @@ export function acquireInstanceLock(name: string, lockDir = DEFAULT_LOCK_DIR): v
   }
   const file = lockFile(lockDir, name);
   for (let attempt = 0; attempt < 5; attempt++) {
-    try {
-      const fd = fs.openSync(file, 'wx', 0o644);
-      try { fs.writeSync(fd, `${process.pid} ${me}\n`); } finally { fs.closeSync(fd); }
-      return;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
-        throw new MobilityError('MOB_ERR_TRACKER', `cannot create the lock ${file}: ${(err as Error).message}`);
-      }
-    }
+    if (createExclusive(file, mine)) return;
     const o = readOwner(file);
-    if (o && o.pid === process.pid && o.startTime === me) return;
-    if (o && processStartTime(o.pid) === o.startTime) throw busy(name, o, 'use');
-    if (!o) {
+    if (o && sameOwner(o, me)) return;
+    if (o && isLive(o)) throw busy(name, o, 'use');
+    if (!o && beingWritten(file)) {
       // being written right now by another process, or garbage: give a writer a moment
-      const st = fs.statSync(file, { throwIfNoEntry: false });
-      if (st && Date.now() - st.mtimeMs < 2000) { sleepSync(50); continue; }
+      sleepSync(50);
+      continue;
     }
-    // stale: the owner is gone. Remove it only if it is still the same stale file.
-    try {
-      const again = readOwner(file);
-      if (JSON.stringify(again) === JSON.stringify(o)) fs.unlinkSync(file);
-    } catch { /* someone else removed it */ }
+    // stale: the owner is gone
+    if (takeOver(name, file, lockDir, mine, me) === 'ours') return;
   }
   throw new MobilityError('MOB_ERR_TRACKER_BUSY', `cannot lock trace instance ${name}: ${file} keeps changing (another agent is starting)`);
 }
 
-/** Removes the lock if this process holds it. Never throws. */
+/** Removes the lock if this process holds it (same pid and start time). Never throws. */
 export function releaseInstanceLock(name: string, lockDir = DEFAULT_LOCK_DIR): void {
   const file = lockFile(lockDir, name);
   const o = readOwner(file);
-  if (o && o.pid === process.pid) {
+  if (o && o.pid === process.pid && o.startTime === processStartTime(process.pid)) {
     try { fs.unlinkSync(file); } catch { /* gone */ }
   }
 }
