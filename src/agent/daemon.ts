@@ -27,6 +27,7 @@ import { loadAgentConfig, loadCredentials, type AgentConfig, type Credentials } 
 import { collectInventory, readMachineId } from './inventory.js';
 import type { CutKind, Protector, ProtectEvent } from './protector.js';
 import { runPreflight } from '../install/preflight.js';
+import { installIdOf } from '../install/register.js';
 import { TracefsTracker, traceInstanceName } from '../replication/tracefs-tracker.js';
 
 const RECONNECT_MIN_MS = 1000;
@@ -194,7 +195,8 @@ export class AgentDaemon {
         }
       });
       ws.on('open', () => {
-        this.send({ type: 'hello', machineId: this.machineId, hostname: os.hostname(), agentVersion: AGENT_VERSION });
+        // installId: which installation this is (an agent registered before the server recorded it gets it recorded now)
+        this.send({ type: 'hello', machineId: this.machineId, hostname: os.hostname(), agentVersion: AGENT_VERSION, installId: installIdOf(this.cfg.stateDir) });
       });
       ws.on('message', (data, isBinary) => {
         alive = true;

@@ -37,7 +37,7 @@ function statusFor(code: string): number {
     case 'MOB_ERR_PREFLIGHT': return 412;
     case 'MOB_ERR_USAGE': case 'MOB_ERR_CONFIG': case 'MOB_ERR_BAD_DISK_ID': return 400;
     case 'MOB_ERR_UNKNOWN_POINT': case 'MOB_ERR_UNKNOWN_DISK': return 404;
-    case 'MOB_ERR_FAILED_OVER': case 'MOB_ERR_DISK_BUSY': case 'MOB_ERR_NOT_PROTECTING': return 409;
+    case 'MOB_ERR_FAILED_OVER': case 'MOB_ERR_DISK_BUSY': case 'MOB_ERR_NOT_PROTECTING': case 'MOB_ERR_AGENT_EXISTS': return 409;
     // mobility cut: the agent's cut failed, or no point came in time
     case 'MOB_ERR_FREEZE': case 'MOB_ERR_HOOK': case 'MOB_ERR_CUT': case 'MOB_ERR_POINT_UNVERIFIED': case 'MOB_ERR_TRACKING_LOST': return 502;
     case 'MOB_ERR_CUT_TIMEOUT': return 504;

@@ -264,6 +264,15 @@ export class ConfigDb {
     })();
   }
 
+  /**
+   * Records the installation of an agent registered before installations were recorded (its
+   * install_id is null), as its control connection reports it. False when one is recorded already
+   * (it is never replaced here: only a registration changes it).
+   */
+  recordInstallId(id: string, installId: string): boolean {
+    return this.db.prepare('UPDATE agents SET install_id = ? WHERE id = ? AND install_id IS NULL').run(installId, id).changes === 1;
+  }
+
   touchAgent(id: string): void {
     this.db.prepare('UPDATE agents SET last_seen = ? WHERE id = ?').run(now(), id);
   }

@@ -17,6 +17,8 @@ const PREFLIGHT_TIMEOUT_MS = 60_000;
 /** The agent answers a cut request at once (accepted or refused); the cut itself is waited for elsewhere. */
 const CUT_REPLY_TIMEOUT_MS = 30_000;
 const HELLO_TIMEOUT_MS = 10_000;
+/** An installation id as registration accepts it (installIdOf: 16 hex). */
+const INSTALL_ID = /^[0-9a-f]{8,64}$/;
 
 export interface Assignment { diskId: string; device: string }
 export interface AssignmentsMessage { type: 'assignments'; agentId: string; policy: Policy; disks: Assignment[] }
@@ -133,6 +135,12 @@ class ControlSession {
     if (machineId !== row.machineId) {
       this.log.warn('clone refused', { agent: this.agentId, registeredMachine: row.machineId, machineId });
       throw new MobilityError('MOB_ERR_CLONE', `agent ${this.agentId} is registered for machine ${row.machineId}, but this machine's id is ${machineId || '(none)'}: a cloned machine or copied agent state; remove the agent state and register the clone as a new machine`);
+    }
+    // agents registered before installations were recorded: the first hello that names its
+    // installation records it, so that a second installation cannot take the identity over
+    // silently (Registry refuses it while this one is connected)
+    if (row.installId === null && typeof m.installId === 'string' && INSTALL_ID.test(m.installId) && this.hub.db.recordInstallId(this.agentId, m.installId)) {
+      this.log.info('agent installation recorded', { agent: this.agentId, installId: m.installId });
     }
     this.ready = true;
     const prev = this.hub.sessions.get(this.agentId);

@@ -226,10 +226,11 @@ export class Registry {
 
     // a second installation on this machine (another state directory) must not take over the
     // identity of one that is connected and may be protecting disks: its certificate would be
-    // superseded and its protection stopped
+    // superseded and its protection stopped. A request that names no installation (an older
+    // client, a hand-made request) cannot show it is the connected one: refused the same way.
     const current = reRegistered ? this.o.db.getAgent(agentId) : null;
-    if (current?.installId && r.installId && current.installId !== r.installId && !r.replace && this.o.isConnected?.(agentId)) {
-      throw new MobilityError('MOB_ERR_AGENT_EXISTS', `agent ${agentId} is registered for this machine by another installation (${current.installId}), which is connected now: `
+    if (current?.installId && current.installId !== r.installId && !r.replace && this.o.isConnected?.(agentId)) {
+      throw new MobilityError('MOB_ERR_AGENT_EXISTS', `agent ${agentId} is registered for this machine by ${r.installId ? 'another installation' : 'an installation'} (${current.installId}), which is connected now${r.installId ? '' : ', and this request names no installation'}: `
         + 'registering this one would stop its protection. Uninstall or stop the other installation first, or register with --replace to take the identity over.');
     }
 

@@ -230,3 +230,18 @@ t.test('reopening keeps the data and applies no migration again', async (t) => {
   t.ok(db.consumeToken(token.split('.')[0], 'h1'), 'the token survived the reopen, unused');
   t.equal(mode(db.file), 0o600, 'still 0600');
 });
+
+t.test('recordInstallId records an installation only where none is recorded', async (t) => {
+  const db = ConfigDb.open(path.join(await tmpDir(t), 'data'));
+  t.teardown(() => db.close());
+  t.equal(db.registerAgent({ ...agent('old', 'machine-old-0001', 'old'), installId: null }, null, ''), 'ok');
+  t.equal(db.getAgent('old')!.installId, null, 'registered without one');
+  t.equal(db.recordInstallId('old', 'aaaaaaaaaaaaaaaa'), true, 'recorded');
+  t.equal(db.getAgent('old')!.installId, 'aaaaaaaaaaaaaaaa');
+  t.equal(db.recordInstallId('old', 'bbbbbbbbbbbbbbbb'), false, 'a second one is not');
+  t.equal(db.getAgent('old')!.installId, 'aaaaaaaaaaaaaaaa', 'the first stays');
+  t.equal(db.registerAgent({ ...agent('new', 'machine-new-0001', 'new'), installId: 'cccccccccccccccc' }, null, ''), 'ok');
+  t.equal(db.recordInstallId('new', 'dddddddddddddddd'), false, 'nor over one recorded at registration');
+  t.equal(db.getAgent('new')!.installId, 'cccccccccccccccc');
+  t.equal(db.recordInstallId('nobody', 'eeeeeeeeeeeeeeee'), false, 'an unknown agent: nothing');
+});

@@ -19,11 +19,11 @@ import forge from 'node-forge';
 import winston from 'winston';
 import WebSocket from 'ws';
 import { ProcessServer } from '../../src/server/process-server.js';
-import { registerAgent } from '../../src/install/register.js';
+import { installIdOf, registerAgent } from '../../src/install/register.js';
 import { credentialFiles } from '../../src/agent/config.js';
 import { Connection } from '../../src/transport/client.js';
 import { MobilityError } from '../../src/errors.js';
-import { runCli, sleep, tmpDir } from '../helpers.js';
+import { runCli, sleep, stopGently, tmpDir, waitFor } from '../helpers.js';
 
 const LIMIT = 3;
 const PASSPHRASE_FORMAT = /^[a-z2-9]{5}(-[a-z2-9]{5}){5}$/;
@@ -331,9 +331,58 @@ t.test('registration', async (t) => {
     ws1.terminate();
     await connect(await creds(liveDir));
     await t.rejects(register(m, 'passphrase', passphrase, other), { code: 'MOB_ERR_AGENT_EXISTS' }, 'still refused against the re-registered connection');
+    const bare = await http('POST', '/v1/register', { body: { kind: 'passphrase', secret: passphrase, machineId: m.id, hostname: m.name, publicKey, agentId: first.agentId } });
+    t.equal(bare.status, 409, 'a request that names no installation cannot take it over either: HTTP 409');
+    t.equal(bare.json.code, 'MOB_ERR_AGENT_EXISTS');
     const took = await registerAgent({ server: serverUrl, stateDir: other, kind: 'passphrase', secret: passphrase, machineIdFile: m.file, hostname: m.name, replace: true });
     t.equal(took.agentId, first.agentId, '--replace takes the identity over');
     t.equal(await replicationSession({ agentId: first.agentId, ...(await creds(liveDir)) }), 'MOB_ERR_NOT_REGISTERED', 'and the replaced installation\'s certificate stops working');
+  });
+
+  await t.test('an agent registered before installations were recorded: its daemon\'s hello records it, then a second installation is refused', async (t) => {
+    const m = await machine('legacy');
+    // registered as before the server recorded installations: the request names none
+    const keys = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+    const reg = await http('POST', '/v1/register', {
+      body: { kind: 'passphrase', secret: passphrase, machineId: m.id, hostname: m.name, publicKey: keys.publicKey.export({ type: 'spki', format: 'pem' }).toString() },
+    });
+    t.equal(reg.status, 200, `registered (${JSON.stringify(reg.json.code ?? '')})`);
+    const agentId = reg.json.agentId as string;
+    t.equal(server.db.getAgent(agentId)!.installId, null, 'no installation recorded');
+    // its state directory, as mobility register writes it
+    await fsp.mkdir(m.stateDir, { recursive: true, mode: 0o700 });
+    const f = credentialFiles(m.stateDir);
+    await fsp.writeFile(f.key, keys.privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), { mode: 0o600 });
+    await fsp.writeFile(f.cert, reg.json.cert as string, { mode: 0o600 });
+    await fsp.writeFile(f.ca, reg.json.ca as string, { mode: 0o600 });
+    await fsp.writeFile(f.identity, JSON.stringify({ agentId, server: serverUrl, serverFingerprint: reg.json.serverFingerprint, registeredAt: new Date().toISOString() }), { mode: 0o600 });
+    const config = path.join(dir, 'agent-legacy.json');
+    await fsp.writeFile(config, JSON.stringify({ server: serverUrl, stateDir: m.stateDir, machineIdFile: m.file, inventoryIntervalMs: 3_600_000 }));
+
+    // the real agent daemon (nothing assigned: it only holds its control connection)
+    const agent = runCli(['agent', '--config', config, '--json-logs']);
+    t.teardown(() => stopGently(agent.child, 10_000));
+    await waitFor(() => server.control.connected(agentId) || agent.child.exitCode !== null, 60_000, 'the agent\'s control connection');
+    t.ok(server.control.connected(agentId), 'the agent connected');
+    t.equal(server.db.getAgent(agentId)!.installId, installIdOf(m.stateDir), 'its hello recorded its installation');
+    const cert = server.db.getAgent(agentId)!.certFingerprint;
+
+    const other = path.join(dir, 'state-legacy-second-install');
+    await t.rejects(register(m, 'passphrase', passphrase, other), { code: 'MOB_ERR_AGENT_EXISTS' }, 'a second installation is refused while it is connected');
+    t.notOk(await exists(other), 'nothing written for it');
+    const noInstall = await http('POST', '/v1/register', { body: { kind: 'passphrase', secret: passphrase, machineId: m.id, hostname: m.name, publicKey, agentId } });
+    t.equal(noInstall.status, 409, 'a request naming no installation: HTTP 409');
+    t.equal(noInstall.json.code, 'MOB_ERR_AGENT_EXISTS');
+    t.match(noInstall.json.message, /names no installation/);
+    t.equal(server.db.getAgent(agentId)!.certFingerprint, cert, 'the running agent\'s certificate is still the current one');
+    t.ok(server.control.connected(agentId), 'and it is still connected');
+    t.equal(await replicationSession({ agentId, ...(await creds(m.stateDir)) }), 'welcome', 'and its certificate still works');
+
+    await stopGently(agent.child, 30_000);
+    await waitFor(() => !server.control.connected(agentId), 10_000, 'the agent to disconnect');
+    const took = await register(m, 'passphrase', passphrase, other);
+    t.equal(took.agentId, agentId, 'once it is stopped, a new installation takes the identity (a reinstalled machine)');
+    t.equal(server.db.getAgent(agentId)!.installId, installIdOf(other), 'and is recorded as the installation');
   });
 
   await t.test('a copied agent state on another machine is a clone', async (t) => {
