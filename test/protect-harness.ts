@@ -111,7 +111,9 @@ export async function setup(t: Test, sizeMb = 256): Promise<Setup> {
   c.loop(loop);
   const mnt = path.join(dir, 'mnt');
   await fsp.mkdir(mnt);
-  sh('mkfs.ext4', ['-q', '-F', loop]);
+  // no lazy init: ext4lazyinit would keep writing inode tables in the background for a while after the mount,
+  // a trickle of writes whose amount depends on timing (with a tiny trace buffer, an overrun after every resync)
+  sh('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0', loop]);
   // noatime: the checksum hook reads files while the filesystem is frozen
   sh('mount', ['-o', 'noatime', loop, mnt]);
   c.mount(mnt);
