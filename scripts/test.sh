@@ -18,6 +18,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 npm ci --no-audit --no-fund
+rm -rf dist # files of removed tests must not run
 npm run build
 
 # Residue of earlier runs whose test process is dead (killed on a timeout, the machine

@@ -23,7 +23,8 @@ export async function spawnServer(dataDir: string, opts: { port?: number; extraA
   });
   const rl = readline.createInterface({ input: child.stdout! });
   const info = await new Promise<ServerInfo>((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`server did not start: ${err}`)), opts.timeoutMs ?? 30_000);
+    // a server that did not start in time is killed, never left running unseen by the caller
+    const t = setTimeout(() => { child.kill('SIGKILL'); reject(new Error(`server did not start: ${err}`)); }, opts.timeoutMs ?? 30_000);
     rl.once('line', (line) => {
       clearTimeout(t);
       try { resolve(JSON.parse(line) as ServerInfo); } catch { reject(new Error(`unexpected server output: ${line}`)); }
