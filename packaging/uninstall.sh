@@ -227,30 +227,46 @@ stop_agent() {
 # The agent's kernel trace instance (it keeps recording across agent restarts, so
 # stopping the agent leaves it). The agent records its name in
 # protect/<agent id>/trace-instance (mobility-<agent id>-<digest of the state dir>: unique to
-# this installation). An instance locked by a live process (/run/mobility/trace-locks/NAME.lock
-# holds "pid starttime") is in use and is never removed. rmdir alone: the kernel disables it.
+# this installation). Agents before 0.2 named it mobility-<agent id> and recorded nothing: that
+# name is derived from the agent id in identity.json. An instance locked by a live process
+# (/run/mobility/trace-locks/NAME.lock holds "pid starttime") is in use and is never removed.
+# rmdir alone, never enable=0 first: the kernel disables it as it removes it.
 remove_trace_instance() {
-  local f name root dir lock pid start now
+  local f name names=() agent
   for f in "$STATE"/protect/*/trace-instance; do
     [ -f "$f" ] || continue
     name=$(head -n 1 "$f" | tr -cd 'A-Za-z0-9._-')
-    [ -n "$name" ] || continue
-    lock="/run/mobility/trace-locks/$name.lock"
-    if [ -f "$lock" ]; then
-      read -r pid start <"$lock" || true
-      now=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f20)
-      if [ -n "$pid" ] && [ -n "$now" ] && [ "$now" = "$start" ]; then
-        echo "warning: the trace instance $name is in use by process $pid (MOB_ERR_TRACKER_BUSY): left in place" >&2
-        continue
-      fi
+    if [ -n "$name" ]; then names+=("$name"); fi
+  done
+  if [ -f "$STATE/identity.json" ]; then
+    agent=$(sed -n 's/.*"agentId"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$STATE/identity.json" | head -n 1)
+    if [[ "$agent" =~ ^[A-Za-z0-9._-]{1,64}$ ]] && [ "$agent" != . ] && [ "$agent" != .. ]; then names+=("mobility-$agent"); fi
+  fi
+  local seen=' '
+  for name in "${names[@]+"${names[@]}"}"; do
+    case "$seen" in *" $name "*) continue ;; esac
+    seen="$seen$name "
+    remove_one_trace_instance "$name"
+  done
+}
+
+remove_one_trace_instance() {
+  local name=$1 root dir lock pid start now
+  lock="/run/mobility/trace-locks/$name.lock"
+  if [ -f "$lock" ]; then
+    read -r pid start <"$lock" || true
+    now=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f20)
+    if [ -n "$pid" ] && [ -n "$now" ] && [ "$now" = "$start" ]; then
+      echo "warning: the trace instance $name is in use by process $pid (MOB_ERR_TRACKER_BUSY): left in place" >&2
+      return 0
     fi
-    for root in /sys/kernel/tracing /sys/kernel/debug/tracing; do
-      dir="$root/instances/$name"
-      [ -d "$dir" ] || continue
-      if [ "$DRY_RUN" = 1 ]; then echo "would remove the trace instance $dir"; break; fi
-      rmdir "$dir" 2>/dev/null && echo "removed the trace instance $dir" || echo "warning: cannot remove the trace instance $dir" >&2
-      break
-    done
+  fi
+  for root in /sys/kernel/tracing /sys/kernel/debug/tracing; do
+    dir="$root/instances/$name"
+    [ -d "$dir" ] || continue
+    if [ "$DRY_RUN" = 1 ]; then echo "would remove the trace instance $dir"; break; fi
+    rmdir "$dir" 2>/dev/null && echo "removed the trace instance $dir" || echo "warning: cannot remove the trace instance $dir" >&2
+    break
   done
 }
 

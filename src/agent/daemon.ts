@@ -39,6 +39,8 @@ const DEFAULT_INVENTORY_MS = 15 * 60_000;
 /** How long an on-demand cut is asked for again after lost tracking, a reconnect or a protection restart. */
 const DEFAULT_CUT_WAIT_MS = 120_000;
 const MAX_CUT_WAIT_MS = 3_600_000;
+/** In <stateDir>/protect/<agent>/: the name of the agent's trace instance (written by the protector). */
+const TRACE_INSTANCE_FILE = 'trace-instance';
 
 interface Policy { name: string; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number }
 interface Assignments { agentId: string; policy: Policy; disks: { diskId: string; device: string }[] }
@@ -322,12 +324,23 @@ export class AgentDaemon {
     this.applied = k;
     this.status.disks = now;
     if (!a || now.length === 0) {
+      let instanceRemoved = true;
       try {
         TracefsTracker.remove(traceInstanceName(agentId, protectDir), this.cfg.tracefsRoot);
       } catch (err) {
-        this.log.warn('cannot remove the trace instance; the next protection reuses it', { error: (err as Error).message });
+        instanceRemoved = false;
+        this.log.warn('cannot remove the trace instance; the next protection reuses it', { code: toMobilityError(err).code, error: (err as Error).message });
       }
-      if (before.length) await fsp.rm(path.join(protectDir, agentId), { recursive: true, force: true });
+      if (before.length) {
+        const dir = path.join(protectDir, agentId);
+        if (instanceRemoved) {
+          await fsp.rm(dir, { recursive: true, force: true });
+        } else {
+          // the instance is still there: keep the file that names it (uninstall finds it there), drop the rest
+          const entries = await fsp.readdir(dir).catch(() => [] as string[]);
+          for (const e of entries) if (e !== TRACE_INSTANCE_FILE) await fsp.rm(path.join(dir, e), { recursive: true, force: true });
+        }
+      }
       return;
     }
     this.log.info('protecting', { disks: a.disks, policy: a.policy.name });
