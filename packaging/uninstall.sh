@@ -255,7 +255,8 @@ remove_one_trace_instance() {
   lock="/run/mobility/trace-locks/$name.lock"
   if [ -f "$lock" ]; then
     read -r pid start <"$lock" || true
-    now=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f20)
+    # field 22 (start time) of a live process; a zombie (state Z) holds nothing
+    now=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '$1 != "Z" && $1 != "X" { print $20 }')
     if [ -n "$pid" ] && [ -n "$now" ] && [ "$now" = "$start" ]; then
       echo "warning: the trace instance $name is in use by process $pid (MOB_ERR_TRACKER_BUSY): left in place" >&2
       return 0

@@ -35,12 +35,16 @@ export const DEFAULT_LOCK_DIR = '/run/mobility/trace-locks';
 
 export interface LockOwner { pid: number; startTime: string }
 
-/** starttime of a live process (field 22 of /proc/PID/stat), or null when it does not exist. */
+/**
+ * starttime of a live process (field 22 of /proc/PID/stat), or null when it does not exist or
+ * is a zombie (dead, not yet reaped: it holds nothing any more).
+ */
 export function processStartTime(pid: number): string | null {
   try {
     const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
     // comm (field 2) may hold spaces and parentheses: fields after the last ')' are fixed
     const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (rest[0] === 'Z' || rest[0] === 'X') return null; // field 3, the state
     return rest[19] ?? null; // field 22 = index 19 after pid, comm
   } catch {
     return null;

@@ -186,3 +186,26 @@ t.test('the takeover lock: a dead holder\'s is removed, a live holder\'s is wait
   t.equal(fs.readFileSync(lock, 'utf8'), DEAD, 'and so is the stale lock (only the takeover holder removes it)');
   fs.unlinkSync(takeover);
 });
+
+t.test('a zombie owner (dead, not yet reaped) holds nothing: its lock is stale', async (t) => {
+  const lockDir = path.join(await tmpDir(t, 'locks-'), 'trace-locks');
+  fs.mkdirSync(lockDir);
+  // sh starts a short child and execs into sleep, which never reaps it: the child stays a zombie
+  const parent = cleanup(t).spawn('sh', ['-c', 'sleep 0.1 & echo $!; exec sleep 30'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  const zombie = Number(await new Promise<string>((r) => parent.stdout!.once('data', (d: Buffer) => r(d.toString().trim()))));
+  let state = '';
+  for (let i = 0; i < 200 && state !== 'Z'; i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    const stat = fs.readFileSync(`/proc/${zombie}/stat`, 'utf8');
+    state = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0]!;
+  }
+  t.equal(state, 'Z', `process ${zombie} is a zombie`);
+  const stat = fs.readFileSync(`/proc/${zombie}/stat`, 'utf8');
+  const start = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  t.equal(processStartTime(zombie), null, 'a zombie has no start time for the lock');
+  fs.writeFileSync(path.join(lockDir, `${NAME}.lock`), `${zombie} ${start}\n`);
+  t.equal(instanceOwner(NAME, lockDir), null, 'its lock has no live owner');
+  acquireInstanceLock(NAME, lockDir);
+  t.match(fs.readFileSync(path.join(lockDir, `${NAME}.lock`), 'utf8'), new RegExp(`^${process.pid} `), 'and is taken over');
+  releaseInstanceLock(NAME, lockDir);
+});
