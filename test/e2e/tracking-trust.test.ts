@@ -15,12 +15,12 @@
 import t, { type Test } from 'tap';
 import { execFileSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import fsp from 'node:fs/promises';
 import path from 'node:path';
 import readline from 'node:readline';
 import { CLI_PATH } from '../../src/server/spawn.js';
-import { cleanup, type Cleanup } from '../cleanup.js';
-import { runCli, sleep, startServer, waitFor } from '../helpers.js';
+import { type Cleanup } from '../cleanup.js';
+import { runCli, sleep, waitFor } from '../helpers.js';
+import { materializeAndCheck, setup as protectSetup } from '../protect-harness.js';
 
 const TRACEFS = '/sys/kernel/tracing';
 const sh = (cmd: string, args: string[]) => execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
@@ -62,39 +62,13 @@ class Agent {
   }
 }
 
+/** The protect harness's ext4-on-loop setup (cleanup registry, checksum hook), cuts only on request. */
 async function setup(t: Test, sizeMb = 128) {
-  for (const tool of ['losetup', 'mkfs.ext4', 'e2fsck', 'fsfreeze', 'mount']) {
-    try { sh('sh', ['-c', `command -v ${tool}`]); } catch { throw new Error(`${tool} is required for this test`); }
-  }
-  if (!fs.existsSync(path.join(TRACEFS, 'instances'))) throw new Error('tracefs is required for this test');
-  const c = cleanup(t);
-  const dir = c.dir('trust-');
-  const img = path.join(dir, 'disk.img');
-  await fsp.writeFile(img, '');
-  await fsp.truncate(img, sizeMb * 1024 * 1024);
-  const loop = sh('losetup', ['--find', '--show', img]).trim();
-  c.loop(loop);
-  const mnt = path.join(dir, 'mnt');
-  await fsp.mkdir(mnt);
-  sh('mkfs.ext4', ['-q', '-F', loop]);
-  sh('mount', ['-o', 'noatime', loop, mnt]);
-  c.mount(mnt);
-  sh('dd', ['if=/dev/urandom', `of=${mnt}/seed`, 'bs=64k', 'count=64', 'status=none']);
-  sh('sync', []);
-  const agentId = `trust-${process.pid}-${Math.floor(Math.random() * 1e6)}`;
-  const instances = () => fs.readdirSync(path.join(TRACEFS, 'instances')).filter((n) => n.startsWith(`mobility-${agentId}-`));
-  c.traceInstances(agentId);
-  const server = await startServer(t, path.join(dir, 'srv'));
-  const sums = path.join(dir, 'sums');
-  const hooks = path.join(dir, 'hooks');
-  await fsp.mkdir(sums);
-  await fsp.mkdir(path.join(hooks, 'frozen'), { recursive: true });
-  // inside the frozen window: checksums of every file, named by cut id
-  await fsp.writeFile(path.join(hooks, 'frozen', '10-sums'), `#!/bin/sh\nset -e\ncd '${mnt}'\nfind . -type f ! -name lost+found | sort | xargs -r sha256sum > '${sums}'/$MOBILITY_CUT_ID.tmp\nmv '${sums}'/$MOBILITY_CUT_ID.tmp '${sums}'/$MOBILITY_CUT_ID\n`, { mode: 0o755 });
-  const conn = ['--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!];
-  const args = (extra: string[] = []) => [...conn, '--disk', `${loop}=d0`, '--agent-id', agentId, '--state-dir', path.join(dir, 'agent'),
-    '--hooks-dir', hooks, '--json-logs', '--crash-interval', '60m', '--app-interval', '60m', '--freeze-limit', '60s', ...extra];
-  return { c, dir, img, loop, mnt, server, sums, agentId, args, conn, instances };
+  const h = await protectSetup(t, sizeMb);
+  const conn = ['--server', h.server.info.url, '--token-file', h.server.info.tokenFile, '--ca', h.server.info.caFile!];
+  const instances = () => fs.readdirSync(path.join(TRACEFS, 'instances')).filter((n) => n.startsWith(`mobility-${h.agentId}-`));
+  const args = (extra: string[] = []) => h.args(['--crash-interval', '60m', '--app-interval', '60m', ...extra]);
+  return { ...h, conn, instances, args };
 }
 
 type Setup = Awaited<ReturnType<typeof setup>>;
@@ -105,28 +79,6 @@ async function statusOf(s: Setup): Promise<{ state: string; reason: string; poin
   return { state: d?.state ?? '?', reason: d?.reason ?? '', points: d?.points ?? 0 };
 }
 
-async function materializeAndCheck(t: Test, s: Setup, pointId: string, cutId: string): Promise<void> {
-  const r = await runCli(['test-failover', ...s.conn, '--agent-id', s.agentId, '--point', pointId, '--json']).done;
-  t.equal(r.code, 0, `test-failover ${pointId} succeeds: ${r.stderr}`);
-  const image = (JSON.parse(r.stdout) as { disks: { image: string }[] }).disks[0].image;
-  let fsck = 0;
-  try { sh('e2fsck', ['-fn', image]); } catch (err) { fsck = (err as { status: number }).status; }
-  t.equal(fsck, 0, `e2fsck -fn of ${pointId} is clean`);
-  const m = path.join(s.dir, `check-${pointId}`);
-  await fsp.mkdir(m);
-  sh('mount', ['-o', 'ro,loop,noload', image, m]);
-  try {
-    let ok = true;
-    let out = '';
-    try { execFileSync('sha256sum', ['-c', '--quiet', path.join(s.sums, cutId)], { cwd: m, encoding: 'utf8' }); } catch (err) { ok = false; out = String((err as { stdout: string }).stdout); }
-    const want = (await fsp.readFile(path.join(s.sums, cutId), 'utf8')).split('\n').filter(Boolean).length;
-    t.ok(ok, `${pointId}: all ${want} files match the checksums taken inside its frozen window ${out.slice(0, 500)}`);
-  } finally {
-    sh('umount', [m]);
-  }
-  const c = await runCli(['test-failover', ...s.conn, '--agent-id', s.agentId, '--point', pointId, '--cleanup']).done;
-  t.equal(c.code, 0, `cleanup succeeds ${c.stderr}`);
-}
 
 t.test('tracking switched off under a running agent is noticed, rescanned, and no point misses a write', async (t) => {
   const s = await setup(t);
