@@ -178,6 +178,53 @@ export function traceInstanceName(agentId: string, stateDir: string): string {
 /** What open() set up; self-checks compare the live instance against it. */
 interface Expected { filter: string; bufferKb: number; requestedKb: number; ino: bigint }
 
+/** CPU indices of a sysfs list such as "0-3,6". */
+function cpuList(text: string): number[] {
+  const out: number[] = [];
+  for (const part of text.trim().split(',').filter(Boolean)) {
+    const [a, b] = part.split('-').map(Number);
+    for (let c = a!; c <= (b ?? a!); c++) out.push(c);
+  }
+  return out;
+}
+
+/** A cpumask as tracefs prints and parses it: hex, in comma-separated 32-bit groups. */
+function cpuMask(cpus: number[]): string {
+  let v = 0n;
+  for (const c of cpus) v |= 1n << BigInt(c);
+  const groups: string[] = [];
+  do { groups.unshift((v & 0xffffffffn).toString(16)); v >>= 32n; } while (v > 0n);
+  return groups.map((g, i) => (i === 0 ? g : g.padStart(8, '0'))).join(',');
+}
+
+/**
+ * Which CPUs' events the instance records, and whom: every online CPU must be in tracing_cpumask
+ * and no pid filter (set_event_pid, set_event_notrace_pid) may be set, or writes issued there or
+ * by those processes go unrecorded. Returns what differs, or null.
+ */
+function scopeProblem(dir: string): string | null {
+  if (fs.existsSync(path.join(dir, 'tracing_cpumask'))) {
+    const mask = BigInt(`0x${readTrim(path.join(dir, 'tracing_cpumask')).replace(/,/g, '') || '0'}`);
+    const online = cpuList(fs.readFileSync('/sys/devices/system/cpu/online', 'utf8'));
+    const missing = online.filter((c) => !((mask >> BigInt(c)) & 1n));
+    if (missing.length) return `tracing_cpumask leaves out CPU ${missing.join(', ')}`;
+  }
+  for (const f of ['set_event_pid', 'set_event_notrace_pid']) {
+    if (!fs.existsSync(path.join(dir, f))) continue;
+    const v = readTrim(path.join(dir, f));
+    if (v) return `${f} is ${v.split('\n').join(' ')} (events are recorded for some processes only)`;
+  }
+  return null;
+}
+
+/** Every possible CPU, no pid filter (see scopeProblem). */
+function setScope(dir: string): void {
+  writeCtl(path.join(dir, 'tracing_cpumask'), cpuMask(cpuList(fs.readFileSync('/sys/devices/system/cpu/possible', 'utf8'))));
+  for (const f of ['set_event_pid', 'set_event_notrace_pid']) {
+    if (fs.existsSync(path.join(dir, f))) fs.writeFileSync(path.join(dir, f), '');
+  }
+}
+
 /** One instance setup (fresh): buffer, overwrite off, filter, event on, tracing on. */
 function setUpInstance(dir: string, bufferKb: number, filter: string): void {
   const ev = path.join(dir, EVENT_DIR);
@@ -258,7 +305,8 @@ export class TracefsTracker {
         let same = false;
         try {
           same = readTrim(path.join(ev, 'filter')) === filter && readTrim(path.join(ev, 'enable')) === '1'
-            && readTrim(path.join(dir, 'tracing_on')) === '1' && readTrim(path.join(dir, 'options', 'overwrite')) === '0';
+            && readTrim(path.join(dir, 'tracing_on')) === '1' && readTrim(path.join(dir, 'options', 'overwrite')) === '0'
+            && scopeProblem(dir) === null;
         } catch {
           same = false;
         }
@@ -316,6 +364,8 @@ export class TracefsTracker {
         const have = readTrim(path.join(dir, file));
         if (have !== want) return `${file} is ${JSON.stringify(have).slice(1, -1) || '(empty)'}${file.endsWith('filter') ? ` (set: ${want})` : ''}`;
       }
+      const scope = scopeProblem(dir);
+      if (scope) return scope;
       const kb = readBufferKb(dir);
       if (kb !== ex.bufferKb) return `buffer_size_kb is ${kb} (set: ${ex.bufferKb}; resizing discards recorded events)`;
     } catch (err) {
@@ -341,6 +391,7 @@ export class TracefsTracker {
         writeCtl(path.join(dir, 'options', 'overwrite'), '0');
         if (readBufferKb(dir) !== ex.bufferKb) writeCtl(path.join(dir, 'buffer_size_kb'), String(ex.requestedKb));
         writeCtl(path.join(ev, 'filter'), ex.filter);
+        if (scopeProblem(dir)) setScope(dir);
         writeCtl(path.join(ev, 'enable'), '1');
         writeCtl(path.join(dir, 'tracing_on'), '1');
         this.expected = { ...ex, bufferKb: readBufferKb(dir) };

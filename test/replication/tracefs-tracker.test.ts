@@ -207,6 +207,9 @@ t.test('self-check: anything that switches tracking off is named, and repair() m
     ['options/overwrite', '1', /^options\/overwrite is 1$/],
     ['buffer_size_kb', '64', /^buffer_size_kb is \d+ \(set: \d+/],
     ['events/enable', '0', /enable is 0/],
+    // CPU 0 only: on a machine with more than one CPU the others are left out
+    ...(fs.readFileSync('/sys/devices/system/cpu/online', 'utf8').trim() === '0' ? [] : [['tracing_cpumask', '1', /^tracing_cpumask leaves out CPU \d/] as [string, string, RegExp]]),
+    ['set_event_pid', String(process.pid), new RegExp(`^set_event_pid is ${process.pid} `)],
   ];
   for (const [file, value, want] of cases) {
     ctl(file, value);
