@@ -5,17 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_pkgs=()
+. scripts/need-packages.sh
 # native npm modules (lz4, better-sqlite3) build with node-gyp: python3, make, g++;
 # push-install tests create a non-root account (useradd) and run a private sshd
-for pair in sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client rsync:rsync fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs mount:mount sfdisk:fdisk partx:util-linux fsfreeze:util-linux setpriv:util-linux flock:util-linux losetup:mount useradd:passwd tar:tar gzip:gzip python3:python3 make:make g++:g++; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_pkgs+=("${pair#*:}")
-done
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${need_pkgs[@]}"
-fi
+install_missing sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client rsync:rsync fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs mount:mount sfdisk:fdisk partx:util-linux fsfreeze:util-linux setpriv:util-linux flock:util-linux losetup:mount useradd:passwd tar:tar gzip:gzip python3:python3 make:make g++:g++
 
 npm ci --no-audit --no-fund
 rm -rf dist # files of removed tests must not run

@@ -27,7 +27,7 @@ import { loadAgentConfig, loadCredentials, type AgentConfig, type Credentials } 
 import { collectInventory, readMachineId } from './inventory.js';
 import type { CutKind, Protector, ProtectEvent } from './protector.js';
 import { runPreflight } from '../install/preflight.js';
-import { installIdOf } from '../install/register.js';
+import { installIdOf } from '../util/installation.js';
 import { TracefsTracker, traceInstanceName } from '../replication/tracefs-tracker.js';
 
 const RECONNECT_MIN_MS = 1000;

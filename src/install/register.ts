@@ -7,7 +7,6 @@ import crypto from 'node:crypto';
 import fsp from 'node:fs/promises';
 import https from 'node:https';
 import os from 'node:os';
-import path from 'node:path';
 import type { TLSSocket } from 'node:tls';
 import { MobilityError, isErrorCode } from '../errors.js';
 import { normalizeFingerprint } from '../transport/tls.js';
@@ -15,6 +14,7 @@ import { writeFileDurable } from '../util/durable-file.js';
 import { credentialFiles, readIdentity, type Identity } from '../agent/config.js';
 import { readMachineId } from '../agent/inventory.js';
 import { secretKey, serverProof } from '../server/registry.js';
+import { installIdOf } from '../util/installation.js';
 
 export interface RegisterOptions {
   server: string;
@@ -30,10 +30,6 @@ export interface RegisterOptions {
   replace?: boolean;
 }
 
-/** This installation's id: a digest of its state directory (the trace instance name uses the same). */
-export function installIdOf(stateDir: string): string {
-  return crypto.createHash('sha256').update(path.resolve(stateDir)).digest('hex').slice(0, 16);
-}
 
 /**
  * POST over TLS without a CA, returning the JSON and the server certificate's fingerprint.

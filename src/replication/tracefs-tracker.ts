@@ -40,8 +40,8 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { StringDecoder } from 'node:string_decoder';
-import crypto from 'node:crypto';
 import { MobilityError } from '../errors.js';
+import { installIdOf } from '../util/installation.js';
 import { acquireInstanceLock, assertInstanceFree, DEFAULT_LOCK_DIR, releaseInstanceLock } from './instance-lock.js';
 
 export interface TrackedDiskSpec { path: string }
@@ -171,8 +171,7 @@ function coalesce(list: DirtyExtent[]): DirtyExtent[] {
  * never share, disable or remove each other's instance.
  */
 export function traceInstanceName(agentId: string, stateDir: string): string {
-  const h = crypto.createHash('sha256').update(path.resolve(stateDir)).digest('hex').slice(0, 8);
-  return `mobility-${agentId}-${h}`;
+  return `mobility-${agentId}-${installIdOf(stateDir).slice(0, 8)}`;
 }
 
 /** What open() set up; self-checks compare the live instance against it. */
