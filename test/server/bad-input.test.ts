@@ -39,9 +39,10 @@ t.test('bad input', async (t) => {
   });
 
   /** Opens a raw connection, sends the given messages in order, returns the error code the server answered and the close reason. */
-  async function attack(messages: (Buffer | string)[], opts: { afterWelcome?: boolean } = {}): Promise<{ code: string | null; closeReason: string; acks: number }> {
+  async function attack(messages: (Buffer | string)[], opts: { afterWelcome?: boolean } = {}): Promise<{ code: string | null; message: string; closeReason: string; acks: number }> {
     const ws = new WebSocket(url, { ca, maxPayload: 64 * 1024 * 1024 });
     let code: string | null = null;
+    let message = '';
     let acks = 0;
     const closed = new Promise<string>((resolve) => ws.on('close', (_c, r) => resolve(r.toString())));
     ws.on('error', () => undefined);
@@ -50,7 +51,7 @@ t.test('bad input', async (t) => {
     const welcome = new Promise<void>((r) => (welcomed = r));
     ws.on('message', (d) => {
       const f = decodeMessage(d as Buffer);
-      if (f.type === 'error') code = f.error.code;
+      if (f.type === 'error') { code = f.error.code; message = f.error.message; }
       if (f.type === 'welcome') welcomed();
       if (f.type === 'ack') acks++;
     });
@@ -60,7 +61,7 @@ t.test('bad input', async (t) => {
     }
     const closeReason = await Promise.race([closed, new Promise<string>((r) => setTimeout(() => r('NOT CLOSED'), 10_000))]);
     ws.terminate();
-    return { code, closeReason, acks };
+    return { code, message, closeReason, acks };
   }
 
   const block = Buffer.alloc(BS, 0x61);
@@ -83,7 +84,7 @@ t.test('bad input', async (t) => {
   const busy = await attack([encodeMessage(hello('good'))]);
   t.equal(busy.code, 'MOB_ERR_DISK_BUSY', 'a second session for a disk in use is refused while the first goes on');
 
-  const cases: { name: string; agent: string; msgs: () => (Buffer | string)[]; code: string; afterWelcome?: boolean; acks?: number }[] = [
+  const cases: { name: string; agent: string; msgs: () => (Buffer | string)[]; code: string; afterWelcome?: boolean; acks?: number; message?: RegExp }[] = [
     { name: 'truncated frame', agent: 'b1', msgs: () => [encodeMessage(hello('b1')), dataFrame().subarray(0, 20)], code: 'MOB_ERR_FRAME_MALFORMED', afterWelcome: true },
     { name: 'malformed protobuf header', agent: 'b2', msgs: () => [Buffer.from([0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])], code: 'MOB_ERR_FRAME_MALFORMED' },
     { name: 'text message', agent: 'b3', msgs: () => ['hello?'], code: 'MOB_ERR_FRAME_MALFORMED' },
@@ -103,7 +104,27 @@ t.test('bad input', async (t) => {
     { name: 'cut of an unknown kind', agent: 'b17', msgs: () => [encodeMessage(hello('b17')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'weird', disks: [{ disk: 0, seq: 0 }], takenAtMs: 1, frozenMs: 0, note: '' } })], code: 'MOB_ERR_CUT', afterWelcome: true },
     { name: 'cut naming data never received', agent: 'b18', msgs: () => [encodeMessage(hello('b18')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [{ disk: 0, seq: 7 }], takenAtMs: 1, frozenMs: 0, note: '' } })], code: 'MOB_ERR_CUT', afterWelcome: true },
     { name: 'cut missing a disk of the session', agent: 'b19', msgs: () => [encodeMessage(hello('b19')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [], takenAtMs: 1, frozenMs: 0, note: '' } })], code: 'MOB_ERR_CUT', afterWelcome: true },
-    { name: 'cut before the initial replication completed', agent: 'b20', msgs: () => [encodeMessage(hello('b20')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [{ disk: 0, seq: 0 }], takenAtMs: 1, frozenMs: 0, note: '' } })], code: 'MOB_ERR_CUT', afterWelcome: true },
+    {
+      name: 'cut before the initial replication completed', agent: 'b20', code: 'MOB_ERR_CUT', afterWelcome: true, message: /has not completed its initial replication/,
+      msgs: () => [encodeMessage(hello('b20')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [{ disk: 0, seq: 0, samplePages: [0], sampleDigests: Buffer.alloc(8) } as CutDisk], takenAtMs: 1, frozenMs: 0, note: '' } })],
+    },
+    // a point needs evidence: the cut's sampled page digests
+    {
+      name: 'cut without verification samples', agent: 'b25', code: 'MOB_ERR_CUT', afterWelcome: true, message: /carries no verification samples/,
+      msgs: () => [encodeMessage(hello('b25')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [{ disk: 0, seq: 0 }], takenAtMs: 1, frozenMs: 0, note: '' } })],
+    },
+    {
+      name: 'cut whose digests do not match its sampled pages', agent: 'b26', code: 'MOB_ERR_CUT', afterWelcome: true, message: /12 digest bytes for 2 sampled pages/,
+      msgs: () => [encodeMessage(hello('b26')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [{ disk: 0, seq: 0, samplePages: [0, 1], sampleDigests: Buffer.alloc(12) } as CutDisk], takenAtMs: 1, frozenMs: 0, note: '' } })],
+    },
+    {
+      name: 'cut sampling a page beyond the disk', agent: 'b27', code: 'MOB_ERR_OUT_OF_RANGE', afterWelcome: true, message: /sampled page 256 lies beyond/,
+      msgs: () => [encodeMessage(hello('b27')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [{ disk: 0, seq: 0, samplePages: [DISK / 4096], sampleDigests: Buffer.alloc(8) } as CutDisk], takenAtMs: 1, frozenMs: 0, note: '' } })],
+    },
+    {
+      name: 'cut with too many samples', agent: 'b28', code: 'MOB_ERR_CUT', afterWelcome: true, message: /4097 samples for disk d0 \(at most 4096\)/,
+      msgs: () => [encodeMessage(hello('b28')), encodeMessage({ type: 'cut', cut: { cutId: 1, kind: 'crash', disks: [{ disk: 0, seq: 0, samplePages: Array.from({ length: 4097 }, (_, i) => i % 256), sampleDigests: Buffer.alloc(8 * 4097) } as CutDisk], takenAtMs: 1, frozenMs: 0, note: '' } })],
+    },
     { name: 'read request outside a reprotect session', agent: 'b21', msgs: () => [encodeMessage(hello('b21')), encodeMessage({ type: 'readRequest', readRequest: { disk: 0, requestId: 1, firstPage: 0, pageCount: 1 } })], code: 'MOB_ERR_UNKNOWN_MESSAGE', afterWelcome: true },
     { name: 'reprotect of an agent that is not failed over', agent: 'b22', msgs: () => [encodeMessage({ type: 'hello', hello: { ...(hello('b22') as { hello: Hello }).hello, purpose: 'reprotect', readOnly: true } })], code: 'MOB_ERR_CONFIG' },
     { name: 'unknown session purpose', agent: 'b23', msgs: () => [encodeMessage({ type: 'hello', hello: { ...(hello('b23') as { hello: Hello }).hello, purpose: 'exfiltrate' } })], code: 'MOB_ERR_HANDSHAKE' },
@@ -118,6 +139,7 @@ t.test('bad input', async (t) => {
   for (const c of cases) {
     const r = await attack(c.msgs(), { afterWelcome: c.afterWelcome });
     t.equal(r.code, c.code, `${c.name}: coded error`);
+    if (c.message) t.match(r.message, c.message, `${c.name}: ${r.message}`);
     t.not(r.closeReason, 'NOT CLOSED', `${c.name}: connection closed`);
     if (c.acks !== undefined) t.equal(r.acks, c.acks, `${c.name}: the valid frames before it acknowledged`);
     else if (c.code !== 'MOB_ERR_SEQUENCE') t.equal(r.acks, 0, `${c.name}: nothing acknowledged`);
