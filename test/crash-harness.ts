@@ -11,8 +11,8 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { xxh64 } from '@node-rs/xxhash';
 import { spawnServer, type SpawnedServer } from '../src/server/spawn.js';
-import { DigestMap } from '../src/replication/digest-map.js';
-import { Wal } from '../src/replication/wal.js';
+import { DigestMap } from '../src/source/digest-map.js';
+import { Wal } from '../src/target/local/wal.js';
 import { cleanup } from './cleanup.js';
 import { replicateArgs, startServer, stopGently } from './helpers.js';
 

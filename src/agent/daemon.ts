@@ -28,7 +28,7 @@ import { collectInventory, readMachineId } from './inventory.js';
 import type { CutKind, Protector, ProtectEvent } from './protector.js';
 import { runPreflight } from '../install/preflight.js';
 import { installIdOf } from '../util/installation.js';
-import { TracefsTracker, traceInstanceName } from '../replication/tracefs-tracker.js';
+import { TracefsTracker, traceInstanceName } from '../source/tracker/tracefs.js';
 
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 30_000;

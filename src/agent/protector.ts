@@ -27,14 +27,14 @@ import {
 import { MobilityError, toMobilityError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { Connection } from '../transport/client.js';
-import { encodeMessage, type CutAck, type DiskState } from '../transport/frame-codec.js';
+import { encodeMessage, type CutAck, type DiskState } from '../protocol/frame-codec.js';
 import { RateLimiter } from '../transport/rate-limiter.js';
-import { DigestMap } from '../replication/digest-map.js';
-import { openDiskSource, type DiskSource } from '../replication/disk-source.js';
-import { SourcePass, type PassKind } from '../replication/source-pass.js';
-import { DirtyJournal, type LossBaseline } from '../replication/dirty-journal.js';
-import { TracefsTracker, traceInstanceName } from '../replication/tracefs-tracker.js';
-import { chooseSamples, digestPages, digestPagesAsync, includeFromEnv, WrittenPages, DEFAULT_RANDOM_SAMPLES, DEFAULT_WRITTEN_SAMPLES } from '../replication/cut-sample.js';
+import { DigestMap } from '../source/digest-map.js';
+import { openDiskSource, type DiskSource } from '../source/disk-source.js';
+import { SourcePass, type PassKind } from '../source/source-pass.js';
+import { DirtyJournal, type LossBaseline } from '../source/dirty-journal.js';
+import { TracefsTracker, traceInstanceName } from '../source/tracker/tracefs.js';
+import { chooseSamples, digestPages, digestPagesAsync, includeFromEnv, WrittenPages, DEFAULT_RANDOM_SAMPLES, DEFAULT_WRITTEN_SAMPLES } from '../source/cut-sample.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import { devOf, deviceFamily, freezeAll, mountsOn, runHooks, thawAll, type HookResult } from './freeze.js';
 

@@ -18,11 +18,11 @@ import {
 import { MobilityError, toMobilityError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { Connection } from '../transport/client.js';
-import type { DiskState } from '../transport/frame-codec.js';
+import type { DiskState } from '../protocol/frame-codec.js';
 import { RateLimiter } from '../transport/rate-limiter.js';
-import { DigestMap } from '../replication/digest-map.js';
-import { openDiskSource, type DiskSource } from '../replication/disk-source.js';
-import { SourcePass, type PassKind, type PassStats } from '../replication/source-pass.js';
+import { DigestMap } from '../source/digest-map.js';
+import { openDiskSource, type DiskSource } from '../source/disk-source.js';
+import { SourcePass, type PassKind, type PassStats } from '../source/source-pass.js';
 
 export type ReplicateMode = 'auto' | 'initial' | 'incremental' | 'resync' | 'verify';
 

@@ -12,9 +12,9 @@ import { AGENT_VERSION, DIGEST_REQUEST_PAGES, DIGEST_REQUESTS_IN_FLIGHT, PAGE_SI
 import { MobilityError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { Connection } from '../transport/client.js';
-import { encodeMessage, type DigestReply, type ReadReply } from '../transport/frame-codec.js';
-import { pageDigests } from '../replication/digest.js';
-import { ChunkReader, openDiskSource, type DiskSource } from '../replication/disk-source.js';
+import { encodeMessage, type DigestReply, type ReadReply } from '../protocol/frame-codec.js';
+import { pageDigests } from '../protocol/digest.js';
+import { ChunkReader, openDiskSource, type DiskSource } from '../source/disk-source.js';
 import { deviceFamily, mountsOn } from './freeze.js';
 
 const READ_PAGES = 256;

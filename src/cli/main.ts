@@ -410,7 +410,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   }
   if (cmd === 'points') {
     const j = await api(c, 'GET', `/v1/points?agent=${encodeURIComponent(agent)}`);
-    const pts = (j.points ?? []) as import('../replication/recovery-points.js').RecoveryPoint[];
+    const pts = (j.points ?? []) as import('../target/catalog.js').RecoveryPoint[];
     out(j, () => pts.length ? pts.map((p) => `${p.id}  ${p.takenAt}  ${p.kind.padEnd(5)}  frozen ${p.frozenMs} ms  disks ${Object.keys(p.disks).join(',')}${p.verification ? `  verified ${Object.values(p.verification).reduce((n, x) => n + x.pages, 0)} pages` : ''}${p.suspect ? `  SUSPECT (${p.suspect.disks.join(',')})` : ''}${p.note ? `  (${p.note})` : ''}`).join('\n') + '\n' : `no recovery points for agent ${agent}\n`);
     return EXIT.OK;
   }

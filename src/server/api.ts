@@ -15,7 +15,7 @@ import path from 'node:path';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { ID_PATTERN } from '../constants.js';
 import { MobilityError, toMobilityError } from '../errors.js';
-import { type MaterializedDisk, type RecoveryPoint } from '../replication/recovery-points.js';
+import { type MaterializedDisk, type RecoveryPoint } from '../target/catalog.js';
 import { failback, failover, materializePoint, readFailoverState } from './failover.js';
 import type { ProcessServer } from './process-server.js';
 import { handleConfigApi } from './config-api.js';

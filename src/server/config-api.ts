@@ -16,7 +16,7 @@ import path from 'node:path';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { ID_PATTERN } from '../constants.js';
 import { MobilityError, isErrorCode } from '../errors.js';
-import type { RecoveryPoint } from '../replication/recovery-points.js';
+import type { RecoveryPoint } from '../target/catalog.js';
 import { readBody, send } from './api.js';
 import type { Policy } from './config-db.js';
 import { readFailoverState } from './failover.js';

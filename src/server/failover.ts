@@ -19,8 +19,8 @@ import { randomUUID } from 'node:crypto';
 import { READ_CHUNK_BYTES } from '../constants.js';
 import { MobilityError } from '../errors.js';
 import { xxh64 } from '@node-rs/xxhash';
-import { materializeDisk, type MaterializedDisk, type RecoveryPoint } from '../replication/recovery-points.js';
-import type { ReplicaState } from '../replication/replica-store.js';
+import { materializeDisk, type MaterializedDisk, type RecoveryPoint } from '../target/catalog.js';
+import type { ReplicaState } from '../target/local/local-store.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import type { ProcessServer } from './process-server.js';
 

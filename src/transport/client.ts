@@ -9,7 +9,7 @@ import { EventEmitter } from 'node:events';
 import WebSocket from 'ws';
 import { HEARTBEAT_MAX_MISSED, PROTOCOL_VERSION, WS_MAX_PAYLOAD } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
-import { decodeMessage, encodeMessage, type Ack, type CutAck, type CutRequest, type DecodedFrame, type ReadReply, type DigestReply, type Hello, type Welcome } from './frame-codec.js';
+import { decodeMessage, encodeMessage, type Ack, type CutAck, type CutRequest, type DecodedFrame, type ReadReply, type DigestReply, type Hello, type Welcome } from '../protocol/frame-codec.js';
 import { normalizeFingerprint } from './tls.js';
 import type { RateLimiter } from './rate-limiter.js';
 import type { TLSSocket } from 'node:tls';

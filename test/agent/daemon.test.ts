@@ -12,8 +12,8 @@ import path from 'node:path';
 import { AgentDaemon } from '../../src/agent/daemon.js';
 import type { AgentConfig, Credentials } from '../../src/agent/config.js';
 import { createLogger, type Logger } from '../../src/log.js';
-import { DEFAULT_LOCK_DIR, processStartTime } from '../../src/replication/instance-lock.js';
-import { traceInstanceName } from '../../src/replication/tracefs-tracker.js';
+import { DEFAULT_LOCK_DIR, processStartTime } from '../../src/source/tracker/instance-lock.js';
+import { traceInstanceName } from '../../src/source/tracker/tracefs.js';
 import { cleanup } from '../cleanup.js';
 import { tmpDir } from '../helpers.js';
 

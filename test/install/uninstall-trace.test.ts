@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { processStartTime } from '../../src/replication/instance-lock.js';
+import { processStartTime } from '../../src/source/tracker/instance-lock.js';
 import { cleanup } from '../cleanup.js';
 import { tmpDir } from '../helpers.js';
 

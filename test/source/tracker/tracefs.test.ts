@@ -2,8 +2,8 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { TracefsTracker, type DirtyExtent } from '../../src/replication/tracefs-tracker.js';
-import { tmpDir, sleep } from '../helpers.js';
+import { TracefsTracker, type DirtyExtent } from '../../../src/source/tracker/tracefs.js';
+import { tmpDir, sleep } from '../../helpers.js';
 
 // Runs as root against real loop devices and the real kernel tracefs. Missing
 // tools (losetup, sfdisk, fio) or tracefs make these tests fail, never skip.

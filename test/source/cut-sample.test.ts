@@ -2,9 +2,9 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { chooseSamples, digestPages, includeFromEnv, WrittenPages } from '../../src/replication/cut-sample.js';
-import { openDiskSource } from '../../src/replication/disk-source.js';
-import { ReplicaStore } from '../../src/replication/replica-store.js';
+import { chooseSamples, digestPages, includeFromEnv, WrittenPages } from '../../src/source/cut-sample.js';
+import { openDiskSource } from '../../src/source/disk-source.js';
+import { ReplicaStore } from '../../src/target/local/local-store.js';
 import { tmpDir } from '../helpers.js';
 
 t.test('written pages: exact for small extents, bounded work and memory for huge ones', async (t) => {

@@ -3,7 +3,7 @@
  * is sent raw; an all-zero block is sent as a flag with no payload.
  */
 import lz4 from 'lz4';
-import { Encoding } from '../transport/frame-codec.js';
+import { Encoding } from './frame-codec.js';
 import { isZero } from './digest.js';
 import { MobilityError } from '../errors.js';
 

@@ -29,7 +29,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { MobilityError } from '../errors.js';
+import { MobilityError } from '../../errors.js';
 
 export const DEFAULT_LOCK_DIR = '/run/mobility/trace-locks';
 

@@ -2,9 +2,9 @@ import t from 'tap';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
-import { ReplicaStore, type WriteOp } from '../../src/replication/replica-store.js';
-import { PointCatalog, materializeDisk, type RecoveryPoint } from '../../src/replication/recovery-points.js';
-import { UndoJournal, UNDO_UNIT, readUndoFile } from '../../src/replication/undo-journal.js';
+import { ReplicaStore, type WriteOp } from '../../src/target/local/local-store.js';
+import { PointCatalog, materializeDisk, type RecoveryPoint } from '../../src/target/catalog.js';
+import { UndoJournal, UNDO_UNIT, readUndoFile } from '../../src/target/local/undo-journal.js';
 import { tmpDir, sleep } from '../helpers.js';
 
 const BS = 64 * 1024;

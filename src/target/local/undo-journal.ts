@@ -19,7 +19,7 @@
  */
 import fsp from 'node:fs/promises';
 import { xxh64 } from '@node-rs/xxhash';
-import { isZero } from './digest.js';
+import { isZero } from '../../protocol/digest.js';
 
 export const UNDO_MAGIC = 0x4d554e44; // 'MUND'
 export const UNDO_HEADER_BYTES = 40;

@@ -1,7 +1,7 @@
 import t from 'tap';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { DigestMap } from '../../src/replication/digest-map.js';
+import { DigestMap } from '../../src/source/digest-map.js';
 import { tmpDir } from '../helpers.js';
 
 t.test('digest map: durable round trip, mode 0600, damage detected', async (t) => {

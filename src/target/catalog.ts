@@ -18,8 +18,8 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { MobilityError } from '../errors.js';
 import { writeFileDurable } from '../util/durable-file.js';
-import { zeroBuffer } from './digest.js';
-import { readUndoFile } from './undo-journal.js';
+import { zeroBuffer } from '../protocol/digest.js';
+import { readUndoFile } from './local/undo-journal.js';
 
 export type PointKind = 'crash' | 'app';
 

@@ -40,8 +40,8 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { StringDecoder } from 'node:string_decoder';
-import { MobilityError } from '../errors.js';
-import { installIdOf } from '../util/installation.js';
+import { MobilityError } from '../../errors.js';
+import { installIdOf } from '../../util/installation.js';
 import { acquireInstanceLock, assertInstanceFree, DEFAULT_LOCK_DIR, releaseInstanceLock } from './instance-lock.js';
 
 export interface TrackedDiskSpec { path: string }

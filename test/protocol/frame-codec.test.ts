@@ -1,5 +1,5 @@
 import t from 'tap';
-import { decodeMessage, encodeMessage, Encoding } from '../../src/transport/frame-codec.js';
+import { decodeMessage, encodeMessage, Encoding } from '../../src/protocol/frame-codec.js';
 import { MobilityError } from '../../src/errors.js';
 
 function codeOf(fn: () => unknown): string {

@@ -23,11 +23,11 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { xxh64 } from '@node-rs/xxhash';
-import { MobilityError, toMobilityError } from '../errors.js';
-import { WAL_CHECKPOINT_BYTES, READ_CHUNK_BYTES } from '../constants.js';
-import { fsyncDir, writeFileDurable } from '../util/durable-file.js';
+import { MobilityError, toMobilityError } from '../../errors.js';
+import { WAL_CHECKPOINT_BYTES, READ_CHUNK_BYTES } from '../../constants.js';
+import { fsyncDir, writeFileDurable } from '../../util/durable-file.js';
 import { Wal, type WalRecord } from './wal.js';
-import { isZero, zeroBuffer } from './digest.js';
+import { isZero, zeroBuffer } from '../../protocol/digest.js';
 import { UNDO_UNIT, UndoJournal, type UndoRecord } from './undo-journal.js';
 
 export interface ReplicaState {

@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { MobilityError, toMobilityError } from '../errors.js';
+import { MobilityError, toMobilityError } from '../../errors.js';
 
 /** Sizes are probed in 512-byte steps (disk sizes are multiples of 512). */
 const STEP = 512;

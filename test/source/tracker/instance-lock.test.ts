@@ -8,11 +8,11 @@ import t from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { acquireInstanceLock, assertInstanceFree, instanceOwner, processStartTime, releaseInstanceLock } from '../../src/replication/instance-lock.js';
-import { cleanup } from '../cleanup.js';
-import { tmpDir } from '../helpers.js';
+import { acquireInstanceLock, assertInstanceFree, instanceOwner, processStartTime, releaseInstanceLock } from '../../../src/source/tracker/instance-lock.js';
+import { cleanup } from '../../cleanup.js';
+import { tmpDir } from '../../helpers.js';
 
-const LOCK_MODULE = new URL('../../src/replication/instance-lock.js', import.meta.url).href;
+const LOCK_MODULE = new URL('../../../src/source/tracker/instance-lock.js', import.meta.url).href;
 /** pid_max is at most 2^22: this pid never exists. */
 const DEAD = '999999999 1\n';
 const NAME = 'mobility-locktest-0123abcd';

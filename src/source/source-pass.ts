@@ -15,10 +15,10 @@
  */
 import { DIGEST_REQUEST_PAGES, DIGEST_REQUESTS_IN_FLIGHT, READ_CHUNK_BYTES, TARGET_FRAME_PAYLOAD } from '../constants.js';
 import { MobilityError } from '../errors.js';
-import { Encoding, encodeMessage, type Ack, type BlockRef, type DigestReply } from '../transport/frame-codec.js';
+import { Encoding, encodeMessage, type Ack, type BlockRef, type DigestReply } from '../protocol/frame-codec.js';
 import type { Connection } from '../transport/client.js';
-import { encodeBlock, encodeBound } from './block-codec.js';
-import { digest, pageDigests } from './digest.js';
+import { encodeBlock, encodeBound } from '../protocol/block-codec.js';
+import { digest, pageDigests } from '../protocol/digest.js';
 import { DigestMap } from './digest-map.js';
 import { ChunkReader, type DiskSource } from './disk-source.js';
 

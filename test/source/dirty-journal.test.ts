@@ -2,7 +2,7 @@ import t from 'tap';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { DirtyJournal, DiskDirt, toRanges, type JournalDisk } from '../../src/replication/dirty-journal.js';
+import { DirtyJournal, DiskDirt, toRanges, type JournalDisk } from '../../src/source/dirty-journal.js';
 import { tmpDir } from '../helpers.js';
 
 const BS = 4096;

@@ -2,8 +2,8 @@ import t from 'tap';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { UndoJournal, parseUndo, readUndoFile, UNDO_HEADER_BYTES, UNDO_MAGIC, UNDO_UNIT } from '../../src/replication/undo-journal.js';
-import { tmpDir } from '../helpers.js';
+import { UndoJournal, parseUndo, readUndoFile, UNDO_HEADER_BYTES, UNDO_MAGIC, UNDO_UNIT } from '../../../src/target/local/undo-journal.js';
+import { tmpDir } from '../../helpers.js';
 
 const BS = 4096;
 

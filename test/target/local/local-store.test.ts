@@ -1,10 +1,10 @@
 import t from 'tap';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { ReplicaStore } from '../../src/replication/replica-store.js';
-import { Wal, encodeRecordHeader } from '../../src/replication/wal.js';
-import { tmpDir } from '../helpers.js';
-import { mountExt4 } from '../mount-helpers.js';
+import { ReplicaStore } from '../../../src/target/local/local-store.js';
+import { Wal, encodeRecordHeader } from '../../../src/target/local/wal.js';
+import { tmpDir } from '../../helpers.js';
+import { mountExt4 } from '../../mount-helpers.js';
 
 const SIZE = 1024 * 1024;
 

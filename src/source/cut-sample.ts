@@ -9,7 +9,7 @@
  * is about. Cost: one small positional read per sampled page, done while the remainder ships.
  */
 import type { DiskSource } from './disk-source.js';
-import { digest } from './digest.js';
+import { digest } from '../protocol/digest.js';
 
 export const DEFAULT_RANDOM_SAMPLES = 64;
 export const DEFAULT_WRITTEN_SAMPLES = 64;
