@@ -71,6 +71,9 @@ export const ERROR_CODES = {
   MOB_ERR_PUSH_REG_TIMEOUT: { retryable: true, summary: 'Push install (95108): the agent was installed but did not register with the server in time.' },
   MOB_ERR_PUSH_NO_POWERSHELL: { retryable: false, summary: 'Push install (95109): the Windows path needs PowerShell (pwsh) on the server, and it is not installed.' },
   MOB_ERR_INTERNAL: { retryable: true, summary: 'An unexpected internal error (a bug): the message says more.' },
+  MOB_ERR_TARGET_UNAVAILABLE: { retryable: true, summary: 'The replica target (Azure storage) did not answer or kept failing (HTTP 429/5xx, resets, timeouts) after retries; nothing unconfirmed was acknowledged, the agent keeps its changes and resumes when the target is back.' },
+  MOB_ERR_TARGET_AUTH: { retryable: false, summary: 'The replica target refused the server\'s storage credentials (wrong key, expired SAS token, missing permission): fix the credentials file; nothing was written.' },
+  MOB_ERR_TARGET_QUOTA: { retryable: true, summary: 'The replica target is out of capacity (account or container quota reached); nothing unconfirmed was acknowledged.' },
   MOB_ERR_DISK_TOO_LARGE: { retryable: false, summary: 'The disk is larger than the largest file the replica store\'s filesystem can hold; nothing was created.' },
 } as const;
 
