@@ -193,10 +193,12 @@ export class Workload {
 /** test-failover of a point: the image is fsck-clean and holds exactly the files of the cut, with their checksums. */
 export async function materializeAndCheck(t: Test, s: Pick<Setup, 'dir' | 'sums' | 'agentId' | 'server'>, pointId: string, cutId: string): Promise<void> {
   const r = await runCli(['test-failover', '--server', s.server.info.url, '--token-file', s.server.info.tokenFile, '--ca', s.server.info.caFile!,
-    '--agent-id', s.agentId, '--point', pointId, '--json']).done;
+    '--agent-id', s.agentId, '--point', pointId, '--download', path.join(s.dir, `tf-${pointId}`), '--json']).done;
   t.equal(r.code, 0, `test-failover ${pointId} succeeds: ${r.stderr}`);
-  const j = JSON.parse(r.stdout) as { disks: { diskId: string; image: string }[] };
-  const image = j.disks[0].image;
+  const j = JSON.parse(r.stdout) as { disks: { diskId: string; location: string; localPath: string | null }[]; downloads: { diskId: string; file: string }[] };
+  // the image as the backend keeps it (a local file, or a blob), downloaded as a local sparse file
+  t.equal(j.downloads.length, j.disks.length, 'every image of the point was downloaded');
+  const image = j.downloads[0].file;
   const fsck = await shAsync('e2fsck', ['-fn', image]);
   t.equal(fsck.code, 0, `e2fsck -fn of ${pointId} is clean ${fsck.code ? fsck.stdout.slice(-1000) : ''}`);
   const m = path.join(s.dir, `check-${pointId}`);
@@ -217,7 +219,9 @@ export async function materializeAndCheck(t: Test, s: Pick<Setup, 'dir' | 'sums'
   const c = await runCli(['test-failover', '--server', s.server.info.url, '--token-file', s.server.info.tokenFile, '--ca', s.server.info.caFile!,
     '--agent-id', s.agentId, '--point', pointId, '--cleanup']).done;
   t.equal(c.code, 0, 'cleanup succeeds');
-  t.notOk(fs.existsSync(path.dirname(image)), 'cleanup removed the images');
+  const kept = j.disks[0].localPath;
+  if (kept) t.notOk(fs.existsSync(path.dirname(kept)), 'cleanup removed the images');
+  await fsp.rm(path.dirname(image), { recursive: true, force: true });
 }
 
 export function statusArgs(server: SpawnedServer): string[] {

@@ -7,19 +7,20 @@
  * killed at any instant leaves every point complete or absent: a point in the
  * catalog whose epoch switch did not happen gets it when the store reopens
  * (the current epoch is always the newest point that includes the disk).
- * Pruning removes points from the catalog first and deletes their undo files
- * after; undo files that no point names are removed on load.
+ * Pruning removes points from the catalog first and then has the backend drop
+ * their data; data no point names is removed when a disk is opened (the
+ * backend's removeOrphans).
  *
- * Point P of disk D = replica of D, then the undo records of every epoch >= P
- * (newest epoch first, each file's records newest first) written back.
+ * What a point is made of on the target is the backend's business (undo
+ * journals of the local store, blob snapshots in Azure): the catalog keeps,
+ * per disk, the opaque reference the backend returned when the point was
+ * prepared (see target/replica-store.ts).
  */
-import { spawn } from 'node:child_process';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { MobilityError } from '../errors.js';
 import { writeFileDurable } from '../util/durable-file.js';
-import { zeroBuffer } from '../protocol/digest.js';
-import { readUndoFile } from './local/undo-journal.js';
+import type { DiskPoint, PointRef } from './replica-store.js';
 
 export type PointKind = 'crash' | 'app';
 
@@ -47,7 +48,15 @@ export interface RecoveryPoint {
    * own verification said. Test failover warns; prefer a point recorded after the repair.
    */
   suspect?: { at: string; disks: string[]; reason: string };
-  disks: Record<string, { seq: number; sizeBytes: number }>;
+  /** Per disk: the cut's sequence, the disk's size then, and the backend's reference to the point's data. */
+  disks: Record<string, { seq: number; sizeBytes: number; ref?: PointRef }>;
+}
+
+/** One disk of a point, as the backend needs it. */
+export function diskPoint(p: RecoveryPoint, diskId: string): DiskPoint {
+  const d = p.disks[diskId];
+  if (!d) throw new MobilityError('MOB_ERR_UNKNOWN_DISK', `recovery point ${p.id} does not include disk ${diskId}`);
+  return { pointId: p.id, seq: d.seq, sizeBytes: d.sizeBytes, ref: d.ref ?? {} };
 }
 
 interface CatalogFile { version: 1; next: number; points: RecoveryPoint[] }
@@ -94,10 +103,20 @@ export class PointCatalog {
     return this.data.points.filter((x) => x.n >= p.n && x.disks[diskId]);
   }
 
+  /** Every point that includes the disk, oldest first, as the backend needs them. */
+  diskPoints(diskId: string): DiskPoint[] {
+    return this.data.points.filter((p) => p.disks[diskId]).map((p) => diskPoint(p, diskId));
+  }
+
+  /** The id the next add() gives (the backend prepares a point's data under it before it is recorded). */
+  nextId(): string {
+    return `rp-${String(this.data.next).padStart(6, '0')}`;
+  }
+
   /** Records a new point durably and returns it. */
   async add(p: Omit<RecoveryPoint, 'id' | 'n' | 'recordedAt'>): Promise<RecoveryPoint> {
     const n = this.data.next;
-    const point: RecoveryPoint = { id: `rp-${String(n).padStart(6, '0')}`, n, recordedAt: new Date().toISOString(), ...p };
+    const point: RecoveryPoint = { id: this.nextId(), n, recordedAt: new Date().toISOString(), ...p };
     const next: CatalogFile = { version: 1, next: n + 1, points: [...this.data.points, point] };
     await fsp.mkdir(this.agentDir, { recursive: true, mode: 0o700 });
     await writeFileDurable(this.file, JSON.stringify(next, null, 1) + '\n', 0o600);
@@ -123,10 +142,11 @@ export class PointCatalog {
   }
 
   /**
-   * Removes points recorded before `cutoff` (always keeping the newest point), catalog first,
-   * then their undo files. Returns the removed points.
+   * Removes points recorded before `cutoff` (always keeping the newest point): the catalog first,
+   * durably, then `drop` is called for each removed point (the backend deletes its data; a crash
+   * in between leaves orphans, which the backend removes when the disk is next opened).
    */
-  async prune(cutoff: Date, diskDirs: (diskId: string) => string): Promise<RecoveryPoint[]> {
+  async prune(cutoff: Date, drop: (p: RecoveryPoint) => Promise<void>): Promise<RecoveryPoint[]> {
     const pts = this.data.points;
     const keepFrom = pts.findIndex((p, i) => i === pts.length - 1 || Date.parse(p.recordedAt) >= cutoff.getTime());
     if (keepFrom <= 0) return [];
@@ -134,79 +154,7 @@ export class PointCatalog {
     const next: CatalogFile = { ...this.data, points: pts.slice(keepFrom) };
     await writeFileDurable(this.file, JSON.stringify(next, null, 1) + '\n', 0o600);
     this.data = next;
-    for (const p of removed) {
-      for (const d of Object.keys(p.disks)) await fsp.rm(path.join(diskDirs(d), 'undo', `${p.id}.undo`), { force: true });
-    }
+    for (const p of removed) await drop(p);
     return removed;
   }
-
-  /** Deletes undo files of a disk that no point in the catalog names (left by a prune cut short). */
-  async removeOrphans(diskId: string, diskDir: string): Promise<string[]> {
-    const names = new Set(this.data.points.filter((p) => p.disks[diskId]).map((p) => `${p.id}.undo`));
-    let files: string[];
-    try {
-      files = await fsp.readdir(path.join(diskDir, 'undo'));
-    } catch {
-      return [];
-    }
-    const orphans = files.filter((f) => f.endsWith('.undo') && !names.has(f));
-    for (const f of orphans) await fsp.rm(path.join(diskDir, 'undo', f), { force: true });
-    return orphans;
-  }
-}
-
-function run(cmd: string, args: string[]): Promise<{ code: number | null; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    c.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-    c.once('error', reject);
-    c.once('close', (code) => resolve({ code, stderr }));
-  });
-}
-
-export interface MaterializedDisk { diskId: string; image: string; sizeBytes: number; method: 'reflink' | 'copy'; undoRecords: number; ms: number }
-
-/**
- * Writes a writable image of point `p` of one disk to `out`, while replication goes on:
- * the replica is cloned (reflink where the filesystem can, else a sparse copy), then the
- * undo records of every epoch >= p are written back, newest first. Records are read after
- * the copy: any write the copy may have caught had its old bytes journaled before it was
- * applied, so reverting yields exactly the point. `epochs` must be re-read by the caller
- * after the copy (a cut may have happened meanwhile): pass a function.
- */
-export async function materializeDisk(o: {
-  diskId: string; replica: string; undoDir: string; out: string; sizeBytes: number; epochs: () => Promise<RecoveryPoint[]>;
-}): Promise<MaterializedDisk> {
-  const t0 = Date.now();
-  await fsp.rm(o.out, { force: true });
-  let method: 'reflink' | 'copy' = 'reflink';
-  let r = await run('cp', ['--reflink=always', '--sparse=always', o.replica, o.out]);
-  if (r.code !== 0) {
-    method = 'copy';
-    await fsp.rm(o.out, { force: true });
-    r = await run('cp', ['--reflink=never', '--sparse=always', o.replica, o.out]);
-    if (r.code !== 0) throw new MobilityError('MOB_ERR_STORAGE', `cannot copy ${o.replica} to ${o.out}: ${r.stderr.trim()}`);
-  }
-  const epochs = await o.epochs();
-  const fh = await fsp.open(o.out, 'r+', 0o600);
-  let undoRecords = 0;
-  try {
-    await fh.truncate(o.sizeBytes);
-    for (let i = epochs.length - 1; i >= 0; i--) {
-      const recs = await readUndoFile(path.join(o.undoDir, `${epochs[i].id}.undo`));
-      for (let k = recs.length - 1; k >= 0; k--) {
-        const rec = recs[k];
-        if (rec.offset >= o.sizeBytes) continue;
-        const len = Math.min(rec.length, o.sizeBytes - rec.offset);
-        const data = rec.data ? rec.data.subarray(0, len) : zeroBuffer(len);
-        await fh.write(data, 0, len, rec.offset);
-        undoRecords++;
-      }
-    }
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  return { diskId: o.diskId, image: o.out, sizeBytes: o.sizeBytes, method, undoRecords, ms: Date.now() - t0 };
 }

@@ -23,7 +23,7 @@ t.test('failover (final cut, promoted image, replication stopped), then reprotec
   const lateSum = sh('sha256sum', [`${s.mnt}/late`]).split(' ')[0];
   const fo = await runCli(['failover', ...conn, '--agent-id', s.agentId, '--json']).done;
   t.equal(fo.code, 0, `failover succeeds ${fo.stderr}`);
-  const r = JSON.parse(fo.stdout) as { point: { id: string }; finalCut: { requested: boolean; pointId: string | null }; disks: { image: string }[] };
+  const r = JSON.parse(fo.stdout) as { point: { id: string }; finalCut: { requested: boolean; pointId: string | null }; disks: { localPath: string | null; location: string }[] };
   t.ok(r.finalCut.requested && r.finalCut.pointId === r.point.id, `failed over to the final cut ${r.point.id}`);
   const code = await agent.exited;
   t.not(code, 0, 'the protecting agent stopped');
@@ -35,7 +35,7 @@ t.test('failover (final cut, promoted image, replication stopped), then reprotec
   t.match(again.stderr, /MOB_ERR_FAILED_OVER/);
 
   // the recovered machine runs on the promoted image: check it, then change it
-  const image = r.disks[0].image;
+  const image = r.disks[0].localPath!;
   const fsck = await shAsync('e2fsck', ['-fn', image]);
   t.equal(fsck.code, 0, `the promoted image is fsck-clean ${fsck.code ? fsck.stdout.slice(-1000) : ''}`);
   const rm = path.join(s.dir, 'recovered');

@@ -4,7 +4,7 @@ import path from 'node:path';
 import crypto from 'node:crypto';
 import { chooseSamples, digestPages, includeFromEnv, WrittenPages } from '../../src/source/cut-sample.js';
 import { openDiskSource } from '../../src/source/disk-source.js';
-import { ReplicaStore } from '../../src/target/local/local-store.js';
+import { LocalReplicaStore } from '../../src/target/local/local-store.js';
 import { tmpDir } from '../helpers.js';
 
 t.test('written pages: exact for small extents, bounded work and memory for huge ones', async (t) => {
@@ -51,7 +51,7 @@ t.test('digestPages agrees with the replica store\'s page digests, short last pa
   t.teardown(() => src.close());
   const pages = [0, 2, 3];
   const got = await digestPages(src, pages, 4096);
-  const { store } = await ReplicaStore.open(path.join(dir, 'replica'), 'a', 'd0', size);
+  const { store } = await LocalReplicaStore.open(path.join(dir, 'replica'), 'a', 'd0', size);
   t.teardown(() => store.close());
   await store.submit([{ offset: 0, length: size, data }], 1);
   for (const [i, p] of pages.entries()) {

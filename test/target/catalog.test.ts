@@ -2,8 +2,10 @@ import t from 'tap';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
-import { ReplicaStore, type WriteOp } from '../../src/target/local/local-store.js';
-import { PointCatalog, materializeDisk, type RecoveryPoint } from '../../src/target/catalog.js';
+import { LocalReplicaStore, type WriteOp } from '../../src/target/local/local-store.js';
+import { PointCatalog, diskPoint, type RecoveryPoint } from '../../src/target/catalog.js';
+import { materializeDisk } from '../../src/target/local/materialize.js';
+import { LocalBackend } from '../../src/target/local/local-backend.js';
 import { UndoJournal, UNDO_UNIT, readUndoFile } from '../../src/target/local/undo-journal.js';
 import { tmpDir, sleep } from '../helpers.js';
 
@@ -19,7 +21,7 @@ const fileSha = async (f: string) => sha(await fsp.readFile(f));
 class Rig {
   seq = 0;
   model: Buffer;
-  constructor(public store: ReplicaStore, readonly agentDir: string, readonly cat: PointCatalog, size: number) {
+  constructor(public store: LocalReplicaStore, readonly agentDir: string, readonly cat: PointCatalog, size: number) {
     this.model = Buffer.alloc(size);
   }
   get diskDir(): string { return path.join(this.agentDir, DISK); }
@@ -50,16 +52,25 @@ class Rig {
   async materialize(p: RecoveryPoint, outDir: string, cat = this.cat) {
     return materializeDisk({
       diskId: DISK, replica: path.join(this.diskDir, 'replica.img'), undoDir: this.undoDir,
-      out: path.join(outDir, `${p.id}.img`), sizeBytes: p.disks[DISK].sizeBytes, epochs: async () => cat.epochsFrom(p, DISK),
+      out: path.join(outDir, `${p.id}.img`), sizeBytes: p.disks[DISK].sizeBytes, epochs: async () => cat.epochsFrom(p, DISK).map((x) => diskPoint(x, DISK)),
     });
   }
+}
+
+/** What the server does with pruned points: the local backend drops each disk's undo file. */
+function dropWith(agentDir: string) {
+  const backend = new LocalBackend({ dir: path.dirname(agentDir), imagesDir: path.dirname(agentDir) });
+  const agent = path.basename(agentDir);
+  return async (p: RecoveryPoint) => {
+    for (const d of Object.keys(p.disks)) await backend.prunePoint(agent, d, diskPoint(p, d));
+  };
 }
 
 /** A replica whose initial pass is done: blocks 0..7 hold data, 8..15 are holes. */
 async function rig(t: { teardown(fn: () => unknown): void }, size = SIZE): Promise<{ r: Rig; out: string }> {
   const root = await tmpDir(t);
   const agentDir = path.join(root, 'replicas', AGENT);
-  const { store, created } = await ReplicaStore.open(path.join(agentDir, DISK), AGENT, DISK, size);
+  const { store, created } = await LocalReplicaStore.open(path.join(agentDir, DISK), AGENT, DISK, size);
   if (!created) throw new Error('replica should be new');
   const cat = await PointCatalog.load(agentDir);
   const r = new Rig(store, agentDir, cat, size);
@@ -137,7 +148,7 @@ t.test('recovery points: every point materialises byte-exact while the replica m
   t.not(await fileSha(path.join(r.diskDir, 'replica.img')), current);
 
   // prune: a cutoff between points 1 and 2 removes point 1 only, catalog and undo file
-  const removed = await r.cat.prune(new Date(Date.parse(p2.point.recordedAt)), () => r.diskDir);
+  const removed = await r.cat.prune(new Date(Date.parse(p2.point.recordedAt)), dropWith(r.agentDir));
   t.same(removed.map((p) => p.id), ['rp-000001'], 'points before the cutoff are removed');
   t.same(r.cat.list().map((p) => p.id), ['rp-000002', 'rp-000003']);
   t.equal(await fsp.stat(path.join(r.undoDir, 'rp-000001.undo')).then(() => true, () => false), false, 'undo file of a pruned point deleted');
@@ -149,10 +160,10 @@ t.test('recovery points: every point materialises byte-exact while the replica m
   t.same(reloaded.list(), r.cat.list(), 'the pruned catalog is durable');
 
   // a cutoff in the future removes everything but the newest point
-  const removed2 = await r.cat.prune(new Date(Date.now() + 3600_000), () => r.diskDir);
+  const removed2 = await r.cat.prune(new Date(Date.now() + 3600_000), dropWith(r.agentDir));
   t.same(removed2.map((p) => p.id), ['rp-000002']);
   t.same(r.cat.list().map((p) => p.id), ['rp-000003'], 'the newest point is always kept');
-  t.same(await r.cat.prune(new Date(Date.now() + 3600_000), () => r.diskDir), [], 'the last point is never pruned');
+  t.same(await r.cat.prune(new Date(Date.now() + 3600_000), dropWith(r.agentDir)), [], 'the last point is never pruned');
   const m3c = await r.materialize(r.cat.resolve('latest'), out);
   t.equal(await fileSha(m3c.image), current, 'point 3 still exact after pruning all older points');
   t.same((await fsp.readdir(r.undoDir)).sort(), ['rp-000003.undo']);
@@ -179,7 +190,7 @@ t.test('recovery points: a reopened store resumes the epoch of the newest point 
   t.same(cat.list(), r.cat.list(), 'catalog survives a reload');
   t.equal(cat.latestFor(DISK)!.id, 'rp-000002');
   t.equal(cat.latestFor('other-disk'), null);
-  const { store, created } = await ReplicaStore.open(r.diskDir, AGENT, DISK, SIZE, { epoch: cat.latestFor(DISK)?.id ?? null });
+  const { store, created } = await LocalReplicaStore.open(r.diskDir, AGENT, DISK, SIZE, { epoch: cat.latestFor(DISK)?.id ?? null });
   t.notOk(created);
   r.store = store;
   t.equal(store.epoch, 'rp-000002', 'epoch resumed');
@@ -201,7 +212,7 @@ t.test('recovery points: a torn undo tail left by a crash is cut and the point s
   const undo1 = path.join(r.undoDir, 'rp-000001.undo');
   // a crash mid-append of a batch that never committed: half a record at the end
   await fsp.appendFile(undo1, randomBytes(100));
-  const { store } = await ReplicaStore.open(r.diskDir, AGENT, DISK, SIZE, { epoch: 'rp-000001' });
+  const { store } = await LocalReplicaStore.open(r.diskDir, AGENT, DISK, SIZE, { epoch: 'rp-000001' });
   r.store = store;
   t.equal((await readUndoFile(undo1)).length, 2, 'complete records kept');
   await r.write([[1, randomBytes(BS)]]);
@@ -215,7 +226,7 @@ t.test('recovery points: a point taken before the disk grew materialises at its 
   await r.write([[3, randomBytes(BS)]]);
   const p1 = await r.cut();
   await r.store.close();
-  const { store } = await ReplicaStore.open(r.diskDir, AGENT, DISK, 2 * SIZE, { epoch: r.cat.latestFor(DISK)!.id });
+  const { store } = await LocalReplicaStore.open(r.diskDir, AGENT, DISK, 2 * SIZE, { epoch: r.cat.latestFor(DISK)!.id });
   r.store = store;
   const grown = Buffer.alloc(2 * SIZE);
   r.model.copy(grown);
@@ -264,7 +275,7 @@ t.test('recovery points: a block written with a larger block size in the same ep
   const p1 = await r.cut();
   await r.write([[0, randomBytes(BS)]]); // captures [0, 64K) only
   await r.store.close();
-  const { store } = await ReplicaStore.open(r.diskDir, AGENT, DISK, SIZE, { epoch: 'rp-000001' });
+  const { store } = await LocalReplicaStore.open(r.diskDir, AGENT, DISK, SIZE, { epoch: 'rp-000001' });
   r.store = store;
   await r.write([[0, randomBytes(2 * BS)]], 2 * BS); // block 0 of a 128 KiB-block session covers [0, 128K)
   const recs = await readUndoFile(path.join(r.undoDir, 'rp-000001.undo'));
@@ -358,27 +369,27 @@ t.test('point catalog: prune by recordedAt, removing undo files of every disk of
   const p3 = await cat.add({ ...base, disks: { d1: { seq: 3, sizeBytes: 1 }, d2: { seq: 3, sizeBytes: 1 } } });
   for (const d of ['d1', 'd2']) await fsp.mkdir(path.join(diskDir(d), 'undo'), { recursive: true });
   for (const p of [p1, p2, p3]) for (const d of Object.keys(p.disks)) await fsp.writeFile(path.join(diskDir(d), 'undo', `${p.id}.undo`), 'x');
-  t.same(await cat.prune(new Date(Date.parse(p1.recordedAt) - 1000), diskDir), [], 'nothing older than the cutoff');
-  const removed = await cat.prune(cutoff, diskDir);
+  t.same(await cat.prune(new Date(Date.parse(p1.recordedAt) - 1000), dropWith(agentDir)), [], 'nothing older than the cutoff');
+  const removed = await cat.prune(cutoff, dropWith(agentDir));
   t.same(removed.map((p) => p.id), [p1.id]);
   t.same((await fsp.readdir(path.join(diskDir('d1'), 'undo'))).sort(), [`${p2.id}.undo`, `${p3.id}.undo`]);
   t.same((await fsp.readdir(path.join(diskDir('d2'), 'undo'))).sort(), [`${p3.id}.undo`], 'undo files of every disk of the point are removed');
   t.same((await PointCatalog.load(agentDir)).list().map((p) => p.id), [p2.id, p3.id], 'prune is durable');
 });
 
-t.test('point catalog: removeOrphans deletes undo files no point of the disk names', async (t) => {
+t.test('local backend: removeOrphans deletes undo files no point of the disk names', async (t) => {
   const dir = await tmpDir(t);
   const agentDir = path.join(dir, 'a');
   const cat = await PointCatalog.load(agentDir);
-  t.same(await cat.removeOrphans('d1', path.join(agentDir, 'd1')), [], 'no undo directory: nothing to do');
+  t.same(await new LocalBackend({ dir, imagesDir: dir }).removeOrphans('a', 'd1', cat.diskPoints('d1')), [], 'no undo directory: nothing to do');
   const base = { takenAt: new Date().toISOString(), frozenMs: 1, note: '', kind: 'crash' as const };
   const p1 = await cat.add({ ...base, disks: { d1: { seq: 1, sizeBytes: 1 } } });
   const p2 = await cat.add({ ...base, disks: { d2: { seq: 1, sizeBytes: 1 } } });
   const undo = path.join(agentDir, 'd1', 'undo');
   await fsp.mkdir(undo, { recursive: true });
   for (const f of [`${p1.id}.undo`, `${p2.id}.undo`, 'rp-000099.undo', 'notes.txt']) await fsp.writeFile(path.join(undo, f), 'x');
-  const removed = await cat.removeOrphans('d1', path.join(agentDir, 'd1'));
+  const removed = await new LocalBackend({ dir, imagesDir: dir }).removeOrphans('a', 'd1', cat.diskPoints('d1'));
   t.same(removed.sort(), [`${p2.id}.undo`, 'rp-000099.undo'], 'files of unknown points and of points without this disk are orphans');
   t.same((await fsp.readdir(undo)).sort(), ['notes.txt', `${p1.id}.undo`], 'named undo files and other files are kept');
-  t.same(await cat.removeOrphans('d1', path.join(agentDir, 'd1')), [], 'idempotent');
+  t.same(await new LocalBackend({ dir, imagesDir: dir }).removeOrphans('a', 'd1', cat.diskPoints('d1')), [], 'idempotent');
 });

@@ -29,6 +29,7 @@ import { fsyncDir, writeFileDurable } from '../../util/durable-file.js';
 import { Wal, type WalRecord } from './wal.js';
 import { isZero, zeroBuffer } from '../../protocol/digest.js';
 import { UNDO_UNIT, UndoJournal, type UndoRecord } from './undo-journal.js';
+import type { PointRef, ReplicaStore, WriteOp } from '../replica-store.js';
 
 export interface ReplicaState {
   version: 1;
@@ -44,12 +45,11 @@ export interface ReplicaState {
   lastPass: { kind: string; seq: number; at: string } | null;
 }
 
-/** A whole-range write; data null means all zeros. */
-export interface WriteOp { offset: number; length: number; data: Buffer | null }
+export type { WriteOp };
 
 interface Pending { ops: WriteOp[]; seq: number; resolve: () => void; reject: (e: unknown) => void }
 
-export class ReplicaStore {
+export class LocalReplicaStore implements ReplicaStore {
   private queue: Pending[] = [];
   private committing = false;
   private failed: MobilityError | null = null;
@@ -81,6 +81,8 @@ export class ReplicaStore {
   get dir(): string { return this.dirPath; }
   /** True for a new replica opened with publish: false, until publish() or discard(). */
   get unpublished(): boolean { return this.pending !== null; }
+  get agentId(): string { return this.state.agentId; }
+  get diskId(): string { return this.state.diskId; }
   get generation(): string { return this.state.generation; }
   get sizeBytes(): number { return this.state.sizeBytes; }
   get initialComplete(): boolean { return this.state.initialComplete; }
@@ -101,7 +103,7 @@ export class ReplicaStore {
    * is left to the caller (publish(), or discard() to drop it), so a session refused after
    * some of its disks were opened creates nothing.
    */
-  static async open(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { readOnly?: boolean; epoch?: string | null; publish?: boolean } = {}): Promise<{ store: ReplicaStore; created: boolean }> {
+  static async open(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { readOnly?: boolean; epoch?: string | null; publish?: boolean } = {}): Promise<{ store: LocalReplicaStore; created: boolean }> {
     const stateFile = path.join(dir, 'state.json');
     let state: ReplicaState | null = null;
     try {
@@ -119,7 +121,7 @@ export class ReplicaStore {
     if (state === null && opts.readOnly) {
       throw new MobilityError('MOB_ERR_UNKNOWN_DISK', `disk ${diskId} of agent ${agentId} has no replica on this server`);
     }
-    if (state === null) return ReplicaStore.create(dir, agentId, diskId, sizeBytes, opts);
+    if (state === null) return LocalReplicaStore.create(dir, agentId, diskId, sizeBytes, opts);
     if (sizeBytes < state.sizeBytes && !opts.readOnly) {
       throw new MobilityError('MOB_ERR_DISK_SIZE_CHANGED', `source disk ${diskId} is ${sizeBytes} bytes but its replica is ${state.sizeBytes}; shrinking a protected disk is not supported (remove the replica directory on the server to start over)`);
     }
@@ -140,7 +142,7 @@ export class ReplicaStore {
       await replica.close().catch(() => undefined);
       throw toMobilityError(err, 'MOB_ERR_STORAGE');
     }
-    const store = new ReplicaStore(dir, state, replica, wal, opts.readOnly ?? false);
+    const store = new LocalReplicaStore(dir, state, replica, wal, opts.readOnly ?? false);
     try {
       if (!opts.readOnly && sizeBytes > state.sizeBytes) {
         await growFile(replica, sizeBytes); // sparse: holes read as zeros
@@ -158,7 +160,7 @@ export class ReplicaStore {
   }
 
   /** Creates a new replica in a temporary sibling directory; publishes it unless told not to. */
-  private static async create(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { epoch?: string | null; publish?: boolean }): Promise<{ store: ReplicaStore; created: boolean }> {
+  private static async create(dir: string, agentId: string, diskId: string, sizeBytes: number, opts: { epoch?: string | null; publish?: boolean }): Promise<{ store: LocalReplicaStore; created: boolean }> {
     const parent = path.dirname(dir);
     const base = path.basename(dir);
     const leftover = await inspectLeftover(dir);
@@ -180,7 +182,7 @@ export class ReplicaStore {
         version: 1, agentId, diskId, sizeBytes, generation: randomUUID(), initialComplete: false,
         lastDurableSeq: 0, passes: 0, createdAt: now, updatedAt: now, lastPass: null,
       };
-      const store = new ReplicaStore(tmp, state, replica, wal, false);
+      const store = new LocalReplicaStore(tmp, state, replica, wal, false);
       await store.saveState();
       store.pending = { target: dir, leftover, madeParents: made ?? null, epoch: opts.epoch ?? null };
       if (opts.publish !== false) await store.publish();
@@ -255,6 +257,18 @@ export class ReplicaStore {
     this.undo = next;
     this.epochId = id;
     await prev?.close().catch(() => undefined);
+  }
+
+  /** The replica as it is now is the point: the undo journal of the epoch it starts keeps it reconstructable. */
+  async preparePoint(_pointId: string): Promise<PointRef> {
+    await this.whenApplied();
+    if (this.failed) throw this.failed;
+    return {};
+  }
+
+  /** The catalog holds the point: its undo epoch starts (old bytes are captured from now on). */
+  async commitPoint(pointId: string): Promise<void> {
+    await this.setEpoch(pointId);
   }
 
   /** Old bytes of the ops' ranges not yet captured in this epoch (first overwrite only), in 4 KiB units. */

@@ -1,7 +1,7 @@
 import t from 'tap';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { ReplicaStore } from '../../../src/target/local/local-store.js';
+import { LocalReplicaStore } from '../../../src/target/local/local-store.js';
 import { Wal, encodeRecordHeader } from '../../../src/target/local/wal.js';
 import { tmpDir } from '../../helpers.js';
 import { mountExt4 } from '../../mount-helpers.js';
@@ -10,7 +10,7 @@ const SIZE = 1024 * 1024;
 
 t.test('writes before the initial pass completes go straight to the replica; zero writes keep holes', async (t) => {
   const dir = await tmpDir(t);
-  const { store, created } = await ReplicaStore.open(dir, 'a', 'd', SIZE);
+  const { store, created } = await LocalReplicaStore.open(dir, 'a', 'd', SIZE);
   t.ok(created);
   await store.submit([{ offset: 65536, length: 65536, data: Buffer.alloc(65536, 7) }, { offset: 0, length: 65536, data: null }], 1);
   t.equal(store.lastDurableSeq, 1);
@@ -24,7 +24,7 @@ t.test('writes before the initial pass completes go straight to the replica; zer
 
 t.test('WAL: a crash after the log is durable is recovered on open; a torn tail is cut off', async (t) => {
   const dir = await tmpDir(t);
-  const { store } = await ReplicaStore.open(dir, 'a', 'd', SIZE);
+  const { store } = await LocalReplicaStore.open(dir, 'a', 'd', SIZE);
   await store.endPass('initial', 1);
   t.ok(store.initialComplete);
   await store.close();
@@ -39,7 +39,7 @@ t.test('WAL: a crash after the log is durable is recovered on open; a torn tail 
   const uncommitted = Buffer.alloc(4096, 0xdd);
   await fsp.appendFile(path.join(dir, 'wal.log'), Buffer.concat([encodeRecordHeader({ seq: 9, offset: 16384, length: 4096, data: uncommitted }), uncommitted]));
   await fsp.appendFile(path.join(dir, 'wal.log'), Buffer.from('MWAL torn record that never became durable'));
-  const { store: s2, created } = await ReplicaStore.open(dir, 'a', 'd', SIZE);
+  const { store: s2, created } = await LocalReplicaStore.open(dir, 'a', 'd', SIZE);
   t.notOk(created);
   t.equal(s2.lastDurableSeq, 6, 'durable sequence recovered from the log');
   const rep = await fsp.readFile(path.join(dir, 'replica.img'));
@@ -49,7 +49,7 @@ t.test('WAL: a crash after the log is durable is recovered on open; a torn tail 
   t.equal((await fsp.stat(path.join(dir, 'wal.log'))).size, 0, 'log checkpointed');
   // replay is idempotent: opening again changes nothing
   await s2.close();
-  const { store: s3 } = await ReplicaStore.open(dir, 'a', 'd', SIZE);
+  const { store: s3 } = await LocalReplicaStore.open(dir, 'a', 'd', SIZE);
   t.same(await fsp.readFile(path.join(dir, 'replica.img')), rep);
   // after the initial pass, writes go through the WAL and reads see them at once
   const p = s3.submit([{ offset: 4096, length: 4096, data: Buffer.alloc(4096, 0xcc) }], 7);
@@ -61,20 +61,20 @@ t.test('WAL: a crash after the log is durable is recovered on open; a torn tail 
 
 t.test('a damaged state file is a coded error, and a shrunk disk is refused', async (t) => {
   const dir = await tmpDir(t);
-  const { store } = await ReplicaStore.open(dir, 'a', 'd', SIZE);
+  const { store } = await LocalReplicaStore.open(dir, 'a', 'd', SIZE);
   await store.close();
-  await t.rejects(ReplicaStore.open(dir, 'a', 'd', SIZE / 2), { code: 'MOB_ERR_DISK_SIZE_CHANGED' });
-  const { store: grown } = await ReplicaStore.open(dir, 'a', 'd', SIZE * 2);
+  await t.rejects(LocalReplicaStore.open(dir, 'a', 'd', SIZE / 2), { code: 'MOB_ERR_DISK_SIZE_CHANGED' });
+  const { store: grown } = await LocalReplicaStore.open(dir, 'a', 'd', SIZE * 2);
   t.equal(grown.sizeBytes, SIZE * 2, 'a grown disk grows its replica');
   await grown.submit([{ offset: 4096, length: 4096, data: Buffer.alloc(4096, 9) }], 1);
   await grown.close();
   await fsp.writeFile(path.join(dir, 'state.json'), '{"version":1,');
-  await t.rejects(ReplicaStore.open(dir, 'a', 'd', SIZE), { code: 'MOB_ERR_STATE_CORRUPT' });
+  await t.rejects(LocalReplicaStore.open(dir, 'a', 'd', SIZE), { code: 'MOB_ERR_STATE_CORRUPT' });
   await fsp.rm(path.join(dir, 'state.json'));
-  await t.rejects(ReplicaStore.open(dir, 'a', 'd', SIZE), { code: 'MOB_ERR_STATE_CORRUPT' }, 'a replica without its state is never overwritten');
+  await t.rejects(LocalReplicaStore.open(dir, 'a', 'd', SIZE), { code: 'MOB_ERR_STATE_CORRUPT' }, 'a replica without its state is never overwritten');
   t.equal((await fsp.stat(path.join(dir, 'replica.img'))).size, SIZE * 2, 'replica untouched');
   t.ok((await fsp.readFile(path.join(dir, 'replica.img'))).subarray(4096, 8192).every((b) => b === 9), 'its data too');
-  await t.rejects(ReplicaStore.open(path.join(dir, 'nope'), 'a', 'd', SIZE, { readOnly: true }), { code: 'MOB_ERR_UNKNOWN_DISK' });
+  await t.rejects(LocalReplicaStore.open(path.join(dir, 'nope'), 'a', 'd', SIZE, { readOnly: true }), { code: 'MOB_ERR_UNKNOWN_DISK' });
   t.equal(await fsp.stat(path.join(dir, 'nope')).then(() => true, () => false), false, 'read-only open creates nothing');
 });
 
@@ -99,7 +99,7 @@ t.test('a directory a failed creation left behind (no state.json, no data) is tr
   await fsp.writeFile(path.join(dir, 'replica.img'), '');
   await fsp.writeFile(path.join(dir, 'wal.log'), '');
   await fsp.writeFile(path.join(dir, `state.json.tmp-${process.pid}`), '{"version":1,');
-  const { store, created } = await ReplicaStore.open(dir, 'a', 'd', SIZE);
+  const { store, created } = await LocalReplicaStore.open(dir, 'a', 'd', SIZE);
   t.ok(created, 'empty leftovers: a new replica');
   t.equal(store.dir, dir);
   await store.submit([{ offset: 0, length: 4096, data: Buffer.alloc(4096, 3) }], 1);
@@ -112,7 +112,7 @@ t.test('a directory a failed creation left behind (no state.json, no data) is tr
   await fsp.rm(path.join(dir, 'replica.img'));
   await fsp.writeFile(path.join(dir, 'replica.img'), '');
   await fsp.truncate(path.join(dir, 'replica.img'), 1024 * 1024 * 1024);
-  const r2 = await ReplicaStore.open(dir, 'a', 'd', SIZE);
+  const r2 = await LocalReplicaStore.open(dir, 'a', 'd', SIZE);
   t.ok(r2.created, 'all-hole leftover: a new replica');
   t.equal(r2.store.sizeBytes, SIZE, 'with the announced size');
   await r2.store.close();
@@ -128,7 +128,7 @@ t.test('a directory a failed creation left behind (no state.json, no data) is tr
     await fsp.writeFile(path.join(dir, 'replica.img'), '');
     await prepare();
     const before = await tree(root);
-    await t.rejects(ReplicaStore.open(dir, 'a', 'd', SIZE), { code: 'MOB_ERR_STATE_CORRUPT' }, `${name}: refused`);
+    await t.rejects(LocalReplicaStore.open(dir, 'a', 'd', SIZE), { code: 'MOB_ERR_STATE_CORRUPT' }, `${name}: refused`);
     t.same(await tree(root), before, `${name}: nothing changed`);
   }
 });
@@ -138,18 +138,18 @@ t.test('a new replica is created atomically: unpublished, discarded, or swept af
   const dir = path.join(root, 'replicas', 'agent', 'd');
   await fsp.mkdir(path.join(root, 'replicas'));
   // unpublished: lives in a temporary sibling, invisible under its disk id
-  const { store, created } = await ReplicaStore.open(dir, 'a', 'd', SIZE, { publish: false });
+  const { store, created } = await LocalReplicaStore.open(dir, 'a', 'd', SIZE, { publish: false });
   t.ok(created);
   t.ok(store.unpublished);
   t.equal(await fsp.stat(dir).then(() => true, () => false), false, 'nothing under the disk id before publish');
   await store.discard();
   t.same(await tree(root), ['replicas'], 'discard removes the replica and the agent directory it created');
 
-  const again = await ReplicaStore.open(dir, 'a', 'd', SIZE, { publish: false });
+  const again = await LocalReplicaStore.open(dir, 'a', 'd', SIZE, { publish: false });
   await again.store.close();
   t.same(await tree(root), ['replicas'], 'closing an unpublished replica discards it');
 
-  const pub = await ReplicaStore.open(dir, 'a', 'd', SIZE, { publish: false });
+  const pub = await LocalReplicaStore.open(dir, 'a', 'd', SIZE, { publish: false });
   await pub.store.publish();
   t.notOk(pub.store.unpublished);
   await pub.store.submit([{ offset: 0, length: 4096, data: Buffer.alloc(4096, 5) }], 1);
@@ -163,13 +163,13 @@ t.test('a new replica is created atomically: unpublished, discarded, or swept af
   await fsp.mkdir(path.join(root, 'replicas', 'agent', `.e~new-${dead}-0badf00d`));
   await fsp.writeFile(path.join(root, 'replicas', 'agent', `.e~new-${dead}-0badf00d`, 'replica.img'), '');
   await fsp.mkdir(path.join(root, 'replicas', 'agent', `.e~old-${process.pid}-0badf00d`));
-  const other = await ReplicaStore.open(path.join(root, 'replicas', 'agent', 'e'), 'a', 'e', SIZE);
+  const other = await LocalReplicaStore.open(path.join(root, 'replicas', 'agent', 'e'), 'a', 'e', SIZE);
   await other.store.close();
   t.same((await fsp.readdir(path.join(root, 'replicas', 'agent'))).sort(), ['d', 'e'], 'stale temporary directories swept at open');
 
   // a state-less clean close leaves state.json alone (nothing to checkpoint)
   const before = await fsp.readFile(path.join(dir, 'state.json'), 'utf8');
-  const ro = await ReplicaStore.open(dir, 'a', 'd', SIZE);
+  const ro = await LocalReplicaStore.open(dir, 'a', 'd', SIZE);
   await ro.store.close();
   t.equal(await fsp.readFile(path.join(dir, 'state.json'), 'utf8'), before, 'a session that wrote nothing does not rewrite state.json');
 });
@@ -179,9 +179,9 @@ t.test('a disk the filesystem cannot hold: MOB_ERR_DISK_TOO_LARGE and nothing cr
   const dir = path.join(mnt, 'replicas', 'agent', 'd');
   await fsp.mkdir(path.join(mnt, 'replicas'));
   const before = await tree(mnt);
-  await t.rejects(ReplicaStore.open(dir, 'a', 'd', 20 * 1024 ** 4), { code: 'MOB_ERR_DISK_TOO_LARGE' });
+  await t.rejects(LocalReplicaStore.open(dir, 'a', 'd', 20 * 1024 ** 4), { code: 'MOB_ERR_DISK_TOO_LARGE' });
   t.same(await tree(mnt), before, 'no directory or file was created');
-  const { store, created } = await ReplicaStore.open(dir, 'a', 'd', SIZE);
+  const { store, created } = await LocalReplicaStore.open(dir, 'a', 'd', SIZE);
   t.ok(created, 'the same disk id then works');
   await store.close();
 });

@@ -14,14 +14,14 @@
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { ID_PATTERN } from '../constants.js';
-import { MobilityError, isErrorCode } from '../errors.js';
-import type { RecoveryPoint } from '../target/catalog.js';
-import { readBody, send } from './api.js';
-import type { Policy } from './config-db.js';
-import { readFailoverState } from './failover.js';
-import type { ProcessServer } from './process-server.js';
-import { TOKEN_TTL_MS } from './registry.js';
+import { ID_PATTERN } from '../../constants.js';
+import { MobilityError, isErrorCode } from '../../errors.js';
+import type { RecoveryPoint } from '../../target/catalog.js';
+import { readBody, send } from './http-util.js';
+import type { Policy } from '../config-db.js';
+import type { ServerContext } from '../context.js';
+import { allocatedBytes } from '../../target/local/local-backend.js';
+import { TOKEN_TTL_MS } from '../registry.js';
 
 const MIN_CRASH_INTERVAL_MS = 15_000;
 export const DEFAULT_CUT_TIMEOUT_MS = 120_000;
@@ -43,25 +43,13 @@ export function diskIdFor(device: string): string {
 }
 
 /** Waits until no session holds the disk (the agent stopped replicating it). */
-async function waitReleased(server: ProcessServer, key: string, timeoutMs: number): Promise<boolean> {
+async function waitReleased(server: ServerContext, agentId: string, diskId: string, timeoutMs: number): Promise<boolean> {
   const end = Date.now() + timeoutMs;
-  for (;;) {
-    const held = server.diskLocks.get(key);
-    if (held === undefined) return true;
-    if (held instanceof Promise) { await held; continue; }
+  while (server.diskBusy(agentId, diskId)) {
     if (Date.now() > end) return false;
     await new Promise((r) => setTimeout(r, 100));
   }
-}
-
-/** Allocated bytes of a file or a directory tree (what deleting it frees). */
-async function allocated(p: string): Promise<number> {
-  let st;
-  try { st = await fsp.lstat(p); } catch { return 0; }
-  if (!st.isDirectory()) return st.blocks * 512;
-  let n = st.blocks * 512;
-  for (const e of await fsp.readdir(p).catch(() => [] as string[])) n += await allocated(path.join(p, e));
-  return n;
+  return true;
 }
 
 export interface DisablePlan {
@@ -78,33 +66,21 @@ export interface DisablePlan {
 }
 
 /** What disabling a disk without --keep-replica deletes. */
-export async function disablePlan(server: ProcessServer, agentId: string, diskId: string): Promise<DisablePlan> {
+export async function disablePlan(server: ServerContext, agentId: string, diskId: string): Promise<DisablePlan> {
   const lastDisk = server.db.listDisks(agentId).every((d) => d.diskId === diskId);
   const replicas: DisablePlan['replicas'] = [];
-  const dirs = lastDisk
-    ? (await fsp.readdir(server.agentDir(agentId), { withFileTypes: true }).catch(() => [])).filter((d) => d.isDirectory()).map((d) => d.name).sort()
-    : [diskId];
-  for (const d of dirs) {
-    const dir = server.diskDir(agentId, d);
-    let sizeBytes: number;
-    try {
-      sizeBytes = (JSON.parse(await fsp.readFile(path.join(dir, 'state.json'), 'utf8')) as { sizeBytes: number }).sizeBytes;
-    } catch {
-      continue; // no replica there
-    }
-    replicas.push({ diskId: d, sizeBytes, allocatedBytes: await allocated(dir) });
+  const disks = lastDisk ? await server.backend.disks(agentId) : [diskId];
+  for (const d of disks) {
+    const st = await server.backend.stat(agentId, d);
+    if (!st) continue; // no replica there
+    replicas.push({ diskId: d, sizeBytes: st.sizeBytes, allocatedBytes: st.storedBytes });
   }
   let all: readonly RecoveryPoint[] = [];
   try { all = (await server.catalog(agentId)).list(); } catch { /* no catalog */ }
   const images: DisablePlan['testFailoverImages'] = [];
-  const tfDir = path.join(server.opts.dataDir, 'test-failover', agentId);
-  for (const point of (await fsp.readdir(tfDir).catch(() => [] as string[])).sort()) {
-    for (const f of (await fsp.readdir(path.join(tfDir, point)).catch(() => [] as string[])).sort()) {
-      const disk = f.replace(/\.img$/, '');
-      if (!f.endsWith('.img') || (!lastDisk && disk !== diskId)) continue;
-      const p = path.join(tfDir, point, f);
-      images.push({ point, diskId: disk, path: p, allocatedBytes: await allocated(p) });
-    }
+  for (const img of await server.backend.images(agentId, 'test-failover')) {
+    if (!lastDisk && img.diskId !== diskId) continue;
+    images.push({ point: img.pointId, diskId: img.diskId, path: img.location, allocatedBytes: img.localPath ? await allocatedBytes(img.localPath) : img.sizeBytes });
   }
   return {
     lastDisk, replicas, points: lastDisk ? all.length : 0,
@@ -113,20 +89,16 @@ export async function disablePlan(server: ProcessServer, agentId: string, diskId
 }
 
 /** Removes what disablePlan lists (call with the agent lock held). */
-async function removeReplicas(server: ProcessServer, agentId: string, diskId: string, plan: DisablePlan): Promise<void> {
-  const tfDir = path.join(server.opts.dataDir, 'test-failover', agentId);
+async function removeReplicas(server: ServerContext, agentId: string, diskId: string, plan: DisablePlan): Promise<void> {
+  const disks = plan.lastDisk ? await server.backend.disks(agentId) : [diskId];
+  for (const img of await server.backend.images(agentId, 'test-failover')) {
+    if (plan.lastDisk || img.diskId === diskId) await server.backend.removeImage(img);
+  }
+  for (const d of disks) await server.backend.remove(agentId, d);
   if (plan.lastDisk) {
-    await fsp.rm(server.agentDir(agentId), { recursive: true, force: true });
     await server.resetCatalog(agentId);
-    await fsp.rm(tfDir, { recursive: true, force: true });
-    return;
+    await fsp.rm(server.agentDir(agentId), { recursive: true, force: true });
   }
-  await fsp.rm(server.diskDir(agentId, diskId), { recursive: true, force: true });
-  for (const img of plan.testFailoverImages) {
-    await fsp.rm(img.path, { force: true });
-    await fsp.rmdir(path.dirname(img.path)).catch(() => undefined); // only when nothing else is left in it
-  }
-  await fsp.rmdir(tfDir).catch(() => undefined);
 }
 
 /**
@@ -136,7 +108,7 @@ async function removeReplicas(server: ProcessServer, agentId: string, diskId: st
  * hook failed is MOB_ERR_HOOK), any point for kind crash. The first cut failure the agent
  * reports after accepting the request fails it with that failure's code.
  */
-async function cutAndWait(server: ProcessServer, agentId: string, kind: 'crash' | 'app', timeoutMs: number, res: ServerResponse): Promise<{ point: RecoveryPoint; requestedAt: string; waitedMs: number }> {
+async function cutAndWait(server: ServerContext, agentId: string, kind: 'crash' | 'app', timeoutMs: number, res: ServerResponse): Promise<{ point: RecoveryPoint; requestedAt: string; waitedMs: number }> {
   const t0 = Date.now();
   let requestedAtMs: number | null = null;
   const seen: RecoveryPoint[] = [];
@@ -165,7 +137,7 @@ async function cutAndWait(server: ProcessServer, agentId: string, kind: 'crash' 
     finish(new MobilityError(code, `the cut of ${agentId} failed on the agent: ${String(e.message)}`));
   });
   const timer = setTimeout(() => {
-    const h = [...(server.health.get(agentId)?.entries() ?? [])].map(([d, r]) => `${d} ${r.connected ? r.state : 'disconnected'}${r.state === 'initial-sync' || r.state === 'resyncing' ? ` ${(r.progressPermille / 10).toFixed(1)}%` : ''}`);
+    const h = [...(server.health.entries(agentId))].map(([d, r]) => `${d} ${r.connected ? r.state : 'disconnected'}${r.state === 'initial-sync' || r.state === 'resyncing' ? ` ${(r.progressPermille / 10).toFixed(1)}%` : ''}`);
     finish(new MobilityError('MOB_ERR_CUT_TIMEOUT', `no ${kind}-consistent recovery point of ${agentId} within ${Math.round(timeoutMs / 1000)} s`
       + `${h.length ? ` (disks: ${h.join(', ')})` : ''}; a cut is taken once every disk is continuous, and the request stays queued on the agent`));
   }, timeoutMs);
@@ -188,7 +160,7 @@ async function cutAndWait(server: ProcessServer, agentId: string, kind: 'crash' 
   }
 }
 
-export async function handleConfigApi(server: ProcessServer, req: IncomingMessage, res: ServerResponse, url: URL): Promise<boolean> {
+export async function handleConfigApi(server: ServerContext, req: IncomingMessage, res: ServerResponse, url: URL): Promise<boolean> {
   const db = server.db;
   const route = `${req.method ?? ''} ${url.pathname}`;
   switch (route) {
@@ -266,7 +238,7 @@ export async function handleConfigApi(server: ProcessServer, req: IncomingMessag
       const keep = b.keepReplica === true;
       if (!keep) {
         // the promoted images of a failover are a running machine's disks: never orphan them
-        const fo = await readFailoverState(server, a.id);
+        const fo = await server.failoverState(a.id);
         if (fo) throw new MobilityError('MOB_ERR_FAILED_OVER', `${a.id} is failed over to ${fo.point} (since ${fo.failedOverAt}); removing its replicas would orphan the promoted images: fail back first (mobility reprotect), or disable with --keep-replica`);
       }
       if (b.dryRun === true) {
@@ -277,14 +249,14 @@ export async function handleConfigApi(server: ProcessServer, req: IncomingMessag
       const pushed = server.control.push(a.id);
       let removed: DisablePlan | null = null;
       if (!keep) {
-        const released = await waitReleased(server, `${a.id}/${row.diskId}`, 60_000);
+        const released = await waitReleased(server, a.id, row.diskId, 60_000);
         if (!released) throw new MobilityError('MOB_ERR_DISK_BUSY', `disk ${row.diskId} was disabled but a session still holds its replica; the replica was kept (disable again to remove it)`);
         removed = await server.withAgentLock(a.id, async () => {
           const plan = await disablePlan(server, a.id, row.diskId);
           await removeReplicas(server, a.id, row.diskId, plan);
           return plan;
         });
-        server.health.get(a.id)?.delete(row.diskId);
+        server.health.forget(a.id, row.diskId);
       }
       server.log.info('replication disabled', {
         agent: a.id, disk: row.diskId, pushed, replicaRemoved: removed !== null, pointsRemoved: removed?.points ?? 0,
@@ -300,7 +272,7 @@ export async function handleConfigApi(server: ProcessServer, req: IncomingMessag
       if (kind !== 'crash' && kind !== 'app') throw new MobilityError('MOB_ERR_USAGE', `kind must be crash or app, not ${JSON.stringify(kind)}`);
       const timeoutMs = ms(b.timeoutMs, 'timeoutMs', DEFAULT_CUT_TIMEOUT_MS, 1000);
       if (timeoutMs > MAX_CUT_TIMEOUT_MS) throw new MobilityError('MOB_ERR_USAGE', `timeoutMs must be at most ${MAX_CUT_TIMEOUT_MS}`);
-      const fo = await readFailoverState(server, a.id);
+      const fo = await server.failoverState(a.id);
       if (fo) throw new MobilityError('MOB_ERR_FAILED_OVER', `${a.id} is failed over to ${fo.point}: replication is stopped, so there is nothing to cut`);
       if (db.listDisks(a.id).length === 0) throw new MobilityError('MOB_ERR_NOT_PROTECTING', `${a.id} protects no disk: enable one first (mobility enable --machine ${a.id} --disk DEV)`);
       server.log.info('cut requested', { agent: a.id, kind, timeoutMs });

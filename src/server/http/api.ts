@@ -1,0 +1,187 @@
+/**
+ * The server's operator API: JSON over the same HTTPS listener as the agents'
+ * WebSocket endpoint, authenticated with `Authorization: Bearer <token>`.
+ *
+ *   GET  /v1/status                      every agent's disks: state, RPO, data lag, backlog, churn
+ *   GET  /v1/points?agent=A              recovery points of an agent
+ *   POST /v1/test-failover               {agent, point, cleanup?}: materialise (or remove) writable images
+ *
+ * Errors answer {code, message} with a status from the code. The handler never
+ * throws: a bad request cannot disturb replication.
+ */
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import path from 'node:path';
+import { ID_PATTERN } from '../../constants.js';
+import { MobilityError, toMobilityError } from '../../errors.js';
+import type { RecoveryPoint } from '../../target/catalog.js';
+import type { PointImage } from '../../target/replica-store.js';
+import type { ServerContext } from '../context.js';
+import { failback, failover, materializePoint } from '../failover.js';
+import { handleConfigApi } from './config-api.js';
+import { authorized, readBody, send, statusFor } from './http-util.js';
+
+export { readBody, send } from './http-util.js';
+
+function agentParam(v: unknown): string {
+  if (typeof v !== 'string' || !ID_PATTERN.test(v)) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `agent id ${JSON.stringify(v)} is not [A-Za-z0-9._-]{1,64}`);
+  return v;
+}
+
+export interface DiskStatus {
+  agent: string; disk: string; sizeBytes: number; initialComplete: boolean;
+  state: string; reason: string; connected: boolean; healthAgeMs: number | null;
+  rpoMs: number | null; rpoAlert: boolean; latestPoint: string | null; latestAppPoint: string | null; points: number;
+  /** Bytes the replica and its points occupy in the target. */
+  storedBytes: number;
+  dataLagMs: number | null; backlogBytes: number | null; churnBytesPerSec: number | null; freezeFailures: number; lastFreezeMs: number | null;
+  /** Progress of the running scan (initial sync or resync), 0..1000, from the agent's last health report. */
+  progressPermille: number | null;
+}
+
+/** Status of every disk of every agent the server has a replica for. */
+export async function collectStatus(server: ServerContext): Promise<DiskStatus[]> {
+  const out: DiskStatus[] = [];
+  const now = Date.now();
+  for (const agent of await server.backend.agents()) {
+    const cat = await server.catalog(agent);
+    const fo = await server.failoverState(agent);
+    for (const disk of await server.backend.disks(agent)) {
+      const st = await server.backend.stat(agent, disk).catch(() => null);
+      if (!st) continue;
+      const pts = cat.list().filter((p) => p.disks[disk]);
+      const latest = pts[pts.length - 1] ?? null;
+      const latestApp = [...pts].reverse().find((p) => p.kind === 'app') ?? null;
+      const h = server.health.get(agent, disk);
+      const rpoMs = latest ? Math.max(0, now - Date.parse(latest.takenAt)) : null;
+      // a paused target is the reason even after the session ended: say it rather than 'disconnected'
+      const state = fo ? 'failed-over' : h ? (h.connected || h.state === 'target-unavailable' ? h.state : 'disconnected') : st.initialComplete ? 'disconnected' : 'initial-sync';
+      out.push({
+        agent, disk, sizeBytes: st.sizeBytes, initialComplete: st.initialComplete, storedBytes: st.storedBytes,
+        state, reason: fo ? `failed over to ${fo.point} at ${fo.failedOverAt}` : h?.reason ?? '', connected: h?.connected ?? false, healthAgeMs: h ? now - h.receivedAt : null,
+        rpoMs, rpoAlert: rpoMs === null || rpoMs > server.rpoAlertFor(agent), latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
+        dataLagMs: h?.dataLagMs ?? null, backlogBytes: h?.backlogBytes ?? null, churnBytesPerSec: h?.churnBytesPerSec ?? null,
+        freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? null, progressPermille: h?.progressPermille ?? null,
+      });
+    }
+  }
+  return out;
+}
+
+export interface TestFailoverResult {
+  point: RecoveryPoint;
+  /** The images made (or removed, with cleanup), one per disk of the point. */
+  disks: PointImage[];
+  /** With download: the local sparse files written, per disk. */
+  downloads: { diskId: string; file: string; bytes: number; ms: number }[];
+  removed: boolean;
+}
+
+/**
+ * Test failover of a point: the backend makes a writable image of every disk (a file under
+ * <data-dir>/test-failover/<agent>/<point>/, or a page blob copied from the point's snapshot).
+ * With download, each image is also written as a local sparse file <dir>/<disk>.img (the server
+ * writes it: give a directory on the server). With cleanup, the point's images are deleted.
+ */
+export async function testFailover(server: ServerContext, agent: string, ref: string, o: { cleanup?: boolean; download?: string | null; progress?: (diskId: string, done: number, total: number) => void } = {}): Promise<TestFailoverResult> {
+  return server.withAgentLock(agent, async () => {
+    const cat = await server.catalog(agent);
+    const point = cat.resolve(ref);
+    if (o.cleanup) {
+      const imgs = (await server.backend.images(agent, 'test-failover')).filter((i) => i.pointId === point.id);
+      for (const img of imgs) await server.backend.removeImage(img);
+      server.log.info('test failover images removed', { agent, point: point.id, disks: imgs.map((i) => i.diskId) });
+      return { point, disks: imgs, downloads: [], removed: true };
+    }
+    const disks = await materializePoint(server, agent, point, 'test-failover');
+    const downloads: TestFailoverResult['downloads'] = [];
+    if (o.download) {
+      for (const img of disks) {
+        const file = path.join(o.download, `${img.diskId}.img`);
+        const r = await server.backend.download(img, file, (done, total) => o.progress?.(img.diskId, done, total));
+        downloads.push({ diskId: img.diskId, file, ...r });
+      }
+    }
+    server.log.info('test failover image ready', { agent, point: point.id, disks: disks.map((d) => ({ disk: d.diskId, location: d.location, method: d.method, ms: d.ms, undoRecords: d.undoRecords })), downloads: downloads.map((d) => d.file) });
+    return { point, disks, downloads, removed: false };
+  });
+}
+
+export async function handleApi(server: ServerContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  try {
+    const url = new URL(req.url ?? '/', 'http://x');
+    if (url.pathname === '/v1/replicate') {
+      send(res, 426, { code: 'MOB_ERR_USAGE', message: 'connect with a WebSocket to /v1/replicate' });
+      return;
+    }
+    // unauthenticated: server time (preflight clock check) and registration (its own secret, rate limited)
+    if (req.method === 'GET' && url.pathname === '/v1/time') {
+      send(res, 200, { nowMs: Date.now() });
+      return;
+    }
+    if (req.method === 'POST' && (url.pathname === '/v1/register/challenge' || url.pathname === '/v1/register')) {
+      if (!server.identity) throw new MobilityError('MOB_ERR_CONFIG', 'registration needs TLS (the server runs with --no-tls)');
+      const b = await readBody(req);
+      const ip = req.socket.remoteAddress ?? '?';
+      send(res, 200, url.pathname === '/v1/register' ? await server.registry.register(b, ip) : await server.registry.challenge(b, ip));
+      return;
+    }
+    if (!authorized(server.token, req)) {
+      req.resume();
+      throw new MobilityError('MOB_ERR_AUTH', 'missing or wrong bearer token');
+    }
+    if (req.method === 'GET' && url.pathname === '/v1/status') {
+      send(res, 200, { disks: await collectStatus(server), rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs });
+    } else if (req.method === 'GET' && url.pathname === '/v1/points') {
+      const agent = agentParam(url.searchParams.get('agent'));
+      send(res, 200, { agent, points: (await server.catalog(agent)).list() });
+    } else if (req.method === 'POST' && url.pathname === '/v1/failover') {
+      const b = await readBody(req);
+      const agent = agentParam(b.agent);
+      const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
+      send(res, 200, await failover(server, agent, ref, b.finalCut !== false));
+    } else if (req.method === 'POST' && url.pathname === '/v1/failback') {
+      const b = await readBody(req);
+      send(res, 200, await failback(server, agentParam(b.agent)));
+    } else if (req.method === 'POST' && url.pathname === '/v1/test-failover') {
+      const b = await readBody(req);
+      const agent = agentParam(b.agent);
+      const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
+      let download: string | null = null;
+      if (b.download !== undefined && b.download !== null) {
+        if (typeof b.download !== 'string' || !path.isAbsolute(b.download)) throw new MobilityError('MOB_ERR_USAGE', 'download must be an absolute directory on the server');
+        download = b.download;
+      }
+      if (b.stream === true) {
+        // newline-delimited JSON: progress lines while images are made and downloaded, then the result
+        res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+        let last = 0;
+        try {
+          const r = await testFailover(server, agent, ref, {
+            cleanup: b.cleanup === true, download,
+            progress: (diskId, done, total) => {
+              if (done < total && Date.now() - last < 250) return;
+              last = Date.now();
+              res.write(JSON.stringify({ type: 'progress', disk: diskId, doneBytes: done, totalBytes: total }) + '\n');
+            },
+          });
+          res.end(JSON.stringify({ type: 'result', ...r }) + '\n');
+        } catch (err) {
+          const e = toMobilityError(err);
+          res.end(JSON.stringify({ type: 'error', code: e.code, message: e.message }) + '\n');
+        }
+        return;
+      }
+      send(res, 200, await testFailover(server, agent, ref, { cleanup: b.cleanup === true, download }));
+    } else if (await handleConfigApi(server, req, res, url)) {
+      // answered
+    } else {
+      req.resume();
+      send(res, 404, { code: 'MOB_ERR_USAGE', message: `no such endpoint: ${req.method} ${url.pathname}` });
+    }
+  } catch (err) {
+    const e = toMobilityError(err);
+    if (e.code === 'MOB_ERR_INTERNAL' || e.code === 'MOB_ERR_STORAGE') server.log.error('api request failed', { code: e.code, error: e.message });
+    const details = (err as { details?: unknown }).details;
+    if (!res.headersSent) send(res, statusFor(e.code), { code: e.code, message: e.message, ...(details ? { details } : {}) });
+  }
+}
