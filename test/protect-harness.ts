@@ -97,7 +97,7 @@ export interface Setup {
   args: (extra?: string[]) => string[];
 }
 
-export async function setup(t: Test, sizeMb = 256): Promise<Setup> {
+export async function setup(t: Test, sizeMb = 256, o: { serverArgs?: string[] } = {}): Promise<Setup> {
   for (const tool of ['losetup', 'mkfs.ext4', 'e2fsck', 'fsfreeze', 'fio', 'mount']) {
     try { sh('sh', ['-c', `command -v ${tool}`]); } catch { throw new Error(`${tool} is required for this test`); }
   }
@@ -121,7 +121,7 @@ export async function setup(t: Test, sizeMb = 256): Promise<Setup> {
   sh('sync', []);
   const agentId = `e2e-${process.pid}-${crypto.randomBytes(4).toString('hex')}`;
   c.traceInstances(agentId);
-  const server = await startServer(t, path.join(dir, 'srv'));
+  const server = await startServer(t, path.join(dir, 'srv'), { extraArgs: o.serverArgs });
   const sums = path.join(dir, 'sums');
   const hooks = path.join(dir, 'hooks');
   await fsp.mkdir(sums);
