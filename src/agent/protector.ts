@@ -470,7 +470,9 @@ export class Protector {
         for (const [id, c] of this.pendingCuts) this.emit({ event: 'cut-failed', cutId: id, kind: c.kind, code: e.code, message: `connection lost before the server acknowledged the cut: ${e.message}` });
         this.pendingCuts.clear();
         if (this.stopping) break;
-        if (!e.retryable) throw e;
+        // a failing replica target (unreachable, credentials, quota) is the server's to fix: the
+        // changes stay queued here and protection resumes when the target is back
+        if (!e.retryable && !e.code.startsWith('MOB_ERR_TARGET_')) throw e;
         this.emit({ event: 'disconnected', code: e.code, message: e.message });
         const wait = Math.round(backoff * (0.5 + Math.random() / 2));
         this.log.warn('connection lost; reconnecting', { code: e.code, error: e.message, retryInMs: wait });
