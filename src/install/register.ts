@@ -13,7 +13,7 @@ import { normalizeFingerprint } from '../transport/tls.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import { credentialFiles, readIdentity, type Identity } from '../agent/config.js';
 import { readMachineId } from '../agent/inventory.js';
-import { secretKey, serverProof } from '../server/registry.js';
+import { secretKey, serverProof } from '../protocol/registration.js';
 import { installIdOf } from '../util/installation.js';
 
 export interface RegisterOptions {

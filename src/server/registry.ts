@@ -20,6 +20,9 @@ import type { Logger } from '../log.js';
 import { signClientCert } from '../transport/tls.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import type { ConfigDb } from './config-db.js';
+import { secretKey, serverProof } from '../protocol/registration.js';
+
+export { secretKey, serverProof } from '../protocol/registration.js';
 
 export const TOKEN_TTL_MS = 24 * 3600_000;
 
@@ -52,14 +55,6 @@ export async function rotatePassphrase(dataDir: string): Promise<string> {
   const p = newPassphrase();
   await writeFileDurable(passphraseFile(dataDir), p + '\n', 0o600);
   return p;
-}
-
-export function secretKey(secret: string): Buffer {
-  return crypto.createHash('sha256').update(secret, 'utf8').digest();
-}
-
-export function serverProof(key: Buffer, nonce: string, fingerprint: string): string {
-  return crypto.createHmac('sha256', key).update(`mobility-register|${nonce}|${fingerprint}`).digest('hex');
 }
 
 function equalSecret(a: Buffer, b: Buffer): boolean {
