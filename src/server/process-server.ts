@@ -56,6 +56,8 @@ export interface ProcessServerOptions {
   store?: string;
   /** The 0600 credentials file of an azure: store. */
   storeCredentials?: string;
+  /** How long a failing target is retried before the disk pauses with MOB_ERR_TARGET_UNAVAILABLE (default: the backend's, 120 s). */
+  storeRetryMs?: number;
   /** A backend built by the caller (tests, benchmarks); overrides store. */
   backend?: ReplicaBackend;
 }
@@ -107,7 +109,7 @@ export class ProcessServer {
     await fsp.mkdir(this.opts.dataDir, { recursive: true, mode: 0o700 });
     this.token = await ensureToken(this.opts.dataDir);
     this.backend = this.opts.backend ?? await createBackend(parseStoreSpec(this.opts.store, this.opts.dataDir), {
-      dataDir: this.opts.dataDir, credentialsFile: this.opts.storeCredentials, log: this.log.child({ component: 'target' }),
+      dataDir: this.opts.dataDir, credentialsFile: this.opts.storeCredentials, log: this.log.child({ component: 'target' }), retryMs: this.opts.storeRetryMs,
     });
     // a target that cannot be used (credentials, container) stops the start, with the fix named
     await this.backend.init();

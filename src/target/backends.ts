@@ -53,12 +53,15 @@ export function parseStoreSpec(spec: string | undefined, dataDir: string): Store
 }
 
 /** Builds (without contacting it) the backend of a spec. */
-export async function createBackend(spec: StoreSpec, o: { dataDir: string; credentialsFile?: string; log?: Logger }): Promise<ReplicaBackend> {
+export async function createBackend(spec: StoreSpec, o: { dataDir: string; credentialsFile?: string; log?: Logger; retryMs?: number }): Promise<ReplicaBackend> {
   if (spec.kind === 'file') return new LocalBackend({ dir: spec.dir, imagesDir: o.dataDir });
   if (!o.credentialsFile) {
     throw new MobilityError('MOB_ERR_USAGE', '--store azure:... needs --store-credentials FILE (a 0600 JSON file with accountName and accountKey, sasToken, or connectionString)');
   }
   const { loadAzureCredentials } = await import(AZURE_CREDENTIALS);
   const { AzureBackend } = await import(AZURE_BACKEND);
-  return new AzureBackend({ accountUrl: spec.accountUrl, container: spec.container, credentials: await loadAzureCredentials(o.credentialsFile), log: o.log });
+  return new AzureBackend({
+    accountUrl: spec.accountUrl, container: spec.container, credentials: await loadAzureCredentials(o.credentialsFile), log: o.log,
+    ...(o.retryMs !== undefined ? { retry: { totalBudgetMs: o.retryMs } } : {}),
+  });
 }
