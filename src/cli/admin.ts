@@ -7,7 +7,8 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { DEFAULT_PORT } from '../constants.js';
 import { MobilityError } from '../errors.js';
-import { EXIT, api, fmtAge, parse, parseDuration, parseSize, readSecretFile, type Values } from './main.js';
+import { EXIT, parse, parseDuration, parseSize, readSecretFile, type Values } from './args.js';
+import { api, fmtAge, type ApiConn } from './api-client.js';
 import { confirmDestructive } from './confirm.js';
 import { fmtBytes, table } from './progress.js';
 
@@ -161,7 +162,7 @@ function dataDir(v: Values): string {
 }
 
 /** Operator connection: the server URL, and the admin token and CA from --token-file/--ca or the data directory. */
-async function adminConn(v: Values): Promise<{ url: URL; token: string; ca?: string; pin?: string }> {
+async function adminConn(v: Values): Promise<ApiConn> {
   const url = new URL((v.server as string | undefined) ?? `wss://127.0.0.1:${DEFAULT_PORT}`);
   if (!/^wss?:$/.test(url.protocol)) throw new MobilityError('MOB_ERR_USAGE', '--server must be wss://HOST:PORT');
   const tokenFile = (v['token-file'] as string | undefined) ?? path.join(dataDir(v), 'token');

@@ -1,45 +1,21 @@
 /**
- * The `mobility` command. Exit codes come from one switch (exitCodeFor).
+ * The `mobility` command: help, the replication and operations commands, and the
+ * dispatch to admin.ts (configuration server, agent lifecycle). Argument parsing and
+ * exit codes (one switch, exitCodeFor) live in args.ts, the API client in
+ * api-client.ts; no other module of the CLI imports this one.
  */
-import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE } from '../constants.js';
-import { MobilityError, isErrorCode, toMobilityError, type ErrorCode } from '../errors.js';
-import { createLogger } from '../log.js';
+import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
+import { createLogger, type Logger } from '../log.js';
 import { defaultAgentId, replicate, type DiskResult, type ReplicateMode } from '../agent/replicator.js';
+import { EXIT, exitCodeFor, parse, parseDuration, parseSize, type Values } from './args.js';
+import { api, apiStream, connOptions, fmtAge, type ApiConn } from './api-client.js';
 import { ProgressReporter, fmtBytes, table } from './progress.js';
 
-export const EXIT = { OK: 0, ERROR: 1, USAGE: 2, CONFIG: 3, AUTH: 4, UNREACHABLE: 5, MISMATCH: 6, INTERRUPTED: 130 } as const;
-
-export function exitCodeFor(code: ErrorCode): number {
-  switch (code) {
-    case 'MOB_ERR_USAGE': return EXIT.USAGE;
-    case 'MOB_ERR_CONFIG':
-    case 'MOB_ERR_SOURCE':
-    case 'MOB_ERR_STATE_CORRUPT':
-    case 'MOB_ERR_DISK_SIZE_CHANGED':
-    case 'MOB_ERR_TRACKER':
-    case 'MOB_ERR_UNKNOWN_POINT':
-    case 'MOB_ERR_UNKNOWN_MACHINE':
-    case 'MOB_ERR_UNKNOWN_POLICY':
-    case 'MOB_ERR_NOT_PROTECTING':
-    case 'MOB_ERR_PREFLIGHT': return EXIT.CONFIG;
-    case 'MOB_ERR_AUTH':
-    case 'MOB_ERR_PASSPHRASE':
-    case 'MOB_ERR_TOKEN_USED':
-    case 'MOB_ERR_CLONE':
-    case 'MOB_ERR_FORBIDDEN':
-    case 'MOB_ERR_NOT_REGISTERED':
-    case 'MOB_ERR_TLS_PIN': return EXIT.AUTH;
-    case 'MOB_ERR_UNREACHABLE':
-    case 'MOB_ERR_RETRY_EXHAUSTED':
-    case 'MOB_ERR_HEARTBEAT_TIMEOUT':
-    case 'MOB_ERR_CUT_TIMEOUT':
-    case 'MOB_ERR_AGENT_OFFLINE': return EXIT.UNREACHABLE;
-    default: return EXIT.ERROR;
-  }
-}
+// moved to args.ts and api-client.ts; re-exported for code that imported them from here (bench/run.ts)
+export { EXIT, exitCodeFor, parse, parseDuration, parseSize, readSecretFile, type Values } from './args.js';
+export { api, apiStream, connOptions, fmtAge, type ApiConn } from './api-client.js';
 
 const HELP: Record<string, string> = {
   main: `mobility — block-level disaster-recovery replication
@@ -75,18 +51,43 @@ Configuration server and agents:
 Run 'mobility <command> --help' for the options of a command.
 Exit codes: 0 ok, 1 error, 2 usage, 3 configuration/source, 4 auth/TLS pin, 5 unreachable, 6 verify found differences, 130 interrupted.
 `,
-  server: `Usage: mobility server [--data-dir DIR] [--listen HOST:PORT] [--san NAME]... [--no-tls]
+  server: `Usage: mobility server [--data-dir DIR] [--listen HOST:PORT] [--san NAME]... [--no-tls] [--store SPEC [--store-credentials FILE] [--store-retry DURATION]]
 
 Runs the process server. On first start it creates in DATA-DIR:
   tls/ca.pem, tls/server.pem (+ keys, mode 0600)   the TLS identity agents pin
   token (mode 0600)                                 the pre-shared agent token
-  replicas/<agent>/<disk>/                          replica.img, state.json, wal.log
+  replicas/<agent>/                                 points.json (recovery points), failover.json (while failed over)
+With the file store (the default), also:
+  replicas/<agent>/<disk>/                          replica.img, state.json, wal.log, undo/<point>.undo
+                                                    (in DIR/<agent>/<disk>/ with --store file:DIR)
+  test-failover/<agent>/<point>/<disk>.img          test-failover images
+  failover/<agent>/<disk>.img                       promoted images (failover)
+With an azure store, the container holds each replica as a page blob replicas/<agent>/<disk>,
+its recovery points as blob snapshots, and the test-failover and failover images as page
+blobs; the data directory keeps points.json and failover.json per agent.
 
 Options:
   --data-dir DIR      state directory (default ./mobility-data)
   --listen HOST:PORT  address to listen on (default 127.0.0.1:${DEFAULT_PORT}; port 0 picks one)
   --san NAME          extra DNS name or IP for the server certificate (repeatable; first start only)
   --no-tls            plain ws:// (testing only)
+  --store SPEC        where replicas and recovery points live:
+                        file:DIR                     files under DIR (default file:DATA-DIR/replicas)
+                        azure:ACCOUNT-URL/CONTAINER  Azure page blobs, e.g.
+                                                     azure:https://acct.blob.core.windows.net/mobility
+                      the URL carries no credentials (no SAS token): they go in --store-credentials
+  --store-credentials FILE
+                      credentials of an azure store: a JSON file of mode 0600 (a file readable by
+                      group or others is refused) holding one of
+                        {"accountName": "...", "accountKey": "..."}
+                        {"sasToken": "sv=...&sig=..."}
+                        {"connectionString": "..."}
+                      the secret in it is never logged nor printed; required with azure:
+  --store-retry DURATION
+                      how long transient failures of the store (HTTP 429/500/503, resets,
+                      timeouts) are retried, with capped exponential backoff, before the disk
+                      goes to target-unavailable (default 2m); the agent keeps its changes and
+                      resumes when the store answers again
   --json-logs         JSON logs even on a terminal
 `,
   replicate: `Usage: mobility replicate --server URL --token-file F (--ca F | --pin SHA256) --disk PATH[=ID]... [options]
@@ -144,28 +145,45 @@ Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --stat
 `,
   status: `Usage: mobility status --server URL --token-file F (--ca F | --pin SHA256) [--json]
 
-Per disk: state (initial-sync, continuous, resync-required, resyncing, disconnected) and
-reason, RPO (age of the newest recovery point, with an alert past the server's threshold),
-data lag (age of the oldest unshipped write), backlog, churn, freeze statistics.
+Per disk: state (initial-sync, continuous, resync-required, resyncing, disconnected,
+target-unavailable, failed-over) and reason, RPO (age of the newest recovery point, with an
+alert past the server's threshold), data lag (age of the oldest unshipped write), backlog,
+churn, recovery points, STORED (what the replica and its points occupy in the server's
+replica store), freeze statistics. target-unavailable: the replica store (e.g. Azure
+storage) does not answer; the agent keeps its changes and resumes when it is back.
 `,
   points: `Usage: mobility points --server URL --token-file F (--ca F | --pin SHA256) [--agent-id ID] [--json]
 
 Lists the agent's recovery points (id, time, kind crash/app, freeze time, disks).
 `,
-  'test-failover': `Usage: mobility test-failover --server URL --token-file F (--ca F | --pin SHA256) [--agent-id ID] [--point ID|latest|latest-app] [--cleanup] [--json]
+  'test-failover': `Usage: mobility test-failover --server URL --token-file F (--ca F | --pin SHA256) [--agent-id ID] [--point ID|latest|latest-app] [--download DIR | --cleanup] [--json]
 
-Materialises a writable image of every disk of the point in the server's data directory
-(test-failover/<agent>/<point>/<disk>.img): a reflink copy where the filesystem supports
-it, else a sparse copy, then the undo journal rolls it back to the point. Replication goes
-on meanwhile. --cleanup removes the images of that point.
+Has the server's replica store make a writable image of every disk of the point while
+replication goes on:
+  file store   DATA-DIR/test-failover/<agent>/<point>/<disk>.img: a reflink copy where the
+               filesystem supports it, else a sparse copy, rolled back to the point by the
+               undo journals
+  azure store  a page blob in the container, copied from the point's snapshot
+Prints each disk's image location (a path on the server, or a blob URL) and how it was made.
+
+Options:
+  --point P       ID, latest (default) or latest-app
+  --download DIR  also write each image as a sparse file DIR/<disk>.img. The SERVER writes
+                  these files: DIR is a directory on the server machine, not on this one
+                  (a relative DIR is made absolute against this command's current directory,
+                  so give an absolute path when the server runs elsewhere). Progress
+                  (percentage, throughput, ETA) is shown on stderr.
+  --cleanup       remove the test-failover images of the point (not the downloaded files)
+  --json          the server's answer as JSON
 `,
   failover: `Usage: mobility failover --server URL --token-file F (--ca F | --pin SHA256) --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
 
 Fails an agent over on the server:
   1. with --point latest (the default) and the agent connected, asks it for a final
      crash-consistent cut and waits for it (up to 2 minutes), unless --no-final-cut;
-  2. materialises the point of every disk as <data-dir>/failover/<agent>/<disk>.img:
-     the promoted disks, to attach to the recovery machine;
+  2. has the replica store make an image of the point of every disk: the promoted disks,
+     to attach to the recovery machine (file store: DATA-DIR/failover/<agent>/<disk>.img;
+     azure store: a page blob failover/<agent>/<disk>); prints where each one is;
   3. stops replication: the agent's session ends with MOB_ERR_FAILED_OVER and new sessions
      are refused until 'mobility reprotect' fails back.
 `,
@@ -199,48 +217,16 @@ export function resources(): { maxRssBytes: number; userCpuSec: number; systemCp
   return { maxRssBytes: r.maxRSS * 1024, userCpuSec: r.userCPUTime / 1e6, systemCpuSec: r.systemCPUTime / 1e6 };
 }
 
-export function parseDuration(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(s.trim());
-  if (!m) throw new MobilityError('MOB_ERR_USAGE', `not a duration: ${s} (e.g. 30s, 5m, 1h)`);
-  return Math.round(Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m[2] ?? 's') as 'ms' | 's' | 'm' | 'h']);
-}
-
-export function parseSize(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?$/i.exec(s.trim());
-  if (!m) throw new MobilityError('MOB_ERR_USAGE', `not a size: ${s}`);
-  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  return Math.round(Number(m[1]) * mult);
-}
-
-export type Values = Record<string, string | boolean | string[] | undefined>;
-
-export function parse(argv: string[], options: ParseArgsConfig['options'], allowPositionals = false): { values: Values; positionals: string[] } {
-  try {
-    const r = parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals, strict: true });
-    return { values: r.values as Values, positionals: r.positionals };
-  } catch (err) {
-    throw new MobilityError('MOB_ERR_USAGE', (err as Error).message);
-  }
-}
-
-export async function readSecretFile(file: string | undefined, what: string): Promise<string> {
-  if (!file) throw new MobilityError('MOB_ERR_USAGE', `--${what} is required`);
-  try {
-    const t = (await fsp.readFile(file, 'utf8')).trim();
-    if (!t) throw new MobilityError('MOB_ERR_CONFIG', `${file} is empty`);
-    return t;
-  } catch (err) {
-    if (err instanceof MobilityError) throw err;
-    throw new MobilityError('MOB_ERR_CONFIG', `cannot read ${file}: ${(err as Error).message}`);
-  }
-}
-
 async function cmdServer(argv: string[]): Promise<number> {
   const { values: v } = parse(argv, {
     'data-dir': { type: 'string' }, listen: { type: 'string' }, san: { type: 'string', multiple: true },
-    'no-tls': { type: 'boolean' }, 'json-logs': { type: 'boolean' },
+    'no-tls': { type: 'boolean' }, 'json-logs': { type: 'boolean' }, store: { type: 'string' }, 'store-credentials': { type: 'string' }, 'store-retry': { type: 'string' },
   });
   if (v.help) { process.stdout.write(HELP.server); return EXIT.OK; }
+  const store = v.store as string | undefined;
+  const credentials = v['store-credentials'] as string | undefined;
+  // the spec itself is checked by the server (target/backends.ts); a credentials file nothing would read is a mistake
+  if (credentials !== undefined && !store?.startsWith('azure:')) throw new MobilityError('MOB_ERR_USAGE', '--store-credentials is for an azure: store (--store azure:ACCOUNT-URL/CONTAINER)');
   const listen = (v.listen as string | undefined) ?? `127.0.0.1:${DEFAULT_PORT}`;
   const m = /^(.*):(\d+)$/.exec(listen);
   if (!m) throw new MobilityError('MOB_ERR_USAGE', `--listen wants HOST:PORT, got ${listen}`);
@@ -248,13 +234,18 @@ async function cmdServer(argv: string[]): Promise<number> {
   // loaded here so the agent commands do not pay for the server's modules at start-up
   const { ProcessServer } = await import('../server/process-server.js');
   const dataDir = path.resolve((v['data-dir'] as string | undefined) ?? 'mobility-data');
-  const server = new ProcessServer({ dataDir, host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]), tls: !v['no-tls'], extraNames: v.san as string[] | undefined, logger });
+  const server = new ProcessServer({
+    dataDir, host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]), tls: !v['no-tls'], extraNames: v.san as string[] | undefined, logger,
+    store, storeCredentials: credentials === undefined ? undefined : path.resolve(credentials),
+    storeRetryMs: v['store-retry'] === undefined ? undefined : parseDuration(v['store-retry'] as string),
+  });
   const addr = await server.start();
   const scheme = v['no-tls'] ? 'ws' : 'wss';
   // one machine-readable line on stdout for scripts and tests
   process.stdout.write(JSON.stringify({
     event: 'listening', url: `${scheme}://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`,
     port: addr.port, dataDir, tokenFile: path.join(dataDir, 'token'), caFile: server.identity?.caFile ?? null, fingerprint: server.identity?.fingerprint256 ?? null,
+    store: `${server.backend.kind}:${server.backend.location}`,
   }) + '\n');
   await new Promise<void>((resolve) => {
     const stop = (sig: string) => {
@@ -285,19 +276,6 @@ const CONN_OPTS = {
   disk: { type: 'string', multiple: true }, 'agent-id': { type: 'string' }, 'state-dir': { type: 'string' },
   'retry-deadline': { type: 'string' }, json: { type: 'boolean' }, 'json-logs': { type: 'boolean' },
 } as const;
-
-async function connOptions(v: Values): Promise<{ url: URL; token: string; ca?: string; pin?: string }> {
-  const server = v.server as string | undefined;
-  if (!server || !/^wss?:\/\//.test(server)) throw new MobilityError('MOB_ERR_USAGE', '--server wss://HOST:PORT is required');
-  const url = new URL(server);
-  if (url.pathname === '/' || url.pathname === '') url.pathname = '/v1/replicate';
-  const token = await readSecretFile(v['token-file'] as string | undefined, 'token-file');
-  let ca: string | undefined;
-  if (v.ca) {
-    try { ca = await fsp.readFile(v.ca as string, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read --ca ${String(v.ca)}: ${(err as Error).message}`); }
-  }
-  return { url, token, ca, pin: v.pin as string | undefined };
-}
 
 function parseBlockSize(v: Values): number {
   const blockSize = v['block-size'] ? parseSize(v['block-size'] as string) : DEFAULT_BLOCK_SIZE;
@@ -338,71 +316,29 @@ async function cmdProtect(argv: string[]): Promise<number> {
   return EXIT.OK;
 }
 
-/** Calls the server's HTTP API (same address and TLS identity as the replication endpoint). */
-export async function api(c: { url: URL; token: string; ca?: string; pin?: string }, method: string, pathname: string, body?: unknown): Promise<Record<string, unknown>> {
-  const https = await import('node:https');
-  const http = await import('node:http');
-  const secure = c.url.protocol === 'wss:';
-  if (secure && !c.ca && !c.pin) throw new MobilityError('MOB_ERR_TLS_PIN', 'give the server CA (--ca) or certificate fingerprint (--pin)');
-  const u = new URL(pathname, `${secure ? 'https' : 'http'}://${c.url.host}`);
-  const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-  return new Promise((resolve, reject) => {
-    const req = (secure ? https : http).request(u, {
-      method, headers: { authorization: `Bearer ${c.token}`, ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}) },
-      ...(secure ? { ca: c.ca, rejectUnauthorized: c.ca !== undefined, checkServerIdentity: () => undefined } : {}),
-    }, (res) => {
-      if (secure && c.pin) {
-        const fp = (res.socket as import('node:tls').TLSSocket).getPeerCertificate?.()?.fingerprint256 ?? '';
-        if (fp.replace(/:/g, '').toLowerCase() !== c.pin.replace(/:/g, '').toLowerCase()) {
-          res.destroy();
-          reject(new MobilityError('MOB_ERR_TLS_PIN', `server certificate fingerprint ${fp} does not match the pinned one`));
-          return;
-        }
-      }
-      const parts: Buffer[] = [];
-      res.on('data', (d: Buffer) => parts.push(d));
-      res.on('end', () => {
-        let j: Record<string, unknown>;
-        try { j = JSON.parse(Buffer.concat(parts).toString('utf8')) as Record<string, unknown>; } catch { j = {}; }
-        if ((res.statusCode ?? 500) >= 400) {
-          const code = typeof j.code === 'string' && isErrorCode(j.code) ? j.code : 'MOB_ERR_INTERNAL';
-          reject(new MobilityError(code, `server: ${String(j.message ?? res.statusCode)}`));
-        } else resolve(j);
-      });
-    });
-    req.on('error', (err) => reject(new MobilityError('MOB_ERR_UNREACHABLE', `cannot reach ${u.host}: ${err.message}`, { cause: err })));
-    req.end(payload);
-  });
-}
-
-export function fmtAge(ms: number | null | undefined): string {
-  if (ms === null || ms === undefined) return '-';
-  if (ms < 1000) return `${ms} ms`;
-  if (ms < 120_000) return `${(ms / 1000).toFixed(1)} s`;
-  if (ms < 7_200_000) return `${(ms / 60_000).toFixed(1)} min`;
-  return `${(ms / 3_600_000).toFixed(1)} h`;
-}
-
 async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 'reprotect', argv: string[]): Promise<number> {
   const { values: v } = parse(argv, {
     server: { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' }, 'agent-id': { type: 'string' },
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
     disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' } } : {}),
+    ...(cmd === 'test-failover' ? { download: { type: 'string' } } : {}),
   });
   if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
+  if (v.download !== undefined && v.cleanup) throw new MobilityError('MOB_ERR_USAGE', 'give --download or --cleanup, not both');
+  if (v.download === '') throw new MobilityError('MOB_ERR_USAGE', '--download needs a directory (on the server machine)');
   const c = await connOptions(v);
   const agent = (v['agent-id'] as string | undefined) ?? defaultAgentId();
   const out = (j: unknown, text: () => string) => process.stdout.write(v.json ? JSON.stringify(j, null, 2) + '\n' : text());
   if (cmd === 'status') {
     const j = await api(c, 'GET', '/v1/status');
-    const disks = (j.disks ?? []) as import('../server/api.js').DiskStatus[];
+    const disks = (j.disks ?? []) as import('../server/http/api.js').DiskStatus[];
     out(j, () => {
       if (!disks.length) return 'no protected disks\n';
-      const rows = [['AGENT', 'DISK', 'STATE', 'RPO', 'LAG', 'BACKLOG', 'CHURN/s', 'POINTS', 'LAST FREEZE', 'REASON']];
+      const rows = [['AGENT', 'DISK', 'STATE', 'RPO', 'LAG', 'BACKLOG', 'CHURN/s', 'POINTS', 'STORED', 'LAST FREEZE', 'REASON']];
       for (const d of disks) {
         const scanning = (d.state === 'initial-sync' || d.state === 'resyncing') && d.progressPermille !== null && d.progressPermille !== undefined;
         rows.push([d.agent, d.disk, scanning ? `${d.state} ${(d.progressPermille! / 10).toFixed(1)}%` : d.state, `${fmtAge(d.rpoMs)}${d.rpoAlert ? ' !' : ''}`, fmtAge(d.dataLagMs), d.backlogBytes === null ? '-' : fmtBytes(d.backlogBytes),
-          d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
+          d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), typeof d.storedBytes === 'number' ? fmtBytes(d.storedBytes) : '-', d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
       }
       return table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above the alert threshold (or no recovery point yet)\n' : '');
     });
@@ -417,9 +353,9 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   if (cmd === 'failover') {
     if (!v['agent-id']) throw new MobilityError('MOB_ERR_USAGE', '--agent-id is required (failover acts on one agent)');
     const j = await api(c, 'POST', '/v1/failover', { agent, point: (v.point as string | undefined) ?? 'latest', finalCut: !v['no-final-cut'] });
-    const r = j as unknown as { point: { id: string; kind: string; takenAt: string }; finalCut: { requested: boolean; pointId: string | null; note: string }; dir: string; disks: { diskId: string; image: string; method: string }[] };
+    const r = j as unknown as FailoverResult;
     out(j, () => `agent ${agent} failed over to ${r.point.id} (${r.point.kind}, ${r.point.takenAt})${r.finalCut.pointId ? ' — the final cut' : ''}${r.finalCut.note ? `; ${r.finalCut.note}` : ''}\n`
-      + r.disks.map((d) => `  ${d.diskId}: ${d.image} (${d.method})`).join('\n') + '\nreplication is stopped; run mobility reprotect on the original machine to fail back\n');
+      + r.disks.map((d) => `  ${d.diskId}: ${d.location} (${d.method})\n`).join('') + 'replication is stopped; run mobility reprotect on the original machine to fail back\n');
     return EXIT.OK;
   }
   if (cmd === 'reprotect') {
@@ -450,14 +386,60 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
       + `\nfailed back: the promoted images are the replicas now; run mobility protect again\n`);
     return EXIT.OK;
   }
-  const j = await api(c, 'POST', '/v1/test-failover', { agent, point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup) });
-  out(j, () => {
-    const r = j as unknown as { point: { id: string; takenAt: string; kind: string; suspect?: { disks: string[]; reason: string } }; dir: string; removed: boolean; disks: { diskId: string; image: string; method: string; ms: number; undoRecords: number }[] };
-    if (r.removed) return `removed the test-failover images of ${r.point.id} (${r.dir})\n`;
-    const warn = r.point.suspect ? `WARNING: ${r.point.id} is suspect on ${r.point.suspect.disks.join(', ')}: ${r.point.suspect.reason}; prefer a point recorded after the repair\n` : '';
-    return `${warn}recovery point ${r.point.id} (${r.point.kind}, ${r.point.takenAt}) materialised in ${r.dir}:\n` + r.disks.map((d) => `  ${d.diskId}: ${d.image} (${d.method}, ${d.undoRecords} undo records, ${d.ms} ms)`).join('\n') + '\n';
-  });
+  const body = { agent, point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup) };
+  let j: Record<string, unknown>;
+  if (v.download === undefined) j = await api(c, 'POST', '/v1/test-failover', body);
+  else j = await testFailoverStreamed(c, { ...body, download: path.resolve(v.download as string) }, createLogger({ component: 'cli', json: v['json-logs'] ? true : undefined }));
+  out(j, () => formatTestFailover(j as unknown as TestFailoverResult));
   return EXIT.OK;
+}
+
+type TestFailoverResult = import('../server/http/api.js').TestFailoverResult;
+type FailoverResult = import('../server/failover.js').FailoverResult;
+
+/**
+ * POST /v1/test-failover with a download, streamed: the server answers newline-delimited JSON,
+ * progress lines while it writes the files, then the result or the error. Progress goes to
+ * stderr; an error line fails the command with its code. Returns the result as the plain
+ * (unstreamed) answer would be.
+ */
+async function testFailoverStreamed(c: ApiConn, body: Record<string, unknown>, logger: Logger): Promise<Record<string, unknown>> {
+  const progress = new ProgressReporter(logger);
+  let result: Record<string, unknown> | null = null;
+  try {
+    for await (const line of apiStream(c, 'POST', '/v1/test-failover', { ...body, stream: true })) {
+      if (line.type === 'progress') {
+        progress.update({ diskId: String(line.disk), kind: 'download', done: Number(line.doneBytes), total: Number(line.totalBytes) });
+      } else if (line.type === 'error') {
+        const code = typeof line.code === 'string' && isErrorCode(line.code) ? line.code : 'MOB_ERR_INTERNAL';
+        throw new MobilityError(code, `server: ${String(line.message ?? 'test failover failed')}`);
+      } else if (line.type === 'result' || line.type === undefined) {
+        // undefined: a server that answered without streaming
+        const { type: _type, ...rest } = line;
+        result = rest;
+      }
+    }
+  } finally {
+    progress.end();
+  }
+  if (!result) throw new MobilityError('MOB_ERR_UNREACHABLE', `the server ended its answer without a result (${c.url.host}); the images may still have been made: run test-failover --cleanup to remove them`);
+  return result;
+}
+
+function formatTestFailover(r: TestFailoverResult): string {
+  if (r.removed) {
+    return r.disks.length
+      ? `removed the test-failover images of ${r.point.id}:\n` + r.disks.map((d) => `  ${d.diskId}: ${d.location}\n`).join('')
+      : `no test-failover images of ${r.point.id} to remove\n`;
+  }
+  const warn = r.point.suspect ? `WARNING: ${r.point.id} is suspect on ${r.point.suspect.disks.join(', ')}: ${r.point.suspect.reason}; prefer a point recorded after the repair\n` : '';
+  const downloads = r.downloads ?? [];
+  return `${warn}recovery point ${r.point.id} (${r.point.kind}, ${r.point.takenAt}) materialised:\n`
+    + r.disks.map((d) => {
+      const dl = downloads.filter((x) => x.diskId === d.diskId).map((x) => `    downloaded to ${x.file} (${fmtBytes(x.bytes)} in ${(x.ms / 1000).toFixed(1)} s)\n`).join('');
+      return `  ${d.diskId}: ${d.location} (${d.method}${d.undoRecords ? `, ${d.undoRecords} undo records` : ''}, ${d.ms} ms)\n${dl}`;
+    }).join('')
+    + (downloads.length ? 'the downloaded files are on the server machine\n' : '');
 }
 
 async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {

@@ -18,7 +18,8 @@ export function fmtDuration(s: number): string {
   return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, '0')}m`;
 }
 
-export interface ProgressEvent { diskId: string; kind: string; done: number; total: number; stats: { bytesSent: number } }
+/** One progress report of a disk's transfer; stats (bytes on the wire) only for transfers that ship data (replication). */
+export interface ProgressEvent { diskId: string; kind: string; done: number; total: number; stats?: { bytesSent: number } }
 
 export class ProgressReporter {
   private started = new Map<string, { t: number; base: number }>();
@@ -39,12 +40,12 @@ export class ProgressReporter {
     if (this.tty) {
       if (now - this.lastDraw < 200 && p.done < p.total) return;
       this.lastDraw = now;
-      const line = `${p.diskId} ${p.kind} ${pct.toFixed(1)}%  ${fmtBytes(p.done)}/${fmtBytes(p.total)}  ${(rate / 1e6).toFixed(0)} MB/s  ETA ${fmtDuration(eta)}  sent ${fmtBytes(p.stats.bytesSent)}`;
+      const line = `${p.diskId} ${p.kind} ${pct.toFixed(1)}%  ${fmtBytes(p.done)}/${fmtBytes(p.total)}  ${(rate / 1e6).toFixed(0)} MB/s  ETA ${fmtDuration(eta)}${p.stats ? `  sent ${fmtBytes(p.stats.bytesSent)}` : ''}`;
       process.stderr.write(`\r\x1b[K${line}`);
       this.drew = true;
     } else if (now - this.lastLog >= this.logEveryMs || p.done >= p.total) {
       this.lastLog = now;
-      this.log.info('progress', { disk: p.diskId, kind: p.kind, pct: Number(pct.toFixed(1)), doneBytes: p.done, totalBytes: p.total, mbps: Number((rate / 1e6).toFixed(1)), etaSec: Number.isFinite(eta) ? Math.round(eta) : null, sentBytes: p.stats.bytesSent });
+      this.log.info('progress', { disk: p.diskId, kind: p.kind, pct: Number(pct.toFixed(1)), doneBytes: p.done, totalBytes: p.total, mbps: Number((rate / 1e6).toFixed(1)), etaSec: Number.isFinite(eta) ? Math.round(eta) : null, ...(p.stats ? { sentBytes: p.stats.bytesSent } : {}) });
     }
   }
 

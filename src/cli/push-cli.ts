@@ -5,10 +5,9 @@
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { MobilityError } from '../errors.js';
-import { EXIT, api, parseDuration, readSecretFile, type Values } from './main.js';
+import { EXIT, parseDuration, readSecretFile, type Values } from './args.js';
+import { api, type ApiConn } from './api-client.js';
 import type { PushHost, PushResult, PushStep } from '../install/push-types.js';
-
-type Conn = { url: URL; token: string; ca?: string; pin?: string };
 
 async function findBundle(given: string | undefined): Promise<string> {
   if (given) {
@@ -27,7 +26,7 @@ function parseHost(spec: string, defPort: number): { host: string; port: number 
   return { host: m[1], port: m[2] ? Number(m[2]) : defPort };
 }
 
-export async function pushInstall(v: Values, conn: Conn, dataDir: string): Promise<number> {
+export async function pushInstall(v: Values, conn: ApiConn, dataDir: string): Promise<number> {
   const hosts: string[] = [...((v.host as string[] | undefined) ?? [])];
   if (v['hosts-file']) hosts.push(...(await fsp.readFile(v['hosts-file'] as string, 'utf8')).split('\n').map((l) => l.trim()).filter((l) => l && !l.startsWith('#')));
   if (!hosts.length) throw new MobilityError('MOB_ERR_USAGE', '--host (or --hosts-file) is required');
