@@ -14,9 +14,6 @@ import type { Logger } from '../log.js';
 import type { ReplicaBackend } from './replica-store.js';
 import { LocalBackend } from './local/local-backend.js';
 
-const AZURE_CREDENTIALS = './azure/credentials.js';
-const AZURE_BACKEND = './azure/azure-backend.js';
-
 export type StoreSpec = { kind: 'file'; dir: string } | { kind: 'azure'; accountUrl: string; container: string }
 
 /** Container names: 3-63 lowercase letters, digits and single hyphens (Azure's rule). */
@@ -58,8 +55,9 @@ export async function createBackend(spec: StoreSpec, o: { dataDir: string; crede
   if (!o.credentialsFile) {
     throw new MobilityError('MOB_ERR_USAGE', '--store azure:... needs --store-credentials FILE (a 0600 JSON file with accountName and accountKey, sasToken, or connectionString)');
   }
-  const { loadAzureCredentials } = await import(AZURE_CREDENTIALS);
-  const { AzureBackend } = await import(AZURE_BACKEND);
+  // loaded only for an azure store: the file store does not pay for the Azure SDK at start-up
+  const { loadAzureCredentials } = await import('./azure/credentials.js');
+  const { AzureBackend } = await import('./azure/azure-backend.js');
   return new AzureBackend({
     accountUrl: spec.accountUrl, container: spec.container, credentials: await loadAzureCredentials(o.credentialsFile), log: o.log,
     ...(o.retryMs !== undefined ? { retry: { totalBudgetMs: o.retryMs } } : {}),

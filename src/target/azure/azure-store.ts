@@ -1,0 +1,501 @@
+/**
+ * ReplicaStore (Azure page blobs): one page blob per disk, `replicas/<agent>/<disk>`, in the
+ * backend's container; its state in the blob's metadata; recovery points as blob snapshots.
+ *
+ *   blob          page blob of the disk's size rounded up to 512 B; sparse (never-written and
+ *                 cleared ranges are not stored and read as zeros)
+ *   metadata      mobversion, agent, disk, sizebytes, generation, initialcomplete, lastdurableseq,
+ *                 passes, lastpass, createdat, updatedat, and pending=1 while a new replica is
+ *                 unpublished (such a blob is invisible to listings and stat, and is overwritten
+ *                 as new by the next open)
+ *   snapshots     one per recovery point (preparePoint), carrying mobilitypoint=<point id>
+ *
+ * Contract: submit() resolves only once the service confirmed every Put Page / Clear Pages call
+ * of its batch and of every earlier batch: an acknowledged write is durable in Azure, so an ack
+ * may follow. Writes are group-committed as in the local store: while one batch is in flight the
+ * next accumulates. A batch is planned before it is sent: ops sorted by offset, a later op to the
+ * same bytes wins, ranges not aligned to 512 B completed by reading their edge sectors (the blob
+ * as the previous batches left it), adjacent non-zero ranges coalesced into Put Page calls of at
+ * most 4 MiB, zero ranges sent as Clear Pages (the blob stays sparse), up to 8 calls in flight.
+ * Batches never overlap in time, so calls within a batch touch disjoint sectors and their order
+ * does not matter.
+ *
+ * lastDurableSeq in memory follows the confirmed batches; in the metadata it is written at
+ * endPass, preparePoint and close, so it may lag but is never ahead of what was confirmed.
+ *
+ * Failure: a call the retry layer gave up on (see page-client.ts, ../retry.ts) sets `failure` to
+ * its coded error (MOB_ERR_TARGET_UNAVAILABLE / _AUTH / _QUOTA, else MOB_ERR_STORAGE); that batch,
+ * every queued one and every later submit reject with it. Nothing of an unconfirmed batch is
+ * acknowledged; some of its calls may have landed, which is harmless: the agent resends them.
+ *
+ * read() returns the newest content: accepted writes not yet confirmed (the overlay, in
+ * submission order) over what the blob holds. pageDigests() waits for the queue, then hashes
+ * the blob from Get Page Ranges and downloads of the valid ranges only (see blob-io.ts).
+ *
+ * One AzureReplicaStore per disk at a time (the server holds a lock per disk). Created by
+ * AzureBackend.open() (azure-backend.ts).
+ */
+import { randomUUID } from 'node:crypto';
+import { MobilityError } from '../../errors.js';
+import type { Logger } from '../../log.js';
+import type { PointRef, ReplicaStore, WriteOp } from '../replica-store.js';
+import { blobPageDigests, roundUpSector, runPool } from './blob-io.js';
+import { MAX_PUT_PAGE_BYTES, SECTOR, type PageBlobOps } from './page-client.js';
+
+/** Calls of one batch in flight at once. */
+export const PUT_CONCURRENCY = 8;
+/** A single Clear Pages call covers at most this much (bounds one request's work on the service). */
+const MAX_CLEAR_BYTES = 1024 * 1024 * 1024;
+export const METADATA_VERSION = '1';
+
+export interface AzureReplicaState {
+  agentId: string;
+  diskId: string;
+  /** The source disk's size (the blob is this rounded up to 512). */
+  sizeBytes: number;
+  generation: string;
+  initialComplete: boolean;
+  lastDurableSeq: number;
+  passes: number;
+  lastPass: { kind: string; seq: number } | null;
+  createdAt: string;
+  updatedAt: string;
+  /** A new replica opened with publish: false, not yet published. */
+  pending: boolean;
+}
+
+export function newReplicaState(agentId: string, diskId: string, sizeBytes: number, pending: boolean): AzureReplicaState {
+  const now = new Date().toISOString();
+  return {
+    agentId, diskId, sizeBytes, generation: randomUUID(), initialComplete: false, lastDurableSeq: 0,
+    passes: 0, lastPass: null, createdAt: now, updatedAt: now, pending,
+  };
+}
+
+export function encodeState(s: AzureReplicaState): Record<string, string> {
+  const md: Record<string, string> = {
+    mobversion: METADATA_VERSION,
+    agent: s.agentId,
+    disk: s.diskId,
+    sizebytes: String(s.sizeBytes),
+    generation: s.generation,
+    initialcomplete: s.initialComplete ? '1' : '0',
+    lastdurableseq: String(s.lastDurableSeq),
+    passes: String(s.passes),
+    createdat: s.createdAt,
+    updatedat: s.updatedAt,
+  };
+  if (s.lastPass) md.lastpass = `${s.lastPass.kind}:${s.lastPass.seq}`;
+  if (s.pending) md.pending = '1';
+  return md;
+}
+
+/** The state a blob's metadata records; null when the blob carries no Mobility state; MOB_ERR_STATE_CORRUPT when it is damaged. */
+export function decodeState(md: Record<string, string>, where: string): AzureReplicaState | null {
+  if (md.mobversion === undefined) return null;
+  const bad = (why: string) => new MobilityError('MOB_ERR_STATE_CORRUPT', `replica blob ${where}: its metadata ${why}; refusing to use it (remove the blob to start over)`);
+  if (md.mobversion !== METADATA_VERSION) throw bad(`has version ${md.mobversion}, this server knows ${METADATA_VERSION}`);
+  const int = (k: string): number => {
+    const v = md[k];
+    if (v === undefined || !/^\d+$/.test(v) || !Number.isSafeInteger(Number(v))) throw bad(`field ${k} is missing or not a number`);
+    return Number(v);
+  };
+  const str = (k: string): string => {
+    const v = md[k];
+    if (!v) throw bad(`field ${k} is missing`);
+    return v;
+  };
+  let lastPass: AzureReplicaState['lastPass'] = null;
+  if (md.lastpass) {
+    const m = /^(.+):(\d+)$/.exec(md.lastpass);
+    if (m) lastPass = { kind: m[1], seq: Number(m[2]) };
+  }
+  return {
+    agentId: str('agent'), diskId: str('disk'), sizeBytes: int('sizebytes'), generation: str('generation'),
+    initialComplete: md.initialcomplete === '1', lastDurableSeq: int('lastdurableseq'), passes: int('passes'),
+    lastPass, createdAt: str('createdat'), updatedAt: str('updatedat'), pending: md.pending === '1',
+  };
+}
+
+/** A piece of a planned batch: [start, end) gets data (from data[dataOffset]) or zeros. */
+interface Seg { start: number; end: number; data: Buffer | null; dataOffset: number }
+
+/** One request of a planned batch. */
+export type PlannedCall = { kind: 'put'; offset: number; data: Buffer } | { kind: 'clear'; offset: number; length: number };
+
+/** Disjoint, sorted pieces of `ops` where a later op wins over an earlier one on the bytes both cover. */
+export function resolveOverlaps(ops: WriteOp[]): Seg[] {
+  const idx = ops.map((_, i) => i).filter((i) => ops[i].length > 0);
+  idx.sort((a, b) => ops[a].offset - ops[b].offset || a - b);
+  let overlap = false;
+  for (let k = 1; k < idx.length && !overlap; k++) {
+    const p = ops[idx[k - 1]];
+    if (ops[idx[k]].offset < p.offset + p.length) overlap = true;
+  }
+  if (!overlap) return idx.map((i) => ({ start: ops[i].offset, end: ops[i].offset + ops[i].length, data: ops[i].data, dataOffset: 0 }));
+  // sweep over the boundaries; the active op with the highest index (the latest) owns each piece
+  const bounds = [...new Set(idx.flatMap((i) => [ops[i].offset, ops[i].offset + ops[i].length]))].sort((a, b) => a - b);
+  const heap: number[] = []; // max-heap of op indices
+  const push = (v: number) => {
+    heap.push(v);
+    for (let c = heap.length - 1; c > 0;) {
+      const p = (c - 1) >> 1;
+      if (heap[p] >= heap[c]) break;
+      [heap[p], heap[c]] = [heap[c], heap[p]];
+      c = p;
+    }
+  };
+  const pop = () => {
+    const top = heap[0];
+    const last = heap.pop()!;
+    if (heap.length) {
+      heap[0] = last;
+      for (let p = 0; ;) {
+        const l = 2 * p + 1;
+        const r = l + 1;
+        let m = p;
+        if (l < heap.length && heap[l] > heap[m]) m = l;
+        if (r < heap.length && heap[r] > heap[m]) m = r;
+        if (m === p) break;
+        [heap[p], heap[m]] = [heap[m], heap[p]];
+        p = m;
+      }
+    }
+    return top;
+  };
+  const out: Seg[] = [];
+  let k = 0;
+  for (let b = 0; b < bounds.length - 1; b++) {
+    const s = bounds[b];
+    const e = bounds[b + 1];
+    while (k < idx.length && ops[idx[k]].offset <= s) push(idx[k++]);
+    while (heap.length && ops[heap[0]].offset + ops[heap[0]].length <= s) pop();
+    if (!heap.length) continue;
+    const op = ops[heap[0]];
+    const last = out[out.length - 1];
+    if (last && last.end === s && last.data === op.data && (op.data === null || last.dataOffset + (last.end - last.start) === s - op.offset)) {
+      last.end = e;
+    } else {
+      out.push({ start: s, end: e, data: op.data, dataOffset: s - op.offset });
+    }
+  }
+  return out;
+}
+
+/**
+ * Plans a batch: disjoint pieces, edge sectors completed with `readSector` (for ranges not on
+ * 512-byte boundaries), then Put Page calls (≤ 4 MiB, adjacent data coalesced) and Clear Pages
+ * calls (adjacent zero ranges merged), sorted by offset.
+ */
+export async function planBatch(ops: WriteOp[], readSectors: (offset: number, length: number) => Promise<Buffer>): Promise<PlannedCall[]> {
+  const segs = resolveOverlaps(ops);
+  // sectors only partly covered by some piece: their other bytes come from the blob as it is
+  const partial = new Set<number>();
+  for (const s of segs) {
+    if (s.start % SECTOR) partial.add(Math.floor(s.start / SECTOR));
+    if (s.end % SECTOR) partial.add(Math.floor(s.end / SECTOR));
+  }
+  const pieces: Seg[] = [];
+  if (partial.size) {
+    const sectors = [...partial].sort((a, b) => a - b);
+    const images = new Map<number, Buffer>();
+    await runPool(sectors.map((sec) => async () => { images.set(sec, await readSectors(sec * SECTOR, SECTOR)); }), PUT_CONCURRENCY);
+    for (const s of segs) {
+      const a = Math.ceil(s.start / SECTOR) * SECTOR;
+      const b = Math.floor(s.end / SECTOR) * SECTOR;
+      if (a < b) pieces.push({ start: a, end: b, data: s.data, dataOffset: s.dataOffset + (a - s.start) });
+      const first = Math.floor(s.start / SECTOR);
+      const last = Math.floor((s.end - 1) / SECTOR);
+      for (const sec of first === last ? [first] : [first, last]) {
+        const img = images.get(sec);
+        if (!img) continue; // a whole sector inside the piece: covered by [a, b)
+        const from = Math.max(s.start, sec * SECTOR);
+        const to = Math.min(s.end, (sec + 1) * SECTOR);
+        if (s.data) s.data.copy(img, from - sec * SECTOR, s.dataOffset + (from - s.start), s.dataOffset + (to - s.start));
+        else img.fill(0, from - sec * SECTOR, to - sec * SECTOR);
+      }
+    }
+    for (const sec of sectors) pieces.push({ start: sec * SECTOR, end: (sec + 1) * SECTOR, data: images.get(sec)!, dataOffset: 0 });
+    pieces.sort((x, y) => x.start - y.start);
+  } else {
+    pieces.push(...segs);
+  }
+  const calls: PlannedCall[] = [];
+  let run: Buffer[] = [];
+  let runStart = 0;
+  let runLen = 0;
+  const flush = () => {
+    if (!runLen) return;
+    calls.push({ kind: 'put', offset: runStart, data: run.length === 1 ? run[0] : Buffer.concat(run, runLen) });
+    run = [];
+    runLen = 0;
+  };
+  for (const p of pieces) {
+    if (p.data === null) {
+      flush();
+      const last = calls[calls.length - 1];
+      if (last?.kind === 'clear' && last.offset + last.length === p.start && last.length + (p.end - p.start) <= MAX_CLEAR_BYTES) last.length += p.end - p.start;
+      else for (let o = p.start; o < p.end; o += MAX_CLEAR_BYTES) calls.push({ kind: 'clear', offset: o, length: Math.min(MAX_CLEAR_BYTES, p.end - o) });
+      continue;
+    }
+    for (let o = p.start; o < p.end;) {
+      if (runLen && (runStart + runLen !== o || runLen === MAX_PUT_PAGE_BYTES)) flush();
+      if (!runLen) runStart = o;
+      const take = Math.min(p.end - o, MAX_PUT_PAGE_BYTES - runLen);
+      const from = p.dataOffset + (o - p.start);
+      run.push(p.data.subarray(from, from + take));
+      runLen += take;
+      o += take;
+    }
+  }
+  flush();
+  return calls;
+}
+
+interface Pending { ops: WriteOp[]; seq: number; ids: number[]; resolve: () => void; reject: (e: unknown) => void }
+
+/** What a store needs of its backend. */
+export interface AzureStoreContext {
+  ops: PageBlobOps;
+  /** The same operations with one try only: for best-effort work after a failure (close of a failed store). */
+  bestEffortOps: PageBlobOps;
+  blobName: string;
+  log?: Logger;
+}
+
+export class AzureReplicaStore implements ReplicaStore {
+  private queue: Pending[] = [];
+  private committing = false;
+  private failed: MobilityError | null = null;
+  /** Accepted writes not yet confirmed, by id in submission order. */
+  private overlay = new Map<number, WriteOp>();
+  private nextId = 1;
+  private idleWaiters: (() => void)[] = [];
+  private discarded = false;
+  private closed = false;
+  /** Batches confirmed, and how many of them the metadata last written covers. */
+  private appliedBatches = 0;
+  private savedBatches = 0;
+  /** Bytes sent in Put Page calls by this store (data, including completed edge sectors). */
+  bytesWritten = 0;
+
+  constructor(
+    private readonly ctx: AzureStoreContext,
+    private state: AzureReplicaState,
+    /** Opened for a verify session: never written, grown or its metadata touched. */
+    readonly readOnly: boolean,
+  ) {}
+
+  get agentId(): string { return this.state.agentId; }
+  get diskId(): string { return this.state.diskId; }
+  get generation(): string { return this.state.generation; }
+  get sizeBytes(): number { return this.state.sizeBytes; }
+  get initialComplete(): boolean { return this.state.initialComplete; }
+  get lastDurableSeq(): number { return this.state.lastDurableSeq; }
+  get unpublished(): boolean { return this.state.pending && !this.discarded; }
+  get failure(): MobilityError | null { return this.failed; }
+  /** The page blob holding the replica. */
+  get blobName(): string { return this.ctx.blobName; }
+  get snapshot(): Readonly<AzureReplicaState> { return { ...this.state }; }
+
+  private check(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.state.sizeBytes) {
+      throw new MobilityError('MOB_ERR_OUT_OF_RANGE', `range ${offset}+${length} lies beyond the ${this.state.sizeBytes}-byte disk`);
+    }
+  }
+
+  private async saveState(ops: PageBlobOps = this.ctx.ops): Promise<void> {
+    const applied = this.appliedBatches;
+    this.state.updatedAt = new Date().toISOString();
+    await ops.setMetadata(this.ctx.blobName, encodeState(this.state));
+    this.savedBatches = applied;
+  }
+
+  /** Current content of a range: accepted writes not yet confirmed, over what the blob holds. */
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.check(offset, length);
+    const end = offset + length;
+    // accepted-not-confirmed writes over the range, oldest first (a later one wins)
+    const over: WriteOp[] = [];
+    for (const op of this.overlay.values()) if (op.offset < end && op.offset + op.length > offset) over.push(op);
+    let buf: Buffer;
+    if (over.length && covers(over, offset, end)) buf = Buffer.alloc(length);
+    else buf = length ? await this.ctx.ops.download({ name: this.ctx.blobName }, offset, length) : Buffer.alloc(0);
+    for (const op of over) {
+      const s = Math.max(op.offset, offset);
+      const e = Math.min(op.offset + op.length, end);
+      if (op.data) op.data.copy(buf, s - offset, s - op.offset, e - op.offset);
+      else buf.fill(0, s - offset, e - offset);
+    }
+    return buf;
+  }
+
+  /**
+   * Queues writes tagged with seq; resolves once they and everything submitted before are confirmed
+   * by the service. MOB_ERR_OUT_OF_RANGE is thrown synchronously; after a failure every submit rejects.
+   */
+  submit(ops: WriteOp[], seq: number): Promise<void> {
+    if (this.failed) return Promise.reject(this.failed);
+    if (this.readOnly) return Promise.reject(new MobilityError('MOB_ERR_INTERNAL', `the replica of disk ${this.diskId} was opened read-only (verify) and cannot be written`));
+    if (this.closed) return Promise.reject(new MobilityError('MOB_ERR_INTERNAL', `the replica store of disk ${this.diskId} is closed`));
+    for (const op of ops) {
+      this.check(op.offset, op.length);
+      if (op.data && op.data.length < op.length) throw new MobilityError('MOB_ERR_INTERNAL', `write ${op.offset}+${op.length} carries only ${op.data.length} bytes`);
+    }
+    const ids: number[] = [];
+    for (const op of ops) {
+      const id = this.nextId++;
+      this.overlay.set(id, op);
+      ids.push(id);
+    }
+    return new Promise<void>((resolve, reject) => {
+      this.queue.push({ ops, seq, ids, resolve, reject });
+      void this.kick();
+    });
+  }
+
+  private async kick(): Promise<void> {
+    if (this.committing) return;
+    this.committing = true;
+    try {
+      while (this.queue.length && !this.failed) {
+        const batch = this.queue;
+        this.queue = [];
+        const ops = batch.flatMap((p) => p.ops);
+        const maxSeq = batch.reduce((m, p) => Math.max(m, p.seq), 0);
+        try {
+          await this.applyBatch(ops);
+        } catch (err) {
+          this.failed = err instanceof MobilityError ? err
+            : new MobilityError('MOB_ERR_STORAGE', `writing replica blob ${this.ctx.blobName} failed: ${(err as Error)?.message ?? String(err)}`);
+          this.ctx.log?.error('azure replica write failed; the store stops', { blob: this.ctx.blobName, code: this.failed.code, error: this.failed.message });
+          for (const p of [...batch, ...this.queue]) p.reject(this.failed);
+          this.queue = [];
+          this.overlay.clear(); // what the blob holds is all there is now
+          break;
+        }
+        this.appliedBatches++;
+        for (const p of batch) for (const id of p.ids) this.overlay.delete(id);
+        if (maxSeq > this.state.lastDurableSeq) this.state.lastDurableSeq = maxSeq;
+        for (const p of batch) p.resolve();
+      }
+    } finally {
+      this.committing = false;
+      if (!this.queue.length) {
+        const w = this.idleWaiters;
+        this.idleWaiters = [];
+        for (const f of w) f();
+      }
+    }
+  }
+
+  private async applyBatch(ops: WriteOp[]): Promise<void> {
+    const name = this.ctx.blobName;
+    const calls = await planBatch(ops, (o, l) => this.ctx.ops.download({ name }, o, l));
+    await runPool(calls.map((c) => async () => {
+      if (c.kind === 'put') {
+        await this.ctx.ops.putPages(name, c.offset, c.data);
+        this.bytesWritten += c.data.length;
+      } else {
+        await this.ctx.ops.clearPages(name, c.offset, c.length);
+      }
+    }), PUT_CONCURRENCY);
+  }
+
+  /** Resolves when every submitted write has been confirmed (or failed). */
+  whenApplied(): Promise<void> {
+    if (!this.committing && !this.queue.length) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  /** xxh64 of each page in [firstPage, firstPage+count) of the replica, 8 bytes LE each. */
+  async pageDigests(firstPage: number, count: number, pageSize: number): Promise<Buffer> {
+    const start = firstPage * pageSize;
+    if (!Number.isSafeInteger(start) || count < 0 || start > this.state.sizeBytes || (count > 0 && start >= this.state.sizeBytes)) {
+      throw new MobilityError('MOB_ERR_OUT_OF_RANGE', `pages ${firstPage}+${count} lie beyond the ${this.state.sizeBytes}-byte disk`);
+    }
+    await this.whenApplied();
+    return blobPageDigests(this.ctx.ops, { name: this.ctx.blobName }, this.state.sizeBytes, firstPage, count, pageSize);
+  }
+
+  /** Records a finished pass in the metadata ('initial' and 'resync' make the replica complete). */
+  async endPass(kind: string, seq: number): Promise<void> {
+    await this.whenApplied();
+    if (this.failed) throw this.failed;
+    if (seq > this.state.lastDurableSeq) this.state.lastDurableSeq = seq;
+    if (kind === 'initial' || kind === 'resync') this.state.initialComplete = true;
+    this.state.passes++;
+    this.state.lastPass = { kind, seq };
+    await this.saveState();
+  }
+
+  /** Snapshots the blob as it is once every submitted write is confirmed: the point is that snapshot. */
+  async preparePoint(pointId: string): Promise<PointRef> {
+    await this.whenApplied();
+    if (this.failed) throw this.failed;
+    await this.saveState();
+    const snapshot = await this.ctx.ops.snapshot(this.ctx.blobName, { ...encodeState(this.state), mobilitypoint: pointId });
+    this.ctx.log?.info('azure recovery point snapshot', { blob: this.ctx.blobName, point: pointId, snapshot });
+    return { snapshot };
+  }
+
+  /** A snapshot is complete by itself: nothing to do. */
+  async commitPoint(_pointId: string): Promise<void> {
+    /* idempotent no-op */
+  }
+
+  /** Makes a new replica visible (drops the pending mark). No-op otherwise. */
+  async publish(): Promise<void> {
+    if (!this.state.pending || this.discarded) return;
+    await this.whenApplied();
+    this.state.pending = false;
+    try {
+      await this.saveState();
+    } catch (err) {
+      this.state.pending = true;
+      throw err;
+    }
+  }
+
+  /** Drops a new replica never published: its blob is deleted. No-op otherwise. */
+  async discard(): Promise<void> {
+    if (!this.state.pending || this.discarded) return;
+    this.discarded = true;
+    this.closed = true;
+    await this.whenApplied();
+    try {
+      await this.ctx.ops.delete({ name: this.ctx.blobName }, true);
+    } catch (err) {
+      // left behind, it is still marked pending: invisible, and overwritten by the next open
+      this.ctx.log?.warn('could not delete an unpublished replica blob', { blob: this.ctx.blobName, error: (err as Error).message });
+    }
+  }
+
+  /** Waits for queued writes, records the durable sequence (best effort when failed) and closes. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    if (this.state.pending || this.discarded) return this.discard();
+    this.closed = true;
+    await this.whenApplied();
+    if (!this.readOnly && this.appliedBatches !== this.savedBatches) {
+      // a failed store's target is likely down: one try, no backoff
+      await this.saveState(this.failed ? this.ctx.bestEffortOps : this.ctx.ops).catch((err) => {
+        this.ctx.log?.warn('could not record the durable sequence at close', { blob: this.ctx.blobName, error: (err as Error).message });
+      });
+    }
+  }
+}
+
+/** True when the ops together cover every byte of [start, end). */
+function covers(ops: WriteOp[], start: number, end: number): boolean {
+  const rs = ops.map((o) => [o.offset, o.offset + o.length] as const).sort((a, b) => a[0] - b[0]);
+  let at = start;
+  for (const [s, e] of rs) {
+    if (s > at) return false;
+    if (e > at) at = e;
+    if (at >= end) return true;
+  }
+  return at >= end;
+}
+
+export { roundUpSector };

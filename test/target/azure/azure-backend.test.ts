@@ -1,0 +1,287 @@
+/**
+ * What the Azure page-blob backend promises beyond the conformance suite, on a real Azurite
+ * (fails, never skips, without it): sparse writes (zeros become Clear Pages, nothing stored),
+ * Put Page calls of at most 4 MiB, sub-sector writes that keep their neighbours, an ack only
+ * after the service confirmed every call, transient failures retried by the retry layer,
+ * auth/quota failures coded at once, Azurite killed under a batch, wrong and exposed
+ * credentials, SAS tokens, digests that download only valid ranges, the 8 TiB limit.
+ */
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { PassThrough } from 'node:stream';
+import t from 'tap';
+import winston from 'winston';
+import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, StorageSharedKeyCredential, generateAccountSASQueryParameters } from '@azure/storage-blob';
+import { MobilityError } from '../../../src/errors.js';
+import { AzureBackend } from '../../../src/target/azure/azure-backend.js';
+import { loadAzureCredentials } from '../../../src/target/azure/credentials.js';
+import type { PageBlobOps } from '../../../src/target/azure/page-client.js';
+import type { AzureReplicaStore } from '../../../src/target/azure/azure-store.js';
+import { cleanup } from '../../cleanup.js';
+import { startAzurite, type Azurite } from '../../azurite.js';
+import { backendOn, freshContainer, pattern } from './helpers.js';
+
+const MiB = 1024 * 1024;
+let az: Azurite | null = null;
+async function azurite(): Promise<Azurite> {
+  az ??= await startAzurite(t);
+  return az;
+}
+
+/** Wraps every method of `inner`; `hooks[name]` runs before the real call and may throw or wait. */
+function hooked(inner: PageBlobOps, hooks: Partial<Record<keyof PageBlobOps, (...args: unknown[]) => Promise<void> | void>>): PageBlobOps {
+  return new Proxy(inner, {
+    get(target, prop, recv) {
+      const v = Reflect.get(target, prop, recv) as unknown;
+      if (typeof v !== 'function') return v;
+      const hook = hooks[prop as keyof PageBlobOps];
+      return async (...args: unknown[]) => {
+        if (hook) await hook(...args);
+        return (v as (...a: unknown[]) => unknown).apply(target, args);
+      };
+    },
+  });
+}
+
+function httpError(statusCode: number, errorCode?: string): Error {
+  return Object.assign(new Error(`injected ${statusCode}${errorCode ? ` ${errorCode}` : ''}`), { statusCode, details: errorCode ? { errorCode } : undefined });
+}
+
+/** Byte equality without tap's diff (which is slow on large buffers): names the first differing offset. */
+function sameBytes(t: { ok(v: unknown, m: string): void }, got: Buffer, want: Buffer, msg: string): void {
+  let at = -1;
+  if (!got.equals(want)) {
+    const n = Math.min(got.length, want.length);
+    at = n;
+    for (let i = 0; i < n; i++) if (got[i] !== want[i]) { at = i; break; }
+  }
+  t.ok(at < 0, at < 0 ? msg : `${msg}: differs at byte ${at} (lengths ${got.length}/${want.length})`);
+}
+
+const ticks = async (n: number) => { for (let i = 0; i < n; i++) await new Promise((r) => setImmediate(r)); };
+
+t.test('writes: Put Page calls of at most 4 MiB, zeros cleared (sparse), sub-sector writes keep their neighbours', async (t) => {
+  const sizes: number[] = [];
+  const backend = await backendOn(t, await azurite(), { ops: (inner) => hooked(inner, { putPages: (_n, _o, data) => { sizes.push((data as Buffer).length); } }) });
+  const { store } = await backend.open('agent-a', 'disk0', 64 * MiB);
+  const model = Buffer.alloc(64 * MiB);
+  const big = pattern(10 * MiB, 1);
+  await store.submit([{ offset: 0, length: big.length, data: big }], 1);
+  big.copy(model, 0);
+  t.ok(sizes.length >= 3, `a 10 MiB write went out in ${sizes.length} Put Page calls`);
+  t.ok(sizes.every((s) => s <= 4 * MiB && s % 512 === 0), 'every Put Page call is at most 4 MiB and whole sectors');
+  t.equal(sizes.reduce((a, b) => a + b, 0), 10 * MiB, 'and together they carry the write once');
+
+  const az2 = backend.blobOps;
+  const blob = (store as AzureReplicaStore).blobName;
+  const before = backend.stats.calls.clearPages ?? 0;
+  await store.submit([{ offset: 2 * MiB, length: 3 * MiB, data: null }], 2);
+  model.fill(0, 2 * MiB, 5 * MiB);
+  t.ok((backend.stats.calls.clearPages ?? 0) > before, 'a zero range became Clear Pages');
+  const ranges = await az2.pageRanges({ name: blob });
+  t.notOk(ranges.some((r) => r.start < 5 * MiB && r.end > 2 * MiB), 'the cleared range holds no stored pages (the blob stays sparse)');
+  t.equal(ranges.reduce((a, r) => a + r.end - r.start, 0), 7 * MiB, 'only the written, non-zero bytes are stored');
+
+  const odd = Buffer.from('not on a sector boundary');
+  sizes.length = 0;
+  await store.submit([{ offset: 1000, length: odd.length, data: odd }, { offset: 40 * MiB + 7, length: 3, data: Buffer.from('xyz') }], 3);
+  odd.copy(model, 1000);
+  Buffer.from('xyz').copy(model, 40 * MiB + 7);
+  t.ok(sizes.every((s) => s % 512 === 0), 'sub-sector writes were completed to whole sectors');
+  sameBytes(t, await store.read(0, 2 * MiB), model.subarray(0, 2 * MiB), 'the bytes around a sub-sector write are kept');
+  sameBytes(t, await store.read(40 * MiB, 4096), model.subarray(40 * MiB, 40 * MiB + 4096), 'a write into a never-written sector reads back with zeros around it');
+  t.equal(store.lastDurableSeq, 3);
+  await store.close();
+  const { store: again } = await backend.open('agent-a', 'disk0', 64 * MiB, { readOnly: true });
+  sameBytes(t, await again.read(0, 64 * MiB), model, 'the whole blob equals the model after reopening');
+  await again.close();
+});
+
+t.test('an ack means Azure confirmed: submit resolves only after every call of the batch returned', async (t) => {
+  const gate: { release: (() => void) | null } = { release: null };
+  let entered = 0;
+  const backend = await backendOn(t, await azurite(), {
+    ops: (inner) => hooked(inner, {
+      putPages: async () => {
+        entered++;
+        if (entered === 2) await new Promise<void>((r) => { gate.release = r; });
+      },
+    }),
+  });
+  const { store } = await backend.open('agent-b', 'disk0', 32 * MiB);
+  const data = pattern(12 * MiB, 2);
+  let acked = false;
+  const p = store.submit([{ offset: 0, length: data.length, data }], 7).then(() => { acked = true; });
+  while (!gate.release) await ticks(10);
+  await ticks(200);
+  t.notOk(acked, 'not acknowledged while one Put Page is unconfirmed');
+  t.equal(store.lastDurableSeq, 0, 'and the durable sequence has not moved');
+  sameBytes(t, await store.read(0, 4096), data.subarray(0, 4096), 'a read sees the accepted write meanwhile');
+  gate.release();
+  await p;
+  t.ok(acked, 'acknowledged once the held call was confirmed');
+  t.equal(store.lastDurableSeq, 7);
+  await store.close();
+});
+
+t.test('retry layer: transient failures retried with backoff; exhausted -> MOB_ERR_TARGET_UNAVAILABLE; auth and quota at once', async (t) => {
+  const a = await azurite();
+  let failPuts = 2;
+  const backend = await backendOn(t, a, {
+    retry: { maxAttempts: 4, baseDelayMs: 5, maxDelayMs: 20, totalBudgetMs: 10_000 },
+    ops: (inner) => hooked(inner, { putPages: () => { if (failPuts-- > 0) throw httpError(503, 'ServerBusy'); } }),
+  });
+  const { store } = await backend.open('agent-c', 'disk0', 8 * MiB);
+  const d = pattern(4096, 3);
+  await store.submit([{ offset: 0, length: 4096, data: d }], 1);
+  t.equal(backend.stats.retries, 2, 'two 503s were retried');
+  sameBytes(t, await store.read(0, 4096), d, 'and the write landed');
+  await store.close();
+
+  let resets = 0;
+  const down = await backendOn(t, a, {
+    retry: { maxAttempts: 3, baseDelayMs: 5, maxDelayMs: 10, totalBudgetMs: 10_000 },
+    ops: (inner) => hooked(inner, { putPages: () => { resets++; throw Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' }); } }),
+  });
+  const { store: s2 } = await down.open('agent-c', 'disk1', 8 * MiB);
+  const err = await s2.submit([{ offset: 0, length: 4096, data: d }], 5).catch((e: unknown) => e);
+  t.ok(err instanceof MobilityError && err.code === 'MOB_ERR_TARGET_UNAVAILABLE', `gave up with ${(err as MobilityError).code}`);
+  t.match((err as Error).message, /3 attempts/, 'the message says how often it tried');
+  t.equal(resets, 3, 'exactly maxAttempts tries');
+  t.equal(s2.lastDurableSeq, 0, 'nothing unconfirmed was acknowledged');
+  const again = await s2.submit([{ offset: 0, length: 4096, data: d }], 6).catch((e: unknown) => e);
+  t.equal((again as MobilityError).code, 'MOB_ERR_TARGET_UNAVAILABLE', 'a failed store refuses later writes with the same code');
+  await s2.close();
+
+  let authTries = 0;
+  const refused = await backendOn(t, a, { ops: (inner) => hooked(inner, { putPages: () => { authTries++; throw httpError(403, 'AuthenticationFailed'); } }) });
+  const { store: s3 } = await refused.open('agent-c', 'disk2', 8 * MiB);
+  const e3 = await s3.submit([{ offset: 0, length: 4096, data: d }], 1).catch((e: unknown) => e);
+  t.equal((e3 as MobilityError).code, 'MOB_ERR_TARGET_AUTH');
+  t.equal(authTries, 1, 'an auth failure is not retried');
+  t.match((e3 as Error).message, /credentials file/, 'and says what to fix');
+  await s3.close();
+
+  const full = await backendOn(t, a, { ops: (inner) => hooked(inner, { snapshot: () => { throw httpError(409, 'SnapshotCountExceeded'); } }) });
+  const { store: s4 } = await full.open('agent-c', 'disk3', 8 * MiB);
+  await s4.submit([{ offset: 0, length: 4096, data: d }], 1);
+  const e4 = await s4.preparePoint('p1').catch((e: unknown) => e);
+  t.equal((e4 as MobilityError).code, 'MOB_ERR_TARGET_QUOTA', 'too many snapshots is a quota error');
+  await s4.close();
+});
+
+t.test('Azurite killed under a batch: the batch fails coded, nothing unconfirmed is acked, what was acked survives', async (t) => {
+  const a = await startAzurite(t); // its own emulator: this one is killed
+  let puts = 0;
+  let killed: Promise<void> | null = null;
+  const backend = await backendOn(t, a, {
+    retry: { maxAttempts: 3, baseDelayMs: 20, maxDelayMs: 50, totalBudgetMs: 5_000 },
+    ops: (inner) => hooked(inner, { putPages: () => { if (++puts === 6 && !killed) killed = a.kill('SIGKILL'); } }),
+  });
+  const { store } = await backend.open('agent-d', 'disk0', 64 * MiB);
+  const first = pattern(4 * MiB, 4);
+  await store.submit([{ offset: 0, length: first.length, data: first }], 1);
+  const second = pattern(32 * MiB, 5);
+  const err = await store.submit([{ offset: 8 * MiB, length: second.length, data: second }], 2).catch((e: unknown) => e);
+  t.ok(killed, 'Azurite was killed while the batch was in flight');
+  await killed;
+  t.equal((err as MobilityError).code, 'MOB_ERR_TARGET_UNAVAILABLE', `the batch failed with ${(err as MobilityError).code}`);
+  t.equal(store.lastDurableSeq, 1, 'only the confirmed batch is durable');
+  await store.close();
+  await a.restart();
+  const after = await backendOn(t, a, { container: backend.container });
+  const { store: re } = await after.open('agent-d', 'disk0', 64 * MiB);
+  t.ok(re.lastDurableSeq <= 1, `the recorded durable sequence (${re.lastDurableSeq}) is never ahead of what was confirmed`);
+  sameBytes(t, await re.read(0, first.length), first, 'the acknowledged batch survived');
+  await re.submit([{ offset: 8 * MiB, length: second.length, data: second }], 2);
+  sameBytes(t, await re.read(8 * MiB, second.length), second, 'the resent batch lands once the target is back');
+  await re.close();
+});
+
+t.test('credentials: wrong key refused coded at init, nothing created; exposed file refused; SAS works; secrets never logged', async (t) => {
+  const a = await azurite();
+  const dir = cleanup(t).dir('az-creds-');
+  const logLines: string[] = [];
+  const sink = new PassThrough();
+  sink.on('data', (d: Buffer) => logLines.push(d.toString('utf8')));
+  const log = winston.createLogger({ level: 'debug', format: winston.format.json(), transports: [new winston.transports.Stream({ stream: sink })] });
+
+  const wrongKey = Buffer.from('definitely not the key of this account, padded to 64 bytes.....').toString('base64');
+  const wrongFile = path.join(dir, 'wrong.json');
+  await fsp.writeFile(wrongFile, JSON.stringify({ accountName: a.accountName, accountKey: wrongKey }), { mode: 0o600 });
+  const container = freshContainer('wrong');
+  const bad = new AzureBackend({ accountUrl: a.url, container, credentials: await loadAzureCredentials(wrongFile), log, retry: { maxAttempts: 2, baseDelayMs: 5 } });
+  const e = await bad.init().catch((x: unknown) => x);
+  t.equal((e as MobilityError).code, 'MOB_ERR_TARGET_AUTH', 'a wrong account key is MOB_ERR_TARGET_AUTH');
+  t.match((e as Error).message, new RegExp(`${a.accountName}.*${container}|${container}.*${a.accountName}`, 's'), 'naming the account and the container');
+  t.match((e as Error).message, /wrong\.json/, 'and the credentials file to fix');
+  t.notMatch((e as Error).message, wrongKey, 'without the key');
+  const good = await backendOn(t, a, { container });
+  t.notOk(await good.blobOps.containerExists() && (await good.agents()).length > 0, 'the refused backend created no replica');
+
+  const exposed = path.join(dir, 'exposed.json');
+  await fsp.writeFile(exposed, JSON.stringify({ accountName: a.accountName, accountKey: a.accountKey }), { mode: 0o644 });
+  await fsp.chmod(exposed, 0o644);
+  const ex = await loadAzureCredentials(exposed).catch((x: unknown) => x);
+  t.equal((ex as MobilityError).code, 'MOB_ERR_CONFIG', 'a credentials file readable by others is refused');
+  t.match((ex as Error).message, /chmod 600/, 'with the fix');
+  const missing = await loadAzureCredentials(path.join(dir, 'nope.json')).catch((x: unknown) => x);
+  t.equal((missing as MobilityError).code, 'MOB_ERR_CONFIG', 'a missing file is MOB_ERR_CONFIG');
+
+  const sas = generateAccountSASQueryParameters({
+    expiresOn: new Date(Date.now() + 3_600_000), permissions: AccountSASPermissions.parse('rwdlacup'),
+    resourceTypes: AccountSASResourceTypes.parse('sco').toString(), services: AccountSASServices.parse('b').toString(),
+  }, new StorageSharedKeyCredential(a.accountName, a.accountKey)).toString();
+  const sasFile = path.join(dir, 'sas.json');
+  await fsp.writeFile(sasFile, JSON.stringify({ sasToken: sas }), { mode: 0o600 });
+  const viaSas = new AzureBackend({ accountUrl: a.url, container: freshContainer('sas'), credentials: await loadAzureCredentials(sasFile), log });
+  await viaSas.init();
+  const { store } = await viaSas.open('agent-e', 'disk0', 4 * MiB);
+  const d = pattern(8192, 6);
+  await store.submit([{ offset: 4096, length: d.length, data: d }], 1);
+  const ref = await store.preparePoint('p1');
+  await store.close();
+  const img = await viaSas.materialize('agent-e', 'disk0', { pointId: 'p1', seq: 1, sizeBytes: 4 * MiB, ref }, async () => [], 'test-failover');
+  t.notMatch(img.location, /sig=|\?/, 'an image location carries no SAS token');
+  t.ok((await viaSas.images('agent-e')).length === 1, 'a SAS token with blob permissions does everything the backend needs');
+  const all = logLines.join('');
+  const sig = /sig=([^&]+)/.exec(sas)![1];
+  t.ok(all.length > 0, 'the backend logged');
+  t.notOk(all.includes(decodeURIComponent(sig)) || all.includes(sig), 'the SAS signature never appears in the log');
+  t.notOk(all.includes(a.accountKey) || all.includes(wrongKey), 'no account key appears in the log');
+  t.notOk(JSON.stringify(await loadAzureCredentials(sasFile)).includes(sig), 'the credentials object never serialises its secret');
+});
+
+t.test('digests and downloads read only valid page ranges; disks over 8 TiB are refused before anything is created', async (t) => {
+  const backend = await backendOn(t, await azurite());
+  const { store } = await backend.open('agent-f', 'disk0', 256 * MiB);
+  const d = pattern(64 * 1024, 7);
+  await store.submit([{ offset: 100 * MiB, length: d.length, data: d }], 1);
+  const before = backend.stats.bytesDownloaded;
+  const digests = await store.pageDigests(0, (256 * MiB) / 4096, 4096);
+  t.equal(digests.length, (256 * MiB / 4096) * 8, 'one digest per page');
+  const fetched = backend.stats.bytesDownloaded - before;
+  t.ok(fetched < 8 * MiB, `digesting a 256 MiB disk holding 64 KiB downloaded ${fetched} bytes (valid ranges only)`);
+  const ref = await store.preparePoint('p1');
+  await store.close();
+  const img = await backend.materialize('agent-f', 'disk0', { pointId: 'p1', seq: 1, sizeBytes: 256 * MiB, ref }, async () => [], 'test-failover');
+  const out = path.join(cleanup(t).dir('az-dl-'), 'disk0.img');
+  const dlBefore = backend.stats.bytesDownloaded;
+  let lastProgress = 0;
+  await backend.download(img, out, (done) => { lastProgress = done; });
+  t.ok(backend.stats.bytesDownloaded - dlBefore < 8 * MiB, 'the download fetched only the valid ranges');
+  const st = await fsp.stat(out);
+  t.equal(st.size, 256 * MiB, 'the local image has the disk size');
+  t.ok(st.blocks * 512 < 16 * MiB, 'and is sparse');
+  t.ok(lastProgress > 0, 'progress was reported');
+  const fh = await fsp.open(out);
+  const back = Buffer.alloc(d.length);
+  await fh.read(back, 0, d.length, 100 * MiB);
+  await fh.close();
+  sameBytes(t, back, d, 'the downloaded image holds the point');
+
+  const tooBig = 8 * 1024 ** 4 + 512;
+  const e = await backend.open('agent-f', 'huge', tooBig).catch((x: unknown) => x);
+  t.equal((e as MobilityError).code, 'MOB_ERR_DISK_TOO_LARGE');
+  t.same(await backend.disks('agent-f'), ['disk0'], 'nothing was created for it');
+});
