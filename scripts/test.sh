@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 # push-install tests create a non-root account (useradd) and run a private sshd
 install_missing sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client rsync:rsync fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs mount:mount sfdisk:fdisk partx:util-linux fsfreeze:util-linux setpriv:util-linux flock:util-linux losetup:mount useradd:passwd tar:tar gzip:gzip python3:python3 make:make g++:g++
 
+# the change tracker needs tracefs (the agent mounts it itself; tests check for it up front)
+[ -d /sys/kernel/tracing/instances ] || mount -t tracefs tracefs /sys/kernel/tracing || echo "warning: cannot mount tracefs; the e2e tests will fail" >&2
+
 npm ci --no-audit --no-fund
 rm -rf dist # files of removed tests must not run
 npm run build

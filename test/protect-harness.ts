@@ -101,6 +101,8 @@ export async function setup(t: Test, sizeMb = 256, o: { serverArgs?: string[] } 
   for (const tool of ['losetup', 'mkfs.ext4', 'e2fsck', 'fsfreeze', 'fio', 'mount']) {
     try { sh('sh', ['-c', `command -v ${tool}`]); } catch { throw new Error(`${tool} is required for this test`); }
   }
+  // mounted as the agent would (a fresh machine may not have it mounted yet)
+  if (!fs.existsSync('/sys/kernel/tracing/instances')) { try { sh('mount', ['-t', 'tracefs', 'tracefs', '/sys/kernel/tracing']); } catch { /* reported below */ } }
   if (!fs.existsSync('/sys/kernel/tracing/instances')) throw new Error('tracefs (/sys/kernel/tracing/instances) is required for this test');
   const c = cleanup(t);
   const dir = c.dir('protect-');

@@ -332,15 +332,19 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   if (cmd === 'status') {
     const j = await api(c, 'GET', '/v1/status');
     const disks = (j.disks ?? []) as import('../server/http/api.js').DiskStatus[];
+    const target = j.target as { kind: string; location: string; listedAt: string | null; error: { code: string; message: string } | null } | undefined;
+    const targetLine = target?.error
+      ? `replica store ${target.kind}:${target.location} is not answering (${target.error.code}); ${target.listedAt ? `disks as listed at ${target.listedAt}` : 'no listing yet'}\n`
+      : '';
     out(j, () => {
-      if (!disks.length) return 'no protected disks\n';
+      if (!disks.length) return `${targetLine}no protected disks\n`;
       const rows = [['AGENT', 'DISK', 'STATE', 'RPO', 'LAG', 'BACKLOG', 'CHURN/s', 'POINTS', 'STORED', 'LAST FREEZE', 'REASON']];
       for (const d of disks) {
         const scanning = (d.state === 'initial-sync' || d.state === 'resyncing') && d.progressPermille !== null && d.progressPermille !== undefined;
         rows.push([d.agent, d.disk, scanning ? `${d.state} ${(d.progressPermille! / 10).toFixed(1)}%` : d.state, `${fmtAge(d.rpoMs)}${d.rpoAlert ? ' !' : ''}`, fmtAge(d.dataLagMs), d.backlogBytes === null ? '-' : fmtBytes(d.backlogBytes),
           d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), typeof d.storedBytes === 'number' ? fmtBytes(d.storedBytes) : '-', d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
       }
-      return table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above the alert threshold (or no recovery point yet)\n' : '');
+      return targetLine + table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above the alert threshold (or no recovery point yet)\n' : '');
     });
     return EXIT.OK;
   }

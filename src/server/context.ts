@@ -14,6 +14,7 @@ import type { FailoverState } from './failover-state.js';
 import type { HealthBoard } from './health.js';
 import type { CutNotice } from './points.js';
 import type { Registry } from './registry.js';
+import type { ReplicaListing } from './replica-listing.js';
 
 export interface ServerContext {
   readonly log: Logger;
@@ -29,6 +30,8 @@ export interface ServerContext {
   readonly control: ControlHub;
   readonly health: HealthBoard;
   readonly backend: ReplicaBackend;
+  /** The replicas as status shows them, also while the backend does not answer. */
+  readonly listing: ReplicaListing;
   readonly stats: Record<string, number>;
   /** The server's metadata directory of an agent (points.json, failover.json). */
   agentDir(agentId: string): string;

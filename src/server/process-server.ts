@@ -18,6 +18,7 @@ import { MobilityError, toMobilityError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import { ensureTlsIdentity, type TlsIdentity } from '../transport/tls.js';
 import type { PointCatalog } from '../target/catalog.js';
+import { ReplicaListing } from './replica-listing.js';
 import { createBackend, parseStoreSpec } from '../target/backends.js';
 import type { ReplicaBackend } from '../target/replica-store.js';
 import { writeFileDurable } from '../util/durable-file.js';
@@ -92,6 +93,7 @@ export class ProcessServer {
   backend!: ReplicaBackend;
   points!: PointBook;
   leases!: DiskLeases;
+  listing!: ReplicaListing;
   db!: ConfigDb;
   registry!: Registry;
   control!: ControlHub;
@@ -113,6 +115,7 @@ export class ProcessServer {
     });
     // a target that cannot be used (credentials, container) stops the start, with the fix named
     await this.backend.init();
+    this.listing = new ReplicaListing(this.backend);
     this.points = new PointBook({
       agentDir: (a) => this.agentDir(a), backend: this.backend, health: this.health, log: this.log, stats: this.stats,
       retentionFor: (a) => this.retentionFor(a),

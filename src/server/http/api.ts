@@ -10,6 +10,8 @@
  * throws: a bad request cannot disturb replication.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { constants as fsConstants } from 'node:fs';
+import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { ID_PATTERN } from '../../constants.js';
 import { MobilityError, toMobilityError } from '../../errors.js';
@@ -38,31 +40,38 @@ export interface DiskStatus {
   progressPermille: number | null;
 }
 
-/** Status of every disk of every agent the server has a replica for. */
+/**
+ * Status of every disk of every agent the server has a replica for. While the replica store does
+ * not answer, the last listing it gave is shown, each disk as target-unavailable with the reason.
+ */
 export async function collectStatus(server: ServerContext): Promise<DiskStatus[]> {
   const out: DiskStatus[] = [];
   const now = Date.now();
-  for (const agent of await server.backend.agents()) {
+  const listing = await server.listing.get();
+  const targetDown = listing.error && listing.error.code !== 'MOB_ERR_STATE_CORRUPT' ? `${listing.error.code}: ${listing.error.message}` : null;
+  for (const st of listing.stats) {
+    const { agentId: agent, diskId: disk } = st;
     const cat = await server.catalog(agent);
     const fo = await server.failoverState(agent);
-    for (const disk of await server.backend.disks(agent)) {
-      const st = await server.backend.stat(agent, disk).catch(() => null);
-      if (!st) continue;
-      const pts = cat.list().filter((p) => p.disks[disk]);
-      const latest = pts[pts.length - 1] ?? null;
-      const latestApp = [...pts].reverse().find((p) => p.kind === 'app') ?? null;
-      const h = server.health.get(agent, disk);
-      const rpoMs = latest ? Math.max(0, now - Date.parse(latest.takenAt)) : null;
-      // a paused target is the reason even after the session ended: say it rather than 'disconnected'
-      const state = fo ? 'failed-over' : h ? (h.connected || h.state === 'target-unavailable' ? h.state : 'disconnected') : st.initialComplete ? 'disconnected' : 'initial-sync';
-      out.push({
-        agent, disk, sizeBytes: st.sizeBytes, initialComplete: st.initialComplete, storedBytes: st.storedBytes,
-        state, reason: fo ? `failed over to ${fo.point} at ${fo.failedOverAt}` : h?.reason ?? '', connected: h?.connected ?? false, healthAgeMs: h ? now - h.receivedAt : null,
-        rpoMs, rpoAlert: rpoMs === null || rpoMs > server.rpoAlertFor(agent), latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
-        dataLagMs: h?.dataLagMs ?? null, backlogBytes: h?.backlogBytes ?? null, churnBytesPerSec: h?.churnBytesPerSec ?? null,
-        freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? null, progressPermille: h?.progressPermille ?? null,
-      });
+    const pts = cat.list().filter((p) => p.disks[disk]);
+    const latest = pts[pts.length - 1] ?? null;
+    const latestApp = [...pts].reverse().find((p) => p.kind === 'app') ?? null;
+    const h = server.health.get(agent, disk);
+    const rpoMs = latest ? Math.max(0, now - Date.parse(latest.takenAt)) : null;
+    // a paused target is the reason even after the session ended: say it rather than 'disconnected'
+    let state = fo ? 'failed-over' : h ? (h.connected || h.state === 'target-unavailable' ? h.state : 'disconnected') : st.initialComplete ? 'disconnected' : 'initial-sync';
+    let reason = fo ? `failed over to ${fo.point} at ${fo.failedOverAt}` : h?.reason ?? '';
+    if (targetDown && !fo) {
+      state = 'target-unavailable';
+      reason = targetDown;
     }
+    out.push({
+      agent, disk, sizeBytes: st.sizeBytes, initialComplete: st.initialComplete, storedBytes: st.storedBytes,
+      state, reason, connected: h?.connected ?? false, healthAgeMs: h ? now - h.receivedAt : null,
+      rpoMs, rpoAlert: rpoMs === null || rpoMs > server.rpoAlertFor(agent), latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
+      dataLagMs: h?.dataLagMs ?? null, backlogBytes: h?.backlogBytes ?? null, churnBytesPerSec: h?.churnBytesPerSec ?? null,
+      freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? null, progressPermille: h?.progressPermille ?? null,
+    });
   }
   return out;
 }
@@ -82,6 +91,18 @@ export interface TestFailoverResult {
  * With download, each image is also written as a local sparse file <dir>/<disk>.img (the server
  * writes it: give a directory on the server). With cleanup, the point's images are deleted.
  */
+/** Creates the directory test-failover downloads go to (mode 0700 when new) and checks it is writable: MOB_ERR_CONFIG otherwise. */
+async function prepareDownloadDir(dir: string): Promise<void> {
+  try {
+    await fsp.mkdir(dir, { recursive: true, mode: 0o700 });
+    await fsp.access(dir, fsConstants.W_OK);
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    if (e.code === 'ENOSPC' || e.code === 'EDQUOT') throw toMobilityError(err);
+    throw new MobilityError('MOB_ERR_CONFIG', `cannot write test-failover downloads to ${dir} on the server: ${e.code ?? e.message} (give a writable directory of the server machine)`);
+  }
+}
+
 export async function testFailover(server: ServerContext, agent: string, ref: string, o: { cleanup?: boolean; download?: string | null; progress?: (diskId: string, done: number, total: number) => void } = {}): Promise<TestFailoverResult> {
   return server.withAgentLock(agent, async () => {
     const cat = await server.catalog(agent);
@@ -92,12 +113,15 @@ export async function testFailover(server: ServerContext, agent: string, ref: st
       server.log.info('test failover images removed', { agent, point: point.id, disks: imgs.map((i) => i.diskId) });
       return { point, disks: imgs, downloads: [], removed: true };
     }
+    // the download directory is made (and checked writable) before any image is, so a bad one costs nothing
+    if (o.download) await prepareDownloadDir(o.download);
     const disks = await materializePoint(server, agent, point, 'test-failover');
     const downloads: TestFailoverResult['downloads'] = [];
     if (o.download) {
       for (const img of disks) {
         const file = path.join(o.download, `${img.diskId}.img`);
-        const r = await server.backend.download(img, file, (done, total) => o.progress?.(img.diskId, done, total));
+        const r = await server.backend.download(img, file, (done, total) => o.progress?.(img.diskId, done, total))
+          .catch((err: unknown) => { throw toMobilityError(err, 'MOB_ERR_STORAGE'); });
         downloads.push({ diskId: img.diskId, file, ...r });
       }
     }
@@ -130,7 +154,13 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
       throw new MobilityError('MOB_ERR_AUTH', 'missing or wrong bearer token');
     }
     if (req.method === 'GET' && url.pathname === '/v1/status') {
-      send(res, 200, { disks: await collectStatus(server), rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs });
+      const disks = await collectStatus(server);
+      const ls = server.listing.state();
+      const target = {
+        kind: server.backend.kind, location: server.backend.location, listedAt: ls.at === null ? null : new Date(ls.at).toISOString(),
+        error: ls.error ? { code: ls.error.code, message: ls.error.message } : null,
+      };
+      send(res, 200, { disks, target, rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs });
     } else if (req.method === 'GET' && url.pathname === '/v1/points') {
       const agent = agentParam(url.searchParams.get('agent'));
       send(res, 200, { agent, points: (await server.catalog(agent)).list() });

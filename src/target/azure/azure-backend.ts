@@ -58,6 +58,8 @@ export interface AzureBackendOptions {
 }
 
 const REPLICAS = 'replicas/';
+/** How long stat() reuses a disk's count of stored bytes. */
+const STORED_BYTES_TTL_MS = 60_000;
 const CONTAINER_NAME = /^(?!-)(?!.*--)[a-z0-9-]{3,63}(?<!-)$/;
 
 function replicaBlob(agentId: string, diskId: string): string {
@@ -84,6 +86,8 @@ export class AzureBackend implements ReplicaBackend {
   private readonly bestEffort: RetryingPageBlobOps;
   private readonly log?: Logger;
   private readonly credentials: AzureCredentials;
+  /** storedBytes per replica blob, with when it was counted (see stat). */
+  private readonly storedCache = new Map<string, { at: number; bytes: number }>();
 
   constructor(o: { accountUrl: string; container: string; credentials: AzureCredentials; retry?: Partial<RetryPolicy>; log?: Logger } & Partial<AzureBackendOptions>) {
     const accountUrl = cleanAccountUrl(o.accountUrl);
@@ -209,7 +213,7 @@ export class AzureBackend implements ReplicaBackend {
   }
 
   /**
-   * What the metadata records. storedBytes is approximate: the valid page ranges of the blob plus
+   * What the metadata records. storedBytes is at most a minute old and approximate: the valid page ranges of the blob plus
    * those of each of its snapshots, counted in full although Azure bills a snapshot only for the
    * pages that differ from the base blob (an over-estimate, never an under-estimate).
    */
@@ -221,9 +225,16 @@ export class AzureBackend implements ReplicaBackend {
     if (!props) return null;
     const st = decodeState(props.metadata, `${this.location}/${name}`);
     if (!st || st.pending) return null;
-    let storedBytes = 0;
-    const refs: BlobRef[] = [{ name }, ...(await this.snapshotsOf(name)).map((s) => ({ name, snapshot: s.snapshot }))];
-    for (const ref of refs) for (const r of await this.ops.pageRanges(ref)) storedBytes += r.end - r.start;
+    // counting the pages of the blob and of every snapshot costs a request each: status polls stat,
+    // so the count is redone at most once a minute per disk
+    const cached = this.storedCache.get(name);
+    let storedBytes = cached && Date.now() - cached.at < STORED_BYTES_TTL_MS ? cached.bytes : -1;
+    if (storedBytes < 0) {
+      storedBytes = 0;
+      const refs: BlobRef[] = [{ name }, ...(await this.snapshotsOf(name)).map((s) => ({ name, snapshot: s.snapshot }))];
+      for (const ref of refs) for (const r of await this.ops.pageRanges(ref)) storedBytes += r.end - r.start;
+      this.storedCache.set(name, { at: Date.now(), bytes: storedBytes });
+    }
     return {
       agentId, diskId, sizeBytes: st.sizeBytes, generation: st.generation, initialComplete: st.initialComplete,
       lastDurableSeq: st.lastDurableSeq, storedBytes, updatedAt: st.updatedAt,
@@ -235,6 +246,7 @@ export class AzureBackend implements ReplicaBackend {
     checkId('disk', diskId);
     const name = replicaBlob(agentId, diskId);
     await this.ops.delete({ name }, true);
+    this.storedCache.delete(name);
     this.log?.info('azure replica removed', { agent: agentId, disk: diskId, blob: name });
   }
 
