@@ -136,7 +136,7 @@ DATA-DIR/secrets.key (0600). They are never printed or logged.
 
 interface DisablePlan {
   lastDisk: boolean;
-  replicas: { diskId: string; sizeBytes: number; allocatedBytes: number }[];
+  replicas: { diskId: string; sizeBytes: number; allocatedBytes: number | null }[];
   points: number;
   pointsNamingDisk: number;
   testFailoverImages: { point: string; diskId: string; path: string; allocatedBytes: number }[];
@@ -145,7 +145,7 @@ interface DisablePlan {
 function fmtDisablePlan(p: DisablePlan): string {
   const lines: string[] = [];
   if (!p.replicas.length) lines.push('  no replica (nothing was replicated yet)');
-  for (const r of p.replicas) lines.push(`  replica of disk ${r.diskId}: ${fmtBytes(r.sizeBytes)} disk, ${fmtBytes(r.allocatedBytes)} on the server (replica, log, undo journals)`);
+  for (const r of p.replicas) lines.push(`  replica of disk ${r.diskId}: ${fmtBytes(r.sizeBytes)} disk, ${r.allocatedBytes === null ? 'size not counted yet' : fmtBytes(r.allocatedBytes)} in the replica store (replica and its points)`);
   if (p.lastDisk) lines.push(`  ${p.points} recovery point(s): the machine's last protected disk, so all of them`);
   else lines.push(`  its undo journals: ${p.pointsNamingDisk} recovery point(s) that name it stay, but can no longer be materialised for it`);
   if (!p.testFailoverImages.length) lines.push('  no test-failover images');

@@ -45,9 +45,19 @@ export class DiskLeases {
     }
   }
 
-  /** Closes the store; the disk stays leased until it is closed. */
-  release(key: string, store: ReplicaStore): void {
+  /**
+   * Closes the store; the disk stays leased until it is closed. With `remove` (a replica the
+   * holder created and must not leave behind), the replica is then removed, still under the lease.
+   */
+  release(key: string, store: ReplicaStore, remove?: { agentId: string; diskId: string }): void {
     const closing: Promise<void> = store.close().catch((err) => { this.o.log.error('replica close failed', { disk: key, error: String(err) }); })
+      .then(async () => {
+        if (!remove) return;
+        await this.o.backend.remove(remove.agentId, remove.diskId).then(
+          () => this.o.log.info('removed a replica its refused session had created', { disk: key }),
+          (err: Error) => this.o.log.error('cannot remove a replica its refused session created', { disk: key, error: err.message }),
+        );
+      })
       .finally(() => { if (this.held.get(key) === closing) this.held.delete(key); });
     this.held.set(key, closing);
   }

@@ -113,8 +113,16 @@ export class ProcessServer {
     this.backend = this.opts.backend ?? await createBackend(parseStoreSpec(this.opts.store, this.opts.dataDir), {
       dataDir: this.opts.dataDir, credentialsFile: this.opts.storeCredentials, log: this.log.child({ component: 'target' }), retryMs: this.opts.storeRetryMs,
     });
-    // a target that cannot be used (credentials, container) stops the start, with the fix named
-    await this.backend.init();
+    // a target that cannot be used (credentials, configuration) stops the start, with the fix named;
+    // one that is only unreachable (or full) does not: the server serves status and refuses sessions
+    // with the target's code until a background retry of init() succeeds
+    try {
+      await this.backend.init();
+    } catch (err) {
+      if (!(err instanceof MobilityError) || (err.code !== 'MOB_ERR_TARGET_UNAVAILABLE' && err.code !== 'MOB_ERR_TARGET_QUOTA')) throw err;
+      this.log.error('the replica store is not available at start; serving anyway, retrying every 15 s', { code: err.code, error: err.message, store: `${this.backend.kind}:${this.backend.location}` });
+      this.retryInit();
+    }
     this.listing = new ReplicaListing(this.backend);
     this.points = new PointBook({
       agentDir: (a) => this.agentDir(a), backend: this.backend, health: this.health, log: this.log, stats: this.stats,
@@ -270,7 +278,28 @@ export class ProcessServer {
   failoverState(agentId: string): Promise<FailoverState | null> { return readFailoverState(this.agentDir(agentId), agentId); }
 
   /** Stops accepting, tells every agent, checkpoints every open replica. */
+  private initTimer: NodeJS.Timeout | null = null;
+  private stopped = false;
+
+  /** Retries backend.init() every 15 s until it succeeds or the server stops. */
+  private retryInit(): void {
+    if (this.stopped) return;
+    this.initTimer = setTimeout(() => {
+      this.initTimer = null;
+      this.backend.init().then(
+        () => this.log.info('the replica store is available', { store: `${this.backend.kind}:${this.backend.location}` }),
+        (err: Error) => {
+          this.log.warn('the replica store is still not available', { error: err.message });
+          this.retryInit();
+        },
+      );
+    }, 15_000);
+    this.initTimer.unref();
+  }
+
   async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.initTimer) clearTimeout(this.initTimer);
     for (const s of this.sessions) s.fail(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'server is stopping'));
     this.control?.close();
     await new Promise<void>((r) => (this.controlWss ? this.controlWss.close(() => r()) : r()));

@@ -250,25 +250,36 @@ export class Session {
     const states: DiskState[] = [];
     // new replicas stay in their temporary directories until every disk of the session is open:
     // a session refused half-way (or whose connection drops) leaves nothing behind
+    // a new replica already published when a later disk failed (or the connection dropped) is removed too
+    const created = new Set<string>();
+    const published = new Set<string>();
     const dropUnpublished = async () => { for (const d of this.disks) await d.store.discard(); };
+    const undo = async () => {
+      await dropUnpublished();
+      this.releaseAll(new Set([...created].filter((k) => published.has(k))));
+    };
     try {
       for (const d of h.disks) {
-        const { store, created, key } = await this.server.leases.acquire(this, h.agentId, d.diskId, d.sizeBytes, h.readOnly, false);
+        const { store, created: isNew, key } = await this.server.leases.acquire(this, h.agentId, d.diskId, d.sizeBytes, h.readOnly, false);
+        if (isNew) created.add(key);
         this.disks.push({ key, diskId: d.diskId, sizeBytes: d.sizeBytes, blockSize: d.blockSize, pageSize: d.pageSize, store, lastSeq: store.lastDurableSeq });
         states.push({
           diskId: d.diskId, lastDurableSeq: store.lastDurableSeq, generation: store.generation, initialComplete: store.initialComplete,
-          sizeBytes: store.sizeBytes, replicaExists: !created,
+          sizeBytes: store.sizeBytes, replicaExists: !isNew,
         });
       }
-      if (this.state !== 'closed') for (const d of this.disks) await d.store.publish();
+      if (this.state !== 'closed') {
+        for (const d of this.disks) {
+          await d.store.publish();
+          published.add(d.key);
+        }
+      }
     } catch (err) {
-      await dropUnpublished();
-      this.releaseAll();
+      await undo();
       throw toMobilityError(err, 'MOB_ERR_STORAGE');
     }
     if (this.state === 'closed') {
-      await dropUnpublished();
-      this.releaseAll();
+      await undo();
       return;
     }
     this.state = 'ready';
@@ -499,11 +510,12 @@ export class Session {
     void this.chain.finally(() => this.releaseAll());
   }
 
-  private releaseAll(): void {
+  /** Closes every disk's store; those named in `remove` (replicas this session created) are removed once closed. */
+  private releaseAll(remove: Set<string> = new Set()): void {
     if (this.images) for (const img of this.images) void img.close();
     this.images = null;
-    if (this.agentId) this.server.health.markDisconnected(this.agentId, this.disks.map((d) => d.diskId));
-    for (const d of this.disks) this.server.leases.release(d.key, d.store);
+    if (this.agentId) this.server.health.markDisconnected(this.agentId, this.disks.filter((d) => !remove.has(d.key)).map((d) => d.diskId));
+    for (const d of this.disks) this.server.leases.release(d.key, d.store, remove.has(d.key) ? { agentId: this.agentId, diskId: d.diskId } : undefined);
     this.disks = [];
   }
 }

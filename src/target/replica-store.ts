@@ -27,8 +27,8 @@ export interface ReplicaStat {
   initialComplete: boolean;
   /** Every write up to this sequence is durable (may lag behind what was acknowledged; never ahead). */
   lastDurableSeq: number;
-  /** Bytes the replica and its point data occupy in the backend (allocated blocks, stored pages). */
-  storedBytes: number;
+  /** Bytes the replica and its point data occupy in the backend (allocated blocks, stored pages); null while not known yet. */
+  storedBytes: number | null;
   updatedAt: string;
 }
 

@@ -47,9 +47,12 @@ export interface RetryPolicy {
   totalBudgetMs: number;
 }
 
-/** Defaults for a replica target: about two minutes of trying, waits of 0.25 s growing to 15 s. */
+/**
+ * Defaults for a replica target: two minutes of trying (the time budget decides, not the
+ * number of attempts), waits of 0.25 s growing to 15 s.
+ */
 export const DEFAULT_RETRY_POLICY: Readonly<RetryPolicy> = Object.freeze({
-  maxAttempts: 10,
+  maxAttempts: 1000,
   baseDelayMs: 250,
   maxDelayMs: 15_000,
   totalBudgetMs: 120_000,

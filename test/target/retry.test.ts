@@ -85,6 +85,17 @@ t.test('withRetry: transient until success; attempts and budget bound it; auth a
   t.equal(await withRetry(async () => { throw coded; }, { policy: retryPolicy(), what: 'w', clock: fakeClock() }).catch((x: unknown) => x), coded, 'a coded error is not retried');
 });
 
+t.test('the default policy: the time budget decides, not a count of attempts', async (t) => {
+  const clock = fakeClock();
+  const e = await withRetry(async () => { throw status(503); }, { policy: retryPolicy(), what: 'w', clock }).catch((x: unknown) => x);
+  t.equal((e as MobilityError).code, 'MOB_ERR_TARGET_UNAVAILABLE');
+  const waited = clock.slept.reduce((a, b) => a + b, 0);
+  t.ok(waited > 100_000 && waited <= 120_000, `an outage is retried for close to the 2-minute budget (${waited} ms of waits)`);
+  const longer = fakeClock();
+  await withRetry(async () => { throw status(503); }, { policy: retryPolicy({ totalBudgetMs: 600_000 }), what: 'w', clock: longer }).catch(() => undefined);
+  t.ok(longer.slept.reduce((a, b) => a + b, 0) > 500_000, 'a longer budget (--store-retry 10m) retries longer');
+});
+
 t.test('no secret in a message', async (t) => {
   const sas = 'sv=2023-01-03&ss=b&sig=AbCdEf%2B123secret%3D&se=2030';
   t.notMatch(redactSecrets(`GET https://a.blob.core.windows.net/c/b?${sas} failed`), /AbCdEf/);

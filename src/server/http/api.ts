@@ -33,8 +33,8 @@ export interface DiskStatus {
   agent: string; disk: string; sizeBytes: number; initialComplete: boolean;
   state: string; reason: string; connected: boolean; healthAgeMs: number | null;
   rpoMs: number | null; rpoAlert: boolean; latestPoint: string | null; latestAppPoint: string | null; points: number;
-  /** Bytes the replica and its points occupy in the target. */
-  storedBytes: number;
+  /** Bytes the replica and its points occupy in the target; null while the store has not counted them yet. */
+  storedBytes: number | null;
   dataLagMs: number | null; backlogBytes: number | null; churnBytesPerSec: number | null; freezeFailures: number; lastFreezeMs: number | null;
   /** Progress of the running scan (initial sync or resync), 0..1000, from the agent's last health report. */
   progressPermille: number | null;
@@ -48,9 +48,10 @@ export async function collectStatus(server: ServerContext): Promise<DiskStatus[]
   const out: DiskStatus[] = [];
   const now = Date.now();
   const listing = await server.listing.get();
-  const targetDown = listing.error && listing.error.code !== 'MOB_ERR_STATE_CORRUPT' ? `${listing.error.code}: ${listing.error.message}` : null;
-  for (const st of listing.stats) {
-    const { agentId: agent, diskId: disk } = st;
+  const targetDown = listing.error ? `${listing.error.code}: ${listing.error.message}` : null;
+  for (const ld of listing.disks) {
+    const { agentId: agent, diskId: disk } = ld;
+    const st = ld.stat ?? { sizeBytes: 0, initialComplete: false, storedBytes: null };
     const cat = await server.catalog(agent);
     const fo = await server.failoverState(agent);
     const pts = cat.list().filter((p) => p.disks[disk]);
@@ -61,7 +62,10 @@ export async function collectStatus(server: ServerContext): Promise<DiskStatus[]
     // a paused target is the reason even after the session ended: say it rather than 'disconnected'
     let state = fo ? 'failed-over' : h ? (h.connected || h.state === 'target-unavailable' ? h.state : 'disconnected') : st.initialComplete ? 'disconnected' : 'initial-sync';
     let reason = fo ? `failed over to ${fo.point} at ${fo.failedOverAt}` : h?.reason ?? '';
-    if (targetDown && !fo) {
+    if (ld.error && !fo) {
+      state = 'error';
+      reason = `${ld.error.code}: ${ld.error.message}`;
+    } else if (targetDown && !fo) {
       state = 'target-unavailable';
       reason = targetDown;
     }
@@ -104,30 +108,34 @@ async function prepareDownloadDir(dir: string): Promise<void> {
 }
 
 export async function testFailover(server: ServerContext, agent: string, ref: string, o: { cleanup?: boolean; download?: string | null; progress?: (diskId: string, done: number, total: number) => void } = {}): Promise<TestFailoverResult> {
-  return server.withAgentLock(agent, async () => {
+  // the images are made under the agent's lock (a cut waits for it); a download, which can take
+  // hours for a large disk, runs after the lock is released so replication and cuts go on
+  const made = await server.withAgentLock(agent, async () => {
     const cat = await server.catalog(agent);
     const point = cat.resolve(ref);
     if (o.cleanup) {
       const imgs = (await server.backend.images(agent, 'test-failover')).filter((i) => i.pointId === point.id);
       for (const img of imgs) await server.backend.removeImage(img);
       server.log.info('test failover images removed', { agent, point: point.id, disks: imgs.map((i) => i.diskId) });
-      return { point, disks: imgs, downloads: [], removed: true };
+      return { point, disks: imgs, removed: true };
     }
     // the download directory is made (and checked writable) before any image is, so a bad one costs nothing
     if (o.download) await prepareDownloadDir(o.download);
-    const disks = await materializePoint(server, agent, point, 'test-failover');
-    const downloads: TestFailoverResult['downloads'] = [];
-    if (o.download) {
-      for (const img of disks) {
-        const file = path.join(o.download, `${img.diskId}.img`);
-        const r = await server.backend.download(img, file, (done, total) => o.progress?.(img.diskId, done, total))
-          .catch((err: unknown) => { throw toMobilityError(err, 'MOB_ERR_STORAGE'); });
-        downloads.push({ diskId: img.diskId, file, ...r });
-      }
-    }
-    server.log.info('test failover image ready', { agent, point: point.id, disks: disks.map((d) => ({ disk: d.diskId, location: d.location, method: d.method, ms: d.ms, undoRecords: d.undoRecords })), downloads: downloads.map((d) => d.file) });
-    return { point, disks, downloads, removed: false };
+    return { point, disks: await materializePoint(server, agent, point, 'test-failover'), removed: false };
   });
+  const { point, disks } = made;
+  if (made.removed) return { point, disks, downloads: [], removed: true };
+  const downloads: TestFailoverResult['downloads'] = [];
+  if (o.download) {
+    for (const img of disks) {
+      const file = path.join(o.download, `${img.diskId}.img`);
+      const r = await server.backend.download(img, file, (done, total) => o.progress?.(img.diskId, done, total))
+        .catch((err: unknown) => { throw toMobilityError(err, 'MOB_ERR_STORAGE'); });
+      downloads.push({ diskId: img.diskId, file, ...r });
+    }
+  }
+  server.log.info('test failover image ready', { agent, point: point.id, disks: disks.map((d) => ({ disk: d.diskId, location: d.location, method: d.method, ms: d.ms, undoRecords: d.undoRecords })), downloads: downloads.map((d) => d.file) });
+  return { point, disks, downloads, removed: false };
 }
 
 export async function handleApi(server: ServerContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -159,6 +167,8 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
       const target = {
         kind: server.backend.kind, location: server.backend.location, listedAt: ls.at === null ? null : new Date(ls.at).toISOString(),
         error: ls.error ? { code: ls.error.code, message: ls.error.message } : null,
+        /** a listing of the store is still running (slow store): the disks are as last listed */
+        listing: ls.pending,
       };
       send(res, 200, { disks, target, rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs });
     } else if (req.method === 'GET' && url.pathname === '/v1/points') {

@@ -56,7 +56,8 @@ export interface DisablePlan {
   /** The machine's last enabled disk: every replica and recovery point of the machine goes. */
   lastDisk: boolean;
   /** Replicas deleted: disk id, disk size, bytes on the server's disk (replica, WAL, undo journals). */
-  replicas: { diskId: string; sizeBytes: number; allocatedBytes: number }[];
+  /** allocatedBytes: what the replica and its points occupy in the store (null: not counted yet). */
+  replicas: { diskId: string; sizeBytes: number; allocatedBytes: number | null }[];
   /** Recovery points deleted (all of the machine's when lastDisk). */
   points: number;
   /** Points kept that name the disk (not lastDisk): they can no longer be materialised for it. */

@@ -40,7 +40,7 @@ import { blobPageDigests, copyBlobByPages, downloadBlobToFile, roundUpSector } f
 import { AzureReplicaStore, decodeState, encodeState, newReplicaState, type AzureReplicaState } from './azure-store.js';
 import type { AzureCredentials } from './credentials.js';
 import {
-  CopyFailedError, MAX_PAGE_BLOB_BYTES, RetryingPageBlobOps, SdkPageBlobOps, cleanAccountUrl, newOpStats, totalCalls,
+  CopyFailedError, MAX_PAGE_BLOB_BYTES, RetryingPageBlobOps, TargetAnswerError, SdkPageBlobOps, cleanAccountUrl, newOpStats, totalCalls,
   type AzureOpStats, type BlobInfo, type BlobRef, type PageBlobOps,
 } from './page-client.js';
 
@@ -88,6 +88,7 @@ export class AzureBackend implements ReplicaBackend {
   private readonly credentials: AzureCredentials;
   /** storedBytes per replica blob, with when it was counted (see stat). */
   private readonly storedCache = new Map<string, { at: number; bytes: number }>();
+  private readonly counting = new Set<string>();
 
   constructor(o: { accountUrl: string; container: string; credentials: AzureCredentials; retry?: Partial<RetryPolicy>; log?: Logger } & Partial<AzureBackendOptions>) {
     const accountUrl = cleanAccountUrl(o.accountUrl);
@@ -213,7 +214,8 @@ export class AzureBackend implements ReplicaBackend {
   }
 
   /**
-   * What the metadata records. storedBytes is at most a minute old and approximate: the valid page ranges of the blob plus
+   * What the metadata records. storedBytes is a background count (null until the first one ends,
+   * then up to a minute old) and approximate: the valid page ranges of the blob plus
    * those of each of its snapshots, counted in full although Azure bills a snapshot only for the
    * pages that differ from the base blob (an over-estimate, never an under-estimate).
    */
@@ -225,20 +227,29 @@ export class AzureBackend implements ReplicaBackend {
     if (!props) return null;
     const st = decodeState(props.metadata, `${this.location}/${name}`);
     if (!st || st.pending) return null;
-    // counting the pages of the blob and of every snapshot costs a request each: status polls stat,
-    // so the count is redone at most once a minute per disk
+    // counting the pages of the blob and of every snapshot costs a request each (hundreds with a
+    // day of points): status polls stat, so the count runs in the background at most once a
+    // minute per disk and stat answers with the last count (null until the first one is done)
     const cached = this.storedCache.get(name);
-    let storedBytes = cached && Date.now() - cached.at < STORED_BYTES_TTL_MS ? cached.bytes : -1;
-    if (storedBytes < 0) {
-      storedBytes = 0;
-      const refs: BlobRef[] = [{ name }, ...(await this.snapshotsOf(name)).map((s) => ({ name, snapshot: s.snapshot }))];
-      for (const ref of refs) for (const r of await this.ops.pageRanges(ref)) storedBytes += r.end - r.start;
-      this.storedCache.set(name, { at: Date.now(), bytes: storedBytes });
-    }
+    if (!cached || Date.now() - cached.at >= STORED_BYTES_TTL_MS) this.recount(name);
+    const storedBytes = cached?.bytes ?? null;
     return {
       agentId, diskId, sizeBytes: st.sizeBytes, generation: st.generation, initialComplete: st.initialComplete,
       lastDurableSeq: st.lastDurableSeq, storedBytes, updatedAt: st.updatedAt,
     };
+  }
+
+  /** Counts the stored pages of a replica blob and its snapshots into storedCache (one count per blob at a time). */
+  private recount(name: string): void {
+    if (this.counting.has(name)) return;
+    this.counting.add(name);
+    void (async () => {
+      let bytes = 0;
+      const refs: BlobRef[] = [{ name }, ...(await this.snapshotsOf(name)).map((s) => ({ name, snapshot: s.snapshot }))];
+      for (const ref of refs) for (const r of await this.ops.pageRanges(ref)) bytes += r.end - r.start;
+      this.storedCache.set(name, { at: Date.now(), bytes });
+    })().catch((err: Error) => this.log?.warn('cannot count the stored pages of a replica', { blob: name, error: err.message }))
+      .finally(() => this.counting.delete(name));
   }
 
   async remove(agentId: string, diskId: string): Promise<void> {
@@ -314,8 +325,8 @@ export class AzureBackend implements ReplicaBackend {
     try {
       await this.ops.copyFrom(dest, source, meta);
     } catch (err) {
-      if (err instanceof MobilityError) throw err; // unavailable, auth, quota: no fallback helps
-      const status = (err as { statusCode?: number }).statusCode;
+      if (err instanceof MobilityError && !(err instanceof TargetAnswerError)) throw err; // unavailable, auth, quota: no fallback helps
+      const status = err instanceof TargetAnswerError ? err.statusCode : null;
       if (status === 404) throw new MobilityError('MOB_ERR_UNKNOWN_POINT', `the snapshot of point ${point.pointId} of disk ${diskId} vanished while it was copied`);
       this.log?.warn('server-side copy unusable; copying page ranges instead', { source: `${source.name}@${source.snapshot}`, dest, error: (err as Error).message });
       method = 'page-copy';
@@ -410,8 +421,8 @@ export class AzureBackend implements ReplicaBackend {
       try {
         await this.ops.copyFrom(dest, { name: src }, encodeState(state));
       } catch (err) {
-        if (err instanceof MobilityError) throw err; // unavailable, auth, quota: no fallback helps
-        if (!(err instanceof CopyFailedError) && (err as { statusCode?: number }).statusCode === undefined) throw err;
+        if (err instanceof MobilityError && !(err instanceof TargetAnswerError)) throw err; // unavailable, auth, quota: no fallback helps
+        if (!(err instanceof CopyFailedError) && !(err instanceof TargetAnswerError)) throw err;
         this.log?.warn('server-side copy unusable; copying page ranges instead', { source: src, dest, error: (err as Error).message });
         await copyBlobByPages(this.ops, { name: src }, dest, image.sizeBytes, encodeState(state));
       }

@@ -27,7 +27,7 @@ import {
 } from '@azure/storage-blob';
 import type { Logger } from '../../log.js';
 import { MobilityError } from '../../errors.js';
-import { retryPolicy, withRetry, redactSecrets, systemClock, type ClassifiedError, type RetryClock, type RetryPolicy } from '../retry.js';
+import { classifyTargetError, retryPolicy, withRetry, redactSecrets, systemClock, type ClassifiedError, type RetryClock, type RetryPolicy } from '../retry.js';
 import type { AzureCredentials } from './credentials.js';
 
 export const SECTOR = 512;
@@ -104,6 +104,17 @@ export interface PageBlobOps {
   copyFrom(dest: string, source: BlobRef, metadata: Record<string, string>): Promise<void>;
 }
 
+/**
+ * The service answered a call with an error that is neither an outage, nor credentials, nor
+ * quota (404, 409, 412, 400...): MOB_ERR_STORAGE, with the HTTP status and the service's error
+ * code kept for the backend's own decisions (e.g. a missing snapshot). Its message is safe to show.
+ */
+export class TargetAnswerError extends MobilityError {
+  constructor(message: string, readonly statusCode: number | null, readonly serviceCode: string | null) {
+    super('MOB_ERR_STORAGE', message);
+  }
+}
+
 /** A copy that ended in 'failed' or 'aborted' (not retried: the source is the problem). */
 export class CopyFailedError extends Error {
   constructor(readonly status: string, description: string) {
@@ -156,8 +167,11 @@ export class SdkPageBlobOps implements PageBlobOps {
     const key = o.credentials.sharedKey();
     const sas = o.credentials.sasQuery();
     const credential = key ? new StorageSharedKeyCredential(key.accountName, key.accountKey) : new AnonymousCredential();
-    // retries are ../retry.ts's job (one layer, one budget): the SDK tries once; no server-side timeout parameter
-    const pipeline = newPipeline(credential, { retryOptions: { maxTries: 1 }, keepAliveOptions: { enable: true } });
+    // retries are ../retry.ts's job (one layer, one budget): the SDK tries once. Each request carries
+    // the service-side `timeout` parameter, half the client's bound: a try the client gave up on
+    // (and retried) is abandoned by the service too, never applied late over a newer write
+    const serverTimeoutMs = Math.max(1000, Math.floor(this.tryTimeoutMs / 2));
+    const pipeline = newPipeline(credential, { retryOptions: { maxTries: 1, tryTimeoutInMs: serverTimeoutMs }, keepAliveOptions: { enable: true } });
     const svc = new BlobServiceClient(sas ? `${accountUrl}?${sas}` : accountUrl, pipeline);
     this.cc = svc.getContainerClient(o.container);
   }
@@ -381,8 +395,20 @@ export class RetryingPageBlobOps implements PageBlobOps {
     return new RetryingPageBlobOps(this.inner, { ...this.o, stats: this.stats, policy: { ...this.policy, ...policy } });
   }
 
-  private run<T>(op: string, subject: string, fn: () => Promise<T>): Promise<T> {
+  private async run<T>(op: string, subject: string, fn: () => Promise<T>): Promise<T> {
     const what = `${op}${subject ? ` ${subject}` : ''} at ${this.o.target}`;
+    try {
+      return await this.retried(what, op, subject, fn);
+    } catch (err) {
+      if (err instanceof MobilityError) throw err;
+      // an answer of the service (not found, conflict, bad request): coded, with its status, and
+      // without the SDK error (whose request and response carry URLs and headers)
+      const c = classifyTargetError(err);
+      throw new TargetAnswerError(`${what}: ${c.summary}`, c.status, c.code);
+    }
+  }
+
+  private retried<T>(what: string, op: string, subject: string, fn: () => Promise<T>): Promise<T> {
     return withRetry(() => fn(), {
       policy: this.policy,
       what,

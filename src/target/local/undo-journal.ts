@@ -2,7 +2,7 @@
  * Undo journal of one replica for one epoch: the old bytes of each range the
  * first time it is overwritten after a recovery point. Recovery point P of a
  * disk = the replica with the records of every epoch >= P reverted, newest
- * record first (see materializePoint in replication/recovery-points.ts).
+ * record first (see local/materialize.ts).
  *
  * One file per epoch: undo/<pointId>.undo, holding records
  *   0  u32 magic 'MUND'   4 u32 flags (1 = the old bytes were all zero: no data)

@@ -1,5 +1,5 @@
 /**
- * The trace-instance lock (src/replication/instance-lock.ts) with real processes: several
+ * The trace-instance lock (src/source/tracker/instance-lock.ts) with real processes: several
  * agents starting at once on a stale lock end with exactly one owner; a live owner makes the
  * others fail with MOB_ERR_TRACKER_BUSY; release removes only this process's own lock.
  * Every case uses its own lock directory (the lockDir parameter), never the machine's.

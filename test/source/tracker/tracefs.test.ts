@@ -260,7 +260,7 @@ t.test('instances are owned: another process can neither use nor remove one in u
   track(t, name);
   const tr = await TracefsTracker.open({ name, disks: [{ path: dev }] });
   t.teardown(() => tr.close());
-  const mod = path.resolve('dist/src/replication/tracefs-tracker.js');
+  const mod = path.resolve('dist/src/source/tracker/tracefs.js');
   const other = (code: string) => execFileSync(process.execPath, ['--input-type=module', '-e',
     `import { TracefsTracker } from ${JSON.stringify(mod)};\ntry { ${code}; console.log('ok'); } catch (e) { console.log(e.code, e.message); }`], { encoding: 'utf8' });
   t.match(other(`TracefsTracker.remove(${JSON.stringify(name)})`), /^MOB_ERR_TRACKER_BUSY .*in use by process \d+/, 'remove() from another process: MOB_ERR_TRACKER_BUSY');
