@@ -171,7 +171,7 @@ export class AzureBackend implements ReplicaBackend {
       if (props) await this.ops.delete({ name }, true); // a stale pending blob (and any snapshot of it)
       await this.ops.create(name, roundUpSector(sizeBytes), encodeState(fresh));
       this.log?.info('azure replica created', { agent: agentId, disk: diskId, sizeBytes, blob: name, published: !fresh.pending });
-      return { store: new AzureReplicaStore(this.ctx(name), fresh, false), created: true };
+      return { store: new AzureReplicaStore(this.ctx(name), fresh, false, true), created: true };
     }
     if (!opts.readOnly && sizeBytes < state.sizeBytes) {
       throw new MobilityError('MOB_ERR_DISK_SIZE_CHANGED',

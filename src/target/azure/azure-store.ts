@@ -47,6 +47,8 @@ export const PUT_CONCURRENCY = 8;
 /** A single Clear Pages call covers at most this much (bounds one request's work on the service). */
 const MAX_CLEAR_BYTES = 1024 * 1024 * 1024;
 export const METADATA_VERSION = '1';
+/** Past this many separate written ranges, a fresh blob's zero ranges are cleared like any other. */
+const MAX_FRESH_INTERVALS = 100_000;
 
 export interface AzureReplicaState {
   agentId: string;
@@ -279,12 +281,63 @@ export class AzureReplicaStore implements ReplicaStore {
   /** Bytes sent in Put Page calls by this store (data, including completed edge sectors). */
   bytesWritten = 0;
 
+  /**
+   * For a blob created by this store's open: the ranges written since, merged and sorted. Zeros
+   * written anywhere else are already what the blob holds, so no Clear Pages is sent for them (an
+   * initial sync would otherwise clear every zero region of a fresh, empty blob). null once the
+   * blob was not fresh, or when the list grew past MAX_FRESH_INTERVALS (then every zero range is
+   * cleared, as always correct).
+   */
+  private written: [number, number][] | null;
+
   constructor(
     private readonly ctx: AzureStoreContext,
     private state: AzureReplicaState,
     /** Opened for a verify session: never written, grown or its metadata touched. */
     readonly readOnly: boolean,
-  ) {}
+    /** The blob was created empty by this open. */
+    fresh = false,
+  ) {
+    this.written = fresh && !readOnly ? [] : null;
+  }
+
+  /** True when [start, end) lies where nothing was written since the fresh blob was created. */
+  private neverWritten(start: number, end: number): boolean {
+    const w = this.written;
+    if (!w) return false;
+    // the first interval ending after start
+    let lo = 0;
+    let hi = w.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (w[mid][1] <= start) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo === w.length || w[lo][0] >= end;
+  }
+
+  /** Records [start, end) as written (fresh blobs only). */
+  private markWritten(start: number, end: number): void {
+    const w = this.written;
+    if (!w) return;
+    let lo = 0;
+    let hi = w.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (w[mid][1] < start) lo = mid + 1;
+      else hi = mid;
+    }
+    let k = lo;
+    let s = start;
+    let e = end;
+    while (k < w.length && w[k][0] <= e) {
+      s = Math.min(s, w[k][0]);
+      e = Math.max(e, w[k][1]);
+      k++;
+    }
+    w.splice(lo, k - lo, [s, e]);
+    if (w.length > MAX_FRESH_INTERVALS) this.written = null;
+  }
 
   get agentId(): string { return this.state.agentId; }
   get diskId(): string { return this.state.diskId; }
@@ -391,7 +444,10 @@ export class AzureReplicaStore implements ReplicaStore {
 
   private async applyBatch(ops: WriteOp[]): Promise<void> {
     const name = this.ctx.blobName;
-    const calls = await planBatch(ops, (o, l) => this.ctx.ops.download({ name }, o, l));
+    const planned = await planBatch(ops, (o, l) => this.ctx.ops.download({ name }, o, l));
+    // zeros where a fresh blob was never written are there already
+    const calls = planned.filter((c) => c.kind === 'put' || !this.neverWritten(c.offset, c.offset + c.length));
+    for (const c of calls) if (c.kind === 'put') this.markWritten(c.offset, c.offset + c.data.length);
     await runPool(calls.map((c) => async () => {
       if (c.kind === 'put') {
         await this.ctx.ops.putPages(name, c.offset, c.data);

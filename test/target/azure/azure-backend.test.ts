@@ -74,6 +74,9 @@ t.test('writes: Put Page calls of at most 4 MiB, zeros cleared (sparse), sub-sec
 
   const az2 = backend.blobOps;
   const blob = (store as AzureReplicaStore).blobName;
+  const none = backend.stats.calls.clearPages ?? 0;
+  await store.submit([{ offset: 20 * MiB, length: 8 * MiB, data: null }], 2);
+  t.equal(backend.stats.calls.clearPages ?? 0, none, 'zeros where the fresh blob was never written cost no call (an initial sync of zero regions)');
   const before = backend.stats.calls.clearPages ?? 0;
   await store.submit([{ offset: 2 * MiB, length: 3 * MiB, data: null }], 2);
   model.fill(0, 2 * MiB, 5 * MiB);
