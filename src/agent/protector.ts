@@ -34,7 +34,8 @@ import { openDiskSource, type DiskSource } from '../source/disk-source.js';
 import { SourcePass, type PassKind } from '../source/source-pass.js';
 import { DirtyJournal, type LossBaseline } from '../source/dirty-journal.js';
 import { TracefsTracker, traceInstanceName } from '../source/tracker/tracefs.js';
-import { chooseSamples, digestPages, digestPagesAsync, includeFromEnv, WrittenPages, DEFAULT_RANDOM_SAMPLES, DEFAULT_WRITTEN_SAMPLES } from '../source/cut-sample.js';
+import { chooseSamples, digestPagesAsync, includeFromEnv, WrittenPages, DEFAULT_RANDOM_SAMPLES, DEFAULT_WRITTEN_SAMPLES } from '../source/cut-sample.js';
+import { Spool } from '../source/spool.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import { devOf, deviceFamily, freezeAll, mountsOn, runHooks, thawAll, type HookResult } from './freeze.js';
 
@@ -50,8 +51,14 @@ export const DEFAULT_HOOK_TIMEOUT_MS = 60_000;
  * A cut starts its freeze once the unshipped backlog is below this, or once it stops
  * shrinking (a hot working set larger than this never converges further), or at the timeout.
  */
-const CONVERGE_BYTES = 64 * 1024 * 1024;
+const CONVERGE_BYTES = 16 * 1024 * 1024;
 const CONVERGE_STALL_MS = 2000;
+/** What a cut may read into its spool while frozen (memory + file), unless the options say otherwise. */
+export const DEFAULT_SPOOL_BUDGET_BYTES = 256 * 1024 * 1024;
+/** The part of the spool kept in memory; the rest goes to a file in the state directory. */
+export const DEFAULT_SPOOL_MEMORY_BYTES = 32 * 1024 * 1024;
+/** Freezes a cut tries when the remainder is over the spool budget, converging further between them. */
+const SPOOL_ATTEMPTS = 3;
 const CONVERGE_TIMEOUT_MS = 30_000;
 const DRAIN_MS = 100;
 const COUNTER_CHECK_MS = 1000;
@@ -78,6 +85,10 @@ export interface ProtectOptions {
   hooksDir?: string;
   hookTimeoutMs?: number;
   freezeLimitMs?: number;
+  /** Most a cut reads into its spool while frozen (default 256 MiB); a larger remainder converges further first. */
+  spoolBudgetBytes?: number;
+  /** The part of the spool held in memory (default 32 MiB); the rest goes to a file in the state directory. */
+  spoolMemoryBytes?: number;
   trackerBufferKb?: number;
   tracefsRoot?: string;
   /** Where trace instance locks live (default /run/mobility/trace-locks). */
@@ -97,7 +108,7 @@ export type ProtectEvent =
   | { event: 'pass-done'; disk: string; kind: PassKind; bytesScanned: number; bytesSent: number; blocksSent: number; ms: number }
   | { event: 'connected' }
   | { event: 'disconnected'; code: string; message: string }
-  | { event: 'cut'; cutId: number; kind: CutKind; pointId: string; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number }
+  | { event: 'cut'; cutId: number; kind: CutKind; pointId: string; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number }
   | { event: 'cut-failed'; cutId: number; kind: CutKind; code: string; message: string }
   | { event: 'tracking-lost'; reason: string; repaired: boolean }
   | { event: 'hook'; phase: string; hook: string; ok: boolean; ms: number; output: string }
@@ -149,7 +160,7 @@ export class Protector {
   private requestedCut: CutKind | null = null;
   private freezeFailures = 0;
   private lastFreezeMs = 0;
-  private pendingCuts = new Map<number, { kind: CutKind; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number }>();
+  private pendingCuts = new Map<number, { kind: CutKind; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number }>();
   private readonly crashMs: number;
   private readonly appMs: number;
   private lastCounterCheck = 0;
@@ -159,8 +170,6 @@ export class Protector {
   /** How long reading the last cut's samples took (all of it inside the freeze). */
   private lastSampleReadMs = 0;
   private stateDir = '';
-  /** While a cut's sample is out: per disk, the extents drained since it was read. */
-  private sampledSince: { offset: number; length: number }[][] | null = null;
 
   constructor(private readonly o: ProtectOptions) {
     this.bs = o.blockSize ?? DEFAULT_BLOCK_SIZE;
@@ -217,6 +226,8 @@ export class Protector {
     if (this.family.has(`${sd.major}:${sd.minor}`)) {
       throw new MobilityError('MOB_ERR_CONFIG', `the state directory ${stateDir} is on a protected disk; put it on another disk (it is written while the protected filesystems are frozen)`);
     }
+    // a cut spool left by a killed agent: its cut was never sent, its blocks are still in the journal
+    await Spool.removeStale(stateDir);
     // the tracker starts before anything is read, so no write between our read and its first event is missed
     this.tracker = await TracefsTracker.open({
       name: traceInstanceName(o.agentId, o.stateDir), disks: o.disks.map((d) => ({ path: d.path })), bufferKb: o.trackerBufferKb, tracefsRoot: o.tracefsRoot, lockDir: o.lockDir,
@@ -315,8 +326,6 @@ export class Protector {
       if (!d) continue;
       d.churnBytes += e.length;
       d.written.add(e.offset, e.length, PAGE_SIZE);
-      // written after a cut's sample was read (an unfrozen writer): those sampled pages are re-read
-      this.sampledSince?.[e.disk]?.push({ offset: e.offset, length: e.length });
     }
     if (ext.length) this.wakeLoop?.();
     const t = Date.now();
@@ -671,9 +680,30 @@ export class Protector {
     return n;
   }
 
+  /** Ships until the backlog is at most `target` bytes, stops shrinking, or the convergence timeout; false when tracking was lost meanwhile. */
+  private async converge(conn: Connection, target: number): Promise<boolean> {
+    const converge = Date.now() + CONVERGE_TIMEOUT_MS;
+    let best = Infinity;
+    let bestAt = Date.now();
+    while (this.backlogBytes() > target && Date.now() < converge && Date.now() - bestAt < CONVERGE_STALL_MS) {
+      const b = this.backlogBytes();
+      if (b < best * 0.95) { best = b; bestAt = Date.now(); }
+      if (conn.closed) throw conn.closed;
+      if (!(await this.shipRound(conn))) await new Promise((r) => setTimeout(r, 10));
+      if (!this.allContinuous()) return false;
+    }
+    return true;
+  }
+
   /**
-   * One consistency cut: converge, (app: pre-freeze hooks), freeze, ship the remainder,
-   * frozen hooks, thaw (always), send the Cut; (app: post-thaw hooks).
+   * One consistency cut, spooled: converge and let every frame in flight be acknowledged
+   * (outside the freeze); (app: pre-freeze hooks); freeze; drain the trace; read the remaining
+   * dirty blocks LOCALLY into the spool (memory, then a file in the state directory) and the
+   * verification samples; frozen hooks; thaw (always). Only then the spool is shipped as the
+   * cut's remainder and the Cut sent: the point is the disks at the instant of the freeze, and
+   * the application is stalled for a local read, not for the network. A remainder larger than
+   * the spool budget is not read: the disks are thawed at once and the cut converges further
+   * before freezing again (up to SPOOL_ATTEMPTS times).
    */
   private async cut(conn: Connection, requested: CutKind): Promise<void> {
     const asked = this.requestedCut;
@@ -682,21 +712,11 @@ export class Protector {
     let kind = requested;
     const limit = this.o.freezeLimitMs ?? DEFAULT_FREEZE_LIMIT_MS;
     const hookTimeout = this.o.hookTimeoutMs ?? DEFAULT_HOOK_TIMEOUT_MS;
+    const budget = this.o.spoolBudgetBytes ?? DEFAULT_SPOOL_BUDGET_BYTES;
     const notes: string[] = [];
-    const converge = Date.now() + CONVERGE_TIMEOUT_MS;
-    let best = Infinity;
-    let bestAt = Date.now();
-    while (this.backlogBytes() > CONVERGE_BYTES && Date.now() < converge && Date.now() - bestAt < CONVERGE_STALL_MS) {
-      const b = this.backlogBytes();
-      if (b < best * 0.95) { best = b; bestAt = Date.now(); }
-      if (conn.closed) throw conn.closed;
-      if (!(await this.shipRound(conn))) await new Promise((r) => setTimeout(r, 10));
-      if (!this.allContinuous()) {
-        // tracking was lost meanwhile: scan first; a cut someone asked for is still owed
-        if (asked) this.requestedCut = this.requestedCut === 'app' ? 'app' : asked;
-        return;
-      }
-    }
+    const owed = () => { if (asked) this.requestedCut = this.requestedCut === 'app' ? 'app' : asked; };
+    // tracking lost meanwhile: scan first; a cut someone asked for is still owed
+    if (!(await this.converge(conn, Math.min(CONVERGE_BYTES, budget)))) return owed();
     const mounts = mountsOn(this.family);
     const env = { MOBILITY_CUT_ID: String(cutId), MOBILITY_CUT_KIND: kind, MOBILITY_MOUNTS: mounts.join('\n') };
     const reportHooks = (rs: HookResult[]) => {
@@ -721,68 +741,99 @@ export class Protector {
     let seqs: number[] = [];
     let samples: { pages: number[]; digests: Buffer }[] = [];
     let sampleWaitMs = 0;
-    let sampling: Promise<{ pages: number[]; digests: Buffer }[]> | null = null;
+    let spoolBytes = 0;
+    let spoolFileBytes = 0;
+    let shipMs = 0;
+    const spool = new Spool(this.o.stateDir, Math.min(budget, this.o.spoolMemoryBytes ?? DEFAULT_SPOOL_MEMORY_BYTES), budget);
+    /** Blocks taken from the journal for the spool, per disk: back to dirty unless shipped. */
+    let taken: number[][] = this.disks.map(() => []);
+    const giveBack = () => {
+      for (const [i, blocks] of taken.entries()) if (blocks.length) this.journal.requeue(i, blocks);
+      taken = this.disks.map(() => []);
+    };
     try {
-      frozeAt = Date.now();
-      await freezeAll(mounts, limit);
-      const bound = frozeAt + limit;
-      // everything written before the freeze is on the disks now, and its events are in the trace
-      this.drainOnce();
-      this.assertTrackingLive();
-      const t0 = Date.now();
-      if (this.dirtyBlocks() > 0) {
-        // a remainder to ship: read the sample meanwhile (frozen = the cut's content already)
-        this.sampledSince = this.disks.map(() => []);
-        sampling = Promise.all(this.samplePlan().map(async (p) => ({ pages: p.pages, digests: await digestPagesAsync(p.src, p.pages, PAGE_SIZE) })));
-        sampling.then(() => { this.lastSampleReadMs = Date.now() - t0; }, () => undefined);
-      }
-      for (;;) {
-        if (conn.closed) throw conn.closed;
-        if (!this.allContinuous()) throw new MobilityError('MOB_ERR_CUT', 'change tracking was lost during the cut');
-        // a block in flight is fine (read after its last write) unless it is dirty again: then it waits for its ack and goes again
-        if (this.dirtyBlocks() === 0) break;
-        if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the remainder was not shipped within the ${limit} ms freeze bound (backlog ${this.backlogBytes()} bytes)`);
-        if (!(await this.shipRound(conn))) await new Promise((r) => setTimeout(r, 5));
-        this.drainOnce();
-      }
-      if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
-      // the evidence: sampled pages read while frozen (= the cut's content). Without a remainder
-      // to overlap with, synchronous small reads: a few milliseconds (measured: npm run bench:cuts)
-      const t1 = Date.now();
-      if (sampling) {
-        samples = await sampling;
-        // a writer the freeze does not stop (swap, a raw device user) may have changed sampled
-        // pages after they were read, and the remainder shipped that: read those pages again
-        for (const [i, since] of (this.sampledSince ?? []).entries()) {
-          const s = samples[i]!;
-          const stale = s.pages.map((p, k) => [p, k] as const)
-            .filter(([p]) => since.some((e) => e.offset < (p + 1) * PAGE_SIZE && p * PAGE_SIZE < e.offset + e.length));
-          if (!stale.length) continue;
-          const fresh = digestPages(this.disks[i]!.src, stale.map(([p]) => p), PAGE_SIZE);
-          for (const [j, [, k]] of stale.entries()) fresh.copy(s.digests, 8 * k, 8 * j, 8 * j + 8);
+      for (let attempt = 1; ; attempt++) {
+        // nothing in flight when the freeze starts: every dirty block can be spooled (one version of a block in flight at a time)
+        for (const d of this.disks) await this.quiesce(conn, d);
+        if (!this.allContinuous()) {
+          owed();
+          throw new MobilityError('MOB_ERR_CUT', 'change tracking was lost before the freeze');
         }
-        this.sampledSince = null;
-      } else {
-        samples = this.samplePlan().map((p) => ({ pages: p.pages, digests: digestPages(p.src, p.pages, PAGE_SIZE) }));
-        this.lastSampleReadMs = Date.now() - t1;
+        let over = 0;
+        try {
+          frozeAt = Date.now();
+          await freezeAll(mounts, limit);
+          const bound = frozeAt + limit;
+          // everything written before the freeze is on the disks now, and its events are in the trace
+          this.drainOnce();
+          this.assertTrackingLive();
+          const runs = this.disks.map((d) => {
+            taken[d.i] = this.journal.take(d.i, Number.MAX_SAFE_INTEGER);
+            return d.shipper!.runsOf(taken[d.i]);
+          });
+          if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', `${this.dirtyBlocks()} dirty block(s) were still in flight at the freeze`);
+          const remainder = runs.flat().reduce((n, r) => n + r.len, 0);
+          if (remainder > budget) {
+            over = remainder;
+          } else {
+            // the verification samples, read while frozen (= the cut's content), alongside the remainder
+            const t0 = Date.now();
+            const sampling = Promise.all(this.samplePlan().map(async (p) => ({ pages: p.pages, digests: await digestPagesAsync(p.src, p.pages, PAGE_SIZE) })));
+            sampling.catch(() => undefined);
+            for (const d of this.disks) {
+              await d.shipper!.readRuns(runs[d.i]!, async (r, data) => {
+                if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `reading the ${remainder}-byte remainder did not end within the ${limit} ms freeze bound`);
+                await spool.add(d.i, r, data);
+              });
+            }
+            samples = await sampling;
+            this.lastSampleReadMs = Date.now() - t0;
+            spoolBytes = spool.bytes;
+            spoolFileBytes = spool.fileBytes;
+            if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
+            const t1 = Date.now();
+            this.drainOnce();
+            sampleWaitMs = Date.now() - t1;
+            if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen (a frozen-phase hook or an unfrozen writer wrote to them)');
+            // tracking was live for the whole window the point covers (checked again after the hooks)
+            this.assertTrackingLive();
+            if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
+          }
+        } finally {
+          if (frozeAt) {
+            const failed = await thawAll(mounts);
+            frozenMs = Date.now() - frozeAt;
+            this.lastFreezeMs = frozenMs;
+            if (failed.length) this.log.error('thaw failed', { code: 'MOB_ERR_FREEZE', failed });
+          }
+        }
+        if (!over) break;
+        // too much to spool: thawed at once; converge further and freeze again
+        giveBack();
+        if (attempt >= SPOOL_ATTEMPTS) {
+          throw new MobilityError('MOB_ERR_CUT', `the remainder at the freeze (${over} bytes) stayed above the ${budget}-byte spool budget after ${attempt} attempts; the churn is too high for this budget (raise --spool-budget)`);
+        }
+        notes.push(`remainder ${over} bytes over the spool budget at attempt ${attempt}: converged further`);
+        this.log.info('cut remainder over the spool budget; converging further', { cutId, remainder: over, budget, attempt, frozenMs });
+        if (!(await this.converge(conn, Math.floor(budget / 2 ** attempt)))) {
+          owed();
+          throw new MobilityError('MOB_ERR_CUT', 'change tracking was lost while converging');
+        }
       }
-      sampleWaitMs = Date.now() - t1;
-      this.drainOnce();
-      if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen (a frozen-phase hook or an unfrozen writer wrote to them)');
-      // tracking was live for the whole window the point covers (checked again after the hooks)
-      this.assertTrackingLive();
-      if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
+      // thawed: ship the spool (the frozen content), nothing else in between, then the Cut covers it
+      const t2 = Date.now();
+      for (const d of this.disks) {
+        const unchanged = await d.shipper!.shipRuns(conn, spool.runsOf(d.i), (_r, k) => spool.data(d.i, k));
+        this.journal.settle(d.i, unchanged);
+      }
+      taken = this.disks.map(() => []); // shipped: acks settle them; a lost connection requeues them
+      shipMs = Date.now() - t2;
       seqs = this.disks.map((d) => d.shipper!.lastSeq);
     } catch (err) {
       failure = toMobilityError(err, 'MOB_ERR_FREEZE');
+      giveBack();
     } finally {
-      this.sampledSince = null;
-      if (frozeAt) {
-        const failed = await thawAll(mounts);
-        frozenMs = Date.now() - frozeAt;
-        this.lastFreezeMs = frozenMs;
-        if (failed.length) this.log.error('thaw failed', { code: 'MOB_ERR_FREEZE', failed });
-      }
+      await spool.close().catch((err: Error) => this.log.warn('cannot remove the cut spool', { error: err.message }));
     }
     if (preRan) reportHooks(await runHooks(this.o.hooksDir, 'post-thaw', env, hookTimeout));
     if (failure) {
@@ -799,7 +850,7 @@ export class Protector {
     this.retryCutAt = 0;
     const note = notes.join('; ');
     const samplePages = samples.reduce((n, x) => n + x.pages.length, 0);
-    this.pendingCuts.set(cutId, { kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs });
+    this.pendingCuts.set(cutId, { kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs });
     for (const d of this.disks) d.written.clear();
     conn.send(encodeMessage({
       type: 'cut',
@@ -808,7 +859,7 @@ export class Protector {
         disks: seqs.map((seq, disk) => ({ disk, seq, samplePages: samples[disk]!.pages, sampleDigests: samples[disk]!.digests })),
       },
     }));
-    this.log.info('cut sent', { cutId, kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs });
+    this.log.info('cut sent', { cutId, kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs });
   }
 
   /** Throws MOB_ERR_TRACKING_LOST (after starting the repair and the resync) when the self-check fails. */
@@ -845,7 +896,7 @@ export class Protector {
       return;
     }
     this.log.info('recovery point recorded', { cutId: a.cutId, point: a.pointId, kind: c.kind, frozenMs: c.frozenMs, verifiedPages: a.verifiedPages });
-    this.emit({ event: 'cut', cutId: a.cutId, kind: c.kind, pointId: a.pointId, frozenMs: c.frozenMs, mounts: c.mounts, note: c.note, samplePages: c.samplePages, sampleWaitMs: c.sampleWaitMs, sampleReadMs: c.sampleReadMs });
+    this.emit({ event: 'cut', cutId: a.cutId, kind: c.kind, pointId: a.pointId, frozenMs: c.frozenMs, mounts: c.mounts, note: c.note, samplePages: c.samplePages, sampleWaitMs: c.sampleWaitMs, sampleReadMs: c.sampleReadMs, spoolBytes: c.spoolBytes, spoolFileBytes: c.spoolFileBytes, shipMs: c.shipMs });
   }
 
   /**

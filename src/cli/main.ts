@@ -141,6 +141,10 @@ Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --stat
   --hooks-dir DIR       hook scripts: DIR/pre-freeze/*, DIR/frozen/*, DIR/post-thaw/*
   --hook-timeout D      per hook (default 60s)
   --freeze-limit D      longest time the filesystems may stay frozen (default 10s); past it they are thawed and the cut is retried later
+  --spool-budget SIZE   most a cut reads while frozen (default 256M): the remainder is read locally into a
+                        spool, the disks thawed, and only then shipped; a larger remainder is not read,
+                        the disks are thawed at once and the cut converges further first
+  --spool-memory SIZE   the part of the spool kept in memory (default 32M); the rest goes to STATE-DIR/cut.spool
   --trace-buffer-kb N   per-CPU trace buffer (default 8192)
 `,
   status: `Usage: mobility status --server URL --token-file F (--ca F | --pin SHA256) [--json]
@@ -289,9 +293,15 @@ async function cmdProtect(argv: string[]): Promise<number> {
   const { values: v } = parse(argv, {
     ...CONN_OPTS, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, 'max-rate': { type: 'string' },
     'crash-interval': { type: 'string' }, 'app-interval': { type: 'string' }, 'hooks-dir': { type: 'string' }, 'hook-timeout': { type: 'string' },
-    'freeze-limit': { type: 'string' }, 'trace-buffer-kb': { type: 'string' },
+    'freeze-limit': { type: 'string' }, 'trace-buffer-kb': { type: 'string' }, 'spool-budget': { type: 'string' }, 'spool-memory': { type: 'string' },
   });
   if (v.help) { process.stdout.write(HELP.protect); return EXIT.OK; }
+  const size = (k: string) => {
+    if (v[k] === undefined) return undefined;
+    const n = parseSize(v[k] as string);
+    if (n <= 0) throw new MobilityError('MOB_ERR_USAGE', `--${k} wants a positive size`);
+    return n;
+  };
   const c = await connOptions(v);
   const logger = createLogger({ component: 'agent', json: v['json-logs'] ? true : undefined });
   const { Protector } = await import('../agent/protector.js');
@@ -304,6 +314,7 @@ async function cmdProtect(argv: string[]): Promise<number> {
     blockSize: parseBlockSize(v), compress: !v['no-compress'], maxRateBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
     crashIntervalMs: dur('crash-interval'), appIntervalMs: dur('app-interval'), hooksDir: v['hooks-dir'] ? path.resolve(v['hooks-dir'] as string) : undefined,
     hookTimeoutMs: dur('hook-timeout'), freezeLimitMs: dur('freeze-limit'), trackerBufferKb: bufKb, logger,
+    spoolBudgetBytes: size('spool-budget'), spoolMemoryBytes: size('spool-memory'),
     onEvent: (e) => process.stdout.write(JSON.stringify({ ...e, at: new Date().toISOString() }) + '\n'),
   });
   const stop = () => p.stop();
@@ -332,10 +343,11 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   if (cmd === 'status') {
     const j = await api(c, 'GET', '/v1/status');
     const disks = (j.disks ?? []) as import('../server/http/api.js').DiskStatus[];
-    const target = j.target as { kind: string; location: string; listedAt: string | null; error: { code: string; message: string } | null } | undefined;
+    const target = j.target as { kind: string; location: string; listedAt: string | null; error: { code: string; message: string } | null; listing?: boolean } | undefined;
+    const asListed = target?.listedAt ? `disks as listed at ${target.listedAt}` : 'no listing yet';
     const targetLine = target?.error
-      ? `replica store ${target.kind}:${target.location} is not answering (${target.error.code}); ${target.listedAt ? `disks as listed at ${target.listedAt}` : 'no listing yet'}\n`
-      : '';
+      ? `replica store ${target.kind}:${target.location} is not answering (${target.error.code}); ${asListed}\n`
+      : target?.listing ? `replica store ${target.kind}:${target.location} is slow to list; ${asListed}\n` : '';
     out(j, () => {
       if (!disks.length) return `${targetLine}no protected disks\n`;
       const rows = [['AGENT', 'DISK', 'STATE', 'RPO', 'LAG', 'BACKLOG', 'CHURN/s', 'POINTS', 'STORED', 'LAST FREEZE', 'REASON']];

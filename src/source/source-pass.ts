@@ -21,6 +21,7 @@ import { encodeBlock, encodeBound } from '../protocol/block-codec.js';
 import { digest, pageDigests } from '../protocol/digest.js';
 import { DigestMap } from './digest-map.js';
 import { ChunkReader, type DiskSource } from './disk-source.js';
+import { blockRuns, type BlockRun } from './spool.js';
 
 export type PassKind = 'initial' | 'incremental' | 'resync' | 'verify';
 
@@ -247,24 +248,9 @@ export class SourcePass {
    * covers them. Subscribe acks with listen() while using this outside run().
    */
   async shipBlocks(conn: Connection, blocks: number[]): Promise<number[]> {
-    this.discardFrame();
-    const bs = this.o.blockSize;
-    const maxRun = Math.max(1, Math.floor(READ_CHUNK_BYTES / bs));
-    const digs = new BigUint64Array(this.pagesPerBlock);
-    const map = this.map.digests;
-    const unchanged: number[] = [];
-    const sorted = [...blocks].sort((a, b) => a - b);
-    const runs: { first: number; count: number; start: number; len: number }[] = [];
-    for (let i = 0; i < sorted.length;) {
-      let j = i + 1;
-      while (j < sorted.length && sorted[j] === sorted[j - 1] + 1 && j - i < maxRun) j++;
-      const start = sorted[i] * bs;
-      const len = Math.min((j - i) * bs, this.src.size - start);
-      if (len > 0) runs.push({ first: sorted[i], count: j - i, start, len });
-      i = j;
-    }
+    const runs = this.runsOf(blocks);
     // each run has its own buffer: RAW payloads may alias it until the frame is flushed
-    const read = (r: (typeof runs)[number]) => {
+    const read = (r: BlockRun) => {
       const buf = Buffer.allocUnsafe(r.len);
       const p = this.src.read(buf, r.start, r.len).then(() => buf);
       p.catch(() => undefined);
@@ -273,13 +259,56 @@ export class SourcePass {
     const ahead: Promise<Buffer>[] = [];
     let next = 0;
     const fill = () => { while (ahead.length < 3 && next < runs.length) ahead.push(read(runs[next++])); };
-    for (const r of runs) {
+    return this.shipRuns(conn, runs, async () => {
       fill();
       const data = await ahead.shift()!;
       fill();
-      for (let k = 0; k < r.count; k++) {
-        const index = r.first + k;
-        const o = k * bs;
+      return data;
+    });
+  }
+
+  /** The blocks as runs of consecutive blocks of at most one read chunk. */
+  runsOf(blocks: number[]): BlockRun[] {
+    return blockRuns(blocks, this.o.blockSize, this.src.size, Math.max(1, Math.floor(READ_CHUNK_BYTES / this.o.blockSize)));
+  }
+
+  /**
+   * Reads runs from the disk into buffers of their own, `parallel` reads at a time (the cut's
+   * spool reads the frozen remainder with this: scattered blocks, so depth matters); `each` is
+   * called once per run, one call at a time, in completion order.
+   */
+  async readRuns(runs: BlockRun[], each: (r: BlockRun, data: Buffer) => Promise<void>, parallel = 8): Promise<void> {
+    let next = 0;
+    let chain = Promise.resolve();
+    const worker = async () => {
+      while (next < runs.length) {
+        const r = runs[next++]!;
+        const buf = Buffer.allocUnsafe(r.len);
+        await this.src.read(buf, r.start, r.len);
+        chain = chain.then(() => each(r, buf));
+        await chain;
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(parallel, runs.length) }, worker));
+    await chain;
+  }
+
+  /**
+   * Ships runs whose data `next()` gives in order (read from the disk, or from a cut's spool):
+   * the pages that differ from what the target holds. Returns the blocks that needed nothing.
+   * Every frame is sent before this returns.
+   */
+  async shipRuns(conn: Connection, runs: BlockRun[], next: (r: BlockRun, k: number) => Promise<Buffer>): Promise<number[]> {
+    this.discardFrame();
+    const bs = this.o.blockSize;
+    const digs = new BigUint64Array(this.pagesPerBlock);
+    const map = this.map.digests;
+    const unchanged: number[] = [];
+    for (const [k, r] of runs.entries()) {
+      const data = await next(r, k);
+      for (let b = 0; b < r.count; b++) {
+        const index = r.first + b;
+        const o = b * bs;
         if (o >= r.len) break;
         const block = data.subarray(o, Math.min(o + bs, r.len));
         const n = pageDigests(block, this.o.pageSize, digs);
