@@ -5,44 +5,19 @@
  *   - Azurite killed with -9 during the initial sync and during continuous protection under load,
  *     then restarted on the same location: status says why the disk paused
  *     (target-unavailable), protection converges, every point is right;
- *   - the server killed with -9 mid-batch under load: no acknowledged write is lost (every point
- *     checks, and the replica equals the disk at the end).
+ * (the server killed mid-batch: azure-server-kill.test.ts)
  *
  * Needs root, losetup, mkfs.ext4, e2fsck, fsfreeze, fio, tracefs and Azurite: a missing one fails
  * the test. Paced on progress (workload rounds, agent events), never on elapsed time.
  */
-import t, { type Test } from 'tap';
+import t from 'tap';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { BlobServiceClient, StorageSharedKeyCredential } from '@azure/storage-blob';
-import { spawnServer, stopServer, type SpawnedServer } from '../../src/server/spawn.js';
-import { runCli, replicateArgs, tmpDir, waitFor } from '../helpers.js';
-import { startAzurite, writeCredentialsFile, type Azurite } from '../azurite.js';
-import { Agent, LONG, Workload, materializeAndCheck, setup, sh, statusArgs, type Setup } from '../protect-harness.js';
-
-/** Retries of a failing target end quickly here, so the pause shows within the test. */
-const RETRY = ['--store-retry', '5s'];
-
-async function blobNames(az: Azurite, container: string): Promise<string[] | null> {
-  const svc = new BlobServiceClient(az.url, new StorageSharedKeyCredential(az.accountName, az.accountKey));
-  const c = svc.getContainerClient(container);
-  if (!(await c.exists())) return null;
-  const names: string[] = [];
-  for await (const b of c.listBlobsFlat()) names.push(b.name);
-  return names;
-}
-
-async function diskStatus(s: Pick<Setup, 'server' | 'agentId'>, server = s.server): Promise<{ state: string; reason: string } | undefined> {
-  const st = await runCli(statusArgs(server)).done;
-  if (st.code !== 0) return undefined;
-  return (JSON.parse(st.stdout) as { disks: { agent: string; state: string; reason: string }[] }).disks.find((d) => d.agent === s.agentId);
-}
-
-async function verifyEqual(t: Test, s: Setup, server: SpawnedServer): Promise<void> {
-  const v = await runCli(replicateArgs({ url: server.info.url, tokenFile: server.info.tokenFile, caFile: server.info.caFile!, disk: `${s.loop}=d0`, stateDir: path.join(s.dir, 'verify-state'), agentId: s.agentId })
-    .map((a) => (a === 'replicate' ? 'verify' : a))).done;
-  t.equal(v.code, 0, `verify: the replica blob equals the disk ${v.stdout.slice(-500)} ${v.stderr.slice(-1500)}`);
-}
+import { spawnServer, stopServer } from '../../src/server/spawn.js';
+import { tmpDir, waitFor } from '../helpers.js';
+import { startAzurite, writeCredentialsFile } from '../azurite.js';
+import { Agent, LONG, Workload, materializeAndCheck, setup, sh } from '../protect-harness.js';
+import { RETRY, blobNames, diskStatus, verifyEqual } from '../azure-harness.js';
 
 t.test('wrong credentials: a coded error naming the fix, and nothing written', async (t) => {
   const az = await startAzurite(t);
@@ -113,33 +88,3 @@ t.test('Azurite killed -9 during the initial sync and under load: the disk pause
   await verifyEqual(t, s, s.server);
 });
 
-t.test('the server killed -9 mid-batch under load: no acknowledged write is lost', async (t) => {
-  const az = await startAzurite(t);
-  const creds = await writeCredentialsFile(await tmpDir(t, 'az-creds-'), az);
-  const serverArgs = ['--store', `azure:${az.url}/mobility-srvkill`, '--store-credentials', creds, ...RETRY];
-  const s = await setup(t, 128, { serverArgs });
-  const port = s.server.info.port;
-  let server: SpawnedServer = s.server;
-  t.teardown(() => stopServer(server));
-  const agent = new Agent(s.c, s.args(['--crash-interval', '60m', '--app-interval', '60m']));
-  t.teardown(() => agent.stop());
-  await agent.waitEvent((e) => e.event === 'cut', LONG, 'the first cut');
-  const load = new Workload(s.c, s);
-  for (let k = 0; k < 3; k++) {
-    await load.advance(8, `load before server kill ${k + 1}`);
-    const before = agent.events.length;
-    server.child.kill('SIGKILL');
-    await new Promise((r) => server.child.once('exit', r));
-    server = await spawnServer(path.join(s.dir, 'srv'), { port, extraArgs: serverArgs, timeoutMs: LONG });
-    s.c.process(server.child);
-    await agent.waitEvent((e) => agent.events.indexOf(e) >= before && e.event === 'connected', LONG, `reconnect after server kill ${k + 1}`);
-  }
-  const c = await agent.cut('app');
-  t.equal(c.event, 'cut', 'a cut under load after the kills');
-  await load.stop();
-  if (c.event === 'cut') await materializeAndCheck(t, { ...s, server }, String(c.pointId), String(c.cutId));
-  sh('umount', [s.mnt]);
-  t.equal((await agent.cut('crash')).event, 'cut', 'a cut after the unmount');
-  await agent.stop();
-  await verifyEqual(t, s, server);
-});
