@@ -42,7 +42,11 @@ const MAX_CUT_WAIT_MS = 3_600_000;
 /** In <stateDir>/protect/<agent>/: the name of the agent's trace instance (written by the protector). */
 const TRACE_INSTANCE_FILE = 'trace-instance';
 
-interface Policy { name: string; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number }
+interface Policy {
+  name: string; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number;
+  /** Absent from servers older than the setting: the protector's default. */
+  freezeLimitMs?: number; spoolBudgetBytes?: number;
+}
 interface Assignments { agentId: string; policy: Policy; disks: { diskId: string; device: string }[] }
 
 export class AgentDaemon {
@@ -304,7 +308,7 @@ export class AgentDaemon {
   private key(a: Assignments | null): string {
     if (!a || a.disks.length === 0) return '';
     const p = a.policy;
-    return JSON.stringify([a.disks.map((d) => [d.diskId, d.device]).sort(), p.crashIntervalMs, p.appIntervalMs, p.compress, p.bandwidthBytes]);
+    return JSON.stringify([a.disks.map((d) => [d.diskId, d.device]).sort(), p.crashIntervalMs, p.appIntervalMs, p.compress, p.bandwidthBytes, p.freezeLimitMs ?? null, p.spoolBudgetBytes ?? null]);
   }
 
   private async reconcile(): Promise<void> {
@@ -343,7 +347,7 @@ export class AgentDaemon {
       }
       return;
     }
-    this.log.info('protecting', { disks: a.disks, policy: a.policy.name });
+    this.log.info('protecting', { disks: a.disks, policy: a.policy.name, freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes });
     const { Protector } = await import('./protector.js');
     const replicateUrl = new URL(this.cfg.server);
     replicateUrl.pathname = '/v1/replicate';
@@ -352,6 +356,7 @@ export class AgentDaemon {
       agentId, disks: a.disks.map((d) => ({ path: d.device, id: d.diskId })), stateDir: protectDir,
       compress: a.policy.compress, maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
       appIntervalMs: a.policy.appIntervalMs || undefined, hooksDir: this.cfg.hooksDir, tracefsRoot: this.cfg.tracefsRoot,
+      freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes,
       logger: this.log.child({ component: 'protect' }),
       onEvent: (e: ProtectEvent) => this.onProtectEvent(e),
     });

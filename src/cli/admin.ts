@@ -59,6 +59,7 @@ reports (OS, kernel, CPU, memory, disks, IPs).
 `,
   policy: `Usage:
   mobility policy create NAME [--rpo D] [--retention D] [--crash-interval D] [--app-interval D] [--no-compress] [--max-rate N]
+                              [--freeze-limit D] [--spool-budget SIZE]
   mobility policy list
   mobility policy assign --machine M --policy NAME
 (connection: --data-dir DIR | --token-file F --ca F; --server URL)
@@ -70,6 +71,10 @@ A policy governs all the disks of a machine (they form one consistency group):
   --app-interval D    app-consistent cuts (default 1h; 0 = none)
   --no-compress       ship blocks raw
   --max-rate N        bandwidth limit in bytes/s (e.g. 50M; default unlimited)
+  --freeze-limit D    longest freeze of a cut (default 10s, at least 100ms); past it the cut is
+                      abandoned and retried
+  --spool-budget SIZE most a cut reads into its spool while frozen (default 256M, at least 64K);
+                      a larger remainder converges further before the next freeze
 Creating an existing policy updates it; the agents under it get the change at once.
 `,
   enable: `Usage: mobility enable --machine M --disk DEV [--disk-id ID] [--policy NAME] (--data-dir DIR | --token-file F --ca F) [--server URL]
@@ -271,12 +276,14 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       const { values: v, positionals } = parse(rest, {
         ...CONN, rpo: { type: 'string' }, retention: { type: 'string' }, 'crash-interval': { type: 'string' }, 'app-interval': { type: 'string' },
         'no-compress': { type: 'boolean' }, compress: { type: 'boolean' }, 'max-rate': { type: 'string' }, machine: { type: 'string' }, policy: { type: 'string' },
+        'freeze-limit': { type: 'string' }, 'spool-budget': { type: 'string' },
       }, true);
       if (v.help || !['create', 'list', 'assign'].includes(sub)) { process.stdout.write(HELP.policy); return v.help ? EXIT.OK : EXIT.USAGE; }
       const c = await adminConn(v);
-      type P = { name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number };
-      const fmt = (ps: P[]) => table([['POLICY', 'RPO ALERT', 'RETENTION', 'CRASH', 'APP', 'COMPRESS', 'MAX RATE'],
-        ...ps.map((p) => [p.name, fmtAge(p.rpoThresholdMs), fmtAge(p.retentionMs), fmtAge(p.crashIntervalMs), p.appIntervalMs ? fmtAge(p.appIntervalMs) : 'off', p.compress ? 'lz4' : 'no', p.bandwidthBytes ? `${fmtBytes(p.bandwidthBytes)}/s` : 'unlimited'])]);
+      type P = { name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number; freezeLimitMs: number; spoolBudgetBytes: number };
+      const fmt = (ps: P[]) => table([['POLICY', 'RPO ALERT', 'RETENTION', 'CRASH', 'APP', 'COMPRESS', 'MAX RATE', 'FREEZE LIMIT', 'SPOOL'],
+        ...ps.map((p) => [p.name, fmtAge(p.rpoThresholdMs), fmtAge(p.retentionMs), fmtAge(p.crashIntervalMs), p.appIntervalMs ? fmtAge(p.appIntervalMs) : 'off', p.compress ? 'lz4' : 'no', p.bandwidthBytes ? `${fmtBytes(p.bandwidthBytes)}/s` : 'unlimited',
+          fmtAge(p.freezeLimitMs), fmtBytes(p.spoolBudgetBytes)])]);
       if (sub === 'list') {
         const j = await api(c, 'GET', '/v1/policies');
         out(v, j, () => fmt(j.policies as P[]));
@@ -286,6 +293,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
         const j = await api(c, 'POST', '/v1/policies', {
           name, rpoThresholdMs: durOpt(v, 'rpo'), retentionMs: durOpt(v, 'retention'), crashIntervalMs: durOpt(v, 'crash-interval'), appIntervalMs: durOpt(v, 'app-interval'),
           compress: v['no-compress'] ? false : v.compress ? true : undefined, bandwidthBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
+          freezeLimitMs: durOpt(v, 'freeze-limit'), spoolBudgetBytes: v['spool-budget'] ? parseSize(v['spool-budget'] as string) : undefined,
         });
         out(v, j, () => fmt([j.policy as P]));
       } else {

@@ -59,11 +59,19 @@ export const MIGRATIONS: string[] = [
   // 2: which installation of the agent registered (a digest of its state directory): a second
   // installation on the same machine must not silently take over a live agent's identity
   `ALTER TABLE agents ADD COLUMN install_id TEXT;`,
+  // 3: the cut's freeze bound and spool budget are policy settings
+  `ALTER TABLE policies ADD COLUMN freeze_limit_ms INTEGER NOT NULL DEFAULT 10000;
+   ALTER TABLE policies ADD COLUMN spool_budget_bytes INTEGER NOT NULL DEFAULT 268435456;`,
 ];
 
 export interface Policy {
   name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number;
-  compress: boolean; bandwidthBytes: number; createdAt: string;
+  compress: boolean; bandwidthBytes: number;
+  /** Longest freeze of a cut (ms). */
+  freezeLimitMs: number;
+  /** Most a cut reads into its spool while frozen (bytes). */
+  spoolBudgetBytes: number;
+  createdAt: string;
 }
 
 export interface AgentRow {
@@ -88,7 +96,8 @@ function rowToPolicy(r: Record<string, unknown>): Policy {
   return {
     name: r.name as string, rpoThresholdMs: r.rpo_threshold_ms as number, retentionMs: r.retention_ms as number,
     crashIntervalMs: r.crash_interval_ms as number, appIntervalMs: r.app_interval_ms as number, compress: r.compress === 1,
-    bandwidthBytes: r.bandwidth_bytes as number, createdAt: r.created_at as string,
+    bandwidthBytes: r.bandwidth_bytes as number, freezeLimitMs: r.freeze_limit_ms as number, spoolBudgetBytes: r.spool_budget_bytes as number,
+    createdAt: r.created_at as string,
   };
 }
 
@@ -204,10 +213,14 @@ export class ConfigDb {
   }
   /** Creates or replaces a policy. */
   putPolicy(p: Omit<Policy, 'createdAt'>): Policy {
-    this.db.prepare(`INSERT INTO policies (name, rpo_threshold_ms, retention_ms, crash_interval_ms, app_interval_ms, compress, bandwidth_bytes, created_at)
-      VALUES (@name, @rpo, @ret, @crash, @app, @compress, @bw, @at)
-      ON CONFLICT(name) DO UPDATE SET rpo_threshold_ms = @rpo, retention_ms = @ret, crash_interval_ms = @crash, app_interval_ms = @app, compress = @compress, bandwidth_bytes = @bw`)
-      .run({ name: p.name, rpo: p.rpoThresholdMs, ret: p.retentionMs, crash: p.crashIntervalMs, app: p.appIntervalMs, compress: p.compress ? 1 : 0, bw: p.bandwidthBytes, at: now() });
+    this.db.prepare(`INSERT INTO policies (name, rpo_threshold_ms, retention_ms, crash_interval_ms, app_interval_ms, compress, bandwidth_bytes, freeze_limit_ms, spool_budget_bytes, created_at)
+      VALUES (@name, @rpo, @ret, @crash, @app, @compress, @bw, @freeze, @spool, @at)
+      ON CONFLICT(name) DO UPDATE SET rpo_threshold_ms = @rpo, retention_ms = @ret, crash_interval_ms = @crash, app_interval_ms = @app, compress = @compress, bandwidth_bytes = @bw,
+        freeze_limit_ms = @freeze, spool_budget_bytes = @spool`)
+      .run({
+        name: p.name, rpo: p.rpoThresholdMs, ret: p.retentionMs, crash: p.crashIntervalMs, app: p.appIntervalMs, compress: p.compress ? 1 : 0, bw: p.bandwidthBytes,
+        freeze: p.freezeLimitMs, spool: p.spoolBudgetBytes, at: now(),
+      });
     return this.getPolicy(p.name);
   }
 

@@ -63,11 +63,15 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   await waitFor(() => err.includes('"control connected"'), LONG, 'control connection');
   t.equal(Number(fs.readFileSync(pidFile, 'utf8')), agent.pid, 'pid file');
 
-  const fast = await cli(['policy', 'create', 'fast', ...conn, '--rpo', '1m', '--retention', '2h', '--crash-interval', '15s', '--app-interval', '0', '--json']);
+  const fast = await cli(['policy', 'create', 'fast', ...conn, '--rpo', '1m', '--retention', '2h', '--crash-interval', '15s', '--app-interval', '0',
+    '--freeze-limit', '5s', '--spool-budget', '64M', '--json']);
   t.equal(fast.code, 0, fast.stderr);
+  t.match(JSON.parse(fast.stdout).policy, { freezeLimitMs: 5000, spoolBudgetBytes: 64 * 1024 * 1024 }, 'the freeze bound and the spool budget are policy settings');
   const en = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop, '--disk-id', 'd1', '--policy', 'fast']);
   t.equal(en.code, 0, en.stderr);
   await waitFor(() => /"message":"protecting".*"policy":"fast"/.test(err), LONG, 'protection under policy fast');
+  const protecting = err.split('\n').find((l) => l.includes('"message":"protecting"')) ?? '';
+  t.ok(protecting.includes('"freezeLimitMs":5000') && protecting.includes('"spoolBudgetBytes":67108864'), `the agent protects with the policy's freeze bound and spool budget: ${protecting}`);
   await waitFor(() => fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId, 'points.json')), LONG, 'a recovery point');
   const size = fs.statSync(img).size;
   t.equal(sh('sh', ['-c', `head -c ${size} ${path.join(server.info.dataDir, 'replicas', agentId, 'd1', 'replica.img')} | sha256sum`]),

@@ -58,7 +58,7 @@ t.test('a new database: schema version, file modes, default policy', async (t) =
   t.same(db.listPushAccounts(), [], 'no push accounts');
 
   // a write reaches the WAL, which must not be world-readable either
-  db.putPolicy({ name: 'p', rpoThresholdMs: 1000, retentionMs: 60_000, crashIntervalMs: 15_000, appIntervalMs: 0, compress: false, bandwidthBytes: 1 });
+  db.putPolicy({ name: 'p', rpoThresholdMs: 1000, retentionMs: 60_000, crashIntervalMs: 15_000, appIntervalMs: 0, compress: false, bandwidthBytes: 1, freezeLimitMs: 10_000, spoolBudgetBytes: 1 << 28 });
   for (const f of ['config.db-wal', 'config.db-shm']) {
     const file = path.join(dir, f);
     t.ok(fs.existsSync(file), `${f} exists (WAL journal)`);
@@ -69,7 +69,7 @@ t.test('a new database: schema version, file modes, default policy', async (t) =
 t.test('policies: put, get, replace, unknown', async (t) => {
   const db = ConfigDb.open(await tmpDir(t));
   t.teardown(() => db.close());
-  const p = { name: 'gold', rpoThresholdMs: 60_000, retentionMs: 7 * 86_400_000, crashIntervalMs: 30_000, appIntervalMs: 900_000, compress: false, bandwidthBytes: 10_000_000 };
+  const p = { name: 'gold', rpoThresholdMs: 60_000, retentionMs: 7 * 86_400_000, crashIntervalMs: 30_000, appIntervalMs: 900_000, compress: false, bandwidthBytes: 10_000_000, freezeLimitMs: 2_000, spoolBudgetBytes: 64 << 20 };
   const saved = db.putPolicy(p);
   t.match(saved, p, 'putPolicy returns the stored policy');
   t.same(db.getPolicy('gold'), saved, 'getPolicy round trip');
@@ -212,7 +212,7 @@ t.test('a file that is not a database is refused with a code', async (t) => {
 t.test('reopening keeps the data and applies no migration again', async (t) => {
   const dir = await tmpDir(t);
   let db = ConfigDb.open(dir);
-  db.putPolicy({ name: 'gold', rpoThresholdMs: 60_000, retentionMs: 60_000, crashIntervalMs: 15_000, appIntervalMs: 0, compress: false, bandwidthBytes: 0 });
+  db.putPolicy({ name: 'gold', rpoThresholdMs: 60_000, retentionMs: 60_000, crashIntervalMs: 15_000, appIntervalMs: 0, compress: false, bandwidthBytes: 0, freezeLimitMs: 10_000, spoolBudgetBytes: 1 << 28 });
   db.putPolicy({ ...db.getPolicy('default'), rpoThresholdMs: 1234 });
   db.upsertAgent(agent('a1', 'aaaaaaaa11111111', 'h1'));
   db.setAgentPolicy('a1', 'gold');

@@ -3,7 +3,8 @@
  *
  *   GET  /v1/machines                     registered machines, inventory, connection, policy, disks
  *   GET  /v1/policies                     replication policies
- *   POST /v1/policies                     {name, rpoThresholdMs?, retentionMs?, crashIntervalMs?, appIntervalMs?, compress?, bandwidthBytes?}
+ *   POST /v1/policies                     {name, rpoThresholdMs?, retentionMs?, crashIntervalMs?, appIntervalMs?, compress?, bandwidthBytes?,
+ *                                          freezeLimitMs?, spoolBudgetBytes?}
  *   POST /v1/policies/assign              {machine, policy}
  *   POST /v1/enable                       {machine, disk (device path on the machine), diskId?, policy?}
  *   POST /v1/disable                      {machine, disk (disk id or device), keepReplica?, dryRun?}: dryRun answers what
@@ -191,6 +192,8 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
         name, rpoThresholdMs: ms(b.rpoThresholdMs, 'rpoThresholdMs', base.rpoThresholdMs, 1000), retentionMs: ms(b.retentionMs, 'retentionMs', base.retentionMs, 60_000),
         crashIntervalMs: crash, appIntervalMs: app, compress: typeof b.compress === 'boolean' ? b.compress : base.compress,
         bandwidthBytes: ms(b.bandwidthBytes, 'bandwidthBytes', base.bandwidthBytes, 0),
+        freezeLimitMs: ms(b.freezeLimitMs, 'freezeLimitMs', base.freezeLimitMs, 100),
+        spoolBudgetBytes: ms(b.spoolBudgetBytes, 'spoolBudgetBytes', base.spoolBudgetBytes, 64 * 1024),
       });
       // agents under this policy get it now
       for (const a of db.listAgents()) if ((a.policy ?? 'default') === name) server.control.push(a.id);
