@@ -70,16 +70,17 @@ export class ReplicaListing {
     return { at: this.last?.at ?? null, error: this.lastError, pending: this.pending !== null };
   }
 
-  async get(): Promise<ListingResult> {
+  /** The replicas, waiting at most `waitMs` (default: the constructor's) for a fresh listing. */
+  async get(waitMs = this.waitMs): Promise<ListingResult> {
     // a listing still hanging from an earlier call: do not pile another on the target
-    const hanging = this.pending !== null && Date.now() - this.pending.started >= this.waitMs;
+    const hanging = this.pending !== null && Date.now() - this.pending.started >= waitMs;
     const done = hanging ? null : this.refresh();
     let inTime = false;
     if (done) {
       let timer: NodeJS.Timeout | undefined;
       inTime = await Promise.race([
         done.then(() => true),
-        new Promise<boolean>((r) => { timer = setTimeout(() => r(false), this.waitMs); }),
+        new Promise<boolean>((r) => { timer = setTimeout(() => r(false), waitMs); }),
       ]);
       clearTimeout(timer);
     }

@@ -11,7 +11,7 @@ import { MobilityError } from '../../src/errors.js';
 import { ReplicaListing } from '../../src/server/replica-listing.js';
 import { LocalBackend } from '../../src/target/local/local-backend.js';
 import type { ReplicaBackend } from '../../src/target/replica-store.js';
-import { tmpDir } from '../helpers.js';
+import { tmpDir, waitFor } from '../helpers.js';
 
 async function backendWith(t: Parameters<typeof tmpDir>[0], disks: string[]): Promise<{ backend: LocalBackend; dir: string }> {
   const dir = await tmpDir(t, 'listing-');
@@ -39,7 +39,7 @@ function wrap(inner: ReplicaBackend, over: Partial<Record<keyof ReplicaBackend, 
 t.test('a damaged disk is listed with its error; the others are listed as usual', async (t) => {
   const { backend, dir } = await backendWith(t, ['d1', 'd2']);
   await fsp.writeFile(path.join(dir, 'replicas', 'a1', 'd2', 'state.json'), '{ not json');
-  const r = await new ReplicaListing(backend).get();
+  const r = await new ReplicaListing(backend, 60_000).get();
   t.equal(r.error, null, 'the store itself is fine');
   t.same(r.disks.map((d) => d.diskId).sort(), ['d1', 'd2'], 'both disks are listed');
   t.ok(r.disks.find((d) => d.diskId === 'd1')?.stat, 'd1 with its stat');
@@ -52,7 +52,7 @@ t.test('a failing store: its code, and the last listing', async (t) => {
   const { backend } = await backendWith(t, ['d1']);
   let down = false;
   const b = wrap(backend, { agents: async () => { if (down) throw new MobilityError('MOB_ERR_TARGET_UNAVAILABLE', 'gave up after 3 attempts'); return backend.agents(); } });
-  const listing = new ReplicaListing(b, 1000);
+  const listing = new ReplicaListing(b, 60_000);
   t.equal((await listing.get()).disks.length, 1);
   down = true;
   const r = await listing.get();
@@ -76,20 +76,22 @@ t.test('a slow store is not an outage; a hanging one gets one listing at a time'
       return backend.agents();
     },
   });
-  const listing = new ReplicaListing(b, 50);
+  // waits that end on progress: a listing of the real backend completes (60 s is only a safety net);
+  // 'slow' is a listing blocked until released, so a short wait always sees it pending
+  const listing = new ReplicaListing(b, 60_000);
   await listing.get();
   slow = true;
-  const r = await listing.get();
+  const r = await listing.get(20);
   t.equal(r.error, null, 'slow is not an error');
   t.ok(r.pending, 'but the listing is marked as still running');
   t.same(r.disks.map((d) => d.diskId), ['d1'], 'the last listing is shown');
   const before = calls;
-  const r2 = await listing.get();
+  const r2 = await listing.get(20);
   t.equal(calls, before, 'no second listing while one is hanging');
   t.ok(r2.pending);
   slow = false;
   release!();
-  await new Promise((r) => setTimeout(r, 10));
+  await waitFor(() => !listing.state().pending, 60_000, 'the released listing to end');
   const r3 = await listing.get();
   t.notOk(r3.pending, 'once the store answers, listings are fresh again');
 });
