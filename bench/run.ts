@@ -33,7 +33,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
-import { parseSize } from '../src/cli/main.js';
+import { parseSize } from '../src/cli/args.js';
+import { LoadMonitor, exec, initClock, median, procCpuSec, type Exec } from './common.js';
 import { CLI_PATH, spawnServer, stopServer, type SpawnedServer } from '../src/server/spawn.js';
 import { churnImage, sha256File, writeSampleImage, type RegionKind } from '../src/util/sample-image.js';
 
@@ -54,23 +55,9 @@ if (!Number.isInteger(RUNS) || RUNS < 1) throw new Error(`BENCH_RUNS must be a p
 if (SIZE <= 0 || SIZE % 4096 !== 0) throw new Error(`BENCH_SIZE must be a positive multiple of 4 KiB, got ${process.env.BENCH_SIZE}`);
 
 const say = (s: string) => process.stdout.write(s + '\n');
+const load = new LoadMonitor();
 
 // ---------------------------------------------------------------- processes
-
-interface Exec { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string; ms: number }
-
-function exec(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv } = {}): Promise<Exec> {
-  return new Promise((resolve, reject) => {
-    const t0 = performance.now();
-    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: opts.env ?? process.env });
-    let stdout = '';
-    let stderr = '';
-    child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); if (stderr.length > 1 << 20) stderr = stderr.slice(-(1 << 19)); });
-    child.once('error', reject);
-    child.once('close', (code, signal) => resolve({ code, signal, stdout, stderr, ms: performance.now() - t0 }));
-  });
-}
 
 async function must(cmd: string, args: string[], what: string): Promise<Exec> {
   const r = await exec(cmd, args);
@@ -93,89 +80,7 @@ function findTool(name: string, pkg: string): string {
   throw new Error(`benchmark needs '${name}', which is not installed: apt-get install --no-install-recommends ${pkg}`);
 }
 
-/** utime + stime of a live process in seconds (Linux /proc), or null. */
-function procCpuSec(pid: number | undefined): number | null {
-  if (!pid) return null;
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-  } catch {
-    return null;
-  }
-}
-let CLK_TCK = 100;
-
-/**
- * Tells other load on the (shared) machine from ours: CPU ticks of the whole
- * machine (user + nice + system, from /proc/stat) minus those of this process,
- * its reaped descendants (agent, rsync, ssh, cp, cat...), its long-lived
- * children (server, sshd with its per-connection children) and kernel threads
- * (writeback, journal: mostly caused by our own writes). What remains is other
- * processes on the machine, plus time stolen by the hypervisor.
- */
-interface LoadSample { machine: number; steal: number; ours: number; kernel: number }
-class LoadMonitor {
-  readonly pids = new Set<number>();
-  private stat(pid: number | 'self'): string[] | null {
-    try {
-      const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-      return stat.slice(stat.lastIndexOf(')') + 2).split(' '); // [0] state, [1] ppid, [11] utime, [12] stime, [13] cutime, [14] cstime
-    } catch {
-      return null; // exited: a child of ours has its ticks in our cutime/cstime once reaped
-    }
-  }
-  private treeTicks(pid: number | 'self'): number {
-    const f = this.stat(pid);
-    return f ? Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]) : 0;
-  }
-  private kernelTicks(): number {
-    let n = 0;
-    for (const e of fs.readdirSync('/proc')) {
-      if (!/^\d+$/.test(e)) continue;
-      const f = this.stat(Number(e));
-      if (f && (e === '2' || f[1] === '2')) n += Number(f[11]) + Number(f[12]);
-    }
-    return n;
-  }
-  sample(): LoadSample {
-    const c = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
-    let ours = this.treeTicks('self');
-    for (const p of this.pids) ours += this.treeTicks(p);
-    return { machine: c[0] + c[1] + c[2], steal: c[7] ?? 0, ours, kernel: this.kernelTicks() };
-  }
-  /** CPU seconds since `a`: others (+ hypervisor steal), ours (this process tree, server and sshd included), kernel threads. */
-  since(a: LoadSample): { otherCpuSec: number; ownCpuSec: number; kernelThreadCpuSec: number } {
-    const b = this.sample();
-    const kernel = b.kernel - a.kernel;
-    return {
-      otherCpuSec: Math.max(0, (b.machine - a.machine) - (b.ours - a.ours) - kernel + (b.steal - a.steal)) / CLK_TCK,
-      ownCpuSec: (b.ours - a.ours) / CLK_TCK,
-      kernelThreadCpuSec: kernel / CLK_TCK,
-    };
-  }
-  other(a: LoadSample): number {
-    return this.since(a).otherCpuSec;
-  }
-  /** Waits (up to maxMs) for a second in which others used < 10% of one core. Returns the ms waited. */
-  async waitQuiet(maxMs = QUIET_WAIT_MS): Promise<number> {
-    const t0 = Date.now();
-    for (;;) {
-      const a = this.sample();
-      await new Promise((r) => setTimeout(r, 1000));
-      if (this.other(a) < 0.1 || Date.now() - t0 > maxMs) return Date.now() - t0 - 1000;
-    }
-  }
-}
-const load = new LoadMonitor();
-
 // ---------------------------------------------------------------- statistics
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 // ---------------------------------------------------------------- sshd
 
@@ -271,7 +176,7 @@ interface Row { measurement: string; ours: number; peer: number | null; ratio: n
 async function main(): Promise<void> {
   for (const [t, p] of [['rsync', 'rsync'], ['sshd', 'openssh-server'], ['ssh', 'openssh-client'], ['ssh-keygen', 'openssh-client'], ['cp', 'coreutils'], ['cat', 'coreutils'], ['wc', 'coreutils'], ['sync', 'coreutils']]) findTool(t, p);
   if (!fs.existsSync(CLI_PATH)) throw new Error(`${CLI_PATH} is missing: build first (npm run bench builds)`);
-  CLK_TCK = Number((await exec('getconf', ['CLK_TCK'])).stdout.trim()) || 100;
+  await initClock();
 
   const work = await fsp.mkdtemp(path.join(os.tmpdir(), 'mobility-bench-'));
   let sshd: Sshd | null = null;
@@ -362,7 +267,7 @@ async function main(): Promise<void> {
 
     /** Before a timed round: wait for other load on the machine to settle (noted in the results). */
     const quiet = async () => {
-      const waited = await load.waitQuiet();
+      const waited = await load.waitQuiet(QUIET_WAIT_MS);
       if (waited >= 1000) say(`  (waited ${(waited / 1000).toFixed(0)} s for other load on the machine to settle)`);
       return waited;
     };
