@@ -215,8 +215,11 @@ export function runConformance(t: Test, name: string, make: (t: Test) => Promise
       t.equal(img.pointId, dp.pointId);
       t.equal(img.sizeBytes, dp.sizeBytes);
       const file = path.join(out, `${dp.pointId}-${Math.random().toString(36).slice(2)}.img`);
+      await fsp.writeFile(file, 'an older file of another mode', { mode: 0o644 });
+      await fsp.chmod(file, 0o644);
       const dl = await backend.download(img, file);
       t.ok(dl.ms >= 0);
+      t.equal((await fsp.stat(file)).mode & 0o777, 0o600, `${what}: the downloaded image is 0600 even over an older file`);
       const got = await fsp.readFile(file);
       t.equal(got.length, dp.sizeBytes, `${what}: the image has the point's size`);
       t.equal(sha(got), want, `${what}: byte-exact`);

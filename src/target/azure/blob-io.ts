@@ -154,6 +154,7 @@ export async function downloadBlobToFile(ops: PageBlobOps, ref: BlobRef, sizeByt
   const fh = await fsp.open(outFile, 'w', 0o600);
   let done = 0;
   try {
+    await fh.chmod(0o600); // an existing file keeps its mode otherwise: it holds the disk's data
     await fh.truncate(sizeBytes);
     progress?.(0, total);
     await runPool(spans.map((s) => async () => {

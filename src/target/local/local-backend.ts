@@ -152,6 +152,7 @@ export class LocalBackend implements ReplicaBackend {
     progress?.(0, image.sizeBytes);
     const r = await run('cp', ['--reflink=auto', '--sparse=always', src, outFile]);
     if (r.code !== 0) throw new MobilityError('MOB_ERR_STORAGE', `cannot copy ${src} to ${outFile}: ${r.stderr.trim()}`);
+    await fsp.chmod(outFile, 0o600); // it holds the disk's data, whatever mode an earlier file had
     progress?.(image.sizeBytes, image.sizeBytes);
     return { bytes: image.sizeBytes, ms: Date.now() - t0 };
   }
