@@ -295,8 +295,8 @@ async function runOne(build: Build, cli: string | null, rate: number): Promise<R
     const t0 = Date.now();
     // the first point after the initial sync
     for (;;) {
-      const e = events.find((x) => x.event === 'cut' || x.event === 'cut-failed');
-      if (e?.event === 'cut') break;
+      // (a first cut that fails is retried by the agent: wait for the one that succeeds)
+      if (events.some((x) => x.event === 'cut')) break;
       if (a.exitCode !== null) throw new Error(`the agent exited (${a.exitCode}): ${stderr.slice(-3000)}`);
       if (Date.now() - t0 > 900_000) throw new Error(`no first point within 15 min: ${JSON.stringify(events.slice(-5))}`);
       await sleep(200);
