@@ -108,8 +108,8 @@ export type ProtectEvent =
   | { event: 'pass-done'; disk: string; kind: PassKind; bytesScanned: number; bytesSent: number; blocksSent: number; ms: number }
   | { event: 'connected' }
   | { event: 'disconnected'; code: string; message: string }
-  | { event: 'cut'; cutId: number; kind: CutKind; pointId: string; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number }
-  | { event: 'cut-failed'; cutId: number; kind: CutKind; code: string; message: string }
+  | { event: 'cut'; cutId: number; kind: CutKind; pointId: string; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number; overBudgetFreezesMs: number[] }
+  | { event: 'cut-failed'; cutId: number; kind: CutKind; code: string; message: string; overBudgetFreezesMs?: number[] }
   | { event: 'tracking-lost'; reason: string; repaired: boolean }
   | { event: 'hook'; phase: string; hook: string; ok: boolean; ms: number; output: string }
   | { event: 'stopped' };
@@ -160,7 +160,7 @@ export class Protector {
   private requestedCut: CutKind | null = null;
   private freezeFailures = 0;
   private lastFreezeMs = 0;
-  private pendingCuts = new Map<number, { kind: CutKind; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number }>();
+  private pendingCuts = new Map<number, { kind: CutKind; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number; overBudgetFreezesMs: number[] }>();
   private readonly crashMs: number;
   private readonly appMs: number;
   private lastCounterCheck = 0;
@@ -169,6 +169,8 @@ export class Protector {
   private trackerProblem: string | null = null;
   /** How long reading the last cut's samples took (all of it inside the freeze). */
   private lastSampleReadMs = 0;
+  /** Losses of tracking noticed so far (by any check): a cut compares it across its freeze. */
+  private lossEvents = 0;
   private stateDir = '';
 
   constructor(private readonly o: ProtectOptions) {
@@ -385,6 +387,7 @@ export class Protector {
   }
 
   private lossDetected(reason: string): void {
+    this.lossEvents++;
     for (const d of this.disks) {
       this.journal.disks[d.i].scanRequired = reason;
       if (d.state === 'continuous' || d.state === 'resyncing') this.setState(d, 'resync-required', reason);
@@ -744,7 +747,11 @@ export class Protector {
     let spoolBytes = 0;
     let spoolFileBytes = 0;
     let shipMs = 0;
-    const spool = new Spool(this.o.stateDir, Math.min(budget, this.o.spoolMemoryBytes ?? DEFAULT_SPOOL_MEMORY_BYTES), budget);
+    /** Freezes thawed at once because the remainder was over the spool budget. */
+    const overBudgetFreezesMs: number[] = [];
+    let budgetFailed = false;
+    let shipping = false;
+    const spool = new Spool(this.stateDir, Math.min(budget, this.o.spoolMemoryBytes ?? DEFAULT_SPOOL_MEMORY_BYTES), budget);
     /** Blocks taken from the journal for the spool, per disk: back to dirty unless shipped. */
     let taken: number[][] = this.disks.map(() => []);
     const giveBack = () => {
@@ -760,6 +767,9 @@ export class Protector {
           throw new MobilityError('MOB_ERR_CUT', 'change tracking was lost before the freeze');
         }
         let over = 0;
+        // a loss noticed by the periodic checks while the cut runs (they move the loss counters the
+        // cut's own check compares with) must fail the cut too
+        const losses0 = this.lossEvents;
         try {
           frozeAt = Date.now();
           await freezeAll(mounts, limit);
@@ -797,6 +807,9 @@ export class Protector {
             if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen (a frozen-phase hook or an unfrozen writer wrote to them)');
             // tracking was live for the whole window the point covers (checked again after the hooks)
             this.assertTrackingLive();
+            if (this.lossEvents !== losses0 || !this.allContinuous()) {
+              throw new MobilityError('MOB_ERR_TRACKING_LOST', 'change tracking lost events while the cut was being taken; no point is recorded until the disks are rescanned');
+            }
             if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
           }
         } finally {
@@ -808,9 +821,12 @@ export class Protector {
           }
         }
         if (!over) break;
-        // too much to spool: thawed at once; converge further and freeze again
+        // too much to spool: thawed at once; converge further and freeze again. The application was
+        // frozen all the same: that freeze is reported with the cut (and in the health's last freeze)
+        overBudgetFreezesMs.push(frozenMs);
         giveBack();
         if (attempt >= SPOOL_ATTEMPTS) {
+          budgetFailed = true;
           throw new MobilityError('MOB_ERR_CUT', `the remainder at the freeze (${over} bytes) stayed above the ${budget}-byte spool budget after ${attempt} attempts; the churn is too high for this budget (raise --spool-budget)`);
         }
         notes.push(`remainder ${over} bytes over the spool budget at attempt ${attempt}: converged further`);
@@ -820,8 +836,14 @@ export class Protector {
           throw new MobilityError('MOB_ERR_CUT', 'change tracking was lost while converging');
         }
       }
-      // thawed: ship the spool (the frozen content), nothing else in between, then the Cut covers it
+      // thawed: an app cut releases the application now (post-thaw hooks), not after the network
+      if (preRan) {
+        preRan = false;
+        reportHooks(await runHooks(this.o.hooksDir, 'post-thaw', env, hookTimeout));
+      }
+      // ship the spool (the frozen content), nothing else in between, then the Cut covers it
       const t2 = Date.now();
+      shipping = true;
       for (const d of this.disks) {
         const unchanged = await d.shipper!.shipRuns(conn, spool.runsOf(d.i), (_r, k) => spool.data(d.i, k));
         this.journal.settle(d.i, unchanged);
@@ -831,16 +853,24 @@ export class Protector {
       seqs = this.disks.map((d) => d.shipper!.lastSeq);
     } catch (err) {
       failure = toMobilityError(err, 'MOB_ERR_FREEZE');
+      if (shipping) {
+        // some spooled frames may be in flight: handing blocks back here could put two versions of
+        // a block in flight. The session restarts instead; its end requeues every block in flight.
+        this.emit({ event: 'cut-failed', cutId, kind, code: failure.code, message: failure.message, overBudgetFreezesMs });
+        await spool.close().catch(() => undefined);
+        throw conn.closed ?? new MobilityError('MOB_ERR_STORAGE', `shipping the spool of cut ${cutId} failed (${failure.message}); the session restarts and its blocks are shipped again`);
+      }
       giveBack();
     } finally {
       await spool.close().catch((err: Error) => this.log.warn('cannot remove the cut spool', { error: err.message }));
     }
     if (preRan) reportHooks(await runHooks(this.o.hooksDir, 'post-thaw', env, hookTimeout));
     if (failure) {
-      if (failure.code === 'MOB_ERR_FREEZE') this.freezeFailures++;
+      // froze the application without giving a point: a freeze failure too
+      if (failure.code === 'MOB_ERR_FREEZE' || budgetFailed) this.freezeFailures++;
       this.retryCutAt = Date.now() + Math.min(60_000, this.crashMs);
       this.log.warn('cut failed; retrying later', { cutId, kind, code: failure.code, error: failure.message, frozenMs });
-      this.emit({ event: 'cut-failed', cutId, kind, code: failure.code, message: failure.message });
+      this.emit({ event: 'cut-failed', cutId, kind, code: failure.code, message: failure.message, overBudgetFreezesMs });
       if (failure.code === 'MOB_ERR_UNREACHABLE' || conn.closed) throw conn.closed ?? failure;
       return;
     }
@@ -850,7 +880,7 @@ export class Protector {
     this.retryCutAt = 0;
     const note = notes.join('; ');
     const samplePages = samples.reduce((n, x) => n + x.pages.length, 0);
-    this.pendingCuts.set(cutId, { kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs });
+    this.pendingCuts.set(cutId, { kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs, overBudgetFreezesMs });
     for (const d of this.disks) d.written.clear();
     conn.send(encodeMessage({
       type: 'cut',
@@ -896,7 +926,7 @@ export class Protector {
       return;
     }
     this.log.info('recovery point recorded', { cutId: a.cutId, point: a.pointId, kind: c.kind, frozenMs: c.frozenMs, verifiedPages: a.verifiedPages });
-    this.emit({ event: 'cut', cutId: a.cutId, kind: c.kind, pointId: a.pointId, frozenMs: c.frozenMs, mounts: c.mounts, note: c.note, samplePages: c.samplePages, sampleWaitMs: c.sampleWaitMs, sampleReadMs: c.sampleReadMs, spoolBytes: c.spoolBytes, spoolFileBytes: c.spoolFileBytes, shipMs: c.shipMs });
+    this.emit({ event: 'cut', cutId: a.cutId, kind: c.kind, pointId: a.pointId, frozenMs: c.frozenMs, mounts: c.mounts, note: c.note, samplePages: c.samplePages, sampleWaitMs: c.sampleWaitMs, sampleReadMs: c.sampleReadMs, spoolBytes: c.spoolBytes, spoolFileBytes: c.spoolFileBytes, shipMs: c.shipMs, overBudgetFreezesMs: c.overBudgetFreezesMs });
   }
 
   /**

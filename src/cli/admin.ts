@@ -280,10 +280,11 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       }, true);
       if (v.help || !['create', 'list', 'assign'].includes(sub)) { process.stdout.write(HELP.policy); return v.help ? EXIT.OK : EXIT.USAGE; }
       const c = await adminConn(v);
-      type P = { name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number; freezeLimitMs: number; spoolBudgetBytes: number };
+      type P = { name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number; freezeLimitMs?: number; spoolBudgetBytes?: number };
       const fmt = (ps: P[]) => table([['POLICY', 'RPO ALERT', 'RETENTION', 'CRASH', 'APP', 'COMPRESS', 'MAX RATE', 'FREEZE LIMIT', 'SPOOL'],
         ...ps.map((p) => [p.name, fmtAge(p.rpoThresholdMs), fmtAge(p.retentionMs), fmtAge(p.crashIntervalMs), p.appIntervalMs ? fmtAge(p.appIntervalMs) : 'off', p.compress ? 'lz4' : 'no', p.bandwidthBytes ? `${fmtBytes(p.bandwidthBytes)}/s` : 'unlimited',
-          fmtAge(p.freezeLimitMs), fmtBytes(p.spoolBudgetBytes)])]);
+          // an older server sends neither
+          p.freezeLimitMs === undefined ? '-' : fmtAge(p.freezeLimitMs), p.spoolBudgetBytes === undefined ? '-' : fmtBytes(p.spoolBudgetBytes)])]);
       if (sub === 'list') {
         const j = await api(c, 'GET', '/v1/policies');
         out(v, j, () => fmt(j.policies as P[]));

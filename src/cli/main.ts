@@ -144,7 +144,7 @@ Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --stat
   --spool-budget SIZE   most a cut reads while frozen (default 256M): the remainder is read locally into a
                         spool, the disks thawed, and only then shipped; a larger remainder is not read,
                         the disks are thawed at once and the cut converges further first
-  --spool-memory SIZE   the part of the spool kept in memory (default 32M); the rest goes to STATE-DIR/cut.spool
+  --spool-memory SIZE   the part of the spool kept in memory (default 32M); the rest goes to STATE-DIR/<agent>/cut.spool
   --trace-buffer-kb N   per-CPU trace buffer (default 8192)
 `,
   status: `Usage: mobility status --server URL --token-file F (--ca F | --pin SHA256) [--json]

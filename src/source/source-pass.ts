@@ -279,18 +279,27 @@ export class SourcePass {
    */
   async readRuns(runs: BlockRun[], each: (r: BlockRun, data: Buffer) => Promise<void>, parallel = 8): Promise<void> {
     let next = 0;
+    let failed = false;
     let chain = Promise.resolve();
     const worker = async () => {
-      while (next < runs.length) {
+      while (next < runs.length && !failed) {
         const r = runs[next++]!;
         const buf = Buffer.allocUnsafe(r.len);
-        await this.src.read(buf, r.start, r.len);
-        chain = chain.then(() => each(r, buf));
-        await chain;
+        try {
+          await this.src.read(buf, r.start, r.len);
+          if (failed) return;
+          chain = chain.then(() => each(r, buf));
+          await chain;
+        } catch (err) {
+          failed = true; // the other workers stop before their next read or call of each
+          throw err;
+        }
       }
     };
-    await Promise.all(Array.from({ length: Math.min(parallel, runs.length) }, worker));
-    await chain;
+    // every worker has stopped before this returns or throws: nothing calls each afterwards
+    const results = await Promise.allSettled(Array.from({ length: Math.min(parallel, runs.length) }, worker));
+    const bad = results.find((x): x is PromiseRejectedResult => x.status === 'rejected');
+    if (bad) throw bad.reason;
   }
 
   /**

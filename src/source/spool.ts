@@ -30,6 +30,7 @@ export class Spool {
   private fileUsed = 0;
   private fd: fs.promises.FileHandle | null = null;
   private readonly file: string;
+  private closed = false;
 
   constructor(stateDir: string, readonly memoryBytes: number, readonly budgetBytes: number) {
     this.file = path.join(stateDir, SPOOL_FILE);
@@ -51,6 +52,7 @@ export class Spool {
 
   /** Keeps a run's data (the buffer is owned by the spool from now on). */
   async add(disk: number, run: BlockRun, data: Buffer): Promise<void> {
+    if (this.closed) throw new MobilityError('MOB_ERR_CUT', 'the cut spool is closed');
     if (data.length !== run.len) throw new MobilityError('MOB_ERR_INTERNAL', `spool: run of ${run.len} bytes given ${data.length}`);
     if (!this.fits(data.length)) throw new MobilityError('MOB_ERR_CUT', `the cut's remainder exceeds the ${this.budgetBytes}-byte spool budget`);
     if (this.memUsed + data.length <= this.memoryBytes) {
@@ -90,6 +92,7 @@ export class Spool {
 
   /** Frees the memory and removes the file. Idempotent. */
   async close(): Promise<void> {
+    this.closed = true;
     this.entries.clear();
     this.memUsed = 0;
     this.fileUsed = 0;

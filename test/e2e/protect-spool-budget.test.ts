@@ -33,6 +33,8 @@ t.test('a remainder over the spool budget converges further before freezing agai
   const overBudget = outcomes.filter((c) => /over the spool budget|above the \d+-byte spool budget/.test(String(c.note ?? c.message ?? '')));
   t.ok(overBudget.length > 0, `under load the remainder went over the ${budget}-byte budget and the cut converged further (${outcomes.map((c) => `${c.event}: ${String(c.note ?? c.message ?? '')}`).join(' | ')})`);
   t.ok(outcomes.filter((c) => c.event === 'cut-failed').every((c) => c.code === 'MOB_ERR_CUT'), 'a cut that could not converge fails with MOB_ERR_CUT');
+  t.ok(overBudget.every((c) => Array.isArray(c.overBudgetFreezesMs) && (c.overBudgetFreezesMs as number[]).length > 0),
+    `the freezes thawed at once for being over budget are reported (${overBudget.map((c) => JSON.stringify(c.overBudgetFreezesMs)).join(' ')})`);
   await load.stop();
   const quiet = await agent.cut('app');
   t.equal(quiet.event, 'cut', `once the load stops, a cut fits the budget ${JSON.stringify(quiet)}`);
