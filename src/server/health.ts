@@ -24,6 +24,13 @@ export class HealthBoard {
     return [...(this.byAgent.get(agentId)?.entries() ?? [])];
   }
 
+  /** Every disk with a record, as [agent, disk]. */
+  all(): [string, string][] {
+    const out: [string, string][] = [];
+    for (const [a, m] of this.byAgent) for (const d of m.keys()) out.push([a, d]);
+    return out;
+  }
+
   forget(agentId: string, diskId: string): void {
     this.byAgent.get(agentId)?.delete(diskId);
   }

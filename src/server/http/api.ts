@@ -49,7 +49,15 @@ export async function collectStatus(server: ServerContext): Promise<DiskStatus[]
   const now = Date.now();
   const listing = await server.listing.get();
   const targetDown = listing.error ? `${listing.error.code}: ${listing.error.message}` : null;
-  for (const ld of listing.disks) {
+  const disks = [...listing.disks];
+  if (targetDown || listing.pending) {
+    // the store cannot list now: disks the server knows from their sessions are shown all the same
+    const listed = new Set(disks.map((d) => `${d.agentId}/${d.diskId}`));
+    for (const [agentId, diskId] of server.health.all()) {
+      if (!listed.has(`${agentId}/${diskId}`)) disks.push({ agentId, diskId, stat: null, error: null });
+    }
+  }
+  for (const ld of disks) {
     const { agentId: agent, diskId: disk } = ld;
     const st = ld.stat ?? { sizeBytes: 0, initialComplete: false, storedBytes: null };
     const cat = await server.catalog(agent);
