@@ -607,6 +607,8 @@ async function main(): Promise<void> {
       { measurement: 'mean Put Page body', ours: so.meanPutBytes / MiB, peer: sp.meanPutBytes / MiB, ratio: sp.meanPutBytes ? so.meanPutBytes / sp.meanPutBytes : null, unit: 'MiB', target: '-', met: null },
       { measurement: 'page writes in flight (mean while busy)', ours: so.meanInFlightWhenBusy, peer: sp.meanInFlightWhenBusy, ratio: sp.meanInFlightWhenBusy ? so.meanInFlightWhenBusy / sp.meanInFlightWhenBusy : null, unit: '', target: '-', met: null },
       { measurement: 'initial: CPU s, agent+server vs uploader', ours: cpuOurs, peer: cpuPeer, ratio: cpuOurs / cpuPeer, unit: 's', target: '-', met: null },
+      { measurement: 'initial: peak RSS, agent vs uploader (max)', ours: Math.max(...timed.ours.map((x) => x.agent.maxRssBytes)) / MiB, peer: Math.max(...timed.peer.map((x) => x.uploader.maxRssBytes)) / MiB, ratio: null, unit: 'MiB', target: '-', met: null },
+      { measurement: 'initial: peak RSS, server (max)', ours: Math.max(...timed.server.map((x) => x?.maxRssBytes ?? NaN)) / MiB, peer: null, ratio: null, unit: 'MiB', target: '-', met: null },
       { measurement: 'initial: CPU s of Azurite', ours: azOurs, peer: azPeer, ratio: azOurs / azPeer, unit: 's', target: '-', met: null },
       { measurement: 'verify (ours): API calls per GiB', ours: sv.requests / gib, peer: null, ratio: null, unit: '', target: '-', met: null },
       { measurement: 'verify (ours): MiB downloaded / image MiB', ours: sv.responseBytes / SIZE, peer: null, ratio: null, unit: '', target: '-', met: null },
