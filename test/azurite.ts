@@ -180,7 +180,22 @@ interface LokiLike { filename: string; persistenceMethod?: string; serialize(): 
 function serve(args: string[]): void {
   const { main, pkgJson } = azuritePaths();
   const require = createRequire(pkgJson);
-  const Loki = require('lokijs') as { prototype: Record<string, unknown> };
+  const Loki = require('lokijs') as { prototype: Record<string, unknown>; LokiFsAdapter?: { prototype: Record<string, unknown> } };
+  // LokiJS's own save is asynchronous (write DB~, then rename over DB): a rename still in flight
+  // when the crash save below runs would put the older copy back over it. Saved synchronously,
+  // nothing of an autosave can be in flight when the 'crash' message is handled.
+  if (Loki.LokiFsAdapter) {
+    Loki.LokiFsAdapter.prototype.saveDatabase = function (dbname: string, dbstring: string, callback: (err?: Error) => void) {
+      try {
+        fs.writeFileSync(`${dbname}~`, dbstring);
+        fs.renameSync(`${dbname}~`, dbname);
+      } catch (err) {
+        callback(err as Error);
+        return;
+      }
+      callback();
+    };
+  }
   // every database Azurite uses: each one's init calls getCollection (loadDatabase only runs when
   // its file already exists, so a fresh location would be missed by patching that alone)
   const dbs = new Set<LokiLike>();

@@ -56,6 +56,8 @@ interface SessionDisk {
   lastSeq: number;
 }
 
+/** Largest buffer one data frame's lz4 blocks are decoded into at once (a larger frame decodes block by block). */
+const MAX_DECODED_FRAME_BYTES = 32 * 1024 * 1024;
 /** Pages a cut may sample per disk (the agent sends far fewer). */
 const MAX_CUT_SAMPLES = 4096;
 
@@ -392,6 +394,17 @@ export class Session {
     const d = this.disk(m.disk);
     this.nextSeq(d, m.seq);
     const ops: WriteOp[] = [];
+    // every whole lz4 block of the frame decodes into one buffer: one allocation per frame, and
+    // blocks adjacent on disk stay adjacent in memory (a target sends them on without a copy)
+    let lz4Bytes = 0;
+    for (const b of m.blocks) {
+      if (b.pageMask.length === 0 && b.encoding === Encoding.LZ4) {
+        const offset = b.index * d.blockSize;
+        if (Number.isSafeInteger(offset) && offset >= 0 && offset < d.sizeBytes) lz4Bytes += Math.min(d.blockSize, d.sizeBytes - offset);
+      }
+    }
+    const decoded = lz4Bytes > 0 && lz4Bytes <= MAX_DECODED_FRAME_BYTES ? Buffer.allocUnsafe(lz4Bytes) : null;
+    let at = 0;
     let o = 0;
     for (const b of m.blocks) {
       const offset = b.index * d.blockSize;
@@ -411,7 +424,9 @@ export class Session {
           }
           data = null;
         } else {
-          data = decodeBlock(b.encoding, p, blockLen);
+          const into = decoded && b.encoding === Encoding.LZ4 && at + blockLen <= decoded.length ? decoded.subarray(at, at + blockLen) : undefined;
+          data = decodeBlock(b.encoding, p, blockLen, into);
+          if (into) at += blockLen;
           if (!digestEquals(data, b.digest)) throw new MobilityError('MOB_ERR_DIGEST_MISMATCH', `block ${b.index} of ${d.diskId} does not match its digest`);
         }
       } else {

@@ -42,5 +42,5 @@ t.test('the server killed -9 mid-batch under load: no acknowledged write is lost
   sh('umount', [s.mnt]);
   t.equal((await agent.cut('crash')).event, 'cut', 'a cut after the unmount');
   await agent.stop();
-  await verifyEqual(t, s, server);
+  await verifyEqual(t, s, server, { az, container: 'mobility-srvkill' });
 });

@@ -12,13 +12,16 @@
  *
  * Contract: submit() resolves only once the service confirmed every Put Page / Clear Pages call
  * of its batch and of every earlier batch: an acknowledged write is durable in Azure, so an ack
- * may follow. Writes are group-committed as in the local store: while one batch is in flight the
- * next accumulates. A batch is planned before it is sent: ops sorted by offset, a later op to the
+ * may follow. Writes are group-committed (../group-commit.ts): what is submitted while batches are
+ * in flight goes out as the next batch, which may start before the previous ones are confirmed
+ * (up to BATCHES_IN_FLIGHT) when it touches none of their sectors; acknowledgements still follow
+ * submission order. A batch is planned before it is sent: ops sorted by offset, a later op to the
  * same bytes wins, ranges not aligned to 512 B completed by reading their edge sectors (the blob
- * as the previous batches left it), adjacent non-zero ranges coalesced into Put Page calls of at
- * most 4 MiB, zero ranges sent as Clear Pages (the blob stays sparse), up to 8 calls in flight.
- * Batches never overlap in time, so calls within a batch touch disjoint sectors and their order
- * does not matter.
+ * as the previous batches left it: no batch in flight touches them), adjacent non-zero ranges
+ * coalesced into Put Page calls of at most 4 MiB (short zero gaps between them included as zeros,
+ * ZERO_GAP_MERGE_BYTES), longer zero ranges sent as Clear Pages (the blob stays sparse), up to 8
+ * calls in flight over all batches. Calls in flight never touch the same sector, so their order
+ * does not matter. A put's body is assembled when it is sent, in a pooled buffer.
  *
  * lastDurableSeq in memory follows the confirmed batches; in the metadata it is written at
  * endPass, preparePoint and close, so it may lag but is never ahead of what was confirmed.
@@ -39,14 +42,28 @@ import { randomUUID } from 'node:crypto';
 import { MobilityError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { PointRef, ReplicaStore, WriteOp } from '../replica-store.js';
-import { blobPageDigests, roundUpSector, runPool } from './blob-io.js';
-import { MAX_PUT_PAGE_BYTES, SECTOR, type PageBlobOps } from './page-client.js';
+import { zeroBuffer } from '../../protocol/digest.js';
+import { GroupCommit, footprintOf, type Batch } from '../group-commit.js';
+import { blobPageDigests, roundUpSector, runPool, validRanges } from './blob-io.js';
+import { MAX_PUT_PAGE_BYTES, SECTOR, type PageBlobOps, type PageRange } from './page-client.js';
 
-/** Calls of one batch in flight at once. */
+/** Put Page / Clear Pages calls in flight at once (over every batch in flight). */
 export const PUT_CONCURRENCY = 8;
+/**
+ * Batches in flight at once: the next batch starts while the last calls of the previous one are
+ * still out, when the two touch different sectors (see ../group-commit.ts).
+ */
+export const BATCHES_IN_FLIGHT = 4;
 /** A single Clear Pages call covers at most this much (bounds one request's work on the service). */
 const MAX_CLEAR_BYTES = 1024 * 1024 * 1024;
 export const METADATA_VERSION = '1';
+/**
+ * Digests (verify, checksum resync) are asked for 4 MiB at a time: the blob's valid ranges are
+ * fetched per slice of this size and kept until a write touches the slice, so one Get Page Ranges
+ * serves many digest requests.
+ */
+const RANGE_CACHE_SLICE = 64 * 1024 * 1024;
+const RANGE_CACHE_SLICES = 8;
 /** Past this many separate written ranges, a fresh blob's zero ranges are cleared like any other. */
 const MAX_FRESH_INTERVALS = 100_000;
 
@@ -122,8 +139,19 @@ export function decodeState(md: Record<string, string>, where: string): AzureRep
 /** A piece of a planned batch: [start, end) gets data (from data[dataOffset]) or zeros. */
 interface Seg { start: number; end: number; data: Buffer | null; dataOffset: number }
 
-/** One request of a planned batch. */
-export type PlannedCall = { kind: 'put'; offset: number; data: Buffer } | { kind: 'clear'; offset: number; length: number };
+/**
+ * One request of a planned batch. A put's body is the concatenation of `parts` (subarrays of the
+ * batch's data, and zeros filling small gaps); it is assembled only when the request is sent.
+ */
+export type PlannedCall = { kind: 'put'; offset: number; length: number; parts: Buffer[] } | { kind: 'clear'; offset: number; length: number };
+
+/**
+ * A zero range at most this long between two data ranges of a batch is sent inside one Put Page
+ * with them, as zeros, rather than splitting the write in two requests (and clearing it): sending
+ * 256 KiB costs about what a request's round trip does at a page blob's throughput, and it halves
+ * the requests of data with scattered small zero regions. Longer zero ranges stay sparse.
+ */
+export const ZERO_GAP_MERGE_BYTES = 256 * 1024;
 
 /** Disjoint, sorted pieces of `ops` where a later op wins over an earlier one on the bytes both cover. */
 export function resolveOverlaps(ops: WriteOp[]): Seg[] {
@@ -228,33 +256,48 @@ export async function planBatch(ops: WriteOp[], readSectors: (offset: number, le
   let runLen = 0;
   const flush = () => {
     if (!runLen) return;
-    calls.push({ kind: 'put', offset: runStart, data: run.length === 1 ? run[0] : Buffer.concat(run, runLen) });
+    calls.push({ kind: 'put', offset: runStart, length: runLen, parts: run });
     run = [];
     runLen = 0;
   };
-  for (const p of pieces) {
+  const append = (o: number, end: number, slice: (from: number, to: number) => Buffer) => {
+    while (o < end) {
+      if (runLen && (runStart + runLen !== o || runLen === MAX_PUT_PAGE_BYTES)) flush();
+      if (!runLen) runStart = o;
+      const take = Math.min(end - o, MAX_PUT_PAGE_BYTES - runLen);
+      const part = slice(o, o + take);
+      const prev = run[run.length - 1];
+      // consecutive in memory too (blocks decoded into one buffer): one part, no copy when sent
+      if (prev && prev.buffer === part.buffer && prev.byteOffset + prev.length === part.byteOffset) {
+        run[run.length - 1] = Buffer.from(prev.buffer, prev.byteOffset, prev.length + part.length);
+      } else {
+        run.push(part);
+      }
+      runLen += take;
+      o += take;
+    }
+  };
+  for (let i = 0; i < pieces.length; i++) {
+    const p = pieces[i];
     if (p.data === null) {
+      // a short zero gap between data ranges rides along in the put (see ZERO_GAP_MERGE_BYTES)
+      const next = pieces[i + 1];
+      if (runLen && runStart + runLen === p.start && p.end - p.start <= ZERO_GAP_MERGE_BYTES && next && next.data !== null && next.start === p.end) {
+        append(p.start, p.end, (a, b) => zeroBuffer(b - a));
+        continue;
+      }
       flush();
       const last = calls[calls.length - 1];
       if (last?.kind === 'clear' && last.offset + last.length === p.start && last.length + (p.end - p.start) <= MAX_CLEAR_BYTES) last.length += p.end - p.start;
       else for (let o = p.start; o < p.end; o += MAX_CLEAR_BYTES) calls.push({ kind: 'clear', offset: o, length: Math.min(MAX_CLEAR_BYTES, p.end - o) });
       continue;
     }
-    for (let o = p.start; o < p.end;) {
-      if (runLen && (runStart + runLen !== o || runLen === MAX_PUT_PAGE_BYTES)) flush();
-      if (!runLen) runStart = o;
-      const take = Math.min(p.end - o, MAX_PUT_PAGE_BYTES - runLen);
-      const from = p.dataOffset + (o - p.start);
-      run.push(p.data.subarray(from, from + take));
-      runLen += take;
-      o += take;
-    }
+    const data = p.data;
+    append(p.start, p.end, (a, b) => data.subarray(p.dataOffset + (a - p.start), p.dataOffset + (b - p.start)));
   }
   flush();
   return calls;
 }
-
-interface Pending { ops: WriteOp[]; seq: number; ids: number[]; resolve: () => void; reject: (e: unknown) => void }
 
 /** What a store needs of its backend. */
 export interface AzureStoreContext {
@@ -266,13 +309,20 @@ export interface AzureStoreContext {
 }
 
 export class AzureReplicaStore implements ReplicaStore {
-  private queue: Pending[] = [];
-  private committing = false;
-  private failed: MobilityError | null = null;
+  private readonly commits: GroupCommit;
   /** Accepted writes not yet confirmed, by id in submission order. */
   private overlay = new Map<number, WriteOp>();
+  /** The overlay ids of each submit's ops. */
+  private readonly overlayIds = new WeakMap<WriteOp[], number[]>();
   private nextId = 1;
-  private idleWaiters: (() => void)[] = [];
+  /** Calls in flight, over every batch, and the calls waiting for a slot. */
+  private callsInFlight = 0;
+  private readonly callWaiters: (() => void)[] = [];
+  /** Put bodies of MAX_PUT_PAGE_BYTES kept for reuse. */
+  private readonly bodyPool: Buffer[] = [];
+  /** Valid ranges per RANGE_CACHE_SLICE slice (by its start), and a write counter per slice. */
+  private readonly rangeCache = new Map<number, PageRange[]>();
+  private readonly sliceWrites = new Map<number, number>();
   private discarded = false;
   private closed = false;
   /** Batches confirmed, and how many of them the metadata last written covers. */
@@ -299,6 +349,18 @@ export class AzureReplicaStore implements ReplicaStore {
     fresh = false,
   ) {
     this.written = fresh && !readOnly ? [] : null;
+    this.commits = new GroupCommit({
+      maxInFlight: BATCHES_IN_FLIGHT,
+      footprint: (ops) => footprintOf(ops, SECTOR),
+      apply: (batch) => this.applyBatch(batch),
+      committed: (batch) => this.committed(batch),
+      failed: (err) => err instanceof MobilityError ? err
+        : new MobilityError('MOB_ERR_STORAGE', `writing replica blob ${this.ctx.blobName} failed: ${(err as Error)?.message ?? String(err)}`),
+      stopped: (err) => {
+        this.ctx.log?.error('azure replica write failed; the store stops', { blob: this.ctx.blobName, code: err.code, error: err.message });
+        this.overlay.clear(); // what the blob holds is all there is now
+      },
+    });
   }
 
   /** True when [start, end) lies where nothing was written since the fresh blob was created. */
@@ -346,7 +408,7 @@ export class AzureReplicaStore implements ReplicaStore {
   get initialComplete(): boolean { return this.state.initialComplete; }
   get lastDurableSeq(): number { return this.state.lastDurableSeq; }
   get unpublished(): boolean { return this.state.pending && !this.discarded; }
-  get failure(): MobilityError | null { return this.failed; }
+  get failure(): MobilityError | null { return this.commits.failure; }
   /** The page blob holding the replica. */
   get blobName(): string { return this.ctx.blobName; }
   get snapshot(): Readonly<AzureReplicaState> { return { ...this.state }; }
@@ -388,7 +450,7 @@ export class AzureReplicaStore implements ReplicaStore {
    * by the service. MOB_ERR_OUT_OF_RANGE is thrown synchronously; after a failure every submit rejects.
    */
   submit(ops: WriteOp[], seq: number): Promise<void> {
-    if (this.failed) return Promise.reject(this.failed);
+    if (this.commits.failure) return Promise.reject(this.commits.failure);
     if (this.readOnly) return Promise.reject(new MobilityError('MOB_ERR_INTERNAL', `the replica of disk ${this.diskId} was opened read-only (verify) and cannot be written`));
     if (this.closed) return Promise.reject(new MobilityError('MOB_ERR_INTERNAL', `the replica store of disk ${this.diskId} is closed`));
     for (const op of ops) {
@@ -401,67 +463,73 @@ export class AzureReplicaStore implements ReplicaStore {
       this.overlay.set(id, op);
       ids.push(id);
     }
-    return new Promise<void>((resolve, reject) => {
-      this.queue.push({ ops, seq, ids, resolve, reject });
-      void this.kick();
-    });
-  }
-
-  private async kick(): Promise<void> {
-    if (this.committing) return;
-    this.committing = true;
-    try {
-      while (this.queue.length && !this.failed) {
-        const batch = this.queue;
-        this.queue = [];
-        const ops = batch.flatMap((p) => p.ops);
-        const maxSeq = batch.reduce((m, p) => Math.max(m, p.seq), 0);
-        try {
-          await this.applyBatch(ops);
-        } catch (err) {
-          this.failed = err instanceof MobilityError ? err
-            : new MobilityError('MOB_ERR_STORAGE', `writing replica blob ${this.ctx.blobName} failed: ${(err as Error)?.message ?? String(err)}`);
-          this.ctx.log?.error('azure replica write failed; the store stops', { blob: this.ctx.blobName, code: this.failed.code, error: this.failed.message });
-          for (const p of [...batch, ...this.queue]) p.reject(this.failed);
-          this.queue = [];
-          this.overlay.clear(); // what the blob holds is all there is now
-          break;
-        }
-        this.appliedBatches++;
-        for (const p of batch) for (const id of p.ids) this.overlay.delete(id);
-        if (maxSeq > this.state.lastDurableSeq) this.state.lastDurableSeq = maxSeq;
-        for (const p of batch) p.resolve();
-      }
-    } finally {
-      this.committing = false;
-      if (!this.queue.length) {
-        const w = this.idleWaiters;
-        this.idleWaiters = [];
-        for (const f of w) f();
+    this.overlayIds.set(ops, ids);
+    for (const op of ops) {
+      for (let a = Math.floor(op.offset / RANGE_CACHE_SLICE); a <= Math.floor((op.offset + Math.max(op.length, 1) - 1) / RANGE_CACHE_SLICE); a++) {
+        this.rangeCache.delete(a);
+        this.sliceWrites.set(a, (this.sliceWrites.get(a) ?? 0) + 1);
       }
     }
+    return this.commits.submit(ops, seq);
   }
 
-  private async applyBatch(ops: WriteOp[]): Promise<void> {
+  /** A batch and every one before it are confirmed: they leave the overlay, and the durable sequence moves. */
+  private committed(batch: Batch): void {
+    this.appliedBatches++;
+    for (const p of batch.parts) for (const id of this.overlayIds.get(p.ops) ?? []) this.overlay.delete(id);
+    if (batch.maxSeq > this.state.lastDurableSeq) this.state.lastDurableSeq = batch.maxSeq;
+  }
+
+  private async applyBatch(batch: Batch): Promise<void> {
     const name = this.ctx.blobName;
-    const planned = await planBatch(ops, (o, l) => this.ctx.ops.download({ name }, o, l));
+    const planned = await planBatch(batch.ops, (o, l) => this.ctx.ops.download({ name }, o, l));
     // zeros where a fresh blob was never written are there already
     const calls = planned.filter((c) => c.kind === 'put' || !this.neverWritten(c.offset, c.offset + c.length));
-    for (const c of calls) if (c.kind === 'put') this.markWritten(c.offset, c.offset + c.data.length);
-    await runPool(calls.map((c) => async () => {
+    for (const c of calls) if (c.kind === 'put') this.markWritten(c.offset, c.offset + c.length);
+    await runPool(calls.map((c) => () => this.withSlot(async () => {
       if (c.kind === 'put') {
-        await this.ctx.ops.putPages(name, c.offset, c.data);
-        this.bytesWritten += c.data.length;
+        const body = this.body(c.parts, c.length);
+        try {
+          await this.ctx.ops.putPages(name, c.offset, body);
+        } finally {
+          this.releaseBody(body, c.parts);
+        }
+        this.bytesWritten += c.length;
       } else {
         await this.ctx.ops.clearPages(name, c.offset, c.length);
       }
-    }), PUT_CONCURRENCY);
+    })), PUT_CONCURRENCY);
+  }
+
+  /** Runs fn once fewer than PUT_CONCURRENCY calls of this store are in flight. */
+  private async withSlot(fn: () => Promise<void>): Promise<void> {
+    while (this.callsInFlight >= PUT_CONCURRENCY) await new Promise<void>((r) => this.callWaiters.push(r));
+    this.callsInFlight++;
+    try {
+      await fn();
+    } finally {
+      this.callsInFlight--;
+      this.callWaiters.shift()?.();
+    }
+  }
+
+  /** A put's body: its one part as it is, or the parts copied into a pooled buffer. */
+  private body(parts: Buffer[], length: number): Buffer {
+    if (parts.length === 1) return parts[0];
+    const buf = (this.bodyPool.pop() ?? Buffer.allocUnsafe(MAX_PUT_PAGE_BYTES)).subarray(0, length);
+    let at = 0;
+    for (const p of parts) at += p.copy(buf, at);
+    return buf;
+  }
+
+  private releaseBody(body: Buffer, parts: Buffer[]): void {
+    if (parts.length === 1) return; // not ours
+    if (this.bodyPool.length < PUT_CONCURRENCY) this.bodyPool.push(Buffer.from(body.buffer, body.byteOffset, MAX_PUT_PAGE_BYTES));
   }
 
   /** Resolves when every submitted write has been confirmed (or failed). */
   whenApplied(): Promise<void> {
-    if (!this.committing && !this.queue.length) return Promise.resolve();
-    return new Promise((r) => this.idleWaiters.push(r));
+    return this.commits.whenIdle();
   }
 
   /** xxh64 of each page in [firstPage, firstPage+count) of the replica, 8 bytes LE each. */
@@ -471,13 +539,40 @@ export class AzureReplicaStore implements ReplicaStore {
       throw new MobilityError('MOB_ERR_OUT_OF_RANGE', `pages ${firstPage}+${count} lie beyond the ${this.state.sizeBytes}-byte disk`);
     }
     await this.whenApplied();
-    return blobPageDigests(this.ctx.ops, { name: this.ctx.blobName }, this.state.sizeBytes, firstPage, count, pageSize);
+    return blobPageDigests(this.ctx.ops, { name: this.ctx.blobName }, this.state.sizeBytes, firstPage, count, pageSize, (a, b) => this.validRanges(a, b));
+  }
+
+  /** Valid ranges of [start, end) of the blob, from the slice cache (see RANGE_CACHE_SLICE). */
+  private async validRanges(start: number, end: number): Promise<PageRange[]> {
+    const out: PageRange[] = [];
+    const blobEnd = roundUpSector(this.state.sizeBytes);
+    for (let k = Math.floor(start / RANGE_CACHE_SLICE); k * RANGE_CACHE_SLICE < end; k++) {
+      let slice = this.rangeCache.get(k);
+      if (!slice) {
+        const writes = this.sliceWrites.get(k) ?? 0;
+        slice = await validRanges(this.ctx.ops, { name: this.ctx.blobName }, k * RANGE_CACHE_SLICE, Math.min(blobEnd, (k + 1) * RANGE_CACHE_SLICE));
+        // kept only when no write touched the slice meanwhile
+        if ((this.sliceWrites.get(k) ?? 0) === writes) {
+          if (this.rangeCache.size >= RANGE_CACHE_SLICES) this.rangeCache.delete(this.rangeCache.keys().next().value!);
+          this.rangeCache.set(k, slice);
+        }
+      }
+      for (const r of slice) {
+        const s = Math.max(r.start, start);
+        const e = Math.min(r.end, end);
+        if (s >= e) continue;
+        const last = out[out.length - 1];
+        if (last && s <= last.end) last.end = Math.max(last.end, e);
+        else out.push({ start: s, end: e });
+      }
+    }
+    return out;
   }
 
   /** Records a finished pass in the metadata ('initial' and 'resync' make the replica complete). */
   async endPass(kind: string, seq: number): Promise<void> {
     await this.whenApplied();
-    if (this.failed) throw this.failed;
+    if (this.commits.failure) throw this.commits.failure;
     if (seq > this.state.lastDurableSeq) this.state.lastDurableSeq = seq;
     if (kind === 'initial' || kind === 'resync') this.state.initialComplete = true;
     this.state.passes++;
@@ -488,7 +583,7 @@ export class AzureReplicaStore implements ReplicaStore {
   /** Snapshots the blob as it is once every submitted write is confirmed: the point is that snapshot. */
   async preparePoint(pointId: string): Promise<PointRef> {
     await this.whenApplied();
-    if (this.failed) throw this.failed;
+    if (this.commits.failure) throw this.commits.failure;
     await this.saveState();
     const snapshot = await this.ctx.ops.snapshot(this.ctx.blobName, { ...encodeState(this.state), mobilitypoint: pointId });
     this.ctx.log?.info('azure recovery point snapshot', { blob: this.ctx.blobName, point: pointId, snapshot });
@@ -535,7 +630,7 @@ export class AzureReplicaStore implements ReplicaStore {
     await this.whenApplied();
     if (!this.readOnly && this.appliedBatches !== this.savedBatches) {
       // a failed store's target is likely down: one try, no backoff
-      await this.saveState(this.failed ? this.ctx.bestEffortOps : this.ctx.ops).catch((err) => {
+      await this.saveState(this.commits.failure ? this.ctx.bestEffortOps : this.ctx.ops).catch((err) => {
         this.ctx.log?.warn('could not record the durable sequence at close', { blob: this.ctx.blobName, error: (err as Error).message });
       });
     }

@@ -100,7 +100,11 @@ function zeroDigest(len: number): bigint {
  * xxh64 of each page in [firstPage, firstPage+count) of a blob whose content is `sizeBytes` long
  * (the last page may be short), 8 bytes LE each. MOB_ERR_OUT_OF_RANGE past the end.
  */
-export async function blobPageDigests(ops: PageBlobOps, ref: BlobRef, sizeBytes: number, firstPage: number, count: number, pageSize: number): Promise<Buffer> {
+export async function blobPageDigests(
+  ops: PageBlobOps, ref: BlobRef, sizeBytes: number, firstPage: number, count: number, pageSize: number,
+  /** Where the valid ranges come from (a store's cache); Get Page Ranges of exactly [start, end) by default. */
+  ranges: (start: number, end: number) => Promise<PageRange[]> = (a, b) => validRanges(ops, ref, a, b),
+): Promise<Buffer> {
   const start = firstPage * pageSize;
   if (!Number.isSafeInteger(start) || firstPage < 0 || count < 0 || pageSize <= 0 || start > sizeBytes || (count > 0 && start >= sizeBytes)) {
     throw new MobilityError('MOB_ERR_OUT_OF_RANGE', `pages ${firstPage}+${count} lie beyond the ${sizeBytes}-byte disk`);
@@ -109,16 +113,16 @@ export async function blobPageDigests(ops: PageBlobOps, ref: BlobRef, sizeBytes:
   const n = Math.ceil((end - start) / pageSize);
   const out = Buffer.allocUnsafe(n * 8);
   if (n === 0) return out;
-  const ranges = await validRanges(ops, ref, start, end);
+  const valid = await ranges(start, end);
   const win = Math.max(pageSize, Math.floor(DOWNLOAD_CHUNK_BYTES / pageSize) * pageSize);
   let ri = 0; // first range that may still intersect the current window
   const windows: (() => Promise<void>)[] = [];
   for (let ws = start; ws < end; ws += win) {
     const we = Math.min(end, ws + win);
-    while (ri < ranges.length && ranges[ri].end <= ws) ri++;
+    while (ri < valid.length && valid[ri].end <= ws) ri++;
     const inWin: PageRange[] = [];
-    for (let j = ri; j < ranges.length && ranges[j].start < we; j++) {
-      inWin.push({ start: Math.max(ranges[j].start, ws), end: Math.min(ranges[j].end, we) });
+    for (let j = ri; j < valid.length && valid[j].start < we; j++) {
+      inWin.push({ start: Math.max(valid[j].start, ws), end: Math.min(valid[j].end, we) });
     }
     const firstOut = (ws - start) / pageSize;
     windows.push(async () => {

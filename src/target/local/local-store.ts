@@ -30,6 +30,7 @@ import { Wal, type WalRecord } from './wal.js';
 import { isZero, zeroBuffer } from '../../protocol/digest.js';
 import { UNDO_UNIT, UndoJournal, type UndoRecord } from './undo-journal.js';
 import type { PointRef, ReplicaStore, WriteOp } from '../replica-store.js';
+import { GroupCommit, type Batch } from '../group-commit.js';
 
 export interface ReplicaState {
   version: 1;
@@ -47,15 +48,15 @@ export interface ReplicaState {
 
 export type { WriteOp };
 
-interface Pending { ops: WriteOp[]; seq: number; resolve: () => void; reject: (e: unknown) => void }
-
 export class LocalReplicaStore implements ReplicaStore {
-  private queue: Pending[] = [];
-  private committing = false;
-  private failed: MobilityError | null = null;
+  /** Batches one at a time: WAL (and undo) records, then the image (see ../group-commit.ts). */
+  private readonly commits: GroupCommit = new GroupCommit({
+    apply: (batch) => this.applyBatch(batch),
+    committed: (batch) => this.committed(batch),
+    failed: (err) => toMobilityError(err, 'MOB_ERR_STORAGE'),
+  });
   /** Latest not-yet-applied content per written range (keyed by offset), so reads see accepted writes. */
   private overlay = new Map<number, Buffer | null>();
-  private idleWaiters: (() => void)[] = [];
   private undo: UndoJournal | null = null;
   private epochId: string | null = null;
   bytesWritten = 0;
@@ -262,7 +263,7 @@ export class LocalReplicaStore implements ReplicaStore {
   /** The replica as it is now is the point: the undo journal of the epoch it starts keeps it reconstructable. */
   async preparePoint(_pointId: string): Promise<PointRef> {
     await this.whenApplied();
-    if (this.failed) throw this.failed;
+    if (this.commits.failure) throw this.commits.failure;
     return {};
   }
 
@@ -400,71 +401,47 @@ export class LocalReplicaStore implements ReplicaStore {
    * Rejects with MOB_ERR_NO_SPACE / MOB_ERR_STORAGE on I/O failure; the store is then unusable.
    */
   submit(ops: WriteOp[], seq: number): Promise<void> {
-    if (this.failed) return Promise.reject(this.failed);
+    if (this.commits.failure) return Promise.reject(this.commits.failure);
     for (const op of ops) {
       this.check(op.offset, op.length);
       this.overlay.set(op.offset, op.data);
     }
-    return new Promise<void>((resolve, reject) => {
-      this.queue.push({ ops, seq, resolve, reject });
-      void this.kick();
-    });
+    return this.commits.submit(ops, seq);
   }
 
-  private async kick(): Promise<void> {
-    if (this.committing) return;
-    this.committing = true;
-    try {
-      while (this.queue.length && !this.failed) {
-        const batch = this.queue;
-        this.queue = [];
-        const ops = batch.flatMap((p) => p.ops);
-        const maxSeq = batch.reduce((m, p) => Math.max(m, p.seq), 0);
-        try {
-          if (!this.state.initialComplete) {
-            await this.applyOps(ops);
-            await this.replica.datasync();
-          } else {
-            // old bytes are durable before the redo records commit: a committed write is always revertible
-            const undo = await this.captureUndo(ops);
-            if (undo.length) {
-              await this.undo!.append(undo);
-              for (const u of undo) this.undoBytesWritten += u.length;
-            }
-            const recs: WalRecord[] = [];
-            for (const p of batch) for (const op of p.ops) recs.push({ seq: p.seq, offset: op.offset, length: op.length, data: op.data });
-            await this.wal.append(recs);
-            await this.applyOps(ops);
-          }
-        } catch (err) {
-          this.failed = toMobilityError(err, 'MOB_ERR_STORAGE');
-          for (const p of [...batch, ...this.queue]) p.reject(this.failed);
-          this.queue = [];
-          break;
-        }
-        this.appliedBatches++;
-        for (const op of ops) if (this.overlay.get(op.offset) === op.data) this.overlay.delete(op.offset);
-        if (maxSeq > this.state.lastDurableSeq) this.state.lastDurableSeq = maxSeq;
-        for (const p of batch) p.resolve();
-        if (this.wal.bytes > WAL_CHECKPOINT_BYTES) await this.checkpoint().catch((err) => { this.failed = toMobilityError(err, 'MOB_ERR_STORAGE'); });
-      }
-    } finally {
-      this.committing = false;
-      if (!this.queue.length) {
-        const w = this.idleWaiters;
-        this.idleWaiters = [];
-        for (const f of w) f();
-      }
+  private async applyBatch(batch: Batch): Promise<void> {
+    const ops = batch.ops;
+    if (!this.state.initialComplete) {
+      await this.applyOps(ops);
+      await this.replica.datasync();
+      return;
     }
+    // old bytes are durable before the redo records commit: a committed write is always revertible
+    const undo = await this.captureUndo(ops);
+    if (undo.length) {
+      await this.undo!.append(undo);
+      for (const u of undo) this.undoBytesWritten += u.length;
+    }
+    const recs: WalRecord[] = [];
+    for (const p of batch.parts) for (const op of p.ops) recs.push({ seq: p.seq, offset: op.offset, length: op.length, data: op.data });
+    await this.wal.append(recs);
+    await this.applyOps(ops);
   }
+
+  /** A batch is durable: it leaves the overlay; past WAL_CHECKPOINT_BYTES a checkpoint runs before the next batch. */
+  private committed(batch: Batch): Promise<void> | void {
+    this.appliedBatches++;
+    for (const op of batch.ops) if (this.overlay.get(op.offset) === op.data) this.overlay.delete(op.offset);
+    if (batch.maxSeq > this.state.lastDurableSeq) this.state.lastDurableSeq = batch.maxSeq;
+    if (this.wal.bytes > WAL_CHECKPOINT_BYTES) return this.checkpoint();
+  }
+
+  /** The error that stopped this store (a failed batch or checkpoint), or null. */
+  get failure(): MobilityError | null { return this.commits.failure; }
 
   /** Resolves when every submitted write has been committed and applied. */
-  /** The error that stopped this store (a failed batch or checkpoint), or null. */
-  get failure(): MobilityError | null { return this.failed; }
-
   whenApplied(): Promise<void> {
-    if (!this.committing && !this.queue.length) return Promise.resolve();
-    return new Promise((r) => this.idleWaiters.push(r));
+    return this.commits.whenIdle();
   }
 
   /** Syncs the replica, empties the WAL and records the durable sequence. */
@@ -502,7 +479,7 @@ export class LocalReplicaStore implements ReplicaStore {
   /** Records a finished pass durably (the initial pass flips the store to WAL mode). */
   async endPass(kind: string, seq: number): Promise<void> {
     await this.whenApplied();
-    if (this.failed) throw this.failed;
+    if (this.commits.failure) throw this.commits.failure;
     if (seq > this.state.lastDurableSeq) this.state.lastDurableSeq = seq;
     if (kind === 'initial' || kind === 'resync') this.state.initialComplete = true;
     this.state.passes++;
@@ -523,7 +500,7 @@ export class LocalReplicaStore implements ReplicaStore {
     if (this.pending || this.discarded) return this.discard();
     await this.whenApplied();
     // nothing applied since the last checkpoint (e.g. a verify or a refused session): nothing to sync
-    if (!this.failed && !this.readOnly && this.appliedBatches !== this.checkpointedBatches) await this.checkpoint().catch(() => undefined);
+    if (!this.commits.failure && !this.readOnly && this.appliedBatches !== this.checkpointedBatches) await this.checkpoint().catch(() => undefined);
     await this.closeHandles();
   }
 }

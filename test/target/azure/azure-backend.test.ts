@@ -100,6 +100,29 @@ t.test('writes: Put Page calls of at most 4 MiB, zeros cleared (sparse), sub-sec
   await again.close();
 });
 
+t.test('a short zero gap between data rides in the same Put Page; a long one stays sparse', async (t) => {
+  const sizes: number[] = [];
+  const backend = await backendOn(t, await azurite(), { ops: (inner) => hooked(inner, { putPages: (_n, _o, data) => { sizes.push((data as Buffer).length); } }) });
+  const { store } = await backend.open('agent-g', 'disk0', 16 * MiB);
+  const blob = (store as AzureReplicaStore).blobName;
+  const model = Buffer.alloc(16 * MiB);
+  const a = pattern(512 * 1024, 3);
+  const b = pattern(512 * 1024, 4);
+  await store.submit([{ offset: 0, length: a.length, data: a }, { offset: 512 * 1024, length: 128 * 1024, data: null }, { offset: 640 * 1024, length: b.length, data: b }], 1);
+  a.copy(model, 0);
+  b.copy(model, 640 * 1024);
+  t.same(sizes, [1152 * 1024], 'data, a 128 KiB zero gap and data went out as one Put Page');
+  sizes.length = 0;
+  await store.submit([{ offset: 4 * MiB, length: a.length, data: a }, { offset: 4.5 * MiB, length: MiB, data: null }, { offset: 5.5 * MiB, length: b.length, data: b }], 2);
+  a.copy(model, 4 * MiB);
+  b.copy(model, 5.5 * MiB);
+  t.same(sizes, [512 * 1024, 512 * 1024], 'a 1 MiB zero gap splits the write in two');
+  const ranges = await backend.blobOps.pageRanges({ name: blob });
+  t.notOk(ranges.some((r) => r.start < 5.5 * MiB && r.end > 4.5 * MiB), 'and stays sparse');
+  sameBytes(t, await store.read(0, 16 * MiB), model, 'the blob holds exactly what was written');
+  await store.close();
+});
+
 t.test('an ack means Azure confirmed: submit resolves only after every call of the batch returned', async (t) => {
   const gate: { release: (() => void) | null } = { release: null };
   let entered = 0;
