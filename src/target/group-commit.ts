@@ -53,6 +53,17 @@ export interface GroupCommitHooks {
   maxInFlight?: number;
   /** The byte spans a batch's ops touch (sorted, disjoint), as far as the store's writes reach. */
   footprint?(ops: WriteOp[]): Footprint;
+  /**
+   * While a batch is in flight, the queue goes out as another one only once it holds this many
+   * bytes (default 0): small batches in a row would split writes the store could coalesce.
+   */
+  minBytesWhileBusy?: number;
+  /**
+   * A queue of at least minBytes but less than fullBytes (the writes of a pass streaming in, frame
+   * by frame) waits up to ms for more before it goes out, so that it goes out in fewer, larger
+   * requests. Smaller queues (continuous protection) go at once; whenIdle() sends at once.
+   */
+  linger?: { minBytes: number; fullBytes: number; ms: number };
 }
 
 interface Entry { ops: WriteOp[]; seq: number; resolve: () => void; reject: (e: unknown) => void }
@@ -66,6 +77,10 @@ interface Flight extends Batch {
 
 export class GroupCommit {
   private queue: Entry[] = [];
+  private queuedBytes = 0;
+  /** The linger of the current queue: its timer, and whether it ended. */
+  private lingerTimer: NodeJS.Timeout | null = null;
+  private lingered = false;
   private flights: Flight[] = [];
   private failed: MobilityError | null = null;
   /** Set while a committed hook holds back dispatch. */
@@ -85,6 +100,7 @@ export class GroupCommit {
 
   submit(ops: WriteOp[], seq: number): Promise<void> {
     if (this.failed) return Promise.reject(this.failed);
+    for (const op of ops) this.queuedBytes += op.length;
     return new Promise<void>((resolve, reject) => {
       this.queue.push({ ops, seq, resolve, reject });
       this.pump();
@@ -93,7 +109,19 @@ export class GroupCommit {
 
   whenIdle(): Promise<void> {
     if (!this.busy) return Promise.resolve();
-    return new Promise((r) => this.idleWaiters.push(r));
+    const p = new Promise<void>((r) => this.idleWaiters.push(r));
+    this.sendNow();
+    return p;
+  }
+
+  /** Ends a linger: the queue goes out as soon as it may. */
+  private sendNow(): void {
+    if (this.lingerTimer) {
+      clearTimeout(this.lingerTimer);
+      this.lingerTimer = null;
+    }
+    this.lingered = true;
+    this.pump();
   }
 
   /** Stops the store from outside (e.g. a failed checkpoint): queued and unacknowledged writes are rejected. */
@@ -107,11 +135,25 @@ export class GroupCommit {
     this.failed = this.hooks.failed(err);
     for (const e of this.queue) e.reject(this.failed);
     this.queue = [];
+    this.queuedBytes = 0;
+    if (this.lingerTimer) clearTimeout(this.lingerTimer);
+    this.lingerTimer = null;
     this.hooks.stopped?.(this.failed);
   }
 
   private pump(): void {
     while (!this.failed && !this.holding && this.queue.length && this.flights.length < this.maxInFlight) {
+      if (this.flights.length && this.queuedBytes < (this.hooks.minBytesWhileBusy ?? 0)) break;
+      const l = this.hooks.linger;
+      if (l && !this.lingered && this.queuedBytes >= l.minBytes && this.queuedBytes < l.fullBytes) {
+        this.lingerTimer ??= setTimeout(() => { this.lingerTimer = null; this.sendNow(); }, l.ms);
+        break;
+      }
+      if (this.lingerTimer) {
+        clearTimeout(this.lingerTimer);
+        this.lingerTimer = null;
+      }
+      this.lingered = false;
       const ops = this.queue.length === 1 ? this.queue[0].ops : this.queue.flatMap((e) => e.ops);
       let fp: Footprint | null = null;
       if (this.maxInFlight > 1) {
@@ -120,6 +162,7 @@ export class GroupCommit {
       }
       const entries = this.queue;
       this.queue = [];
+      this.queuedBytes = 0;
       const f: Flight = {
         ops, entries, parts: entries, maxSeq: entries.reduce((m, e) => Math.max(m, e.seq), 0),
         footprint: fp, settled: false, error: undefined,

@@ -146,3 +146,28 @@ t.test('footprints', async (t) => {
   t.ok(overlaps([[0, 512]], [[511, 600]]));
   t.notOk(overlaps([[0, 512], [1024, 2048]], [[512, 1024], [2048, 4096]]));
 });
+
+t.test('linger: a streaming queue waits for more (up to its bound), a small one goes at once, whenIdle sends at once', async (t) => {
+  const held: Batch[] = [];
+  const gc = new GroupCommit({
+    linger: { minBytes: 1 << 20, fullBytes: 4 << 20, ms: 60_000 },
+    apply: async (b) => { held.push(b); },
+    failed: (err) => new MobilityError('MOB_ERR_STORAGE', String(err)),
+  });
+  const op = (offset: number, length: number): WriteOp[] => [{ offset, length, data: Buffer.alloc(length) }];
+  await gc.submit(op(0, 4096), 1);
+  t.equal(held.length, 1, 'a small write goes out at once');
+  const a = gc.submit(op(1 << 20, 2 << 20), 2);
+  await tick();
+  t.equal(held.length, 1, 'a 2 MiB queue lingers');
+  const b = gc.submit(op(3 << 20, 2 << 20), 3);
+  await Promise.all([a, b]);
+  t.equal(held.length, 2, 'reaching 4 MiB sends it, as one batch');
+  t.equal(held[1].parts.length, 2);
+  const c = gc.submit(op(8 << 20, 2 << 20), 4);
+  await tick();
+  t.equal(held.length, 2, 'lingering again');
+  await gc.whenIdle();
+  await c;
+  t.equal(held.length, 3, 'whenIdle sends it without waiting out the linger');
+});

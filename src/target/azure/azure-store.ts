@@ -51,9 +51,15 @@ import { MAX_PUT_PAGE_BYTES, SECTOR, type PageBlobOps, type PageRange } from './
 export const PUT_CONCURRENCY = 8;
 /**
  * Batches in flight at once: the next batch starts while the last calls of the previous one are
- * still out, when the two touch different sectors (see ../group-commit.ts).
+ * still out, when the two touch different sectors and the next one has at least two full Put
+ * Page calls' worth of data (smaller batches would split writes that coalesce; see ../group-commit.ts).
  */
 export const BATCHES_IN_FLIGHT = 4;
+/**
+ * A pass streams its writes in frame by frame: a queue of 1 MiB to 8 MiB waits this long for more
+ * before it goes out, so puts are larger and fewer. Continuous protection's small batches go at once.
+ */
+const LINGER_MS = 20;
 /** A single Clear Pages call covers at most this much (bounds one request's work on the service). */
 const MAX_CLEAR_BYTES = 1024 * 1024 * 1024;
 export const METADATA_VERSION = '1';
@@ -250,6 +256,14 @@ export async function planBatch(ops: WriteOp[], readSectors: (offset: number, le
   } else {
     pieces.push(...segs);
   }
+  // adjacent zero pieces as one (one per block otherwise): a zero range is judged by its whole length
+  let kept = 0;
+  for (const p of pieces) {
+    const last = kept ? pieces[kept - 1] : null;
+    if (last && last.data === null && p.data === null && last.end === p.start) last.end = p.end;
+    else pieces[kept++] = p;
+  }
+  pieces.length = kept;
   const calls: PlannedCall[] = [];
   let run: Buffer[] = [];
   let runStart = 0;
@@ -351,6 +365,8 @@ export class AzureReplicaStore implements ReplicaStore {
     this.written = fresh && !readOnly ? [] : null;
     this.commits = new GroupCommit({
       maxInFlight: BATCHES_IN_FLIGHT,
+      minBytesWhileBusy: 2 * MAX_PUT_PAGE_BYTES,
+      linger: { minBytes: 1024 * 1024, fullBytes: 2 * MAX_PUT_PAGE_BYTES, ms: LINGER_MS },
       footprint: (ops) => footprintOf(ops, SECTOR),
       apply: (batch) => this.applyBatch(batch),
       committed: (batch) => this.committed(batch),
