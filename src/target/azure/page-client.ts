@@ -50,6 +50,8 @@ export interface BlobInfo {
   /** Copy state when the blob is (or was) a copy destination. */
   copyStatus: string | null;
   copyStatusDescription: string | null;
+  /** "bytes copied/total" while (or after) the blob is a copy destination. */
+  copyProgress?: string | null;
 }
 
 export interface AzureOpStats {
@@ -279,7 +281,7 @@ export class SdkPageBlobOps implements PageBlobOps {
       const p = await this.pb(ref).getProperties({ abortSignal });
       return {
         name: ref.name, snapshot: ref.snapshot ?? null, sizeBytes: p.contentLength ?? 0, metadata: lower(p.metadata),
-        copyStatus: p.copyStatus ?? null, copyStatusDescription: p.copyStatusDescription ?? null,
+        copyStatus: p.copyStatus ?? null, copyStatusDescription: p.copyStatusDescription ?? null, copyProgress: p.copyProgress ?? null,
       };
     } catch (err) {
       if (errorStatus(err) === 404) return null;
@@ -371,7 +373,12 @@ export interface RetryingOpsOptions {
   target: string;
   /** What fixes an auth failure (e.g. "fix the credentials file /etc/mobility/azure.json"). */
   authFix: string;
+  /** A server-side copy whose progress does not move for this long is given up (default COPY_STALL_MS). */
+  copyStallMs?: number;
 }
+
+/** A pending server-side copy that shows no progress for this long is given up. */
+export const COPY_STALL_MS = 10 * 60_000;
 
 /**
  * Runs every call of `inner` under the retry policy. Auth, quota and exhausted transient failures
@@ -462,12 +469,23 @@ export class RetryingPageBlobOps implements PageBlobOps {
 
   /** Starts the copy (retried), then polls the destination's copy state (each poll retried). */
   async copyFrom(dest: string, source: BlobRef, metadata: Record<string, string>): Promise<void> {
+    const clock = this.o.clock ?? systemClock;
+    const stallMs = this.o.copyStallMs ?? COPY_STALL_MS;
     let { status } = await this.startCopy(dest, source, metadata);
+    let progress: string | null | undefined = null;
+    let progressAt = clock.now();
     for (let wait = 100; status === 'pending'; wait = Math.min(wait * 2, 2000)) {
-      await (this.o.clock ?? systemClock).sleep(wait);
+      await clock.sleep(wait);
       const p = await this.properties({ name: dest });
       if (!p) throw new CopyFailedError('failed', 'the destination vanished while copying');
       status = p.copyStatus ?? 'success';
+      if (p.copyProgress !== progress) {
+        progress = p.copyProgress;
+        progressAt = clock.now();
+      } else if (status === 'pending' && clock.now() - progressAt >= stallMs) {
+        // a copy the service does not move on: give up on it (the caller copies page ranges instead)
+        throw new CopyFailedError('stalled', `no progress for ${Math.round(stallMs / 1000)} s (at ${progress ?? 'an unknown point'})`);
+      }
     }
     if (status === 'failed' || status === 'aborted') {
       const p = await this.properties({ name: dest }).catch(() => null);
