@@ -56,6 +56,27 @@ interface SessionDisk {
   lastSeq: number;
 }
 
+/** Replica blocks read at once to apply a frame's changed pages on (see onData). */
+const PATCH_READS_IN_FLIGHT = 16;
+
+/** Runs tasks, at most `limit` at a time; rejects with the first failure once every started task settled. */
+async function runLimited(tasks: (() => Promise<void>)[], limit: number): Promise<void> {
+  let next = 0;
+  let failure: { err: unknown } | null = null;
+  const worker = async () => {
+    while (!failure && next < tasks.length) {
+      const task = tasks[next++];
+      try {
+        await task();
+      } catch (err) {
+        failure ??= { err };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, tasks.length) }, worker));
+  if (failure) throw (failure as { err: unknown }).err;
+}
+
 /** Largest buffer one data frame's lz4 blocks are decoded into at once (a larger frame decodes block by block). */
 const MAX_DECODED_FRAME_BYTES = 32 * 1024 * 1024;
 /** Pages a cut may sample per disk (the agent sends far fewer). */
@@ -406,6 +427,7 @@ export class Session {
     const decoded = lz4Bytes > 0 && lz4Bytes <= MAX_DECODED_FRAME_BYTES ? Buffer.allocUnsafe(lz4Bytes) : null;
     let at = 0;
     let o = 0;
+    const patches: { index: number; run: () => Promise<void> }[] = [];
     for (const b of m.blocks) {
       const offset = b.index * d.blockSize;
       if (!Number.isSafeInteger(offset) || offset < 0 || offset >= d.sizeBytes) {
@@ -430,11 +452,21 @@ export class Session {
           if (!digestEquals(data, b.digest)) throw new MobilityError('MOB_ERR_DIGEST_MISMATCH', `block ${b.index} of ${d.diskId} does not match its digest`);
         }
       } else {
-        data = await this.patch(d, b.index, offset, blockLen, b.pageMask, b.encoding, p, b.digest);
+        const op: WriteOp = { offset, length: blockLen, data: null };
+        const { index, pageMask, encoding, digest: dig } = b;
+        patches.push({ index, run: async () => { op.data = await this.patch(d, index, offset, blockLen, pageMask, encoding, p, dig); } });
+        ops.push(op);
+        continue;
       }
       ops.push({ offset, length: blockLen, data });
     }
     if (o !== payload.length) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `frame carries ${payload.length - o} payload bytes no block accounts for`);
+    // changed pages are applied on the replica's current blocks: read together (with a remote
+    // target each read is a request), one after the other when a block comes twice in the frame
+    if (patches.length) {
+      const distinct = new Set(patches.map((x) => x.index)).size === patches.length;
+      await runLimited(patches.map((x) => x.run), distinct ? PATCH_READS_IN_FLIGHT : 1);
+    }
     const seq = m.seq;
     d.store.submit(ops, seq).then(
       () => {
