@@ -418,13 +418,18 @@ export class Session {
     // every whole lz4 block of the frame decodes into one buffer: one allocation per frame, and
     // blocks adjacent on disk stay adjacent in memory (a target sends them on without a copy)
     let lz4Bytes = 0;
+    let lz4Payload = 0;
     for (const b of m.blocks) {
       if (b.pageMask.length === 0 && b.encoding === Encoding.LZ4) {
         const offset = b.index * d.blockSize;
         if (Number.isSafeInteger(offset) && offset >= 0 && offset < d.sizeBytes) lz4Bytes += Math.min(d.blockSize, d.sizeBytes - offset);
+        lz4Payload += b.length;
       }
     }
-    const decoded = lz4Bytes > 0 && lz4Bytes <= MAX_DECODED_FRAME_BYTES ? Buffer.allocUnsafe(lz4Bytes) : null;
+    // no more than what the frame's payload can decode to (lz4 expands at most ~255x): a small
+    // hostile frame claiming big blocks does not get a big buffer
+    const decoded = lz4Bytes > 0 && lz4Bytes <= MAX_DECODED_FRAME_BYTES && lz4Payload <= payload.length && lz4Bytes <= 256 * lz4Payload
+      ? Buffer.allocUnsafe(lz4Bytes) : null;
     let at = 0;
     let o = 0;
     const patches: { index: number; run: () => Promise<void> }[] = [];

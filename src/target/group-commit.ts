@@ -16,10 +16,13 @@
  * never lands before an earlier one to the same place. A queue that overlaps a batch in flight
  * waits for it.
  *
- * After a failure: nothing more is dispatched; every queued write, the failed batch and every
- * batch after it in submission order are rejected with the store's coded error (one in flight
- * once it settled), and so is every later submit. A batch before the failing one in submission
- * order that completes is still acknowledged: what it wrote is durable.
+ * After a failure (a batch that failed, or a committed hook that threw): nothing more is
+ * dispatched; every queued write, the failed batch and every batch after it in submission order
+ * are rejected with the store's coded error (one in flight once it settled: its requests may
+ * still land, harmlessly, as the agent resends what was not acknowledged), and so is every later
+ * submit. A batch before the failing one in submission order that completes is still
+ * acknowledged: what it wrote is durable. A batch whose committed hook threw is acknowledged too
+ * (it is durable); the ones after it are not.
  */
 import type { MobilityError } from '../errors.js';
 import type { WriteOp } from './replica-store.js';
@@ -78,6 +81,7 @@ interface Flight extends Batch {
 export class GroupCommit {
   private queue: Entry[] = [];
   private queuedBytes = 0;
+  private fpMemo: { len: number; fp: Footprint } | null = null;
   /** The linger of the current queue: its timer, and whether it ended. */
   private lingerTimer: NodeJS.Timeout | null = null;
   private lingered = false;
@@ -124,12 +128,6 @@ export class GroupCommit {
     this.pump();
   }
 
-  /** Stops the store from outside (e.g. a failed checkpoint): queued and unacknowledged writes are rejected. */
-  fail(err: unknown): void {
-    this.stop(err);
-    this.settleHead();
-  }
-
   private stop(err: unknown): void {
     if (this.failed) return;
     this.failed = this.hooks.failed(err);
@@ -154,15 +152,19 @@ export class GroupCommit {
         this.lingerTimer = null;
       }
       this.lingered = false;
-      const ops = this.queue.length === 1 ? this.queue[0].ops : this.queue.flatMap((e) => e.ops);
+      const allOps = () => (this.queue.length === 1 ? this.queue[0].ops : this.queue.flatMap((e) => e.ops));
       let fp: Footprint | null = null;
       if (this.maxInFlight > 1) {
-        fp = this.hooks.footprint!(ops);
+        // computed once per queue length: a queue held back by an overlap is not re-scanned per pump
+        if (this.fpMemo?.len !== this.queue.length) this.fpMemo = { len: this.queue.length, fp: this.hooks.footprint!(allOps()) };
+        fp = this.fpMemo.fp;
         if (this.flights.some((f) => overlaps(f.footprint!, fp!))) break; // waits for the batch it overlaps
       }
+      const ops = allOps();
       const entries = this.queue;
       this.queue = [];
       this.queuedBytes = 0;
+      this.fpMemo = null;
       const f: Flight = {
         ops, entries, parts: entries, maxSeq: entries.reduce((m, e) => Math.max(m, e.seq), 0),
         footprint: fp, settled: false, error: undefined,
@@ -199,11 +201,12 @@ export class GroupCommit {
         held = this.hooks.committed?.(f);
       } catch (err) {
         this.stop(err);
+        this.failedInOrder = true; // batches after this one are not acknowledged
       }
       for (const e of f.entries) e.resolve();
       if (held instanceof Promise) {
         this.holding = true;
-        held.catch((err: unknown) => this.stop(err)).finally(() => {
+        held.catch((err: unknown) => { this.stop(err); this.failedInOrder = true; }).finally(() => {
           this.holding = false;
           this.settleHead();
         });

@@ -27,13 +27,17 @@
  * endPass, preparePoint and close, so it may lag but is never ahead of what was confirmed.
  *
  * Failure: a call the retry layer gave up on (see page-client.ts, ../retry.ts) sets `failure` to
- * its coded error (MOB_ERR_TARGET_UNAVAILABLE / _AUTH / _QUOTA, else MOB_ERR_STORAGE); that batch,
- * every queued one and every later submit reject with it. Nothing of an unconfirmed batch is
- * acknowledged; some of its calls may have landed, which is harmless: the agent resends them.
+ * its coded error (MOB_ERR_TARGET_UNAVAILABLE / _AUTH / _QUOTA, else MOB_ERR_STORAGE); no further
+ * call starts; that batch, every batch after it (in flight ones once they settled), every queued
+ * one and every later submit reject with it, and so do reads. Batches before it that complete
+ * are still acknowledged. Nothing of an unconfirmed batch is acknowledged; some of its calls may
+ * have landed, which is harmless: the agent resends them. close() returns only once every call
+ * has settled, so nothing of this store lands after the next session opened the replica.
  *
  * read() returns the newest content: accepted writes not yet confirmed (the overlay, in
  * submission order) over what the blob holds. pageDigests() waits for the queue, then hashes
- * the blob from Get Page Ranges and downloads of the valid ranges only (see blob-io.ts).
+ * the blob from Get Page Ranges (cached per 64 MiB slice, RANGE_CACHE_SLICE) and downloads of
+ * the valid ranges only (see blob-io.ts).
  *
  * One AzureReplicaStore per disk at a time (the server holds a lock per disk). Created by
  * AzureBackend.open() (azure-backend.ts).
@@ -51,8 +55,9 @@ import { MAX_PUT_PAGE_BYTES, SECTOR, type PageBlobOps, type PageRange } from './
 export const PUT_CONCURRENCY = 8;
 /**
  * Batches in flight at once: the next batch starts while the last calls of the previous one are
- * still out, when the two touch different sectors and the next one has at least two full Put
- * Page calls' worth of data (smaller batches would split writes that coalesce; see ../group-commit.ts).
+ * still out, when the two touch different sectors and the next one holds at least two full Put
+ * Page calls' worth of writes, zeros included (smaller batches would split writes that coalesce;
+ * see ../group-commit.ts).
  */
 export const BATCHES_IN_FLIGHT = 4;
 /**
@@ -65,8 +70,9 @@ const MAX_CLEAR_BYTES = 1024 * 1024 * 1024;
 export const METADATA_VERSION = '1';
 /**
  * Digests (verify, checksum resync) are asked for 4 MiB at a time: the blob's valid ranges are
- * fetched per slice of this size and kept until a write touches the slice, so one Get Page Ranges
- * serves many digest requests.
+ * fetched per slice of this size and kept until a write to the slice is submitted (a slice fetched
+ * while any write was queued or in flight is not kept), so one Get Page Ranges serves many digest
+ * requests.
  */
 const RANGE_CACHE_SLICE = 64 * 1024 * 1024;
 const RANGE_CACHE_SLICES = 8;
@@ -220,8 +226,9 @@ export function resolveOverlaps(ops: WriteOp[]): Seg[] {
 
 /**
  * Plans a batch: disjoint pieces, edge sectors completed with `readSector` (for ranges not on
- * 512-byte boundaries), then Put Page calls (≤ 4 MiB, adjacent data coalesced) and Clear Pages
- * calls (adjacent zero ranges merged), sorted by offset.
+ * 512-byte boundaries), then Put Page calls (≤ 4 MiB, adjacent data coalesced, zero gaps of at
+ * most ZERO_GAP_MERGE_BYTES between data included as zeros) and Clear Pages calls (adjacent zero
+ * ranges merged), sorted by offset.
  */
 export async function planBatch(ops: WriteOp[], readSectors: (offset: number, length: number) => Promise<Buffer>): Promise<PlannedCall[]> {
   const segs = resolveOverlaps(ops);
@@ -337,12 +344,15 @@ export class AzureReplicaStore implements ReplicaStore {
   /** Valid ranges per RANGE_CACHE_SLICE slice (by its start), and a write counter per slice. */
   private readonly rangeCache = new Map<number, PageRange[]>();
   private readonly sliceWrites = new Map<number, number>();
+  private readonly rangeFetches = new Map<number, Promise<PageRange[]>>();
+  /** The first call that failed (the retry layer gave up on it). */
+  private callFailed: MobilityError | null = null;
   private discarded = false;
   private closed = false;
   /** Batches confirmed, and how many of them the metadata last written covers. */
   private appliedBatches = 0;
   private savedBatches = 0;
-  /** Bytes sent in Put Page calls by this store (data, including completed edge sectors). */
+  /** Bytes sent in Put Page calls by this store (data, completed edge sectors and the zeros of short gaps). */
   bytesWritten = 0;
 
   /**
@@ -370,8 +380,7 @@ export class AzureReplicaStore implements ReplicaStore {
       footprint: (ops) => footprintOf(ops, SECTOR),
       apply: (batch) => this.applyBatch(batch),
       committed: (batch) => this.committed(batch),
-      failed: (err) => err instanceof MobilityError ? err
-        : new MobilityError('MOB_ERR_STORAGE', `writing replica blob ${this.ctx.blobName} failed: ${(err as Error)?.message ?? String(err)}`),
+      failed: (err) => this.callFailed ?? this.coded(err),
       stopped: (err) => {
         this.ctx.log?.error('azure replica write failed; the store stops', { blob: this.ctx.blobName, code: err.code, error: err.message });
         this.overlay.clear(); // what the blob holds is all there is now
@@ -424,7 +433,13 @@ export class AzureReplicaStore implements ReplicaStore {
   get initialComplete(): boolean { return this.state.initialComplete; }
   get lastDurableSeq(): number { return this.state.lastDurableSeq; }
   get unpublished(): boolean { return this.state.pending && !this.discarded; }
-  get failure(): MobilityError | null { return this.commits.failure; }
+  /** The error that stopped the store: set at the first call that failed, before its batch settled. */
+  get failure(): MobilityError | null { return this.commits.failure ?? this.callFailed; }
+
+  private coded(err: unknown): MobilityError {
+    return err instanceof MobilityError ? err
+      : new MobilityError('MOB_ERR_STORAGE', `writing replica blob ${this.ctx.blobName} failed: ${(err as Error)?.message ?? String(err)}`);
+  }
   /** The page blob holding the replica. */
   get blobName(): string { return this.ctx.blobName; }
   get snapshot(): Readonly<AzureReplicaState> { return { ...this.state }; }
@@ -445,6 +460,8 @@ export class AzureReplicaStore implements ReplicaStore {
   /** Current content of a range: accepted writes not yet confirmed, over what the blob holds. */
   async read(offset: number, length: number): Promise<Buffer> {
     this.check(offset, length);
+    // a stopped store no longer knows its newest content (the overlay of rejected writes is gone)
+    if (this.failure) throw this.failure;
     const end = offset + length;
     // accepted-not-confirmed writes over the range, oldest first (a later one wins)
     const over: WriteOp[] = [];
@@ -466,7 +483,7 @@ export class AzureReplicaStore implements ReplicaStore {
    * by the service. MOB_ERR_OUT_OF_RANGE is thrown synchronously; after a failure every submit rejects.
    */
   submit(ops: WriteOp[], seq: number): Promise<void> {
-    if (this.commits.failure) return Promise.reject(this.commits.failure);
+    if (this.failure) return Promise.reject(this.failure);
     if (this.readOnly) return Promise.reject(new MobilityError('MOB_ERR_INTERNAL', `the replica of disk ${this.diskId} was opened read-only (verify) and cannot be written`));
     if (this.closed) return Promise.reject(new MobilityError('MOB_ERR_INTERNAL', `the replica store of disk ${this.diskId} is closed`));
     for (const op of ops) {
@@ -479,6 +496,7 @@ export class AzureReplicaStore implements ReplicaStore {
       this.overlay.set(id, op);
       ids.push(id);
     }
+    ops = ops.slice(); // an array of this submit's own: the key of its overlay ids
     this.overlayIds.set(ops, ids);
     for (const op of ops) {
       for (let a = Math.floor(op.offset / RANGE_CACHE_SLICE); a <= Math.floor((op.offset + Math.max(op.length, 1) - 1) / RANGE_CACHE_SLICE); a++) {
@@ -517,15 +535,23 @@ export class AzureReplicaStore implements ReplicaStore {
     })), PUT_CONCURRENCY);
   }
 
-  /** Runs fn once fewer than PUT_CONCURRENCY calls of this store are in flight. */
+  /**
+   * Runs fn once a call slot is free (PUT_CONCURRENCY over every batch; slots are handed over in
+   * the order they were asked for). A stopped store starts no more calls.
+   */
   private async withSlot(fn: () => Promise<void>): Promise<void> {
-    while (this.callsInFlight >= PUT_CONCURRENCY) await new Promise<void>((r) => this.callWaiters.push(r));
-    this.callsInFlight++;
+    if (this.callsInFlight >= PUT_CONCURRENCY) await new Promise<void>((r) => this.callWaiters.push(r)); // the slot is handed over
+    else this.callsInFlight++;
     try {
+      if (this.failure) throw this.failure;
       await fn();
+    } catch (err) {
+      this.callFailed ??= this.coded(err); // no other call starts from now on
+      throw err;
     } finally {
-      this.callsInFlight--;
-      this.callWaiters.shift()?.();
+      const next = this.callWaiters.shift();
+      if (next) next();
+      else this.callsInFlight--;
     }
   }
 
@@ -558,20 +584,32 @@ export class AzureReplicaStore implements ReplicaStore {
     return blobPageDigests(this.ctx.ops, { name: this.ctx.blobName }, this.state.sizeBytes, firstPage, count, pageSize, (a, b) => this.validRanges(a, b));
   }
 
-  /** Valid ranges of [start, end) of the blob, from the slice cache (see RANGE_CACHE_SLICE). */
+  /**
+   * Valid ranges of [start, end) of the blob, from the slice cache (see RANGE_CACHE_SLICE). A
+   * slice is kept only when no write was queued or in flight, nor submitted to it, while it was
+   * fetched; concurrent misses of a slice share one fetch.
+   */
   private async validRanges(start: number, end: number): Promise<PageRange[]> {
     const out: PageRange[] = [];
     const blobEnd = roundUpSector(this.state.sizeBytes);
     for (let k = Math.floor(start / RANGE_CACHE_SLICE); k * RANGE_CACHE_SLICE < end; k++) {
       let slice = this.rangeCache.get(k);
       if (!slice) {
-        const writes = this.sliceWrites.get(k) ?? 0;
-        slice = await validRanges(this.ctx.ops, { name: this.ctx.blobName }, k * RANGE_CACHE_SLICE, Math.min(blobEnd, (k + 1) * RANGE_CACHE_SLICE));
-        // kept only when no write touched the slice meanwhile
-        if ((this.sliceWrites.get(k) ?? 0) === writes) {
-          if (this.rangeCache.size >= RANGE_CACHE_SLICES) this.rangeCache.delete(this.rangeCache.keys().next().value!);
-          this.rangeCache.set(k, slice);
+        let fetching = this.rangeFetches.get(k);
+        if (!fetching) {
+          const writes = this.sliceWrites.get(k) ?? 0;
+          const quiet = !this.commits.busy;
+          fetching = validRanges(this.ctx.ops, { name: this.ctx.blobName }, k * RANGE_CACHE_SLICE, Math.min(blobEnd, (k + 1) * RANGE_CACHE_SLICE));
+          this.rangeFetches.set(k, fetching);
+          const key = k;
+          void fetching.then((r) => {
+            if (quiet && !this.commits.busy && (this.sliceWrites.get(key) ?? 0) === writes) {
+              if (this.rangeCache.size >= RANGE_CACHE_SLICES) this.rangeCache.delete(this.rangeCache.keys().next().value!);
+              this.rangeCache.set(key, r);
+            }
+          }, () => undefined).finally(() => { if (this.rangeFetches.get(key) === fetching) this.rangeFetches.delete(key); });
         }
+        slice = await fetching;
       }
       for (const r of slice) {
         const s = Math.max(r.start, start);
@@ -588,7 +626,7 @@ export class AzureReplicaStore implements ReplicaStore {
   /** Records a finished pass in the metadata ('initial' and 'resync' make the replica complete). */
   async endPass(kind: string, seq: number): Promise<void> {
     await this.whenApplied();
-    if (this.commits.failure) throw this.commits.failure;
+    if (this.failure) throw this.failure;
     if (seq > this.state.lastDurableSeq) this.state.lastDurableSeq = seq;
     if (kind === 'initial' || kind === 'resync') this.state.initialComplete = true;
     this.state.passes++;
@@ -599,7 +637,7 @@ export class AzureReplicaStore implements ReplicaStore {
   /** Snapshots the blob as it is once every submitted write is confirmed: the point is that snapshot. */
   async preparePoint(pointId: string): Promise<PointRef> {
     await this.whenApplied();
-    if (this.commits.failure) throw this.commits.failure;
+    if (this.failure) throw this.failure;
     await this.saveState();
     const snapshot = await this.ctx.ops.snapshot(this.ctx.blobName, { ...encodeState(this.state), mobilitypoint: pointId });
     this.ctx.log?.info('azure recovery point snapshot', { blob: this.ctx.blobName, point: pointId, snapshot });
@@ -644,9 +682,10 @@ export class AzureReplicaStore implements ReplicaStore {
     if (this.state.pending || this.discarded) return this.discard();
     this.closed = true;
     await this.whenApplied();
+    this.bodyPool.length = 0;
     if (!this.readOnly && this.appliedBatches !== this.savedBatches) {
       // a failed store's target is likely down: one try, no backoff
-      await this.saveState(this.commits.failure ? this.ctx.bestEffortOps : this.ctx.ops).catch((err) => {
+      await this.saveState(this.failure ? this.ctx.bestEffortOps : this.ctx.ops).catch((err) => {
         this.ctx.log?.warn('could not record the durable sequence at close', { blob: this.ctx.blobName, error: (err as Error).message });
       });
     }

@@ -125,6 +125,37 @@ t.test('a short zero gap between data rides in the same Put Page; a long one sta
   await store.close();
 });
 
+t.test('a failed store starts no more calls, rejects the writes and its reads, and closes once every call settled', async (t) => {
+  let entered = 0;
+  let release: (() => void) | null = null;
+  const hold = new Promise<void>((r) => { release = r; });
+  const backend = await backendOn(t, await azurite(), {
+    ops: (inner) => hooked(inner, {
+      putPages: async () => {
+        const n = ++entered;
+        if (n === 1) throw httpError(403, 'AuthenticationFailed');
+        await hold; // the other calls of the first wave are still out when the store fails
+      },
+    }),
+  });
+  const { store } = await backend.open('agent-f', 'disk0', 64 * MiB);
+  const data = pattern(48 * MiB, 5); // 12 Put Page calls, 8 at a time
+  const res = store.submit([{ offset: 0, length: data.length, data }], 1).then(() => 'acked', (e: MobilityError) => e.code);
+  while (entered < 8) await ticks(10);
+  await ticks(100);
+  t.equal(store.failure?.code, 'MOB_ERR_TARGET_AUTH', 'the store failed at the refused call');
+  const read = await store.read(0, 4096).then(() => 'read', (e: MobilityError) => e.code);
+  t.equal(read, 'MOB_ERR_TARGET_AUTH', 'a read of a failed store is refused (its newest content is unknown)');
+  let closed = false;
+  const closing = store.close().then(() => { closed = true; });
+  await ticks(100);
+  t.notOk(closed, 'close waits for the calls still out');
+  release!();
+  await closing;
+  t.equal(await res, 'MOB_ERR_TARGET_AUTH', 'the write is rejected, never acknowledged');
+  t.equal(entered, 8, 'no call started after the failure (the other 4 never went out)');
+});
+
 t.test('an ack means Azure confirmed: submit resolves only after every call of the batch returned', async (t) => {
   const gate: { release: (() => void) | null } = { release: null };
   let entered = 0;
