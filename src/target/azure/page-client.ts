@@ -52,6 +52,8 @@ export interface BlobInfo {
   copyStatusDescription: string | null;
   /** "bytes copied/total" while (or after) the blob is a copy destination. */
   copyProgress?: string | null;
+  /** The id of the copy into this blob (for Abort Copy Blob). */
+  copyId?: string | null;
 }
 
 export interface AzureOpStats {
@@ -104,6 +106,8 @@ export interface PageBlobOps {
   startCopy(dest: string, source: BlobRef, metadata: Record<string, string>): Promise<{ status: string }>;
   /** startCopy, then waits until the copy is no longer pending; throws when it failed or was aborted. */
   copyFrom(dest: string, source: BlobRef, metadata: Record<string, string>): Promise<void>;
+  /** Aborts a pending copy into `dest` (Abort Copy Blob; the destination is left empty). */
+  abortCopy(dest: string, copyId: string): Promise<void>;
 }
 
 /**
@@ -281,7 +285,7 @@ export class SdkPageBlobOps implements PageBlobOps {
       const p = await this.pb(ref).getProperties({ abortSignal });
       return {
         name: ref.name, snapshot: ref.snapshot ?? null, sizeBytes: p.contentLength ?? 0, metadata: lower(p.metadata),
-        copyStatus: p.copyStatus ?? null, copyStatusDescription: p.copyStatusDescription ?? null, copyProgress: p.copyProgress ?? null,
+        copyStatus: p.copyStatus ?? null, copyStatusDescription: p.copyStatusDescription ?? null, copyProgress: p.copyProgress ?? null, copyId: p.copyId ?? null,
       };
     } catch (err) {
       if (errorStatus(err) === 404) return null;
@@ -343,6 +347,11 @@ export class SdkPageBlobOps implements PageBlobOps {
     const poller = await this.pb({ name: dest }).beginCopyFromURL(this.sourceUrl(source), { metadata, abortSignal });
     const st = poller.getOperationState() as { result?: BlobBeginCopyFromURLResponse; isCompleted?: boolean };
     return { status: st.result?.copyStatus ?? (st.isCompleted ? 'success' : 'pending') };
+  }
+
+  async abortCopy(dest: string, copyId: string): Promise<void> {
+    const abortSignal = this.count('abortCopy');
+    await this.pb({ name: dest }).abortCopyFromURL(copyId, { abortSignal });
   }
 
   async copyFrom(dest: string, source: BlobRef, metadata: Record<string, string>): Promise<void> {
@@ -463,6 +472,10 @@ export class RetryingPageBlobOps implements PageBlobOps {
   list(prefix: string, opts?: { snapshots?: boolean }): Promise<BlobInfo[]> {
     return this.run('list', `${prefix}*`, () => this.inner.list(prefix, opts));
   }
+  abortCopy(dest: string, copyId: string): Promise<void> {
+    return this.run('abort copy', dest, () => this.inner.abortCopy(dest, copyId));
+  }
+
   startCopy(dest: string, source: BlobRef, metadata: Record<string, string>): Promise<{ status: string }> {
     return this.run('start copy', `${refName(source)} -> ${dest}`, () => this.inner.startCopy(dest, source, metadata));
   }
@@ -483,7 +496,8 @@ export class RetryingPageBlobOps implements PageBlobOps {
         progress = p.copyProgress;
         progressAt = clock.now();
       } else if (status === 'pending' && clock.now() - progressAt >= stallMs) {
-        // a copy the service does not move on: give up on it (the caller copies page ranges instead)
+        // a copy the service does not move on: abort it and give up (the caller copies page ranges instead)
+        if (p.copyId) await this.abortCopy(dest, p.copyId).catch(() => undefined);
         throw new CopyFailedError('stalled', `no progress for ${Math.round(stallMs / 1000)} s (at ${progress ?? 'an unknown point'})`);
       }
     }

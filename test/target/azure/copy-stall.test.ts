@@ -7,14 +7,17 @@
 import t from 'tap';
 import { CopyFailedError, RetryingPageBlobOps, type BlobInfo, type PageBlobOps } from '../../../src/target/azure/page-client.js';
 
+const aborted: string[] = [];
+
 function fake(progress: (poll: number) => { status: string; progress: string }): { ops: PageBlobOps; polls: () => number } {
   let polls = 0;
   const impl: Partial<PageBlobOps> = {
     containerUrl: 'http://127.0.0.1:1/acct/c',
     startCopy: async () => ({ status: 'pending' }),
+    abortCopy: async (_dest, id) => { aborted.push(id); },
     properties: async (ref): Promise<BlobInfo> => {
       const p = progress(++polls);
-      return { name: ref.name, snapshot: null, sizeBytes: 1 << 20, metadata: {}, copyStatus: p.status, copyStatusDescription: null, copyProgress: p.progress };
+      return { name: ref.name, snapshot: null, sizeBytes: 1 << 20, metadata: {}, copyStatus: p.status, copyStatusDescription: null, copyProgress: p.progress, copyId: 'copy-1' };
     },
   };
   const ops = new Proxy(impl, { get: (o, k) => (k in o ? o[k as keyof PageBlobOps] : () => { throw new Error(`unexpected call ${String(k)}`); }) }) as PageBlobOps;
@@ -33,6 +36,7 @@ t.test('a copy whose progress stays put is given up after the stall bound', asyn
   t.ok(err instanceof CopyFailedError, `CopyFailedError: ${String(err)}`);
   t.equal((err as CopyFailedError).status, 'stalled');
   t.match((err as Error).message, /no progress for 60 s/);
+  t.same(aborted, ['copy-1'], 'the stalled copy was aborted (Abort Copy Blob with its copy id)');
   t.ok(f.polls() < 60, `polled ${f.polls()} times (backoff up to 2 s between polls)`);
 });
 
