@@ -104,8 +104,10 @@ t.test('tracking switched off under a running agent is noticed, rescanned, and n
     const pointsBefore = (await statusOf(s)).points;
     fs.writeFileSync(path.join(dir, file), `${value}\n`);
     const offAt = Date.now();
-    // written while tracking is off: only a scan can find it
-    sh('dd', ['if=/dev/urandom', `of=${s.mnt}/untracked-${n}`, 'bs=64k', 'count=48', 'conv=fsync', 'status=none']);
+    // written while tracking is off (direct I/O: the blocks reach the disk during dd, not at a later
+    // flush): only a scan can find it
+    sh('dd', ['if=/dev/urandom', `of=${s.mnt}/untracked-${n}`, 'bs=64k', 'count=48', 'oflag=direct', 'conv=fsync', 'status=none']);
+    const writtenAt = Date.now();
     const req = await agent.waitEvent((e) => e.event === 'state' && e.state === 'resync-required', 60_000, `resync-required after ${file} = ${value}`, from);
     t.match(String(req.reason), want, `noticed with the reason: ${String(req.reason)}`);
     t.comment(`${file} = ${value}: noticed ${req.at - offAt} ms after it was switched off (self-check every second)`);
@@ -117,7 +119,13 @@ t.test('tracking switched off under a running agent is noticed, rescanned, and n
     t.ok(file.endsWith('filter') ? now !== value && now.startsWith('dev == ') : now === '1', `${file} was re-armed by the agent (${now})`);
     const scan = await agent.waitEvent((e) => e.event === 'pass-done', 120_000, 'the rescan', from);
     t.equal(scan.kind, 'incremental', 'an incremental scan against the digest map, not a full copy');
-    t.ok(Number(scan.bytesSent) >= 48 * 65536 * 0.9, `the scan shipped the untracked write (${String(scan.bytesSent)} bytes)`);
+    if (req.at >= writtenAt) {
+      t.ok(Number(scan.bytesSent) >= 48 * 65536 * 0.9, `the scan shipped the untracked write (${String(scan.bytesSent)} bytes)`);
+    } else {
+      // the agent re-armed tracking before dd was done: part of the write was tracked and shipped
+      // as usual, so the scan need not find it; the point below still must hold the file
+      t.comment(`the agent noticed the loss ${writtenAt - Number(req.at)} ms before the write ended: the scan shipped ${String(scan.bytesSent)} bytes`);
+    }
     const cutsBetween = agent.events.slice(from, agent.events.indexOf(scan)).filter((e) => e.event === 'cut');
     t.equal(cutsBetween.length, 0, 'no point was recorded between the loss and the end of the rescan');
     t.ok((await statusOf(s)).points >= pointsBefore, 'points before the loss are kept');
