@@ -48,7 +48,7 @@ import type { Logger } from '../../log.js';
 import type { PointRef, ReplicaStore, WriteOp } from '../replica-store.js';
 import { zeroBuffer } from '../../protocol/digest.js';
 import { GroupCommit, footprintOf, type Batch } from '../group-commit.js';
-import { blobPageDigests, roundUpSector, runPool, validRanges } from './blob-io.js';
+import { appendClipped, blobPageDigests, roundUpSector, runPool, validRanges } from './blob-io.js';
 import { MAX_PUT_PAGE_BYTES, SECTOR, type PageBlobOps, type PageRange } from './page-client.js';
 
 /** Put Page / Clear Pages calls in flight at once (over every batch in flight). */
@@ -611,14 +611,7 @@ export class AzureReplicaStore implements ReplicaStore {
         }
         slice = await fetching;
       }
-      for (const r of slice) {
-        const s = Math.max(r.start, start);
-        const e = Math.min(r.end, end);
-        if (s >= e) continue;
-        const last = out[out.length - 1];
-        if (last && s <= last.end) last.end = Math.max(last.end, e);
-        else out.push({ start: s, end: e });
-      }
+      appendClipped(out, slice, start, end);
     }
     return out;
   }

@@ -61,16 +61,21 @@ export async function validRanges(ops: PageBlobOps, ref: BlobRef, start: number,
   const b0 = roundUpSector(end);
   for (let a = a0; a < b0; a += RANGE_SLICE_BYTES) {
     const b = Math.min(b0, a + RANGE_SLICE_BYTES);
-    for (const r of await ops.pageRanges(ref, a, b - a)) {
-      const s = Math.max(r.start, start);
-      const e = Math.min(r.end, end);
-      if (s >= e) continue;
-      const last = out[out.length - 1];
-      if (last && s <= last.end) last.end = Math.max(last.end, e);
-      else out.push({ start: s, end: e });
-    }
+    appendClipped(out, await ops.pageRanges(ref, a, b - a), start, end);
   }
   return out;
+}
+
+/** Appends sorted `ranges`, clipped to [start, end), to `out`, merging what touches its last range. */
+export function appendClipped(out: PageRange[], ranges: PageRange[], start: number, end: number): void {
+  for (const r of ranges) {
+    const s = Math.max(r.start, start);
+    const e = Math.min(r.end, end);
+    if (s >= e) continue;
+    const last = out[out.length - 1];
+    if (last && s <= last.end) last.end = Math.max(last.end, e);
+    else out.push({ start: s, end: e });
+  }
 }
 
 /** Merges ranges closer than `gap` and splits the result into requests of at most `max` bytes. */
