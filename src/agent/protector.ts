@@ -38,6 +38,7 @@ import { chooseSamples, digestPagesAsync, includeFromEnv, WrittenPages, DEFAULT_
 import { Spool } from '../source/spool.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import { devOf, deviceFamily, freezeAll, mountsOn, runHooks, thawAll, type HookResult } from './freeze.js';
+import type { CompressMode } from '../protocol/block-codec.js';
 
 export type DiskStateName = 'initial-sync' | 'continuous' | 'resync-required' | 'resyncing' | 'error';
 export type CutKind = 'crash' | 'app';
@@ -78,7 +79,8 @@ export interface ProtectOptions {
   disks: { path: string; id: string }[];
   stateDir: string;
   blockSize?: number;
-  compress?: boolean;
+  /** Default 'auto': lz4 only while the link is the bottleneck. */
+  compress?: CompressMode;
   maxRateBytes?: number;
   crashIntervalMs?: number;
   appIntervalMs?: number;
@@ -546,7 +548,7 @@ export class Protector {
 
   private newPass(d: PDisk, kind: PassKind): SourcePass {
     return new SourcePass(kind, d.src, d.map!, {
-      diskIndex: d.i, blockSize: this.bs, pageSize: PAGE_SIZE, compress: this.o.compress ?? true,
+      diskIndex: d.i, blockSize: this.bs, pageSize: PAGE_SIZE, compress: this.o.compress ?? 'auto',
       onFrameAcked: (blocks) => this.journal.settle(d.i, blocks),
       onProgress: (p) => { d.progressPermille = Math.floor((p.done / Math.max(1, p.total)) * 1000); },
     });

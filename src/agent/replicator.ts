@@ -23,6 +23,7 @@ import { RateLimiter } from '../transport/rate-limiter.js';
 import { DigestMap } from '../source/digest-map.js';
 import { openDiskSource, type DiskSource } from '../source/disk-source.js';
 import { SourcePass, type PassKind, type PassStats } from '../source/source-pass.js';
+import type { CompressMode } from '../protocol/block-codec.js';
 
 export type ReplicateMode = 'auto' | 'initial' | 'incremental' | 'resync' | 'verify';
 
@@ -36,7 +37,8 @@ export interface ReplicateOptions {
   stateDir: string;
   mode: ReplicateMode;
   blockSize?: number;
-  compress?: boolean;
+  /** Default 'auto': lz4 only while the link is the bottleneck. */
+  compress?: CompressMode;
   maxRateBytes?: number;
   retryDeadlineMs?: number;
   logger: Logger;
@@ -198,7 +200,7 @@ function preparePass(c: DiskCtx, ws: DiskState, diskIndex: number, opts: Replica
   }
   c.started = Date.now();
   const pass = new SourcePass(kind, c.src, c.map!, {
-    diskIndex, blockSize: bs, pageSize: PAGE_SIZE, compress: opts.compress ?? true,
+    diskIndex, blockSize: bs, pageSize: PAGE_SIZE, compress: opts.compress ?? 'auto',
     onMapChanged: () => { if (kind === 'initial' || kind === 'incremental') void saveMap(c, false); },
     onProgress: (p) => opts.onProgress?.({ diskId: c.id, kind, ...p }),
   });

@@ -69,7 +69,8 @@ A policy governs all the disks of a machine (they form one consistency group):
   --retention D       keep recovery points this long (default 24h)
   --crash-interval D  crash-consistent cuts (default 5m, at least 15s)
   --app-interval D    app-consistent cuts (default 1h; 0 = none)
-  --no-compress       ship blocks raw
+  --no-compress       ship blocks raw (default: lz4 while the network is the bottleneck
+                      or a --max-rate is set, raw when the link keeps up)
   --max-rate N        bandwidth limit in bytes/s (e.g. 50M; default unlimited)
   --freeze-limit D    longest freeze of a cut (default 10s, at least 100ms); past it the cut is
                       abandoned and retried
@@ -282,7 +283,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       const c = await adminConn(v);
       type P = { name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number; freezeLimitMs?: number; spoolBudgetBytes?: number };
       const fmt = (ps: P[]) => table([['POLICY', 'RPO ALERT', 'RETENTION', 'CRASH', 'APP', 'COMPRESS', 'MAX RATE', 'FREEZE LIMIT', 'SPOOL'],
-        ...ps.map((p) => [p.name, fmtAge(p.rpoThresholdMs), fmtAge(p.retentionMs), fmtAge(p.crashIntervalMs), p.appIntervalMs ? fmtAge(p.appIntervalMs) : 'off', p.compress ? 'lz4' : 'no', p.bandwidthBytes ? `${fmtBytes(p.bandwidthBytes)}/s` : 'unlimited',
+        ...ps.map((p) => [p.name, fmtAge(p.rpoThresholdMs), fmtAge(p.retentionMs), fmtAge(p.crashIntervalMs), p.appIntervalMs ? fmtAge(p.appIntervalMs) : 'off', p.compress ? 'auto' : 'never', p.bandwidthBytes ? `${fmtBytes(p.bandwidthBytes)}/s` : 'unlimited',
           // an older server sends neither
           p.freezeLimitMs === undefined ? '-' : fmtAge(p.freezeLimitMs), p.spoolBudgetBytes === undefined ? '-' : fmtBytes(p.spoolBudgetBytes)])]);
       if (sub === 'list') {

@@ -10,6 +10,7 @@ import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import { defaultAgentId, replicate, type DiskResult, type ReplicateMode } from '../agent/replicator.js';
 import { EXIT, exitCodeFor, parse, parseDuration, parseSize, type Values } from './args.js';
+import { parseCompressMode, type CompressMode } from '../protocol/block-codec.js';
 import { api, apiStream, connOptions, fmtAge, type ApiConn } from './api-client.js';
 import { ProgressReporter, fmtBytes, table } from './progress.js';
 
@@ -108,7 +109,9 @@ Options:
   --state-dir DIR       agent state (digest maps), default ./mobility-agent
   --mode M              auto | initial | incremental | resync (default auto)
   --block-size N        transfer block size, e.g. 64K (default ${DEFAULT_BLOCK_SIZE / 1024}K)
-  --no-compress         send blocks raw
+  --compress MODE       auto (default: lz4 only while the network is the bottleneck or
+                        --max-rate is set), always, never
+  --no-compress         same as --compress never
   --max-rate N          bandwidth limit in bytes/s, e.g. 50M
   --retry-deadline S    give up reconnecting after S seconds (default 120)
   --json                print the result as JSON on stdout
@@ -135,7 +138,7 @@ Protects block devices continuously until stopped (SIGTERM/SIGINT):
     against the digest map, never a full copy) -> continuous
 Events are printed on stdout as JSON lines.
 
-Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --state-dir, --block-size, --no-compress, --max-rate):
+Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --state-dir, --block-size, --compress, --no-compress, --max-rate):
   --crash-interval D    crash-consistent cut interval, e.g. 5m, 30s (default 5m, at least 15s)
   --app-interval D      app-consistent cut interval (default 60m)
   --hooks-dir DIR       hook scripts: DIR/pre-freeze/*, DIR/frozen/*, DIR/post-thaw/*
@@ -289,9 +292,14 @@ function parseBlockSize(v: Values): number {
   return blockSize;
 }
 
+function compressMode(v: Values): CompressMode {
+  if (v['no-compress'] && v.compress !== undefined && v.compress !== 'never') throw new MobilityError('MOB_ERR_USAGE', '--no-compress contradicts --compress ' + String(v.compress));
+  return v['no-compress'] ? 'never' : v.compress === undefined ? 'auto' : parseCompressMode(v.compress as string);
+}
+
 async function cmdProtect(argv: string[]): Promise<number> {
   const { values: v } = parse(argv, {
-    ...CONN_OPTS, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, 'max-rate': { type: 'string' },
+    ...CONN_OPTS, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, compress: { type: 'string' }, 'max-rate': { type: 'string' },
     'crash-interval': { type: 'string' }, 'app-interval': { type: 'string' }, 'hooks-dir': { type: 'string' }, 'hook-timeout': { type: 'string' },
     'freeze-limit': { type: 'string' }, 'trace-buffer-kb': { type: 'string' }, 'spool-budget': { type: 'string' }, 'spool-memory': { type: 'string' },
   });
@@ -311,7 +319,7 @@ async function cmdProtect(argv: string[]): Promise<number> {
   const p = new Protector({
     serverUrl: c.url.toString(), token: c.token, ca: c.ca, pin: c.pin, agentId: (v['agent-id'] as string | undefined) ?? defaultAgentId(),
     disks: parseDisks(v.disk as string[] | undefined), stateDir: path.resolve((v['state-dir'] as string | undefined) ?? 'mobility-agent'),
-    blockSize: parseBlockSize(v), compress: !v['no-compress'], maxRateBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
+    blockSize: parseBlockSize(v), compress: compressMode(v), maxRateBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
     crashIntervalMs: dur('crash-interval'), appIntervalMs: dur('app-interval'), hooksDir: v['hooks-dir'] ? path.resolve(v['hooks-dir'] as string) : undefined,
     hookTimeoutMs: dur('hook-timeout'), freezeLimitMs: dur('freeze-limit'), trackerBufferKb: bufKb, logger,
     spoolBudgetBytes: size('spool-budget'), spoolMemoryBytes: size('spool-memory'),
@@ -460,7 +468,7 @@ function formatTestFailover(r: TestFailoverResult): string {
 
 async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
   const { values: v } = parse(argv, verify ? CONN_OPTS : {
-    ...CONN_OPTS, mode: { type: 'string' }, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, 'max-rate': { type: 'string' },
+    ...CONN_OPTS, mode: { type: 'string' }, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, compress: { type: 'string' }, 'max-rate': { type: 'string' },
   });
   if (v.help) { process.stdout.write(verify ? HELP.verify : HELP.replicate); return EXIT.OK; }
   const { url, token, ca } = await connOptions(v);
@@ -477,7 +485,7 @@ async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
     results = await replicate({
       serverUrl: url.toString(), token, ca, pin: v.pin as string | undefined, agentId, disks: parseDisks(v.disk as string[] | undefined),
       stateDir: path.resolve((v['state-dir'] as string | undefined) ?? 'mobility-agent'), mode, blockSize,
-      compress: !v['no-compress'], maxRateBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
+      compress: compressMode(v), maxRateBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
       retryDeadlineMs: retryDeadline === undefined ? undefined : retryDeadline * 1000, logger,
       onProgress: (p) => progress.update(p),
     });

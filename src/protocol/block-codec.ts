@@ -9,6 +9,24 @@ import { MobilityError } from '../errors.js';
 
 export interface EncodedBlock { encoding: Encoding; payload: Buffer }
 
+/**
+ * When the agent compresses: `auto` (the default) only while the link is what holds the
+ * shipping back (bytes wait in the agent's socket, or a bandwidth limit is set), because
+ * lz4 costs CPU on both ends and buys nothing when the network keeps up; `always` on every
+ * block (metered links); `never` sends blocks raw.
+ */
+export type CompressMode = 'auto' | 'always' | 'never';
+
+export function parseCompressMode(s: string): CompressMode {
+  if (s === 'auto' || s === 'always' || s === 'never') return s;
+  throw new MobilityError('MOB_ERR_USAGE', `--compress must be auto, always or never, got ${JSON.stringify(s)}`);
+}
+
+/** Whether a block is compressed now: `linkBusy` = the link, not this side, is the bottleneck. */
+export function shouldCompress(mode: CompressMode, linkBusy: () => boolean): boolean {
+  return mode === 'always' || (mode === 'auto' && linkBusy());
+}
+
 /** Largest lz4 output for `len` input bytes: the size of a scratch buffer for encodeBlock. */
 export function encodeBound(len: number): number {
   return lz4.encodeBound(len);

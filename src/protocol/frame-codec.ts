@@ -26,7 +26,8 @@ export interface DiskState { diskId: string; lastDurableSeq: number; generation:
 export interface Welcome { protocolVersion: number; sessionId: string; disks: DiskState[]; creditBytes: number; maxFrameBytes: number; heartbeatMs: number }
 export interface BlockRef { index: number; encoding: Encoding; length: number; pageMask: Uint8Array; digest: Uint8Array }
 export interface Data { disk: number; seq: number; blocks: BlockRef[] }
-export interface Ack { disk: number; seq: number; creditBytes: number }
+/** busyPct: the server's event-loop utilization in percent when it sent the ack (0 = not reported). */
+export interface Ack { disk: number; seq: number; creditBytes: number; busyPct?: number }
 export interface ErrorBody { code: string; message: string; retryable: boolean }
 export interface Heartbeat { sentAtMs: number; reply: boolean }
 export interface DigestRequest { disk: number; requestId: number; firstPage: number; pageCount: number }
@@ -167,7 +168,7 @@ export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): Dec
         },
       };
     case 'ack':
-      return { type, payload, ack: { disk: num(m.disk), seq: num(m.seq), creditBytes: num(m.creditBytes) } };
+      return { type, payload, ack: { disk: num(m.disk), seq: num(m.seq), creditBytes: num(m.creditBytes), busyPct: Math.min(100, num(m.busyPct)) } };
     case 'error':
       return { type, payload, error: { code: String(m.code ?? ''), message: String(m.message ?? ''), retryable: Boolean(m.retryable) } };
     case 'heartbeat':

@@ -31,6 +31,7 @@ import { HealthBoard } from './health.js';
 import { PointBook, type CutNotice } from './points.js';
 import { ensurePassphrase, Registry } from './registry.js';
 import { Session, type SessionDeps } from './replication-session.js';
+import { LoopLoad } from '../util/loop-load.js';
 
 export type { CutNotice } from './points.js';
 export type { DiskHealthRecord } from './health.js';
@@ -84,6 +85,7 @@ export class ProcessServer {
   private readonly sessions = new Set<Session>();
   readonly log: Logger;
   private sessionDeps: SessionDeps | null = null;
+  private readonly loopLoad = new LoopLoad();
   token = '';
   identity: TlsIdentity | null = null;
   stats = { sessions: 0, rejected: 0, bytesReceived: 0, points: 0, pruned: 0, unverified: 0 };
@@ -130,7 +132,7 @@ export class ProcessServer {
     });
     this.leases = new DiskLeases({ backend: this.backend, points: this.points, log: this.log });
     const deps: SessionDeps = {
-      log: this.log, stats: this.stats, heartbeatMs: this.heartbeatMs, maxFrameBytes: this.maxFrameBytes, creditBytes: this.creditBytes,
+      log: this.log, stats: this.stats, heartbeatMs: this.heartbeatMs, maxFrameBytes: this.maxFrameBytes, creditBytes: this.creditBytes, busyPct: () => this.loopLoad.read(),
       token: () => this.token, isRegistered: (a) => Boolean(this.db.getAgent(a)),
       failoverState: (a) => this.failoverState(a), backend: this.backend, leases: this.leases, points: this.points, health: this.health,
     };

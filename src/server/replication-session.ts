@@ -29,6 +29,8 @@ export interface SessionDeps {
   heartbeatMs: number;
   maxFrameBytes: number;
   creditBytes: number;
+  /** Event-loop utilization in percent, reported in every Ack (see util/loop-load.ts). */
+  busyPct(): number;
   /** The pre-shared agent token (token sessions of unregistered agents). */
   token(): string;
   /** A registered agent must authenticate with its certificate, never the token. */
@@ -477,7 +479,7 @@ export class Session {
       () => {
         // credit comes back only with the ack, after persistence: that bounds what is buffered here
         this.granted += size;
-        this.send(encodeMessage({ type: 'ack', ack: { disk: m.disk, seq, creditBytes: size } }));
+        this.send(encodeMessage({ type: 'ack', ack: { disk: m.disk, seq, creditBytes: size, busyPct: this.server.busyPct() } }));
       },
       (err) => this.fail(toMobilityError(err, 'MOB_ERR_STORAGE')),
     );

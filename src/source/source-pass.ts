@@ -17,7 +17,7 @@ import { DIGEST_REQUEST_PAGES, DIGEST_REQUESTS_IN_FLIGHT, READ_CHUNK_BYTES, TARG
 import { MobilityError } from '../errors.js';
 import { Encoding, encodeMessage, type Ack, type BlockRef, type DigestReply } from '../protocol/frame-codec.js';
 import type { Connection } from '../transport/client.js';
-import { encodeBlock, encodeBound } from '../protocol/block-codec.js';
+import { encodeBlock, encodeBound, shouldCompress, type CompressMode } from '../protocol/block-codec.js';
 import { digest, pageDigests } from '../protocol/digest.js';
 import { DigestMap } from './digest-map.js';
 import { ChunkReader, type DiskSource } from './disk-source.js';
@@ -34,6 +34,8 @@ export interface PassStats {
   /** Wire bytes of data frames (headers + payloads). */
   bytesSent: number;
   zeroBlocks: number;
+  /** Blocks sent lz4-compressed (with compress auto: while the link was the bottleneck). */
+  lz4Blocks: number;
   /** Ranges where source and replica differ (verify and resync). */
   mismatches: { offset: number; length: number }[];
   mismatchBytes: number;
@@ -49,7 +51,8 @@ export interface PassOptions {
   diskIndex: number;
   blockSize: number;
   pageSize: number;
-  compress: boolean;
+  /** lz4 per block: see CompressMode (auto = only while the connection's link is backlogged). */
+  compress: CompressMode;
   /** Persist the map (throttled by the caller). Called after acks. */
   onMapChanged?: () => void;
   /** The target made these blocks durable (continuous shipping settles them in the dirty journal). */
@@ -58,7 +61,7 @@ export interface PassOptions {
 }
 
 export class SourcePass {
-  readonly stats: PassStats = { bytesScanned: 0, blocksSent: 0, pagesSent: 0, bytesChanged: 0, bytesSent: 0, zeroBlocks: 0, mismatches: [], mismatchBytes: 0 };
+  readonly stats: PassStats = { bytesScanned: 0, blocksSent: 0, pagesSent: 0, bytesChanged: 0, bytesSent: 0, zeroBlocks: 0, lz4Blocks: 0, mismatches: [], mismatchBytes: 0 };
   private cursorBlock = 0;
   private inflight = new Map<number, InFlight>();
   private seq = 0;
@@ -145,6 +148,7 @@ export class SourcePass {
     this.stats.blocksSent++;
     this.stats.pagesSent += mask ? mask.length : pagesInBlock;
     if (enc === Encoding.ZERO && !mask) this.stats.zeroBlocks++;
+    if (enc === Encoding.LZ4) this.stats.lz4Blocks++;
   }
 
   private async flush(conn: Connection): Promise<void> {
@@ -186,7 +190,7 @@ export class SourcePass {
     }
     // A RAW payload may alias the reader's chunk buffer: safe because every chunk's
     // frames are flushed (copied into a message) before the reader reuses that buffer.
-    const enc = encodeBlock(body, this.o.compress, this.scratch);
+    const enc = encodeBlock(body, shouldCompress(this.o.compress, () => conn.linkBusy()), this.scratch);
     this.addBlock(index, enc.encoding, enc.payload, mask, data, digs, pagesInBlock);
     if (this.payloadBytes >= TARGET_FRAME_PAYLOAD || this.blocks.length >= 512) await this.flush(conn);
   }

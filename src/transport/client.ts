@@ -7,7 +7,7 @@
  */
 import { EventEmitter } from 'node:events';
 import WebSocket from 'ws';
-import { HEARTBEAT_MAX_MISSED, PROTOCOL_VERSION, WS_MAX_PAYLOAD } from '../constants.js';
+import { HEARTBEAT_MAX_MISSED, LINK_BACKLOG_BYTES, PEER_BUSY_PCT, PROTOCOL_VERSION, WS_MAX_PAYLOAD } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import { decodeMessage, encodeMessage, type Ack, type CutAck, type CutRequest, type DecodedFrame, type ReadReply, type DigestReply, type Hello, type Welcome } from '../protocol/frame-codec.js';
 import { normalizeFingerprint } from './tls.js';
@@ -37,8 +37,15 @@ export declare interface Connection {
   on(event: 'readReply', l: (r: ReadReply, payload: Buffer) => void): this;
 }
 
+/** The rule behind Connection.linkBusy (see there), apart for its tests. */
+export function linkIsBottleneck(s: { limited: boolean; backlogBytes: number; peerBusyPct: number }): boolean {
+  return s.limited || (s.backlogBytes >= LINK_BACKLOG_BYTES && s.peerBusyPct < PEER_BUSY_PCT);
+}
+
 export class Connection extends EventEmitter {
   private credit = 0;
+  /** The server's event-loop utilization from its latest Ack (0 until one arrives or from an older server). */
+  private peerBusyPct = 0;
   private creditWaiters: (() => void)[] = [];
   private closedErr: MobilityError | null = null;
   private lastRecv = Date.now();
@@ -60,6 +67,10 @@ export class Connection extends EventEmitter {
     const ws = new WebSocket(opts.url, {
       maxPayload: WS_MAX_PAYLOAD,
       perMessageDeflate: false,
+      // RFC 6455 masking guards caching proxies against script-built frames from browsers; this
+      // client is not a browser and every byte is inside TLS, so an all-zero key (which ws treats
+      // as "no XOR pass" on both ends) saves a pass over every byte sent.
+      generateMask: (mask: Buffer) => { mask.fill(0); },
       handshakeTimeout: opts.connectTimeoutMs ?? 10_000,
       ...(secure ? { ca: opts.ca, rejectUnauthorized: opts.ca !== undefined, cert: opts.cert, key: opts.key } : {}),
     });
@@ -155,6 +166,7 @@ export class Connection extends EventEmitter {
     switch (f.type) {
       case 'ack':
         this.credit += f.ack.creditBytes;
+        this.peerBusyPct = f.ack.busyPct ?? 0;
         this.wakeCredit();
         this.emit('ack', f.ack);
         return;
@@ -189,6 +201,17 @@ export class Connection extends EventEmitter {
     if (this.closedErr) throw this.closedErr;
     this.ws.send(buf);
     this.bytesSent += buf.length;
+  }
+
+  /**
+   * Whether the link is what holds shipping back (drives compress 'auto'): a bandwidth limit
+   * is set, or at least LINK_BACKLOG_BYTES wait in this side's socket beyond the kernel's
+   * buffers while the server says its event loop has time to spare. Bytes also pile up when
+   * the server is too busy to read its socket; lz4 would then only add decode work there and
+   * burn CPU here, on the protected machine, for no gain.
+   */
+  linkBusy(): boolean {
+    return linkIsBottleneck({ limited: this.limiter !== undefined, backlogBytes: this.ws.bufferedAmount, peerBusyPct: this.peerBusyPct });
   }
 
   /** Sends a data frame once enough credit (and rate-limit budget) is available. */

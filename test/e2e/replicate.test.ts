@@ -28,7 +28,7 @@ t.test('initial, incremental, lost map, corrupted replica, verify', async (t) =>
     return JSON.parse(r.stdout) as { disks: { kind: string; reason: string; stats: { blocksSent: number; pagesSent: number; bytesSent: number; bytesChanged: number; zeroBlocks: number; mismatches: { offset: number; length: number }[] } }[] };
   };
 
-  const first = await run(args());
+  const first = await run(args(['--compress', 'always']));
   t.equal(first.disks[0].kind, 'initial');
   t.equal(first.disks[0].stats.blocksSent, BLOCKS, 'initial pass ships every block once');
   t.ok(first.disks[0].stats.zeroBlocks > BLOCKS / 8, 'zero blocks travel as flags');
