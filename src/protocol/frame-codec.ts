@@ -89,8 +89,11 @@ function num(v: unknown): number {
 
 const EMPTY = Buffer.alloc(0);
 
-/** Encodes a frame. `payload` may be several buffers; they are copied once into the message. */
-export function encodeMessage(body: FrameBody, payload: Buffer | Buffer[] = EMPTY): Buffer {
+/**
+ * Encodes a frame. `payload` may be several buffers; they are copied once into the message.
+ * `alloc` supplies the message buffer (at least n bytes; the result is its first n bytes).
+ */
+export function encodeMessage(body: FrameBody, payload: Buffer | Buffer[] = EMPTY, alloc?: (n: number) => Buffer): Buffer {
   const { type, ...rest } = body as FrameBody & Record<string, unknown>;
   let msg = (rest as Record<string, unknown>)[type];
   // fixed64 digests travel as bigints in our types; protobufjs takes decimal strings
@@ -99,7 +102,8 @@ export function encodeMessage(body: FrameBody, payload: Buffer | Buffer[] = EMPT
   const parts = Array.isArray(payload) ? payload : [payload];
   let payloadLen = 0;
   for (const p of parts) payloadLen += p.length;
-  const out = Buffer.allocUnsafe(4 + header.length + payloadLen);
+  const total = 4 + header.length + payloadLen;
+  const out = alloc ? alloc(total).subarray(0, total) : Buffer.allocUnsafe(total);
   out.writeUInt32BE(header.length, 0);
   out.set(header, 4);
   let o = 4 + header.length;

@@ -17,11 +17,15 @@ import { DIGEST_REQUEST_PAGES, DIGEST_REQUESTS_IN_FLIGHT, READ_CHUNK_BYTES, TARG
 import { MobilityError } from '../errors.js';
 import { Encoding, encodeMessage, type Ack, type BlockRef, type DigestReply } from '../protocol/frame-codec.js';
 import type { Connection } from '../transport/client.js';
+import { BufferPool } from '../util/buffer-pool.js';
 import { encodeBlock, encodeBound, shouldCompress, type CompressMode } from '../protocol/block-codec.js';
 import { digest, pageDigests } from '../protocol/digest.js';
 import { DigestMap } from './digest-map.js';
 import { ChunkReader, type DiskSource } from './disk-source.js';
 import { blockRuns, type BlockRun } from './spool.js';
+
+/** Idle data-frame buffers a pass keeps (each about 2 MiB at the default block size). */
+const MSG_POOL_KEEP = 6;
 
 export type PassKind = 'initial' | 'incremental' | 'resync' | 'verify';
 
@@ -75,10 +79,14 @@ export class SourcePass {
 
   /** Reused lz4 output buffer (encodeBlock copies what it keeps). */
   private readonly scratch: Buffer;
+  /** Data frame buffers, reused once written (see util/buffer-pool.ts). */
+  private readonly msgPool: BufferPool;
 
   constructor(readonly kind: PassKind, private readonly src: DiskSource, readonly map: DigestMap, private readonly o: PassOptions) {
     this.pagesPerBlock = o.blockSize / o.pageSize;
     this.scratch = Buffer.allocUnsafe(encodeBound(o.blockSize));
+    // a frame is at most TARGET_FRAME_PAYLOAD plus one (possibly incompressible) block, plus its header
+    this.msgPool = new BufferPool(TARGET_FRAME_PAYLOAD + encodeBound(o.blockSize) + 64 * 1024, MSG_POOL_KEEP);
     map.useBlockSize(o.blockSize);
   }
 
@@ -154,7 +162,8 @@ export class SourcePass {
   private async flush(conn: Connection): Promise<void> {
     if (!this.blocks.length) return;
     const seq = ++this.seq;
-    const msg = encodeMessage({ type: 'data', data: { disk: this.o.diskIndex, seq, blocks: this.blocks } }, this.payloads);
+    let base: Buffer | null = null;
+    const msg = encodeMessage({ type: 'data', data: { disk: this.o.diskIndex, seq, blocks: this.blocks } }, this.payloads, (n) => (base = this.msgPool.take(n)));
     this.inflight.set(seq, { firstBlock: this.frameFirstBlock, entries: this.entries });
     this.blocks = [];
     this.payloads = [];
@@ -162,7 +171,8 @@ export class SourcePass {
     this.entries = [];
     this.frameFirstBlock = -1;
     this.stats.bytesSent += msg.length;
-    await conn.sendData(msg);
+    // the message buffer goes back to the pool once the socket has written it
+    await conn.sendData(msg, () => { if (base) this.msgPool.give(base); });
   }
 
   private discardFrame(): void {

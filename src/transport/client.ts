@@ -214,8 +214,8 @@ export class Connection extends EventEmitter {
     return linkIsBottleneck({ limited: this.limiter !== undefined, backlogBytes: this.ws.bufferedAmount, peerBusyPct: this.peerBusyPct });
   }
 
-  /** Sends a data frame once enough credit (and rate-limit budget) is available. */
-  async sendData(buf: Buffer): Promise<void> {
+  /** Sends a data frame once enough credit (and rate-limit budget) is available; `written` runs once the socket is done with buf (also when it failed), not at all if buf never went out. */
+  async sendData(buf: Buffer, written?: () => void): Promise<void> {
     while (this.credit < buf.length) {
       if (this.closedErr) throw this.closedErr;
       await new Promise<void>((r) => this.creditWaiters.push(r));
@@ -223,7 +223,10 @@ export class Connection extends EventEmitter {
     if (this.limiter) await this.limiter.take(buf.length);
     if (this.closedErr) throw this.closedErr;
     this.credit -= buf.length;
-    this.send(buf);
+    if (written) {
+      this.ws.send(buf, () => written());
+      this.bytesSent += buf.length;
+    } else this.send(buf);
   }
 
   /** Closes with the given reason (or normally). Idempotent; emits 'close' once. */
