@@ -565,7 +565,9 @@ async function main(): Promise<void> {
     say(`\n[timed] ${RUNS} round(s), direct to Azurite: ours (replicate, initial) and peer (direct upload), in turn first; dirty pages written out (sync) before each run`);
     // the previous run's 2 GiB of dirty pages would otherwise be written back (and throttle
     // writers) during the next run: whichever ran second paid for the first
-    const flushed = () => new Promise<void>((resolve) => { execFile('sync', () => resolve()); });
+    const flushed = () => new Promise<void>((resolve, reject) => {
+      execFile('sync', (err) => (err ? reject(new Error(`sync failed: ${err.message}`)) : resolve()));
+    });
     const timed = {
       ours: [] as OursRun[], peer: [] as PeerRun[], server: [] as (Resources | null)[], waitedForQuietMs: [] as number[],
       /** Rounds repeated because other processes were busy during them (not in the medians). */
@@ -574,10 +576,10 @@ async function main(): Promise<void> {
     for (let r = 1; timed.ours.length < RUNS; r++) {
       const waited = await quiet();
       // alternate who goes first: a warming Azurite (JIT, its metadata store) or leftover I/O
-      // favours neither side
+      // favours neither side (by kept rounds, so a repeated round does not upset the turns)
       let o: Awaited<ReturnType<typeof runOurs>>;
       let p: Awaited<ReturnType<typeof runPeer>>;
-      if (r % 2 === 1) {
+      if (timed.ours.length % 2 === 0) {
         await flushed();
         o = await runOurs(`ours-r${r}`, directUrl, false);
         await flushed();

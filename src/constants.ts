@@ -24,11 +24,11 @@ export const MAX_FRAME_BYTES = 8 * MiB;
 export const MAX_HEADER_BYTES = 256 * KiB;
 /** Hard ceiling handed to ws: above it ws closes with 1009 before buffering. */
 export const WS_MAX_PAYLOAD = 2 * MAX_FRAME_BYTES;
-/** Credit window the server grants: bounds bytes in flight and buffered on both sides. */
 /** Bytes waiting in the agent's socket beyond the kernel's buffer from which the link counts as the bottleneck (compress auto). */
 export const LINK_BACKLOG_BYTES = 2 * MiB;
-/** Server event-loop utilization (percent) from which a socket backlog counts as the server's, not the link's. */
+/** Server load (Ack busy_pct: event-loop utilization or host CPU, percent) from which a socket backlog counts as the server's, not the link's. */
 export const PEER_BUSY_PCT = 50;
+/** Credit window the server grants: bounds bytes in flight and buffered on both sides. */
 export const CREDIT_WINDOW_BYTES = 32 * MiB;
 
 export const HEARTBEAT_MS = 5000;

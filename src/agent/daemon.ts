@@ -26,6 +26,7 @@ import { normalizeFingerprint } from '../transport/tls.js';
 import { loadAgentConfig, loadCredentials, type AgentConfig, type Credentials } from './config.js';
 import { collectInventory, readMachineId } from './inventory.js';
 import type { CutKind, Protector, ProtectEvent } from './protector.js';
+import type { CompressMode } from '../protocol/block-codec.js';
 import { runPreflight } from '../install/preflight.js';
 import { installIdOf } from '../util/installation.js';
 import { TracefsTracker, traceInstanceName } from '../source/tracker/tracefs.js';
@@ -44,6 +45,8 @@ const TRACE_INSTANCE_FILE = 'trace-instance';
 
 interface Policy {
   name: string; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number;
+  /** Absent from older servers: then compress true means auto. */
+  compressMode?: CompressMode;
   /** Absent from servers older than the setting: the protector's default. */
   freezeLimitMs?: number; spoolBudgetBytes?: number;
 }
@@ -308,7 +311,7 @@ export class AgentDaemon {
   private key(a: Assignments | null): string {
     if (!a || a.disks.length === 0) return '';
     const p = a.policy;
-    return JSON.stringify([a.disks.map((d) => [d.diskId, d.device]).sort(), p.crashIntervalMs, p.appIntervalMs, p.compress, p.bandwidthBytes, p.freezeLimitMs ?? null, p.spoolBudgetBytes ?? null]);
+    return JSON.stringify([a.disks.map((d) => [d.diskId, d.device]).sort(), p.crashIntervalMs, p.appIntervalMs, p.compressMode ?? p.compress, p.bandwidthBytes, p.freezeLimitMs ?? null, p.spoolBudgetBytes ?? null]);
   }
 
   private async reconcile(): Promise<void> {
@@ -347,14 +350,14 @@ export class AgentDaemon {
       }
       return;
     }
-    this.log.info('protecting', { disks: a.disks, policy: a.policy.name, freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes });
+    this.log.info('protecting', { disks: a.disks, policy: a.policy.name, compress: a.policy.compressMode ?? (a.policy.compress ? 'auto' : 'never'), freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes });
     const { Protector } = await import('./protector.js');
     const replicateUrl = new URL(this.cfg.server);
     replicateUrl.pathname = '/v1/replicate';
     const p = new Protector({
       serverUrl: replicateUrl.toString(), token: '', ca: this.creds.ca, pin: this.creds.identity.serverFingerprint, cert: this.creds.cert, key: this.creds.key,
       agentId, disks: a.disks.map((d) => ({ path: d.device, id: d.diskId })), stateDir: protectDir,
-      compress: a.policy.compress ? 'auto' : 'never', maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
+      compress: a.policy.compressMode ?? (a.policy.compress ? 'auto' : 'never'), maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
       appIntervalMs: a.policy.appIntervalMs || undefined, hooksDir: this.cfg.hooksDir, tracefsRoot: this.cfg.tracefsRoot,
       freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes,
       logger: this.log.child({ component: 'protect' }),

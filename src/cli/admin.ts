@@ -7,7 +7,7 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { DEFAULT_PORT } from '../constants.js';
 import { MobilityError } from '../errors.js';
-import { EXIT, parse, parseDuration, parseSize, readSecretFile, type Values } from './args.js';
+import { EXIT, compressMode, parse, parseDuration, parseSize, readSecretFile, type Values } from './args.js';
 import { api, fmtAge, type ApiConn } from './api-client.js';
 import { confirmDestructive } from './confirm.js';
 import { fmtBytes, table } from './progress.js';
@@ -58,7 +58,7 @@ Registered machines: connection, policy, protected disks, and the inventory the 
 reports (OS, kernel, CPU, memory, disks, IPs).
 `,
   policy: `Usage:
-  mobility policy create NAME [--rpo D] [--retention D] [--crash-interval D] [--app-interval D] [--no-compress] [--max-rate N]
+  mobility policy create NAME [--rpo D] [--retention D] [--crash-interval D] [--app-interval D] [--compress MODE] [--max-rate N]
                               [--freeze-limit D] [--spool-budget SIZE]
   mobility policy list
   mobility policy assign --machine M --policy NAME
@@ -69,8 +69,8 @@ A policy governs all the disks of a machine (they form one consistency group):
   --retention D       keep recovery points this long (default 24h)
   --crash-interval D  crash-consistent cuts (default 5m, at least 15s)
   --app-interval D    app-consistent cuts (default 1h; 0 = none)
-  --no-compress       ship blocks raw (default: lz4 while the network is the bottleneck
-                      or a --max-rate is set, raw when the link keeps up)
+  --compress MODE     auto (default): lz4 while the network is the bottleneck or a --max-rate
+                      is set, raw when the link keeps up; always; never (= --no-compress)
   --max-rate N        bandwidth limit in bytes/s (e.g. 50M; default unlimited)
   --freeze-limit D    longest freeze of a cut (default 10s, at least 100ms); past it the cut is
                       abandoned and retried
@@ -276,14 +276,14 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       const [sub, ...rest] = argv;
       const { values: v, positionals } = parse(rest, {
         ...CONN, rpo: { type: 'string' }, retention: { type: 'string' }, 'crash-interval': { type: 'string' }, 'app-interval': { type: 'string' },
-        'no-compress': { type: 'boolean' }, compress: { type: 'boolean' }, 'max-rate': { type: 'string' }, machine: { type: 'string' }, policy: { type: 'string' },
+        'no-compress': { type: 'boolean' }, compress: { type: 'string' }, 'max-rate': { type: 'string' }, machine: { type: 'string' }, policy: { type: 'string' },
         'freeze-limit': { type: 'string' }, 'spool-budget': { type: 'string' },
       }, true);
       if (v.help || !['create', 'list', 'assign'].includes(sub)) { process.stdout.write(HELP.policy); return v.help ? EXIT.OK : EXIT.USAGE; }
       const c = await adminConn(v);
-      type P = { name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number; freezeLimitMs?: number; spoolBudgetBytes?: number };
+      type P = { name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number; compress: boolean; compressMode?: string; bandwidthBytes: number; freezeLimitMs?: number; spoolBudgetBytes?: number };
       const fmt = (ps: P[]) => table([['POLICY', 'RPO ALERT', 'RETENTION', 'CRASH', 'APP', 'COMPRESS', 'MAX RATE', 'FREEZE LIMIT', 'SPOOL'],
-        ...ps.map((p) => [p.name, fmtAge(p.rpoThresholdMs), fmtAge(p.retentionMs), fmtAge(p.crashIntervalMs), p.appIntervalMs ? fmtAge(p.appIntervalMs) : 'off', p.compress ? 'auto' : 'never', p.bandwidthBytes ? `${fmtBytes(p.bandwidthBytes)}/s` : 'unlimited',
+        ...ps.map((p) => [p.name, fmtAge(p.rpoThresholdMs), fmtAge(p.retentionMs), fmtAge(p.crashIntervalMs), p.appIntervalMs ? fmtAge(p.appIntervalMs) : 'off', p.compressMode ?? (p.compress ? 'auto' : 'never'), p.bandwidthBytes ? `${fmtBytes(p.bandwidthBytes)}/s` : 'unlimited',
           // an older server sends neither
           p.freezeLimitMs === undefined ? '-' : fmtAge(p.freezeLimitMs), p.spoolBudgetBytes === undefined ? '-' : fmtBytes(p.spoolBudgetBytes)])]);
       if (sub === 'list') {
@@ -294,7 +294,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
         if (!name) throw new MobilityError('MOB_ERR_USAGE', 'policy create needs a NAME');
         const j = await api(c, 'POST', '/v1/policies', {
           name, rpoThresholdMs: durOpt(v, 'rpo'), retentionMs: durOpt(v, 'retention'), crashIntervalMs: durOpt(v, 'crash-interval'), appIntervalMs: durOpt(v, 'app-interval'),
-          compress: v['no-compress'] ? false : v.compress ? true : undefined, bandwidthBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
+          compress: compressMode(v, undefined), bandwidthBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
           freezeLimitMs: durOpt(v, 'freeze-limit'), spoolBudgetBytes: v['spool-budget'] ? parseSize(v['spool-budget'] as string) : undefined,
         });
         out(v, j, () => fmt([j.policy as P]));

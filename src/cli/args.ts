@@ -7,6 +7,7 @@
 import fsp from 'node:fs/promises';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { MobilityError, type ErrorCode } from '../errors.js';
+import { parseCompressMode, type CompressMode } from '../protocol/block-codec.js';
 
 export const EXIT = { OK: 0, ERROR: 1, USAGE: 2, CONFIG: 3, AUTH: 4, UNREACHABLE: 5, MISMATCH: 6, INTERRUPTED: 130 } as const;
 
@@ -75,4 +76,12 @@ export async function readSecretFile(file: string | undefined, what: string): Pr
     if (err instanceof MobilityError) throw err;
     throw new MobilityError('MOB_ERR_CONFIG', `cannot read ${file}: ${(err as Error).message}`);
   }
+}
+
+/** --compress MODE / --no-compress (= never); `fallback` when neither is given. */
+export function compressMode(v: Values): CompressMode;
+export function compressMode(v: Values, fallback: undefined): CompressMode | undefined;
+export function compressMode(v: Values, fallback: CompressMode | undefined = 'auto'): CompressMode | undefined {
+  if (v['no-compress'] && v.compress !== undefined && v.compress !== 'never') throw new MobilityError('MOB_ERR_USAGE', '--no-compress contradicts --compress ' + String(v.compress));
+  return v['no-compress'] ? 'never' : v.compress === undefined ? fallback : parseCompressMode(v.compress as string);
 }

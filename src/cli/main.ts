@@ -9,8 +9,7 @@ import { DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import { defaultAgentId, replicate, type DiskResult, type ReplicateMode } from '../agent/replicator.js';
-import { EXIT, exitCodeFor, parse, parseDuration, parseSize, type Values } from './args.js';
-import { parseCompressMode, type CompressMode } from '../protocol/block-codec.js';
+import { EXIT, compressMode, exitCodeFor, parse, parseDuration, parseSize, type Values } from './args.js';
 import { api, apiStream, connOptions, fmtAge, type ApiConn } from './api-client.js';
 import { ProgressReporter, fmtBytes, table } from './progress.js';
 
@@ -290,11 +289,6 @@ function parseBlockSize(v: Values): number {
     throw new MobilityError('MOB_ERR_USAGE', `--block-size must be a multiple of ${PAGE_SIZE / 1024}K between ${MIN_BLOCK_SIZE / 1024}K and ${MAX_BLOCK_SIZE / 1024}K`);
   }
   return blockSize;
-}
-
-function compressMode(v: Values): CompressMode {
-  if (v['no-compress'] && v.compress !== undefined && v.compress !== 'never') throw new MobilityError('MOB_ERR_USAGE', '--no-compress contradicts --compress ' + String(v.compress));
-  return v['no-compress'] ? 'never' : v.compress === undefined ? 'auto' : parseCompressMode(v.compress as string);
 }
 
 async function cmdProtect(argv: string[]): Promise<number> {

@@ -26,7 +26,7 @@ export interface DiskState { diskId: string; lastDurableSeq: number; generation:
 export interface Welcome { protocolVersion: number; sessionId: string; disks: DiskState[]; creditBytes: number; maxFrameBytes: number; heartbeatMs: number }
 export interface BlockRef { index: number; encoding: Encoding; length: number; pageMask: Uint8Array; digest: Uint8Array }
 export interface Data { disk: number; seq: number; blocks: BlockRef[] }
-/** busyPct: the server's event-loop utilization in percent when it sent the ack (0 = not reported). */
+/** busyPct: the server's load in percent when it sent the ack, the larger of its event-loop utilization and host CPU use (0 = not reported). */
 export interface Ack { disk: number; seq: number; creditBytes: number; busyPct?: number }
 export interface ErrorBody { code: string; message: string; retryable: boolean }
 export interface Heartbeat { sentAtMs: number; reply: boolean }

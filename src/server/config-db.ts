@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import Database from 'better-sqlite3';
 import { MobilityError } from '../errors.js';
+import type { CompressMode } from '../protocol/block-codec.js';
 
 export const MIGRATIONS: string[] = [
   // 1: initial schema
@@ -66,7 +67,11 @@ export const MIGRATIONS: string[] = [
 
 export interface Policy {
   name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number;
-  compress: boolean; bandwidthBytes: number;
+  /** Whether the agent may compress (compressMode is not 'never'); kept for older agents and clients. */
+  compress: boolean;
+  /** The agent's --compress mode: stored as 0 never, 1 auto (what "compress" meant before modes), 2 always. */
+  compressMode: CompressMode;
+  bandwidthBytes: number;
   /** Longest freeze of a cut (ms). */
   freezeLimitMs: number;
   /** Most a cut reads into its spool while frozen (bytes). */
@@ -89,13 +94,17 @@ export interface PushAccount { name: string; user: string; kind: 'key' | 'passwo
 
 const now = () => new Date().toISOString();
 
+/** The policies table's compress column, by value. */
+const COMPRESS_MODES: CompressMode[] = ['never', 'auto', 'always'];
+
 /** Thrown inside a transaction to roll it back as a registration conflict. */
 class ConflictAbort extends Error {}
 
 function rowToPolicy(r: Record<string, unknown>): Policy {
   return {
     name: r.name as string, rpoThresholdMs: r.rpo_threshold_ms as number, retentionMs: r.retention_ms as number,
-    crashIntervalMs: r.crash_interval_ms as number, appIntervalMs: r.app_interval_ms as number, compress: r.compress === 1,
+    crashIntervalMs: r.crash_interval_ms as number, appIntervalMs: r.app_interval_ms as number,
+    compress: r.compress !== 0, compressMode: COMPRESS_MODES[r.compress as number] ?? 'auto',
     bandwidthBytes: r.bandwidth_bytes as number, freezeLimitMs: r.freeze_limit_ms as number, spoolBudgetBytes: r.spool_budget_bytes as number,
     createdAt: r.created_at as string,
   };
@@ -212,13 +221,13 @@ export class ConfigDb {
     return rowToPolicy(r);
   }
   /** Creates or replaces a policy. */
-  putPolicy(p: Omit<Policy, 'createdAt'>): Policy {
+  putPolicy(p: Omit<Policy, 'createdAt' | 'compress'>): Policy {
     this.db.prepare(`INSERT INTO policies (name, rpo_threshold_ms, retention_ms, crash_interval_ms, app_interval_ms, compress, bandwidth_bytes, freeze_limit_ms, spool_budget_bytes, created_at)
       VALUES (@name, @rpo, @ret, @crash, @app, @compress, @bw, @freeze, @spool, @at)
       ON CONFLICT(name) DO UPDATE SET rpo_threshold_ms = @rpo, retention_ms = @ret, crash_interval_ms = @crash, app_interval_ms = @app, compress = @compress, bandwidth_bytes = @bw,
         freeze_limit_ms = @freeze, spool_budget_bytes = @spool`)
       .run({
-        name: p.name, rpo: p.rpoThresholdMs, ret: p.retentionMs, crash: p.crashIntervalMs, app: p.appIntervalMs, compress: p.compress ? 1 : 0, bw: p.bandwidthBytes,
+        name: p.name, rpo: p.rpoThresholdMs, ret: p.retentionMs, crash: p.crashIntervalMs, app: p.appIntervalMs, compress: COMPRESS_MODES.indexOf(p.compressMode), bw: p.bandwidthBytes,
         freeze: p.freezeLimitMs, spool: p.spoolBudgetBytes, at: now(),
       });
     return this.getPolicy(p.name);

@@ -203,7 +203,7 @@ export class Session {
         if (!['initial', 'incremental', 'resync'].includes(kind)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `unknown pass kind ${kind}`);
         await d.store.endPass(kind, frame.passEnd.seq);
         this.log.info('pass complete', { agent: this.agentId, disk: d.diskId, kind, seq: frame.passEnd.seq });
-        this.send(encodeMessage({ type: 'ack', ack: { disk: frame.passEnd.disk, seq: frame.passEnd.seq, creditBytes: 0 } }));
+        this.send(encodeMessage({ type: 'ack', ack: { disk: frame.passEnd.disk, seq: frame.passEnd.seq, creditBytes: 0, busyPct: this.server.busyPct() } }));
         return;
       }
       case 'cut':

@@ -44,7 +44,7 @@ export function linkIsBottleneck(s: { limited: boolean; backlogBytes: number; pe
 
 export class Connection extends EventEmitter {
   private credit = 0;
-  /** The server's event-loop utilization from its latest Ack (0 until one arrives or from an older server). */
+  /** The server's load from its latest Ack that reported one (busy_pct; 0 until then, or with an older server). */
   private peerBusyPct = 0;
   private creditWaiters: (() => void)[] = [];
   private closedErr: MobilityError | null = null;
@@ -166,7 +166,8 @@ export class Connection extends EventEmitter {
     switch (f.type) {
       case 'ack':
         this.credit += f.ack.creditBytes;
-        this.peerBusyPct = f.ack.busyPct ?? 0;
+        // 0 means not reported (an older server): the last figure stands
+        if (f.ack.busyPct) this.peerBusyPct = f.ack.busyPct;
         this.wakeCredit();
         this.emit('ack', f.ack);
         return;

@@ -12,6 +12,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
+import { EXIT } from '../../src/cli/args.js';
 import { CLI_PATH } from '../../src/server/spawn.js';
 import { cleanup, runCli, startServer, stopGently, tmpDir, traceInstancesOf, waitFor } from '../helpers.js';
 
@@ -64,14 +65,17 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   t.equal(Number(fs.readFileSync(pidFile, 'utf8')), agent.pid, 'pid file');
 
   const fast = await cli(['policy', 'create', 'fast', ...conn, '--rpo', '1m', '--retention', '2h', '--crash-interval', '15s', '--app-interval', '0',
-    '--freeze-limit', '5s', '--spool-budget', '64M', '--json']);
+    '--freeze-limit', '5s', '--spool-budget', '64M', '--compress', 'always', '--json']);
   t.equal(fast.code, 0, fast.stderr);
-  t.match(JSON.parse(fast.stdout).policy, { freezeLimitMs: 5000, spoolBudgetBytes: 64 * 1024 * 1024 }, 'the freeze bound and the spool budget are policy settings');
+  t.match(JSON.parse(fast.stdout).policy, { freezeLimitMs: 5000, spoolBudgetBytes: 64 * 1024 * 1024, compressMode: 'always', compress: true }, 'the freeze bound, the spool budget and the compress mode are policy settings');
+  const badMode = await cli(['policy', 'create', 'fast', ...conn, '--compress', 'lz4']);
+  t.equal(badMode.code, EXIT.USAGE, 'an unknown compress mode is a usage error');
   const en = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop, '--disk-id', 'd1', '--policy', 'fast']);
   t.equal(en.code, 0, en.stderr);
   await waitFor(() => /"message":"protecting".*"policy":"fast"/.test(err), LONG, 'protection under policy fast');
   const protecting = err.split('\n').find((l) => l.includes('"message":"protecting"')) ?? '';
-  t.ok(protecting.includes('"freezeLimitMs":5000') && protecting.includes('"spoolBudgetBytes":67108864'), `the agent protects with the policy's freeze bound and spool budget: ${protecting}`);
+  t.ok(protecting.includes('"freezeLimitMs":5000') && protecting.includes('"spoolBudgetBytes":67108864') && protecting.includes('"compress":"always"'),
+    `the agent protects with the policy's freeze bound, spool budget and compress mode: ${protecting}`);
   await waitFor(() => fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId, 'points.json')), LONG, 'a recovery point');
   const size = fs.statSync(img).size;
   t.equal(sh('sh', ['-c', `head -c ${size} ${path.join(server.info.dataDir, 'replicas', agentId, 'd1', 'replica.img')} | sha256sum`]),

@@ -58,7 +58,7 @@ t.test('a new database: schema version, file modes, default policy', async (t) =
   t.same(db.listPushAccounts(), [], 'no push accounts');
 
   // a write reaches the WAL, which must not be world-readable either
-  db.putPolicy({ name: 'p', rpoThresholdMs: 1000, retentionMs: 60_000, crashIntervalMs: 15_000, appIntervalMs: 0, compress: false, bandwidthBytes: 1, freezeLimitMs: 10_000, spoolBudgetBytes: 1 << 28 });
+  db.putPolicy({ name: 'p', rpoThresholdMs: 1000, retentionMs: 60_000, crashIntervalMs: 15_000, appIntervalMs: 0, compressMode: 'never', bandwidthBytes: 1, freezeLimitMs: 10_000, spoolBudgetBytes: 1 << 28 });
   for (const f of ['config.db-wal', 'config.db-shm']) {
     const file = path.join(dir, f);
     t.ok(fs.existsSync(file), `${f} exists (WAL journal)`);
@@ -69,15 +69,18 @@ t.test('a new database: schema version, file modes, default policy', async (t) =
 t.test('policies: put, get, replace, unknown', async (t) => {
   const db = ConfigDb.open(await tmpDir(t));
   t.teardown(() => db.close());
-  const p = { name: 'gold', rpoThresholdMs: 60_000, retentionMs: 7 * 86_400_000, crashIntervalMs: 30_000, appIntervalMs: 900_000, compress: false, bandwidthBytes: 10_000_000, freezeLimitMs: 2_000, spoolBudgetBytes: 64 << 20 };
+  const p = { name: 'gold', rpoThresholdMs: 60_000, retentionMs: 7 * 86_400_000, crashIntervalMs: 30_000, appIntervalMs: 900_000, compressMode: 'never' as const, bandwidthBytes: 10_000_000, freezeLimitMs: 2_000, spoolBudgetBytes: 64 << 20 };
   const saved = db.putPolicy(p);
   t.match(saved, p, 'putPolicy returns the stored policy');
   t.same(db.getPolicy('gold'), saved, 'getPolicy round trip');
-  t.equal(typeof db.getPolicy('gold').compress, 'boolean', 'compress comes back as a boolean');
+  t.equal(saved.compress, false, 'compress (for older agents) is false for never');
 
-  const replaced = db.putPolicy({ ...p, rpoThresholdMs: 120_000, compress: true });
+  const replaced = db.putPolicy({ ...p, rpoThresholdMs: 120_000, compressMode: 'always' });
   t.equal(replaced.rpoThresholdMs, 120_000, 'putPolicy replaces an existing policy');
+  t.equal(replaced.compressMode, 'always', 'each mode survives the round trip');
   t.equal(replaced.compress, true);
+  t.equal(db.putPolicy({ ...p, compressMode: 'auto' }).compressMode, 'auto');
+  t.equal(db.getPolicy('default').compressMode, 'auto', 'the default policy (compress 1 since the first schema) is auto');
   t.equal(replaced.createdAt, saved.createdAt, 'replacing keeps the creation time');
   t.same(db.listPolicies().map((x) => x.name), ['default', 'gold']);
 
@@ -212,7 +215,7 @@ t.test('a file that is not a database is refused with a code', async (t) => {
 t.test('reopening keeps the data and applies no migration again', async (t) => {
   const dir = await tmpDir(t);
   let db = ConfigDb.open(dir);
-  db.putPolicy({ name: 'gold', rpoThresholdMs: 60_000, retentionMs: 60_000, crashIntervalMs: 15_000, appIntervalMs: 0, compress: false, bandwidthBytes: 0, freezeLimitMs: 10_000, spoolBudgetBytes: 1 << 28 });
+  db.putPolicy({ name: 'gold', rpoThresholdMs: 60_000, retentionMs: 60_000, crashIntervalMs: 15_000, appIntervalMs: 0, compressMode: 'never', bandwidthBytes: 0, freezeLimitMs: 10_000, spoolBudgetBytes: 1 << 28 });
   db.putPolicy({ ...db.getPolicy('default'), rpoThresholdMs: 1234 });
   db.upsertAgent(agent('a1', 'aaaaaaaa11111111', 'h1'));
   db.setAgentPolicy('a1', 'gold');

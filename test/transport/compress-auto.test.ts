@@ -9,7 +9,7 @@ import { LINK_BACKLOG_BYTES, PEER_BUSY_PCT } from '../../src/constants.js';
 import { parseCompressMode, shouldCompress } from '../../src/protocol/block-codec.js';
 import { decodeMessage, encodeMessage } from '../../src/protocol/frame-codec.js';
 import { linkIsBottleneck } from '../../src/transport/client.js';
-import { LoopLoad } from '../../src/util/loop-load.js';
+import { LoopLoad, parseProcStat } from '../../src/util/loop-load.js';
 import { sha256File, writeSampleImage } from '../../src/util/sample-image.js';
 import { replicateArgs, runCli, startServer, tmpDir } from '../helpers.js';
 
@@ -39,6 +39,19 @@ t.test('the server load figure sees a busy event loop, and travels in the Ack', 
   t.match(ack, { type: 'ack', ack: { disk: 1, seq: 7, creditBytes: 9, busyPct: 63 } });
   const old = decodeMessage(encodeMessage({ type: 'ack', ack: { disk: 1, seq: 7, creditBytes: 9 } }));
   t.equal(old.type === 'ack' && old.ack.busyPct, 0, 'an Ack without the field (older server) reads as 0');
+});
+
+t.test('host CPU from /proc/stat: I/O wait and steal are spare capacity, not load', async (t) => {
+  const ioBound = parseProcStat('cpu  100 0 50 200 650 0 0 0 0 0\ncpu0 50 0 25 100 325 0 0 0 0 0\n');
+  t.same(ioBound, { busy: 150, total: 1000 }, 'a host waiting on its disk is 15 % busy, not 43 %');
+  t.same(parseProcStat('cpu  10 2 3 80 0 1 2 2\n'), { busy: 18, total: 100 });
+  t.same(parseProcStat('cpu  1 2 3 4\n'), { busy: 6, total: 10 }, 'older kernels with four fields');
+  t.equal(parseProcStat('intr 1 2 3\n'), null, 'no cpu line');
+  t.equal(parseProcStat('cpu  a b c d\n'), null, 'garbage');
+  const load = new LoopLoad();
+  await new Promise((r) => setTimeout(r, 300));
+  const idle = load.read();
+  t.ok(idle >= 1 && idle <= 100, `an idle window reads 1-100 (${idle}), never 0, which on the wire means "not reported"`);
 });
 
 t.test('replicate with each mode: auto compresses under a rate limit, never and always do what they say', async (t) => {

@@ -3,7 +3,8 @@
  *
  *   GET  /v1/machines                     registered machines, inventory, connection, policy, disks
  *   GET  /v1/policies                     replication policies
- *   POST /v1/policies                     {name, rpoThresholdMs?, retentionMs?, crashIntervalMs?, appIntervalMs?, compress?, bandwidthBytes?,
+ *   POST /v1/policies                     {name, rpoThresholdMs?, retentionMs?, crashIntervalMs?, appIntervalMs?, compress? (auto, always,
+ *                                          never; true = auto, false = never), bandwidthBytes?,
  *                                          freezeLimitMs?, spoolBudgetBytes?}
  *   POST /v1/policies/assign              {machine, policy}
  *   POST /v1/enable                       {machine, disk (device path on the machine), diskId?, policy?}
@@ -17,6 +18,7 @@ import path from 'node:path';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { ID_PATTERN } from '../../constants.js';
 import { MobilityError, isErrorCode } from '../../errors.js';
+import type { CompressMode } from '../../protocol/block-codec.js';
 import type { RecoveryPoint } from '../../target/catalog.js';
 import { readBody, send } from './http-util.js';
 import type { Policy } from '../config-db.js';
@@ -37,6 +39,14 @@ function ms(v: unknown, what: string, fallback: number, min = 0): number {
   if (v === undefined || v === null) return fallback;
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) throw new MobilityError('MOB_ERR_USAGE', `${what} must be an integer >= ${min}`);
   return v;
+}
+
+/** A policy's compress setting: a mode, or a boolean as older clients send it (true = auto). */
+function compressOpt(v: unknown, fallback: CompressMode): CompressMode {
+  if (v === undefined || v === null) return fallback;
+  if (typeof v === 'boolean') return v ? 'auto' : 'never';
+  if (v === 'auto' || v === 'always' || v === 'never') return v;
+  throw new MobilityError('MOB_ERR_USAGE', `compress must be auto, always or never (or a boolean), got ${JSON.stringify(v)}`);
 }
 
 export function diskIdFor(device: string): string {
@@ -190,7 +200,7 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
       const app = ms(b.appIntervalMs, 'appIntervalMs', base.appIntervalMs, 0);
       const p = db.putPolicy({
         name, rpoThresholdMs: ms(b.rpoThresholdMs, 'rpoThresholdMs', base.rpoThresholdMs, 1000), retentionMs: ms(b.retentionMs, 'retentionMs', base.retentionMs, 60_000),
-        crashIntervalMs: crash, appIntervalMs: app, compress: typeof b.compress === 'boolean' ? b.compress : base.compress,
+        crashIntervalMs: crash, appIntervalMs: app, compressMode: compressOpt(b.compress, base.compressMode),
         bandwidthBytes: ms(b.bandwidthBytes, 'bandwidthBytes', base.bandwidthBytes, 0),
         freezeLimitMs: ms(b.freezeLimitMs, 'freezeLimitMs', base.freezeLimitMs, 100),
         spoolBudgetBytes: ms(b.spoolBudgetBytes, 'spoolBudgetBytes', base.spoolBudgetBytes, 64 * 1024),
