@@ -146,25 +146,50 @@ export function preflightError(checks: PreflightCheck[]): MobilityError | null {
   return new MobilityError('MOB_ERR_PREFLIGHT', `${failed.length} of ${checks.length} preflight checks failed:\n${lines.join('\n')}`);
 }
 
-/** One line per check, in the order given: "ok    root  running as root" / "FAIL  tracefs  MOB_ERR_PRE_NO_TRACEFS: ... (fix: ...)". */
+/**
+ * One line per check, in the order given, each ending with a newline (so whatever is printed
+ * next starts a line of its own): "ok    root  running as root" / "FAIL  tracefs  MOB_ERR_PRE_NO_TRACEFS: ... (fix: ...)".
+ */
 export function formatPreflight(checks: PreflightCheck[]): string {
   return checks.map((c) => {
     const head = `${c.ok ? 'ok  ' : 'FAIL'}  ${c.id}  `;
     const body = c.ok ? c.message : `${c.code ?? 'MOB_ERR_PREFLIGHT'}: ${c.message}${c.fix ? ` (fix: ${c.fix})` : ''}`;
-    return (head + body.replace(/\n/g, ' ')).trimEnd();
-  }).join('\n');
+    return (head + body.replace(/\n/g, ' ')).trimEnd() + '\n';
+  }).join('');
 }
 
 // ---------------------------------------------------------------------------
 // host checks
 
+/** The effective uid, which the kernel's permission checks use (undefined off POSIX). */
+function euid(): number | undefined {
+  return process.geteuid?.() ?? process.getuid?.();
+}
+
 function checkRoot(): Promise<PreflightCheck> {
   const fix = 'run the installer and the agent as root (sudo)';
   return runCheck('root', 'MOB_ERR_PRE_NOT_ROOT', fix, async () => {
-    const uid = process.getuid?.();
+    const uid = euid();
     if (uid !== 0) throw new CheckFailure('MOB_ERR_PRE_NOT_ROOT', `running as uid ${uid ?? '?'}, not root: the agent reads block devices and tracefs`, fix);
     return 'running as root';
   });
+}
+
+/** What a refused system call was: "mkdir /sys/kernel/tracing/instances/x failed with EPERM". */
+function refusedCall(err: NodeJS.ErrnoException): string {
+  const what = err.syscall && err.path ? `${err.syscall} ${err.path}` : err.path ?? err.syscall ?? 'the operation';
+  return `${what} failed with ${err.code ?? 'an error'} (${err.code === 'EPERM' ? 'operation not permitted' : err.code === 'EACCES' ? 'permission denied' : err.message})`;
+}
+
+/** Why the kernel may refuse root here, as far as this machine tells: lockdown mode, a container. */
+async function rootRefusalHints(): Promise<string[]> {
+  const hints: string[] = [];
+  const lockdown = await fsp.readFile('/sys/kernel/security/lockdown', 'utf8').catch(() => '');
+  const mode = /\[(\w+)\]/.exec(lockdown)?.[1];
+  if (mode && mode !== 'none') hints.push(`the kernel is locked down (${mode})`);
+  const container = process.env.container !== undefined || (await exists('/.dockerenv').catch(() => false)) || (await exists('/run/.containerenv').catch(() => false));
+  if (container) hints.push('this looks like a container');
+  return hints;
 }
 
 function checkOs(): Promise<PreflightCheck> {
@@ -227,9 +252,16 @@ function checkTracefs(explicitRoot: string | undefined): Promise<PreflightCheck>
       return await probeTracefs(explicitRoot, mountFix);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      // tracefs is mode 0700: anyone but root sees EACCES, not a missing file
       if (code === 'EACCES' || code === 'EPERM') {
-        throw new CheckFailure('MOB_ERR_PRE_NOT_ROOT', `tracefs is not accessible: ${(err as Error).message}`, 'run the agent as root (sudo)');
+        // tracefs is mode 0700: anyone but root sees EACCES, not a missing file
+        if (euid() !== 0) throw new CheckFailure('MOB_ERR_PRE_NOT_ROOT', `tracefs is not accessible: ${(err as Error).message}`, 'run the agent as root (sudo)');
+        // root refused: running as root is not the fix; say what the kernel refused and why it may have
+        const hints = await rootRefusalHints();
+        throw new CheckFailure('MOB_ERR_PRE_NO_TRACEFS',
+          `tracefs refused root: ${refusedCall(err as NodeJS.ErrnoException)}${hints.length ? `; ${hints.join(', ')}` : ''}`,
+          'in a container, run it privileged, or with CAP_SYS_ADMIN and the host\'s tracefs mounted read-write (mount -t tracefs nodev /sys/kernel/tracing); '
+          + 'under kernel lockdown in confidentiality mode (cat /sys/kernel/security/lockdown) tracefs is closed to everyone: boot with lockdown=integrity (or none) where the kernel\'s configuration allows it; '
+          + 'otherwise a security module (SELinux, AppArmor) denies it: see the audit log');
       }
       throw err;
     }
@@ -444,7 +476,12 @@ function checkDisk(disk: string, maxDiskBytes: number): Promise<PreflightCheck> 
       await fh.close();
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'EACCES' || code === 'EPERM') throw new CheckFailure('MOB_ERR_PRE_NOT_ROOT', `cannot open ${disk} for reading (${code})`, 'run the agent as root (sudo)');
+      if (code === 'EACCES' || code === 'EPERM') {
+        if (euid() !== 0) throw new CheckFailure('MOB_ERR_PRE_NOT_ROOT', `cannot open ${disk} for reading (${code})`, 'run the agent as root (sudo)');
+        const hints = await rootRefusalHints();
+        throw new CheckFailure('MOB_ERR_PRE_DISK_NOT_FOUND', `${disk} cannot be opened by root: ${refusedCall(err as NodeJS.ErrnoException)}${hints.length ? `; ${hints.join(', ')}` : ''}`,
+          'in a container, give it the device (docker run --device, or a device cgroup rule allowing it); otherwise a security module (SELinux, AppArmor) denies it: see the audit log');
+      }
       throw notFound(`cannot open ${disk} for reading: ${(err as Error).message}`);
     }
     const size = await blockDeviceSize(disk, st.rdev);

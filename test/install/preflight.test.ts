@@ -10,7 +10,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { MobilityError } from '../../src/errors.js';
 import { ensureTlsIdentity } from '../../src/transport/tls.js';
 import { formatPreflight, preflightError, runPreflight, type PreflightCheck } from '../../src/install/preflight.js';
-import { tmpDir } from '../helpers.js';
+import { runCli, tmpDir } from '../helpers.js';
 
 // Runs as root against a real loop device, the real kernel tracefs and real
 // loopback HTTP(S) servers. A missing losetup or tracefs fails, never skips.
@@ -210,7 +210,9 @@ t.test('everything together; preflightError and formatPreflight', async (t) => {
   t.ok(all.every((c) => c.ok), formatPreflight(all));
   t.equal(preflightError(all), null, 'null when all ok');
   t.same(leftoverInstances(), []);
-  const okLines = formatPreflight(all).split('\n');
+  const okText = formatPreflight(all);
+  t.ok(okText.endsWith('\n'), 'every line ends with a newline, the last one too');
+  const okLines = okText.slice(0, -1).split('\n');
   t.equal(okLines.length, all.length, 'one line per check');
   t.match(okLines[0], /^ok {4}root {2}\S/);
 
@@ -227,11 +229,42 @@ t.test('everything together; preflightError and formatPreflight', async (t) => {
   for (const c of mixed.filter((x) => !x.ok)) {
     t.match(err?.message, `${c.id}: ${c.code}: ${c.message} (fix: ${c.fix})`, `lists ${c.code}`);
   }
-  const lines = formatPreflight(mixed).split('\n');
+  const lines = formatPreflight(mixed).slice(0, -1).split('\n');
   t.equal(lines.length, mixed.length, 'one line per check');
   const tracefsLine = lines.find((l) => l.includes(' tracefs '));
   t.match(tracefsLine, /^FAIL {2}tracefs {2}MOB_ERR_PRE_NO_TRACEFS: .* \(fix: mount -t tracefs/);
   t.match(lines.find((l) => l.includes(' root ')), /^ok {4}root {2}/);
+});
+
+t.test('as root, a refusal by the kernel is not "run as root": the path, the errno and the fixes', { skip: process.geteuid?.() !== 0 ? 'needs root' : false }, async (t) => {
+  // a tracefs-like root whose instances/ is sysfs: mkdir there is refused to root with EPERM,
+  // as tracefs is in a container without the capability or under kernel lockdown
+  const root = await tmpDir(t, 'fake-tracefs-');
+  await fsp.mkdir(path.join(root, 'events', 'block', 'block_rq_complete'), { recursive: true });
+  await fsp.writeFile(path.join(root, 'events', 'block', 'block_rq_complete', 'enable'), '0\n');
+  await fsp.symlink('/sys/kernel', path.join(root, 'instances'));
+  const [c] = await runPreflight({ stateDir: root, only: ['tracefs'], tracefsRoot: root });
+  t.equal(c.ok, false);
+  t.equal(c.code, 'MOB_ERR_PRE_NO_TRACEFS', 'not MOB_ERR_PRE_NOT_ROOT: the agent is root');
+  t.match(c.message, /tracefs refused root: mkdir .*instances\/mobility-preflight-\d+-\d+ failed with EPERM \(operation not permitted\)/, c.message);
+  t.notMatch(c.fix, /run the agent as root/);
+  t.match(c.fix, /container/);
+  t.match(c.fix, /CAP_SYS_ADMIN/);
+  t.match(c.fix, /lockdown/);
+  t.match(c.fix, /mount -t tracefs/);
+});
+
+t.test('mobility preflight: one line per check, the summary on a line of its own', async (t) => {
+  const stateDir = await tmpDir(t);
+  const r = await runCli(['preflight', '--state-dir', stateDir, '--disk', '/nonexistent/disk']).done;
+  t.equal(r.code, 3, 'a failed check: exit 3');
+  const lines = r.stdout.split('\n');
+  t.equal(lines.pop(), '', 'the output ends with a newline');
+  t.equal(lines.pop(), 'preflight: FAILED', 'the summary is the last line, alone');
+  t.ok(lines.length >= 5, 'a line per check before it');
+  for (const l of lines) t.match(l, /^(ok {4}|FAIL {2})\S+ {2}\S/, `a check line: ${l}`);
+  t.match(lines.find((l) => l.includes('disk:/nonexistent/disk')), /^FAIL {2}disk:\/nonexistent\/disk {2}MOB_ERR_PRE_DISK_NOT_FOUND: .*does not exist/);
+  t.match(r.stderr, /^MOBILITY-PREFLIGHT fail MOB_ERR_PRE_/m);
 });
 
 t.test('bad options throw MOB_ERR_USAGE', async (t) => {
