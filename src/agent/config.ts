@@ -11,20 +11,39 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { MobilityError } from '../errors.js';
 
+/**
+ * agent.json. docs/operations.md ("The agent's configuration file: agent.json") documents every
+ * key; test/agent/config.test.ts checks that the two agree (AGENT_CONFIG_KEYS).
+ */
 export interface AgentConfig {
   /** wss://host:port of the server. */
   server: string;
+  /** Absolute: credentials, identity, digest maps, tracking state. */
   stateDir: string;
+  /** JSON log lines, rotated at 10 MiB x 5 (default: stderr only). Read at start (a reload keeps the file). */
   logFile?: string;
   /** Server certificate fingerprint to pin at registration (otherwise learned by the passphrase proof). */
   pin?: string;
+  /** Where the machine id is read (default /etc/machine-id). */
   machineIdFile?: string;
   /** Inventory refresh interval (default 15 min). */
   inventoryIntervalMs?: number;
+  /** tracefs mount point (default /sys/kernel/tracing, else /sys/kernel/debug/tracing). */
   tracefsRoot?: string;
+  /** Hook scripts of app-consistent cuts: DIR/pre-freeze/*, DIR/frozen/*, DIR/post-thaw/* (default: none). */
   hooksDir?: string;
+  /** error, warn, info (default), http, verbose, debug, silly; a reload applies it. */
   logLevel?: string;
 }
+
+/** Every key of agent.json and its JSON type. Other keys are ignored (install.sh keeps them on upgrade). */
+export const AGENT_CONFIG_KEYS: Record<keyof AgentConfig, 'string' | 'number'> = {
+  server: 'string', stateDir: 'string', logFile: 'string', pin: 'string', machineIdFile: 'string',
+  inventoryIntervalMs: 'number', tracefsRoot: 'string', hooksDir: 'string', logLevel: 'string',
+};
+
+/** The log levels logLevel may name (winston's npm levels). */
+export const LOG_LEVELS = ['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly'] as const;
 
 export interface Identity { agentId: string; server: string; serverFingerprint: string; registeredAt: string }
 
@@ -43,8 +62,20 @@ export async function loadAgentConfig(file: string): Promise<AgentConfig> {
   } catch (err) {
     throw new MobilityError('MOB_ERR_CONFIG', `${file} is not JSON: ${(err as Error).message}`);
   }
+  if (c === null || typeof c !== 'object' || Array.isArray(c)) throw new MobilityError('MOB_ERR_CONFIG', `${file} is not a JSON object`);
   if (typeof c.server !== 'string' || !/^wss:\/\//.test(c.server)) throw new MobilityError('MOB_ERR_CONFIG', `${file}: "server" must be a wss:// URL`);
   if (typeof c.stateDir !== 'string' || !path.isAbsolute(c.stateDir)) throw new MobilityError('MOB_ERR_CONFIG', `${file}: "stateDir" must be an absolute path`);
+  for (const [k, type] of Object.entries(AGENT_CONFIG_KEYS)) {
+    const v = (c as Record<string, unknown>)[k];
+    if (v !== undefined && typeof v !== type) throw new MobilityError('MOB_ERR_CONFIG', `${file}: "${k}" must be a ${type}, not ${JSON.stringify(v)}`);
+  }
+  // setInterval takes at most 2^31-1 ms; a wrong value would refresh the inventory every millisecond
+  if (c.inventoryIntervalMs !== undefined && !(Number.isInteger(c.inventoryIntervalMs) && c.inventoryIntervalMs >= 1000 && c.inventoryIntervalMs <= 2 ** 31 - 1)) {
+    throw new MobilityError('MOB_ERR_CONFIG', `${file}: "inventoryIntervalMs" must be a whole number of milliseconds from 1000 to ${2 ** 31 - 1}, not ${c.inventoryIntervalMs}`);
+  }
+  if (c.logLevel !== undefined && !(LOG_LEVELS as readonly string[]).includes(c.logLevel)) {
+    throw new MobilityError('MOB_ERR_CONFIG', `${file}: "logLevel" must be one of ${LOG_LEVELS.join(', ')}, not ${JSON.stringify(c.logLevel)}`);
+  }
   return c as AgentConfig;
 }
 
