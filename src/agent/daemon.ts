@@ -22,7 +22,7 @@ import { WebSocket } from 'ws';
 import { AGENT_VERSION } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
-import { normalizeFingerprint } from '../transport/tls.js';
+import { isCertificateError, normalizeFingerprint } from '../transport/tls.js';
 import { loadAgentConfig, loadCredentials, type AgentConfig, type Credentials } from './config.js';
 import { collectInventory, readMachineId } from './inventory.js';
 import type { CutKind, Protector, ProtectEvent } from './protector.js';
@@ -237,7 +237,7 @@ export class AgentDaemon {
         }
       });
       ws.on('error', (err) => {
-        refused ??= /certificate|self.signed|unable to verify/i.test(err.message)
+        refused ??= isCertificateError(err)
           ? new MobilityError('MOB_ERR_TLS_PIN', `server certificate refused: ${err.message}`)
           : new MobilityError('MOB_ERR_UNREACHABLE', `control connection to ${u.host} failed: ${err.message}`);
       });

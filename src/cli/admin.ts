@@ -8,7 +8,7 @@ import path from 'node:path';
 import { DEFAULT_PORT } from '../constants.js';
 import { MobilityError } from '../errors.js';
 import { EXIT, compressMode, parse, parseDuration, parseSize, readSecretFile, type Values } from './args.js';
-import { api, fmtAge, type ApiConn } from './api-client.js';
+import { CONN_HELP, CONN_OPTIONS, api, fmtAge, serverConn } from './api-client.js';
 import { confirmDestructive } from './confirm.js';
 import { fmtBytes, table } from './progress.js';
 
@@ -20,11 +20,11 @@ The server creates it on first start in DATA-DIR/passphrase (mode 0600). rotate
 replaces it at once (a running server uses the new one for the next registration);
 registered agents keep working: they authenticate with their own certificates.
 `,
-  token: `Usage: mobility token create [--label TEXT] [--ttl D] (--data-dir DIR | --token-file F --ca F) [--server URL] [--json]
+  token: `Usage: mobility token create [--label TEXT] [--ttl D] (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
 
 Mints a one-time registration token (valid once, for --ttl, default 24h). Push install
 mints one per host itself; use this for installs you run by hand.
-`,
+${CONN_HELP}`,
   register: `Usage: mobility register --server wss://HOST:PORT (--passphrase-file F | --token-file F) (--config F | --state-dir DIR) [--pin SHA256] [--machine-id-file F] [--replace]
 
 Registers this machine's agent. The server proves it knows the secret before the
@@ -52,17 +52,17 @@ agent state, tracefs, and with --server the server port and clock skew; with --d
 disk (block device, size within limits). Exit 0 when all pass, 3 otherwise; every failure
 has a MOB_ERR_PRE_* code and says how to fix it.
 `,
-  machines: `Usage: mobility machines (--data-dir DIR | --token-file F --ca F) [--server URL] [--json]
+  machines: `Usage: mobility machines (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
 
 Registered machines: connection, policy, protected disks, and the inventory the agent
 reports (OS, kernel, CPU, memory, disks, IPs).
-`,
+${CONN_HELP}`,
   policy: `Usage:
   mobility policy create NAME [--rpo D] [--retention D] [--crash-interval D] [--app-interval D] [--compress MODE] [--max-rate N]
                               [--freeze-limit D] [--spool-budget SIZE]
   mobility policy list
   mobility policy assign --machine M --policy NAME
-(connection: --data-dir DIR | --token-file F --ca F; --server URL)
+(each with (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL])
 
 A policy governs all the disks of a machine (they form one consistency group):
   --rpo D             alert when the newest recovery point is older (default 15m)
@@ -77,13 +77,13 @@ A policy governs all the disks of a machine (they form one consistency group):
   --spool-budget SIZE most a cut reads into its spool while frozen (default 256M, at least 64K);
                       a larger remainder converges further before the next freeze
 Creating an existing policy updates it; the agents under it get the change at once.
-`,
-  enable: `Usage: mobility enable --machine M --disk DEV [--disk-id ID] [--policy NAME] (--data-dir DIR | --token-file F --ca F) [--server URL]
+${CONN_HELP}`,
+  enable: `Usage: mobility enable --machine M --disk DEV [--disk-id ID] [--policy NAME] (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL]
 
 Runs the preflight checks for DEV on the machine's agent, then assigns the disk: the agent
 starts its initial replication at once (pushed over its control connection).
-`,
-  disable: `Usage: mobility disable --machine M --disk ID|DEV [--keep-replica] [--yes] (--data-dir DIR | --token-file F --ca F) [--server URL] [--json]
+${CONN_HELP}`,
+  disable: `Usage: mobility disable --machine M --disk ID|DEV [--keep-replica] [--yes] (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
 
 Stops protecting the disk: the agent drops its tracking state, and the server deletes the
 replica, with the test-failover images made from it; disabling the machine's last disk
@@ -93,8 +93,8 @@ and asks; elsewhere it refuses (MOB_ERR_USAGE, exit 2, nothing changed) unless -
 --keep-replica only stops protection, keeps everything and does not ask. A failed-over
 machine (its promoted images are live disks) is refused with MOB_ERR_FAILED_OVER unless
 --keep-replica.
-`,
-  cut: `Usage: mobility cut --machine M [--kind crash|app] [--timeout D] (--data-dir DIR | --token-file F --ca F) [--server URL] [--json]
+${CONN_HELP}`,
+  cut: `Usage: mobility cut --machine M [--kind crash|app] [--timeout D] (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
 
 Asks the machine's agent for a consistency cut now (over its control connection) and waits
 until the recovery point is recorded: prints its id on stdout (details on stderr), or with
@@ -106,7 +106,7 @@ Fails with: MOB_ERR_UNKNOWN_MACHINE (3), MOB_ERR_NOT_PROTECTING (3: no disk enab
 protection is not running), MOB_ERR_AGENT_OFFLINE (5), MOB_ERR_FAILED_OVER (1), the cut's own
 code when it failed (MOB_ERR_FREEZE, MOB_ERR_CUT, ...; MOB_ERR_HOOK when an app cut was
 downgraded to crash by a failing pre-freeze hook) (1), MOB_ERR_CUT_TIMEOUT (5).
-`,
+${CONN_HELP}`,
   'push-install': `Usage: mobility push-install --host H[:PORT]... --user U (--key F | --password-file F | --account NAME) [options]
 
 Installs the agent on Linux hosts over SSH, in parallel: connect, remote preflight
@@ -159,26 +159,16 @@ function fmtDisablePlan(p: DisablePlan): string {
   return lines.join('\n') + '\n';
 }
 
-const CONN = {
-  server: { type: 'string' }, 'data-dir': { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' }, json: { type: 'boolean' },
-} as const;
+const CONN = { ...CONN_OPTIONS, json: { type: 'boolean' } } as const;
 
+/** The server's data directory, for what these commands read or write there themselves (passphrase, push accounts). */
 function dataDir(v: Values): string {
   return path.resolve((v['data-dir'] as string | undefined) ?? 'mobility-data');
 }
 
-/** Operator connection: the server URL, and the admin token and CA from --token-file/--ca or the data directory. */
-async function adminConn(v: Values): Promise<ApiConn> {
-  const url = new URL((v.server as string | undefined) ?? `wss://127.0.0.1:${DEFAULT_PORT}`);
-  if (!/^wss?:$/.test(url.protocol)) throw new MobilityError('MOB_ERR_USAGE', '--server must be wss://HOST:PORT');
-  const tokenFile = (v['token-file'] as string | undefined) ?? path.join(dataDir(v), 'token');
-  const token = await readSecretFile(tokenFile, 'token-file');
-  let ca: string | undefined;
-  const caFile = (v.ca as string | undefined) ?? (v.pin ? undefined : path.join(dataDir(v), 'tls', 'ca.pem'));
-  if (caFile) {
-    try { ca = await fsp.readFile(caFile, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read the CA ${caFile}: ${(err as Error).message}`); }
-  }
-  return { url, token, ca, pin: v.pin as string | undefined };
+/** The help text of a command of this module (undefined for one it does not have). */
+export function adminHelp(cmd: string): string | undefined {
+  return Object.prototype.hasOwnProperty.call(HELP, cmd) ? HELP[cmd] : undefined;
 }
 
 const durOpt = (v: Values, k: string): number | undefined => (v[k] === undefined ? undefined : parseDuration(v[k] as string));
@@ -206,7 +196,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       const [sub, ...rest] = argv;
       const { values: v } = parse(rest, { ...CONN, label: { type: 'string' }, ttl: { type: 'string' } });
       if (v.help || sub !== 'create') { process.stdout.write(HELP.token); return v.help ? EXIT.OK : EXIT.USAGE; }
-      const j = await api(await adminConn(v), 'POST', '/v1/tokens', { label: v.label ?? '', ttlMs: durOpt(v, 'ttl') });
+      const j = await api(await serverConn(v), 'POST', '/v1/tokens', { label: v.label ?? '', ttlMs: durOpt(v, 'ttl') });
       out(v, j, () => `${String(j.token)}\n`);
       return EXIT.OK;
     }
@@ -264,7 +254,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
     case 'machines': {
       const { values: v } = parse(argv, CONN);
       if (v.help) { process.stdout.write(HELP.machines); return EXIT.OK; }
-      const j = await api(await adminConn(v), 'GET', '/v1/machines');
+      const j = await api(await serverConn(v), 'GET', '/v1/machines');
       const { formatMachines } = await import('../agent/inventory.js');
       type M = { agentId: string; hostname: string; connected: boolean; lastSeen: string | null; inventory: import('../agent/inventory.js').Inventory | null; policy: string; disks: { diskId: string; device: string }[] };
       const ms = (j.machines ?? []) as M[];
@@ -280,7 +270,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
         'freeze-limit': { type: 'string' }, 'spool-budget': { type: 'string' },
       }, true);
       if (v.help || !['create', 'list', 'assign'].includes(sub)) { process.stdout.write(HELP.policy); return v.help ? EXIT.OK : EXIT.USAGE; }
-      const c = await adminConn(v);
+      const c = await serverConn(v);
       type P = { name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number; compress: boolean; compressMode?: string; bandwidthBytes: number; freezeLimitMs?: number; spoolBudgetBytes?: number };
       const fmt = (ps: P[]) => table([['POLICY', 'RPO ALERT', 'RETENTION', 'CRASH', 'APP', 'COMPRESS', 'MAX RATE', 'FREEZE LIMIT', 'SPOOL'],
         ...ps.map((p) => [p.name, fmtAge(p.rpoThresholdMs), fmtAge(p.retentionMs), fmtAge(p.crashIntervalMs), p.appIntervalMs ? fmtAge(p.appIntervalMs) : 'off', p.compressMode ?? (p.compress ? 'auto' : 'never'), p.bandwidthBytes ? `${fmtBytes(p.bandwidthBytes)}/s` : 'unlimited',
@@ -312,7 +302,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       });
       if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
       if (!v.machine || !v.disk) throw new MobilityError('MOB_ERR_USAGE', `${cmd} needs --machine and --disk`);
-      const c = await adminConn(v);
+      const c = await serverConn(v);
       if (cmd === 'enable') {
         const j = await api(c, 'POST', '/v1/enable', { machine: v.machine, disk: v.disk, diskId: v['disk-id'], policy: v.policy });
         out(v, j, () => `enabled ${String(j.diskId)} (${String(j.device)}) on ${String(j.agentId)} under policy ${String(j.policy)}; preflight passed; initial replication starts now (mobility status shows progress)\n`);
@@ -339,7 +329,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       if (kind !== 'crash' && kind !== 'app') throw new MobilityError('MOB_ERR_USAGE', `--kind must be crash or app, not ${kind}`);
       const timeoutMs = durOpt(v, 'timeout') ?? 120_000;
       if (timeoutMs < 1000 || timeoutMs > 3_600_000) throw new MobilityError('MOB_ERR_USAGE', '--timeout must be between 1s and 1h');
-      const j = await api(await adminConn(v), 'POST', '/v1/cut', { machine: v.machine, kind, timeoutMs });
+      const j = await api(await serverConn(v), 'POST', '/v1/cut', { machine: v.machine, kind, timeoutMs });
       const p = j.point as { id: string; kind: string; takenAt: string; frozenMs: number; note: string };
       if (v.json) {
         process.stdout.write(JSON.stringify(j, null, 2) + '\n');
@@ -383,7 +373,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       });
       if (v.help) { process.stdout.write(HELP['push-install']); return EXIT.OK; }
       const { pushInstall } = await import('./push-cli.js');
-      return pushInstall(v, await adminConn(v), dataDir(v));
+      return pushInstall(v, await serverConn(v), dataDir(v));
     }
     default:
       throw new MobilityError('MOB_ERR_USAGE', `unknown command ${cmd}`);

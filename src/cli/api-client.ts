@@ -6,56 +6,192 @@
  */
 import fsp from 'node:fs/promises';
 import type { IncomingMessage } from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import type { TLSSocket } from 'node:tls';
+import { DEFAULT_PORT } from '../constants.js';
 import { MobilityError, isErrorCode } from '../errors.js';
+import { describeCertError, isCertificateError, normalizeFingerprint } from '../transport/tls.js';
 import { readSecretFile, type Values } from './args.js';
 
-/** Where the server is and how to authenticate to it (--server, --token-file, --ca / --pin). */
-export interface ApiConn { url: URL; token: string; ca?: string; pin?: string }
+/**
+ * Where the server is and how to authenticate to it. caFile names where ca came from (for
+ * messages); both are absent with --pin alone or a ws:// server.
+ */
+export interface ApiConn { url: URL; token: string; ca?: string; caFile?: string; pin?: string }
 
-/** The connection options of the agent-side commands: --server URL (required), --token-file, --ca or --pin. */
-export async function connOptions(v: Values): Promise<ApiConn> {
-  const server = v.server as string | undefined;
-  if (!server || !/^wss?:\/\//.test(server)) throw new MobilityError('MOB_ERR_USAGE', '--server wss://HOST:PORT is required');
-  const url = new URL(server);
-  if (url.pathname === '/' || url.pathname === '') url.pathname = '/v1/replicate';
-  const token = await readSecretFile(v['token-file'] as string | undefined, 'token-file');
-  let ca: string | undefined;
-  if (v.ca) {
-    try { ca = await fsp.readFile(v.ca as string, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read --ca ${String(v.ca)}: ${(err as Error).message}`); }
-  }
-  return { url, token, ca, pin: v.pin as string | undefined };
+/** The connection options of every command that talks to the server's operator API (parseArgs). */
+export const CONN_OPTIONS = {
+  server: { type: 'string' }, 'data-dir': { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' },
+} as const;
+
+/** The help of the connection options, appended to the help of every operator command. */
+export const CONN_HELP = `
+Connection (the same for every command that talks to the server):
+  --data-dir DIR         on the server: its token (DIR/token) and CA (DIR/tls/ca.pem)
+  --token-file F         elsewhere: a copy of the server's DATA-DIR/token, with
+  --ca F                 the server's CA (a copy of DATA-DIR/tls/ca.pem), or
+  --pin SHA256           the fingerprint of the server certificate (printed at its start)
+  --server URL           wss://HOST:PORT (ws:// for a --no-tls server); default wss://127.0.0.1:${DEFAULT_PORT}
+`;
+
+/** What an operator command says when it was given no way to reach the server. */
+export const NO_CONNECTION = 'no server connection given: pass --data-dir DIR (on the server) or --server URL --token-file F (--ca F | --pin SHA256)';
+
+/**
+ * The connection of an operator command (status, points, test-failover, failover, reprotect,
+ * token, machines, policy, enable, disable, cut, push-install), one rule for all of them:
+ *   --data-dir DIR       on the server: the token DIR/token and the CA DIR/tls/ca.pem
+ *                        (--token-file, --ca or --pin given as well take precedence)
+ *   --token-file F       elsewhere, with --ca F or --pin SHA256 for a wss:// server
+ *   --server URL         wss://HOST:PORT (ws:// for a --no-tls server); default wss://127.0.0.1:7443
+ * Neither --data-dir nor --token-file: MOB_ERR_USAGE saying what to pass.
+ */
+export async function serverConn(v: Values): Promise<ApiConn> {
+  return resolveConn(v, true);
 }
 
-/** Sends the request; resolves with the response once the server certificate passed the pin check. */
+/**
+ * The connection of the agent-side commands (replicate, verify, protect): --server URL and
+ * --token-file are required, with --ca or --pin for wss://; no --data-dir.
+ */
+export async function connOptions(v: Values): Promise<ApiConn> {
+  return resolveConn(v, false);
+}
+
+async function resolveConn(v: Values, operator: boolean): Promise<ApiConn> {
+  const dataDir = operator && typeof v['data-dir'] === 'string' ? path.resolve(v['data-dir']) : undefined;
+  const tokenOpt = v['token-file'] as string | undefined;
+  if (operator && dataDir === undefined && tokenOpt === undefined) throw new MobilityError('MOB_ERR_USAGE', NO_CONNECTION);
+  const server = (v.server as string | undefined) ?? (operator ? `wss://127.0.0.1:${DEFAULT_PORT}` : undefined);
+  if (server === undefined) throw new MobilityError('MOB_ERR_USAGE', '--server wss://HOST:PORT is required (with --token-file F and --ca F or --pin SHA256)');
+  let url: URL;
+  try {
+    url = new URL(server);
+  } catch {
+    throw new MobilityError('MOB_ERR_USAGE', `--server ${server} is not a URL: give wss://HOST:PORT (ws:// for a --no-tls server)`);
+  }
+  if (url.protocol !== 'wss:' && url.protocol !== 'ws:') throw new MobilityError('MOB_ERR_USAGE', `--server must be wss://HOST:PORT (ws:// for a --no-tls server), not ${server}`);
+  if (url.pathname === '/' || url.pathname === '') url.pathname = '/v1/replicate';
+  if (dataDir !== undefined) {
+    try {
+      await fsp.access(dataDir);
+    } catch {
+      throw new MobilityError('MOB_ERR_CONFIG', `no server data directory at ${dataDir}: give the directory 'mobility server --data-dir' uses (on the server machine), or connect from elsewhere with --server URL --token-file F --ca F`);
+    }
+  }
+  let token: string;
+  if (tokenOpt !== undefined || dataDir === undefined) {
+    token = await readSecretFile(tokenOpt, 'token-file');
+  } else {
+    const file = path.join(dataDir, 'token');
+    try {
+      await fsp.access(file);
+    } catch {
+      throw new MobilityError('MOB_ERR_CONFIG', `${dataDir} is not a server data directory (it has no token file): give the directory 'mobility server --data-dir' uses`);
+    }
+    token = await readSecretFile(file, 'token-file');
+  }
+  const pin = v.pin as string | undefined;
+  if (pin !== undefined && normalizeFingerprint(pin).length !== 95) {
+    throw new MobilityError('MOB_ERR_USAGE', `--pin wants the SHA-256 fingerprint of the server certificate (64 hex digits, colons optional), not ${pin}`);
+  }
+  const secure = url.protocol === 'wss:';
+  const caFile = (v.ca as string | undefined) ?? (secure && pin === undefined && dataDir !== undefined ? path.join(dataDir, 'tls', 'ca.pem') : undefined);
+  let ca: string | undefined;
+  if (caFile !== undefined) {
+    try { ca = await fsp.readFile(caFile, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read the CA ${caFile}: ${(err as Error).message}`); }
+  }
+  if (secure && ca === undefined && pin === undefined) {
+    throw new MobilityError('MOB_ERR_TLS_PIN', `refusing an unpinned TLS connection: give the server CA (--ca F) or certificate fingerprint (--pin SHA256)${operator ? ', or --data-dir DIR on the server' : ''}`);
+  }
+  return { url, token, ca, caFile: ca === undefined ? undefined : path.resolve(caFile!), pin };
+}
+
+/**
+ * A TLS connection to the server whose certificate passed the checks, before anything is sent:
+ * with a CA, the chain must lead to it and the certificate must name the host of the URL; with a
+ * pin, its SHA-256 fingerprint must be the pinned one (no name check); with both, both. A refused
+ * certificate is MOB_ERR_TLS_PIN, a network failure MOB_ERR_UNREACHABLE.
+ */
+async function connectVerified(c: ApiConn): Promise<TLSSocket> {
+  const tls = await import('node:tls');
+  const host = c.url.hostname.replace(/^\[|\]$/g, '');
+  const port = Number(c.url.port || 443);
+  return new Promise((resolve, reject) => {
+    const sock = tls.connect({
+      host, port, servername: net.isIP(host) ? undefined : host, ca: c.ca, ALPNProtocols: ['http/1.1'],
+      // verified below, so that every refusal gets its own message and code
+      rejectUnauthorized: false, checkServerIdentity: () => undefined,
+    });
+    const fail = (err: MobilityError) => { sock.destroy(); reject(err); };
+    const onError = (err: Error) => reject(connectionError(c, err));
+    sock.once('error', onError);
+    sock.once('secureConnect', () => {
+      if (c.ca !== undefined) {
+        // Node sets authorizationError to OpenSSL's code (a string, whatever the typings say)
+        const ae = sock.authorizationError as unknown as string | { code?: string } | null | undefined;
+        const why = ae === null || ae === undefined ? null : typeof ae === 'string' ? ae : String(ae.code ?? ae);
+        if (why !== null) {
+          fail(new MobilityError('MOB_ERR_TLS_PIN', `${describeCertError(why)} (${why}; CA ${c.caFile ?? 'given'}): use the server's own DATA-DIR/tls/ca.pem, or --pin with the fingerprint it prints at start`));
+          return;
+        }
+        const cert = sock.getPeerCertificate();
+        const nameErr = tls.checkServerIdentity(host, cert);
+        if (nameErr) {
+          fail(new MobilityError('MOB_ERR_TLS_PIN', `the server certificate does not name ${host} (it names ${cert.subjectaltname ?? 'nothing'}): connect by one of those names, use --pin (no name check), or give the server the name with --san when its tls/ directory is created`, { cause: nameErr }));
+          return;
+        }
+      }
+      if (c.pin !== undefined) {
+        const fp = sock.getPeerCertificate()?.fingerprint256 ?? '';
+        if (fp !== normalizeFingerprint(c.pin)) {
+          fail(new MobilityError('MOB_ERR_TLS_PIN', `the server certificate fingerprint ${fp || '(none)'} does not match --pin ${normalizeFingerprint(c.pin)}`));
+          return;
+        }
+      }
+      // the request takes the socket over (with its own error listener) in the same turn
+      sock.off('error', onError);
+      resolve(sock);
+    });
+  });
+}
+
+/** A failed connection: a refused certificate (MOB_ERR_TLS_PIN) or the network (MOB_ERR_UNREACHABLE). */
+function connectionError(c: ApiConn, err: Error): MobilityError {
+  if (err instanceof MobilityError) return err;
+  const code = (err as NodeJS.ErrnoException).code ?? '';
+  if (isCertificateError(err)) return new MobilityError('MOB_ERR_TLS_PIN', `${describeCertError(code)}: ${err.message}`, { cause: err });
+  const hint = c.url.protocol === 'wss:' && (code === 'EPROTO' || /wrong version number|packet length too long/i.test(err.message))
+    ? ' (the server does not speak TLS there: is it a --no-tls server? then use ws://)'
+    : c.url.protocol === 'ws:' && code === 'ECONNRESET' ? ' (if the server uses TLS, use wss://)' : '';
+  return unreachable(c.url.host, err, hint);
+}
+
+/**
+ * Sends the request; resolves with the response. Over TLS the bearer token goes out only on a
+ * connection whose certificate passed the checks (connectVerified).
+ */
 async function request(c: ApiConn, method: string, pathname: string, body?: unknown): Promise<IncomingMessage> {
   const https = await import('node:https');
   const http = await import('node:http');
   const secure = c.url.protocol === 'wss:';
-  if (secure && !c.ca && !c.pin) throw new MobilityError('MOB_ERR_TLS_PIN', 'give the server CA (--ca) or certificate fingerprint (--pin)');
+  if (secure && !c.ca && !c.pin) throw new MobilityError('MOB_ERR_TLS_PIN', 'refusing an unpinned TLS connection: give the server CA (--ca F) or certificate fingerprint (--pin SHA256)');
   const u = new URL(pathname, `${secure ? 'https' : 'http'}://${c.url.host}`);
   const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+  const headers = { authorization: `Bearer ${c.token}`, ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}) };
+  const sock = secure ? await connectVerified(c) : null;
   return new Promise((resolve, reject) => {
-    const req = (secure ? https : http).request(u, {
-      method, headers: { authorization: `Bearer ${c.token}`, ...(payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {}) },
-      ...(secure ? { ca: c.ca, rejectUnauthorized: c.ca !== undefined, checkServerIdentity: () => undefined } : {}),
-    }, (res) => {
-      if (secure && c.pin) {
-        const fp = (res.socket as import('node:tls').TLSSocket).getPeerCertificate?.()?.fingerprint256 ?? '';
-        if (fp.replace(/:/g, '').toLowerCase() !== c.pin.replace(/:/g, '').toLowerCase()) {
-          res.destroy();
-          reject(new MobilityError('MOB_ERR_TLS_PIN', `server certificate fingerprint ${fp} does not match the pinned one`));
-          return;
-        }
-      }
-      resolve(res);
-    });
-    req.on('error', (err) => reject(unreachable(u.host, err)));
+    const req = sock
+      ? https.request({ host: u.hostname, port: Number(u.port || 443), path: u.pathname + u.search, method, headers, createConnection: () => sock }, resolve)
+      : http.request(u, { method, headers }, resolve);
+    req.on('error', (err) => reject(connectionError(c, err)));
     req.end(payload);
   });
 }
 
-function unreachable(host: string, err: Error): MobilityError {
-  return new MobilityError('MOB_ERR_UNREACHABLE', `cannot reach ${host}: ${err.message}`, { cause: err });
+function unreachable(host: string, err: Error, hint = ''): MobilityError {
+  return new MobilityError('MOB_ERR_UNREACHABLE', `cannot reach ${host}: ${err.message}${hint}`, { cause: err });
 }
 
 /** The whole answer as a JSON object ({} when it is not JSON). */

@@ -5,17 +5,17 @@
  * api-client.ts; no other module of the CLI imports this one.
  */
 import path from 'node:path';
-import { DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE } from '../constants.js';
+import { AGENT_VERSION, DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE, PROTOCOL_VERSION } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import { defaultAgentId, replicate, type DiskResult, type ReplicateMode } from '../agent/replicator.js';
 import { EXIT, compressMode, exitCodeFor, parse, parseDuration, parseSize, type Values } from './args.js';
-import { api, apiStream, connOptions, fmtAge, type ApiConn } from './api-client.js';
+import { CONN_HELP, CONN_OPTIONS, api, apiStream, connOptions, fmtAge, serverConn, type ApiConn } from './api-client.js';
 import { ProgressReporter, fmtBytes, table } from './progress.js';
 
 // moved to args.ts and api-client.ts; re-exported for code that imported them from here (bench/run.ts)
 export { EXIT, exitCodeFor, parse, parseDuration, parseSize, readSecretFile, type Values } from './args.js';
-export { api, apiStream, connOptions, fmtAge, type ApiConn } from './api-client.js';
+export { api, apiStream, connOptions, fmtAge, serverConn, type ApiConn } from './api-client.js';
 
 const HELP: Record<string, string> = {
   main: `mobility — block-level disaster-recovery replication
@@ -48,7 +48,8 @@ Configuration server and agents:
   push-install  install the agent on Linux hosts over SSH (parallel, with progress)
   push-account  store, list or remove push-install accounts (encrypted at rest)
 
-Run 'mobility <command> --help' for the options of a command.
+Run 'mobility <command> --help' (or 'mobility help <command>') for the options of a command;
+'mobility --version' prints the version.
 Exit codes: 0 ok, 1 error, 2 usage, 3 configuration/source, 4 auth/TLS pin, 5 unreachable, 6 verify found differences, 130 interrupted.
 `,
   server: `Usage: mobility server [--data-dir DIR] [--listen HOST:PORT] [--san NAME]... [--no-tls] [--store SPEC [--store-credentials FILE] [--store-retry DURATION]]
@@ -149,20 +150,24 @@ Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --stat
   --spool-memory SIZE   the part of the spool kept in memory (default 32M); the rest goes to STATE-DIR/<agent>/cut.spool
   --trace-buffer-kb N   per-CPU trace buffer (default 8192)
 `,
-  status: `Usage: mobility status --server URL --token-file F (--ca F | --pin SHA256) [--json]
+  status: `Usage: mobility status (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
 
 Per disk: state (initial-sync, continuous, resync-required, resyncing, disconnected,
-target-unavailable, failed-over) and reason, RPO (age of the newest recovery point, with an
-alert past the server's threshold), data lag (age of the oldest unshipped write), backlog,
+target-unavailable, failed-over) and reason, RPO (age of the newest recovery point, marked !
+past RPO ALERT: the threshold of the machine's policy, or the server's default of 15 min for
+an unregistered agent), data lag (age of the oldest unshipped write), backlog,
 churn, recovery points, STORED (what the replica and its points occupy in the server's
 replica store), freeze statistics. target-unavailable: the replica store (e.g. Azure
 storage) does not answer; the agent keeps its changes and resumes when it is back.
-`,
-  points: `Usage: mobility points --server URL --token-file F (--ca F | --pin SHA256) [--agent-id ID] [--json]
+${CONN_HELP}`,
+  points: `Usage: mobility points (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--agent-id ID] [--json]
 
-Lists the agent's recovery points (id, time, kind crash/app, freeze time, disks).
-`,
-  'test-failover': `Usage: mobility test-failover --server URL --token-file F (--ca F | --pin SHA256) [--agent-id ID] [--point ID|latest|latest-app] [--download DIR | --cleanup] [--json]
+Lists the agent's recovery points, oldest first, as a table: POINT (its id), TAKEN AT (the
+agent's clock at the freeze), KIND (crash or app), FROZEN (how long the filesystems were
+frozen), DISKS, VERIFIED (pages of the sampled verification), NOTE (SUSPECT and the point's
+note). --agent-id defaults to this machine's host name.
+${CONN_HELP}`,
+  'test-failover': `Usage: mobility test-failover (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--agent-id ID] [--point ID|latest|latest-app] [--download DIR | --cleanup] [--json]
 
 Has the server's replica store make a writable image of every disk of the point while
 replication goes on:
@@ -181,8 +186,8 @@ Options:
                   (percentage, throughput, ETA) is shown on stderr.
   --cleanup       remove the test-failover images of the point (not the downloaded files)
   --json          the server's answer as JSON
-`,
-  failover: `Usage: mobility failover --server URL --token-file F (--ca F | --pin SHA256) --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
+${CONN_HELP}`,
+  failover: `Usage: mobility failover (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
 
 Fails an agent over on the server:
   1. with --point latest (the default) and the agent connected, asks it for a final
@@ -192,8 +197,8 @@ Fails an agent over on the server:
      azure store: a page blob failover/<agent>/<disk>); prints where each one is;
   3. stops replication: the agent's session ends with MOB_ERR_FAILED_OVER and new sessions
      are refused until 'mobility reprotect' fails back.
-`,
-  reprotect: `Usage: mobility reprotect --server URL --token-file F (--ca F | --pin SHA256) --agent-id ID --disk DEV[=ID]... [--yes] [--json]
+${CONN_HELP}`,
+  reprotect: `Usage: mobility reprotect (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] --agent-id ID --disk DEV[=ID]... [--yes] [--json]
 
 Run on the original machine once the recovered machine is shut down. For each disk (it must
 not be mounted): compares it page by page with its promoted image on the server and writes
@@ -203,7 +208,7 @@ equals the image, then fails back on the server: the promoted images become the 
 run again (its first pass is a checksum resync that finds nothing to send).
 Whatever was written to these disks after the failover is overwritten: on a terminal the
 command lists the disks and asks; elsewhere it refuses (MOB_ERR_USAGE, exit 2) without --yes.
-`,
+${CONN_HELP}`,
   demo: `Usage: mobility demo [--dir DIR] [--size N] [--keep]
 
 Starts 'mobility server' on 127.0.0.1 with TLS, creates a mixed-content disk image,
@@ -331,7 +336,7 @@ async function cmdProtect(argv: string[]): Promise<number> {
 
 async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 'reprotect', argv: string[]): Promise<number> {
   const { values: v } = parse(argv, {
-    server: { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' }, 'agent-id': { type: 'string' },
+    ...CONN_OPTIONS, 'agent-id': { type: 'string' },
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
     disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' } } : {}),
     ...(cmd === 'test-failover' ? { download: { type: 'string' } } : {}),
@@ -339,7 +344,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
   if (v.download !== undefined && v.cleanup) throw new MobilityError('MOB_ERR_USAGE', 'give --download or --cleanup, not both');
   if (v.download === '') throw new MobilityError('MOB_ERR_USAGE', '--download needs a directory (on the server machine)');
-  const c = await connOptions(v);
+  const c = await serverConn(v);
   const agent = (v['agent-id'] as string | undefined) ?? defaultAgentId();
   const out = (j: unknown, text: () => string) => process.stdout.write(v.json ? JSON.stringify(j, null, 2) + '\n' : text());
   if (cmd === 'status') {
@@ -352,20 +357,27 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
       : target?.listing ? `replica store ${target.kind}:${target.location} is slow to list; ${asListed}\n` : '';
     out(j, () => {
       if (!disks.length) return `${targetLine}no protected disks\n`;
-      const rows = [['AGENT', 'DISK', 'STATE', 'RPO', 'LAG', 'BACKLOG', 'CHURN/s', 'POINTS', 'STORED', 'LAST FREEZE', 'REASON']];
+      const rows = [['AGENT', 'DISK', 'STATE', 'RPO', 'RPO ALERT', 'LAG', 'BACKLOG', 'CHURN/s', 'POINTS', 'STORED', 'LAST FREEZE', 'REASON']];
       for (const d of disks) {
         const scanning = (d.state === 'initial-sync' || d.state === 'resyncing') && d.progressPermille !== null && d.progressPermille !== undefined;
-        rows.push([d.agent, d.disk, scanning ? `${d.state} ${(d.progressPermille! / 10).toFixed(1)}%` : d.state, `${fmtAge(d.rpoMs)}${d.rpoAlert ? ' !' : ''}`, fmtAge(d.dataLagMs), d.backlogBytes === null ? '-' : fmtBytes(d.backlogBytes),
+        rows.push([d.agent, d.disk, scanning ? `${d.state} ${(d.progressPermille! / 10).toFixed(1)}%` : d.state, `${fmtAge(d.rpoMs)}${d.rpoAlert ? ' !' : ''}`,
+          // the disk's own threshold (its machine's policy); an older server does not say it: '-', not its top-level default
+          typeof d.rpoAlertMs === 'number' ? fmtAge(d.rpoAlertMs) : '-', fmtAge(d.dataLagMs), d.backlogBytes === null ? '-' : fmtBytes(d.backlogBytes),
           d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), typeof d.storedBytes === 'number' ? fmtBytes(d.storedBytes) : '-', d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
       }
-      return targetLine + table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above the alert threshold (or no recovery point yet)\n' : '');
+      return targetLine + table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above its alert threshold (RPO ALERT: the machine\'s policy) or no recovery point yet\n' : '');
     });
     return EXIT.OK;
   }
   if (cmd === 'points') {
     const j = await api(c, 'GET', `/v1/points?agent=${encodeURIComponent(agent)}`);
     const pts = (j.points ?? []) as import('../target/catalog.js').RecoveryPoint[];
-    out(j, () => pts.length ? pts.map((p) => `${p.id}  ${p.takenAt}  ${p.kind.padEnd(5)}  frozen ${p.frozenMs} ms  disks ${Object.keys(p.disks).join(',')}${p.verification ? `  verified ${Object.values(p.verification).reduce((n, x) => n + x.pages, 0)} pages` : ''}${p.suspect ? `  SUSPECT (${p.suspect.disks.join(',')})` : ''}${p.note ? `  (${p.note})` : ''}`).join('\n') + '\n' : `no recovery points for agent ${agent}\n`);
+    out(j, () => pts.length ? table([['POINT', 'TAKEN AT', 'KIND', 'FROZEN', 'DISKS', 'VERIFIED', 'NOTE'], ...pts.map((p) => [
+      p.id, p.takenAt, p.kind, `${p.frozenMs} ms`, Object.keys(p.disks).join(','),
+      // points recorded before sampled verification existed carry none
+      p.verification ? `${Object.values(p.verification).reduce((n, x) => n + x.pages, 0)} pages` : '-',
+      [p.suspect ? `SUSPECT (${p.suspect.disks.join(',')})` : '', p.note].filter(Boolean).join('; '),
+    ])]) : `no recovery points for agent ${agent}\n`);
     return EXIT.OK;
   }
   if (cmd === 'failover') {
@@ -503,15 +515,42 @@ async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
   return EXIT.OK;
 }
 
+/** The commands runAdmin (admin.ts) handles. */
+const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 'token', 'machines', 'policy', 'enable', 'disable', 'cut', 'push-install', 'push-account']);
+
+/** The help text of a command (main.ts's own or admin.ts's); undefined for an unknown one. */
+async function helpFor(cmd: string): Promise<string | undefined> {
+  if (cmd !== 'main' && Object.prototype.hasOwnProperty.call(HELP, cmd)) return HELP[cmd];
+  if (ADMIN_COMMANDS.has(cmd)) return (await import('./admin.js')).adminHelp(cmd);
+  return undefined;
+}
+
+/** --help or -h anywhere among a command's arguments (before a -- that ends the options). */
+function wantsHelp(args: string[]): boolean {
+  for (const a of args) {
+    if (a === '--') return false;
+    if (a === '--help' || a === '-h') return true;
+  }
+  return false;
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;
   try {
+    // every command and subcommand: its help on stdout, exit 0, whatever else was given
+    if (cmd !== undefined && wantsHelp(rest)) {
+      const text = await helpFor(cmd);
+      if (text !== undefined) { process.stdout.write(text); return EXIT.OK; }
+    }
     switch (cmd) {
       case 'server': return await cmdServer(rest);
       case 'replicate': return await cmdReplicate(rest, false);
       case 'verify': return await cmdReplicate(rest, true);
       case 'protect': return await cmdProtect(rest);
       case 'status': case 'points': case 'test-failover': case 'failover': case 'reprotect': return await cmdOps(cmd, rest);
+      case 'version': case '--version': case '-V':
+        process.stdout.write(`mobility ${AGENT_VERSION} (protocol ${PROTOCOL_VERSION})\n`);
+        return EXIT.OK;
       case 'register': case 'agent': case 'preflight': case 'passphrase': case 'token': case 'machines': case 'policy':
       case 'enable': case 'disable': case 'cut': case 'push-install': case 'push-account': {
         const { runAdmin } = await import('./admin.js');
@@ -523,7 +562,18 @@ export async function main(argv: string[]): Promise<number> {
         const { runDemo } = await import('./demo.js');
         return await runDemo({ dir: v.dir as string | undefined, size: v.size ? parseSize(v.size as string) : undefined, keep: Boolean(v.keep) });
       }
-      case undefined: case 'help': case '--help': case '-h':
+      case 'help': {
+        // mobility help COMMAND: that command's help
+        if (rest[0] !== undefined) {
+          const text = await helpFor(rest[0]);
+          if (text === undefined) throw new MobilityError('MOB_ERR_USAGE', `unknown command ${rest[0]}; see 'mobility --help'`);
+          process.stdout.write(text);
+          return EXIT.OK;
+        }
+        process.stdout.write(HELP.main);
+        return EXIT.OK;
+      }
+      case undefined: case '--help': case '-h':
         process.stdout.write(HELP.main);
         return cmd === undefined ? EXIT.USAGE : EXIT.OK;
       default:

@@ -71,6 +71,46 @@ export function normalizeFingerprint(fp: string): string {
   return hex.match(/.{2}/g)?.join(':') ?? '';
 }
 
+/**
+ * OpenSSL's codes (as Node reports them in `err.code` or `socket.authorizationError`) of a server
+ * certificate that failed verification: unknown or wrong issuer, self-signed, bad signature,
+ * outside its validity, or a name that does not match.
+ */
+const CERT_ERROR_CODES = new Set([
+  'UNABLE_TO_GET_ISSUER_CERT', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_DECRYPT_CERT_SIGNATURE',
+  'UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY', 'CERT_SIGNATURE_FAILURE', 'CERT_NOT_YET_VALID', 'CERT_HAS_EXPIRED', 'ERROR_IN_CERT_NOT_BEFORE_FIELD',
+  'ERROR_IN_CERT_NOT_AFTER_FIELD', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'CERT_CHAIN_TOO_LONG', 'CERT_REVOKED', 'INVALID_CA',
+  'PATH_LENGTH_EXCEEDED', 'INVALID_PURPOSE', 'CERT_UNTRUSTED', 'CERT_REJECTED', 'HOSTNAME_MISMATCH', 'ERR_TLS_CERT_ALTNAME_INVALID',
+]);
+
+/**
+ * Whether a connection error is the server's certificate being refused (MOB_ERR_TLS_PIN), as
+ * opposed to the network failing (MOB_ERR_UNREACHABLE). Decided by the error's code, not its text.
+ */
+export function isCertificateError(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null | undefined)?.code;
+  return typeof code === 'string' && CERT_ERROR_CODES.has(code);
+}
+
+/** What a certificate verification code means for an operator who gave a CA (a readable phrase). */
+export function describeCertError(code: string): string {
+  switch (code) {
+    case 'CERT_HAS_EXPIRED': return 'the server certificate has expired';
+    case 'CERT_NOT_YET_VALID': return 'the server certificate is not valid yet (is a clock wrong?)';
+    case 'DEPTH_ZERO_SELF_SIGNED_CERT':
+    case 'SELF_SIGNED_CERT_IN_CHAIN':
+    case 'UNABLE_TO_GET_ISSUER_CERT':
+    case 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY':
+    case 'UNABLE_TO_VERIFY_LEAF_SIGNATURE':
+    case 'CERT_SIGNATURE_FAILURE':
+      return 'the server certificate is not signed by the given CA (it is another server\'s CA, or the server\'s tls/ directory was recreated)';
+    case 'HOSTNAME_MISMATCH':
+    case 'ERR_TLS_CERT_ALTNAME_INVALID':
+      return 'the server certificate does not name the host in the server URL';
+    default: return 'the server certificate was refused';
+  }
+}
+
 /** Loads the TLS identity from <dataDir>/tls, creating it on first start. */
 export async function ensureTlsIdentity(dataDir: string, extraNames: string[] = []): Promise<TlsIdentity> {
   const dir = path.join(dataDir, 'tls');

@@ -85,13 +85,14 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   const slower = await cli(['policy', 'create', 'fast', ...conn, '--crash-interval', '30s']);
   t.equal(slower.code, 0, slower.stderr);
   await waitFor(() => (err.match(/"message":"protecting"/g) ?? []).length >= 2, LONG, 'protection restarted with the changed policy');
-  type Status = { rpoAlertMs: number; disks: { agent: string; disk: string; rpoAlert: boolean; rpoMs: number | null; progressPermille?: unknown }[] };
+  type Status = { rpoAlertMs: number; disks: { agent: string; disk: string; rpoAlert: boolean; rpoAlertMs: number; rpoMs: number | null; progressPermille?: unknown }[] };
   const status = async () => JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as Status;
   const st = await status();
   const mine = st.disks.find((d) => d.agent === agentId && d.disk === 'd1');
   t.ok(mine, 'status lists the disk');
   t.ok(mine && 'progressPermille' in mine, 'status carries the scan progress');
   t.equal(st.rpoAlertMs, 15 * 60_000, 'the server-wide default threshold is still reported');
+  t.equal(mine?.rpoAlertMs, 60_000, 'the disk carries the threshold that applies to it: its policy\'s');
   t.equal(mine?.rpoAlert, mine ? mine.rpoMs === null || mine.rpoMs > 60_000 : undefined, `the alert follows the policy threshold (1 min) for an RPO of ${mine?.rpoMs} ms`);
   // a loaded machine may fall behind for a while: the alert clears once a point is recent again
   await waitFor(async () => (await status()).disks.find((d) => d.agent === agentId && d.disk === 'd1')?.rpoAlert === false, LONG, 'an RPO within the policy threshold');
@@ -101,8 +102,9 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   const strict = await cli(['policy', 'create', 'fast', ...conn, '--rpo', '1s']);
   t.equal(strict.code, 0, strict.stderr);
   await waitFor(async () => {
-    const s2 = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as { disks: { agent: string; disk: string; rpoAlert: boolean }[] };
-    return s2.disks.find((d) => d.agent === agentId && d.disk === 'd1')?.rpoAlert === true;
+    const s2 = JSON.parse((await cli(['status', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--json'])).stdout) as Status;
+    const d1 = s2.disks.find((d) => d.agent === agentId && d.disk === 'd1');
+    return d1?.rpoAlert === true && d1.rpoAlertMs === 1000;
   }, LONG, 'an RPO alert under a 1 s threshold');
   t.pass('RPO alert follows the policy threshold');
 

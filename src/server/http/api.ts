@@ -32,7 +32,12 @@ function agentParam(v: unknown): string {
 export interface DiskStatus {
   agent: string; disk: string; sizeBytes: number; initialComplete: boolean;
   state: string; reason: string; connected: boolean; healthAgeMs: number | null;
-  rpoMs: number | null; rpoAlert: boolean; latestPoint: string | null; latestAppPoint: string | null; points: number;
+  rpoMs: number | null;
+  /** The RPO alert threshold that applies to this disk: its machine's policy, else the server's default (the top-level rpoAlertMs). */
+  rpoAlertMs: number;
+  /** No recovery point yet, or the newest is older than rpoAlertMs. */
+  rpoAlert: boolean;
+  latestPoint: string | null; latestAppPoint: string | null; points: number;
   /** Bytes the replica and its points occupy in the target; null while the store has not counted them yet. */
   storedBytes: number | null;
   dataLagMs: number | null; backlogBytes: number | null; churnBytesPerSec: number | null; freezeFailures: number; lastFreezeMs: number | null;
@@ -67,6 +72,7 @@ export async function collectStatus(server: ServerContext): Promise<DiskStatus[]
     const latestApp = [...pts].reverse().find((p) => p.kind === 'app') ?? null;
     const h = server.health.get(agent, disk);
     const rpoMs = latest ? Math.max(0, now - Date.parse(latest.takenAt)) : null;
+    const rpoAlertMs = server.rpoAlertFor(agent);
     // a paused target is the reason even after the session ended: say it rather than 'disconnected'
     let state = fo ? 'failed-over' : h ? (h.connected || h.state === 'target-unavailable' ? h.state : 'disconnected') : st.initialComplete ? 'disconnected' : 'initial-sync';
     let reason = fo ? `failed over to ${fo.point} at ${fo.failedOverAt}` : h?.reason ?? '';
@@ -80,7 +86,7 @@ export async function collectStatus(server: ServerContext): Promise<DiskStatus[]
     out.push({
       agent, disk, sizeBytes: st.sizeBytes, initialComplete: st.initialComplete, storedBytes: st.storedBytes,
       state, reason, connected: h?.connected ?? false, healthAgeMs: h ? now - h.receivedAt : null,
-      rpoMs, rpoAlert: rpoMs === null || rpoMs > server.rpoAlertFor(agent), latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
+      rpoMs, rpoAlertMs, rpoAlert: rpoMs === null || rpoMs > rpoAlertMs, latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
       dataLagMs: h?.dataLagMs ?? null, backlogBytes: h?.backlogBytes ?? null, churnBytesPerSec: h?.churnBytesPerSec ?? null,
       freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? null, progressPermille: h?.progressPermille ?? null,
     });
