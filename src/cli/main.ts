@@ -8,6 +8,7 @@ import path from 'node:path';
 import { AGENT_VERSION, DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE, PROTOCOL_VERSION } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
+import { tuneHeapForStreaming } from '../util/heap-tuning.js';
 import { defaultAgentId, replicate, type DiskResult, type ReplicateMode } from '../agent/replicator.js';
 import { EXIT, compressMode, exitCodeFor, parse, parseDuration, parseSize, type Values } from './args.js';
 import { CONN_HELP, CONN_OPTIONS, api, apiStream, connOptions, fmtAge, serverConn, type ApiConn } from './api-client.js';
@@ -542,6 +543,8 @@ export async function main(argv: string[]): Promise<number> {
       const text = await helpFor(cmd);
       if (text !== undefined) { process.stdout.write(text); return EXIT.OK; }
     }
+    // the commands that move disk data: fewer full collections of a small heap (util/heap-tuning.ts)
+    if (['server', 'replicate', 'verify', 'protect', 'reprotect', 'agent'].includes(cmd ?? '')) tuneHeapForStreaming();
     switch (cmd) {
       case 'server': return await cmdServer(rest);
       case 'replicate': return await cmdReplicate(rest, false);

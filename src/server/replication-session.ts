@@ -475,11 +475,14 @@ export class Session {
       await runLimited(patches.map((x) => x.run), distinct ? PATCH_READS_IN_FLIGHT : 1);
     }
     const seq = m.seq;
+    // the callback keeps only numbers: the decoded header's byte fields are views of the
+    // message, which must not outlive this call (see target/staging.ts)
+    const disk = m.disk;
     d.store.submit(ops, seq).then(
       () => {
         // credit comes back only with the ack, after persistence: that bounds what is buffered here
         this.granted += size;
-        this.send(encodeMessage({ type: 'ack', ack: { disk: m.disk, seq, creditBytes: size, busyPct: this.server.busyPct() } }));
+        this.send(encodeMessage({ type: 'ack', ack: { disk, seq, creditBytes: size, busyPct: this.server.busyPct() } }));
       },
       (err) => this.fail(toMobilityError(err, 'MOB_ERR_STORAGE')),
     );

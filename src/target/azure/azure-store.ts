@@ -48,6 +48,7 @@ import type { Logger } from '../../log.js';
 import type { PointRef, ReplicaStore, WriteOp } from '../replica-store.js';
 import { zeroBuffer } from '../../protocol/digest.js';
 import { GroupCommit, footprintOf, type Batch } from '../group-commit.js';
+import { StagingArena, type StagingChunk } from '../staging.js';
 import { appendClipped, blobPageDigests, roundUpSector, runPool, validRanges } from './blob-io.js';
 import { MAX_PUT_PAGE_BYTES, SECTOR, type PageBlobOps, type PageRange } from './page-client.js';
 
@@ -335,6 +336,9 @@ export class AzureReplicaStore implements ReplicaStore {
   private overlay = new Map<number, WriteOp>();
   /** The overlay ids of each submit's ops. */
   private readonly overlayIds = new WeakMap<WriteOp[], number[]>();
+  /** Where each submit's data was copied, released when its batch is confirmed. */
+  private readonly stagedIn = new WeakMap<WriteOp[], StagingChunk[]>();
+  private readonly staging = new StagingArena();
   private nextId = 1;
   /** Calls in flight, over every batch, and the calls waiting for a slot. */
   private callsInFlight = 0;
@@ -490,14 +494,18 @@ export class AzureReplicaStore implements ReplicaStore {
       this.check(op.offset, op.length);
       if (op.data && op.data.length < op.length) throw new MobilityError('MOB_ERR_INTERNAL', `write ${op.offset}+${op.length} carries only ${op.data.length} bytes`);
     }
+    // the data is copied into staging memory at once (see target/staging.ts): the caller's
+    // buffers (a whole WebSocket message) are free to die young
+    const staged = this.staging.stage(ops);
+    ops = staged.ops;
     const ids: number[] = [];
     for (const op of ops) {
       const id = this.nextId++;
       this.overlay.set(id, op);
       ids.push(id);
     }
-    ops = ops.slice(); // an array of this submit's own: the key of its overlay ids
     this.overlayIds.set(ops, ids);
+    this.stagedIn.set(ops, staged.chunks);
     for (const op of ops) {
       for (let a = Math.floor(op.offset / RANGE_CACHE_SLICE); a <= Math.floor((op.offset + Math.max(op.length, 1) - 1) / RANGE_CACHE_SLICE); a++) {
         this.rangeCache.delete(a);
@@ -510,7 +518,12 @@ export class AzureReplicaStore implements ReplicaStore {
   /** A batch and every one before it are confirmed: they leave the overlay, and the durable sequence moves. */
   private committed(batch: Batch): void {
     this.appliedBatches++;
-    for (const p of batch.parts) for (const id of this.overlayIds.get(p.ops) ?? []) this.overlay.delete(id);
+    for (const p of batch.parts) {
+      for (const id of this.overlayIds.get(p.ops) ?? []) this.overlay.delete(id);
+      // the calls of the batch are over: nothing reads these copies any more
+      this.staging.releaseAll(this.stagedIn.get(p.ops) ?? []);
+      this.stagedIn.delete(p.ops);
+    }
     if (batch.maxSeq > this.state.lastDurableSeq) this.state.lastDurableSeq = batch.maxSeq;
   }
 
@@ -676,6 +689,7 @@ export class AzureReplicaStore implements ReplicaStore {
     this.closed = true;
     await this.whenApplied();
     this.bodyPool.length = 0;
+    this.staging.close();
     if (!this.readOnly && this.appliedBatches !== this.savedBatches) {
       // a failed store's target is likely down: one try, no backoff
       await this.saveState(this.failure ? this.ctx.bestEffortOps : this.ctx.ops).catch((err) => {

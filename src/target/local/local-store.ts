@@ -31,6 +31,10 @@ import { isZero, zeroBuffer } from '../../protocol/digest.js';
 import { UNDO_UNIT, UndoJournal, type UndoRecord } from './undo-journal.js';
 import type { PointRef, ReplicaStore, WriteOp } from '../replica-store.js';
 import { GroupCommit, type Batch } from '../group-commit.js';
+import { StagingArena, type StagingChunk } from '../staging.js';
+
+/** Zero ranges up to this size are checked for already-zero content in one reused buffer. */
+const ZERO_CHECK_SCRATCH = 1024 * 1024;
 
 export interface ReplicaState {
   version: 1;
@@ -57,6 +61,10 @@ export class LocalReplicaStore implements ReplicaStore {
   });
   /** Latest not-yet-applied content per written range (keyed by offset), so reads see accepted writes. */
   private overlay = new Map<number, Buffer | null>();
+  private zeroScratch: Buffer | null = null;
+  /** Where each submit's data was copied, released when its batch is durable. */
+  private readonly stagedIn = new WeakMap<WriteOp[], StagingChunk[]>();
+  private readonly staging = new StagingArena();
   private undo: UndoJournal | null = null;
   private epochId: string | null = null;
   bytesWritten = 0;
@@ -320,7 +328,8 @@ export class LocalReplicaStore implements ReplicaStore {
   /** Writes data (or zeros) at offset. Zero ranges that already read as zero (holes) are left sparse. */
   private async writeRange(offset: number, length: number, data: Buffer | null): Promise<void> {
     if (!data) {
-      const cur = Buffer.allocUnsafe(length);
+      // batches apply one at a time: one scratch buffer serves every zero range up to its size
+      const cur = length <= ZERO_CHECK_SCRATCH ? (this.zeroScratch ??= Buffer.allocUnsafeSlow(ZERO_CHECK_SCRATCH)).subarray(0, length) : Buffer.allocUnsafe(length);
       const { bytesRead } = await this.replica.read(cur, 0, length, offset);
       if (bytesRead === length && isZero(cur)) return;
       data = zeroBuffer(length);
@@ -388,7 +397,8 @@ export class LocalReplicaStore implements ReplicaStore {
     if (this.overlay.has(offset)) {
       const o = this.overlay.get(offset)!;
       if (o === null) return Buffer.alloc(length);
-      if (o.length === length) return o;
+      // a copy: the overlay's buffer is staging memory, used again once its batch is durable
+      if (o.length === length) return Buffer.from(o);
     }
     await this.whenApplied();
     const buf = Buffer.alloc(length);
@@ -402,11 +412,13 @@ export class LocalReplicaStore implements ReplicaStore {
    */
   submit(ops: WriteOp[], seq: number): Promise<void> {
     if (this.commits.failure) return Promise.reject(this.commits.failure);
-    for (const op of ops) {
-      this.check(op.offset, op.length);
-      this.overlay.set(op.offset, op.data);
-    }
-    return this.commits.submit(ops, seq);
+    for (const op of ops) this.check(op.offset, op.length);
+    // the data is copied into staging memory at once (see target/staging.ts): the caller's
+    // buffers (a whole WebSocket message) are free to die young
+    const staged = this.staging.stage(ops);
+    for (const op of staged.ops) this.overlay.set(op.offset, op.data);
+    this.stagedIn.set(staged.ops, staged.chunks);
+    return this.commits.submit(staged.ops, seq);
   }
 
   private async applyBatch(batch: Batch): Promise<void> {
@@ -432,6 +444,11 @@ export class LocalReplicaStore implements ReplicaStore {
   private committed(batch: Batch): Promise<void> | void {
     this.appliedBatches++;
     for (const op of batch.ops) if (this.overlay.get(op.offset) === op.data) this.overlay.delete(op.offset);
+    // written and synced: nothing reads these copies any more
+    for (const p of batch.parts) {
+      this.staging.releaseAll(this.stagedIn.get(p.ops) ?? []);
+      this.stagedIn.delete(p.ops);
+    }
     if (batch.maxSeq > this.state.lastDurableSeq) this.state.lastDurableSeq = batch.maxSeq;
     if (this.wal.bytes > WAL_CHECKPOINT_BYTES) return this.checkpoint();
   }
@@ -501,6 +518,7 @@ export class LocalReplicaStore implements ReplicaStore {
     await this.whenApplied();
     // nothing applied since the last checkpoint (e.g. a verify or a refused session): nothing to sync
     if (!this.commits.failure && !this.readOnly && this.appliedBatches !== this.checkpointedBatches) await this.checkpoint().catch(() => undefined);
+    this.staging.close();
     await this.closeHandles();
   }
 }
