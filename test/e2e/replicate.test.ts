@@ -99,14 +99,14 @@ t.test('usage and configuration errors exit with their codes', async (t) => {
   t.equal(r2.code, 3);
   t.match(r2.stderr, /MOB_ERR_CONFIG/);
   await fsp.writeFile(path.join(dir, 'tok'), 'x');
-  const r3 = await runCli(['replicate', '--server', 'wss://127.0.0.1:1', '--token-file', path.join(dir, 'tok'), '--pin', 'AA', '--disk', path.join(dir, 'missing.img'), '--state-dir', path.join(dir, 's')]).done;
+  const r3 = await runCli(['replicate', '--server', 'wss://127.0.0.1:1', '--token-file', path.join(dir, 'tok'), '--pin', 'AA'.repeat(32), '--disk', path.join(dir, 'missing.img'), '--state-dir', path.join(dir, 's')]).done;
   t.equal(r3.code, 3);
   t.match(r3.stderr, /MOB_ERR_SOURCE/);
   await fsp.writeFile(path.join(dir, 'small.img'), Buffer.alloc(4096));
-  const r4 = await runCli(['replicate', '--server', 'wss://127.0.0.1:1', '--token-file', path.join(dir, 'tok'), '--pin', 'AA', '--disk', path.join(dir, 'small.img'), '--state-dir', path.join(dir, 's'), '--retry-deadline', '1']).done;
+  const r4 = await runCli(['replicate', '--server', 'wss://127.0.0.1:1', '--token-file', path.join(dir, 'tok'), '--pin', 'AA'.repeat(32), '--disk', path.join(dir, 'small.img'), '--state-dir', path.join(dir, 's'), '--retry-deadline', '1']).done;
   t.equal(r4.code, 5, 'unreachable server: exit 5 after the retry deadline');
   t.match(r4.stderr, /MOB_ERR_RETRY_EXHAUSTED/);
-  const r5 = await runCli(['replicate', '--server', 'wss://127.0.0.1:1', '--token-file', path.join(dir, 'tok'), '--pin', 'AA', '--disk', path.join(dir, 'small.img'), '--retry-deadline', 'soon']).done;
+  const r5 = await runCli(['replicate', '--server', 'wss://127.0.0.1:1', '--token-file', path.join(dir, 'tok'), '--pin', 'AA'.repeat(32), '--disk', path.join(dir, 'small.img'), '--retry-deadline', 'soon']).done;
   t.equal(r5.code, 2, 'a non-numeric retry deadline is a usage error');
   for (const c of ['server', 'replicate', 'verify', 'demo']) {
     const h = await runCli([c, '--help']).done;
