@@ -50,6 +50,14 @@ interface Policy {
   /** Absent from servers older than the setting: the protector's default. */
   freezeLimitMs?: number; spoolBudgetBytes?: number;
 }
+/** The compress mode a policy asks for: compressMode from newer servers (an unknown one counts as auto), else compress true = auto. */
+export function policyCompressMode(p: Pick<Policy, 'compress' | 'compressMode'>): CompressMode {
+  const m = p.compressMode as string | undefined;
+  if (m === 'auto' || m === 'always' || m === 'never') return m;
+  if (m !== undefined) return 'auto';
+  return p.compress ? 'auto' : 'never';
+}
+
 interface Assignments { agentId: string; policy: Policy; disks: { diskId: string; device: string }[] }
 
 export class AgentDaemon {
@@ -311,7 +319,7 @@ export class AgentDaemon {
   private key(a: Assignments | null): string {
     if (!a || a.disks.length === 0) return '';
     const p = a.policy;
-    return JSON.stringify([a.disks.map((d) => [d.diskId, d.device]).sort(), p.crashIntervalMs, p.appIntervalMs, p.compressMode ?? p.compress, p.bandwidthBytes, p.freezeLimitMs ?? null, p.spoolBudgetBytes ?? null]);
+    return JSON.stringify([a.disks.map((d) => [d.diskId, d.device]).sort(), p.crashIntervalMs, p.appIntervalMs, policyCompressMode(p), p.bandwidthBytes, p.freezeLimitMs ?? null, p.spoolBudgetBytes ?? null]);
   }
 
   private async reconcile(): Promise<void> {
@@ -350,14 +358,14 @@ export class AgentDaemon {
       }
       return;
     }
-    this.log.info('protecting', { disks: a.disks, policy: a.policy.name, compress: a.policy.compressMode ?? (a.policy.compress ? 'auto' : 'never'), freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes });
+    this.log.info('protecting', { disks: a.disks, policy: a.policy.name, compress: policyCompressMode(a.policy), freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes });
     const { Protector } = await import('./protector.js');
     const replicateUrl = new URL(this.cfg.server);
     replicateUrl.pathname = '/v1/replicate';
     const p = new Protector({
       serverUrl: replicateUrl.toString(), token: '', ca: this.creds.ca, pin: this.creds.identity.serverFingerprint, cert: this.creds.cert, key: this.creds.key,
       agentId, disks: a.disks.map((d) => ({ path: d.device, id: d.diskId })), stateDir: protectDir,
-      compress: a.policy.compressMode ?? (a.policy.compress ? 'auto' : 'never'), maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
+      compress: policyCompressMode(a.policy), maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
       appIntervalMs: a.policy.appIntervalMs || undefined, hooksDir: this.cfg.hooksDir, tracefsRoot: this.cfg.tracefsRoot,
       freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes,
       logger: this.log.child({ component: 'protect' }),

@@ -282,12 +282,19 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       } else if (sub === 'create') {
         const name = positionals[0];
         if (!name) throw new MobilityError('MOB_ERR_USAGE', 'policy create needs a NAME');
+        const mode = compressMode(v, undefined);
         const j = await api(c, 'POST', '/v1/policies', {
           name, rpoThresholdMs: durOpt(v, 'rpo'), retentionMs: durOpt(v, 'retention'), crashIntervalMs: durOpt(v, 'crash-interval'), appIntervalMs: durOpt(v, 'app-interval'),
-          compress: compressMode(v, undefined), bandwidthBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
+          // auto and never as the boolean every server understands; always only as a mode
+          compress: mode === undefined ? undefined : mode === 'always' ? mode : mode === 'auto',
+          compressMode: mode, bandwidthBytes: v['max-rate'] ? parseSize(v['max-rate'] as string) : undefined,
           freezeLimitMs: durOpt(v, 'freeze-limit'), spoolBudgetBytes: v['spool-budget'] ? parseSize(v['spool-budget'] as string) : undefined,
         });
-        out(v, j, () => fmt([j.policy as P]));
+        const saved = j.policy as P;
+        if (mode === 'always' && saved.compressMode !== 'always') {
+          throw new MobilityError('MOB_ERR_CONFIG', `the server kept compression ${saved.compressMode ?? (saved.compress ? 'on' : 'off')}: it predates --compress always (upgrade it)`);
+        }
+        out(v, j, () => fmt([saved]));
       } else {
         if (!v.machine || !v.policy) throw new MobilityError('MOB_ERR_USAGE', 'policy assign needs --machine and --policy');
         const j = await api(c, 'POST', '/v1/policies/assign', { machine: v.machine, policy: v.policy });

@@ -543,8 +543,8 @@ export async function main(argv: string[]): Promise<number> {
       const text = await helpFor(cmd);
       if (text !== undefined) { process.stdout.write(text); return EXIT.OK; }
     }
-    // the commands that move disk data: fewer full collections of a small heap (util/heap-tuning.ts)
-    if (['server', 'replicate', 'verify', 'protect', 'reprotect', 'agent'].includes(cmd ?? '')) tuneHeapForStreaming();
+    // the process server streams disk data through a small heap: fewer full collections (util/heap-tuning.ts)
+    if (cmd === 'server') tuneHeapForStreaming();
     switch (cmd) {
       case 'server': return await cmdServer(rest);
       case 'replicate': return await cmdReplicate(rest, false);

@@ -10,8 +10,10 @@
  *
  * Data is placed one after the other in chunks of CHUNK_BYTES (so writes adjacent on disk and in
  * arrival order usually stay adjacent in memory, and a target can send them as one body without
- * another copy). A chunk goes back to the pool once every write placed in it was released; a
- * pool shared by every store of the process keeps at most `keep` idle chunks.
+ * another copy). A chunk goes back to the pool once every write placed in it was released (the
+ * chunk being filled too, so an idle store holds none); a pool shared by every store of the
+ * process keeps at most `keep` idle chunks. A store that failed never releases the writes its
+ * target may still be reading: those chunks are left to the garbage collector.
  */
 
 /** One chunk: its memory, where the next write goes, and how many placed writes are still held. */
@@ -87,10 +89,11 @@ export class StagingArena {
   release(c: StagingChunk): void {
     if (c.refs <= 0) throw new Error('staging chunk released more often than written');
     c.refs--;
-    if (c.refs === 0) {
-      if (c.sealed) this.pool.give(c.buf);
-      else c.used = 0; // the current chunk, empty again: start over at its beginning
-    }
+    if (c.refs > 0) return;
+    // empty: back to the pool, the current chunk too (an idle store holds no staging memory)
+    if (c === this.current) this.current = null;
+    c.sealed = true;
+    this.pool.give(c.buf);
   }
 
   /** No more placements (a closing store): chunks go back to the pool as their copies are released. */

@@ -35,9 +35,4 @@ export class BufferPool {
   get idle(): number {
     return this.free.length;
   }
-
-  /** Drops the idle buffers (a pass that ended keeps none). */
-  clear(): void {
-    this.free.length = 0;
-  }
 }

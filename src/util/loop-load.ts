@@ -8,16 +8,16 @@
  * idle for the event loop; host time in I/O wait counts as spare (a disk-bound server has
  * CPU to decode lz4).
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, openSync, readSync } from 'node:fs';
 import os from 'node:os';
 import { performance, type EventLoopUtilization } from 'node:perf_hooks';
 
 const WINDOW_MS = 250;
 
 /**
- * Busy and total CPU ticks of the host. On Linux from /proc/stat's `cpu` line, where time in
- * I/O wait and time stolen by a hypervisor count as not busy (os.cpus() leaves both out of the
- * total, which makes an I/O-bound host look CPU-busy); elsewhere from os.cpus().
+ * Busy and total CPU ticks of the host from /proc/stat's `cpu` line. Time in I/O wait counts as
+ * spare (a disk-bound server has CPU to decode lz4); time stolen by a hypervisor counts as busy
+ * (it is CPU this host does not get). os.cpus() leaves both out of the total.
  */
 export function parseProcStat(text: string): { busy: number; total: number } | null {
   const line = text.split('\n').find((l) => l.startsWith('cpu '));
@@ -26,19 +26,26 @@ export function parseProcStat(text: string): { busy: number; total: number } | n
   if (f.length < 4 || f.some((x) => !Number.isFinite(x))) return null;
   // user nice system idle iowait irq softirq steal (guest time is already inside user/nice)
   const [user, nice, system, idle, iowait = 0, irq = 0, softirq = 0, steal = 0] = f;
-  const busy = user + nice + system + irq + softirq;
-  return { busy, total: busy + idle + iowait + steal };
+  const busy = user + nice + system + irq + softirq + steal;
+  return { busy, total: busy + idle + iowait };
 }
 
-function cpuTimes(): { busy: number; total: number } {
-  if (process.platform === 'linux') {
-    try {
-      const t = parseProcStat(readFileSync('/proc/stat', 'latin1'));
-      if (t) return t;
-    } catch {
-      // no /proc: the portable figures below
-    }
+/** The first line of /proc/stat is all we need: read 512 bytes, not the whole (per-CPU) file. */
+function procStatTimes(): { busy: number; total: number } | null {
+  let fd = -1;
+  try {
+    fd = openSync('/proc/stat', 'r');
+    const buf = Buffer.allocUnsafe(512);
+    const n = readSync(fd, buf, 0, buf.length, 0);
+    return parseProcStat(buf.toString('latin1', 0, n));
+  } catch {
+    return null;
+  } finally {
+    if (fd >= 0) closeSync(fd);
   }
+}
+
+function osCpuTimes(): { busy: number; total: number } {
   let busy = 0;
   let total = 0;
   for (const c of os.cpus()) {
@@ -50,10 +57,16 @@ function cpuTimes(): { busy: number; total: number } {
 }
 
 export class LoopLoad {
+  /** One source for the whole life of the instance: ticks of /proc/stat and of os.cpus() do not mix. */
+  private readonly fromProc = process.platform === 'linux' && procStatTimes() !== null;
   private last: EventLoopUtilization = performance.eventLoopUtilization();
-  private lastCpu = cpuTimes();
+  private lastCpu: { busy: number; total: number } | null = this.cpuTimes();
   private lastAt = performance.now();
   private pct = 1;
+
+  private cpuTimes(): { busy: number; total: number } | null {
+    return this.fromProc ? procStatTimes() : osCpuTimes();
+  }
 
   /** Load percent (1-100: 0 on the wire means not reported) over the window that ended at the latest refresh; refreshes at most every 250 ms. */
   read(): number {
@@ -61,9 +74,10 @@ export class LoopLoad {
     if (now - this.lastAt >= WINDOW_MS) {
       const cur = performance.eventLoopUtilization();
       const loop = performance.eventLoopUtilization(cur, this.last).utilization;
-      const cpu = cpuTimes();
-      const dt = cpu.total - this.lastCpu.total;
-      const host = dt > 0 ? (cpu.busy - this.lastCpu.busy) / dt : 0;
+      const cpu = this.cpuTimes();
+      // a failed read (say, out of file descriptors) leaves the host's share out of this window
+      const dt = cpu && this.lastCpu ? cpu.total - this.lastCpu.total : 0;
+      const host = cpu && this.lastCpu && dt > 0 ? (cpu.busy - this.lastCpu.busy) / dt : 0;
       this.pct = Math.max(1, Math.min(100, Math.round(Math.max(loop, host) * 100)));
       this.last = cur;
       this.lastCpu = cpu;

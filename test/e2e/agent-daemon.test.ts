@@ -13,6 +13,7 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { EXIT } from '../../src/cli/args.js';
+import { api, serverConn } from '../../src/cli/api-client.js';
 import { CLI_PATH } from '../../src/server/spawn.js';
 import { cleanup, runCli, startServer, stopGently, tmpDir, traceInstancesOf, waitFor } from '../helpers.js';
 
@@ -70,6 +71,15 @@ t.test('agent daemon: enable, policy push, reload, disable, stop', async (t) => 
   t.match(JSON.parse(fast.stdout).policy, { freezeLimitMs: 5000, spoolBudgetBytes: 64 * 1024 * 1024, compressMode: 'always', compress: true }, 'the freeze bound, the spool budget and the compress mode are policy settings');
   const badMode = await cli(['policy', 'create', 'fast', ...conn, '--compress', 'lz4']);
   t.equal(badMode.code, EXIT.USAGE, 'an unknown compress mode is a usage error');
+  // the API: compressMode wins, a boolean compress is what older clients send, both must agree
+  const apiConn = await serverConn({ server: server.info.url, 'data-dir': server.info.dataDir });
+  const viaMode = await api(apiConn, 'POST', '/v1/policies', { name: 'modes', compressMode: 'never' });
+  t.match(viaMode.policy, { compressMode: 'never', compress: false }, 'compressMode alone sets the mode');
+  const viaBool = await api(apiConn, 'POST', '/v1/policies', { name: 'modes', compress: true });
+  t.match(viaBool.policy, { compressMode: 'auto', compress: true }, 'an older client\'s compress true means auto');
+  const postedBack = await api(apiConn, 'POST', '/v1/policies', { name: 'modes', compress: true, compressMode: 'always' });
+  t.match(postedBack.policy, { compressMode: 'always' }, 'a GET body posted back (compress true, compressMode always) keeps always');
+  await t.rejects(api(apiConn, 'POST', '/v1/policies', { name: 'modes', compress: false, compressMode: 'auto' }), { code: 'MOB_ERR_USAGE' }, 'a contradiction is refused');
   const en = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop, '--disk-id', 'd1', '--policy', 'fast']);
   t.equal(en.code, 0, en.stderr);
   await waitFor(() => /"message":"protecting".*"policy":"fast"/.test(err), LONG, 'protection under policy fast');

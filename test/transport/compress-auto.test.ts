@@ -41,10 +41,10 @@ t.test('the server load figure sees a busy event loop, and travels in the Ack', 
   t.equal(old.type === 'ack' && old.ack.busyPct, 0, 'an Ack without the field (older server) reads as 0');
 });
 
-t.test('host CPU from /proc/stat: I/O wait and steal are spare capacity, not load', async (t) => {
+t.test('host CPU from /proc/stat: I/O wait is spare capacity, steal is not', async (t) => {
   const ioBound = parseProcStat('cpu  100 0 50 200 650 0 0 0 0 0\ncpu0 50 0 25 100 325 0 0 0 0 0\n');
   t.same(ioBound, { busy: 150, total: 1000 }, 'a host waiting on its disk is 15 % busy, not 43 %');
-  t.same(parseProcStat('cpu  10 2 3 80 0 1 2 2\n'), { busy: 18, total: 100 });
+  t.same(parseProcStat('cpu  10 2 3 80 0 1 2 2\n'), { busy: 20, total: 100 }, 'stolen time is CPU this host does not get');
   t.same(parseProcStat('cpu  1 2 3 4\n'), { busy: 6, total: 10 }, 'older kernels with four fields');
   t.equal(parseProcStat('intr 1 2 3\n'), null, 'no cpu line');
   t.equal(parseProcStat('cpu  a b c d\n'), null, 'garbage');

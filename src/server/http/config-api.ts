@@ -41,6 +41,19 @@ function ms(v: unknown, what: string, fallback: number, min = 0): number {
   return v;
 }
 
+/** The compress setting of a policy body: compressMode, or compress (a mode, or a boolean as older clients send it); both must agree. */
+function policyCompress(b: Record<string, unknown>, fallback: CompressMode): CompressMode {
+  const fromMode = b.compressMode === undefined || b.compressMode === null ? undefined : compressOpt(b.compressMode, fallback);
+  if (fromMode !== undefined && typeof b.compressMode === 'boolean') throw new MobilityError('MOB_ERR_USAGE', 'compressMode must be auto, always or never');
+  const fromCompress = b.compress === undefined || b.compress === null ? undefined : compressOpt(b.compress, fallback);
+  if (fromMode !== undefined && fromCompress !== undefined && fromMode !== fromCompress
+    // compress true (a client that also sends compressMode, or a GET body posted back) stands for any mode but never
+    && !(b.compress === true && fromMode !== 'never')) {
+    throw new MobilityError('MOB_ERR_USAGE', `compress (${JSON.stringify(b.compress)}) contradicts compressMode (${JSON.stringify(b.compressMode)})`);
+  }
+  return fromMode ?? fromCompress ?? fallback;
+}
+
 /** A policy's compress setting: a mode, or a boolean as older clients send it (true = auto). */
 function compressOpt(v: unknown, fallback: CompressMode): CompressMode {
   if (v === undefined || v === null) return fallback;
@@ -200,7 +213,7 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
       const app = ms(b.appIntervalMs, 'appIntervalMs', base.appIntervalMs, 0);
       const p = db.putPolicy({
         name, rpoThresholdMs: ms(b.rpoThresholdMs, 'rpoThresholdMs', base.rpoThresholdMs, 1000), retentionMs: ms(b.retentionMs, 'retentionMs', base.retentionMs, 60_000),
-        crashIntervalMs: crash, appIntervalMs: app, compressMode: compressOpt(b.compress, base.compressMode),
+        crashIntervalMs: crash, appIntervalMs: app, compressMode: policyCompress(b, base.compressMode),
         bandwidthBytes: ms(b.bandwidthBytes, 'bandwidthBytes', base.bandwidthBytes, 0),
         freezeLimitMs: ms(b.freezeLimitMs, 'freezeLimitMs', base.freezeLimitMs, 100),
         spoolBudgetBytes: ms(b.spoolBudgetBytes, 'spoolBudgetBytes', base.spoolBudgetBytes, 64 * 1024),

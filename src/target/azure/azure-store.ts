@@ -470,15 +470,20 @@ export class AzureReplicaStore implements ReplicaStore {
     // accepted-not-confirmed writes over the range, oldest first (a later one wins)
     const over: WriteOp[] = [];
     for (const op of this.overlay.values()) if (op.offset < end && op.offset + op.length > offset) over.push(op);
-    let buf: Buffer;
-    if (over.length && covers(over, offset, end)) buf = Buffer.alloc(length);
-    else buf = length ? await this.ctx.ops.download({ name: this.ctx.blobName }, offset, length) : Buffer.alloc(0);
-    for (const op of over) {
+    if (over.length && covers(over, offset, end)) {
+      const buf = Buffer.alloc(length);
+      for (const op of over) overlayInto(buf, offset, op, op.data);
+      return buf;
+    }
+    // the overlay's data is staging memory, reused once its batch is confirmed, which may happen
+    // during the download: its pieces are copied out first
+    const pieces = over.map((op) => {
       const s = Math.max(op.offset, offset);
       const e = Math.min(op.offset + op.length, end);
-      if (op.data) op.data.copy(buf, s - offset, s - op.offset, e - op.offset);
-      else buf.fill(0, s - offset, e - offset);
-    }
+      return { op: { offset: s, length: e - s, data: null }, data: op.data ? Buffer.from(op.data.subarray(s - op.offset, e - op.offset)) : null };
+    });
+    const buf = length ? await this.ctx.ops.download({ name: this.ctx.blobName }, offset, length) : Buffer.alloc(0);
+    for (const p of pieces) overlayInto(buf, offset, p.op, p.data);
     return buf;
   }
 
@@ -674,6 +679,7 @@ export class AzureReplicaStore implements ReplicaStore {
     this.discarded = true;
     this.closed = true;
     await this.whenApplied();
+    this.staging.close();
     try {
       await this.ctx.ops.delete({ name: this.ctx.blobName }, true);
     } catch (err) {
@@ -697,6 +703,15 @@ export class AzureReplicaStore implements ReplicaStore {
       });
     }
   }
+}
+
+/** Lays an op's bytes (data for op.offset.., or zeros when null) over buf, which holds [at, at + buf.length). */
+function overlayInto(buf: Buffer, at: number, op: WriteOp, data: Buffer | null): void {
+  const s = Math.max(op.offset, at);
+  const e = Math.min(op.offset + op.length, at + buf.length);
+  if (e <= s) return;
+  if (data) data.copy(buf, s - at, s - op.offset, e - op.offset);
+  else buf.fill(0, s - at, e - at);
 }
 
 /** True when the ops together cover every byte of [start, end). */

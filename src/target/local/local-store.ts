@@ -242,6 +242,7 @@ export class LocalReplicaStore implements ReplicaStore {
     const p = this.pending;
     if (!p || this.discarded) return;
     this.discarded = true;
+    this.staging.close();
     await this.closeHandles();
     await fsp.rm(this.dirPath, { recursive: true, force: true }).catch(() => undefined);
     liveTemps.delete(this.dirPath);

@@ -183,6 +183,41 @@ t.test('an ack means Azure confirmed: submit resolves only after every call of t
   await store.close();
 });
 
+t.test('a read racing the confirmation of a write it overlays still returns that write (staging memory is reused after)', async (t) => {
+  let holdPut: Promise<void> | null = null;
+  let releasePut: (() => void) | null = null;
+  let releaseDownload: (() => void) | null = null;
+  let downloaded = false;
+  const backend = await backendOn(t, await azurite(), {
+    ops: (inner) => new Proxy(inner, {
+      get(target, prop, recv) {
+        const v = Reflect.get(target, prop, recv) as unknown;
+        if (typeof v !== 'function') return v;
+        const call = (...args: unknown[]) => (v as (...a: unknown[]) => Promise<unknown>).apply(target, args);
+        if (prop === 'putPages') return async (...args: unknown[]) => { if (holdPut) await holdPut; return call(...args); };
+        // the blob's bytes are fetched at once, the answer arrives only when released
+        if (prop === 'download') return async (...args: unknown[]) => { const r = await call(...args); downloaded = true; await new Promise<void>((res) => { releaseDownload = res; }); return r; };
+        return call;
+      },
+    }),
+  });
+  const { store } = await backend.open('agent-r', 'disk0', 16 * MiB);
+  holdPut = new Promise<void>((r) => { releasePut = r; });
+  const first = Buffer.alloc(4096, 0xaa);
+  const acked = store.submit([{ offset: 0, length: 4096, data: first }], 1);
+  const read = store.read(0, 8192); // half of it is not overlaid: the blob is downloaded
+  while (!downloaded) await ticks(10);
+  holdPut = null;
+  releasePut!();
+  await acked; // confirmed: its staging copy is released while the read waits
+  await store.submit([{ offset: MiB, length: 4096, data: Buffer.alloc(4096, 0xbb) }], 2);
+  releaseDownload!();
+  const got = await read;
+  sameBytes(t, got.subarray(0, 4096), first, 'the accepted write, not what later took its staging memory');
+  sameBytes(t, got.subarray(4096), Buffer.alloc(4096), 'and the blob\'s bytes beyond it');
+  await store.close();
+});
+
 t.test('retry layer: transient failures retried with backoff; exhausted -> MOB_ERR_TARGET_UNAVAILABLE; auth and quota at once', async (t) => {
   const a = await azurite();
   let failPuts = 2;
