@@ -417,14 +417,37 @@ async function main(): Promise<void> {
     say(`  regions: ${count.zero} zero, ${count.random} random, ${count.text} text (256 KiB each)`);
 
     say('starting Azurite and the counting proxy...');
-    const az: Azurite = await startAzurite(scope, { location: path.join(work, 'azurite') });
+    let az: Azurite = await startAzurite(scope, { location: path.join(work, 'azurite') });
     if (az.pid) load.pids.add(az.pid);
     const proxy = await startProxy((cmd, args, opts) => c.spawn(cmd, args, opts), az.port);
     if (proxy.child.pid) load.pids.add(proxy.child.pid);
-    const directUrl = az.url;
+    let directUrl = az.url;
     const proxyUrl = `http://127.0.0.1:${proxy.port}/${az.accountName}`;
     const creds = await writeCredentialsFile(work, az);
-    const svc = new BlobServiceClient(directUrl, new StorageSharedKeyCredential(az.accountName, az.accountKey));
+    let svc = new BlobServiceClient(directUrl, new StorageSharedKeyCredential(az.accountName, az.accountKey));
+    /**
+     * A new Azurite on a new location for a timed round: its metadata store (LokiJS, saved whole
+     * every few seconds) keeps the extents of every blob deleted since its start until its
+     * 10-minute collection, so its CPU per run grew over a session (5.5 s in the first rounds,
+     * 12-16 s later, for the same work) and whichever side ran into a save or a collection paid.
+     * Warmed with a small upload (untimed) so neither side meets a cold emulator.
+     */
+    const freshAzurite = async (round: number) => {
+      if (az.pid) load.pids.delete(az.pid);
+      await az.stop();
+      await fsp.rm(az.location, { recursive: true, force: true });
+      az = await startAzurite(scope, { location: path.join(work, `azurite-r${round}`) });
+      if (az.pid) load.pids.add(az.pid);
+      directUrl = az.url;
+      svc = new BlobServiceClient(directUrl, new StorageSharedKeyCredential(az.accountName, az.accountKey));
+      const warm = svc.getContainerClient('warm-up');
+      await warm.create();
+      const pb = warm.getPageBlobClient('w');
+      await pb.create(64 * MiB);
+      const chunk = Buffer.alloc(4 * MiB, 1);
+      for (let o = 0; o < 64 * MiB; o += 4 * MiB) await pb.uploadPages(chunk, o, chunk.length);
+      await warm.delete();
+    };
     say(`  Azurite on port ${az.port}, proxy on port ${proxy.port}`);
 
     // server identity (CA, certificate, token) made once; each run copies it into a fresh data dir
@@ -562,7 +585,7 @@ async function main(): Promise<void> {
     }
 
     // ------------------------------------------------------------ timed rounds
-    say(`\n[timed] ${RUNS} round(s), direct to Azurite: ours (replicate, initial) and peer (direct upload), in turn first; dirty pages written out (sync) before each run`);
+    say(`\n[timed] ${RUNS} round(s), direct to Azurite (a fresh one per round, warmed): ours (replicate, initial) and peer (direct upload), in turn first; dirty pages written out (sync) before each run`);
     // the previous run's 2 GiB of dirty pages would otherwise be written back (and throttle
     // writers) during the next run: whichever ran second paid for the first
     const flushed = () => new Promise<void>((resolve, reject) => {
@@ -574,6 +597,7 @@ async function main(): Promise<void> {
       repeated: [] as { ours: OursRun; peer: PeerRun }[],
     };
     for (let r = 1; timed.ours.length < RUNS; r++) {
+      await freshAzurite(r);
       const waited = await quiet();
       // alternate who goes first: a warming Azurite (JIT, its metadata store) or leftover I/O
       // favours neither side (by kept rounds, so a repeated round does not upset the turns)
