@@ -26,6 +26,8 @@ export const MAX_HEADER_BYTES = 256 * KiB;
 export const WS_MAX_PAYLOAD = 2 * MAX_FRAME_BYTES;
 /** Bytes waiting in the agent's socket beyond the kernel's buffer from which the link counts as the bottleneck (compress auto). */
 export const LINK_BACKLOG_BYTES = 2 * MiB;
+/** Data the agent lets wait for its socket (beyond the kernel's buffers) before it sends more: bounds how long a control frame queues behind data. Above LINK_BACKLOG_BYTES, so a slow link still shows. */
+export const SEND_QUEUE_BYTES = 4 * MiB;
 /** Server load (Ack busy_pct: event-loop utilization or host CPU, percent) from which a socket backlog counts as the server's, not the link's. */
 export const PEER_BUSY_PCT = 50;
 /** Credit window the server grants: bounds bytes in flight and buffered on both sides. */

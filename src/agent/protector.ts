@@ -64,7 +64,8 @@ const CONVERGE_TIMEOUT_MS = 30_000;
 const DRAIN_MS = 100;
 const COUNTER_CHECK_MS = 1000;
 const PERSIST_MS = 2000;
-const HEALTH_MS = 3000;
+/** Health report period: status figures on the server are at most about this old (plus the send queue, SEND_QUEUE_BYTES). */
+const HEALTH_MS = 1000;
 const TAKE_BLOCKS = 128;
 
 export interface ProtectOptions {

@@ -7,7 +7,7 @@
  */
 import { EventEmitter } from 'node:events';
 import WebSocket from 'ws';
-import { HEARTBEAT_MAX_MISSED, LINK_BACKLOG_BYTES, PEER_BUSY_PCT, PROTOCOL_VERSION, WS_MAX_PAYLOAD } from '../constants.js';
+import { HEARTBEAT_MAX_MISSED, LINK_BACKLOG_BYTES, PEER_BUSY_PCT, PROTOCOL_VERSION, SEND_QUEUE_BYTES, WS_MAX_PAYLOAD } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import { decodeMessage, encodeMessage, type Ack, type CutAck, type CutRequest, type DecodedFrame, type ReadReply, type DigestReply, type Hello, type Welcome } from '../protocol/frame-codec.js';
 import { normalizeFingerprint } from './tls.js';
@@ -46,6 +46,7 @@ export class Connection extends EventEmitter {
   private credit = 0;
   /** The server's load from its latest Ack that reported one (busy_pct; 0 until then, or with an older server). */
   private peerBusyPct = 0;
+  private unwritten = 0;
   private creditWaiters: (() => void)[] = [];
   private closedErr: MobilityError | null = null;
   private lastRecv = Date.now();
@@ -221,13 +222,30 @@ export class Connection extends EventEmitter {
       if (this.closedErr) throw this.closedErr;
       await new Promise<void>((r) => this.creditWaiters.push(r));
     }
+    // no more than SEND_QUEUE_BYTES of data waits in this process for the socket: a control
+    // frame sent now (health, a cut, a digest request) is not stuck behind the whole credit
+    // window on a slow link
+    while (this.unwritten > SEND_QUEUE_BYTES) {
+      if (this.closedErr) throw this.closedErr;
+      await new Promise<void>((r) => this.creditWaiters.push(r));
+    }
     if (this.limiter) await this.limiter.take(buf.length);
     if (this.closedErr) throw this.closedErr;
     this.credit -= buf.length;
-    if (written) {
-      this.ws.send(buf, () => written());
-      this.bytesSent += buf.length;
-    } else this.send(buf);
+    const n = buf.length;
+    this.unwritten += n;
+    // ws calls back once the socket took the buffer, or with an error when it was destroyed first
+    this.ws.send(buf, () => {
+      this.unwritten -= n;
+      if (written) written();
+      this.wakeCredit();
+    });
+    this.bytesSent += n;
+  }
+
+  /** Data bytes handed to ws that the socket has not taken yet (at most about SEND_QUEUE_BYTES + one frame). */
+  get unwrittenBytes(): number {
+    return this.unwritten;
   }
 
   /** Closes with the given reason (or normally). Idempotent; emits 'close' once. */
