@@ -17,9 +17,12 @@ export async function tmpDir(t: TestLike, prefix = 'tmp-'): Promise<string> {
 
 export interface CliRun { child: ChildProcess; done: Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> }
 
-/** Runs the mobility CLI as a real child process (killed with the test process if it is still running then). */
-export function runCli(args: string[]): CliRun {
-  const child = spawn(process.execPath, [CLI_PATH, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+/**
+ * Runs the mobility CLI as a real child process (killed with the test process if it is still
+ * running then), with this process's environment or `env`.
+ */
+export function runCli(args: string[], env?: NodeJS.ProcessEnv): CliRun {
+  const child = spawn(process.execPath, [CLI_PATH, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: env ?? process.env });
   cleanup().process(child);
   let stdout = '';
   let stderr = '';

@@ -1,15 +1,17 @@
 /**
  * Configuration-server and agent-lifecycle commands of the `mobility` CLI:
  * passphrase, token, register, agent, preflight, machines, policy, enable,
- * disable, cut, push-install, push-account.
+ * disable, cut, push-install, push-account; and the operator's profiles (login,
+ * logout, profiles: profile.ts keeps them).
  */
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { DEFAULT_PORT } from '../constants.js';
 import { MobilityError } from '../errors.js';
 import { EXIT, compressMode, parse, parseDuration, parseSize, readSecretFile, type Values } from './args.js';
-import { CONN_HELP, CONN_OPTIONS, api, fmtAge, serverConn } from './api-client.js';
+import { CONN_HELP, CONN_OPTIONS, api, fmtAge, resolveConn, serverConn } from './api-client.js';
 import { confirmDestructive } from './confirm.js';
+import { configDir, profileFile, profileNames, readProfile, removeProfile, saveProfile, selectProfile, trustOf } from './profile.js';
 import { fmtBytes, table } from './progress.js';
 
 const HELP: Record<string, string> = {
@@ -20,7 +22,7 @@ The server creates it on first start in DATA-DIR/passphrase (mode 0600). rotate
 replaces it at once (a running server uses the new one for the next registration);
 registered agents keep working: they authenticate with their own certificates.
 `,
-  token: `Usage: mobility token create [--label TEXT] [--ttl D] (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
+  token: `Usage: mobility token create [--label TEXT] [--ttl D] [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
 Mints a one-time registration token (valid once, for --ttl, default 24h). Push install
 mints one per host itself; use this for installs you run by hand.
@@ -52,7 +54,7 @@ agent state, tracefs, and with --server the server port and clock skew; with --d
 disk (block device, size within limits). Exit 0 when all pass, 3 otherwise; every failure
 has a MOB_ERR_PRE_* code and says how to fix it.
 `,
-  machines: `Usage: mobility machines (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
+  machines: `Usage: mobility machines [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
 Registered machines: connection, policy, protected disks, and the inventory the agent
 reports (OS, kernel, CPU, memory, disks, IPs).
@@ -62,7 +64,7 @@ ${CONN_HELP}`,
                               [--freeze-limit D] [--spool-budget SIZE]
   mobility policy list
   mobility policy assign --machine M --policy NAME
-(each with (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL])
+(each with [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL])
 
 A policy governs all the disks of a machine (they form one consistency group):
   --rpo D             alert when the newest recovery point is older (default 15m)
@@ -78,12 +80,12 @@ A policy governs all the disks of a machine (they form one consistency group):
                       a larger remainder converges further before the next freeze
 Creating an existing policy updates it; the agents under it get the change at once.
 ${CONN_HELP}`,
-  enable: `Usage: mobility enable --machine M --disk DEV [--disk-id ID] [--policy NAME] (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL]
+  enable: `Usage: mobility enable --machine M --disk DEV [--disk-id ID] [--policy NAME] [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL]
 
 Runs the preflight checks for DEV on the machine's agent, then assigns the disk: the agent
 starts its initial replication at once (pushed over its control connection).
 ${CONN_HELP}`,
-  disable: `Usage: mobility disable --machine M --disk ID|DEV [--keep-replica] [--yes] (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
+  disable: `Usage: mobility disable --machine M --disk ID|DEV [--keep-replica] [--yes] [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
 Stops protecting the disk: the agent drops its tracking state, and the server deletes the
 replica, with the test-failover images made from it; disabling the machine's last disk
@@ -94,7 +96,7 @@ and asks; elsewhere it refuses (MOB_ERR_USAGE, exit 2, nothing changed) unless -
 machine (its promoted images are live disks) is refused with MOB_ERR_FAILED_OVER unless
 --keep-replica.
 ${CONN_HELP}`,
-  cut: `Usage: mobility cut --machine M [--kind crash|app] [--timeout D] (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
+  cut: `Usage: mobility cut --machine M [--kind crash|app] [--timeout D] [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
 Asks the machine's agent for a consistency cut now (over its control connection) and waits
 until the recovery point is recorded: prints its id on stdout (details on stderr), or with
@@ -129,6 +131,46 @@ Options:
   --server URL        the address agents use to reach this server (default wss://127.0.0.1:${DEFAULT_PORT})
   --data-dir DIR      the server's data directory (token, CA, push accounts)
   --json              results as JSON
+`,
+  login: `Usage: mobility login (--token-file F (--ca F | --pin SHA256) | --data-dir DIR) [--server URL] [--profile NAME] [--json]
+       mobility login --list [--json]      (the same as mobility profiles)
+
+Checks the connection for real (an authenticated request to the server), then saves it as a
+profile, so that the operator commands (status, points, machines, policy, cut, ...) need no
+connection options. The profile is the file CONFIG-DIR/profiles/NAME.json (mode 0600, in a
+directory of mode 0700, written atomically); it holds the server address, a copy of the CA
+certificate (or the pin) and the server's token (the operator credential): guard it like the
+token file. CONFIG-DIR is $MOBILITY_CONFIG_DIR, else $XDG_CONFIG_HOME/mobility, else
+~/.config/mobility.
+
+A refused token, CA or pin fails with the code every command gives (MOB_ERR_AUTH or
+MOB_ERR_TLS_PIN, exit 4; MOB_ERR_UNREACHABLE, exit 5) and saves nothing. Logging in again
+under a name replaces that profile. The token is never printed.
+
+Options:
+  --token-file F   a copy of the server's DATA-DIR/token, with
+  --ca F           the server's CA (a copy of DATA-DIR/tls/ca.pem; copied into the profile), or
+  --pin SHA256     the fingerprint of the server certificate (printed at its start)
+  --data-dir DIR   on the server: its token (DIR/token) and CA (DIR/tls/ca.pem), copied
+  --server URL     wss://HOST:PORT (ws:// for a --no-tls server); default wss://127.0.0.1:${DEFAULT_PORT}
+  --profile NAME   the profile to save: default $MOBILITY_PROFILE, else 'default' (the one
+                   commands given no connection options use)
+  --list           list the saved profiles instead
+  --json           what was saved (never the token) as JSON
+`,
+  logout: `Usage: mobility logout [--profile NAME]
+
+Removes the profile NAME (default $MOBILITY_PROFILE, else 'default'), token and all. A profile
+that does not exist is MOB_ERR_CONFIG (exit 3). Nothing changes on the server: the token stays
+valid for whoever holds a copy of it.
+`,
+  profiles: `Usage: mobility profiles [--json]
+
+Lists the profiles saved by mobility login (also: mobility login --list): NAME (* marks the one
+commands given no connection options use: $MOBILITY_PROFILE, else 'default'), SERVER, TRUST
+(the SHA-256 fingerprint of the saved CA certificate, or the pin) and SAVED AT. Never the token.
+A profile that cannot be used (e.g. its file is readable by group or others) is listed as
+unusable, with its coded error on stderr.
 `,
   'push-account': `Usage:
   mobility push-account add --name N --user U (--key F | --password-file F) [--data-dir DIR]
@@ -346,6 +388,45 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       }
       return EXIT.OK;
     }
+    case 'login': {
+      const { values: v } = parse(argv, { ...CONN, list: { type: 'boolean' } });
+      if (v.help) { process.stdout.write(HELP.login); return EXIT.OK; }
+      if (v.list) return listProfiles(v);
+      const { name } = selectProfile(v);
+      if (v['data-dir'] === undefined && v['token-file'] === undefined) {
+        throw new MobilityError('MOB_ERR_USAGE', 'login needs the credential to save: --token-file F (a copy of the server\'s DATA-DIR/token) with --ca F or --pin SHA256, or --data-dir DIR on the server');
+      }
+      // the options alone (not a profile), checked by an authenticated request: a refused token,
+      // CA or pin throws its coded error here, before anything is written
+      const c = await resolveConn(v, true);
+      const j = await api(c, 'GET', '/v1/status');
+      const { normalizeFingerprint } = await import('../transport/tls.js');
+      const saved = { name, server: `${c.url.protocol}//${c.url.host}`, token: c.token, ca: c.ca, pin: c.pin === undefined ? undefined : normalizeFingerprint(c.pin), savedAt: new Date().toISOString() };
+      const file = await saveProfile(saved);
+      const trust = trustOf(saved);
+      const inUse = defaultProfileName() === name;
+      const disks = Array.isArray(j.disks) ? j.disks.length : 0;
+      out(v, { profile: name, file, server: saved.server, ca: trust.ca ?? null, pin: trust.pin ?? null, savedAt: saved.savedAt, usedByDefault: inUse }, () =>
+        `logged in to ${saved.server} (${trust.text}; the server reports ${disks} protected disk(s))\n`
+        + `saved as profile ${name} in ${file}\n`
+        + (inUse ? 'operator commands given no connection options use it now\n' : `use it with --profile ${name} (or MOBILITY_PROFILE=${name})\n`));
+      return EXIT.OK;
+    }
+    case 'logout': {
+      const { values: v } = parse(argv, { profile: { type: 'string' } });
+      if (v.help) { process.stdout.write(HELP.logout); return EXIT.OK; }
+      const { name, from } = selectProfile(v);
+      if (!(await removeProfile(name))) {
+        throw new MobilityError('MOB_ERR_CONFIG', `no profile '${name}'${from === 'default' ? '' : ` (named by ${from})`} at ${profileFile(name)}; mobility profiles lists the saved ones`);
+      }
+      process.stdout.write(`removed profile ${name} (${profileFile(name)})\n`);
+      return EXIT.OK;
+    }
+    case 'profiles': {
+      const { values: v } = parse(argv, { json: { type: 'boolean' } });
+      if (v.help) { process.stdout.write(HELP.profiles); return EXIT.OK; }
+      return listProfiles(v);
+    }
     case 'push-account': {
       const [sub, ...rest] = argv;
       const { values: v } = parse(rest, { 'data-dir': { type: 'string' }, name: { type: 'string' }, user: { type: 'string' }, key: { type: 'string' }, 'password-file': { type: 'string' }, json: { type: 'boolean' } });
@@ -385,4 +466,36 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
     default:
       throw new MobilityError('MOB_ERR_USAGE', `unknown command ${cmd}`);
   }
+}
+
+/** The profile commands use when given no connection options ($MOBILITY_PROFILE, else 'default'); undefined when that name is invalid. */
+function defaultProfileName(): string | undefined {
+  try { return selectProfile({}).name; } catch { return undefined; }
+}
+
+/** mobility profiles (and login --list): the saved profiles, never their tokens. */
+async function listProfiles(v: Values): Promise<number> {
+  const used = defaultProfileName();
+  const rows: { name: string; server: string | null; ca: string | null; pin: string | null; trust: string; savedAt: string | null; usedByDefault: boolean; error?: { code: string; message: string } }[] = [];
+  for (const name of await profileNames()) {
+    try {
+      const p = await readProfile(name);
+      if (!p) continue; // removed meanwhile
+      const t = trustOf(p);
+      rows.push({ name, server: p.server, ca: t.ca ?? null, pin: t.pin ?? null, trust: t.text, savedAt: p.savedAt || null, usedByDefault: name === used });
+    } catch (err) {
+      if (!(err instanceof MobilityError)) throw err;
+      rows.push({ name, server: null, ca: null, pin: null, trust: 'unusable', savedAt: null, usedByDefault: name === used, error: { code: err.code, message: err.message } });
+    }
+  }
+  if (v.json) {
+    process.stdout.write(JSON.stringify({ configDir: configDir(), profiles: rows.map(({ trust: _t, ...r }) => r) }, null, 2) + '\n');
+  } else if (!rows.length) {
+    process.stdout.write(`no profiles in ${configDir()}: save one with mobility login --server URL --token-file F (--ca F | --pin SHA256)\n`);
+  } else {
+    process.stdout.write(table([['NAME', 'SERVER', 'TRUST', 'SAVED AT'], ...rows.map((r) => [`${r.name}${r.usedByDefault ? ' *' : ''}`, r.server ?? '-', r.trust, r.savedAt ?? '-'])])
+      + (rows.some((r) => r.usedByDefault) ? `* used by commands given no connection options (${process.env.MOBILITY_PROFILE ? 'MOBILITY_PROFILE' : 'the default profile'})\n` : ''));
+  }
+  for (const r of rows) if (r.error) process.stderr.write(`mobility: profile ${r.name}: ${r.error.code}: ${r.error.message}\n`);
+  return EXIT.OK;
 }

@@ -1,7 +1,8 @@
 /**
  * The CLI's client of the server's operator API (JSON over the same HTTPS listener
  * and TLS identity as the replication endpoint): the connection options every
- * operator command takes, a request/answer call, and a streaming call that reads
+ * operator command takes (or the profile `mobility login` saved: profile.ts), a
+ * request/answer call, and a streaming call that reads
  * a newline-delimited JSON answer line by line.
  */
 import fsp from 'node:fs/promises';
@@ -13,16 +14,19 @@ import { DEFAULT_PORT } from '../constants.js';
 import { MobilityError, isErrorCode } from '../errors.js';
 import { describeCertError, isCertificateError, normalizeFingerprint } from '../transport/tls.js';
 import { readSecretFile, type Values } from './args.js';
+import { profileFile, readProfile, selectProfile } from './profile.js';
 
 /**
  * Where the server is and how to authenticate to it. caFile names where ca came from (for
- * messages); both are absent with --pin alone or a ws:// server.
+ * messages); both are absent with --pin alone or a ws:// server. profile names the profile the
+ * token came from, trustFrom says the CA or pin came from it too (both for messages).
  */
-export interface ApiConn { url: URL; token: string; ca?: string; caFile?: string; pin?: string }
+export interface ApiConn { url: URL; token: string; ca?: string; caFile?: string; pin?: string; profile?: string; trustFrom?: string }
 
 /** The connection options of every command that talks to the server's operator API (parseArgs). */
 export const CONN_OPTIONS = {
   server: { type: 'string' }, 'data-dir': { type: 'string' }, 'token-file': { type: 'string' }, ca: { type: 'string' }, pin: { type: 'string' },
+  profile: { type: 'string' },
 } as const;
 
 /** The help of the connection options, appended to the help of every operator command. */
@@ -33,10 +37,13 @@ Connection (the same for every command that talks to the server):
   --ca F                 the server's CA (a copy of DATA-DIR/tls/ca.pem), or
   --pin SHA256           the fingerprint of the server certificate (printed at its start)
   --server URL           wss://HOST:PORT (ws:// for a --no-tls server); default wss://127.0.0.1:${DEFAULT_PORT}
+  --profile NAME         without --data-dir and --token-file: the server, CA or pin and token saved
+                         by 'mobility login' (default: $MOBILITY_PROFILE, else the profile 'default');
+                         --server, --ca or --pin given as well replace the profile's
 `;
 
-/** What an operator command says when it was given no way to reach the server. */
-export const NO_CONNECTION = 'no server connection given: pass --data-dir DIR (on the server) or --server URL --token-file F (--ca F | --pin SHA256)';
+/** What an operator command says when it was given no way to reach the server (and there is no default profile). */
+export const NO_CONNECTION = 'no server connection given: pass --data-dir DIR (on the server) or --server URL --token-file F (--ca F | --pin SHA256), or save them once with mobility login';
 
 /**
  * The connection of an operator command (status, points, test-failover, failover, reprotect,
@@ -45,34 +52,53 @@ export const NO_CONNECTION = 'no server connection given: pass --data-dir DIR (o
  *                        (--token-file, --ca or --pin given as well take precedence)
  *   --token-file F       elsewhere, with --ca F or --pin SHA256 for a wss:// server
  *   --server URL         wss://HOST:PORT (ws:// for a --no-tls server); default wss://127.0.0.1:7443
- * Neither --data-dir nor --token-file: MOB_ERR_USAGE saying what to pass.
+ * Neither --data-dir nor --token-file: the profile saved by `mobility login` (profile.ts) named by
+ * --profile, else $MOBILITY_PROFILE, else 'default'; --server, --ca or --pin given replace its
+ * address or trust (--ca or --pin replaces both its CA and its pin). --profile with --data-dir or
+ * --token-file is MOB_ERR_USAGE (two credentials); no default profile: MOB_ERR_USAGE saying what
+ * to pass; a named profile that does not exist: MOB_ERR_CONFIG.
  */
 export async function serverConn(v: Values): Promise<ApiConn> {
-  return resolveConn(v, true);
+  if (v['data-dir'] !== undefined || v['token-file'] !== undefined) {
+    if (v.profile !== undefined) throw new MobilityError('MOB_ERR_USAGE', `--profile ${String(v.profile)} and --${v['data-dir'] !== undefined ? 'data-dir' : 'token-file'} both give the credential: give one of them`);
+    return resolveConn(v, true);
+  }
+  const sel = selectProfile(v);
+  const p = await readProfile(sel.name);
+  if (!p) {
+    if (sel.from === 'default') throw new MobilityError('MOB_ERR_USAGE', `${NO_CONNECTION} (no profile '${sel.name}' at ${profileFile(sel.name)})`);
+    throw new MobilityError('MOB_ERR_CONFIG', `no profile '${sel.name}' (named by ${sel.from}) at ${profileFile(sel.name)}: save it with mobility login --profile ${sel.name} --server URL --token-file F (--ca F | --pin SHA256); mobility profiles lists the saved ones`);
+  }
+  const url = serverUrl((v.server as string | undefined) ?? p.server);
+  const own = v.ca === undefined && v.pin === undefined;
+  const pin = own ? p.pin : checkPin(v.pin as string | undefined);
+  const caFile = own ? undefined : v.ca as string | undefined;
+  const ca = own ? p.ca : await readCa(caFile);
+  if (url.protocol === 'wss:' && ca === undefined && pin === undefined) {
+    throw new MobilityError('MOB_ERR_TLS_PIN', `refusing an unpinned TLS connection: profile ${p.name} has no CA nor pin for ${url.host}; give --ca F or --pin SHA256, or log in again`);
+  }
+  return { url, token: p.token, ca, caFile: caFile === undefined ? undefined : path.resolve(caFile), pin, profile: p.name, trustFrom: own ? `profile ${p.name}` : undefined };
 }
 
 /**
  * The connection of the agent-side commands (replicate, verify, protect): --server URL and
- * --token-file are required, with --ca or --pin for wss://; no --data-dir.
+ * --token-file are required, with --ca or --pin for wss://; no --data-dir, no profile.
  */
 export async function connOptions(v: Values): Promise<ApiConn> {
   return resolveConn(v, false);
 }
 
-async function resolveConn(v: Values, operator: boolean): Promise<ApiConn> {
+/**
+ * The connection given by options alone (operator: --data-dir allowed, --server defaulted; no
+ * profile). `mobility login` checks and saves what this gives.
+ */
+export async function resolveConn(v: Values, operator: boolean): Promise<ApiConn> {
   const dataDir = operator && typeof v['data-dir'] === 'string' ? path.resolve(v['data-dir']) : undefined;
   const tokenOpt = v['token-file'] as string | undefined;
   if (operator && dataDir === undefined && tokenOpt === undefined) throw new MobilityError('MOB_ERR_USAGE', NO_CONNECTION);
   const server = (v.server as string | undefined) ?? (operator ? `wss://127.0.0.1:${DEFAULT_PORT}` : undefined);
   if (server === undefined) throw new MobilityError('MOB_ERR_USAGE', '--server wss://HOST:PORT is required (with --token-file F and --ca F or --pin SHA256)');
-  let url: URL;
-  try {
-    url = new URL(server);
-  } catch {
-    throw new MobilityError('MOB_ERR_USAGE', `--server ${server} is not a URL: give wss://HOST:PORT (ws:// for a --no-tls server)`);
-  }
-  if (url.protocol !== 'wss:' && url.protocol !== 'ws:') throw new MobilityError('MOB_ERR_USAGE', `--server must be wss://HOST:PORT (ws:// for a --no-tls server), not ${server}`);
-  if (url.pathname === '/' || url.pathname === '') url.pathname = '/v1/replicate';
+  const url = serverUrl(server);
   if (dataDir !== undefined) {
     try {
       await fsp.access(dataDir);
@@ -92,20 +118,41 @@ async function resolveConn(v: Values, operator: boolean): Promise<ApiConn> {
     }
     token = await readSecretFile(file, 'token-file');
   }
-  const pin = v.pin as string | undefined;
-  if (pin !== undefined && normalizeFingerprint(pin).length !== 95) {
-    throw new MobilityError('MOB_ERR_USAGE', `--pin wants the SHA-256 fingerprint of the server certificate (64 hex digits, colons optional), not ${pin}`);
-  }
+  const pin = checkPin(v.pin as string | undefined);
   const secure = url.protocol === 'wss:';
   const caFile = (v.ca as string | undefined) ?? (secure && pin === undefined && dataDir !== undefined ? path.join(dataDir, 'tls', 'ca.pem') : undefined);
-  let ca: string | undefined;
-  if (caFile !== undefined) {
-    try { ca = await fsp.readFile(caFile, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read the CA ${caFile}: ${(err as Error).message}`); }
-  }
+  const ca = await readCa(caFile);
   if (secure && ca === undefined && pin === undefined) {
     throw new MobilityError('MOB_ERR_TLS_PIN', `refusing an unpinned TLS connection: give the server CA (--ca F) or certificate fingerprint (--pin SHA256)${operator ? ', or --data-dir DIR on the server' : ''}`);
   }
   return { url, token, ca, caFile: ca === undefined ? undefined : path.resolve(caFile!), pin };
+}
+
+/** --server (or a profile's server) as the URL of the replication endpoint; MOB_ERR_USAGE when it is no ws(s):// URL. */
+function serverUrl(server: string): URL {
+  let url: URL;
+  try {
+    url = new URL(server);
+  } catch {
+    throw new MobilityError('MOB_ERR_USAGE', `--server ${server} is not a URL: give wss://HOST:PORT (ws:// for a --no-tls server)`);
+  }
+  if (url.protocol !== 'wss:' && url.protocol !== 'ws:') throw new MobilityError('MOB_ERR_USAGE', `--server must be wss://HOST:PORT (ws:// for a --no-tls server), not ${server}`);
+  if (url.pathname === '/' || url.pathname === '') url.pathname = '/v1/replicate';
+  return url;
+}
+
+/** --pin, checked to be a SHA-256 fingerprint (MOB_ERR_USAGE otherwise). */
+function checkPin(pin: string | undefined): string | undefined {
+  if (pin !== undefined && normalizeFingerprint(pin).length !== 95) {
+    throw new MobilityError('MOB_ERR_USAGE', `--pin wants the SHA-256 fingerprint of the server certificate (64 hex digits, colons optional), not ${pin}`);
+  }
+  return pin;
+}
+
+/** The CA file's text (undefined without one); MOB_ERR_CONFIG when it cannot be read. */
+async function readCa(caFile: string | undefined): Promise<string | undefined> {
+  if (caFile === undefined) return undefined;
+  try { return await fsp.readFile(caFile, 'utf8'); } catch (err) { throw new MobilityError('MOB_ERR_CONFIG', `cannot read the CA ${caFile}: ${(err as Error).message}`); }
 }
 
 /**
@@ -133,7 +180,9 @@ async function connectVerified(c: ApiConn): Promise<TLSSocket> {
         const ae = sock.authorizationError as unknown as string | { code?: string } | null | undefined;
         const why = ae === null || ae === undefined ? null : typeof ae === 'string' ? ae : String(ae.code ?? ae);
         if (why !== null) {
-          fail(new MobilityError('MOB_ERR_TLS_PIN', `${describeCertError(why)} (${why}; CA ${c.caFile ?? 'given'}): use the server's own DATA-DIR/tls/ca.pem, or --pin with the fingerprint it prints at start`));
+          fail(new MobilityError('MOB_ERR_TLS_PIN', c.trustFrom
+            ? `${describeCertError(why)} (${why}; the CA saved in ${c.trustFrom}): if the server's identity changed, log in again (mobility login --profile ${c.profile} ...)`
+            : `${describeCertError(why)} (${why}; CA ${c.caFile ?? 'given'}): use the server's own DATA-DIR/tls/ca.pem, or --pin with the fingerprint it prints at start`));
           return;
         }
         const cert = sock.getPeerCertificate();
@@ -146,7 +195,7 @@ async function connectVerified(c: ApiConn): Promise<TLSSocket> {
       if (c.pin !== undefined) {
         const fp = sock.getPeerCertificate()?.fingerprint256 ?? '';
         if (fp !== normalizeFingerprint(c.pin)) {
-          fail(new MobilityError('MOB_ERR_TLS_PIN', `the server certificate fingerprint ${fp || '(none)'} does not match --pin ${normalizeFingerprint(c.pin)}`));
+          fail(new MobilityError('MOB_ERR_TLS_PIN', `the server certificate fingerprint ${fp || '(none)'} does not match ${c.trustFrom ? `the pin saved in ${c.trustFrom}` : '--pin'} ${normalizeFingerprint(c.pin)}`));
           return;
         }
       }
@@ -206,17 +255,18 @@ function readJson(res: IncomingMessage, host: string): Promise<Record<string, un
   });
 }
 
-/** The coded error of an error answer ({code, message}). */
-function answerError(j: Record<string, unknown>, status: number | undefined): MobilityError {
+/** The coded error of an error answer ({code, message}); a refused profile token says how to renew it. */
+function answerError(c: ApiConn, j: Record<string, unknown>, status: number | undefined): MobilityError {
   const code = typeof j.code === 'string' && isErrorCode(j.code) ? j.code : 'MOB_ERR_INTERNAL';
-  return new MobilityError(code, `server: ${String(j.message ?? status)}`);
+  const hint = code === 'MOB_ERR_AUTH' && c.profile !== undefined ? ` (the token saved in profile ${c.profile}: if the server's token changed, log in again with mobility login --profile ${c.profile} ...)` : '';
+  return new MobilityError(code, `server: ${String(j.message ?? status)}${hint}`);
 }
 
 /** Calls the server's HTTP API (same address and TLS identity as the replication endpoint). */
 export async function api(c: ApiConn, method: string, pathname: string, body?: unknown): Promise<Record<string, unknown>> {
   const res = await request(c, method, pathname, body);
   const j = await readJson(res, c.url.host);
-  if ((res.statusCode ?? 500) >= 400) throw answerError(j, res.statusCode);
+  if ((res.statusCode ?? 500) >= 400) throw answerError(c, j, res.statusCode);
   return j;
 }
 
@@ -231,7 +281,7 @@ export async function* apiStream(c: ApiConn, method: string, pathname: string, b
   const host = c.url.host;
   const res = await request(c, method, pathname, body);
   try {
-    if ((res.statusCode ?? 500) >= 400) throw answerError(await readJson(res, host), res.statusCode);
+    if ((res.statusCode ?? 500) >= 400) throw answerError(c, await readJson(res, host), res.statusCode);
     if (!/ndjson/i.test(String(res.headers['content-type'] ?? ''))) {
       yield await readJson(res, host);
       return;

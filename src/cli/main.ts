@@ -49,6 +49,11 @@ Configuration server and agents:
   push-install  install the agent on Linux hosts over SSH (parallel, with progress)
   push-account  store, list or remove push-install accounts (encrypted at rest)
 
+Operator profiles (connection options saved once):
+  login       check a connection to a server and save it as a profile (server, CA or pin, token)
+  logout      remove a profile
+  profiles    list the saved profiles (never their tokens)
+
 Run 'mobility <command> --help' (or 'mobility help <command>') for the options of a command;
 'mobility --version' prints the version.
 Exit codes: 0 ok, 1 error, 2 usage, 3 configuration/source, 4 auth/TLS pin, 5 unreachable, 6 verify found differences, 130 interrupted.
@@ -151,7 +156,7 @@ Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --stat
   --spool-memory SIZE   the part of the spool kept in memory (default 32M); the rest goes to STATE-DIR/<agent>/cut.spool
   --trace-buffer-kb N   per-CPU trace buffer (default 8192)
 `,
-  status: `Usage: mobility status (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--json]
+  status: `Usage: mobility status [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
 Per disk: state (initial-sync, continuous, resync-required, resyncing, disconnected,
 target-unavailable, failed-over) and reason, RPO (age of the newest recovery point, marked !
@@ -161,14 +166,14 @@ churn, recovery points, STORED (what the replica and its points occupy in the se
 replica store), freeze statistics. target-unavailable: the replica store (e.g. Azure
 storage) does not answer; the agent keeps its changes and resumes when it is back.
 ${CONN_HELP}`,
-  points: `Usage: mobility points (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--agent-id ID] [--json]
+  points: `Usage: mobility points [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID] [--json]
 
 Lists the agent's recovery points, oldest first, as a table: POINT (its id), TAKEN AT (the
 agent's clock at the freeze), KIND (crash or app), FROZEN (how long the filesystems were
 frozen), DISKS, VERIFIED (pages of the sampled verification), NOTE (SUSPECT and the point's
 note). --agent-id defaults to this machine's host name.
 ${CONN_HELP}`,
-  'test-failover': `Usage: mobility test-failover (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] [--agent-id ID] [--point ID|latest|latest-app] [--download DIR | --cleanup] [--json]
+  'test-failover': `Usage: mobility test-failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID] [--point ID|latest|latest-app] [--download DIR | --cleanup] [--json]
 
 Has the server's replica store make a writable image of every disk of the point while
 replication goes on:
@@ -188,7 +193,7 @@ Options:
   --cleanup       remove the test-failover images of the point (not the downloaded files)
   --json          the server's answer as JSON
 ${CONN_HELP}`,
-  failover: `Usage: mobility failover (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
+  failover: `Usage: mobility failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
 
 Fails an agent over on the server:
   1. with --point latest (the default) and the agent connected, asks it for a final
@@ -199,7 +204,7 @@ Fails an agent over on the server:
   3. stops replication: the agent's session ends with MOB_ERR_FAILED_OVER and new sessions
      are refused until 'mobility reprotect' fails back.
 ${CONN_HELP}`,
-  reprotect: `Usage: mobility reprotect (--data-dir DIR | --token-file F (--ca F | --pin SHA256)) [--server URL] --agent-id ID --disk DEV[=ID]... [--yes] [--json]
+  reprotect: `Usage: mobility reprotect [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] --agent-id ID --disk DEV[=ID]... [--yes] [--json]
 
 Run on the original machine once the recovered machine is shut down. For each disk (it must
 not be mounted): compares it page by page with its promoted image on the server and writes
@@ -517,7 +522,8 @@ async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
 }
 
 /** The commands runAdmin (admin.ts) handles. */
-const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 'token', 'machines', 'policy', 'enable', 'disable', 'cut', 'push-install', 'push-account']);
+const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 'token', 'machines', 'policy', 'enable', 'disable', 'cut', 'push-install', 'push-account',
+  'login', 'logout', 'profiles']);
 
 /** The help text of a command (main.ts's own or admin.ts's); undefined for an unknown one. */
 async function helpFor(cmd: string): Promise<string | undefined> {
@@ -555,7 +561,7 @@ export async function main(argv: string[]): Promise<number> {
         process.stdout.write(`mobility ${AGENT_VERSION} (protocol ${PROTOCOL_VERSION})\n`);
         return EXIT.OK;
       case 'register': case 'agent': case 'preflight': case 'passphrase': case 'token': case 'machines': case 'policy':
-      case 'enable': case 'disable': case 'cut': case 'push-install': case 'push-account': {
+      case 'enable': case 'disable': case 'cut': case 'push-install': case 'push-account': case 'login': case 'logout': case 'profiles': {
         const { runAdmin } = await import('./admin.js');
         return await runAdmin(cmd, rest);
       }

@@ -87,10 +87,13 @@ const OPERATOR_COMMANDS: string[][] = [
 
 t.test('every operator command takes the same connection options; none given: a coded hint', async (t) => {
   const empty = await tmpDir(t, 'not-a-data-dir-');
+  // no saved profile either (test/cli/profiles.test.ts covers them)
+  const env = { ...process.env, MOBILITY_CONFIG_DIR: path.join(empty, 'no-config'), MOBILITY_PROFILE: '' };
   await each(OPERATOR_COMMANDS, async (args) => {
-    const none = await cli(args);
+    const none = await runCli(args, env).done;
     t.equal(none.code, 2, `${args[0]} without a connection: exit 2`);
     t.match(none.stderr, 'MOB_ERR_USAGE: no server connection given: pass --data-dir DIR (on the server) or --server URL --token-file F', `${args.join(' ')}: says what to pass`);
+    t.match(none.stderr, 'mobility login', 'and how to save a connection once');
     const dd = await cli([...args, '--data-dir', empty]);
     t.equal(dd.code, 3, `${args.join(' ')} --data-dir: accepted, and a directory without a token is a configuration error`);
     t.match(dd.stderr, `MOB_ERR_CONFIG: ${empty} is not a server data directory`);
