@@ -63,6 +63,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 configuration/source, 4 auth/TLS pin, 5 un
 Runs the process server. On first start it creates in DATA-DIR:
   tls/ca.pem, tls/server.pem (+ keys, mode 0600)   the TLS identity agents pin
   token (mode 0600)                                 the pre-shared agent token
+  metrics-token (mode 0600)                         read-only token of GET /metrics (Prometheus)
   replicas/<agent>/                                 points.json (recovery points), failover.json (while failed over)
 With the file store (the default), also:
   replicas/<agent>/<disk>/                          replica.img, state.json, wal.log, undo/<point>.undo

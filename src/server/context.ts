@@ -12,6 +12,7 @@ import type { ConfigDb } from './config-db.js';
 import type { ControlHub } from './control.js';
 import type { FailoverState } from './failover-state.js';
 import type { HealthBoard } from './health.js';
+import type { ServerMetrics } from './metrics.js';
 import type { CutNotice } from './points.js';
 import type { Registry } from './registry.js';
 import type { ReplicaListing } from './replica-listing.js';
@@ -22,6 +23,9 @@ export interface ServerContext {
   readonly identity: TlsIdentity | null;
   /** The operator bearer token (and the legacy agents' shared token). */
   readonly token: string;
+  /** The read-only token of GET /metrics. */
+  readonly metricsToken: string;
+  readonly metrics: ServerMetrics;
   readonly retentionMs: number;
   readonly rpoAlertMs: number;
   rpoAlertFor(agentId: string): number;

@@ -11,6 +11,9 @@ import type { PointBook } from './points.js';
 export class DiskLeases {
   /** Disk key (agent/disk) -> the holder, or the promise of its store closing. */
   private readonly held = new Map<string, object | Promise<void>>();
+  /** The open store of each leased disk, and what the stores of a disk closed so far had written (metrics). */
+  private readonly stores = new Map<string, ReplicaStore>();
+  private readonly writtenBefore = new Map<string, number>();
 
   constructor(private readonly o: { backend: ReplicaBackend; points: PointBook; log: Logger }) {}
 
@@ -38,6 +41,7 @@ export class DiskLeases {
         if (orphans.length) this.o.log.info('removed point data no recovery point names', { agent: agentId, disk: diskId, orphans });
       }
       const { store, created } = await this.o.backend.open(agentId, diskId, sizeBytes, { readOnly, publish, epoch: cat.latestFor(diskId)?.id ?? null });
+      this.stores.set(key, store);
       return { store, created, key };
     } catch (err) {
       this.held.delete(key);
@@ -52,6 +56,8 @@ export class DiskLeases {
   release(key: string, store: ReplicaStore, remove?: { agentId: string; diskId: string }): void {
     const closing: Promise<void> = store.close().catch((err) => { this.o.log.error('replica close failed', { disk: key, error: String(err) }); })
       .then(async () => {
+        if (this.stores.get(key) === store) this.stores.delete(key);
+        if (store.bytesWritten) this.writtenBefore.set(key, (this.writtenBefore.get(key) ?? 0) + store.bytesWritten);
         if (!remove) return;
         await this.o.backend.remove(remove.agentId, remove.diskId).then(
           () => this.o.log.info('removed a replica its refused session had created', { disk: key }),
@@ -60,6 +66,13 @@ export class DiskLeases {
       })
       .finally(() => { if (this.held.get(key) === closing) this.held.delete(key); });
     this.held.set(key, closing);
+  }
+
+  /** Bytes written to each disk's replica (key agent/disk) by the stores opened since the server started. */
+  bytesWritten(): Map<string, number> {
+    const out = new Map(this.writtenBefore);
+    for (const [key, store] of this.stores) if (store.bytesWritten) out.set(key, (out.get(key) ?? 0) + store.bytesWritten);
+    return out;
   }
 
   /** Resolves when every store being closed now is closed. */

@@ -22,12 +22,13 @@ import { ReplicaListing } from './replica-listing.js';
 import { createBackend, parseStoreSpec } from '../target/backends.js';
 import type { ReplicaBackend } from '../target/replica-store.js';
 import { writeFileDurable } from '../util/durable-file.js';
-import { handleApi } from './http/api.js';
+import { collectStatus, handleApi } from './http/api.js';
 import { readFailoverState, type FailoverState } from './failover-state.js';
 import { ConfigDb, type Policy } from './config-db.js';
 import { ControlHub } from './control.js';
 import { DiskLeases } from './disk-leases.js';
 import { HealthBoard } from './health.js';
+import { ServerMetrics } from './metrics.js';
 import { PointBook, type CutNotice } from './points.js';
 import { ensurePassphrase, Registry } from './registry.js';
 import { Session, type SessionDeps } from './replication-session.js';
@@ -64,9 +65,12 @@ export interface ProcessServerOptions {
   backend?: ReplicaBackend;
 }
 
-/** Reads the pre-shared agent token, creating it (mode 0600) on first start. */
-export async function ensureToken(dataDir: string): Promise<string> {
-  const file = path.join(dataDir, 'token');
+/**
+ * Reads the pre-shared agent token (DATA-DIR/token), or with name 'metrics-token' the read-only
+ * token of GET /metrics, creating it (mode 0600) on first start.
+ */
+export async function ensureToken(dataDir: string, name: 'token' | 'metrics-token' = 'token'): Promise<string> {
+  const file = path.join(dataDir, name);
   try {
     const t = (await fsp.readFile(file, 'utf8')).trim();
     if (t) return t;
@@ -87,6 +91,8 @@ export class ProcessServer {
   private sessionDeps: SessionDeps | null = null;
   private readonly loopLoad = new LoopLoad();
   token = '';
+  /** Grants GET /metrics and nothing else (DATA-DIR/metrics-token); the operator token works there too. */
+  metricsToken = '';
   identity: TlsIdentity | null = null;
   stats = { sessions: 0, rejected: 0, bytesReceived: 0, points: 0, pruned: 0, unverified: 0 };
   /** Last health of every disk, and what the server itself noted on it. */
@@ -99,6 +105,8 @@ export class ProcessServer {
   db!: ConfigDb;
   registry!: Registry;
   control!: ControlHub;
+  /** Prometheus metrics of this server (its own registry). */
+  metrics!: ServerMetrics;
 
   constructor(readonly opts: ProcessServerOptions) {
     this.log = opts.logger ?? createLogger({ component: 'server' });
@@ -112,6 +120,7 @@ export class ProcessServer {
   async start(): Promise<AddressInfo> {
     await fsp.mkdir(this.opts.dataDir, { recursive: true, mode: 0o700 });
     this.token = await ensureToken(this.opts.dataDir);
+    this.metricsToken = await ensureToken(this.opts.dataDir, 'metrics-token');
     this.backend = this.opts.backend ?? await createBackend(parseStoreSpec(this.opts.store, this.opts.dataDir), {
       dataDir: this.opts.dataDir, credentialsFile: this.opts.storeCredentials, log: this.log.child({ component: 'target' }), retryMs: this.opts.storeRetryMs,
     });
@@ -131,10 +140,20 @@ export class ProcessServer {
       retentionFor: (a) => this.retentionFor(a),
     });
     this.leases = new DiskLeases({ backend: this.backend, points: this.points, log: this.log });
+    this.metrics = new ServerMetrics({
+      log: this.log, stats: this.stats, status: () => collectStatus(this),
+      openSessions: () => this.sessions.size, controlConnections: () => this.control?.sessions.size ?? 0,
+      targetKind: () => this.backend.kind, targetAvailable: () => {
+        const ls = this.listing.state();
+        return ls.error ? false : ls.at === null ? null : true;
+      },
+      targetOps: () => this.backend.stats, bytesWritten: () => this.leases.bytesWritten(),
+    });
     const deps: SessionDeps = {
       log: this.log, stats: this.stats, heartbeatMs: this.heartbeatMs, maxFrameBytes: this.maxFrameBytes, creditBytes: this.creditBytes, busyPct: () => this.loopLoad.read(),
       token: () => this.token, isRegistered: (a) => Boolean(this.db.getAgent(a)),
       failoverState: (a) => this.failoverState(a), backend: this.backend, leases: this.leases, points: this.points, health: this.health,
+      metrics: this.metrics,
     };
     this.sessionDeps = deps;
     this.db = ConfigDb.open(this.opts.dataDir);

@@ -9,6 +9,7 @@
  * A session gets the narrow pieces it needs (SessionDeps), never the server.
  */
 import crypto from 'node:crypto';
+import { performance } from 'node:perf_hooks';
 import type { WebSocket } from 'ws';
 import { DIGEST_REQUESTS_IN_FLIGHT, HEARTBEAT_MAX_MISSED, ID_PATTERN, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PROTOCOL_VERSION } from '../constants.js';
 import { MobilityError, toMobilityError } from '../errors.js';
@@ -20,6 +21,7 @@ import type { ImageReader, ReplicaBackend, ReplicaStore, WriteOp } from '../targ
 import type { DiskLeases } from './disk-leases.js';
 import type { FailoverState } from './failover-state.js';
 import type { HealthBoard } from './health.js';
+import type { SessionMetrics } from './metrics.js';
 import type { CutStore, PointBook } from './points.js';
 
 /** What a session needs from the server. */
@@ -40,6 +42,8 @@ export interface SessionDeps {
   leases: DiskLeases;
   points: PointBook;
   health: HealthBoard;
+  /** Counts what nothing else does: frames, bytes per disk, target write latency, freezes, errors (server/metrics.ts). */
+  metrics: SessionMetrics;
 }
 
 export function tokenMatches(given: string, expected: string): boolean {
@@ -159,9 +163,11 @@ export class Session {
       if (!isBinary) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'text messages are not part of the protocol');
       frame = decodeMessage(data, this.server.maxFrameBytes);
     } catch (err) {
+      this.server.metrics.frame('invalid');
       this.fail(toMobilityError(err, 'MOB_ERR_FRAME_MALFORMED'));
       return;
     }
+    this.server.metrics.frame(frame.type);
     const size = data.length;
     this.chain = this.chain.then(() => this.handle(frame, size)).catch((err) => this.fail(toMobilityError(err)));
   }
@@ -390,7 +396,15 @@ export class Session {
       stores.push({ index: cd.disk, diskId: d.diskId, store: d.store, seq: d.lastSeq, pageSize: d.pageSize, samplePages: pages, sampleDigests: digests });
     }
     if (seen.size !== this.disks.length) throw new MobilityError('MOB_ERR_CUT', `a cut must cover every disk of the session (${seen.size} of ${this.disks.length})`);
+    // the disks were frozen whether or not the cut becomes a point
+    this.server.metrics.cutFrozen(this.agentId, stores.map((s) => s.diskId), c.frozenMs);
     const r = await this.server.points.recordCut(this.agentId, stores, c);
+    if (!r.pointId) {
+      for (const i of new Set(r.mismatches.map((m) => m.disk))) {
+        const id = this.disks[i]?.diskId;
+        if (id) this.server.metrics.diskError(this.agentId, id, 'MOB_ERR_POINT_UNVERIFIED');
+      }
+    }
     if (r.pointId) {
       this.send(encodeMessage({ type: 'cutAck', cutAck: { cutId: c.cutId, pointId: r.pointId, verifiedPages: r.verifiedPages } }));
     } else {
@@ -434,6 +448,9 @@ export class Session {
       ? Buffer.allocUnsafe(lz4Bytes) : null;
     let at = 0;
     let o = 0;
+    /** Decoded bytes the frame carries (whole blocks, changed pages) and bytes it flags as zero (metrics). */
+    let dataBytes = 0;
+    let zeroBytes = 0;
     const patches: { index: number; run: () => Promise<void> }[] = [];
     for (const b of m.blocks) {
       const offset = b.index * d.blockSize;
@@ -452,16 +469,25 @@ export class Session {
             throw new MobilityError('MOB_ERR_DIGEST_MISMATCH', `block ${b.index} of ${d.diskId}: zero flag does not match its digest`);
           }
           data = null;
+          zeroBytes += blockLen;
         } else {
           const into = decoded && b.encoding === Encoding.LZ4 && at + blockLen <= decoded.length ? decoded.subarray(at, at + blockLen) : undefined;
           data = decodeBlock(b.encoding, p, blockLen, into);
           if (into) at += blockLen;
           if (!digestEquals(data, b.digest)) throw new MobilityError('MOB_ERR_DIGEST_MISMATCH', `block ${b.index} of ${d.diskId} does not match its digest`);
+          dataBytes += blockLen;
         }
       } else {
         const op: WriteOp = { offset, length: blockLen, data: null };
         const { index, pageMask, encoding, digest: dig } = b;
-        patches.push({ index, run: async () => { op.data = await this.patch(d, index, offset, blockLen, pageMask, encoding, p, dig); } });
+        patches.push({
+          index,
+          run: async () => {
+            const r = await this.patch(d, index, offset, blockLen, pageMask, encoding, p, dig);
+            op.data = r.block;
+            dataBytes += r.pageBytes;
+          },
+        });
         ops.push(op);
         continue;
       }
@@ -475,11 +501,14 @@ export class Session {
       await runLimited(patches.map((x) => x.run), distinct ? PATCH_READS_IN_FLIGHT : 1);
     }
     const seq = m.seq;
+    this.server.metrics.data(this.agentId, d.diskId, size, dataBytes, zeroBytes);
     // the callback keeps only numbers: the decoded header's byte fields are views of the
     // message, which must not outlive this call (see target/staging.ts)
     const disk = m.disk;
+    const submitted = performance.now();
     d.store.submit(ops, seq).then(
       () => {
+        this.server.metrics.targetWrite((performance.now() - submitted) / 1000);
         // credit comes back only with the ack, after persistence: that bounds what is buffered here
         this.granted += size;
         this.send(encodeMessage({ type: 'ack', ack: { disk, seq, creditBytes: size, busyPct: this.server.busyPct() } }));
@@ -489,7 +518,7 @@ export class Session {
   }
 
   /** Applies changed pages on top of the replica's current block and checks the result. */
-  private async patch(d: SessionDisk, index: number, offset: number, blockLen: number, mask: Uint8Array, enc: Encoding, p: Buffer, dig: Uint8Array): Promise<Buffer> {
+  private async patch(d: SessionDisk, index: number, offset: number, blockLen: number, mask: Uint8Array, enc: Encoding, p: Buffer, dig: Uint8Array): Promise<{ block: Buffer; pageBytes: number }> {
     const pagesInBlock = Math.ceil(blockLen / d.pageSize);
     if (mask.length !== Math.ceil(pagesInBlock / 8)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `page mask of ${mask.length} bytes for a ${pagesInBlock}-page block`);
     const pages: number[] = [];
@@ -512,7 +541,7 @@ export class Session {
     if (!digestEquals(block, dig)) {
       throw new MobilityError('MOB_ERR_REPLICA_DIVERGED', `block ${index} of ${d.diskId}: changed pages applied to the replica do not give the source block`);
     }
-    return block;
+    return { block, pageBytes: expected };
   }
 
   private onDigestRequest(diskIdx: number, requestId: number, firstPage: number, pageCount: number): void {
@@ -550,6 +579,7 @@ export class Session {
     if (err.code.startsWith('MOB_ERR_TARGET_') && this.agentId) {
       for (const d of this.diskIds) this.server.health.note(this.agentId, d, 'target-unavailable', `${err.code}: ${err.message}`);
     }
+    if (err.code !== 'MOB_ERR_SHUTTING_DOWN') this.server.metrics.sessionError(err.code, this.agentId || null, this.diskIds);
     const level = err.code === 'MOB_ERR_SHUTTING_DOWN' ? 'info' : 'warn';
     this.log.log(level, 'closing session', { agent: this.agentId || undefined, code: err.code, error: err.message });
     this.send(errorMessage(err));

@@ -65,6 +65,8 @@ export interface ReplicaStore {
   readonly unpublished: boolean;
   /** The error that stopped this store (a failed batch), or null. Once set, every submit rejects. */
   readonly failure: MobilityError | null;
+  /** Bytes this store has written to the replica itself (image file, page blob) since it was opened, when it counts them (metrics). */
+  readonly bytesWritten?: number;
 
   /** Current content of a range, including accepted writes not yet applied. MOB_ERR_OUT_OF_RANGE past the end. */
   read(offset: number, length: number): Promise<Buffer>;
@@ -125,6 +127,16 @@ export interface ImageReader {
   close(): Promise<void>;
 }
 
+/** Requests a backend made to its storage service, for backends that count them (metrics). */
+export interface TargetOpStats {
+  /** Requests sent, per operation (a retried call counts each try). */
+  readonly calls: Readonly<Record<string, number>>;
+  readonly bytesUploaded: number;
+  readonly bytesDownloaded: number;
+  /** Tries that failed transiently and were retried. */
+  readonly retries: number;
+}
+
 /** Progress of a long transfer (downloads). */
 export type ProgressFn = (doneBytes: number, totalBytes: number) => void;
 
@@ -133,6 +145,8 @@ export interface ReplicaBackend {
   readonly kind: string;
   /** Where replicas live, safe to log and show (never a credential). */
   readonly location: string;
+  /** Requests made to the storage service so far, when the backend counts them (the azure backend does). */
+  readonly stats?: TargetOpStats;
 
   /** Checks the backend is reachable and usable (credentials, container); coded error naming the fix. */
   init(): Promise<void>;

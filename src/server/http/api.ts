@@ -5,6 +5,8 @@
  *   GET  /v1/status                      every agent's disks: state, RPO, data lag, backlog, churn
  *   GET  /v1/points?agent=A              recovery points of an agent
  *   POST /v1/test-failover               {agent, point, cleanup?}: materialise (or remove) writable images
+ *   GET  /metrics                        Prometheus text exposition (server/metrics.ts); the read-only
+ *                                        metrics token (DATA-DIR/metrics-token) or the operator token
  *
  * Errors answer {code, message} with a status from the code. The handler never
  * throws: a bad request cannot disturb replication.
@@ -38,6 +40,8 @@ export interface DiskStatus {
   /** No recovery point yet, or the newest is older than rpoAlertMs. */
   rpoAlert: boolean;
   latestPoint: string | null; latestAppPoint: string | null; points: number;
+  /** When the newest point was taken (ISO 8601, the agent's clock at the freeze); null without a point. */
+  latestPointAt: string | null;
   /** Bytes the replica and its points occupy in the target; null while the store has not counted them yet. */
   storedBytes: number | null;
   dataLagMs: number | null; backlogBytes: number | null; churnBytesPerSec: number | null; freezeFailures: number; lastFreezeMs: number | null;
@@ -87,6 +91,7 @@ export async function collectStatus(server: ServerContext): Promise<DiskStatus[]
       agent, disk, sizeBytes: st.sizeBytes, initialComplete: st.initialComplete, storedBytes: st.storedBytes,
       state, reason, connected: h?.connected ?? false, healthAgeMs: h ? now - h.receivedAt : null,
       rpoMs, rpoAlertMs, rpoAlert: rpoMs === null || rpoMs > rpoAlertMs, latestPoint: latest?.id ?? null, latestAppPoint: latestApp?.id ?? null, points: pts.length,
+      latestPointAt: latest?.takenAt ?? null,
       dataLagMs: h?.dataLagMs ?? null, backlogBytes: h?.backlogBytes ?? null, churnBytesPerSec: h?.churnBytesPerSec ?? null,
       freezeFailures: h?.freezeFailures ?? 0, lastFreezeMs: h?.lastFreezeMs ?? null, progressPermille: h?.progressPermille ?? null,
     });
@@ -169,6 +174,15 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
       const b = await readBody(req);
       const ip = req.socket.remoteAddress ?? '?';
       send(res, 200, url.pathname === '/v1/register' ? await server.registry.register(b, ip) : await server.registry.challenge(b, ip));
+      return;
+    }
+    if (req.method === 'GET' && url.pathname === '/metrics') {
+      // the metrics token (read-only, for Prometheus) or the operator token
+      req.resume();
+      if (!authorized(server.metricsToken, req) && !authorized(server.token, req)) throw new MobilityError('MOB_ERR_AUTH', 'missing or wrong bearer token (GET /metrics takes DATA-DIR/metrics-token or the operator token)');
+      const body = await server.metrics.render();
+      res.writeHead(200, { 'content-type': server.metrics.contentType });
+      res.end(body);
       return;
     }
     if (!authorized(server.token, req)) {
