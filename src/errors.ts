@@ -74,6 +74,9 @@ export const ERROR_CODES = {
   MOB_ERR_TARGET_UNAVAILABLE: { retryable: true, summary: 'The replica target (Azure storage) did not answer or kept failing (HTTP 429/5xx, resets, timeouts) after retries; nothing unconfirmed was acknowledged, the agent keeps its changes and resumes when the target is back.' },
   MOB_ERR_TARGET_AUTH: { retryable: false, summary: 'The replica target refused the server\'s storage credentials (wrong key, expired SAS token, missing permission): fix the credentials file; nothing was written.' },
   MOB_ERR_TARGET_QUOTA: { retryable: true, summary: 'The replica target is out of capacity (account or container quota reached); nothing unconfirmed was acknowledged.' },
+  MOB_ERR_QMP: { retryable: true, summary: 'Host mode: QEMU\'s QMP socket cannot be reached, closed, did not answer in time, or refused a command (the message carries QEMU\'s error class and text).' },
+  MOB_ERR_NBD: { retryable: true, summary: 'Host mode: reading a disk or its dirty bitmap over NBD failed (nbdinfo missing, failed or timed out, or printed something unexpected).' },
+  MOB_ERR_QEMU_TRACKER: { retryable: false, summary: 'Host mode: a QEMU disk cannot be tracked (no such block node, its dirty bitmap is busy with another job, QEMU already runs an NBD server the tracker was not told about).' },
   MOB_ERR_DISK_TOO_LARGE: { retryable: false, summary: 'The disk is larger than the largest file the replica store\'s filesystem can hold; nothing was created.' },
 } as const;
 

@@ -43,6 +43,7 @@ import { StringDecoder } from 'node:string_decoder';
 import { MobilityError } from '../../errors.js';
 import { installIdOf } from '../../util/installation.js';
 import { acquireInstanceLock, assertInstanceFree, DEFAULT_LOCK_DIR, releaseInstanceLock } from './instance-lock.js';
+import type { ChangeTracker } from './change-tracker.js';
 
 export interface TrackedDiskSpec { path: string }
 /** disk = index into the specs given to open(); offset/length in bytes relative to the start of that device. */
@@ -247,7 +248,7 @@ function readBufferKb(dir: string): number {
   return Number(/^\d+/.exec(readTrim(path.join(dir, 'buffer_size_kb')))?.[0] ?? NaN);
 }
 
-export class TracefsTracker {
+export class TracefsTracker implements ChangeTracker {
   readonly resumed: boolean;
   readonly instanceDir: string;
   readonly name: string;

@@ -1,0 +1,465 @@
+/**
+ * Host-mode change tracker: QEMU dirty bitmaps, controlled over QMP, read over NBD.
+ *
+ * For each tracked disk (a block node of one QEMU process, named by its node name) the tracker
+ * keeps one ENABLED dirty bitmap named `<name>.<gen>` (the "active" one) that QEMU sets for
+ * every guest write. On qcow2 nodes it is persistent: QEMU stores it in the image when it stops
+ * cleanly and loads it when it starts again, so neither an agent restart nor a clean QEMU
+ * restart loses anything. On other formats (raw) QEMU can only keep it in memory: a QEMU
+ * restart loses it, which the tracker reports as a loss with its reason (the caller answers it
+ * with a checksum resync, never a full copy). A qcow2 bitmap found `inconsistent` (QEMU was
+ * killed or crashed while it was in use) is a loss too.
+ *
+ * drain(), one round (serialised with every other call on this tracker):
+ *   1. one QMP `transaction` across ALL disks: add `<name>.<gen+1>` (enabled) and disable
+ *      `<name>.<gen>`. Writes before it are in the disabled ("frozen") bitmap, writes after it
+ *      in the new one, with no gap and on every disk at the same instant;
+ *   2. frozen bitmaps left by an earlier round that did not finish (agent killed, NBD error)
+ *      are merged into this round's frozen one (a union: repeating it is harmless);
+ *   3. the frozen bitmap is exported read-only over NBD (`block-export-add`, on the NBD server
+ *      the caller names, or one the tracker starts on its own unix socket) and `nbdinfo
+ *      --map=qemu:dirty-bitmap:<bitmap> --json` lists its dirty extents (QEMU refuses to export
+ *      an enabled bitmap, hence the rotation first);
+ *   4. the export is deleted (waiting for BLOCK_EXPORT_DELETED), the extents go to the
+ *      caller's journal (raw record: lines "Q disk offset length"), and only then are the
+ *      frozen bitmaps removed (one transaction). Until then they stay in QEMU: a failure or a
+ *      kill anywhere before leaves them for the next round, so nothing is ever dropped.
+ * Extents are whole bitmap granules (granularity() says how large: the qcow2 cluster size
+ * unless set), so they cover every written byte and may cover a little more.
+ *
+ * What this does not do (yet): read the data of the extents (the caller reads them through an
+ * NBD disk source), point-in-time views (copy-before-write fleecing), discovery of a VM's
+ * disks from libvirt or query-block.
+ *
+ * QMP errors are MOB_ERR_QMP, nbdinfo failures MOB_ERR_NBD, a node that cannot be tracked
+ * (missing, bitmap busy with another job) MOB_ERR_QEMU_TRACKER.
+ */
+import { execFile } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { MobilityError } from '../../errors.js';
+import { QmpClient, QmpCommandError } from '../qemu/qmp.js';
+import { coalesceExtents, lossOf, type ChangeTracker, type DirtyExtent, type DrainJournal, type TrackingLoss } from './change-tracker.js';
+
+export interface QemuDiskSpec {
+  /** Node name of the disk's format node (qcow2 or raw), as query-named-block-nodes lists it. */
+  node: string;
+}
+
+export interface QemuTrackerOptions {
+  /** Bitmap prefix, one per agent installation: [A-Za-z0-9_-], at most 64 characters. */
+  name: string;
+  /** The QEMU process's QMP socket (unix). */
+  qmpSocket: string;
+  disks: QemuDiskSpec[];
+  /**
+   * The unix socket of the NBD server the QEMU process already runs, if it runs one (QEMU has
+   * at most one per process). Absent: the tracker starts one on `<runDir>/<name>.nbd`.
+   */
+  nbdSocket?: string;
+  /** Where the tracker's own NBD socket lives (default: the directory of qmpSocket). */
+  runDir?: string;
+  /** Bitmap granularity in bytes for bitmaps the tracker creates (power of two, 512 B .. 2 GiB); default QEMU's (the qcow2 cluster size, else 64 KiB). */
+  granularity?: number;
+  /** QMP connect and per-command timeout, ms. */
+  qmpTimeoutMs?: number;
+  /** nbdinfo run time bound, ms. */
+  nbdTimeoutMs?: number;
+}
+
+interface BitmapInfo { name: string; recording: boolean; persistent: boolean; busy: boolean; granularity: number; count: number; inconsistent?: boolean }
+interface NodeInfo { 'node-name': string; drv: string; 'dirty-bitmaps'?: BitmapInfo[]; image?: { 'virtual-size'?: number } }
+
+export interface QemuTrackedDisk {
+  node: string;
+  /** Format driver of the node ("qcow2", "raw", ...). */
+  drv: string;
+  /** Whether the tracker's bitmaps on this node survive a QEMU restart (qcow2 only). */
+  persistent: boolean;
+  sizeBytes: number;
+  granularity: number;
+}
+
+const NAME_RE = /^[A-Za-z0-9_-]{1,64}$/;
+const NBDINFO_MAX_OUTPUT = 256 * 1024 * 1024;
+const RECORD_RE = /^Q (\d+) (\d+) (\d+)$/;
+
+function trackerError(name: string, what: string, cause?: unknown): MobilityError {
+  return new MobilityError('MOB_ERR_QEMU_TRACKER', `qemu tracker '${name}': ${what}`, cause === undefined ? undefined : { cause });
+}
+
+function isQmpClass(err: unknown, desc: RegExp): boolean {
+  return err instanceof QmpCommandError && desc.test(err.desc);
+}
+
+export class QemuTracker implements ChangeTracker {
+  readonly name: string;
+  resumed: boolean;
+  /** Per disk (index as given to open()): was tracking lost before this open(), and why. */
+  readonly openLoss: TrackingLoss[];
+  readonly disks: QemuTrackedDisk[];
+  private qmp: QmpClient;
+  private gen: number;
+  private nbdStarted = false;
+  private readonly ownNbd: string | null;
+  private chain: Promise<unknown> = Promise.resolve();
+  private closed = false;
+
+  private constructor(private readonly o: QemuTrackerOptions, qmp: QmpClient, gen: number, disks: QemuTrackedDisk[], openLoss: TrackingLoss[]) {
+    this.name = o.name;
+    this.qmp = qmp;
+    this.gen = gen;
+    this.disks = disks;
+    this.openLoss = openLoss;
+    this.resumed = openLoss.every((l) => !l.lost);
+    this.ownNbd = o.nbdSocket ? null : path.join(o.runDir ?? path.dirname(o.qmpSocket), `${o.name}.nbd`);
+  }
+
+  /**
+   * Connects to QEMU, resumes the bitmaps a previous open() left (agent restart) or creates
+   * them. A disk whose bitmap is missing or inconsistent gets a fresh one and a loss in
+   * openLoss (resumed = false). Throws MOB_ERR_QMP (QEMU unreachable) or MOB_ERR_QEMU_TRACKER
+   * (a node that does not exist, a bitmap busy with another job).
+   */
+  static async open(o: QemuTrackerOptions): Promise<QemuTracker> {
+    if (!NAME_RE.test(o.name)) throw trackerError(String(o.name), 'name must match [A-Za-z0-9_-]{1,64}');
+    if (o.disks.length === 0) throw trackerError(o.name, 'no disks to track');
+    if (new Set(o.disks.map((d) => d.node)).size !== o.disks.length) throw trackerError(o.name, 'a node is listed twice');
+    const qmp = await QmpClient.connect(o.qmpSocket, { timeoutMs: o.qmpTimeoutMs, commandTimeoutMs: o.qmpTimeoutMs });
+    try {
+      await deleteOurExports(qmp, o.name);
+      const nodes = await queryNodes(qmp);
+      let gen = 0;
+      for (const d of o.disks) for (const b of ours(nodes.get(d.node), o.name)) gen = Math.max(gen, b.gen);
+      const disks: QemuTrackedDisk[] = [];
+      const loss: TrackingLoss[] = [];
+      const fresh: number[] = [];
+      for (const [i, d] of o.disks.entries()) {
+        const n = nodes.get(d.node);
+        if (!n) throw trackerError(o.name, `QEMU has no block node '${d.node}' (query-named-block-nodes)`);
+        const persistent = n.drv === 'qcow2';
+        const mine = ours(n, o.name);
+        const busy = mine.find((b) => b.info.busy);
+        if (busy) throw trackerError(o.name, `dirty bitmap ${busy.info.name} on node ${d.node} is busy (in use by a block job or export of someone else)`);
+        const problem = resumeProblem(d.node, n, mine, gen, persistent);
+        loss.push(lossOf(problem));
+        if (problem) {
+          for (const b of mine) await qmp.execute('block-dirty-bitmap-remove', { node: d.node, name: b.info.name });
+          fresh.push(i);
+        }
+        disks.push({ node: d.node, drv: n.drv, persistent, sizeBytes: n.image?.['virtual-size'] ?? 0, granularity: 0 });
+      }
+      if (fresh.length) {
+        gen += 1;
+        await qmp.execute('transaction', {
+          actions: fresh.map((i) => ({ type: 'block-dirty-bitmap-add', data: addArgs(disks[i]!.node, `${o.name}.${gen}`, disks[i]!.persistent, o.granularity) })),
+        });
+        // a disk that resumed keeps its older generation: move it to the common one
+        const resumedIdx = disks.map((_, i) => i).filter((i) => !fresh.includes(i));
+        if (resumedIdx.length) await rotate(qmp, disks, resumedIdx, o.name, gen - 1, gen, o.granularity, true);
+      }
+      const t = new QemuTracker(o, qmp, gen, disks, loss);
+      await t.refreshGranularity();
+      return t;
+    } catch (err) {
+      qmp.close();
+      throw err;
+    }
+  }
+
+  /** Names of the active bitmaps: a bitmap removed and recreated by someone else shows up as a loss in selfCheck, not here. */
+  get identity(): string { return this.disks.map((d) => `${d.node}:${this.name}.${this.gen}`).join(','); }
+
+  /** Name of the bitmap recording now (on every disk). */
+  get activeBitmap(): string { return `${this.name}.${this.gen}`; }
+
+  /** The granule of disk i's bitmap, bytes: drained extents are whole granules. */
+  granularity(i: number): number { return this.disks[i]!.granularity; }
+
+  drain(journal?: DrainJournal): Promise<DirtyExtent[]> {
+    return this.serial(() => this.drainNow(journal));
+  }
+
+  parseText(text: string): DirtyExtent[] {
+    const out: DirtyExtent[] = [];
+    for (const line of text.split('\n')) {
+      const m = RECORD_RE.exec(line.trim());
+      if (m) out.push({ disk: Number(m[1]), offset: Number(m[2]), length: Number(m[3]) });
+    }
+    return coalesceExtents(out);
+  }
+
+  selfCheck(): Promise<string | null> {
+    return this.serial(() => this.check());
+  }
+
+  /** selfCheck() as a loss report. */
+  async loss(): Promise<TrackingLoss> {
+    return lossOf(await this.selfCheck());
+  }
+
+  /**
+   * Puts a fresh enabled bitmap on every disk whose active bitmap is missing, disabled or
+   * inconsistent (reconnecting to QEMU first if it restarted). Changes before the repair are
+   * unknown: the caller resyncs. Throws MOB_ERR_QMP / MOB_ERR_QEMU_TRACKER.
+   */
+  repair(): Promise<void> {
+    return this.serial(async () => {
+      if (this.closed) throw trackerError(this.name, 'repair() after close()');
+      await this.reconnectIfNeeded();
+      const nodes = await queryNodes(this.qmp);
+      const bad: number[] = [];
+      for (const [i, d] of this.disks.entries()) {
+        const n = nodes.get(d.node);
+        if (!n) throw trackerError(this.name, `QEMU has no block node '${d.node}'`);
+        const a = n['dirty-bitmaps']?.find((b) => b.name === this.activeBitmap);
+        if (!a || !a.recording || a.inconsistent) {
+          for (const b of ours(n, this.name)) if (b.gen >= this.gen) await this.qmp.execute('block-dirty-bitmap-remove', { node: d.node, name: b.info.name });
+          bad.push(i);
+        }
+      }
+      if (!bad.length) return;
+      // a new generation everywhere: the disks stay on one common name
+      const next = this.gen + 1;
+      await this.qmp.execute('transaction', { actions: bad.map((i) => ({ type: 'block-dirty-bitmap-add', data: addArgs(this.disks[i]!.node, `${this.name}.${next}`, this.disks[i]!.persistent, this.o.granularity) })) });
+      const good = this.disks.map((_, i) => i).filter((i) => !bad.includes(i));
+      if (good.length) await rotate(this.qmp, this.disks, good, this.name, this.gen, next, this.o.granularity, false);
+      this.gen = next;
+      await this.refreshGranularity();
+    });
+  }
+
+  /**
+   * keep = true: the bitmaps stay (enabled) in QEMU for the next open(); keep = false: they are
+   * removed. Either way the tracker's exports and its own NBD server go, and QMP is closed.
+   */
+  close(o?: { keep?: boolean }): Promise<void> {
+    return this.serial(async () => {
+      if (this.closed) return;
+      this.closed = true;
+      try {
+        await this.reconnectIfNeeded();
+        await deleteOurExports(this.qmp, this.name);
+        if (!o?.keep) {
+          const nodes = await queryNodes(this.qmp);
+          for (const d of this.disks) for (const b of ours(nodes.get(d.node), this.name)) await this.qmp.execute('block-dirty-bitmap-remove', { node: d.node, name: b.info.name });
+        }
+        if (this.ownNbd && this.nbdStarted) {
+          await this.qmp.execute('nbd-server-stop').catch(() => undefined);
+          fs.rmSync(this.ownNbd, { force: true });
+        }
+      } finally {
+        this.qmp.close();
+      }
+    });
+  }
+
+  // -------------------------------------------------------------------------------------------
+
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.chain.then(fn, fn);
+    this.chain = p.catch(() => undefined);
+    return p;
+  }
+
+  private async reconnectIfNeeded(): Promise<void> {
+    if (!this.qmpGone()) return;
+    this.qmp = await QmpClient.connect(this.o.qmpSocket, { timeoutMs: this.o.qmpTimeoutMs, commandTimeoutMs: this.o.qmpTimeoutMs });
+    this.nbdStarted = false; // a new QEMU process has no NBD server of ours
+  }
+
+  private qmpGone(): boolean {
+    return this.qmp.isClosed;
+  }
+
+  private async refreshGranularity(): Promise<void> {
+    const nodes = await queryNodes(this.qmp);
+    for (const d of this.disks) {
+      const b = nodes.get(d.node)?.['dirty-bitmaps']?.find((x) => x.name === this.activeBitmap);
+      if (b) d.granularity = b.granularity;
+    }
+  }
+
+  private async check(): Promise<string | null> {
+    if (this.closed) return 'the tracker was closed';
+    try {
+      await this.reconnectIfNeeded();
+    } catch (err) {
+      return `QEMU's QMP socket ${this.o.qmpSocket} does not answer (${(err as Error).message})`;
+    }
+    let nodes: Map<string, NodeInfo>;
+    try {
+      nodes = await queryNodes(this.qmp);
+    } catch (err) {
+      return `QEMU does not answer query-named-block-nodes (${(err as Error).message})`;
+    }
+    for (const d of this.disks) {
+      const n = nodes.get(d.node);
+      if (!n) return `block node ${d.node} is gone from QEMU (disk detached, or QEMU restarted without it)`;
+      const a = n['dirty-bitmaps']?.find((b) => b.name === this.activeBitmap);
+      if (!a) {
+        return `dirty bitmap ${this.activeBitmap} is missing on node ${d.node}`
+          + (d.persistent ? ' (removed by someone, or QEMU was killed before it stored the bitmap in the image, or restarted from an older copy of the image)' : ` (QEMU restarted: on a ${d.drv} image the bitmap lives only in QEMU's memory; or it was removed)`);
+      }
+      if (a.inconsistent) return `dirty bitmap ${a.name} on node ${d.node} is inconsistent (QEMU stopped without saving it: killed or crashed)`;
+      if (!a.recording) return `dirty bitmap ${a.name} on node ${d.node} was disabled (not recording writes)`;
+    }
+    return null;
+  }
+
+  private async ensureNbd(): Promise<string> {
+    if (this.o.nbdSocket) return this.o.nbdSocket;
+    const sock = this.ownNbd!;
+    if (this.nbdStarted) return sock;
+    try {
+      await this.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+    } catch (err) {
+      // an earlier agent process of ours started it and was killed: reuse it
+      if (!(isQmpClass(err, /already running/i) && fs.existsSync(sock))) {
+        if (isQmpClass(err, /already running/i)) throw trackerError(this.name, 'QEMU already runs an NBD server (one per process): pass its unix socket as nbdSocket', err);
+        throw err;
+      }
+    }
+    this.nbdStarted = true;
+    return sock;
+  }
+
+  private async drainNow(journal?: DrainJournal): Promise<DirtyExtent[]> {
+    if (this.closed) throw trackerError(this.name, 'drain() after close()');
+    await this.reconnectIfNeeded();
+    const all = this.disks.map((_, i) => i);
+    const next = this.gen + 1;
+    await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, false);
+    const frozen = `${this.name}.${this.gen}`;
+    this.gen = next;
+    const nodes = await queryNodes(this.qmp);
+    // earlier rounds' frozen bitmaps that were never removed: fold them into this round's
+    const leftovers: { node: string; names: string[] }[] = [];
+    for (const d of this.disks) {
+      const names = ours(nodes.get(d.node), this.name).filter((b) => b.gen < next && b.info.name !== frozen && !b.info.recording).map((b) => b.info.name);
+      if (names.length) {
+        await this.qmp.execute('block-dirty-bitmap-merge', { node: d.node, target: frozen, bitmaps: names });
+        leftovers.push({ node: d.node, names });
+      }
+    }
+    const sock = await this.ensureNbd();
+    const out: DirtyExtent[] = [];
+    for (const [i, d] of this.disks.entries()) {
+      const id = `${this.name}-map-${i}`;
+      const deleted = this.qmp.waitEvent('BLOCK_EXPORT_DELETED', (data) => data['id'] === id);
+      deleted.catch(() => undefined);
+      await this.qmp.execute('block-export-add', { type: 'nbd', id, 'node-name': d.node, name: id, writable: false, bitmaps: [frozen] });
+      try {
+        for (const e of await nbdDirtyMap(sock, id, frozen, this.o.nbdTimeoutMs)) out.push({ disk: i, ...e });
+      } finally {
+        await this.qmp.execute('block-export-del', { id }).catch(() => undefined);
+        await deleted.catch(() => undefined);
+      }
+    }
+    const extents = coalesceExtents(out);
+    if (journal) {
+      journal.beforeRead();
+      journal.afterRead(Buffer.from(extents.map((e) => `Q ${e.disk} ${e.offset} ${e.length}\n`).join('')));
+    }
+    const removals = this.disks.map((d) => ({ type: 'block-dirty-bitmap-remove', data: { node: d.node, name: frozen } }));
+    for (const l of leftovers) for (const n of l.names) removals.push({ type: 'block-dirty-bitmap-remove', data: { node: l.node, name: n } });
+    await this.qmp.execute('transaction', { actions: removals });
+    return extents;
+  }
+}
+
+function addArgs(node: string, name: string, persistent: boolean, granularity?: number): Record<string, unknown> {
+  return { node, name, persistent, ...(granularity ? { granularity } : {}) };
+}
+
+/**
+ * One transaction on the given disks: add `<name>.<to>` and disable `<name>.<from>`.
+ * alsoRemove: remove `<from>` instead of disabling it (merge it into the new one first), for
+ * a resumed disk moved to a new common generation without losing what it recorded.
+ */
+async function rotate(qmp: QmpClient, disks: QemuTrackedDisk[], idx: number[], name: string, from: number, to: number, granularity: number | undefined, mergeAndRemove: boolean): Promise<void> {
+  const actions: { type: string; data: Record<string, unknown> }[] = [];
+  for (const i of idx) {
+    const d = disks[i]!;
+    actions.push({ type: 'block-dirty-bitmap-add', data: addArgs(d.node, `${name}.${to}`, d.persistent, granularity) });
+    if (mergeAndRemove) {
+      actions.push({ type: 'block-dirty-bitmap-merge', data: { node: d.node, target: `${name}.${to}`, bitmaps: [`${name}.${from}`] } });
+      actions.push({ type: 'block-dirty-bitmap-remove', data: { node: d.node, name: `${name}.${from}` } });
+    } else {
+      actions.push({ type: 'block-dirty-bitmap-disable', data: { node: d.node, name: `${name}.${from}` } });
+    }
+  }
+  await qmp.execute('transaction', { actions });
+}
+
+async function queryNodes(qmp: QmpClient): Promise<Map<string, NodeInfo>> {
+  const list = await qmp.execute<NodeInfo[]>('query-named-block-nodes', { flat: true });
+  return new Map(list.map((n) => [n['node-name'], n]));
+}
+
+function ours(n: NodeInfo | undefined, name: string): { gen: number; info: BitmapInfo }[] {
+  const out: { gen: number; info: BitmapInfo }[] = [];
+  for (const b of n?.['dirty-bitmaps'] ?? []) {
+    if (!b.name.startsWith(`${name}.`)) continue;
+    const g = b.name.slice(name.length + 1);
+    if (/^[1-9]\d{0,14}$/.test(g)) out.push({ gen: Number(g), info: b });
+  }
+  return out;
+}
+
+/** Why the bitmaps found on a node cannot be resumed (null: they can). */
+function resumeProblem(node: string, n: NodeInfo, mine: { gen: number; info: BitmapInfo }[], gen: number, persistent: boolean): string | null {
+  if (!mine.length) {
+    return `no dirty bitmap of this tracker on node ${node}: first protection, or `
+      + (persistent
+        ? 'QEMU was killed or crashed before it ever stored the bitmap in the image (it does at a clean stop), or the bitmap was removed, or the image replaced'
+        : `QEMU restarted (on a ${n.drv} image the bitmap lives only in QEMU's memory)`);
+  }
+  const bad = mine.find((b) => b.info.inconsistent);
+  if (bad) return `dirty bitmap ${bad.info.name} on node ${node} is inconsistent (QEMU stopped without saving it: killed or crashed)`;
+  const active = mine.filter((b) => b.info.recording);
+  if (active.length !== 1) return `node ${node} has ${active.length} recording bitmaps of this tracker (expected 1): tracking was disabled or tampered with`;
+  if (active[0]!.gen !== gen) return `the recording bitmap on node ${node} is ${active[0]!.info.name}, older than another disk's: the disks were not rotated together`;
+  return null;
+}
+
+async function deleteOurExports(qmp: QmpClient, name: string): Promise<void> {
+  const list = await qmp.execute<{ id: string }[]>('query-block-exports');
+  for (const e of list) {
+    if (!e.id.startsWith(`${name}-map-`)) continue;
+    const deleted = qmp.waitEvent('BLOCK_EXPORT_DELETED', (d) => d['id'] === e.id);
+    deleted.catch(() => undefined);
+    await qmp.execute('block-export-del', { id: e.id, mode: 'hard' }).catch(() => undefined);
+    await deleted.catch(() => undefined);
+  }
+}
+
+/** Dirty extents of `bitmap` in NBD export `exportName` at unix socket `sock`, via `nbdinfo --map --json`. */
+export async function nbdDirtyMap(sock: string, exportName: string, bitmap: string, timeoutMs = 60_000): Promise<{ offset: number; length: number }[]> {
+  const uri = `nbd+unix:///${encodeURIComponent(exportName)}?socket=${encodeURIComponent(sock)}`;
+  const stdout = await new Promise<string>((resolve, reject) => {
+    execFile('nbdinfo', [`--map=qemu:dirty-bitmap:${bitmap}`, '--json', uri], { timeout: timeoutMs, maxBuffer: NBDINFO_MAX_OUTPUT, killSignal: 'SIGKILL' }, (err, out, errOut) => {
+      if (err) {
+        const e = err as NodeJS.ErrnoException & { killed?: boolean };
+        const why = e.code === 'ENOENT' ? 'nbdinfo is not installed (Debian package libnbd-bin)' : e.killed ? `nbdinfo did not finish within ${timeoutMs} ms` : `nbdinfo failed: ${String(errOut).trim() || e.message}`;
+        reject(new MobilityError('MOB_ERR_NBD', `${why} (${uri}, bitmap ${bitmap})`, { cause: err }));
+      } else {
+        resolve(out);
+      }
+    });
+  });
+  let list: { offset: number; length: number; type: number }[];
+  try {
+    list = JSON.parse(stdout) as typeof list;
+    if (!Array.isArray(list)) throw new Error('not a list');
+  } catch (err) {
+    throw new MobilityError('MOB_ERR_NBD', `nbdinfo --map printed something that is not a JSON extent list (${uri})`, { cause: err });
+  }
+  const out: { offset: number; length: number }[] = [];
+  for (const e of list) {
+    if (!Number.isSafeInteger(e.offset) || !Number.isSafeInteger(e.length)) throw new MobilityError('MOB_ERR_NBD', `nbdinfo --map printed a bad extent ${JSON.stringify(e)} (${uri})`);
+    // NBD_STATE_DIRTY is bit 0 of the qemu:dirty-bitmap context
+    if (e.type & 1) out.push({ offset: e.offset, length: e.length });
+  }
+  return out;
+}
