@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 # native npm modules (lz4, better-sqlite3) build with node-gyp: python3, make, g++;
 # push-install tests create a non-root account (useradd) and run a private sshd
 install_missing sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client rsync:rsync fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs mount:mount sfdisk:fdisk partx:util-linux fsfreeze:util-linux setpriv:util-linux flock:util-linux losetup:mount useradd:passwd tar:tar gzip:gzip python3:python3 make:make g++:g++
+# host mode (the QEMU change tracker): a real qemu-storage-daemon serves the disks, qemu-io writes
+# as a guest would, nbdinfo reads dirty bitmaps over NBD (nbdcopy, same package, for the data path)
+install_missing qemu-storage-daemon:qemu-system-common qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
 
 # the change tracker needs tracefs (the agent mounts it itself; tests check for it up front)
 [ -d /sys/kernel/tracing/instances ] || mount -t tracefs tracefs /sys/kernel/tracing || echo "warning: cannot mount tracefs; the e2e tests will fail" >&2
