@@ -74,7 +74,13 @@ export class QemuDaemon {
     if (!child || child.exitCode !== null || child.signalCode !== null) return;
     const exited = new Promise<void>((r) => child.once('exit', () => r()));
     child.kill(signal);
-    await Promise.race([exited, sleep(15_000).then(() => { throw new Error(`qemu-storage-daemon did not exit on ${signal}`); })]);
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`qemu-storage-daemon did not exit on ${signal}`)), 15_000); });
+    try {
+      await Promise.race([exited, late]);
+    } finally {
+      clearTimeout(timer);
+    }
     this.child = null;
   }
 
