@@ -221,6 +221,41 @@ t.test('raw: a daemon restart is a loss with its reason; repair re-arms tracking
   await d.stop();
 });
 
+t.test('qcow2 and raw disks of one QEMU: a restart loses only the raw disk\'s changes, and both disks stay on one generation', async (t) => {
+  const d = daemonWith(t, ['qcow2', 'raw']);
+  await d.start();
+  const open = () => QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'disk0' }, { node: 'disk1' }], nbdSocket: d.nbdSocket });
+  let tr = await open();
+  t.teardown(() => tr.close().catch(() => undefined));
+  t.same(tr.disks.map((x) => [x.drv, x.persistent]), [['qcow2', true], ['raw', false]]);
+  const g0 = tr.granularity(0);
+  const g1 = tr.granularity(1);
+  t.same(await tr.drain(), []);
+  d.write(0, 1 * MiB, 4 * KiB);
+  d.write(1, 1 * MiB, 4 * KiB);
+  await tr.close({ keep: true });
+  await d.stop('SIGTERM');
+  await d.start();
+  d.write(0, 5 * MiB, 4 * KiB);
+  d.write(1, 5 * MiB, 4 * KiB);
+  tr = await open();
+  t.equal(tr.resumed, false, 'not resumed as a whole');
+  t.same(tr.openLoss[0], { lost: false, reason: null }, 'the qcow2 disk resumed');
+  t.match(tr.openLoss[1], { lost: true, reason: /node disk1: first protection, or QEMU restarted \(on a raw image/ }, 'the raw disk lost its bitmap');
+  t.same(await tr.drain(), [
+    ...expected([{ disk: 0, offset: 1 * MiB, length: 4 * KiB }, { disk: 0, offset: 5 * MiB, length: 4 * KiB }], g0),
+  ], 'qcow2: writes before and after the restart; raw: nothing known (written before its new bitmap), so a resync of disk1 is the caller\'s');
+  d.write(0, 9 * MiB, 4 * KiB);
+  d.write(1, 9 * MiB, 4 * KiB);
+  t.same(await tr.drain(), [...expected([{ disk: 0, offset: 9 * MiB, length: 4 * KiB }], g0), ...expected([{ disk: 1, offset: 9 * MiB, length: 4 * KiB }], g1)]);
+  const q = await QmpClient.connect(d.testQmpSocket);
+  const nodes = await q.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string }[] }[]>('query-named-block-nodes', { flat: true });
+  for (const n of nodes.filter((x) => /^disk\d$/.test(x['node-name']))) t.same(n['dirty-bitmaps']!.map((b) => b.name), [tr.activeBitmap], `${n['node-name']}: on the common generation`);
+  q.close();
+  await tr.close();
+  await d.stop();
+});
+
 t.test('a node QEMU does not have is a coded error', async (t) => {
   const d = daemonWith(t, ['qcow2']);
   await d.start();
