@@ -104,6 +104,8 @@ export class QemuTracker implements ChangeTracker {
   private readonly ownNbd: string | null;
   private chain: Promise<unknown> = Promise.resolve();
   private closed = false;
+  /** A read export of an earlier round could not be deleted: the next round deletes it first. */
+  private staleExports = false;
 
   private constructor(private readonly o: QemuTrackerOptions, qmp: QmpClient, gen: number, disks: QemuTrackedDisk[], openLoss: TrackingLoss[]) {
     this.name = o.name;
@@ -167,8 +169,12 @@ export class QemuTracker implements ChangeTracker {
     }
   }
 
-  /** Names of the active bitmaps: a bitmap removed and recreated by someone else shows up as a loss in selfCheck, not here. */
-  get identity(): string { return this.disks.map((d) => `${d.node}:${this.name}.${this.gen}`).join(','); }
+  /**
+   * Stable across rounds and restarts: the QMP socket and the nodes. (A bitmap removed or
+   * replaced under the tracker is found by open() and selfCheck() themselves: it is missing,
+   * disabled or inconsistent, or its generation is not the tracker's.)
+   */
+  get identity(): string { return `qemu:${this.o.qmpSocket}:${this.disks.map((d) => d.node).join(',')}`; }
 
   /** Name of the bitmap recording now (on every disk). */
   get activeBitmap(): string { return `${this.name}.${this.gen}`; }
@@ -327,6 +333,10 @@ export class QemuTracker implements ChangeTracker {
   private async drainNow(journal?: DrainJournal): Promise<DirtyExtent[]> {
     if (this.closed) throw trackerError(this.name, 'drain() after close()');
     await this.reconnectIfNeeded();
+    if (this.staleExports) {
+      await deleteOurExports(this.qmp, this.name);
+      this.staleExports = false;
+    }
     const all = this.disks.map((_, i) => i);
     const next = this.gen + 1;
     await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, false);
@@ -352,8 +362,9 @@ export class QemuTracker implements ChangeTracker {
       try {
         for (const e of await nbdDirtyMap(sock, id, frozen, this.o.nbdTimeoutMs)) out.push({ disk: i, ...e });
       } finally {
-        await this.qmp.execute('block-export-del', { id }).catch(() => undefined);
-        await deleted.catch(() => undefined);
+        // an export that could not be deleted now is deleted at the start of the next round
+        if (await this.qmp.execute('block-export-del', { id }).then(() => true, () => false)) await deleted.catch(() => undefined);
+        else this.staleExports = true;
       }
     }
     const extents = coalesceExtents(out);
@@ -429,8 +440,9 @@ async function deleteOurExports(qmp: QmpClient, name: string): Promise<void> {
     if (!e.id.startsWith(`${name}-map-`)) continue;
     const deleted = qmp.waitEvent('BLOCK_EXPORT_DELETED', (d) => d['id'] === e.id);
     deleted.catch(() => undefined);
-    await qmp.execute('block-export-del', { id: e.id, mode: 'hard' }).catch(() => undefined);
-    await deleted.catch(() => undefined);
+    // hard: drop any client still connected (an nbdinfo of a killed agent)
+    await qmp.execute('block-export-del', { id: e.id, mode: 'hard' });
+    await deleted;
   }
 }
 

@@ -99,11 +99,16 @@ t.test('a round that failed leaves its frozen bitmap, and the next round deliver
   d.write(0, 5 * MiB, 8 * KiB);
   await t.rejects(tr.drain(), { code: 'MOB_ERR_NBD' }, 'nbdinfo cannot reach the export');
   d.write(0, 7 * MiB, 8 * KiB);
-  // the same tracker pointed at the right NBD server (a restarted agent would be)
+  // the same tracker pointed at the right NBD server (a restarted agent would be), and a read
+  // export a killed agent left behind, which open() removes
   await tr.close({ keep: true });
+  const q = await QmpClient.connect(d.testQmpSocket);
+  await q.execute('block-export-add', { type: 'nbd', id: `${NAME}-map-0`, 'node-name': 'disk0', name: `${NAME}-map-0`, writable: false });
   const tr2 = await QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'disk0' }], nbdSocket: d.nbdSocket });
   t.teardown(() => tr2.close().catch(() => undefined));
   t.equal(tr2.resumed, true, 'an agent restart resumes');
+  t.same((await q.execute<{ id: string }[]>('query-block-exports')).map((e) => e.id).sort(), ['guest0'], 'the left-over read export is gone');
+  q.close();
   t.same(await tr2.drain(), expected([{ disk: 0, offset: 5 * MiB, length: 8 * KiB }, { disk: 0, offset: 7 * MiB, length: 8 * KiB }], g), 'the failed round\'s writes and the later ones');
   t.same(await tr2.drain(), []);
   await tr2.close();
