@@ -35,6 +35,12 @@ export interface OpenSourceOptions {
    * cache, so a buffered read of the device can return stale blocks.
    */
   direct?: boolean;
+  /**
+   * Read a regular file with O_DIRECT too. For a file served by FUSE without direct I/O
+   * (QEMU's FUSE export of a VM disk): through a descriptor held open, buffered reads return
+   * pages the kernel cached before the guest's later writes.
+   */
+  directFile?: boolean;
 }
 
 export async function openDiskSource(path: string, opts: OpenSourceOptions = {}): Promise<DiskSource> {
@@ -51,7 +57,7 @@ export async function openDiskSource(path: string, opts: OpenSourceOptions = {})
     else if (st.isFile()) size = st.size;
     else throw new MobilityError('MOB_ERR_SOURCE', `${path} is neither a regular file nor a block device`);
     if (size % 512 !== 0) throw new MobilityError('MOB_ERR_SOURCE', `${path} is ${size} bytes, not a multiple of 512`);
-    if (opts.direct && st.isBlockDevice()) {
+    if ((opts.direct && st.isBlockDevice()) || (opts.directFile && st.isFile())) {
       await fh.close();
       return DirectDiskSource.open(path, size);
     }

@@ -27,8 +27,10 @@
  * Extents are whole bitmap granules (granularity() says how large: the qcow2 cluster size
  * unless set), so they cover every written byte and may cover a little more.
  *
- * What this does not do (yet): read the data of the extents (the caller reads them through an
- * NBD disk source), point-in-time views (copy-before-write fleecing), discovery of a VM's
+ * Data: openSource() gives a DiskSource of a disk through QEMU's FUSE export (why not NBD:
+ * see src/source/qemu/fuse-source.ts).
+ *
+ * What this does not do (yet): point-in-time views (copy-before-write fleecing), discovery of a VM's
  * disks from libvirt or query-block.
  *
  * QMP errors are MOB_ERR_QMP, nbdinfo failures MOB_ERR_NBD, a node that cannot be tracked
@@ -39,6 +41,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { MobilityError } from '../../errors.js';
 import { QmpClient, QmpCommandError } from '../qemu/qmp.js';
+import { openFuseSource } from '../qemu/fuse-source.js';
+import type { DiskSource } from '../disk-source.js';
 import { coalesceExtents, lossOf, type ChangeTracker, type DirtyExtent, type DrainJournal, type TrackingLoss } from './change-tracker.js';
 
 export interface QemuDiskSpec {
@@ -181,6 +185,21 @@ export class QemuTracker implements ChangeTracker {
 
   /** The granule of disk i's bitmap, bytes: drained extents are whole granules. */
   granularity(i: number): number { return this.disks[i]!.granularity; }
+
+  /**
+   * A read-only DiskSource of disk i's current data (QEMU's FUSE export of the node, a file in
+   * `dir`; see src/source/qemu/fuse-source.ts). Its reads see the guest's writes as they
+   * happen: like tracefs, the extents say where to read, consistency comes from cuts. Close
+   * it before close() of the tracker (it uses the tracker's QMP connection).
+   */
+  openSource(i: number, dir: string): Promise<DiskSource> {
+    return this.serial(async () => {
+      const d = this.disks[i];
+      if (!d) throw trackerError(this.name, `no disk ${i}`);
+      await this.reconnectIfNeeded();
+      return openFuseSource(this.qmp, { node: d.node, id: `${this.name}-read-${i}`, dir });
+    });
+  }
 
   drain(journal?: DrainJournal): Promise<DirtyExtent[]> {
     return this.serial(() => this.drainNow(journal));

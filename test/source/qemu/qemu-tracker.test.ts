@@ -4,6 +4,7 @@
  * Missing tools (qemu-storage-daemon, qemu-img, qemu-io, nbdinfo) make it fail, never skip.
  */
 import t from 'tap';
+import fs from 'node:fs';
 import path from 'node:path';
 import { QemuTracker } from '../../../src/source/tracker/qemu.js';
 import { QmpClient } from '../../../src/source/qemu/qmp.js';
@@ -257,6 +258,34 @@ t.test('qcow2 and raw disks of one QEMU: a restart loses only the raw disk\'s ch
   const nodes = await q.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string }[] }[]>('query-named-block-nodes', { flat: true });
   for (const n of nodes.filter((x) => /^disk\d$/.test(x['node-name']))) t.same(n['dirty-bitmaps']!.map((b) => b.name), [tr.activeBitmap], `${n['node-name']}: on the common generation`);
   q.close();
+  await tr.close();
+  await d.stop();
+});
+
+t.test('openSource: the extents\' data read through QEMU\'s FUSE export, never stale', async (t) => {
+  const d = daemonWith(t, ['qcow2']);
+  await d.start();
+  const tr = await QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'disk0' }], nbdSocket: d.nbdSocket });
+  t.teardown(() => tr.close().catch(() => undefined));
+  const src = await tr.openSource(0, d.dir);
+  t.equal(src.size, 64 * MiB, 'the virtual size');
+  d.write(0, 1 * MiB, 64 * KiB, 0x11);
+  const [e] = await tr.drain();
+  t.same(e, { disk: 0, offset: 1 * MiB, length: tr.granularity(0) });
+  const buf = Buffer.alloc(e!.length);
+  await src.read(buf, e!.offset, e!.length);
+  t.ok(buf.subarray(0, 64 * KiB).every((b) => b === 0x11), 'the written data');
+  d.write(0, 1 * MiB, 4 * KiB, 0x22);
+  await src.read(buf, 1 * MiB, 4 * KiB);
+  t.ok(buf.subarray(0, 4 * KiB).every((b) => b === 0x22), 'a newer write is seen at once (no stale page cache)');
+  const small = Buffer.alloc(4 * KiB);
+  src.readSync(small, 1 * MiB + 4 * KiB, 4 * KiB);
+  t.ok(small.every((b) => b === 0x11), 'readSync');
+  await src.close();
+  const q = await QmpClient.connect(d.testQmpSocket);
+  t.same((await q.execute<{ id: string }[]>('query-block-exports')).map((x) => x.id), ['guest0'], 'the FUSE export is gone');
+  q.close();
+  t.notOk(fs.existsSync(path.join(d.dir, `${NAME}-read-0`)), 'its mount point file is removed');
   await tr.close();
   await d.stop();
 });
