@@ -30,7 +30,10 @@
  * Data: openSource() gives a DiskSource of a disk through QEMU's FUSE export (why not NBD:
  * see src/source/qemu/fuse-source.ts).
  *
- * What this does not do (yet): point-in-time views (copy-before-write fleecing), discovery of a VM's
+ * Points: beginPoint() starts a copy-before-write view of all disks and rotates the bitmaps in
+ * the same transaction (a crash-consistent point without stopping the guest).
+ *
+ * What this does not do (yet): discovery of a VM's
  * disks from libvirt or query-block.
  *
  * QMP errors are MOB_ERR_QMP, nbdinfo failures MOB_ERR_NBD, a node that cannot be tracked
@@ -71,7 +74,7 @@ export interface QemuTrackerOptions {
   nbdTimeoutMs?: number;
 }
 
-interface BitmapInfo { name: string; recording: boolean; persistent: boolean; busy: boolean; granularity: number; count: number; inconsistent?: boolean }
+interface BitmapInfo { name?: string; recording: boolean; persistent: boolean; busy: boolean; granularity: number; count: number; inconsistent?: boolean }
 interface NodeInfo { 'node-name': string; drv: string; 'dirty-bitmaps'?: BitmapInfo[]; image?: { 'virtual-size'?: number } }
 
 export interface QemuTrackedDisk {
@@ -349,7 +352,55 @@ export class QemuTracker implements ChangeTracker {
     return sock;
   }
 
-  private async drainNow(journal?: DrainJournal): Promise<DirtyExtent[]> {
+  /**
+   * A crash-consistent point of all the tracker's disks without stopping the guest: one QMP
+   * transaction starts a copy-before-write view of every disk (blockdev-backup sync=none into a
+   * temporary qcow2 in `dir` whose backing is the disk: a guest write first copies the old data
+   * there) and rotates the bitmaps, at the same instant. Returns the extents written up to the
+   * point (drained as by drain(), journaled likewise) and a DiskSource per disk that reads the
+   * disks as they were at the point, while the guest goes on writing. end() removes the view;
+   * until then every guest write to a block not yet copied costs QEMU one copy.
+   */
+  beginPoint(dir: string, journal?: DrainJournal): Promise<QemuPoint> {
+    return this.serial(async () => {
+      if (this.closed) throw trackerError(this.name, 'beginPoint() after close()');
+      await this.reconnectIfNeeded();
+      const views = this.disks.map((d, i) => ({ disk: d, node: `${this.name}-fleece-${i}`, job: `${this.name}-cbw-${i}`, file: path.join(dir, `${this.name}-fleece-${i}.qcow2`), added: false, started: false }));
+      const sources: DiskSource[] = [];
+      let ended = false;
+      const end = async (): Promise<void> => {
+        if (ended) return;
+        ended = true;
+        for (const s of sources) await s.close().catch(() => undefined);
+        const gone = this.qmp.isClosed;
+        for (const v of views) {
+          if (v.started && !gone) {
+            const cancelled = this.qmp.waitEvent('BLOCK_JOB_CANCELLED', (d) => d['device'] === v.job);
+            cancelled.catch(() => undefined);
+            if (await this.qmp.execute('block-job-cancel', { device: v.job, force: true }).then(() => true, () => false)) await cancelled.catch(() => undefined);
+          }
+          if (v.added && !gone) await this.qmp.execute('blockdev-del', { 'node-name': v.node }).catch(() => undefined);
+          fs.rmSync(v.file, { force: true });
+        }
+      };
+      try {
+        for (const v of views) {
+          await createQcow2(v.file, v.disk.sizeBytes);
+          await this.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': v.node, file: { driver: 'file', filename: v.file }, backing: v.disk.node });
+          v.added = true;
+        }
+        const backups = views.map((v) => ({ type: 'blockdev-backup', data: { 'job-id': v.job, device: v.disk.node, target: v.node, sync: 'none' } }));
+        const extents = await this.drainNow(journal, backups, () => { for (const v of views) v.started = true; });
+        for (const [i, v] of views.entries()) sources.push(await openFuseSource(this.qmp, { node: v.node, id: `${this.name}-point-${i}`, dir }));
+        return { extents, sources, end: () => this.serial(end) };
+      } catch (err) {
+        await end();
+        throw err;
+      }
+    });
+  }
+
+  private async drainNow(journal?: DrainJournal, extra: QmpAction[] = [], rotated?: () => void): Promise<DirtyExtent[]> {
     if (this.closed) throw trackerError(this.name, 'drain() after close()');
     await this.reconnectIfNeeded();
     if (this.staleExports) {
@@ -358,7 +409,8 @@ export class QemuTracker implements ChangeTracker {
     }
     const all = this.disks.map((_, i) => i);
     const next = this.gen + 1;
-    await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, false);
+    await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, false, extra);
+    rotated?.();
     const frozen = `${this.name}.${this.gen}`;
     this.gen = next;
     const nodes = await queryNodes(this.qmp);
@@ -398,6 +450,18 @@ export class QemuTracker implements ChangeTracker {
   }
 }
 
+type QmpAction = { type: string; data: Record<string, unknown> };
+
+/** A point-in-time view of every disk of the tracker, from beginPoint(). */
+export interface QemuPoint {
+  /** Everything written up to the point since the previous drain (as drain() returns it). */
+  extents: DirtyExtent[];
+  /** Per disk, a read-only DiskSource of the disk as it was at the point. */
+  sources: DiskSource[];
+  /** Closes the sources and removes the view (jobs, nodes, temporary images). Idempotent. */
+  end(): Promise<void>;
+}
+
 function addArgs(node: string, name: string, persistent: boolean, granularity?: number): Record<string, unknown> {
   return { node, name, persistent, ...(granularity ? { granularity } : {}) };
 }
@@ -407,8 +471,8 @@ function addArgs(node: string, name: string, persistent: boolean, granularity?: 
  * alsoRemove: remove `<from>` instead of disabling it (merge it into the new one first), for
  * a resumed disk moved to a new common generation without losing what it recorded.
  */
-async function rotate(qmp: QmpClient, disks: QemuTrackedDisk[], idx: number[], name: string, from: number, to: number, granularity: number | undefined, mergeAndRemove: boolean): Promise<void> {
-  const actions: { type: string; data: Record<string, unknown> }[] = [];
+async function rotate(qmp: QmpClient, disks: QemuTrackedDisk[], idx: number[], name: string, from: number, to: number, granularity: number | undefined, mergeAndRemove: boolean, extra: QmpAction[] = []): Promise<void> {
+  const actions: QmpAction[] = [...extra];
   for (const i of idx) {
     const d = disks[i]!;
     actions.push({ type: 'block-dirty-bitmap-add', data: addArgs(d.node, `${name}.${to}`, d.persistent, granularity) });
@@ -427,18 +491,20 @@ async function queryNodes(qmp: QmpClient): Promise<Map<string, NodeInfo>> {
   return new Map(list.map((n) => [n['node-name'], n]));
 }
 
-function ours(n: NodeInfo | undefined, name: string): { gen: number; info: BitmapInfo }[] {
-  const out: { gen: number; info: BitmapInfo }[] = [];
+type OurBitmap = { gen: number; info: BitmapInfo & { name: string } };
+
+function ours(n: NodeInfo | undefined, name: string): OurBitmap[] {
+  const out: OurBitmap[] = [];
   for (const b of n?.['dirty-bitmaps'] ?? []) {
-    if (!b.name.startsWith(`${name}.`)) continue;
+    if (typeof b.name !== 'string' || !b.name.startsWith(`${name}.`)) continue; // a block job's bitmap has no name
     const g = b.name.slice(name.length + 1);
-    if (/^[1-9]\d{0,14}$/.test(g)) out.push({ gen: Number(g), info: b });
+    if (/^[1-9]\d{0,14}$/.test(g)) out.push({ gen: Number(g), info: { ...b, name: b.name } });
   }
   return out;
 }
 
 /** Why the bitmaps found on a node cannot be resumed (null: they can). */
-function resumeProblem(node: string, n: NodeInfo, mine: { gen: number; info: BitmapInfo }[], gen: number, persistent: boolean): string | null {
+function resumeProblem(node: string, n: NodeInfo, mine: OurBitmap[], gen: number, persistent: boolean): string | null {
   if (!mine.length) {
     return `no dirty bitmap of this tracker on node ${node}: first protection, or `
       + (persistent
@@ -463,6 +529,15 @@ async function deleteOurExports(qmp: QmpClient, name: string): Promise<void> {
     await qmp.execute('block-export-del', { id: e.id, mode: 'hard' });
     await deleted;
   }
+}
+
+function createQcow2(file: string, sizeBytes: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    execFile('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(sizeBytes)], { timeout: 30_000 }, (err, _out, errOut) => {
+      if (err) reject(new MobilityError('MOB_ERR_QEMU_TRACKER', `cannot create the point-in-time image ${file}: ${String(errOut).trim() || err.message}`, { cause: err }));
+      else resolve();
+    });
+  });
 }
 
 /** Dirty extents of `bitmap` in NBD export `exportName` at unix socket `sock`, via `nbdinfo --map --json`. */

@@ -290,6 +290,47 @@ t.test('openSource: the extents\' data read through QEMU\'s FUSE export, never s
   await d.stop();
 });
 
+t.test('beginPoint: one transaction gives a point-in-time view of both disks and their extents while the guest writes on', async (t) => {
+  const d = daemonWith(t, ['qcow2', 'qcow2']);
+  await d.start();
+  const tr = await QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'disk0' }, { node: 'disk1' }], nbdSocket: d.nbdSocket });
+  t.teardown(() => tr.close().catch(() => undefined));
+  const g = tr.granularity(0);
+  await tr.drain();
+  d.write(0, 1 * MiB, 64 * KiB, 0xaa);
+  d.write(1, 2 * MiB, 64 * KiB, 0xaa);
+  const point = await tr.beginPoint(d.dir);
+  t.teardown(() => point.end());
+  t.same(point.extents, expected([{ disk: 0, offset: 1 * MiB, length: 64 * KiB }, { disk: 1, offset: 2 * MiB, length: 64 * KiB }], g), 'the extents up to the point');
+  // the guest goes on writing, over the same blocks and elsewhere
+  d.write(0, 1 * MiB, 64 * KiB, 0xbb);
+  d.write(1, 2 * MiB, 4 * KiB, 0xbb);
+  d.write(0, 3 * MiB, 64 * KiB, 0xbb);
+  const buf = Buffer.alloc(64 * KiB);
+  const all = (b: Buffer, v: number) => b.every((x) => x === v);
+  await point.sources[0]!.read(buf, 1 * MiB, 64 * KiB);
+  t.ok(all(buf, 0xaa), 'disk0 at the point: the data before the later write');
+  await point.sources[0]!.read(buf, 3 * MiB, 64 * KiB);
+  t.ok(all(buf, 0), 'disk0 at the point: a block first written after it is still zero');
+  await point.sources[1]!.read(buf, 2 * MiB, 64 * KiB);
+  t.ok(all(buf, 0xaa), 'disk1 at the point');
+  const live = await tr.openSource(0, d.dir);
+  await live.read(buf, 1 * MiB, 64 * KiB);
+  t.ok(all(buf, 0xbb), 'the live disk has the later write');
+  await live.close();
+  await point.end();
+  const q = await QmpClient.connect(d.testQmpSocket);
+  t.same((await q.execute<{ id: string }[]>('query-block-exports')).map((x) => x.id).sort(), ['guest0', 'guest1'], 'no export left');
+  t.same(await q.execute('query-block-jobs'), [], 'no job left');
+  const nodes = await q.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true });
+  t.notOk(nodes.some((n) => n['node-name'].includes('fleece')), 'no view node left');
+  q.close();
+  t.same(fs.readdirSync(d.dir).filter((f) => f.includes('fleece')), [], 'no temporary image left');
+  t.same(await tr.drain(), expected([{ disk: 0, offset: 1 * MiB, length: 64 * KiB }, { disk: 0, offset: 3 * MiB, length: 64 * KiB }, { disk: 1, offset: 2 * MiB, length: 4 * KiB }], g), 'the writes after the point go to the next round');
+  await tr.close();
+  await d.stop();
+});
+
 t.test('a node QEMU does not have is a coded error', async (t) => {
   const d = daemonWith(t, ['qcow2']);
   await d.start();
