@@ -136,7 +136,7 @@ export class QemuTracker implements ChangeTracker {
     if (new Set(o.disks.map((d) => d.node)).size !== o.disks.length) throw trackerError(o.name, 'a node is listed twice');
     const qmp = await QmpClient.connect(o.qmpSocket, { timeoutMs: o.qmpTimeoutMs, commandTimeoutMs: o.qmpTimeoutMs });
     try {
-      await deleteOurExports(qmp, o.name);
+      await removeLeftovers(qmp, o.name);
       const nodes = await queryNodes(qmp);
       let gen = 0;
       for (const d of o.disks) for (const b of ours(nodes.get(d.node), o.name)) gen = Math.max(gen, b.gen);
@@ -519,10 +519,30 @@ function resumeProblem(node: string, n: NodeInfo, mine: OurBitmap[], gen: number
   return null;
 }
 
-async function deleteOurExports(qmp: QmpClient, name: string): Promise<void> {
+/**
+ * What a killed agent of this tracker may have left in QEMU: read exports (bitmap maps, FUSE
+ * views), point-in-time jobs and their nodes. Their temporary image files are in the directory
+ * the caller gave beginPoint(); QEMU no longer holds them afterwards.
+ */
+async function removeLeftovers(qmp: QmpClient, name: string): Promise<void> {
+  await deleteOurExports(qmp, name, `${name}-`);
+  const jobs = await qmp.execute<{ device: string }[]>('query-block-jobs');
+  for (const j of jobs) {
+    if (!j.device.startsWith(`${name}-cbw-`)) continue;
+    const cancelled = qmp.waitEvent('BLOCK_JOB_CANCELLED', (d) => d['device'] === j.device);
+    cancelled.catch(() => undefined);
+    await qmp.execute('block-job-cancel', { device: j.device, force: true });
+    await cancelled;
+  }
+  for (const n of (await queryNodes(qmp)).keys()) {
+    if (n.startsWith(`${name}-fleece-`)) await qmp.execute('blockdev-del', { 'node-name': n });
+  }
+}
+
+async function deleteOurExports(qmp: QmpClient, name: string, prefix = `${name}-map-`): Promise<void> {
   const list = await qmp.execute<{ id: string }[]>('query-block-exports');
   for (const e of list) {
-    if (!e.id.startsWith(`${name}-map-`)) continue;
+    if (!e.id.startsWith(prefix)) continue;
     const deleted = qmp.waitEvent('BLOCK_EXPORT_DELETED', (d) => d['id'] === e.id);
     deleted.catch(() => undefined);
     // hard: drop any client still connected (an nbdinfo of a killed agent)

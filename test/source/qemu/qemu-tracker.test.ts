@@ -331,6 +331,33 @@ t.test('beginPoint: one transaction gives a point-in-time view of both disks and
   await d.stop();
 });
 
+t.test('a point a killed agent left (job, view node, FUSE export) is removed by the next open()', async (t) => {
+  const d = daemonWith(t, ['qcow2']);
+  await d.start();
+  const tr = await QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'disk0' }], nbdSocket: d.nbdSocket });
+  t.teardown(() => tr.close().catch(() => undefined));
+  const point = await tr.beginPoint(d.dir);
+  // the agent "dies": its QMP connection closes and nothing is ended (its descriptors close;
+  // the FUSE export stays mounted, the mount point file cannot be removed under it)
+  (tr as unknown as { qmp: QmpClient }).qmp.close();
+  await point.sources[0]!.close().catch(() => undefined);
+  t.ok(fs.readFileSync('/proc/mounts', 'utf8').includes(`${NAME}-point-0`), 'the FUSE view is still mounted');
+  const tr2 = await QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'disk0' }], nbdSocket: d.nbdSocket });
+  t.teardown(() => tr2.close().catch(() => undefined));
+  t.equal(tr2.resumed, true);
+  const q = await QmpClient.connect(d.testQmpSocket);
+  t.same(await q.execute('query-block-jobs'), [], 'no job left');
+  t.same((await q.execute<{ id: string }[]>('query-block-exports')).map((x) => x.id), ['guest0'], 'no export left');
+  const nodes = await q.execute<{ 'node-name': string }[]>('query-named-block-nodes', { flat: true });
+  t.notOk(nodes.some((n) => n['node-name'].includes('fleece')), 'no view node left');
+  t.notOk(fs.readFileSync('/proc/mounts', 'utf8').includes(`${NAME}-point-0`), 'the FUSE view is unmounted');
+  q.close();
+  d.write(0, 1 * MiB, 4 * KiB);
+  t.same(await tr2.drain(), expected([{ disk: 0, offset: 1 * MiB, length: 4 * KiB }], tr2.granularity(0)));
+  await tr2.close();
+  await d.stop();
+});
+
 t.test('a node QEMU does not have is a coded error', async (t) => {
   const d = daemonWith(t, ['qcow2']);
   await d.start();
