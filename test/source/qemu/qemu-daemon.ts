@@ -14,9 +14,9 @@ import { sleep } from '../../helpers.js';
 export const QEMU_TOOLS = ['qemu-storage-daemon', 'qemu-img', 'qemu-io', 'nbdinfo', 'nbdcopy'];
 
 /** Throws naming every missing tool and its Debian package. */
-export function requireQemuTools(): void {
+export function requireQemuTools(env: NodeJS.ProcessEnv = process.env): void {
   const pkg: Record<string, string> = { 'qemu-storage-daemon': 'qemu-system-common', 'qemu-img': 'qemu-utils', 'qemu-io': 'qemu-utils', nbdinfo: 'libnbd-bin', nbdcopy: 'libnbd-bin' };
-  const missing = QEMU_TOOLS.filter((c) => spawnSync('sh', ['-c', `command -v ${c}`]).status !== 0);
+  const missing = QEMU_TOOLS.filter((c) => spawnSync('/bin/sh', ['-c', `command -v ${c}`], { env }).status !== 0);
   if (missing.length) throw new Error(`missing tools: ${missing.map((m) => `${m} (package ${pkg[m]})`).join(', ')}; scripts/test.sh installs them`);
 }
 

@@ -44,8 +44,9 @@ function daemonWith(tt: Parameters<typeof cleanup>[0], formats: ('qcow2' | 'raw'
   return new QemuDaemon(c, dir, disks, nbd);
 }
 
-t.test('the tools are installed', async (t) => {
+t.test('the tools are installed (a missing one fails the tests, naming its package)', async (t) => {
   t.doesNotThrow(() => requireQemuTools());
+  t.throws(() => requireQemuTools({ PATH: '/nonexistent' }), { message: /missing tools: qemu-storage-daemon \(package qemu-system-common\), .*nbdinfo \(package libnbd-bin\)/ });
 });
 
 t.test('two qcow2 disks: drained extents are exactly the written granules, rotated in one transaction', async (t) => {
