@@ -28,7 +28,9 @@ Commands:
   replicate   replicate disks to a server (initial, incremental or checksum resync)
   verify      compare disks with their replicas without changing anything
   protect     protect block devices continuously (tracefs tracking, consistency cuts, recovery points)
-  status      per-disk state, RPO, data lag, backlog and churn, as the server sees them
+  status      per-disk state, RPO, data lag, backlog and churn, as the server sees them (--history: over time)
+  events      what happened: state changes, recovery points, cut failures, sessions lost, alerts
+  alerts      RPO alerts (active ones; --all for the cleared ones too)
   points      list an agent's recovery points
   test-failover  materialise a writable image of a recovery point (or --cleanup it)
   failover    stop replication of an agent and promote a recovery point (after a final cut)
@@ -158,6 +160,7 @@ Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --stat
   --trace-buffer-kb N   per-CPU trace buffer (default 8192)
 `,
   status: `Usage: mobility status [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
+       mobility status --history [--range 1h|24h|7d] [--agent A] [--disk D] [connection options] [--json]
 
 Per disk: state (initial-sync, continuous, resync-required, resyncing, disconnected,
 target-unavailable, failed-over) and reason, RPO (age of the newest recovery point, marked !
@@ -166,6 +169,23 @@ an unregistered agent), data lag (age of the oldest unshipped write), backlog,
 churn, recovery points, STORED (what the replica and its points occupy in the server's
 replica store), freeze statistics. target-unavailable: the replica store (e.g. Azure
 storage) does not answer; the agent keeps its changes and resumes when it is back.
+The active RPO alerts follow the table (see mobility alerts).
+
+--history: the server's samples of each disk over the last --range (default 1h): one row per
+5 minutes (1h), hour (24h) or 6 hours (7d) with the highest RPO, data lag and backlog, the mean
+churn and the last state; --json prints every sample (10 s, or 1 minute past a day).
+${CONN_HELP}`,
+  events: `Usage: mobility events [--since T] [--limit N] [--agent A] [--disk D] [connection options] [--json]
+
+What the server recorded, newest first: a disk's state changes (with the reason), recovery
+points recorded or refused, cut failures, sessions lost, RPO alerts fired and cleared. Kept for
+7 days. --since: an ISO 8601 time or an age such as 30m, 2h, 1d; --limit: at most N (default 100).
+${CONN_HELP}`,
+  alerts: `Usage: mobility alerts [--all] [connection options] [--json]
+
+RPO alerts, newest first: one fires when the age of a disk's newest recovery point passes its
+machine's policy threshold (RPO ALERT of mobility status) and clears when it is back under, each
+with its times, RPO, threshold and reason. Without --all only the active ones.
 ${CONN_HELP}`,
   points: `Usage: mobility points [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID] [--json]
 
@@ -341,9 +361,13 @@ async function cmdProtect(argv: string[]): Promise<number> {
   return EXIT.OK;
 }
 
-async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 'reprotect', argv: string[]): Promise<number> {
+async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 'reprotect' | 'events' | 'alerts', argv: string[]): Promise<number> {
   const { values: v } = parse(argv, {
     ...CONN_OPTIONS, 'agent-id': { type: 'string' },
+    ...(cmd === 'status' ? { history: { type: 'boolean' }, range: { type: 'string' } } : {}),
+    ...(cmd === 'status' || cmd === 'events' ? { agent: { type: 'string' } } : {}),
+    ...(cmd === 'events' ? { since: { type: 'string' }, limit: { type: 'string' } } : {}),
+    ...(cmd === 'alerts' ? { all: { type: 'boolean' } } : {}),
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
     disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' } } : {}),
     ...(cmd === 'test-failover' ? { download: { type: 'string' } } : {}),
@@ -354,8 +378,19 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   const c = await serverConn(v);
   const agent = (v['agent-id'] as string | undefined) ?? defaultAgentId();
   const out = (j: unknown, text: () => string) => process.stdout.write(v.json ? JSON.stringify(j, null, 2) + '\n' : text());
+  if (cmd === 'events' || cmd === 'alerts' || (cmd === 'status' && v.history)) {
+    const h = await import('./history-cli.js');
+    if (cmd === 'events') await h.cmdEvents(c, v);
+    else if (cmd === 'alerts') await h.cmdAlerts(c, v);
+    else await h.statusHistory(c, v);
+    return EXIT.OK;
+  }
+  if (cmd === 'status' && (v.range !== undefined || v.agent !== undefined)) throw new MobilityError('MOB_ERR_USAGE', '--range and --agent go with --history');
   if (cmd === 'status') {
     const j = await api(c, 'GET', '/v1/status');
+    const { alertLines } = await import('./history-cli.js');
+    // active RPO alerts come with the status (an older server sends none)
+    const alerts = Array.isArray(j.alerts) ? j.alerts as import('./history-cli.js').AlertView[] : [];
     const disks = (j.disks ?? []) as import('../server/http/api.js').DiskStatus[];
     const target = j.target as { kind: string; location: string; listedAt: string | null; error: { code: string; message: string } | null; listing?: boolean } | undefined;
     const asListed = target?.listedAt ? `disks as listed at ${target.listedAt}` : 'no listing yet';
@@ -363,7 +398,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
       ? `replica store ${target.kind}:${target.location} is not answering (${target.error.code}); ${asListed}\n`
       : target?.listing ? `replica store ${target.kind}:${target.location} is slow to list; ${asListed}\n` : '';
     out(j, () => {
-      if (!disks.length) return `${targetLine}no protected disks\n`;
+      if (!disks.length) return `${targetLine}no protected disks\n${alertLines(alerts)}`;
       const rows = [['AGENT', 'DISK', 'STATE', 'RPO', 'RPO ALERT', 'LAG', 'BACKLOG', 'CHURN/s', 'POINTS', 'STORED', 'LAST FREEZE', 'REASON']];
       for (const d of disks) {
         const scanning = (d.state === 'initial-sync' || d.state === 'resyncing') && d.progressPermille !== null && d.progressPermille !== undefined;
@@ -372,7 +407,8 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
           typeof d.rpoAlertMs === 'number' ? fmtAge(d.rpoAlertMs) : '-', fmtAge(d.dataLagMs), d.backlogBytes === null ? '-' : fmtBytes(d.backlogBytes),
           d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), typeof d.storedBytes === 'number' ? fmtBytes(d.storedBytes) : '-', d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
       }
-      return targetLine + table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above its alert threshold (RPO ALERT: the machine\'s policy) or no recovery point yet\n' : '');
+      return targetLine + table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above its alert threshold (RPO ALERT: the machine\'s policy) or no recovery point yet\n' : '')
+        + alertLines(alerts);
     });
     return EXIT.OK;
   }
@@ -557,7 +593,7 @@ export async function main(argv: string[]): Promise<number> {
       case 'replicate': return await cmdReplicate(rest, false);
       case 'verify': return await cmdReplicate(rest, true);
       case 'protect': return await cmdProtect(rest);
-      case 'status': case 'points': case 'test-failover': case 'failover': case 'reprotect': return await cmdOps(cmd, rest);
+      case 'status': case 'points': case 'test-failover': case 'failover': case 'reprotect': case 'events': case 'alerts': return await cmdOps(cmd, rest);
       case 'version': case '--version': case '-V':
         process.stdout.write(`mobility ${AGENT_VERSION} (protocol ${PROTOCOL_VERSION})\n`);
         return EXIT.OK;

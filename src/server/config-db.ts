@@ -63,7 +63,88 @@ export const MIGRATIONS: string[] = [
   // 3: the cut's freeze bound and spool budget are policy settings
   `ALTER TABLE policies ADD COLUMN freeze_limit_ms INTEGER NOT NULL DEFAULT 10000;
    ALTER TABLE policies ADD COLUMN spool_budget_bytes INTEGER NOT NULL DEFAULT 268435456;`,
+  // 4: history: health samples per disk (res 10 s rows for a day, then 60 s rows for a week),
+  // events (state changes, points, cut failures, sessions lost) and RPO alerts; times in ms since the epoch
+  `CREATE TABLE health_samples (
+     agent_id TEXT NOT NULL,
+     disk_id TEXT NOT NULL,
+     res_ms INTEGER NOT NULL,
+     t INTEGER NOT NULL,
+     rpo_ms INTEGER,
+     data_lag_ms INTEGER,
+     backlog_bytes INTEGER,
+     churn_bps REAL,
+     state TEXT NOT NULL,
+     PRIMARY KEY (agent_id, disk_id, res_ms, t));
+   CREATE INDEX health_samples_t ON health_samples (t);
+   CREATE TABLE events (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     t INTEGER NOT NULL,
+     agent_id TEXT NOT NULL,
+     disk_id TEXT,
+     kind TEXT NOT NULL,
+     state TEXT,
+     code TEXT,
+     reason TEXT NOT NULL);
+   CREATE INDEX events_t ON events (t);
+   CREATE TABLE alerts (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     agent_id TEXT NOT NULL,
+     disk_id TEXT NOT NULL,
+     kind TEXT NOT NULL,
+     fired_at INTEGER NOT NULL,
+     cleared_at INTEGER,
+     rpo_ms INTEGER,
+     threshold_ms INTEGER NOT NULL,
+     reason TEXT NOT NULL,
+     clear_reason TEXT);
+   CREATE INDEX alerts_active ON alerts (cleared_at);`,
 ];
+
+/** History retention: 10 s samples for a day, 1-minute samples (and events, cleared alerts) for a week. */
+export const HISTORY_FINE_MS = 24 * 3600_000;
+export const HISTORY_KEEP_MS = 7 * 24 * 3600_000;
+export const HISTORY_COARSE_RES_MS = 60_000;
+
+/** One health sample of a disk: the aggregate of what arrived in its window (t = window start, ms). */
+export interface HealthSample {
+  agentId: string; diskId: string; resMs: number; t: number;
+  rpoMs: number | null; dataLagMs: number | null; backlogBytes: number | null; churnBytesPerSec: number | null; state: string;
+}
+
+export interface HistoryEvent {
+  id: number; t: number; agentId: string; diskId: string | null;
+  /** state (a disk's state changed), point (recorded), point-refused, cut-failed, session-lost, alert-fired, alert-cleared */
+  kind: string; state: string | null; code: string | null; reason: string;
+}
+
+export interface AlertRow {
+  id: number; agentId: string; diskId: string; kind: string; firedAt: number; clearedAt: number | null;
+  rpoMs: number | null; thresholdMs: number; reason: string; clearReason: string | null;
+}
+
+function rowToSample(r: Record<string, unknown>): HealthSample {
+  return {
+    agentId: r.agent_id as string, diskId: r.disk_id as string, resMs: r.res_ms as number, t: r.t as number,
+    rpoMs: r.rpo_ms as number | null, dataLagMs: r.data_lag_ms as number | null, backlogBytes: r.backlog_bytes as number | null,
+    churnBytesPerSec: r.churn_bps as number | null, state: r.state as string,
+  };
+}
+
+function rowToEvent(r: Record<string, unknown>): HistoryEvent {
+  return {
+    id: r.id as number, t: r.t as number, agentId: r.agent_id as string, diskId: r.disk_id as string | null, kind: r.kind as string,
+    state: r.state as string | null, code: r.code as string | null, reason: r.reason as string,
+  };
+}
+
+function rowToAlert(r: Record<string, unknown>): AlertRow {
+  return {
+    id: r.id as number, agentId: r.agent_id as string, diskId: r.disk_id as string, kind: r.kind as string, firedAt: r.fired_at as number,
+    clearedAt: r.cleared_at as number | null, rpoMs: r.rpo_ms as number | null, thresholdMs: r.threshold_ms as number,
+    reason: r.reason as string, clearReason: r.clear_reason as string | null,
+  };
+}
 
 export interface Policy {
   name: string; rpoThresholdMs: number; retentionMs: number; crashIntervalMs: number; appIntervalMs: number;
@@ -359,5 +440,103 @@ export class ConfigDb {
   }
   removePushAccount(name: string): boolean {
     return this.db.prepare('DELETE FROM push_accounts WHERE name = ?').run(name).changes === 1;
+  }
+
+  // ---- history (written by server/history.ts in batches, one transaction per flush)
+  /**
+   * Writes a flush: samples (a row already there for the same disk and window is replaced), events,
+   * alerts fired (their ids are set on the objects) and alerts cleared, in one transaction.
+   */
+  writeHistory(b: { samples: HealthSample[]; events: Omit<HistoryEvent, 'id'>[]; fired: Omit<AlertRow, 'id'>[]; cleared: { id: number; clearedAt: number; clearReason: string }[] }): number[] {
+    const ins = this.db.prepare(`INSERT OR REPLACE INTO health_samples (agent_id, disk_id, res_ms, t, rpo_ms, data_lag_ms, backlog_bytes, churn_bps, state)
+      VALUES (@agentId, @diskId, @resMs, @t, @rpoMs, @dataLagMs, @backlogBytes, @churnBytesPerSec, @state)`);
+    const ev = this.db.prepare('INSERT INTO events (t, agent_id, disk_id, kind, state, code, reason) VALUES (@t, @agentId, @diskId, @kind, @state, @code, @reason)');
+    const fire = this.db.prepare(`INSERT INTO alerts (agent_id, disk_id, kind, fired_at, cleared_at, rpo_ms, threshold_ms, reason, clear_reason)
+      VALUES (@agentId, @diskId, @kind, @firedAt, @clearedAt, @rpoMs, @thresholdMs, @reason, @clearReason)`);
+    const clear = this.db.prepare('UPDATE alerts SET cleared_at = @clearedAt, clear_reason = @clearReason WHERE id = @id AND cleared_at IS NULL');
+    return this.db.transaction(() => {
+      for (const s of b.samples) ins.run(s);
+      for (const e of b.events) ev.run(e);
+      const ids = b.fired.map((a) => Number(fire.run(a).lastInsertRowid));
+      for (const c of b.cleared) clear.run(c);
+      return ids;
+    })();
+  }
+
+  /** Samples of the disks matching agent/disk (null: all) from sinceMs on, oldest first (both resolutions). */
+  historySamples(o: { agentId?: string | null; diskId?: string | null; sinceMs: number }): HealthSample[] {
+    return (this.db.prepare(`SELECT * FROM health_samples WHERE t >= @since AND (@agent IS NULL OR agent_id = @agent) AND (@disk IS NULL OR disk_id = @disk)
+      ORDER BY agent_id, disk_id, t`).all({ since: o.sinceMs, agent: o.agentId ?? null, disk: o.diskId ?? null }) as Record<string, unknown>[]).map(rowToSample);
+  }
+
+  /** Events newest first: from sinceMs on (inclusive), at most limit, of one agent/disk when given. */
+  listEvents(o: { sinceMs?: number; limit?: number; agentId?: string | null; diskId?: string | null } = {}): HistoryEvent[] {
+    return (this.db.prepare(`SELECT * FROM events WHERE t >= @since AND (@agent IS NULL OR agent_id = @agent) AND (@disk IS NULL OR disk_id = @disk)
+      ORDER BY t DESC, id DESC LIMIT @limit`).all({ since: o.sinceMs ?? 0, limit: o.limit ?? 100, agent: o.agentId ?? null, disk: o.diskId ?? null }) as Record<string, unknown>[]).map(rowToEvent);
+  }
+
+  /** Alerts newest first (by firing time); only those not cleared with active. */
+  listAlerts(o: { active?: boolean; limit?: number; agentId?: string | null } = {}): AlertRow[] {
+    return (this.db.prepare(`SELECT * FROM alerts WHERE (@active = 0 OR cleared_at IS NULL) AND (@agent IS NULL OR agent_id = @agent)
+      ORDER BY fired_at DESC, id DESC LIMIT @limit`).all({ active: o.active ? 1 : 0, limit: o.limit ?? 1000, agent: o.agentId ?? null }) as Record<string, unknown>[]).map(rowToAlert);
+  }
+
+  /** The last recorded state of every disk (the newest 'state' event), to tell a change after a restart. */
+  lastStates(): { agentId: string; diskId: string; state: string }[] {
+    return (this.db.prepare(`SELECT e.agent_id, e.disk_id, e.state FROM events e
+      JOIN (SELECT agent_id, disk_id, MAX(id) AS id FROM events WHERE kind = 'state' GROUP BY agent_id, disk_id) m ON e.id = m.id`).all() as Record<string, unknown>[])
+      .map((r) => ({ agentId: r.agent_id as string, diskId: r.disk_id as string, state: r.state as string }));
+  }
+
+  /**
+   * Retention of the history at nowMs: 10 s rows older than fineMs become one row per disk and
+   * minute (max RPO, lag and backlog, mean churn, the last state), then rows, events and cleared
+   * alerts older than keepMs are deleted. One transaction; returns what it did.
+   */
+  compactHistory(nowMs: number, fineMs = HISTORY_FINE_MS, keepMs = HISTORY_KEEP_MS): { downsampled: number; written: number; deleted: number } {
+    const res = HISTORY_COARSE_RES_MS;
+    return this.db.transaction(() => {
+      const fineBefore = nowMs - fineMs;
+      const keepFrom = nowMs - keepMs;
+      // rows past the week are not folded: they are deleted below
+      const old = this.db.prepare('SELECT * FROM health_samples WHERE res_ms < ? AND t < ? AND t >= ? ORDER BY agent_id, disk_id, t').all(res, fineBefore, keepFrom) as Record<string, unknown>[];
+      const buckets = new Map<string, { s: HealthSample; churnSum: number; churnN: number }>();
+      for (const r of old.map(rowToSample)) {
+        const t = Math.floor(r.t / res) * res;
+        const key = `${r.agentId}\0${r.diskId}\0${t}`;
+        const b = buckets.get(key);
+        const mx = (a: number | null, x: number | null) => (a === null ? x : x === null ? a : Math.max(a, x));
+        if (!b) {
+          buckets.set(key, { s: { ...r, resMs: res, t }, churnSum: r.churnBytesPerSec ?? 0, churnN: r.churnBytesPerSec === null ? 0 : 1 });
+        } else {
+          b.s.rpoMs = mx(b.s.rpoMs, r.rpoMs);
+          b.s.dataLagMs = mx(b.s.dataLagMs, r.dataLagMs);
+          b.s.backlogBytes = mx(b.s.backlogBytes, r.backlogBytes);
+          if (r.churnBytesPerSec !== null) { b.churnSum += r.churnBytesPerSec; b.churnN++; }
+          b.s.state = r.state; // rows come oldest first: the last one's state wins
+        }
+      }
+      // a minute row already written (a minute split by an earlier run) is merged in
+      const prev = this.db.prepare('SELECT * FROM health_samples WHERE agent_id = ? AND disk_id = ? AND res_ms = ? AND t = ?');
+      const ins = this.db.prepare(`INSERT OR REPLACE INTO health_samples (agent_id, disk_id, res_ms, t, rpo_ms, data_lag_ms, backlog_bytes, churn_bps, state)
+        VALUES (@agentId, @diskId, @resMs, @t, @rpoMs, @dataLagMs, @backlogBytes, @churnBytesPerSec, @state)`);
+      for (const b of buckets.values()) {
+        const p = prev.get(b.s.agentId, b.s.diskId, res, b.s.t) as Record<string, unknown> | undefined;
+        const s = b.s;
+        s.churnBytesPerSec = b.churnN ? b.churnSum / b.churnN : null;
+        if (p) {
+          const q = rowToSample(p);
+          const mx = (a: number | null, x: number | null) => (a === null ? x : x === null ? a : Math.max(a, x));
+          s.rpoMs = mx(s.rpoMs, q.rpoMs); s.dataLagMs = mx(s.dataLagMs, q.dataLagMs); s.backlogBytes = mx(s.backlogBytes, q.backlogBytes);
+          if (q.churnBytesPerSec !== null) s.churnBytesPerSec = s.churnBytesPerSec === null ? q.churnBytesPerSec : (s.churnBytesPerSec + q.churnBytesPerSec) / 2;
+        }
+        ins.run(s);
+      }
+      this.db.prepare('DELETE FROM health_samples WHERE res_ms < ? AND t < ?').run(res, fineBefore);
+      let deleted = this.db.prepare('DELETE FROM health_samples WHERE t < ?').run(keepFrom).changes;
+      deleted += this.db.prepare('DELETE FROM events WHERE t < ?').run(keepFrom).changes;
+      deleted += this.db.prepare('DELETE FROM alerts WHERE cleared_at IS NOT NULL AND cleared_at < ?').run(keepFrom).changes;
+      return { downsampled: old.length, written: buckets.size, deleted };
+    })();
   }
 }

@@ -12,6 +12,7 @@ import type { ConfigDb } from './config-db.js';
 import type { ControlHub } from './control.js';
 import type { FailoverState } from './failover-state.js';
 import type { HealthBoard } from './health.js';
+import type { HistoryRecorder } from './history.js';
 import type { ServerMetrics } from './metrics.js';
 import type { CutNotice } from './points.js';
 import type { Registry } from './registry.js';
@@ -33,6 +34,8 @@ export interface ServerContext {
   readonly registry: Registry;
   readonly control: ControlHub;
   readonly health: HealthBoard;
+  /** Health samples, events and alerts (kept in the configuration database). */
+  readonly history: HistoryRecorder;
   readonly backend: ReplicaBackend;
   /** The replicas as status shows them, also while the backend does not answer. */
   readonly listing: ReplicaListing;

@@ -28,6 +28,7 @@ import { ConfigDb, type Policy } from './config-db.js';
 import { ControlHub } from './control.js';
 import { DiskLeases } from './disk-leases.js';
 import { HealthBoard } from './health.js';
+import { DEFAULT_HISTORY_WINDOW_MS, HistoryRecorder } from './history.js';
 import { ServerMetrics } from './metrics.js';
 import { PointBook, type CutNotice } from './points.js';
 import { ensurePassphrase, Registry } from './registry.js';
@@ -63,6 +64,21 @@ export interface ProcessServerOptions {
   storeRetryMs?: number;
   /** A backend built by the caller (tests, benchmarks); overrides store. */
   backend?: ReplicaBackend;
+  /**
+   * Aggregation window of the health history (default 10 s; else $MOBILITY_HISTORY_WINDOW_MS, a
+   * test knob so a test need not wait 10 s per sample).
+   */
+  historyWindowMs?: number;
+}
+
+/** The history window: the option, else $MOBILITY_HISTORY_WINDOW_MS (a test knob), else 10 s. */
+export function historyWindowMs(opt: number | undefined): number {
+  if (opt !== undefined) return opt;
+  const env = process.env.MOBILITY_HISTORY_WINDOW_MS;
+  if (env === undefined || env === '') return DEFAULT_HISTORY_WINDOW_MS;
+  const n = Number(env);
+  if (!Number.isInteger(n) || n < 100 || n > 3600_000) throw new MobilityError('MOB_ERR_CONFIG', `MOBILITY_HISTORY_WINDOW_MS must be a whole number of ms from 100 to 3600000, got ${JSON.stringify(env)}`);
+  return n;
 }
 
 /**
@@ -107,6 +123,8 @@ export class ProcessServer {
   control!: ControlHub;
   /** Prometheus metrics of this server (its own registry). */
   metrics!: ServerMetrics;
+  /** Health samples, events and alerts kept in the configuration database. */
+  history!: HistoryRecorder;
 
   constructor(readonly opts: ProcessServerOptions) {
     this.log = opts.logger ?? createLogger({ component: 'server' });
@@ -149,14 +167,31 @@ export class ProcessServer {
       },
       targetOps: () => this.backend.stats, bytesWritten: () => this.leases.bytesWritten(),
     });
+    const windowMs = historyWindowMs(this.opts.historyWindowMs);
+    const metrics = this.metrics;
     const deps: SessionDeps = {
       log: this.log, stats: this.stats, heartbeatMs: this.heartbeatMs, maxFrameBytes: this.maxFrameBytes, creditBytes: this.creditBytes, busyPct: () => this.loopLoad.read(),
       token: () => this.token, isRegistered: (a) => Boolean(this.db.getAgent(a)),
       failoverState: (a) => this.failoverState(a), backend: this.backend, leases: this.leases, points: this.points, health: this.health,
-      metrics: this.metrics,
+      // the history hears how sessions end (the reason of a session lost, a refused cut)
+      metrics: {
+        frame: (t) => metrics.frame(t), data: (a, d, w, b, z) => metrics.data(a, d, w, b, z), targetWrite: (s) => metrics.targetWrite(s),
+        cutFrozen: (a, d, f) => metrics.cutFrozen(a, d, f), diskError: (a, d, c) => metrics.diskError(a, d, c),
+        sessionError: (code, a, d) => { metrics.sessionError(code, a, d); this.history?.sessionError(code, a, d); },
+      },
     };
     this.sessionDeps = deps;
     this.db = ConfigDb.open(this.opts.dataDir);
+    this.history = new HistoryRecorder({
+      db: this.db, log: this.log.child({ component: 'history' }), health: this.health, windowMs,
+      newestPoints: async (agentId) => {
+        const out = new Map<string, number>();
+        for (const p of (await this.catalog(agentId)).list()) for (const d of Object.keys(p.disks)) out.set(d, Math.max(out.get(d) ?? 0, Date.parse(p.takenAt)));
+        return out;
+      },
+      thresholdFor: (a) => this.rpoAlertFor(a), watchCuts: (fn) => this.points.watchCuts(fn),
+    });
+    this.history.start();
     await ensurePassphrase(this.opts.dataDir);
     this.control = new ControlHub(this.db, this.log.child({ component: 'control' }));
     this.registry = new Registry({
@@ -328,6 +363,7 @@ export class ProcessServer {
     await new Promise<void>((r) => (this.wss ? this.wss.close(() => r()) : r()));
     await new Promise<void>((r) => (this.http ? this.http.close(() => r()) : r()));
     await this.leases?.settled();
+    await this.history?.stop();
     this.db?.close();
     await this.backend?.close();
   }

@@ -4,6 +4,9 @@
  *
  *   GET  /v1/status                      every agent's disks: state, RPO, data lag, backlog, churn
  *   GET  /v1/points?agent=A              recovery points of an agent
+ *   GET  /v1/history?agent=A&disk=D&range=1h|24h|7d   health samples per disk (RPO, lag, backlog, churn, state)
+ *   GET  /v1/events?since=T&limit=N      events, newest first
+ *   GET  /v1/alerts?active=1             RPO alerts, newest first
  *   POST /v1/test-failover               {agent, point, cleanup?}: materialise (or remove) writable images
  *   GET  /metrics                        Prometheus text exposition (server/metrics.ts); the read-only
  *                                        metrics token (DATA-DIR/metrics-token) or the operator token
@@ -19,6 +22,7 @@ import { ID_PATTERN } from '../../constants.js';
 import { MobilityError, toMobilityError } from '../../errors.js';
 import type { RecoveryPoint } from '../../target/catalog.js';
 import type { PointImage } from '../../target/replica-store.js';
+import type { AlertRow } from '../config-db.js';
 import type { ServerContext } from '../context.js';
 import { failback, failover, materializePoint } from '../failover.js';
 import { handleConfigApi } from './config-api.js';
@@ -97,6 +101,73 @@ export async function collectStatus(server: ServerContext): Promise<DiskStatus[]
     });
   }
   return out;
+}
+
+const RANGES: Record<string, number> = { '1h': 3600_000, '24h': 24 * 3600_000, '7d': 7 * 24 * 3600_000 };
+
+/** One point of a disk's history (a sample: the aggregate of its window). */
+export interface HistoryPoint {
+  /** Start of the sample's window (ISO 8601) and its length. */
+  at: string; resMs: number;
+  rpoMs: number | null; dataLagMs: number | null; backlogBytes: number | null; churnBytesPerSec: number | null; state: string;
+}
+
+export interface HistorySeries { agent: string; disk: string; samples: HistoryPoint[] }
+
+/**
+ * Samples of the last range per disk, oldest first: 10 s samples for 1h and 24h (1-minute ones
+ * where only those are kept), 1-minute samples for 7d (10 s samples folded: max RPO, lag and
+ * backlog, mean churn, last state).
+ */
+export function collectHistory(server: ServerContext, o: { agent: string | null; disk: string | null; range: string }): { range: string; since: string; resolutionMs: number; series: HistorySeries[] } {
+  const span = RANGES[o.range];
+  if (!span) throw new MobilityError('MOB_ERR_USAGE', `range must be 1h, 24h or 7d, got ${JSON.stringify(o.range)}`);
+  const sinceMs = Date.now() - span;
+  const rows = server.db.historySamples({ agentId: o.agent, diskId: o.disk, sinceMs });
+  const fold = o.range === '7d' ? 60_000 : 0;
+  const series: HistorySeries[] = [];
+  let cur: HistorySeries | null = null;
+  let churnN = 0;
+  const mx = (a: number | null, b: number | null) => (a === null ? b : b === null ? a : Math.max(a, b));
+  for (const r of rows) {
+    if (!cur || cur.agent !== r.agentId || cur.disk !== r.diskId) {
+      cur = { agent: r.agentId, disk: r.diskId, samples: [] };
+      series.push(cur);
+    }
+    const t = fold ? Math.floor(r.t / fold) * fold : r.t;
+    const last = cur.samples[cur.samples.length - 1];
+    if (fold && last && Date.parse(last.at) === t) {
+      last.rpoMs = mx(last.rpoMs, r.rpoMs); last.dataLagMs = mx(last.dataLagMs, r.dataLagMs); last.backlogBytes = mx(last.backlogBytes, r.backlogBytes);
+      if (r.churnBytesPerSec !== null) { last.churnBytesPerSec = ((last.churnBytesPerSec ?? 0) * churnN + r.churnBytesPerSec) / (churnN + 1); churnN++; }
+      last.state = r.state;
+      continue;
+    }
+    churnN = r.churnBytesPerSec === null ? 0 : 1;
+    cur.samples.push({ at: new Date(t).toISOString(), resMs: fold ? Math.max(fold, r.resMs) : r.resMs, rpoMs: r.rpoMs, dataLagMs: r.dataLagMs, backlogBytes: r.backlogBytes, churnBytesPerSec: r.churnBytesPerSec, state: r.state });
+  }
+  return { range: o.range, since: new Date(sinceMs).toISOString(), resolutionMs: fold || server.history.windowMs, series };
+}
+
+/** An alert as the API answers it. */
+export function alertView(a: AlertRow) {
+  return {
+    id: a.id, agent: a.agentId, disk: a.diskId, kind: a.kind, active: a.clearedAt === null, firedAt: new Date(a.firedAt).toISOString(),
+    clearedAt: a.clearedAt === null ? null : new Date(a.clearedAt).toISOString(), rpoMs: a.rpoMs, thresholdMs: a.thresholdMs, reason: a.reason, clearReason: a.clearReason,
+  };
+}
+
+function optId(v: string | null, what: string): string | null {
+  if (v === null || v === '') return null;
+  if (!ID_PATTERN.test(v)) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `${what} ${JSON.stringify(v)} is not [A-Za-z0-9._-]{1,64}`);
+  return v;
+}
+
+/** since= as an ISO 8601 time or ms since the epoch. */
+function sinceParam(v: string | null): number {
+  if (v === null || v === '') return 0;
+  const n = /^\d+$/.test(v) ? Number(v) : Date.parse(v);
+  if (!Number.isFinite(n)) throw new MobilityError('MOB_ERR_USAGE', `since must be an ISO 8601 time or ms since the epoch, got ${JSON.stringify(v)}`);
+  return n;
 }
 
 export interface TestFailoverResult {
@@ -198,7 +269,21 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         /** a listing of the store is still running (slow store): the disks are as last listed */
         listing: ls.pending,
       };
-      send(res, 200, { disks, target, rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs });
+      // the active alerts too (newest first): mobility status shows them without a second request
+      send(res, 200, { disks, target, rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs, alerts: server.db.listAlerts({ active: true }).map(alertView) });
+    } else if (req.method === 'GET' && url.pathname === '/v1/history') {
+      const q = url.searchParams;
+      send(res, 200, collectHistory(server, { agent: optId(q.get('agent'), 'agent id'), disk: optId(q.get('disk'), 'disk id'), range: q.get('range') || '1h' }));
+    } else if (req.method === 'GET' && url.pathname === '/v1/events') {
+      const q = url.searchParams;
+      const limit = q.get('limit') ? Number(q.get('limit')) : 100;
+      if (!Number.isInteger(limit) || limit < 1 || limit > 10_000) throw new MobilityError('MOB_ERR_USAGE', `limit must be a whole number from 1 to 10000, got ${JSON.stringify(q.get('limit'))}`);
+      const events = server.db.listEvents({ sinceMs: sinceParam(q.get('since')), limit, agentId: optId(q.get('agent'), 'agent id'), diskId: optId(q.get('disk'), 'disk id') });
+      send(res, 200, { events: events.map((e) => ({ id: e.id, at: new Date(e.t).toISOString(), agent: e.agentId, disk: e.diskId, kind: e.kind, state: e.state, code: e.code, reason: e.reason })) });
+    } else if (req.method === 'GET' && url.pathname === '/v1/alerts') {
+      const q = url.searchParams;
+      const active = q.get('active') === '1' || q.get('active') === 'true';
+      send(res, 200, { alerts: server.db.listAlerts({ active, agentId: optId(q.get('agent'), 'agent id') }).map(alertView) });
     } else if (req.method === 'GET' && url.pathname === '/v1/points') {
       const agent = agentParam(url.searchParams.get('agent'));
       send(res, 200, { agent, points: (await server.catalog(agent)).list() });
