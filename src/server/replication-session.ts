@@ -484,13 +484,7 @@ export class Session {
           index,
           run: async () => {
             const r = await this.patch(d, index, offset, blockLen, pageMask, encoding, p, dig);
-            // only the span from the first to the last changed page is written (WAL, replica,
-            // undo): a 4 KiB change in a 64 KiB block costs 4 KiB on the target, not 64
-            const start = r.firstPage * d.pageSize;
-            const end = Math.min(blockLen, (r.lastPage + 1) * d.pageSize);
-            op.offset = offset + start;
-            op.length = end - start;
-            op.data = r.block.subarray(start, end);
+            op.data = r.block;
             dataBytes += r.pageBytes;
           },
         });
@@ -524,7 +518,7 @@ export class Session {
   }
 
   /** Applies changed pages on top of the replica's current block and checks the result. */
-  private async patch(d: SessionDisk, index: number, offset: number, blockLen: number, mask: Uint8Array, enc: Encoding, p: Buffer, dig: Uint8Array): Promise<{ block: Buffer; pageBytes: number; firstPage: number; lastPage: number }> {
+  private async patch(d: SessionDisk, index: number, offset: number, blockLen: number, mask: Uint8Array, enc: Encoding, p: Buffer, dig: Uint8Array): Promise<{ block: Buffer; pageBytes: number }> {
     const pagesInBlock = Math.ceil(blockLen / d.pageSize);
     if (mask.length !== Math.ceil(pagesInBlock / 8)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `page mask of ${mask.length} bytes for a ${pagesInBlock}-page block`);
     const pages: number[] = [];
@@ -547,7 +541,7 @@ export class Session {
     if (!digestEquals(block, dig)) {
       throw new MobilityError('MOB_ERR_REPLICA_DIVERGED', `block ${index} of ${d.diskId}: changed pages applied to the replica do not give the source block`);
     }
-    return { block, pageBytes: expected, firstPage: pages[0], lastPage: pages[pages.length - 1] };
+    return { block, pageBytes: expected };
   }
 
   private onDigestRequest(diskIdx: number, requestId: number, firstPage: number, pageCount: number): void {
