@@ -162,8 +162,10 @@ t.test('history, events and RPO alerts on a real server, kept across a restart',
     // the flush that wrote the point event evaluated the RPO with it: the alert is cleared unless the flush came > 1 s later
     if ((await alertsOf(true)).length === 0) break;
   }
+  // (on a very slow machine an alert may fire again between two cuts: each one is cleared the same way)
   cleared = (await alertsOf(false)).filter((a) => !a.active);
-  t.equal(cleared.length, 1, 'the alert is cleared');
+  t.ok(cleared.length >= 1, 'the alert is cleared');
+  t.equal(cleared[cleared.length - 1]!.id, active[0]!.id, 'the first alert among them');
   t.ok(cleared[0]!.clearedAt && Date.parse(cleared[0]!.clearedAt) >= Date.parse(cleared[0]!.firedAt), 'with its time');
   t.match(cleared[0]!.clearReason, /back under the threshold 1\.0 s/, 'and its reason');
 
@@ -210,7 +212,7 @@ t.test('history, events and RPO alerts on a real server, kept across a restart',
   t.ok((await eventsOf()).filter((e) => e.agent === agentId).length >= beforeEvents, 'the events survive a restart');
   const after = await alertsOf(false);
   t.equal(after.filter((a) => a.active).length, 1, 'the active alert is still active');
-  t.equal(after.filter((a) => !a.active).length, 1, 'the cleared alert is still listed');
+  t.same(after.filter((a) => !a.active).map((a) => a.id), cleared.map((a) => a.id), 'the cleared alerts are still listed');
   const h7 = await samplesOf('7d');
   t.ok(h7.length > 0 && h7.every((x) => x.resMs === 60_000), '7d: samples folded per minute');
 });
