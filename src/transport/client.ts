@@ -218,14 +218,10 @@ export class Connection extends EventEmitter {
 
   /** Sends a data frame once enough credit (and rate-limit budget) is available; `written` runs once the socket is done with buf (also when it failed), not at all if buf never went out. */
   async sendData(buf: Buffer, written?: () => void): Promise<void> {
-    while (this.credit < buf.length) {
-      if (this.closedErr) throw this.closedErr;
-      await new Promise<void>((r) => this.creditWaiters.push(r));
-    }
-    // no more than SEND_QUEUE_BYTES of data waits in this process for the socket: a control
-    // frame sent now (health, a cut, a digest request) is not stuck behind the whole credit
-    // window on a slow link
-    while (this.unwritten > SEND_QUEUE_BYTES) {
+    // credit, and no more than SEND_QUEUE_BYTES of data waiting in this process for the socket:
+    // a control frame sent now (health, a cut, a digest request) is not stuck behind the whole
+    // credit window on a slow link. Both are checked together after every wake.
+    while (this.credit < buf.length || this.unwritten > SEND_QUEUE_BYTES) {
       if (this.closedErr) throw this.closedErr;
       await new Promise<void>((r) => this.creditWaiters.push(r));
     }
@@ -233,13 +229,16 @@ export class Connection extends EventEmitter {
     if (this.closedErr) throw this.closedErr;
     this.credit -= buf.length;
     const n = buf.length;
-    this.unwritten += n;
     // ws calls back once the socket took the buffer, or with an error when it was destroyed first
     this.ws.send(buf, () => {
       this.unwritten -= n;
-      if (written) written();
-      this.wakeCredit();
+      try {
+        if (written) written();
+      } finally {
+        this.wakeCredit();
+      }
     });
+    this.unwritten += n;
     this.bytesSent += n;
   }
 
