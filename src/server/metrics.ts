@@ -20,7 +20,7 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
 import { AGENT_VERSION, PROTOCOL_VERSION } from '../constants.js';
 import type { Logger } from '../log.js';
 import type { TargetOpStats } from '../target/replica-store.js';
-import type { DiskStatus } from './http/api.js';
+import type { DiskStatus } from './disk-status.js';
 
 /** What a replication session reports (replication-session.ts knows nothing of Prometheus). */
 export interface SessionMetrics {
