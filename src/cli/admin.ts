@@ -334,7 +334,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
         });
         const saved = j.policy as P;
         if (mode === 'always' && saved.compressMode !== 'always') {
-          throw new MobilityError('MOB_ERR_CONFIG', `the server kept compression ${saved.compressMode ?? (saved.compress ? 'on' : 'off')}: it predates --compress always (upgrade it)`);
+          throw new MobilityError('MOB_ERR_CONFIG', `policy ${saved.name} was saved, but with compression ${saved.compressMode ?? (saved.compress ? 'on' : 'off')}: the server predates --compress always (upgrade it, then run this again)`);
         }
         out(v, j, () => fmt([saved]));
       } else {

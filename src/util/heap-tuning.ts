@@ -12,7 +12,8 @@
  *
  * The factor applies only while the heap that survives a full collection stays small (up to
  * HEAP_TUNING_MAX_LIVE_BYTES): a server whose live state grows (many agents) gets V8's own,
- * memory-aware factors back, so the tuning never lets a large heap grow five-fold. The agent
+ * memory-aware factors back from the next collection on (the check runs after each full
+ * collection, so a heap that jumps past the bound gets one more five-fold limit first). The agent
  * keeps V8's defaults (about 0.2 CPU-s gained in a 2 GiB sync: not worth the memory on a
  * protected machine). MOBILITY_HEAP_GROWING_PERCENT overrides the value (0 = V8's default).
  * The flag is read at each collection, so setting it at run time takes effect.
