@@ -66,6 +66,7 @@ const COUNTER_CHECK_MS = 1000;
 const PERSIST_MS = 2000;
 /** Health report period: status figures on the server are at most about this old (plus the send queue, SEND_QUEUE_BYTES). */
 const HEALTH_MS = 1000;
+const CHURN_WEIGHT = 1 - 0.5 ** (HEALTH_MS / 3000);
 const TAKE_BLOCKS = 128;
 
 export interface ProtectOptions {
@@ -434,7 +435,8 @@ export class Protector {
     const now = Date.now();
     if (periodic) {
       for (const d of this.disks) {
-        d.churnRate = d.churnRate * 0.5 + (d.churnBytes / (HEALTH_MS / 1000)) * 0.5;
+        // the same smoothing as when reports came every 3 s (half-weight per 3 s), whatever HEALTH_MS is
+        d.churnRate += (d.churnBytes / (HEALTH_MS / 1000) - d.churnRate) * CHURN_WEIGHT;
         d.churnBytes = 0;
       }
     }
