@@ -451,7 +451,7 @@ export class Session {
     /** Decoded bytes the frame carries (whole blocks, changed pages) and bytes it flags as zero (metrics). */
     let dataBytes = 0;
     let zeroBytes = 0;
-    const patches: { index: number; run: () => Promise<void> }[] = [];
+    const patches: { index: number; run: (spans: boolean) => Promise<void> }[] = [];
     for (const b of m.blocks) {
       const offset = b.index * d.blockSize;
       if (!Number.isSafeInteger(offset) || offset < 0 || offset >= d.sizeBytes) {
@@ -482,10 +482,22 @@ export class Session {
         const { index, pageMask, encoding, digest: dig } = b;
         patches.push({
           index,
-          run: async () => {
+          run: async (spans: boolean) => {
             const r = await this.patch(d, index, offset, blockLen, pageMask, encoding, p, dig);
-            op.data = r.block;
             dataBytes += r.pageBytes;
+            if (!spans) {
+              op.data = r.block;
+              return;
+            }
+            // only the span from the first to the last changed page is written (WAL, replica,
+            // undo): a 4 KiB change in a 64 KiB block costs 4 KiB on the target, not 64. The
+            // rest of the verified block is what the store already holds (read() sees every
+            // accepted write, and the store applies overlapping writes in submission order).
+            const start = r.firstPage * d.pageSize;
+            const end = Math.min(blockLen, (r.lastPage + 1) * d.pageSize);
+            op.offset = offset + start;
+            op.length = end - start;
+            op.data = r.block.subarray(start, end);
           },
         });
         ops.push(op);
@@ -497,8 +509,11 @@ export class Session {
     // changed pages are applied on the replica's current blocks: read together (with a remote
     // target each read is a request), one after the other when a block comes twice in the frame
     if (patches.length) {
+      // a block named twice in one frame: each patch reads the store as it was before the frame
+      // (the frame's writes are submitted together, after), so the later one's verified block is
+      // written whole and wins, as it would have without the earlier one
       const distinct = new Set(patches.map((x) => x.index)).size === patches.length;
-      await runLimited(patches.map((x) => x.run), distinct ? PATCH_READS_IN_FLIGHT : 1);
+      await runLimited(patches.map((x) => () => x.run(distinct)), distinct ? PATCH_READS_IN_FLIGHT : 1);
     }
     const seq = m.seq;
     this.server.metrics.data(this.agentId, d.diskId, size, dataBytes, zeroBytes);
@@ -518,7 +533,7 @@ export class Session {
   }
 
   /** Applies changed pages on top of the replica's current block and checks the result. */
-  private async patch(d: SessionDisk, index: number, offset: number, blockLen: number, mask: Uint8Array, enc: Encoding, p: Buffer, dig: Uint8Array): Promise<{ block: Buffer; pageBytes: number }> {
+  private async patch(d: SessionDisk, index: number, offset: number, blockLen: number, mask: Uint8Array, enc: Encoding, p: Buffer, dig: Uint8Array): Promise<{ block: Buffer; pageBytes: number; firstPage: number; lastPage: number }> {
     const pagesInBlock = Math.ceil(blockLen / d.pageSize);
     if (mask.length !== Math.ceil(pagesInBlock / 8)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `page mask of ${mask.length} bytes for a ${pagesInBlock}-page block`);
     const pages: number[] = [];
@@ -541,7 +556,7 @@ export class Session {
     if (!digestEquals(block, dig)) {
       throw new MobilityError('MOB_ERR_REPLICA_DIVERGED', `block ${index} of ${d.diskId}: changed pages applied to the replica do not give the source block`);
     }
-    return { block, pageBytes: expected };
+    return { block, pageBytes: expected, firstPage: pages[0], lastPage: pages[pages.length - 1] };
   }
 
   private onDigestRequest(diskIdx: number, requestId: number, firstPage: number, pageCount: number): void {

@@ -49,6 +49,7 @@ import type { PointRef, ReplicaStore, WriteOp } from '../replica-store.js';
 import { zeroBuffer } from '../../protocol/digest.js';
 import { GroupCommit, footprintOf, type Batch } from '../group-commit.js';
 import { StagingArena, type StagingChunk } from '../staging.js';
+import { WriteOverlay, overlayInto, resolveOverlaps, type Seg } from '../overlay.js';
 import { appendClipped, blobPageDigests, roundUpSector, runPool, validRanges } from './blob-io.js';
 import { MAX_PUT_PAGE_BYTES, SECTOR, type PageBlobOps, type PageRange } from './page-client.js';
 
@@ -149,8 +150,6 @@ export function decodeState(md: Record<string, string>, where: string): AzureRep
   };
 }
 
-/** A piece of a planned batch: [start, end) gets data (from data[dataOffset]) or zeros. */
-interface Seg { start: number; end: number; data: Buffer | null; dataOffset: number }
 
 /**
  * One request of a planned batch. A put's body is the concatenation of `parts` (subarrays of the
@@ -166,64 +165,6 @@ export type PlannedCall = { kind: 'put'; offset: number; length: number; parts: 
  */
 export const ZERO_GAP_MERGE_BYTES = 256 * 1024;
 
-/** Disjoint, sorted pieces of `ops` where a later op wins over an earlier one on the bytes both cover. */
-export function resolveOverlaps(ops: WriteOp[]): Seg[] {
-  const idx = ops.map((_, i) => i).filter((i) => ops[i].length > 0);
-  idx.sort((a, b) => ops[a].offset - ops[b].offset || a - b);
-  let overlap = false;
-  for (let k = 1; k < idx.length && !overlap; k++) {
-    const p = ops[idx[k - 1]];
-    if (ops[idx[k]].offset < p.offset + p.length) overlap = true;
-  }
-  if (!overlap) return idx.map((i) => ({ start: ops[i].offset, end: ops[i].offset + ops[i].length, data: ops[i].data, dataOffset: 0 }));
-  // sweep over the boundaries; the active op with the highest index (the latest) owns each piece
-  const bounds = [...new Set(idx.flatMap((i) => [ops[i].offset, ops[i].offset + ops[i].length]))].sort((a, b) => a - b);
-  const heap: number[] = []; // max-heap of op indices
-  const push = (v: number) => {
-    heap.push(v);
-    for (let c = heap.length - 1; c > 0;) {
-      const p = (c - 1) >> 1;
-      if (heap[p] >= heap[c]) break;
-      [heap[p], heap[c]] = [heap[c], heap[p]];
-      c = p;
-    }
-  };
-  const pop = () => {
-    const top = heap[0];
-    const last = heap.pop()!;
-    if (heap.length) {
-      heap[0] = last;
-      for (let p = 0; ;) {
-        const l = 2 * p + 1;
-        const r = l + 1;
-        let m = p;
-        if (l < heap.length && heap[l] > heap[m]) m = l;
-        if (r < heap.length && heap[r] > heap[m]) m = r;
-        if (m === p) break;
-        [heap[p], heap[m]] = [heap[m], heap[p]];
-        p = m;
-      }
-    }
-    return top;
-  };
-  const out: Seg[] = [];
-  let k = 0;
-  for (let b = 0; b < bounds.length - 1; b++) {
-    const s = bounds[b];
-    const e = bounds[b + 1];
-    while (k < idx.length && ops[idx[k]].offset <= s) push(idx[k++]);
-    while (heap.length && ops[heap[0]].offset + ops[heap[0]].length <= s) pop();
-    if (!heap.length) continue;
-    const op = ops[heap[0]];
-    const last = out[out.length - 1];
-    if (last && last.end === s && last.data === op.data && (op.data === null || last.dataOffset + (last.end - last.start) === s - op.offset)) {
-      last.end = e;
-    } else {
-      out.push({ start: s, end: e, data: op.data, dataOffset: s - op.offset });
-    }
-  }
-  return out;
-}
 
 /**
  * Plans a batch: disjoint pieces, edge sectors completed with `readSector` (for ranges not on
@@ -332,14 +273,13 @@ export interface AzureStoreContext {
 
 export class AzureReplicaStore implements ReplicaStore {
   private readonly commits: GroupCommit;
-  /** Accepted writes not yet confirmed, by id in submission order. */
-  private overlay = new Map<number, WriteOp>();
+  /** Accepted writes not yet confirmed, in submission order. */
+  private readonly overlay = new WriteOverlay();
   /** The overlay ids of each submit's ops. */
   private readonly overlayIds = new WeakMap<WriteOp[], number[]>();
   /** Where each submit's data was copied, released when its batch is confirmed. */
   private readonly stagedIn = new WeakMap<WriteOp[], StagingChunk[]>();
   private readonly staging = new StagingArena();
-  private nextId = 1;
   /** Calls in flight, over every batch, and the calls waiting for a slot. */
   private callsInFlight = 0;
   private readonly callWaiters: (() => void)[] = [];
@@ -466,24 +406,12 @@ export class AzureReplicaStore implements ReplicaStore {
     this.check(offset, length);
     // a stopped store no longer knows its newest content (the overlay of rejected writes is gone)
     if (this.failure) throw this.failure;
-    const end = offset + length;
-    // accepted-not-confirmed writes over the range, oldest first (a later one wins)
-    const over: WriteOp[] = [];
-    for (const op of this.overlay.values()) if (op.offset < end && op.offset + op.length > offset) over.push(op);
-    if (over.length && covers(over, offset, end)) {
-      const buf = Buffer.alloc(length);
-      for (const op of over) overlayInto(buf, offset, op, op.data);
-      return buf;
-    }
-    // the overlay's data is staging memory, reused once its batch is confirmed, which may happen
-    // during the download: its pieces are copied out first
-    const pieces = over.map((op) => {
-      const s = Math.max(op.offset, offset);
-      const e = Math.min(op.offset + op.length, end);
-      return { op: { offset: s, length: e - s, data: null }, data: op.data ? Buffer.from(op.data.subarray(s - op.offset, e - op.offset)) : null };
-    });
+    // accepted-not-confirmed writes over the range, oldest first (a later one wins); the parts
+    // they cover are copied out before the download (see WriteOverlay.read)
+    const { whole, pieces } = this.overlay.read(offset, offset + length);
+    if (whole) return whole;
     const buf = length ? await this.ctx.ops.download({ name: this.ctx.blobName }, offset, length) : Buffer.alloc(0);
-    for (const p of pieces) overlayInto(buf, offset, p.op, p.data);
+    for (const p of pieces) overlayInto(buf, offset, p);
     return buf;
   }
 
@@ -503,13 +431,7 @@ export class AzureReplicaStore implements ReplicaStore {
     // buffers (a whole WebSocket message) are free to die young
     const staged = this.staging.stage(ops);
     ops = staged.ops;
-    const ids: number[] = [];
-    for (const op of ops) {
-      const id = this.nextId++;
-      this.overlay.set(id, op);
-      ids.push(id);
-    }
-    this.overlayIds.set(ops, ids);
+    this.overlayIds.set(ops, this.overlay.add(ops));
     this.stagedIn.set(ops, staged.chunks);
     for (const op of ops) {
       for (let a = Math.floor(op.offset / RANGE_CACHE_SLICE); a <= Math.floor((op.offset + Math.max(op.length, 1) - 1) / RANGE_CACHE_SLICE); a++) {
@@ -524,7 +446,7 @@ export class AzureReplicaStore implements ReplicaStore {
   private committed(batch: Batch): void {
     this.appliedBatches++;
     for (const p of batch.parts) {
-      for (const id of this.overlayIds.get(p.ops) ?? []) this.overlay.delete(id);
+      this.overlay.remove(this.overlayIds.get(p.ops) ?? []);
       // the calls of the batch are over: nothing reads these copies any more
       this.staging.releaseAll(this.stagedIn.get(p.ops) ?? []);
       this.stagedIn.delete(p.ops);
@@ -705,25 +627,4 @@ export class AzureReplicaStore implements ReplicaStore {
   }
 }
 
-/** Lays an op's bytes (data for op.offset.., or zeros when null) over buf, which holds [at, at + buf.length). */
-function overlayInto(buf: Buffer, at: number, op: WriteOp, data: Buffer | null): void {
-  const s = Math.max(op.offset, at);
-  const e = Math.min(op.offset + op.length, at + buf.length);
-  if (e <= s) return;
-  if (data) data.copy(buf, s - at, s - op.offset, e - op.offset);
-  else buf.fill(0, s - at, e - at);
-}
-
-/** True when the ops together cover every byte of [start, end). */
-function covers(ops: WriteOp[], start: number, end: number): boolean {
-  const rs = ops.map((o) => [o.offset, o.offset + o.length] as const).sort((a, b) => a[0] - b[0]);
-  let at = start;
-  for (const [s, e] of rs) {
-    if (s > at) return false;
-    if (e > at) at = e;
-    if (at >= end) return true;
-  }
-  return at >= end;
-}
-
-export { roundUpSector };
+export { roundUpSector, resolveOverlaps };

@@ -32,6 +32,7 @@ import { UNDO_UNIT, UndoJournal, type UndoRecord } from './undo-journal.js';
 import type { PointRef, ReplicaStore, WriteOp } from '../replica-store.js';
 import { GroupCommit, type Batch } from '../group-commit.js';
 import { StagingArena, type StagingChunk } from '../staging.js';
+import { WriteOverlay, overlayInto, resolveOverlaps } from '../overlay.js';
 
 /** Zero ranges up to this size are checked for already-zero content in one reused buffer. */
 const ZERO_CHECK_SCRATCH = 1024 * 1024;
@@ -59,8 +60,10 @@ export class LocalReplicaStore implements ReplicaStore {
     committed: (batch) => this.committed(batch),
     failed: (err) => toMobilityError(err, 'MOB_ERR_STORAGE'),
   });
-  /** Latest not-yet-applied content per written range (keyed by offset), so reads see accepted writes. */
-  private overlay = new Map<number, Buffer | null>();
+  /** Accepted writes not yet applied, in submission order, so reads see them. */
+  private readonly overlay = new WriteOverlay();
+  /** The overlay ids of each submit's ops. */
+  private readonly overlayIds = new WeakMap<WriteOp[], number[]>();
   private zeroScratch: Buffer | null = null;
   /** Where each submit's data was copied, released when its batch is durable. */
   private readonly stagedIn = new WeakMap<WriteOp[], StagingChunk[]>();
@@ -281,32 +284,40 @@ export class LocalReplicaStore implements ReplicaStore {
     await this.setEpoch(pointId);
   }
 
-  /** Old bytes of the ops' ranges not yet captured in this epoch (first overwrite only), in 4 KiB units. */
+  /**
+   * Old bytes of the ops' ranges not yet captured in this epoch (first overwrite only), in whole
+   * 4 KiB units: a unit is marked captured as a whole, so a write covering part of it (a span of
+   * 512-byte pages) captures all of it, or the rest of the unit's old bytes would be lost.
+   */
   private async captureUndo(ops: WriteOp[]): Promise<UndoRecord[]> {
     if (!this.undo || !this.state.initialComplete) return [];
     const recs: UndoRecord[] = [];
     const seen = new Set<number>();
     const captured = this.undo.captured;
+    const size = this.state.sizeBytes;
     const take = async (start: number, end: number) => {
+      end = Math.min(end, size);
+      if (end <= start) return;
       const old = Buffer.allocUnsafe(end - start);
       const { bytesRead } = await this.replica.read(old, 0, old.length, start);
       if (bytesRead < old.length) old.fill(0, bytesRead);
       recs.push({ offset: start, length: old.length, data: old });
     };
     for (const op of ops) {
-      const end = op.offset + op.length;
+      if (op.length <= 0) continue;
+      const last = Math.floor((op.offset + op.length - 1) / UNDO_UNIT);
       let runStart = -1;
-      for (let u = Math.floor(op.offset / UNDO_UNIT); u * UNDO_UNIT < end; u++) {
+      for (let u = Math.floor(op.offset / UNDO_UNIT); u <= last; u++) {
         const fresh = !captured.has(u) && !seen.has(u);
         if (fresh) {
           seen.add(u);
-          if (runStart < 0) runStart = Math.max(op.offset, u * UNDO_UNIT);
+          if (runStart < 0) runStart = u * UNDO_UNIT;
         } else if (runStart >= 0) {
           await take(runStart, u * UNDO_UNIT);
           runStart = -1;
         }
       }
-      if (runStart >= 0) await take(runStart, end);
+      if (runStart >= 0) await take(runStart, (last + 1) * UNDO_UNIT);
     }
     return recs;
   }
@@ -357,9 +368,11 @@ export class LocalReplicaStore implements ReplicaStore {
     this.bytesWritten += len;
   }
 
-  /** Applies ops to the replica, coalescing contiguous non-zero ops into one writev. */
+  /**
+   * Applies ops to the replica, in submission order where they overlap (a later write wins on
+   * the bytes both cover), coalescing contiguous data pieces into one writev.
+   */
   private async applyOps(ops: WriteOp[]): Promise<void> {
-    const sorted = [...ops].sort((a, b) => a.offset - b.offset);
     let run: Buffer[] = [];
     let runStart = 0;
     let runEnd = 0;
@@ -367,20 +380,22 @@ export class LocalReplicaStore implements ReplicaStore {
       if (run.length) await this.writeFully(run, runStart);
       run = [];
     };
-    for (const op of sorted) {
-      if (!op.data) {
+    for (const seg of resolveOverlaps(ops)) {
+      const len = seg.end - seg.start;
+      if (!seg.data) {
         await flush();
-        await this.writeRange(op.offset, op.length, null);
+        await this.writeRange(seg.start, len, null);
         continue;
       }
-      if (run.length && op.offset === runEnd && run.length < 512) {
-        run.push(op.data);
-        runEnd += op.length;
+      const data = seg.dataOffset === 0 && seg.data.length === len ? seg.data : seg.data.subarray(seg.dataOffset, seg.dataOffset + len);
+      if (run.length && seg.start === runEnd && run.length < 512) {
+        run.push(data);
+        runEnd += len;
       } else {
         await flush();
-        run = [op.data];
-        runStart = op.offset;
-        runEnd = op.offset + op.length;
+        run = [data];
+        runStart = seg.start;
+        runEnd = seg.end;
       }
     }
     await flush();
@@ -392,18 +407,23 @@ export class LocalReplicaStore implements ReplicaStore {
     }
   }
 
-  /** Reads the current content of a range, including accepted writes not yet applied. */
+  /**
+   * Reads the current content of a range: accepted writes not yet applied (copied out at once,
+   * see WriteOverlay.read) over what the replica file holds. A batch being applied meanwhile is
+   * still in the overlay, so a half-written range of it is covered.
+   */
   async read(offset: number, length: number): Promise<Buffer> {
     this.check(offset, length);
-    if (this.overlay.has(offset)) {
-      const o = this.overlay.get(offset)!;
-      if (o === null) return Buffer.alloc(length);
-      // a copy: the overlay's buffer is staging memory, used again once its batch is durable
-      if (o.length === length) return Buffer.from(o);
-    }
-    await this.whenApplied();
+    // a stopped store no longer knows its newest content (rejected writes may be in the overlay)
+    if (this.commits.failure) throw this.commits.failure;
+    const { whole, pieces } = this.overlay.read(offset, offset + length);
+    if (whole) return whole;
     const buf = Buffer.alloc(length);
-    await this.replica.read(buf, 0, length, offset);
+    if (length) {
+      const { bytesRead } = await this.replica.read(buf, 0, length, offset);
+      if (bytesRead < length) buf.fill(0, bytesRead);
+    }
+    for (const p of pieces) overlayInto(buf, offset, p);
     return buf;
   }
 
@@ -417,7 +437,7 @@ export class LocalReplicaStore implements ReplicaStore {
     // the data is copied into staging memory at once (see target/staging.ts): the caller's
     // buffers (a whole WebSocket message) are free to die young
     const staged = this.staging.stage(ops);
-    for (const op of staged.ops) this.overlay.set(op.offset, op.data);
+    this.overlayIds.set(staged.ops, this.overlay.add(staged.ops));
     this.stagedIn.set(staged.ops, staged.chunks);
     return this.commits.submit(staged.ops, seq);
   }
@@ -444,9 +464,10 @@ export class LocalReplicaStore implements ReplicaStore {
   /** A batch is durable: it leaves the overlay; past WAL_CHECKPOINT_BYTES a checkpoint runs before the next batch. */
   private committed(batch: Batch): Promise<void> | void {
     this.appliedBatches++;
-    for (const op of batch.ops) if (this.overlay.get(op.offset) === op.data) this.overlay.delete(op.offset);
     // written and synced: nothing reads these copies any more
     for (const p of batch.parts) {
+      this.overlay.remove(this.overlayIds.get(p.ops) ?? []);
+      this.overlayIds.delete(p.ops);
       this.staging.releaseAll(this.stagedIn.get(p.ops) ?? []);
       this.stagedIn.delete(p.ops);
     }
