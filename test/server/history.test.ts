@@ -11,10 +11,10 @@ import crypto from 'node:crypto';
 import fsp from 'node:fs/promises';
 import https from 'node:https';
 import path from 'node:path';
-import WebSocket from 'ws';
 import { AGENT_VERSION, PROTOCOL_VERSION } from '../../src/constants.js';
 import { digestBytes } from '../../src/protocol/digest.js';
-import { Encoding, decodeMessage, encodeMessage, type CutDisk, type DecodedFrame } from '../../src/protocol/frame-codec.js';
+import { Encoding, type CutDisk } from '../../src/protocol/frame-codec.js';
+import { RawSession } from '../raw-session.js';
 import { runCli, startServer, stopServer, tmpDir, waitFor } from '../helpers.js';
 
 function get(url: string, ca: string, pathname: string, token: string): Promise<{ status: number; json: Record<string, unknown> }> {
@@ -29,33 +29,6 @@ function get(url: string, ca: string, pathname: string, token: string): Promise<
     req.on('error', reject);
     req.end();
   });
-}
-
-/** A raw replication session (what an agent sends, frame by frame). */
-class RawSession {
-  readonly ws: WebSocket;
-  private readonly frames: DecodedFrame[] = [];
-  private waiters: (() => void)[] = [];
-  closed = false;
-  constructor(url: string, tls: { ca: string; cert: string; key: string }) {
-    this.ws = new WebSocket(`${url}/v1/replicate`, tls);
-    this.ws.on('error', () => undefined);
-    this.ws.on('message', (d) => { this.frames.push(decodeMessage(d as Buffer)); this.wake(); });
-    this.ws.on('close', () => { this.closed = true; this.wake(); });
-  }
-  private wake(): void { for (const w of this.waiters.splice(0)) w(); }
-  open(): Promise<void> {
-    return new Promise((resolve, reject) => { this.ws.once('open', () => resolve()); this.ws.once('error', reject); });
-  }
-  send(f: Parameters<typeof encodeMessage>[0], payload?: Buffer): void { this.ws.send(encodeMessage(f, payload)); }
-  async next(type: DecodedFrame['type']): Promise<DecodedFrame | null> {
-    for (;;) {
-      const i = this.frames.findIndex((f) => f.type === type || f.type === 'error');
-      if (i >= 0) return this.frames.splice(i, 1)[0];
-      if (this.closed) return null;
-      await new Promise<void>((r) => this.waiters.push(r));
-    }
-  }
 }
 
 interface Sample { at: string; resMs: number; rpoMs: number | null; dataLagMs: number | null; backlogBytes: number | null; churnBytesPerSec: number | null; state: string }

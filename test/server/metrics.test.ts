@@ -13,13 +13,13 @@ import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import https from 'node:https';
 import path from 'node:path';
-import WebSocket from 'ws';
 import { AGENT_VERSION, PROTOCOL_VERSION } from '../../src/constants.js';
 import { digestBytes } from '../../src/protocol/digest.js';
-import { Encoding, decodeMessage, encodeMessage, type CutDisk, type DecodedFrame } from '../../src/protocol/frame-codec.js';
+import { Encoding, type CutDisk } from '../../src/protocol/frame-codec.js';
 import { DISK_STATES } from '../../src/server/metrics.js';
 import { parseExposition, sampleValue, METRIC_NAME, type Family } from '../prom-text.js';
 import { startAzurite, writeCredentialsFile } from '../azurite.js';
+import { RawSession } from '../raw-session.js';
 import { replicateArgs, runCli, startServer, tmpDir, waitFor } from '../helpers.js';
 
 t.test('the exposition reader accepts the format and refuses what a scraper would', async (t) => {
@@ -83,34 +83,6 @@ function get(url: string, ca: string, pathname: string, token?: string): Promise
     req.on('error', reject);
     req.end();
   });
-}
-
-/** A raw replication session (what an agent sends, frame by frame). */
-class RawSession {
-  readonly ws: WebSocket;
-  private readonly frames: DecodedFrame[] = [];
-  private waiters: (() => void)[] = [];
-  closed = false;
-  constructor(url: string, ca: string) {
-    this.ws = new WebSocket(`${url}/v1/replicate`, { ca });
-    this.ws.on('error', () => undefined);
-    this.ws.on('message', (d) => { this.frames.push(decodeMessage(d as Buffer)); this.wake(); });
-    this.ws.on('close', () => { this.closed = true; this.wake(); });
-  }
-  private wake(): void { for (const w of this.waiters.splice(0)) w(); }
-  open(): Promise<void> {
-    return new Promise((resolve, reject) => { this.ws.once('open', () => resolve()); this.ws.once('error', reject); });
-  }
-  send(f: Parameters<typeof encodeMessage>[0], payload?: Buffer): void { this.ws.send(encodeMessage(f, payload)); }
-  /** The next frame of a type (earlier ones of other types are skipped); null once the connection closed. */
-  async next(type: DecodedFrame['type']): Promise<DecodedFrame | null> {
-    for (;;) {
-      const i = this.frames.findIndex((f) => f.type === type || f.type === 'error');
-      if (i >= 0) return this.frames.splice(i, 1)[0];
-      if (this.closed) return null;
-      await new Promise<void>((r) => this.waiters.push(r));
-    }
-  }
 }
 
 const SIZE = 16 * 1024 * 1024;
@@ -208,7 +180,7 @@ t.test('GET /metrics on a real server: real figures, errors by code, authenticat
   }
 
   // a protect-like session: a health report, then a cut the server turns into a point
-  const s = new RawSession(srv.info.url, ca);
+  const s = new RawSession(srv.info.url, { ca });
   await s.open();
   const blk = crypto.randomBytes(BLOCK);
   s.send({ type: 'hello', hello: { protocolVersion: PROTOCOL_VERSION, agentId: 'agent2', token, agentVersion: AGENT_VERSION, disks: [{ diskId: 'p0', sizeBytes: 1 << 20, blockSize: BLOCK, pageSize: 4096 }] } });
@@ -246,11 +218,11 @@ t.test('GET /metrics on a real server: real figures, errors by code, authenticat
   t.notOk(m.text.includes('secret-looking'), 'reason texts are not exported');
 
   // errors by code: a refused token (no agent known) and a bad block of a known disk
-  const bad = new RawSession(srv.info.url, ca);
+  const bad = new RawSession(srv.info.url, { ca });
   await bad.open();
   bad.send({ type: 'hello', hello: { protocolVersion: PROTOCOL_VERSION, agentId: 'agent3', token: 'not-the-token', agentVersion: AGENT_VERSION, disks: [{ diskId: 'x0', sizeBytes: 1 << 20, blockSize: BLOCK, pageSize: 4096 }] } });
   t.match((await bad.next('welcome')) as object, { type: 'error', error: { code: 'MOB_ERR_AUTH' } }, 'a wrong token is refused');
-  const wrong = new RawSession(srv.info.url, ca);
+  const wrong = new RawSession(srv.info.url, { ca });
   await wrong.open();
   wrong.send({ type: 'hello', hello: { protocolVersion: PROTOCOL_VERSION, agentId: 'agent2', token, agentVersion: AGENT_VERSION, disks: [{ diskId: 'p1', sizeBytes: 1 << 20, blockSize: BLOCK, pageSize: 4096 }] } });
   t.equal((await wrong.next('welcome'))?.type, 'welcome');

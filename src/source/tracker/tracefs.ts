@@ -43,11 +43,11 @@ import { StringDecoder } from 'node:string_decoder';
 import { MobilityError } from '../../errors.js';
 import { installIdOf } from '../../util/installation.js';
 import { acquireInstanceLock, assertInstanceFree, DEFAULT_LOCK_DIR, releaseInstanceLock } from './instance-lock.js';
-import type { ChangeTracker } from './change-tracker.js';
+import { coalesceExtents, type ChangeTracker, type DirtyExtent } from './change-tracker.js';
 
 export interface TrackedDiskSpec { path: string }
 /** disk = index into the specs given to open(); offset/length in bytes relative to the start of that device. */
-export interface DirtyExtent { disk: number; offset: number; length: number }
+export type { DirtyExtent };
 /** overrun and dropped are summed over CPUs (kernel, cumulative per instance); lostNotices = "LOST N EVENTS" lines seen by this tracker object. */
 export interface LossCounters { overrun: number; dropped: number; lostNotices: number }
 
@@ -147,23 +147,6 @@ async function ensureTracefs(root: string, explicit: boolean, name: string): Pro
     if (fs.existsSync(path.join(root, 'instances'))) return;
   }
   throw trackerError(name, `tracefs is not available at ${root} (no 'instances' directory${explicit ? '' : '; mounting tracefs there failed — root privileges and a kernel with tracefs are needed'})`);
-}
-
-/** Sorts and merges overlapping or adjacent extents of the same disk. */
-function coalesce(list: DirtyExtent[]): DirtyExtent[] {
-  if (list.length < 2) return list;
-  list.sort((a, b) => a.disk - b.disk || a.offset - b.offset);
-  const out: DirtyExtent[] = [{ ...list[0]! }];
-  for (let i = 1; i < list.length; i++) {
-    const e = list[i]!;
-    const last = out[out.length - 1]!;
-    if (e.disk === last.disk && e.offset <= last.offset + last.length) {
-      last.length = Math.max(last.length, e.offset + e.length - last.offset);
-    } else {
-      out.push({ ...e });
-    }
-  }
-  return out;
 }
 
 /**
@@ -444,14 +427,14 @@ export class TracefsTracker implements ChangeTracker {
     if (nl < 0) return [];
     const out: DirtyExtent[] = [];
     for (const line of text.slice(0, nl).split('\n')) this.parseLine(line, out);
-    return coalesce(out);
+    return coalesceExtents(out);
   }
 
   /** Extents of raw trace text kept by a journal (replay after the agent died mid-drain). */
   parseText(text: string): DirtyExtent[] {
     const out: DirtyExtent[] = [];
     for (const line of text.split('\n')) this.parseLine(line, out);
-    return coalesce(out);
+    return coalesceExtents(out);
   }
 
   private parseLine(line: string, out: DirtyExtent[]): void {
