@@ -49,6 +49,8 @@ import { removeTraceInstances } from '../test/cleanup.js';
 const MiB = 1024 * 1024;
 const RATES = (process.env.BENCH_RATES ?? '10,30,50').split(',').map((s) => Number(s.trim())).filter((n) => n > 0);
 const SECONDS = Number(process.env.BENCH_SECONDS ?? '60');
+/** The agent's --block-size (default: the agent's own default). */
+const BLOCK_SIZE = process.env.BENCH_BLOCK_SIZE ?? null;
 const BARE = process.env.BENCH_BARE !== '0';
 const BASE_CLI = process.env.BENCH_BASE_CLI ? path.resolve(process.env.BENCH_BASE_CLI) : null;
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
@@ -276,7 +278,7 @@ async function runOne(build: Build, cli: string | null, rate: number): Promise<R
     const logs: LogLine[] = [];
     let stderr = '';
     agent = spawn(process.execPath, [cli, 'protect', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!,
-      '--disk', `${loop}=d0`, '--agent-id', agentId, '--state-dir', path.join(dir, 'agent'), '--json-logs', '--crash-interval', CRASH_INTERVAL],
+      '--disk', `${loop}=d0`, '--agent-id', agentId, '--state-dir', path.join(dir, 'agent'), '--json-logs', '--crash-interval', CRASH_INTERVAL, ...(BLOCK_SIZE ? ['--block-size', BLOCK_SIZE] : [])],
     { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     readline.createInterface({ input: agent.stdout! }).on('line', (l) => { try { events.push(JSON.parse(l) as Ev); } catch { /* not an event */ } });
     agent.stderr!.on('data', (d: Buffer) => { stderr = (stderr + d.toString()).slice(-20_000); });
