@@ -76,6 +76,7 @@ export const ERROR_CODES = {
   MOB_ERR_TARGET_QUOTA: { retryable: true, summary: 'The replica target is out of capacity (account or container quota reached); nothing unconfirmed was acknowledged.' },
   MOB_ERR_QMP: { retryable: true, summary: 'Host mode: QEMU\'s QMP socket cannot be reached, closed, did not answer in time, or refused a command (the message carries QEMU\'s error class and text).' },
   MOB_ERR_NBD: { retryable: true, summary: 'Host mode: reading a disk or its dirty bitmap over NBD failed (nbdinfo missing, failed or timed out, or printed something unexpected).' },
+  MOB_ERR_HYPERV: { retryable: false, summary: 'Host mode on Hyper-V: a VM or disk cannot be tracked with Resilient Change Tracking (no such VM, a disk that is not VHDX, a VM configuration older than 6.2, PowerShell or the Hyper-V module missing, a WMI method that failed: the message says which).' },
   MOB_ERR_QEMU_TRACKER: { retryable: false, summary: 'Host mode: a QEMU disk cannot be tracked (no such block node, its dirty bitmap is busy with another job, QEMU already runs an NBD server the tracker was not told about).' },
   MOB_ERR_DISK_TOO_LARGE: { retryable: false, summary: 'The disk is larger than the largest file the replica store\'s filesystem can hold; nothing was created.' },
 } as const;

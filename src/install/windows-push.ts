@@ -47,6 +47,7 @@
  */
 import fsp from 'node:fs/promises';
 import { PowerShell } from 'node-powershell';
+import { psQuote, wrapForInvoke } from '../util/powershell.js';
 import { MiB } from '../constants.js';
 import { MobilityError, isErrorCode, type ErrorCode } from '../errors.js';
 import type { PushHost, PushInstaller, PushRequest, PushResult, PushStep } from './push-types.js';
@@ -110,10 +111,7 @@ export interface WindowsPushOptions {
 
 // ---- The script ---------------------------------------------------------------------
 
-/** A PowerShell single-quoted string literal of s. PowerShell also ends such strings at the typographic quotes U+2018..U+201B, so those are doubled too. */
-export function psQuote(s: string): string {
-  return `'${s.replace(/['\u2018\u2019\u201A\u201B]/g, (q) => q + q)}'`;
-}
+export { psQuote, wrapForInvoke };
 
 function winrmPort(host: PushHost): number {
   const port = host.port ?? WINRM_HTTP_PORT;
@@ -341,17 +339,6 @@ const SCRIPT_BODY: readonly string[] = [
   "  Write-MobilityFail 'MOB_ERR_PUSH_INSTALL_FAILED' ('unexpected error: {0}' -f $_.Exception.Message)",
   '}',
 ];
-
-/**
- * The one line actually sent to the shell. node-powershell feeds commands to
- * `pwsh -Command -` line by line, where a multi-line block needs a blank line
- * to run; a single line that decodes and runs the script avoids that, and any
- * quoting of the script text.
- */
-export function wrapForInvoke(script: string): string {
-  const b64 = Buffer.from(script, 'utf8').toString('base64');
-  return `& ([scriptblock]::Create([System.Text.Encoding]::UTF8.GetString([System.Convert]::FromBase64String('${b64}'))))`;
-}
 
 // ---- Reading the script's output ----------------------------------------------------
 
