@@ -48,11 +48,18 @@ crash-consistent one (logged and ignored when nothing is protected). Logs: JSON 
 and stderr (readable lines on a terminal).
 `,
   preflight: `Usage: mobility preflight [--server URL] [--state-dir DIR] [--disk DEV]... [--json]
+       mobility preflight --qmp SOCKET --node NAME... [--run-dir DIR] [--state-dir DIR] [--json]
 
 Checks this machine can run the agent: root, OS/kernel/arch, Node.js, free space for the
 agent state, tracefs, and with --server the server port and clock skew; with --disk each
 disk (block device, size within limits). Exit 0 when all pass, 3 otherwise; every failure
 has a MOB_ERR_PRE_* code and says how to fix it.
+
+Host mode (--qmp): checks that a running QEMU can serve the QEMU change tracker instead of
+tracefs: its QMP socket answers, QEMU is 6.0 or later with FUSE exports (and /dev/fuse),
+nbdinfo runs, each --node is a writable format node that takes a dirty bitmap (qcow2 keeps
+tracking across a QEMU restart; raw does not, and the check says so), and --run-dir (default:
+the socket's directory) has room for point-in-time views; plus root, Node.js and free space.
 `,
   machines: `Usage: mobility machines [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
@@ -281,10 +288,25 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       return EXIT.OK;
     }
     case 'preflight': {
-      const { values: v } = parse(argv, { server: { type: 'string' }, 'state-dir': { type: 'string' }, disk: { type: 'string', multiple: true }, json: { type: 'boolean' } });
+      const { values: v } = parse(argv, {
+        server: { type: 'string' }, 'state-dir': { type: 'string' }, disk: { type: 'string', multiple: true }, json: { type: 'boolean' },
+        qmp: { type: 'string' }, node: { type: 'string', multiple: true }, 'run-dir': { type: 'string' },
+      });
       if (v.help) { process.stdout.write(HELP.preflight); return EXIT.OK; }
       const { runPreflight, formatPreflight } = await import('../install/preflight.js');
-      const checks = await runPreflight({ serverUrl: v.server as string | undefined, stateDir: path.resolve((v['state-dir'] as string | undefined) ?? '/var/lib/mobility'), disks: v.disk as string[] | undefined });
+      const stateDir = path.resolve((v['state-dir'] as string | undefined) ?? '/var/lib/mobility');
+      let checks: import('../install/preflight.js').PreflightCheck[];
+      if (v.qmp !== undefined) {
+        const nodes = (v.node as string[] | undefined) ?? [];
+        if (nodes.length === 0) throw new MobilityError('MOB_ERR_USAGE', 'preflight --qmp needs at least one --node NAME (the disks\' format nodes; query-named-block-nodes lists them)');
+        if (v.disk !== undefined) throw new MobilityError('MOB_ERR_USAGE', 'preflight --qmp checks QEMU block nodes (--node), not block devices (--disk)');
+        const { runHostPreflight } = await import('../install/host-preflight.js');
+        const base = await runPreflight({ serverUrl: v.server as string | undefined, stateDir, only: ['root', 'node', 'disk-space', ...(v.server ? ['server-port', 'clock'] : [])] });
+        checks = [...base, ...await runHostPreflight({ qmpSocket: path.resolve(v.qmp as string), nodes, runDir: v['run-dir'] === undefined ? undefined : path.resolve(v['run-dir'] as string) })];
+      } else {
+        if (v.node !== undefined || v['run-dir'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--node and --run-dir go with --qmp (host mode)');
+        checks = await runPreflight({ serverUrl: v.server as string | undefined, stateDir, disks: v.disk as string[] | undefined });
+      }
       const ok = checks.every((c) => c.ok);
       out(v, { ok, checks }, () => formatPreflight(checks) + (ok ? 'preflight: all checks passed\n' : 'preflight: FAILED\n'));
       if (!ok && !v.json) {
