@@ -174,7 +174,12 @@ async function connectVerified(c: ApiConn): Promise<TLSSocket> {
     const fail = (err: MobilityError) => { sock.destroy(); reject(err); };
     const onError = (err: Error) => reject(connectionError(c, err));
     sock.once('error', onError);
+    // a server that takes the TCP connection but never completes the handshake (stopped, wedged)
+    const connectTimer = setTimeout(() => fail(new MobilityError('MOB_ERR_UNREACHABLE',
+      `${c.url.host} did not complete a TLS handshake within ${Math.round(connectTimeoutMs() / 1000)} s (is the server stopped or overloaded?)`)), connectTimeoutMs());
+    sock.once('close', () => clearTimeout(connectTimer));
     sock.once('secureConnect', () => {
+      clearTimeout(connectTimer);
       if (c.ca !== undefined) {
         // Node sets authorizationError to OpenSSL's code (a string, whatever the typings say)
         const ae = sock.authorizationError as unknown as string | { code?: string } | null | undefined;
@@ -235,8 +240,25 @@ async function request(c: ApiConn, method: string, pathname: string, body?: unkn
       ? https.request({ host: u.hostname, port: Number(u.port || 443), path: u.pathname + u.search, method, headers, createConnection: () => sock }, resolve)
       : http.request(u, { method, headers }, resolve);
     req.on('error', (err) => reject(connectionError(c, err)));
+    // nothing received for this long (no answer, no progress line): the server is stopped or
+    // wedged; the CLI says so instead of waiting for ever
+    const idle = apiIdleTimeoutMs();
+    req.setTimeout(idle, () => req.destroy(new MobilityError('MOB_ERR_UNREACHABLE',
+      `${c.url.host} sent nothing for ${Math.round(idle / 1000)} s during ${method} ${pathname} (MOBILITY_API_TIMEOUT_MS sets this bound)`)));
     req.end(payload);
   });
+}
+
+/** How long a TLS handshake may take (MOBILITY_CONNECT_TIMEOUT_MS, default 15 s). */
+function connectTimeoutMs(): number {
+  const v = Number(process.env.MOBILITY_CONNECT_TIMEOUT_MS);
+  return Number.isFinite(v) && v > 0 ? v : 15_000;
+}
+
+/** How long a request may go without receiving anything (MOBILITY_API_TIMEOUT_MS, default 30 min: a boot check under emulation is slow). */
+function apiIdleTimeoutMs(): number {
+  const v = Number(process.env.MOBILITY_API_TIMEOUT_MS);
+  return Number.isFinite(v) && v > 0 ? v : 30 * 60_000;
 }
 
 function unreachable(host: string, err: Error, hint = ''): MobilityError {
