@@ -81,8 +81,11 @@ export const realTimers: Timers = {
 
 /** A group cut that failed; machine names the member that caused it (null when none did). */
 export class GroupCutError extends MobilityError {
-  constructor(code: ErrorCode, message: string, readonly machine: string | null, readonly details: { agentId: string; state: string; code?: string; message?: string }[] = []) {
+  /** The API sends these with the error: the machine at fault and what each member had done. */
+  readonly details: { machine: string | null; members: { agentId: string; state: string; code?: string; message?: string }[] };
+  constructor(code: ErrorCode, message: string, readonly machine: string | null, members: { agentId: string; state: string; code?: string; message?: string }[] = []) {
     super(code, message);
+    this.details = { machine, members };
   }
 }
 
