@@ -16,7 +16,9 @@ import {
 } from '../../src/server/group-cut.js';
 import { GroupCutMember } from '../../src/agent/group-member.js';
 import type { CutNotice } from '../../src/server/points.js';
-import type { ConsistencyGroup } from '../../src/server/config-db.js';
+import { ConfigDb, type ConsistencyGroup } from '../../src/server/config-db.js';
+import { groupMembers } from '../../src/server/http/config-api.js';
+import { tmpDir } from '../helpers.js';
 
 const log = createLogger({ silent: true });
 
@@ -374,4 +376,30 @@ t.test('groupPoints: complete only when every member named in the label recorded
   ], 'sorted by id; machine points left out');
   t.equal(gps[0]!.takenAt, '2026-01-01T00:00:00.000Z', 'the earliest freeze');
   t.same(groupPoints('other', new Map([['a', [p('rp-3', 'gp-1')]]])), [], 'another group\'s points are not listed');
+});
+
+t.test('groups in the configuration database: members in order, at most 16, one group per machine, gone with the machine', async (t) => {
+  const db = ConfigDb.open(await tmpDir(t, 'groups-db-'));
+  t.teardown(() => db.close());
+  for (let i = 0; i < 17; i++) db.upsertAgent({ id: `m${i}`, machineId: `mid${i}`, hostname: `host${i}`, certFingerprint: 'x', registeredWith: 'test' });
+  const sixteen = Array.from({ length: 16 }, (_, i) => `m${15 - i}`);
+  t.same(groupMembers(db, 'g', sixteen), sixteen, '16 machines are fine');
+  t.same(groupMembers(db, 'g', ['m1', 'host1', 'm1']), ['m1'], 'by id or host name, once each');
+  t.throws(() => groupMembers(db, 'g', [...sixteen, 'm16']), { code: 'MOB_ERR_GROUP_TOO_LARGE', message: /at most 16 machines; g would hold 17/ });
+  t.throws(() => groupMembers(db, 'g', ['m1', 'nope']), { code: 'MOB_ERR_UNKNOWN_MACHINE' });
+  t.throws(() => groupMembers(db, 'g', []), { code: 'MOB_ERR_USAGE' });
+  t.throws(() => groupMembers(db, 'g', 'm1'), { code: 'MOB_ERR_USAGE' });
+  const g = db.putGroup({ name: 'g', members: ['m3', 'm1', 'm2'], intervalMs: 0, boundMs: 5000, kind: 'crash' });
+  t.same(g.members, ['m3', 'm1', 'm2'], 'members keep their order');
+  t.equal(db.groupOf('m1'), 'g');
+  t.throws(() => groupMembers(db, 'h', ['m1']), { code: 'MOB_ERR_CONFIG', message: /m1 is already in group g/ });
+  t.same(groupMembers(db, 'g', ['m1']), ['m1'], 'the same group may be given again');
+  db.putGroup({ name: 'g', members: ['m1'], intervalMs: 60_000, boundMs: 2000, kind: 'app' });
+  t.match(db.getGroup('g'), { members: ['m1'], intervalMs: 60_000, boundMs: 2000, kind: 'app' }, 'replaced');
+  t.equal(db.groupOf('m3'), null, 'a machine left out leaves the group');
+  t.throws(() => db.getGroup('nope'), { code: 'MOB_ERR_UNKNOWN_GROUP' });
+  t.ok(db.deleteGroup('g'));
+  t.equal(db.groupOf('m1'), null, 'deleting the group frees its machines');
+  t.notOk(db.deleteGroup('g'));
+  t.same(db.listGroups(), []);
 });

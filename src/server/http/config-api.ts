@@ -26,7 +26,7 @@ import { MobilityError, isErrorCode } from '../../errors.js';
 import type { CompressMode } from '../../protocol/block-codec.js';
 import type { RecoveryPoint } from '../../target/catalog.js';
 import { readBody, send } from './http-util.js';
-import type { ConsistencyGroup, Policy } from '../config-db.js';
+import type { ConfigDb, ConsistencyGroup, Policy } from '../config-db.js';
 import type { ServerContext } from '../context.js';
 import { allocatedBytes } from '../../target/local/local-backend.js';
 import { TOKEN_TTL_MS } from '../registry.js';
@@ -35,6 +35,22 @@ import { DEFAULT_GROUP_BOUND_MS, MAX_GROUP_MEMBERS, groupPoints } from '../group
 /** A group's bound: at least 100 ms, at most 10 minutes. */
 const MIN_GROUP_BOUND_MS = 100;
 const MAX_GROUP_BOUND_MS = 600_000;
+
+/**
+ * The members of group `name` as a request gives them (agent ids or host names): resolved,
+ * deduplicated, at most MAX_GROUP_MEMBERS (MOB_ERR_GROUP_TOO_LARGE), each a registered machine
+ * (MOB_ERR_UNKNOWN_MACHINE) in no other group (MOB_ERR_CONFIG).
+ */
+export function groupMembers(db: Pick<ConfigDb, 'findAgent' | 'groupOf'>, name: string, given: unknown): string[] {
+  if (!Array.isArray(given) || given.length === 0 || !given.every((m) => typeof m === 'string' && m)) throw new MobilityError('MOB_ERR_USAGE', 'members must be a non-empty list of machines (agent ids or hostnames)');
+  const members = [...new Set((given as string[]).map((m) => db.findAgent(m).id))];
+  if (members.length > MAX_GROUP_MEMBERS) throw new MobilityError('MOB_ERR_GROUP_TOO_LARGE', `a consistency group holds at most ${MAX_GROUP_MEMBERS} machines; ${name} would hold ${members.length}`);
+  for (const m of members) {
+    const other = db.groupOf(m);
+    if (other !== null && other !== name) throw new MobilityError('MOB_ERR_CONFIG', `machine ${m} is already in group ${other}; a machine is in at most one group (remove it there first)`);
+  }
+  return members;
+}
 
 /** The group points of a group, from its members' catalogs (and any machine whose points name the group). */
 export async function listGroupPoints(server: ServerContext, name: string): Promise<ReturnType<typeof groupPoints>> {
@@ -342,15 +358,9 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
       const b = await readBody(req);
       const name = str(b.name, 'name');
       if (!ID_PATTERN.test(name)) throw new MobilityError('MOB_ERR_USAGE', `group name ${JSON.stringify(name)} is not [A-Za-z0-9._-]{1,64}`);
-      if (!Array.isArray(b.members) || b.members.length === 0 || !b.members.every((m) => typeof m === 'string' && m)) throw new MobilityError('MOB_ERR_USAGE', 'members must be a non-empty list of machines (agent ids or hostnames)');
       let existing: ConsistencyGroup | null = null;
       try { existing = db.getGroup(name); } catch { /* a new group */ }
-      const members = [...new Set((b.members as string[]).map((m) => db.findAgent(m).id))];
-      if (members.length > MAX_GROUP_MEMBERS) throw new MobilityError('MOB_ERR_GROUP_TOO_LARGE', `a consistency group holds at most ${MAX_GROUP_MEMBERS} machines; ${name} would hold ${members.length}`);
-      for (const m of members) {
-        const other = db.groupOf(m);
-        if (other !== null && other !== name) throw new MobilityError('MOB_ERR_CONFIG', `machine ${m} is already in group ${other}; a machine is in at most one group (remove it there first)`);
-      }
+      const members = groupMembers(db, name, b.members);
       const kind = b.kind === undefined || b.kind === null ? existing?.kind ?? 'crash' : b.kind;
       if (kind !== 'crash' && kind !== 'app') throw new MobilityError('MOB_ERR_USAGE', `kind must be crash or app, not ${JSON.stringify(kind)}`);
       const intervalMs = ms(b.intervalMs, 'intervalMs', existing?.intervalMs ?? 0, 0);
