@@ -121,7 +121,7 @@ t.test('a consistency group of two machines: 20 group points restored together, 
   t.match(unknown.stderr, /MOB_ERR_UNKNOWN_MACHINE/);
   const inTwo = await cli(['group', 'create', 'g', ...conn, '--machine', A.agentId, '--machine', B.agentId]);
   t.equal(inTwo.code, 3, 'a machine is in at most one group');
-  t.match(inTwo.stderr, /MOB_ERR_CONFIG: machine .* is already in group big/);
+  t.match(inTwo.stderr, /MOB_ERR_CONFIG: .*machine .* is already in group big/);
   t.equal((await cli(['group', 'delete', 'big', ...conn])).code, 0);
   const nothing = await cli(['group', 'cut', 'nope', ...conn]);
   t.equal(nothing.code, 3, 'unknown group -> exit 3');
@@ -132,7 +132,7 @@ t.test('a consistency group of two machines: 20 group points restored together, 
   t.same((JSON.parse(mk.stdout) as { group: { members: string[] } }).group.members, [A.agentId, B.agentId]);
   const notYet = await cli(['group', 'cut', 'g', ...conn]);
   t.equal(notYet.code, 3, 'no disk enabled yet -> exit 3');
-  t.match(notYet.stderr, /MOB_ERR_NOT_PROTECTING: machine .* protects no disk/);
+  t.match(notYet.stderr, /MOB_ERR_NOT_PROTECTING: .*machine .* of group g protects no disk/);
 
   for (const m of machines) {
     const en = await cli(['enable', ...conn, '--machine', m.agentId, '--disk', m.loop, '--disk-id', 'd0', '--policy', 'grp']);
