@@ -389,7 +389,8 @@ export class GroupCoordinator {
     this.tick.unref();
   }
 
-  private scheduled(): void {
+  /** One check of the group schedules (every second once started; tests call it with their clock). */
+  scheduled(): void {
     let groups: ConsistencyGroup[];
     try { groups = this.d.listGroups(); } catch { return; }
     const now = this.timers.now();

@@ -189,13 +189,13 @@ t.test('an offline member: nothing is sent, nothing frozen, the machine is named
   t.equal(link.sent.length, 0);
 });
 
-function coordinator(members: string[], o: { pointWaitMs?: number } = {}) {
+function coordinator(members: string[], o: { pointWaitMs?: number; intervalMs?: number } = {}) {
   const clock = new Clock();
   const link = new Link();
   const cutWatchers = new Set<(a: string, n: CutNotice) => void>();
   const eventWatchers = new Set<(a: string, e: Record<string, unknown>) => void>();
   const events: { agentId: string; kind: string; code: string | null; reason: string }[] = [];
-  const group: ConsistencyGroup = { name: 'g', members, intervalMs: 0, boundMs: 5000, kind: 'crash', createdAt: '' };
+  const group: ConsistencyGroup = { name: 'g', members, intervalMs: o.intervalMs ?? 0, boundMs: 5000, kind: 'crash', createdAt: '' };
   const c = new GroupCoordinator({
     getGroup: (n) => { if (n !== 'g') throw new MobilityError('MOB_ERR_UNKNOWN_GROUP', n); return group; }, listGroups: () => [group],
     link, timers: clock, log, convergeMs: 60_000, pointWaitMs: o.pointWaitMs ?? 120_000,
@@ -402,4 +402,25 @@ t.test('groups in the configuration database: members in order, at most 16, one 
   t.equal(db.groupOf('m1'), null, 'deleting the group frees its machines');
   t.notOk(db.deleteGroup('g'));
   t.same(db.listGroups(), []);
+});
+
+t.test('coordinator: the group schedule cuts when due and every member is connected', async (t) => {
+  const { c, clock, link, tick } = coordinator(['a', 'b'], { intervalMs: 60_000 });
+  c.scheduled();
+  t.equal(link.sent.length, 0, 'the first interval starts when the schedule first sees the group');
+  clock.advance(59_000);
+  c.scheduled();
+  t.equal(link.sent.length, 0, 'not due yet');
+  clock.advance(1000);
+  link.offline.add('b');
+  c.scheduled();
+  t.equal(link.sent.length, 0, 'due, but a member is offline: no cut (and nothing frozen)');
+  link.offline.delete('b');
+  c.scheduled();
+  t.same(link.types(), ['group-prepare', 'group-prepare'], 'due and all connected: a group cut starts');
+  c.scheduled();
+  t.equal(link.sent.length, 2, 'one cut at a time');
+  clock.advance(60_000);
+  await tick();
+  t.notOk(c.busy('g'), 'the scheduled cut ended (aborted: nobody answered)');
 });
