@@ -587,7 +587,7 @@ async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
 }
 
 /** The commands runAdmin (admin.ts) handles. */
-const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 'token', 'machines', 'policy', 'enable', 'disable', 'cut', 'push-install', 'push-account',
+const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 'token', 'machines', 'policy', 'enable', 'disable', 'cut', 'group', 'push-install', 'push-account',
   'login', 'logout', 'profiles']);
 
 /** The help text of a command (main.ts's own or admin.ts's); undefined for an unknown one. */

@@ -133,7 +133,7 @@ export interface HealthSample {
 
 export interface HistoryEvent {
   id: number; t: number; agentId: string; diskId: string | null;
-  /** state (a disk's state changed), point (recorded), point-refused, cut-failed, session-lost, alert-fired, alert-cleared */
+  /** state (a disk's state changed), point (recorded), point-refused, cut-failed, session-lost, alert-fired, alert-cleared, group-point, group-cut-failed */
   kind: string; state: string | null; code: string | null; reason: string;
 }
 

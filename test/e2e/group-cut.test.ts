@@ -95,7 +95,10 @@ t.test('a consistency group of two machines: 20 group points restored together, 
   const start = async (m: Machine) => {
     const a = c.spawn(process.execPath, [CLI_PATH, 'agent', '--config', m.config, '--json-logs'], { stdio: ['ignore', 'ignore', 'pipe'] });
     m.child = a;
-    a.stderr!.on('data', (d: Buffer) => { m.log = (m.log + d.toString()).slice(-400_000); });
+    // kept in a file too: an agent that dies says why there
+    const errFile = fs.createWriteStream(path.join(dir, `${m.agentId}.stderr`));
+    a.stderr!.on('data', (d: Buffer) => { m.log = (m.log + d.toString()).slice(-400_000); errFile.write(d); });
+    a.once('exit', (code, sig) => { errFile.end(`\nexited: ${code} ${sig}\n`); });
     await waitFor(() => m.log.includes('"control connected"') || a.exitCode !== null, 60_000, `agent ${m.agentId} control connection`);
     if (a.exitCode !== null) throw new Error(`agent exited with ${a.exitCode}: ${m.log.slice(-3000)}`);
   };
@@ -193,6 +196,11 @@ t.test('a consistency group of two machines: 20 group points restored together, 
   t.pass('the failure is recorded as an event naming the stopped machine');
 
   process.kill(B.child!.pid!, 'SIGCONT');
+  // B reports the failed group cut once it has thawed (the abort, or its own bound); a B that died
+  // instead would leave its filesystem frozen and the write below blocked for good
+  await waitFor(() => B.log.includes('"group cut failed"') || B.child!.exitCode !== null || B.child!.signalCode !== null, LONG, 'the stopped agent to give up its group cut');
+  t.equal(B.child!.exitCode ?? B.child!.signalCode, null, `the stopped agent lives on after SIGCONT${B.child!.exitCode !== null || B.child!.signalCode !== null ? `: ${B.log.slice(-4000)}` : ''}`);
+  if (B.child!.exitCode !== null || B.child!.signalCode !== null) return;
   // B thaws on its own (the abort, or its own bound): a write to its filesystem completes
   const wb = await shAsync('dd', ['if=/dev/zero', `of=${B.mnt}/seed`, 'bs=4k', 'count=1', 'conv=notrunc,fsync', 'status=none'], LONG);
   t.equal(wb.code, 0, `the stopped machine thawed after SIGCONT ${wb.stderr}`);
