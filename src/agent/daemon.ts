@@ -30,6 +30,7 @@ import type { CompressMode } from '../protocol/block-codec.js';
 import { runPreflight } from '../install/preflight.js';
 import { installIdOf } from '../util/installation.js';
 import { TracefsTracker, traceInstanceName } from '../source/tracker/tracefs.js';
+import { GroupCutMember } from './group-member.js';
 
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 30_000;
@@ -79,6 +80,8 @@ export class AgentDaemon {
   private status: { connected: boolean; disks: string[] } = { connected: false, disks: [] };
   /** An on-demand cut not answered yet by a point (or a failure): asked for again when protection could have dropped it. */
   private wantedCut: { kind: CutKind; until: number } | null = null;
+  /** Group cuts this machine takes part in, by group point (see group-member.ts). */
+  private readonly groupCuts = new Map<string, GroupCutMember>();
 
   constructor(private readonly configFile: string, private readonly opts: { pidFile?: string; json?: boolean } = {}) {
     this.log = createLogger({ component: 'agent', json: opts.json });
@@ -242,6 +245,14 @@ export class AgentDaemon {
         }
         if (m.type === 'cut') {
           this.onCutMessage(m);
+          return;
+        }
+        if (m.type === 'group-prepare') {
+          this.onGroupPrepare(m);
+          return;
+        }
+        if (m.type === 'group-freeze' || m.type === 'group-commit' || m.type === 'group-abort') {
+          this.groupCuts.get(String(m.point))?.onMessage(m);
         }
       });
       ws.on('error', (err) => {
@@ -252,6 +263,8 @@ export class AgentDaemon {
       ws.on('close', (code) => {
         clearInterval(ping);
         this.ws = null;
+        // no commit can come over this connection any more: a frozen group cut thaws now
+        for (const g of [...this.groupCuts.values()]) g.connectionLost();
         if (refused) reject(refused);
         else if (this.stopping || code === 1000) resolve();
         else reject(new MobilityError('MOB_ERR_UNREACHABLE', `control connection closed (${code})`));
@@ -305,6 +318,36 @@ export class AgentDaemon {
         message: assigned ? `protection of ${assigned} assigned disk(s) is not running (starting, or restarting after a failure: see the agent log)` : 'no disk is assigned to this agent',
       });
     }
+  }
+
+  /**
+   * {type: 'group-prepare', point, group, kind, boundMs, convergeMs}: this machine's part in a
+   * group cut. The protector takes it next (converge, report, freeze on group-freeze, report
+   * ready, complete on group-commit); refused at once (group-failed) when nothing is protected.
+   */
+  private onGroupPrepare(m: Record<string, unknown>): void {
+    const point = typeof m.point === 'string' ? m.point : '';
+    const bad = !point ? 'no group point'
+      : m.kind !== 'crash' && m.kind !== 'app' ? `unknown cut kind ${JSON.stringify(m.kind)}`
+        : typeof m.boundMs !== 'number' || !(m.boundMs > 0) || typeof m.convergeMs !== 'number' || !(m.convergeMs > 0) ? 'boundMs and convergeMs must be positive numbers' : '';
+    if (bad) {
+      this.send({ type: 'group-failed', point, code: 'MOB_ERR_FRAME_MALFORMED', message: `group-prepare: ${bad}` });
+      return;
+    }
+    const group = String(m.group ?? '');
+    const member = new GroupCutMember(point, group, m.kind as CutKind, {
+      boundMs: Math.min(m.boundMs as number, MAX_CUT_WAIT_MS), convergeMs: Math.min(m.convergeMs as number, MAX_CUT_WAIT_MS),
+      send: (x) => this.send(x), onSettled: () => { this.groupCuts.delete(point); },
+    });
+    this.groupCuts.set(point, member);
+    const p = this.protector;
+    this.log.info('group cut requested', { group, point, kind: m.kind, boundMs: m.boundMs });
+    if (!p) {
+      const assigned = this.desired?.disks.length ?? 0;
+      member.failed(new MobilityError('MOB_ERR_NOT_PROTECTING', assigned ? `protection of ${assigned} assigned disk(s) is not running` : 'no disk is assigned to this agent'));
+      return;
+    }
+    p.requestGroupCut(member);
   }
 
   /** Serialised: protection follows the latest assignments (null = protect nothing). */
@@ -395,6 +438,8 @@ export class AgentDaemon {
 
   private onProtectEvent(e: ProtectEvent): void {
     if (e.event === 'state' || e.event === 'pass-done' || e.event === 'cut' || e.event === 'cut-failed' || e.event === 'pass') this.send({ type: 'event', event: e });
+    // a group cut is the group's: it neither answers nor cancels a cut asked of this machine
+    if ((e.event === 'cut' || e.event === 'cut-failed') && e.groupPoint) return;
     const w = this.wantedCut;
     if (!w) return;
     if (Date.now() > w.until) {

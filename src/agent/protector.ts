@@ -39,6 +39,7 @@ import { Spool } from '../source/spool.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import { devOf, deviceFamily, freezeAll, mountsOn, runHooks, thawAll, type HookResult } from './freeze.js';
 import type { CompressMode } from '../protocol/block-codec.js';
+import type { GroupCutLink } from './group-member.js';
 
 export type DiskStateName = 'initial-sync' | 'continuous' | 'resync-required' | 'resyncing' | 'error';
 export type CutKind = 'crash' | 'app';
@@ -112,8 +113,8 @@ export type ProtectEvent =
   | { event: 'pass-done'; disk: string; kind: PassKind; bytesScanned: number; bytesSent: number; blocksSent: number; ms: number }
   | { event: 'connected' }
   | { event: 'disconnected'; code: string; message: string }
-  | { event: 'cut'; cutId: number; kind: CutKind; pointId: string; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number; overBudgetFreezesMs: number[] }
-  | { event: 'cut-failed'; cutId: number; kind: CutKind; code: string; message: string; overBudgetFreezesMs?: number[] }
+  | { event: 'cut'; cutId: number; kind: CutKind; pointId: string; groupPoint?: string; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number; overBudgetFreezesMs: number[] }
+  | { event: 'cut-failed'; cutId: number; kind: CutKind; code: string; message: string; overBudgetFreezesMs?: number[]; groupPoint?: string }
   | { event: 'tracking-lost'; reason: string; repaired: boolean }
   | { event: 'hook'; phase: string; hook: string; ok: boolean; ms: number; output: string }
   | { event: 'stopped' };
@@ -162,9 +163,11 @@ export class Protector {
   private lastCut = 0;
   private retryCutAt = 0;
   private requestedCut: CutKind | null = null;
+  /** A group cut the configuration server asked for (through the daemon), taken next. */
+  private groupCut: GroupCutLink | null = null;
   private freezeFailures = 0;
   private lastFreezeMs = 0;
-  private pendingCuts = new Map<number, { kind: CutKind; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number; overBudgetFreezesMs: number[] }>();
+  private pendingCuts = new Map<number, { kind: CutKind; groupPoint?: string; frozenMs: number; mounts: string[]; note: string; samplePages: number; sampleWaitMs: number; sampleReadMs: number; spoolBytes: number; spoolFileBytes: number; shipMs: number; overBudgetFreezesMs: number[] }>();
   private readonly crashMs: number;
   private readonly appMs: number;
   private lastCounterCheck = 0;
@@ -193,6 +196,27 @@ export class Protector {
   /** Asks for a cut as soon as every disk is continuous (e.g. on SIGUSR1 / SIGUSR2). */
   requestCut(kind: CutKind): void {
     this.requestedCut = this.requestedCut === 'app' ? 'app' : kind;
+    this.wakeLoop?.();
+  }
+
+  /**
+   * Takes part in a group cut (agent/group-member.ts): the next cut converges, reports, freezes
+   * when the group does, reports ready while frozen and completes only on the commit. Refused at
+   * once (link.failed) while a disk is not continuous: the group should not wait for a scan.
+   */
+  requestGroupCut(link: GroupCutLink): void {
+    if (this.groupCut) this.groupCut.failed(new MobilityError('MOB_ERR_GROUP_CUT', `superseded by group cut ${link.point}`));
+    this.groupCut = null;
+    if (!this.started || this.stopping) {
+      link.failed(new MobilityError('MOB_ERR_NOT_PROTECTING', 'protection is starting or stopping'));
+      return;
+    }
+    const notReady = this.disks.filter((d) => d.state !== 'continuous' || d.shipper === null || this.conn === null);
+    if (notReady.length) {
+      link.failed(new MobilityError('MOB_ERR_CUT', `not every disk is continuous: ${notReady.map((d) => `${d.id} ${d.state}${d.reason ? ` (${d.reason})` : ''}`).join(', ')}${this.conn ? '' : '; not connected to the server'}`));
+      return;
+    }
+    this.groupCut = link;
     this.wakeLoop?.();
   }
 
@@ -484,7 +508,7 @@ export class Protector {
           d.unlisten = null;
           this.journal.requeue(d.i);
         }
-        for (const [id, c] of this.pendingCuts) this.emit({ event: 'cut-failed', cutId: id, kind: c.kind, code: e.code, message: `connection lost before the server acknowledged the cut: ${e.message}` });
+        for (const [id, c] of this.pendingCuts) this.emit({ event: 'cut-failed', cutId: id, kind: c.kind, ...(c.groupPoint ? { groupPoint: c.groupPoint } : {}), code: e.code, message: `connection lost before the server acknowledged the cut: ${e.message}` });
         this.pendingCuts.clear();
         if (this.stopping) break;
         // a failing replica target (unreachable, credentials, quota) is the server's to fix: the
@@ -631,7 +655,14 @@ export class Protector {
         for (const d of this.disks) if (!d.unlisten && d.shipper) d.unlisten = d.shipper.listen(conn);
         const shipped = await this.shipRound(conn);
         if (this.cutDue()) {
-          await this.cut(conn, this.nextCutKind());
+          const g = this.groupCut;
+          this.groupCut = null;
+          try {
+            await this.cut(conn, g ? g.kind : this.nextCutKind(), g ?? undefined);
+          } catch (err) {
+            g?.failed(toMobilityError(err));
+            throw err;
+          }
           continue;
         }
         if (!shipped) await this.sleep(DRAIN_MS);
@@ -672,7 +703,7 @@ export class Protector {
   private cutDue(): boolean {
     if (!this.allContinuous()) return false;
     const now = Date.now();
-    if (this.requestedCut) return true;
+    if (this.requestedCut || this.groupCut) return true;
     if (now < this.retryCutAt) return false;
     return now - this.lastAppCut >= this.appMs || now - this.lastCut >= this.crashMs;
   }
@@ -713,9 +744,10 @@ export class Protector {
    * the spool budget is not read: the disks are thawed at once and the cut converges further
    * before freezing again (up to SPOOL_ATTEMPTS times).
    */
-  private async cut(conn: Connection, requested: CutKind): Promise<void> {
-    const asked = this.requestedCut;
-    this.requestedCut = null;
+  private async cut(conn: Connection, requested: CutKind, group?: GroupCutLink): Promise<void> {
+    // a group cut leaves a cut asked for locally owed (it is taken next, as a machine point)
+    const asked = group ? null : this.requestedCut;
+    if (!group) this.requestedCut = null;
     const cutId = ++this.cutNo;
     let kind = requested;
     const limit = this.o.freezeLimitMs ?? DEFAULT_FREEZE_LIMIT_MS;
@@ -724,9 +756,16 @@ export class Protector {
     const notes: string[] = [];
     const owed = () => { if (asked) this.requestedCut = this.requestedCut === 'app' ? 'app' : asked; };
     // tracking lost meanwhile: scan first; a cut someone asked for is still owed
-    if (!(await this.converge(conn, Math.min(CONVERGE_BYTES, budget)))) return owed();
+    if (!(await this.converge(conn, Math.min(CONVERGE_BYTES, budget)))) {
+      group?.failed(new MobilityError('MOB_ERR_TRACKING_LOST', 'change tracking was lost while converging; the disks are rescanned'));
+      return owed();
+    }
     const mounts = mountsOn(this.family);
-    const env = { MOBILITY_CUT_ID: String(cutId), MOBILITY_CUT_KIND: kind, MOBILITY_MOUNTS: mounts.join('\n') };
+    const env: Record<string, string> = {
+      MOBILITY_CUT_ID: String(cutId), MOBILITY_CUT_KIND: kind, MOBILITY_MOUNTS: mounts.join('\n'),
+      // hooks of a group cut know the group point (the same id on every machine of the group)
+      ...(group ? { MOBILITY_GROUP: group.group, MOBILITY_GROUP_POINT: group.point } : {}),
+    };
     const reportHooks = (rs: HookResult[]) => {
       for (const r of rs) {
         this.emit({ event: 'hook', phase: r.phase, hook: r.hook, ok: r.ok, ms: r.ms, output: r.output });
@@ -771,6 +810,8 @@ export class Protector {
           owed();
           throw new MobilityError('MOB_ERR_CUT', 'change tracking was lost before the freeze');
         }
+        // converged: the group freezes when every machine has (one wait, before any freeze)
+        if (group && attempt === 1) await group.converged();
         let over = 0;
         // a loss noticed by the periodic checks while the cut runs (they move the loss counters the
         // cut's own check compares with) must fail the cut too
@@ -816,6 +857,8 @@ export class Protector {
               throw new MobilityError('MOB_ERR_TRACKING_LOST', 'change tracking lost events while the cut was being taken; no point is recorded until the disks are rescanned');
             }
             if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
+            // still frozen: ready; the commit (or an abort, or this side's own bound) ends the freeze
+            if (group) await group.ready(frozeAt, bound - Date.now());
           }
         } finally {
           if (frozeAt) {
@@ -830,6 +873,11 @@ export class Protector {
         // frozen all the same: that freeze is reported with the cut (and in the health's last freeze)
         overBudgetFreezesMs.push(frozenMs);
         giveBack();
+        if (group) {
+          // the group is frozen together once; converging further would keep the others waiting
+          budgetFailed = true;
+          throw new MobilityError('MOB_ERR_CUT', `the remainder at the freeze (${over} bytes) was above the ${budget}-byte spool budget; the group cut is aborted (raise --spool-budget, or cut the group when the churn is lower)`);
+        }
         if (attempt >= SPOOL_ATTEMPTS) {
           budgetFailed = true;
           throw new MobilityError('MOB_ERR_CUT', `the remainder at the freeze (${over} bytes) stayed above the ${budget}-byte spool budget after ${attempt} attempts; the churn is too high for this budget (raise --spool-budget)`);
@@ -858,10 +906,11 @@ export class Protector {
       seqs = this.disks.map((d) => d.shipper!.lastSeq);
     } catch (err) {
       failure = toMobilityError(err, 'MOB_ERR_FREEZE');
+      group?.failed(failure);
       if (shipping) {
         // some spooled frames may be in flight: handing blocks back here could put two versions of
         // a block in flight. The session restarts instead; its end requeues every block in flight.
-        this.emit({ event: 'cut-failed', cutId, kind, code: failure.code, message: failure.message, overBudgetFreezesMs });
+        this.emit({ event: 'cut-failed', cutId, kind, code: failure.code, message: failure.message, overBudgetFreezesMs, ...(group ? { groupPoint: group.point } : {}) });
         await spool.close().catch(() => undefined);
         throw conn.closed ?? new MobilityError('MOB_ERR_STORAGE', `shipping the spool of cut ${cutId} failed (${failure.message}); the session restarts and its blocks are shipped again`);
       }
@@ -873,9 +922,10 @@ export class Protector {
     if (failure) {
       // froze the application without giving a point: a freeze failure too
       if (failure.code === 'MOB_ERR_FREEZE' || budgetFailed) this.freezeFailures++;
-      this.retryCutAt = Date.now() + Math.min(60_000, this.crashMs);
-      this.log.warn('cut failed; retrying later', { cutId, kind, code: failure.code, error: failure.message, frozenMs });
-      this.emit({ event: 'cut-failed', cutId, kind, code: failure.code, message: failure.message, overBudgetFreezesMs });
+      // a group cut that failed is the group's to retry; the machine's own schedule is unchanged
+      if (!group) this.retryCutAt = Date.now() + Math.min(60_000, this.crashMs);
+      this.log.warn(group ? 'group cut failed' : 'cut failed; retrying later', { cutId, kind, code: failure.code, error: failure.message, frozenMs, ...(group ? { group: group.group, groupPoint: group.point } : {}) });
+      this.emit({ event: 'cut-failed', cutId, kind, code: failure.code, message: failure.message, overBudgetFreezesMs, ...(group ? { groupPoint: group.point } : {}) });
       if (failure.code === 'MOB_ERR_UNREACHABLE' || conn.closed) throw conn.closed ?? failure;
       return;
     }
@@ -885,16 +935,16 @@ export class Protector {
     this.retryCutAt = 0;
     const note = notes.join('; ');
     const samplePages = samples.reduce((n, x) => n + x.pages.length, 0);
-    this.pendingCuts.set(cutId, { kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs, overBudgetFreezesMs });
+    this.pendingCuts.set(cutId, { kind, ...(group ? { groupPoint: group.point } : {}), frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs, overBudgetFreezesMs });
     for (const d of this.disks) d.written.clear();
     conn.send(encodeMessage({
       type: 'cut',
       cut: {
-        cutId, kind, takenAtMs: frozeAt, frozenMs, note,
+        cutId, kind, takenAtMs: frozeAt, frozenMs, note, groupPoint: group?.point ?? '',
         disks: seqs.map((seq, disk) => ({ disk, seq, samplePages: samples[disk]!.pages, sampleDigests: samples[disk]!.digests })),
       },
     }));
-    this.log.info('cut sent', { cutId, kind, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs });
+    this.log.info('cut sent', { cutId, kind, groupPoint: group?.point, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs });
   }
 
   /** Throws MOB_ERR_TRACKING_LOST (after starting the repair and the resync) when the self-check fails. */
@@ -926,12 +976,12 @@ export class Protector {
       const code = a.errorCode || 'MOB_ERR_CUT';
       const message = a.errorMessage || 'the server did not record the cut';
       this.log.error('recovery point refused by the server', { cutId: a.cutId, code, error: message });
-      this.emit({ event: 'cut-failed', cutId: a.cutId, kind: c.kind, code, message });
+      this.emit({ event: 'cut-failed', cutId: a.cutId, kind: c.kind, code, message, ...(c.groupPoint ? { groupPoint: c.groupPoint } : {}) });
       if (code === 'MOB_ERR_POINT_UNVERIFIED') this.verificationFailed(a);
       return;
     }
     this.log.info('recovery point recorded', { cutId: a.cutId, point: a.pointId, kind: c.kind, frozenMs: c.frozenMs, verifiedPages: a.verifiedPages });
-    this.emit({ event: 'cut', cutId: a.cutId, kind: c.kind, pointId: a.pointId, frozenMs: c.frozenMs, mounts: c.mounts, note: c.note, samplePages: c.samplePages, sampleWaitMs: c.sampleWaitMs, sampleReadMs: c.sampleReadMs, spoolBytes: c.spoolBytes, spoolFileBytes: c.spoolFileBytes, shipMs: c.shipMs, overBudgetFreezesMs: c.overBudgetFreezesMs });
+    this.emit({ event: 'cut', cutId: a.cutId, kind: c.kind, pointId: a.pointId, ...(c.groupPoint ? { groupPoint: c.groupPoint } : {}), frozenMs: c.frozenMs, mounts: c.mounts, note: c.note, samplePages: c.samplePages, sampleWaitMs: c.sampleWaitMs, sampleReadMs: c.sampleReadMs, spoolBytes: c.spoolBytes, spoolFileBytes: c.spoolFileBytes, shipMs: c.shipMs, overBudgetFreezesMs: c.overBudgetFreezesMs });
   }
 
   /**
@@ -974,6 +1024,8 @@ export class Protector {
   }
 
   private async shutdown(): Promise<void> {
+    this.groupCut?.failed(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'protection is stopping'));
+    this.groupCut = null;
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
     if (this.started) {

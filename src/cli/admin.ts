@@ -116,6 +116,36 @@ protection is not running), MOB_ERR_AGENT_OFFLINE (5), MOB_ERR_FAILED_OVER (1), 
 code when it failed (MOB_ERR_FREEZE, MOB_ERR_CUT, ...; MOB_ERR_HOOK when an app cut was
 downgraded to crash by a failing pre-freeze hook) (1), MOB_ERR_CUT_TIMEOUT (5).
 ${CONN_HELP}`,
+  group: `Usage: mobility group create NAME --machine M... [--interval D|off] [--bound D] [--kind crash|app]
+       mobility group list | delete NAME | cut NAME [--kind crash|app]
+       [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
+
+A consistency group: up to 16 machines whose recovery points are cut together, so that an
+application spread over them (web, app, database) recovers to one instant on every machine.
+The configuration server coordinates each group cut over the agents' control connections:
+every agent converges, freezes and reads its remainder, reports ready while frozen; when all
+are ready the server commits and each agent records its point, labelled with the group point
+id (the same on every machine). A machine that does not answer a step within the bound, or
+fails or disconnects, aborts the group cut: every machine thaws, nothing is recorded, and the
+error names the machine. Each machine keeps its own policy and its own points (unlabelled);
+a group cut counts as the machine's latest cut, so with a group interval at most the policy's
+crash interval the group points replace the machine's own.
+  create NAME   create the group, or replace its machines and settings:
+    --machine M   a member (agent id or host name); repeat, at most 16; a machine is in at
+                  most one group
+    --interval D  cut the group every D (at least 15s), when every member is connected;
+                  off (the default) = only on demand
+    --bound D     how long every machine has to answer the freeze step (freeze, read the
+                  remainder, frozen hooks) before the cut is aborted (default 5s)
+    --kind K      what scheduled group cuts are: crash (default) or app (hooks run)
+  list          the groups, their members and whether each is connected
+  delete NAME   remove the group (no data is deleted; its points keep their labels)
+  cut NAME      a group cut now: prints the group point id on stdout (each machine's point
+                on stderr), or fails with MOB_ERR_GROUP_CUT naming the machine (exit 1)
+See also: mobility points --group NAME, mobility test-failover --group NAME.
+Fails with: MOB_ERR_UNKNOWN_GROUP (3), MOB_ERR_GROUP_TOO_LARGE (3), MOB_ERR_UNKNOWN_MACHINE (3),
+MOB_ERR_NOT_PROTECTING (3), MOB_ERR_GROUP_BUSY (1), MOB_ERR_GROUP_CUT (1).
+${CONN_HELP}`,
   'push-install': `Usage: mobility push-install --host H[:PORT]... --user U (--key F | --password-file F | --account NAME) [options]
 
 Installs the agent on Linux hosts over SSH, in parallel: connect, remote preflight
@@ -407,6 +437,48 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       } else {
         process.stdout.write(`${p.id}\n`);
         process.stderr.write(`recovery point ${p.id} of ${String(j.agentId)}: ${p.kind}-consistent, frozen at ${p.takenAt} for ${p.frozenMs} ms${p.note ? ` (${p.note})` : ''}; waited ${fmtAge(Number(j.waitedMs))}\n`);
+      }
+      return EXIT.OK;
+    }
+    case 'group': {
+      const [sub, ...rest] = argv;
+      const { values: v, positionals } = parse(rest, {
+        ...CONN, machine: { type: 'string', multiple: true }, interval: { type: 'string' }, bound: { type: 'string' }, kind: { type: 'string' },
+      }, true);
+      if (v.help || !['create', 'list', 'delete', 'cut'].includes(sub)) { process.stdout.write(HELP.group); return v.help ? EXIT.OK : EXIT.USAGE; }
+      const kind = v.kind as string | undefined;
+      if (kind !== undefined && kind !== 'crash' && kind !== 'app') throw new MobilityError('MOB_ERR_USAGE', `--kind must be crash or app, not ${kind}`);
+      const name = positionals[0];
+      if (sub !== 'list' && !name) throw new MobilityError('MOB_ERR_USAGE', `group ${sub} needs a NAME`);
+      const c = await serverConn(v);
+      type G = { name: string; members: string[]; intervalMs: number; boundMs: number; kind: string; running?: boolean; machines?: { agentId: string; connected: boolean; disks: string[] }[] };
+      const fmt = (gs: G[]) => table([['GROUP', 'MACHINES', 'INTERVAL', 'BOUND', 'KIND', 'STATE'], ...gs.map((g) => [
+        g.name, (g.machines ?? g.members.map((agentId) => ({ agentId, connected: true, disks: [] }))).map((m) => `${m.agentId}${m.connected ? '' : ' (offline)'}`).join(', '),
+        g.intervalMs ? fmtAge(g.intervalMs) : 'on demand', fmtAge(g.boundMs), g.kind, g.running ? 'cutting' : 'idle',
+      ])]);
+      if (sub === 'list') {
+        const j = await api(c, 'GET', '/v1/groups');
+        const gs = j.groups as G[];
+        out(v, j, () => gs.length ? fmt(gs) : 'no consistency groups\n');
+      } else if (sub === 'create') {
+        const machines = (v.machine as string[] | undefined) ?? [];
+        if (!machines.length) throw new MobilityError('MOB_ERR_USAGE', 'group create needs at least one --machine');
+        const interval = v.interval === 'off' ? 0 : durOpt(v, 'interval');
+        const j = await api(c, 'POST', '/v1/groups', { name, members: machines, intervalMs: interval, boundMs: durOpt(v, 'bound'), kind });
+        out(v, j, () => fmt([j.group as G]));
+      } else if (sub === 'delete') {
+        const j = await api(c, 'POST', '/v1/groups/delete', { name });
+        out(v, j, () => `group ${name} removed (its machines and points are unchanged)\n`);
+      } else {
+        const j = await api(c, 'POST', '/v1/groups/cut', { group: name, kind });
+        const r = j as unknown as import('../server/group-cut.js').GroupPointOutcome;
+        if (v.json) {
+          process.stdout.write(JSON.stringify(j, null, 2) + '\n');
+        } else {
+          process.stdout.write(`${r.point}\n`);
+          process.stderr.write(`group point ${r.point} of ${r.group} (${r.kind}): ${r.members.map((m) => `${m.agentId} ${m.pointId} (frozen ${m.frozenMs} ms)`).join(', ')}; `
+            + `converged in ${fmtAge(r.convergeMs)}, freeze step ${r.freezeStepMs} ms\n`);
+        }
       }
       return EXIT.OK;
     }

@@ -22,6 +22,8 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'MOB_ERR_UNKNOWN_POINT':
     case 'MOB_ERR_UNKNOWN_MACHINE':
     case 'MOB_ERR_UNKNOWN_POLICY':
+    case 'MOB_ERR_UNKNOWN_GROUP':
+    case 'MOB_ERR_GROUP_TOO_LARGE':
     case 'MOB_ERR_NOT_PROTECTING':
     case 'MOB_ERR_PREFLIGHT': return EXIT.CONFIG;
     case 'MOB_ERR_AUTH':

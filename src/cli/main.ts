@@ -31,8 +31,8 @@ Commands:
   status      per-disk state, RPO, data lag, backlog and churn, as the server sees them (--history: over time)
   events      what happened: state changes, recovery points, cut failures, sessions lost, alerts
   alerts      RPO alerts (active ones; --all for the cleared ones too)
-  points      list an agent's recovery points
-  test-failover  materialise a writable image of a recovery point (or --cleanup it)
+  points      list an agent's recovery points (or a consistency group's points)
+  test-failover  materialise a writable image of a recovery point, or of every machine of a group point (or --cleanup it)
   failover    stop replication of an agent and promote a recovery point (after a final cut)
   reprotect   fail back: pull only the differences from the promoted images into the original disks (asks first)
   demo        start a server and an agent on loopback, replicate a disk, prove the replica
@@ -48,6 +48,7 @@ Configuration server and agents:
   enable      start protecting a disk of a registered machine (pushed to its agent)
   disable     stop protecting a disk and delete its replica (asks first; --yes when not on a terminal)
   cut         take a consistency cut of a machine now and print its recovery point
+  group       consistency groups: machines cut together (create, list, delete, cut)
   push-install  install the agent on Linux hosts over SSH (parallel, with progress)
   push-account  store, list or remove push-install accounts (encrypted at rest)
 
@@ -187,14 +188,18 @@ RPO alerts, newest first: one fires when the age of a disk's newest recovery poi
 machine's policy threshold (RPO ALERT of mobility status) and clears when it is back under, each
 with its times, RPO, threshold and reason. Without --all only the active ones.
 ${CONN_HELP}`,
-  points: `Usage: mobility points [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID] [--json]
+  points: `Usage: mobility points [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID | --group G] [--json]
 
 Lists the agent's recovery points, oldest first, as a table: POINT (its id), TAKEN AT (the
 agent's clock at the freeze), KIND (crash or app), FROZEN (how long the filesystems were
-frozen), DISKS, VERIFIED (pages of the sampled verification), NOTE (SUSPECT and the point's
-note). --agent-id defaults to this machine's host name.
+frozen), DISKS, VERIFIED (pages of the sampled verification), GROUP POINT (the group point the
+point is this machine's part of, '-' for the machine's own points), NOTE (SUSPECT and the
+point's note). --agent-id defaults to this machine's host name.
+With --group G: the group's points, oldest first: GROUP POINT, TAKEN AT (the earliest freeze),
+KIND (app when app-consistent on every machine), COMPLETE (every machine recorded its part;
+only complete group points can be test-failed-over), and each machine's recovery point.
 ${CONN_HELP}`,
-  'test-failover': `Usage: mobility test-failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID] [--point ID|latest|latest-app] [--download DIR | --cleanup] [--json]
+  'test-failover': `Usage: mobility test-failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID | --group G] [--point ID|latest|latest-app] [--download DIR | --cleanup] [--json]
 
 Has the server's replica store make a writable image of every disk of the point while
 replication goes on:
@@ -212,6 +217,9 @@ Options:
                   so give an absolute path when the server runs elsewhere). Progress
                   (percentage, throughput, ETA) is shown on stderr.
   --cleanup       remove the test-failover images of the point (not the downloaded files)
+  --group G       every machine of consistency group G at one group point: --point is a
+                  group point id (mobility points --group G), latest (the newest complete
+                  group point) or latest-app; --download writes DIR/<agent>/<disk>.img
   --json          the server's answer as JSON
 ${CONN_HELP}`,
   failover: `Usage: mobility failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
@@ -371,7 +379,10 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
     disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' } } : {}),
     ...(cmd === 'test-failover' ? { download: { type: 'string' } } : {}),
+    ...(cmd === 'test-failover' || cmd === 'points' ? { group: { type: 'string' } } : {}),
   });
+  if (v.group !== undefined && v['agent-id'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', 'give --agent-id or --group, not both');
+  if (v.group === '') throw new MobilityError('MOB_ERR_USAGE', '--group needs a group name');
   if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
   if (v.download !== undefined && v.cleanup) throw new MobilityError('MOB_ERR_USAGE', 'give --download or --cleanup, not both');
   if (v.download === '') throw new MobilityError('MOB_ERR_USAGE', '--download needs a directory (on the server machine)');
@@ -412,13 +423,24 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     });
     return EXIT.OK;
   }
+  if (cmd === 'points' && v.group !== undefined) {
+    const g = v.group as string;
+    const j = await api(c, 'GET', `/v1/group-points?group=${encodeURIComponent(g)}`);
+    type GP = { id: string; takenAt: string; kind: string; complete: boolean; members: string[]; points: Record<string, { id: string }> };
+    const gps = (j.points ?? []) as GP[];
+    out(j, () => gps.length ? table([['GROUP POINT', 'TAKEN AT', 'KIND', 'COMPLETE', 'MACHINES'], ...gps.map((p) => [
+      p.id, p.takenAt, p.kind, p.complete ? 'yes' : 'NO', p.members.map((m) => `${m}:${p.points[m]?.id ?? '-'}`).join(' '),
+    ])]) : `no group points for group ${g}\n`);
+    return EXIT.OK;
+  }
   if (cmd === 'points') {
     const j = await api(c, 'GET', `/v1/points?agent=${encodeURIComponent(agent)}`);
     const pts = (j.points ?? []) as import('../target/catalog.js').RecoveryPoint[];
-    out(j, () => pts.length ? table([['POINT', 'TAKEN AT', 'KIND', 'FROZEN', 'DISKS', 'VERIFIED', 'NOTE'], ...pts.map((p) => [
+    out(j, () => pts.length ? table([['POINT', 'TAKEN AT', 'KIND', 'FROZEN', 'DISKS', 'VERIFIED', 'GROUP POINT', 'NOTE'], ...pts.map((p) => [
       p.id, p.takenAt, p.kind, `${p.frozenMs} ms`, Object.keys(p.disks).join(','),
       // points recorded before sampled verification existed carry none
       p.verification ? `${Object.values(p.verification).reduce((n, x) => n + x.pages, 0)} pages` : '-',
+      p.group ? `${p.group.id} (${p.group.name})` : '-',
       [p.suspect ? `SUSPECT (${p.suspect.disks.join(',')})` : '', p.note].filter(Boolean).join('; '),
     ])]) : `no recovery points for agent ${agent}\n`);
     return EXIT.OK;
@@ -459,10 +481,16 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
       + `\nfailed back: the promoted images are the replicas now; run mobility protect again\n`);
     return EXIT.OK;
   }
-  const body = { agent, point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup) };
+  const body = { ...(v.group !== undefined ? { group: v.group } : { agent }), point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup) };
   let j: Record<string, unknown>;
   if (v.download === undefined) j = await api(c, 'POST', '/v1/test-failover', body);
   else j = await testFailoverStreamed(c, { ...body, download: path.resolve(v.download as string) }, createLogger({ component: 'cli', json: v['json-logs'] ? true : undefined }));
+  if (v.group !== undefined) {
+    const g = j as unknown as import('../server/http/api.js').GroupTestFailoverResult;
+    out(j, () => `group ${g.group}, group point ${g.point} (${g.kind}, ${g.takenAt}): ${g.removed ? 'images removed' : 'every machine materialised at it'}\n`
+      + g.machines.map((m) => `machine ${m.agentId}: ` + formatTestFailover(m)).join(''));
+    return EXIT.OK;
+  }
   out(j, () => formatTestFailover(j as unknown as TestFailoverResult));
   return EXIT.OK;
 }
@@ -559,7 +587,7 @@ async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {
 }
 
 /** The commands runAdmin (admin.ts) handles. */
-const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 'token', 'machines', 'policy', 'enable', 'disable', 'cut', 'push-install', 'push-account',
+const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 'token', 'machines', 'policy', 'enable', 'disable', 'cut', 'group', 'push-install', 'push-account',
   'login', 'logout', 'profiles']);
 
 /** The help text of a command (main.ts's own or admin.ts's); undefined for an unknown one. */
@@ -598,7 +626,7 @@ export async function main(argv: string[]): Promise<number> {
         process.stdout.write(`mobility ${AGENT_VERSION} (protocol ${PROTOCOL_VERSION})\n`);
         return EXIT.OK;
       case 'register': case 'agent': case 'preflight': case 'passphrase': case 'token': case 'machines': case 'policy':
-      case 'enable': case 'disable': case 'cut': case 'push-install': case 'push-account': case 'login': case 'logout': case 'profiles': {
+      case 'enable': case 'disable': case 'cut': case 'group': case 'push-install': case 'push-account': case 'login': case 'logout': case 'profiles': {
         const { runAdmin } = await import('./admin.js');
         return await runAdmin(cmd, rest);
       }

@@ -35,7 +35,7 @@ export interface DigestReply { disk: number; requestId: number; firstPage: numbe
 export interface PassEnd { disk: number; seq: number; kind: string }
 /** samplePages[i]'s source digest is sampleDigests[8*i .. 8*i+8] (xxh64, little-endian). */
 export interface CutDisk { disk: number; seq: number; samplePages?: number[]; sampleDigests?: Uint8Array }
-export interface Cut { cutId: number; kind: string; disks: CutDisk[]; takenAtMs: number; frozenMs: number; note: string }
+export interface Cut { cutId: number; kind: string; disks: CutDisk[]; takenAtMs: number; frozenMs: number; note: string; groupPoint?: string }
 export interface CutMismatch { disk: number; page: number; replicaDigest: bigint; sourceDigest: bigint }
 /** pointId set: recorded. Otherwise errorCode/errorMessage say why not (mismatches for MOB_ERR_POINT_UNVERIFIED). */
 export interface CutAck { cutId: number; pointId: string; errorCode?: string; errorMessage?: string; mismatches?: CutMismatch[]; verifiedPages?: number }
@@ -187,7 +187,7 @@ export function decodeMessage(msg: Buffer, maxFrameBytes = MAX_FRAME_BYTES): Dec
       return {
         type, payload,
         cut: {
-          cutId: num(m.cutId), kind: String(m.kind ?? ''), takenAtMs: num(m.takenAtMs), frozenMs: num(m.frozenMs), note: String(m.note ?? ''),
+          cutId: num(m.cutId), kind: String(m.kind ?? ''), takenAtMs: num(m.takenAtMs), frozenMs: num(m.frozenMs), note: String(m.note ?? ''), groupPoint: String(m.groupPoint ?? ''),
           disks: ((m.disks as Record<string, unknown>[] | undefined) ?? []).map((d) => ({
             disk: num(d.disk), seq: num(d.seq),
             samplePages: ((d.samplePages as unknown[] | undefined) ?? []).map(num),

@@ -99,7 +99,26 @@ export const MIGRATIONS: string[] = [
      reason TEXT NOT NULL,
      clear_reason TEXT);
    CREATE INDEX alerts_active ON alerts (cleared_at);`,
+  // 5: consistency groups (multi-machine cuts): a group's settings, and its members (a machine is
+  // in at most one group; a machine that is deleted leaves its group)
+  `CREATE TABLE consistency_groups (
+     name TEXT PRIMARY KEY,
+     interval_ms INTEGER NOT NULL,
+     bound_ms INTEGER NOT NULL,
+     kind TEXT NOT NULL DEFAULT 'crash',
+     created_at TEXT NOT NULL);
+   CREATE TABLE group_members (
+     agent_id TEXT PRIMARY KEY REFERENCES agents(id) ON DELETE CASCADE,
+     group_name TEXT NOT NULL REFERENCES consistency_groups(name) ON DELETE CASCADE,
+     position INTEGER NOT NULL);`,
 ];
+
+/**
+ * A consistency group: machines cut together by the configuration server (see group-cut.ts).
+ * intervalMs 0 = group cuts only on demand; boundMs = how long the server waits for every
+ * machine to answer each step of a group cut before it aborts it.
+ */
+export interface ConsistencyGroup { name: string; members: string[]; intervalMs: number; boundMs: number; kind: 'crash' | 'app'; createdAt: string }
 
 /** History retention: 10 s samples for a day, 1-minute samples (and events, cleared alerts) for a week. */
 export const HISTORY_FINE_MS = 24 * 3600_000;
@@ -114,7 +133,7 @@ export interface HealthSample {
 
 export interface HistoryEvent {
   id: number; t: number; agentId: string; diskId: string | null;
-  /** state (a disk's state changed), point (recorded), point-refused, cut-failed, session-lost, alert-fired, alert-cleared */
+  /** state (a disk's state changed), point (recorded), point-refused, cut-failed, session-lost, alert-fired, alert-cleared, group-point, group-cut-failed */
   kind: string; state: string | null; code: string | null; reason: string;
 }
 
@@ -312,6 +331,42 @@ export class ConfigDb {
         freeze: p.freezeLimitMs, spool: p.spoolBudgetBytes, at: now(),
       });
     return this.getPolicy(p.name);
+  }
+
+  // ---- consistency groups
+  listGroups(): ConsistencyGroup[] {
+    return (this.db.prepare('SELECT * FROM consistency_groups ORDER BY name').all() as Record<string, unknown>[]).map((r) => this.rowToGroup(r));
+  }
+  /** Throws MOB_ERR_UNKNOWN_GROUP. */
+  getGroup(name: string): ConsistencyGroup {
+    const r = this.db.prepare('SELECT * FROM consistency_groups WHERE name = ?').get(name) as Record<string, unknown> | undefined;
+    if (!r) throw new MobilityError('MOB_ERR_UNKNOWN_GROUP', `no consistency group named ${JSON.stringify(name)} (see mobility group list)`);
+    return this.rowToGroup(r);
+  }
+  /** The group a machine belongs to, or null. */
+  groupOf(agentId: string): string | null {
+    const r = this.db.prepare('SELECT group_name FROM group_members WHERE agent_id = ?').get(agentId) as { group_name: string } | undefined;
+    return r?.group_name ?? null;
+  }
+  /** Creates or replaces a group and its member list (in one transaction). Members must exist and be in no other group (checked by the caller). */
+  putGroup(g: Omit<ConsistencyGroup, 'createdAt'>): ConsistencyGroup {
+    this.db.transaction(() => {
+      this.db.prepare(`INSERT INTO consistency_groups (name, interval_ms, bound_ms, kind, created_at) VALUES (@name, @interval, @bound, @kind, @at)
+        ON CONFLICT(name) DO UPDATE SET interval_ms = @interval, bound_ms = @bound, kind = @kind`)
+        .run({ name: g.name, interval: g.intervalMs, bound: g.boundMs, kind: g.kind, at: now() });
+      this.db.prepare('DELETE FROM group_members WHERE group_name = ?').run(g.name);
+      const add = this.db.prepare('INSERT INTO group_members (agent_id, group_name, position) VALUES (?, ?, ?)');
+      for (const [i, m] of g.members.entries()) add.run(m, g.name, i);
+    })();
+    return this.getGroup(g.name);
+  }
+  /** Removes a group (its machines leave it; their points keep their group labels). False when there was none. */
+  deleteGroup(name: string): boolean {
+    return this.db.prepare('DELETE FROM consistency_groups WHERE name = ?').run(name).changes > 0;
+  }
+  private rowToGroup(r: Record<string, unknown>): ConsistencyGroup {
+    const members = (this.db.prepare('SELECT agent_id FROM group_members WHERE group_name = ? ORDER BY position').all(r.name) as { agent_id: string }[]).map((m) => m.agent_id);
+    return { name: r.name as string, members, intervalMs: r.interval_ms as number, boundMs: r.bound_ms as number, kind: r.kind === 'app' ? 'app' : 'crash', createdAt: r.created_at as string };
   }
 
   // ---- agents

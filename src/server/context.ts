@@ -10,6 +10,7 @@ import type { PointCatalog } from '../target/catalog.js';
 import type { ReplicaBackend } from '../target/replica-store.js';
 import type { ConfigDb } from './config-db.js';
 import type { ControlHub } from './control.js';
+import type { GroupCoordinator } from './group-cut.js';
 import type { FailoverState } from './failover-state.js';
 import type { HealthBoard } from './health.js';
 import type { HistoryRecorder } from './history.js';
@@ -33,6 +34,8 @@ export interface ServerContext {
   readonly db: ConfigDb;
   readonly registry: Registry;
   readonly control: ControlHub;
+  /** Consistency groups: group cuts and the group points' labels. */
+  readonly groups: GroupCoordinator;
   readonly health: HealthBoard;
   /** Health samples, events and alerts (kept in the configuration database). */
   readonly history: HistoryRecorder;

@@ -11,6 +11,7 @@ import type { WebSocket } from 'ws';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { ConfigDb, Policy } from './config-db.js';
+import type { GroupAgentMessage, GroupServerMessage } from './group-cut.js';
 
 export const CONTROL_PING_MS = 15_000;
 const PREFLIGHT_TIMEOUT_MS = 60_000;
@@ -110,6 +111,13 @@ class ControlSession {
           p.resolve(m);
           return;
         }
+        case 'group-converged': case 'group-ready': case 'group-failed': {
+          if (typeof m.point !== 'string' || !m.point) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `a ${m.type} message needs the group point it answers`);
+          if (m.type === 'group-failed' && (typeof m.code !== 'string' || typeof m.message !== 'string')) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a group-failed message needs a code and a message');
+          if (m.type === 'group-ready' && (typeof m.frozenAtMs !== 'number' || !Number.isFinite(m.frozenAtMs))) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a group-ready message needs frozenAtMs');
+          this.hub.groupHandler?.onMessage(this.agentId, m as unknown as GroupAgentMessage);
+          return;
+        }
         case 'event': {
           this.hub.db.touchAgent(this.agentId);
           const ev = typeof m.event === 'object' && m.event !== null && !Array.isArray(m.event) ? m.event as AgentEvent : null;
@@ -194,6 +202,8 @@ class ControlSession {
     if (this.hub.sessions.get(this.agentId) === this) {
       this.hub.sessions.delete(this.agentId);
       this.log.info('agent control disconnected', { agent: this.agentId });
+      // a group cut waiting for this machine aborts now (not at its bound)
+      this.hub.groupHandler?.onDisconnect(this.agentId);
     }
   }
 }
@@ -204,7 +214,17 @@ export class ControlHub {
   /** Every open session, with or without a hello. */
   readonly all = new Set<ControlSession>();
   private readonly eventWatchers = new Set<(agentId: string, e: AgentEvent) => void>();
+  /** Where the group messages of agents go (the group coordinator), set by the server. */
+  groupHandler: { onMessage(agentId: string, m: GroupAgentMessage): void; onDisconnect(agentId: string): void } | null = null;
   constructor(readonly db: ConfigDb, readonly log: Logger) {}
+
+  /** Sends a group cut message to a connected agent; false when it is not connected. */
+  sendGroup(agentId: string, m: GroupServerMessage): boolean {
+    const s = this.sessions.get(agentId);
+    if (!s) return false;
+    s.send(m);
+    return true;
+  }
 
   /** Calls fn with every protection event an agent forwards from now on, until the returned function is called. */
   watchEvents(fn: (agentId: string, e: AgentEvent) => void): () => void {

@@ -92,6 +92,11 @@ export class HistoryRecorder {
     }
   }
 
+  /** An event of another part of the server (group-point, group-cut-failed), kept with the rest. */
+  record(agentId: string, kind: string, code: string | null, reason: string): void {
+    this.event({ agentId, diskId: null, kind, state: null, code, reason });
+  }
+
   private event(e: Omit<HistoryEvent, 'id' | 't'> & { t?: number }): void {
     this.events.push({ t: e.t ?? Date.now(), agentId: e.agentId, diskId: e.diskId, kind: e.kind, state: e.state, code: e.code, reason: e.reason });
   }

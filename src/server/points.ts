@@ -54,6 +54,8 @@ export class PointBook {
     log: Logger;
     stats: PointStats;
     retentionFor: (agentId: string) => number;
+    /** The group label of a group point committed to this agent (null: not one). */
+    groupLabel?: (agentId: string, groupPoint: string) => RecoveryPoint['group'] | null;
   }) {}
 
   /** The recovery point catalog of an agent (loaded once, then kept). */
@@ -157,15 +159,22 @@ export class PointBook {
         const ref = await s.store.preparePoint(id);
         disks[s.diskId] = { seq: s.seq, sizeBytes: s.store.sizeBytes, ...(Object.keys(ref).length ? { ref } : {}) };
       }
+      // a group point the coordinator committed to this agent; anything else stays a machine point
+      const group = cut.groupPoint ? this.o.groupLabel?.(agentId, cut.groupPoint) ?? null : null;
+      let note = cut.note;
+      if (cut.groupPoint && !group) {
+        note = [note, `the cut named group point ${cut.groupPoint}, which this server did not commit to this machine: recorded as a machine point`].filter(Boolean).join('; ');
+        this.o.log.warn('cut names an unknown group point', { agent: agentId, cutId: cut.cutId, groupPoint: cut.groupPoint });
+      }
       const point = await cat.add({
         kind: (cut.kind === 'app' ? 'app' : 'crash') as PointKind, takenAt: new Date(cut.takenAtMs || Date.now()).toISOString(),
-        frozenMs: cut.frozenMs, note: cut.note, cutId: cut.cutId, verification, disks,
+        frozenMs: cut.frozenMs, note, cutId: cut.cutId, verification, ...(group ? { group } : {}), disks,
       });
       for (const s of stores) await s.store.commitPoint(point.id);
       this.o.stats.points++;
       await this.prune(agentId);
       const verifiedPages = Object.values(verification).reduce((n, v) => n + v.pages, 0);
-      this.o.log.info('recovery point recorded', { agent: agentId, point: point.id, kind: point.kind, frozenMs: cut.frozenMs, disks: Object.keys(disks), verifiedPages });
+      this.o.log.info('recovery point recorded', { agent: agentId, point: point.id, group: point.group?.id, kind: point.kind, frozenMs: cut.frozenMs, disks: Object.keys(disks), verifiedPages });
       this.notifyCut(agentId, { point });
       return { pointId: point.id, mismatches: [], message: '', verifiedPages };
     });

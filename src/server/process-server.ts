@@ -31,6 +31,7 @@ import { HealthBoard } from './health.js';
 import { DEFAULT_HISTORY_WINDOW_MS, HistoryRecorder } from './history.js';
 import { ServerMetrics } from './metrics.js';
 import { PointBook, type CutNotice } from './points.js';
+import { GroupCoordinator } from './group-cut.js';
 import { ensurePassphrase, Registry } from './registry.js';
 import { Session, type SessionDeps } from './replication-session.js';
 import { LoopLoad } from '../util/loop-load.js';
@@ -116,6 +117,7 @@ export class ProcessServer {
   /** Where replicas live (the composition root builds it in start()). */
   backend!: ReplicaBackend;
   points!: PointBook;
+  groups!: GroupCoordinator;
   leases!: DiskLeases;
   listing!: ReplicaListing;
   db!: ConfigDb;
@@ -156,6 +158,7 @@ export class ProcessServer {
     this.points = new PointBook({
       agentDir: (a) => this.agentDir(a), backend: this.backend, health: this.health, log: this.log, stats: this.stats,
       retentionFor: (a) => this.retentionFor(a),
+      groupLabel: (a, gp) => this.groups?.labelFor(a, gp) ?? null,
     });
     this.leases = new DiskLeases({ backend: this.backend, points: this.points, log: this.log });
     this.metrics = new ServerMetrics({
@@ -194,6 +197,15 @@ export class ProcessServer {
     this.history.start();
     await ensurePassphrase(this.opts.dataDir);
     this.control = new ControlHub(this.db, this.log.child({ component: 'control' }));
+    this.groups = new GroupCoordinator({
+      getGroup: (n) => this.db.getGroup(n), listGroups: () => this.db.listGroups(),
+      link: { connected: (a) => this.control.connected(a), send: (a, m) => this.control.sendGroup(a, m) },
+      watchCuts: (fn) => this.points.watchCuts(fn), watchEvents: (fn) => this.control.watchEvents(fn),
+      event: (a, kind, code, reason) => this.history.record(a, kind, code, reason),
+      log: this.log.child({ component: 'groups' }),
+    });
+    this.control.groupHandler = this.groups;
+    this.groups.start();
     this.registry = new Registry({
       dataDir: this.opts.dataDir, db: this.db, log: this.log.child({ component: 'registry' }),
       fingerprint: () => this.identity?.fingerprint256 ?? '', failureLimit: this.opts.registerFailureLimit, challengeLimit: this.opts.registerChallengeLimit,
@@ -357,6 +369,7 @@ export class ProcessServer {
     this.stopped = true;
     if (this.initTimer) clearTimeout(this.initTimer);
     for (const s of this.sessions) s.fail(new MobilityError('MOB_ERR_SHUTTING_DOWN', 'server is stopping'));
+    this.groups?.stop();
     this.control?.close();
     await new Promise<void>((r) => (this.controlWss ? this.controlWss.close(() => r()) : r()));
     await this.leases?.settled();

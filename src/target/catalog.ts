@@ -48,6 +48,12 @@ export interface RecoveryPoint {
    * own verification said. Test failover warns; prefer a point recorded after the repair.
    */
   suspect?: { at: string; disks: string[]; reason: string };
+  /**
+   * Set when the point is this machine's part of a group point (a cut of a consistency group,
+   * committed by the configuration server): the group point's id, the group, and the machines
+   * it was taken on. Absent on the machine's own points.
+   */
+  group?: { id: string; name: string; members: string[] };
   /** Per disk: the cut's sequence, the disk's size then, and the backend's reference to the point's data. */
   disks: Record<string, { seq: number; sizeBytes: number; ref?: PointRef }>;
 }

@@ -131,6 +131,9 @@ export class Connection extends EventEmitter {
           conn.startHeartbeat(f.welcome.heartbeatMs);
           return settle(null);
         }
+        // frames still buffered when the connection was shut down (a heartbeat timeout that fired
+        // first after the process was stopped, say) are dropped: answering one would throw here
+        if (conn.closedErr) return;
         conn.onFrame(f);
       });
       ws.on('error', (err) => {

@@ -40,10 +40,11 @@ t.test('--help on every command and subcommand: its help on stdout, exit 0', asy
   t.ok(commands.length >= 20, `the main help lists the commands (${commands.join(' ')})`);
   for (const c of ['status', 'machines', 'policy', 'passphrase', 'push-account', 'preflight']) t.ok(commands.includes(c), `${c} is listed`);
   const subcommands = [['policy', 'create'], ['policy', 'list'], ['policy', 'assign'], ['passphrase', 'show'], ['passphrase', 'rotate'],
-    ['token', 'create'], ['push-account', 'add'], ['push-account', 'list'], ['push-account', 'remove']];
+    ['token', 'create'], ['push-account', 'add'], ['push-account', 'list'], ['push-account', 'remove'],
+    ['group', 'create'], ['group', 'list'], ['group', 'delete'], ['group', 'cut']];
   const runs: string[][] = [
     ...commands.map((c) => [c, '--help']), ...subcommands.map((s) => [...s, '--help']),
-    ['policy', '-h'], ['status', '--bogus', '--help'], ['help', 'policy'], ['help', 'passphrase'], ['help'], ['-h'],
+    ['policy', '-h'], ['status', '--bogus', '--help'], ['help', 'policy'], ['help', 'passphrase'], ['help', 'group'], ['help'], ['-h'],
   ];
   await each(runs, async (args) => {
     const r = await cli(args);

@@ -7,7 +7,8 @@
  *   GET  /v1/history?agent=A&disk=D&range=1h|24h|7d   health samples per disk (RPO, lag, backlog, churn, state)
  *   GET  /v1/events?since=T&limit=N      events, newest first
  *   GET  /v1/alerts?active=1             RPO alerts, newest first
- *   POST /v1/test-failover               {agent, point, cleanup?}: materialise (or remove) writable images
+ *   POST /v1/test-failover               {agent, point, cleanup?}: materialise (or remove) writable images;
+ *                                        {group, point (a group point, latest or latest-app), ...}: every machine of a group at one group point
  *   GET  /metrics                        Prometheus text exposition (server/metrics.ts); the read-only
  *                                        metrics token (DATA-DIR/metrics-token) or the operator token
  *
@@ -25,7 +26,7 @@ import type { PointImage } from '../../target/replica-store.js';
 import type { AlertRow } from '../config-db.js';
 import type { ServerContext } from '../context.js';
 import { failback, failover, materializePoint } from '../failover.js';
-import { handleConfigApi } from './config-api.js';
+import { handleConfigApi, listGroupPoints } from './config-api.js';
 import { authorized, readBody, send, statusFor } from './http-util.js';
 import type { DiskStatus } from '../disk-status.js';
 
@@ -214,6 +215,50 @@ export async function testFailover(server: ServerContext, agent: string, ref: st
   return { point, disks, downloads, removed: false };
 }
 
+export interface GroupTestFailoverResult {
+  group: string;
+  /** The group point (the same on every machine). */
+  point: string;
+  kind: 'crash' | 'app';
+  takenAt: string;
+  /** One test failover per machine of the group point, each at that machine's part of it. */
+  machines: ({ agentId: string } & TestFailoverResult)[];
+  removed: boolean;
+}
+
+/**
+ * Test failover of a consistency group: every machine of one group point. ref is a group point
+ * id, latest or latest-app (the newest complete group point, of any kind or app-consistent on
+ * every machine). Only complete group points (every member recorded its part) are offered. With
+ * download, each machine's images go to DOWNLOAD/<agent>/.
+ */
+export async function groupTestFailover(server: ServerContext, group: string, ref: string, o: { cleanup?: boolean; download?: string | null; progress?: (diskId: string, done: number, total: number) => void } = {}): Promise<GroupTestFailoverResult> {
+  const all = await listGroupPoints(server, group);
+  const complete = all.filter((p) => p.complete);
+  let gp: (typeof all)[number] | undefined;
+  if (ref === 'latest') gp = complete[complete.length - 1];
+  else if (ref === 'latest-app') gp = [...complete].reverse().find((p) => p.kind === 'app');
+  else {
+    gp = all.find((p) => p.id === ref);
+    if (gp && !gp.complete) {
+      throw new MobilityError('MOB_ERR_UNKNOWN_POINT', `group point ${ref} is incomplete (recorded on ${Object.keys(gp.points).join(', ') || 'no machine'} of ${gp.members.join(', ')}): a group test failover needs every machine at the same point`);
+    }
+  }
+  if (!gp) {
+    throw new MobilityError('MOB_ERR_UNKNOWN_POINT', ref.startsWith('latest') ? `group ${group} has no complete ${ref === 'latest-app' ? 'app-consistent ' : ''}group point yet (mobility group cut ${group})` : `group ${group} has no group point ${ref} (see mobility points --group ${group})`);
+  }
+  const machines: GroupTestFailoverResult['machines'] = [];
+  for (const agentId of gp.members) {
+    const r = await testFailover(server, agentId, gp.points[agentId]!.id, {
+      cleanup: o.cleanup, download: o.download ? path.join(o.download, agentId) : null,
+      progress: o.progress ? (d, done, total) => o.progress!(`${agentId}/${d}`, done, total) : undefined,
+    });
+    machines.push({ agentId, ...r });
+  }
+  server.log.info(o.cleanup ? 'group test failover images removed' : 'group test failover ready', { group, point: gp.id, machines: machines.map((m) => `${m.agentId}:${m.point.id}`) });
+  return { group, point: gp.id, kind: gp.kind, takenAt: gp.takenAt, machines, removed: Boolean(o.cleanup) };
+}
+
 export async function handleApi(server: ServerContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
   try {
     const url = new URL(req.url ?? '/', 'http://x');
@@ -283,8 +328,13 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
       send(res, 200, await failback(server, agentParam(b.agent)));
     } else if (req.method === 'POST' && url.pathname === '/v1/test-failover') {
       const b = await readBody(req);
-      const agent = agentParam(b.agent);
+      if (b.group !== undefined && b.group !== null && (typeof b.group !== 'string' || !b.group)) throw new MobilityError('MOB_ERR_USAGE', 'group must be a group name');
+      const group = typeof b.group === 'string' ? optId(b.group, 'group') : null;
+      if (group !== null && b.agent !== undefined && b.agent !== null) throw new MobilityError('MOB_ERR_USAGE', 'give agent or group, not both');
+      const agent = group === null ? agentParam(b.agent) : '';
       const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
+      const run = (o: { cleanup: boolean; download: string | null; progress?: (diskId: string, done: number, total: number) => void }): Promise<object> =>
+        group !== null ? groupTestFailover(server, group, ref, o) : testFailover(server, agent, ref, o);
       let download: string | null = null;
       if (b.download !== undefined && b.download !== null) {
         if (typeof b.download !== 'string' || !path.isAbsolute(b.download)) throw new MobilityError('MOB_ERR_USAGE', 'download must be an absolute directory on the server');
@@ -295,7 +345,7 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         res.writeHead(200, { 'content-type': 'application/x-ndjson' });
         let last = 0;
         try {
-          const r = await testFailover(server, agent, ref, {
+          const r = await run({
             cleanup: b.cleanup === true, download,
             progress: (diskId, done, total) => {
               if (done < total && Date.now() - last < 250) return;
@@ -310,7 +360,7 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         }
         return;
       }
-      send(res, 200, await testFailover(server, agent, ref, { cleanup: b.cleanup === true, download }));
+      send(res, 200, await run({ cleanup: b.cleanup === true, download }));
     } else if (await handleConfigApi(server, req, res, url)) {
       // answered
     } else {

@@ -12,6 +12,11 @@
  *                                         would be deleted and changes nothing
  *   POST /v1/cut                          {machine, kind?, timeoutMs?}: an on-demand cut; answers its recovery point
  *   POST /v1/tokens                       {label?, ttlMs?}: a one-time registration token
+ *   GET  /v1/groups                       consistency groups: members, interval, bound, kind, connection of each member
+ *   POST /v1/groups                       {name, members: [machine], intervalMs?, boundMs?, kind?}: create or replace a group (at most 16 machines)
+ *   POST /v1/groups/delete                {name}: remove a group (its points keep their group labels)
+ *   POST /v1/groups/cut                   {group, kind?}: a group cut now; answers the group point, or the error naming the machine
+ *   GET  /v1/group-points?group=G         the group's points (complete when every member recorded its part)
  */
 import fsp from 'node:fs/promises';
 import path from 'node:path';
@@ -21,10 +26,42 @@ import { MobilityError, isErrorCode } from '../../errors.js';
 import type { CompressMode } from '../../protocol/block-codec.js';
 import type { RecoveryPoint } from '../../target/catalog.js';
 import { readBody, send } from './http-util.js';
-import type { Policy } from '../config-db.js';
+import type { ConfigDb, ConsistencyGroup, Policy } from '../config-db.js';
 import type { ServerContext } from '../context.js';
 import { allocatedBytes } from '../../target/local/local-backend.js';
 import { TOKEN_TTL_MS } from '../registry.js';
+import { DEFAULT_GROUP_BOUND_MS, MAX_GROUP_MEMBERS, groupPoints } from '../group-cut.js';
+
+/** A group's bound: at least 100 ms, at most 10 minutes. */
+const MIN_GROUP_BOUND_MS = 100;
+const MAX_GROUP_BOUND_MS = 600_000;
+
+/**
+ * The members of group `name` as a request gives them (agent ids or host names): resolved,
+ * deduplicated, at most MAX_GROUP_MEMBERS (MOB_ERR_GROUP_TOO_LARGE), each a registered machine
+ * (MOB_ERR_UNKNOWN_MACHINE) in no other group (MOB_ERR_CONFIG).
+ */
+export function groupMembers(db: Pick<ConfigDb, 'findAgent' | 'groupOf'>, name: string, given: unknown): string[] {
+  if (!Array.isArray(given) || given.length === 0 || !given.every((m) => typeof m === 'string' && m)) throw new MobilityError('MOB_ERR_USAGE', 'members must be a non-empty list of machines (agent ids or hostnames)');
+  const members = [...new Set((given as string[]).map((m) => db.findAgent(m).id))];
+  if (members.length > MAX_GROUP_MEMBERS) throw new MobilityError('MOB_ERR_GROUP_TOO_LARGE', `a consistency group holds at most ${MAX_GROUP_MEMBERS} machines; ${name} would hold ${members.length}`);
+  for (const m of members) {
+    const other = db.groupOf(m);
+    if (other !== null && other !== name) throw new MobilityError('MOB_ERR_CONFIG', `machine ${m} is already in group ${other}; a machine is in at most one group (remove it there first)`);
+  }
+  return members;
+}
+
+/** The group points of a group, from its members' catalogs (and any machine whose points name the group). */
+export async function listGroupPoints(server: ServerContext, name: string): Promise<ReturnType<typeof groupPoints>> {
+  const g = server.db.getGroup(name);
+  const agents = new Set(g.members);
+  const catalogs = new Map<string, readonly RecoveryPoint[]>();
+  for (const a of agents) {
+    try { catalogs.set(a, (await server.catalog(a)).list()); } catch { catalogs.set(a, []); }
+  }
+  return groupPoints(g.name, catalogs);
+}
 
 const MIN_CRASH_INTERVAL_MS = 15_000;
 export const DEFAULT_CUT_TIMEOUT_MS = 120_000;
@@ -306,6 +343,63 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
       const r = await cutAndWait(server, a.id, kind, timeoutMs, res);
       server.log.info('requested cut recorded', { agent: a.id, kind, point: r.point.id, waitedMs: r.waitedMs });
       send(res, 200, { agentId: a.id, kind, ...r });
+      return true;
+    }
+    case 'GET /v1/groups': {
+      send(res, 200, {
+        groups: db.listGroups().map((g) => ({
+          ...g, running: server.groups.busy(g.name),
+          machines: g.members.map((m) => ({ agentId: m, connected: server.control.connected(m), disks: db.listDisks(m).map((d) => d.diskId) })),
+        })),
+      });
+      return true;
+    }
+    case 'POST /v1/groups': {
+      const b = await readBody(req);
+      const name = str(b.name, 'name');
+      if (!ID_PATTERN.test(name)) throw new MobilityError('MOB_ERR_USAGE', `group name ${JSON.stringify(name)} is not [A-Za-z0-9._-]{1,64}`);
+      let existing: ConsistencyGroup | null = null;
+      try { existing = db.getGroup(name); } catch { /* a new group */ }
+      const members = groupMembers(db, name, b.members);
+      const kind = b.kind === undefined || b.kind === null ? existing?.kind ?? 'crash' : b.kind;
+      if (kind !== 'crash' && kind !== 'app') throw new MobilityError('MOB_ERR_USAGE', `kind must be crash or app, not ${JSON.stringify(kind)}`);
+      const intervalMs = ms(b.intervalMs, 'intervalMs', existing?.intervalMs ?? 0, 0);
+      if (intervalMs !== 0 && intervalMs < MIN_CRASH_INTERVAL_MS) throw new MobilityError('MOB_ERR_USAGE', `intervalMs must be 0 (group cuts on demand only) or at least ${MIN_CRASH_INTERVAL_MS}`);
+      const boundMs = ms(b.boundMs, 'boundMs', existing?.boundMs ?? DEFAULT_GROUP_BOUND_MS, MIN_GROUP_BOUND_MS);
+      if (boundMs > MAX_GROUP_BOUND_MS) throw new MobilityError('MOB_ERR_USAGE', `boundMs must be at most ${MAX_GROUP_BOUND_MS}`);
+      const g = db.putGroup({ name, members, intervalMs, boundMs, kind });
+      server.log.info('consistency group saved', { group: g });
+      send(res, 200, { group: g });
+      return true;
+    }
+    case 'POST /v1/groups/delete': {
+      const b = await readBody(req);
+      const name = str(b.name, 'name');
+      const g = db.getGroup(name);
+      if (server.groups.busy(g.name)) throw new MobilityError('MOB_ERR_GROUP_BUSY', `a cut of group ${g.name} is running; delete it when it ends`);
+      db.deleteGroup(g.name);
+      server.log.info('consistency group removed', { group: g.name, members: g.members });
+      send(res, 200, { removed: g });
+      return true;
+    }
+    case 'POST /v1/groups/cut': {
+      const b = await readBody(req);
+      const name = str(b.group, 'group');
+      const kind = b.kind === undefined || b.kind === null ? undefined : b.kind;
+      if (kind !== undefined && kind !== 'crash' && kind !== 'app') throw new MobilityError('MOB_ERR_USAGE', `kind must be crash or app, not ${JSON.stringify(kind)}`);
+      const g = db.getGroup(name);
+      for (const m of g.members) {
+        const fo = await server.failoverState(m);
+        if (fo) throw new MobilityError('MOB_ERR_FAILED_OVER', `machine ${m} of group ${g.name} is failed over to ${fo.point}: its replication is stopped, so the group cannot be cut`);
+        if (db.listDisks(m).length === 0) throw new MobilityError('MOB_ERR_NOT_PROTECTING', `machine ${m} of group ${g.name} protects no disk: enable one first (mobility enable --machine ${m} --disk DEV)`);
+      }
+      // a GroupCutError carries the machine at fault and every member's state (details)
+      send(res, 200, await server.groups.cut(g.name, kind));
+      return true;
+    }
+    case 'GET /v1/group-points': {
+      const name = str(url.searchParams.get('group'), 'group');
+      send(res, 200, { group: name, points: await listGroupPoints(server, name) });
       return true;
     }
     case 'POST /v1/tokens': {

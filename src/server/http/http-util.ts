@@ -18,7 +18,11 @@ export function statusFor(code: string): number {
     case 'MOB_ERR_AUTH': case 'MOB_ERR_PASSPHRASE': case 'MOB_ERR_TOKEN_USED': return 401;
     case 'MOB_ERR_FORBIDDEN': case 'MOB_ERR_CLONE': case 'MOB_ERR_NOT_REGISTERED': return 403;
     case 'MOB_ERR_RATE_LIMITED': return 429;
-    case 'MOB_ERR_UNKNOWN_MACHINE': case 'MOB_ERR_UNKNOWN_POLICY': return 404;
+    case 'MOB_ERR_UNKNOWN_MACHINE': case 'MOB_ERR_UNKNOWN_POLICY': case 'MOB_ERR_UNKNOWN_GROUP': return 404;
+    case 'MOB_ERR_GROUP_TOO_LARGE': return 400;
+    case 'MOB_ERR_GROUP_BUSY': return 409;
+    // a group cut aborted (the machine at fault is named) or a group point incomplete
+    case 'MOB_ERR_GROUP_CUT': return 502;
     case 'MOB_ERR_AGENT_OFFLINE': return 503;
     case 'MOB_ERR_PREFLIGHT': return 412;
     case 'MOB_ERR_USAGE': case 'MOB_ERR_CONFIG': case 'MOB_ERR_BAD_DISK_ID': return 400;
