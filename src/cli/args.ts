@@ -23,6 +23,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'MOB_ERR_UNKNOWN_MACHINE':
     case 'MOB_ERR_UNKNOWN_POLICY':
     case 'MOB_ERR_NOT_PROTECTING':
+    case 'MOB_ERR_NETWORK_MAP':
     case 'MOB_ERR_PREFLIGHT': return EXIT.CONFIG;
     case 'MOB_ERR_AUTH':
     case 'MOB_ERR_PASSPHRASE':

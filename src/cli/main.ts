@@ -4,6 +4,7 @@
  * exit codes (one switch, exitCodeFor) live in args.ts, the API client in
  * api-client.ts; no other module of the CLI imports this one.
  */
+import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { AGENT_VERSION, DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE, PROTOCOL_VERSION } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
@@ -194,7 +195,9 @@ agent's clock at the freeze), KIND (crash or app), FROZEN (how long the filesyst
 frozen), DISKS, VERIFIED (pages of the sampled verification), NOTE (SUSPECT and the point's
 note). --agent-id defaults to this machine's host name.
 ${CONN_HELP}`,
-  'test-failover': `Usage: mobility test-failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID] [--point ID|latest|latest-app] [--download DIR | --cleanup] [--json]
+  'test-failover': `Usage: mobility test-failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID] [--point ID|latest|latest-app] [--download DIR | --cleanup]
+                              [--network-map FILE] [--boot-check [--boot-marker RE] [--boot-timeout 5m] [--boot-bus virtio|nvme|ide]
+                              [--boot-accel auto|kvm|tcg] [--boot-network none|isolated] [--boot-disk ID]] [--json]
 
 Has the server's replica store make a writable image of every disk of the point while
 replication goes on:
@@ -212,6 +215,22 @@ Options:
                   so give an absolute path when the server runs elsewhere). Progress
                   (percentage, throughput, ETA) is shown on stderr.
   --cleanup       remove the test-failover images of the point (not the downloaded files)
+  --network-map FILE  a network mapping (JSON, read here and sent to the server; see
+                  docs/operations.md): written into the image for the guest's network stack
+                  (netplan, systemd-networkd or ifupdown, detected in the image) before boot
+  --boot-check    boot the images under QEMU on the server (KVM when it can, else TCG), with
+                  no network, and watch the serial console for the marker; the guest's writes
+                  are discarded. The result (booted in N s, or the last console lines) is
+                  kept with the test failover and shown by mobility status. Exit 1 when the
+                  guest does not reach the marker.
+  --boot-marker RE    regular expression a console line must match (default: a login prompt
+                  or systemd's "Reached target ... Multi-User System")
+  --boot-timeout D    time limit from QEMU's start to the marker (default 5m)
+  --boot-bus B    how the disks are attached: virtio (default), nvme or ide
+  --boot-accel A  auto (default: KVM when /dev/kvm works, else TCG), kvm or tcg
+  --boot-network N    none (default) or isolated (a user-mode network with no way out, one
+                  NIC per mapped MAC)
+  --boot-disk ID  the disk to boot from (default: the one the mapping went to, else the first)
   --json          the server's answer as JSON
 ${CONN_HELP}`,
   failover: `Usage: mobility failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
@@ -370,7 +389,10 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     ...(cmd === 'alerts' ? { all: { type: 'boolean' } } : {}),
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
     disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' } } : {}),
-    ...(cmd === 'test-failover' ? { download: { type: 'string' } } : {}),
+    ...(cmd === 'test-failover' ? {
+      download: { type: 'string' }, 'network-map': { type: 'string' }, 'boot-check': { type: 'boolean' }, 'boot-marker': { type: 'string' },
+      'boot-timeout': { type: 'string' }, 'boot-bus': { type: 'string' }, 'boot-accel': { type: 'string' }, 'boot-network': { type: 'string' }, 'boot-disk': { type: 'string' },
+    } : {}),
   });
   if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
   if (v.download !== undefined && v.cleanup) throw new MobilityError('MOB_ERR_USAGE', 'give --download or --cleanup, not both');
@@ -392,6 +414,8 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     // active RPO alerts come with the status (an older server sends none)
     const alerts = Array.isArray(j.alerts) ? j.alerts as import('./history-cli.js').AlertView[] : [];
     const disks = (j.disks ?? []) as import('../server/http/api.js').DiskStatus[];
+    // an older server sends none
+    const tfs = Array.isArray(j.testFailovers) ? j.testFailovers as TestFailoverRecord[] : [];
     const target = j.target as { kind: string; location: string; listedAt: string | null; error: { code: string; message: string } | null; listing?: boolean } | undefined;
     const asListed = target?.listedAt ? `disks as listed at ${target.listedAt}` : 'no listing yet';
     const targetLine = target?.error
@@ -408,7 +432,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
           d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), typeof d.storedBytes === 'number' ? fmtBytes(d.storedBytes) : '-', d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
       }
       return targetLine + table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above its alert threshold (RPO ALERT: the machine\'s policy) or no recovery point yet\n' : '')
-        + alertLines(alerts);
+        + alertLines(alerts) + testFailoverLines(tfs);
     });
     return EXIT.OK;
   }
@@ -459,15 +483,55 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
       + `\nfailed back: the promoted images are the replicas now; run mobility protect again\n`);
     return EXIT.OK;
   }
-  const body = { agent, point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup) };
+  const checks = await testFailoverCheckOptions(v);
+  const body = { agent, point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup), ...checks };
   let j: Record<string, unknown>;
-  if (v.download === undefined) j = await api(c, 'POST', '/v1/test-failover', body);
-  else j = await testFailoverStreamed(c, { ...body, download: path.resolve(v.download as string) }, createLogger({ component: 'cli', json: v['json-logs'] ? true : undefined }));
+  const logger = createLogger({ component: 'cli', json: v['json-logs'] ? true : undefined });
+  if (v.download === undefined && !checks.bootCheck) j = await api(c, 'POST', '/v1/test-failover', body);
+  else j = await testFailoverStreamed(c, { ...body, ...(v.download === undefined ? {} : { download: path.resolve(v.download as string) }) }, logger);
   out(j, () => formatTestFailover(j as unknown as TestFailoverResult));
-  return EXIT.OK;
+  const boot = (j as unknown as TestFailoverResult).record?.bootCheck;
+  return boot && !boot.ok ? EXIT.ERROR : EXIT.OK;
+}
+
+/** The network mapping and boot check options of test-failover, as the request body carries them (the mapping file is read here). */
+async function testFailoverCheckOptions(v: Values): Promise<{ networkMap?: unknown; bootCheck?: Record<string, unknown> }> {
+  const bootOpts = ['boot-marker', 'boot-timeout', 'boot-bus', 'boot-accel', 'boot-network', 'boot-disk'].filter((k) => v[k] !== undefined);
+  if (bootOpts.length && !v['boot-check']) throw new MobilityError('MOB_ERR_USAGE', `--${bootOpts[0]} goes with --boot-check`);
+  if (v.cleanup && (v['boot-check'] || v['network-map'] !== undefined)) throw new MobilityError('MOB_ERR_USAGE', '--boot-check and --network-map go with making images, not with --cleanup');
+  const out: { networkMap?: unknown; bootCheck?: Record<string, unknown> } = {};
+  if (v['network-map'] !== undefined) {
+    const file = v['network-map'] as string;
+    let text: string;
+    try { text = await fsp.readFile(file, 'utf8'); } catch (err) {
+      throw new MobilityError('MOB_ERR_CONFIG', `cannot read the network mapping ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+    try { out.networkMap = JSON.parse(text) as unknown; } catch (err) {
+      throw new MobilityError('MOB_ERR_NETWORK_MAP', `network mapping ${file} is not JSON: ${(err as Error).message}`);
+    }
+    // checked here too, so a mistake is reported before the server makes anything
+    const { parseNetworkMapping } = await import('../server/recovery/network-mapping.js');
+    parseNetworkMapping(out.networkMap);
+  }
+  if (v['boot-check']) {
+    const b: Record<string, unknown> = {};
+    if (v['boot-marker'] !== undefined) {
+      const { compileMarker } = await import('../server/recovery/boot-check.js');
+      compileMarker(v['boot-marker'] as string);
+      b.marker = v['boot-marker'];
+    }
+    if (v['boot-timeout'] !== undefined) b.timeoutMs = parseDuration(v['boot-timeout'] as string);
+    if (v['boot-bus'] !== undefined) b.bus = v['boot-bus'];
+    if (v['boot-accel'] !== undefined) b.accel = v['boot-accel'];
+    if (v['boot-network'] !== undefined) b.network = v['boot-network'];
+    if (v['boot-disk'] !== undefined) b.disk = v['boot-disk'];
+    out.bootCheck = b;
+  }
+  return out;
 }
 
 type TestFailoverResult = import('../server/http/api.js').TestFailoverResult;
+type TestFailoverRecord = import('../server/recovery/test-failover-record.js').TestFailoverRecord;
 type FailoverResult = import('../server/failover.js').FailoverResult;
 
 /**
@@ -483,6 +547,10 @@ async function testFailoverStreamed(c: ApiConn, body: Record<string, unknown>, l
     for await (const line of apiStream(c, 'POST', '/v1/test-failover', { ...body, stream: true })) {
       if (line.type === 'progress') {
         progress.update({ diskId: String(line.disk), kind: 'download', done: Number(line.doneBytes), total: Number(line.totalBytes) });
+      } else if (line.type === 'console') {
+        // the booting guest's serial console, as it comes
+        progress.end();
+        process.stderr.write(`[${String(line.disk)}] ${String(line.line)}\n`);
       } else if (line.type === 'error') {
         const code = typeof line.code === 'string' && isErrorCode(line.code) ? line.code : 'MOB_ERR_INTERNAL';
         throw new MobilityError(code, `server: ${String(line.message ?? 'test failover failed')}`);
@@ -499,6 +567,17 @@ async function testFailoverStreamed(c: ApiConn, body: Record<string, unknown>, l
   return result;
 }
 
+/** Status lines: the last test failover of each agent that mapped a network or booted. */
+function testFailoverLines(recs: TestFailoverRecord[]): string {
+  if (!recs.length) return '';
+  return 'last test failovers:\n' + recs.map((r) => {
+    const b = r.bootCheck;
+    const boot = b ? (b.ok ? `booted in ${b.seconds} s (${b.accel})` : `DID NOT BOOT (${b.reason} after ${b.seconds} s): ${b.tail.slice(-1)[0] ?? ''}`) : r.error ? `${r.error.step} failed: ${r.error.code}` : 'no boot check';
+    const net = r.networkMapping ? `, network mapped (${r.networkMapping.stack}, ${r.networkMapping.nics.length} NIC)` : '';
+    return `  ${r.agent} ${r.point} at ${r.at}: ${boot}${net}\n`;
+  }).join('');
+}
+
 function formatTestFailover(r: TestFailoverResult): string {
   if (r.removed) {
     return r.disks.length
@@ -512,7 +591,29 @@ function formatTestFailover(r: TestFailoverResult): string {
       const dl = downloads.filter((x) => x.diskId === d.diskId).map((x) => `    downloaded to ${x.file} (${fmtBytes(x.bytes)} in ${(x.ms / 1000).toFixed(1)} s)\n`).join('');
       return `  ${d.diskId}: ${d.location} (${d.method}${d.undoRecords ? `, ${d.undoRecords} undo records` : ''}, ${d.ms} ms)\n${dl}`;
     }).join('')
-    + (downloads.length ? 'the downloaded files are on the server machine\n' : '');
+    + (downloads.length ? 'the downloaded files are on the server machine\n' : '')
+    + (r.record ? formatChecks(r.record) : '');
+}
+
+/** The network mapping and boot check of a test failover, for people. */
+export function formatChecks(rec: TestFailoverRecord): string {
+  const lines: string[] = [];
+  const m = rec.networkMapping;
+  if (m) {
+    lines.push(`network mapping written to disk ${m.diskId}${m.partition === null ? '' : ` (partition ${m.partition})`} for ${m.stack}:`);
+    for (const n of m.nics) lines.push(`  ${n.mac}${n.name ? ` (${n.name})` : ''}: ${n.source} -> ${n.dhcp ? 'DHCP' : n.address}${n.gateway ? ` via ${n.gateway}` : ''}${n.dns.length ? `, DNS ${n.dns.join(' ')}` : ''}`);
+    for (const n of m.unmapped) lines.push(`  ${n.mac}${n.name ? ` (${n.name})` : ''}: in no mapped network, left as it was`);
+    for (const f of m.files) lines.push(`  wrote ${f}`);
+  }
+  const b = rec.bootCheck;
+  if (b) {
+    lines.push(b.ok
+      ? `boot check: booted in ${b.seconds} s (${b.accel}, ${b.bus}, network ${b.network}): ${JSON.stringify(b.markerLine)}`
+      : `boot check FAILED (${b.accel}, ${b.bus}): ${b.reason === 'timeout' ? `no marker /${b.marker}/ within ${b.seconds} s` : b.reason === 'exited' ? `QEMU exited (code ${String(b.exitCode)}) after ${b.seconds} s before the marker /${b.marker}/` : 'aborted'}; last console lines:`);
+    if (!b.ok) for (const l of b.tail) lines.push(`  | ${l}`);
+  }
+  if (rec.error) lines.push(`${rec.error.step} failed: ${rec.error.code}: ${rec.error.message}`);
+  return lines.map((l) => l + '\n').join('');
 }
 
 async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {

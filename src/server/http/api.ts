@@ -7,7 +7,9 @@
  *   GET  /v1/history?agent=A&disk=D&range=1h|24h|7d   health samples per disk (RPO, lag, backlog, churn, state)
  *   GET  /v1/events?since=T&limit=N      events, newest first
  *   GET  /v1/alerts?active=1             RPO alerts, newest first
- *   POST /v1/test-failover               {agent, point, cleanup?}: materialise (or remove) writable images
+ *   POST /v1/test-failover               {agent, point, cleanup?, download?, networkMap?, bootCheck?}: materialise (or remove)
+ *                                        writable images; optionally write a network mapping into them and boot them
+ *   GET  /v1/test-failovers?agent=A      the recorded network mappings and boot checks of an agent's test failovers
  *   GET  /metrics                        Prometheus text exposition (server/metrics.ts); the read-only
  *                                        metrics token (DATA-DIR/metrics-token) or the operator token
  *
@@ -25,6 +27,11 @@ import type { PointImage } from '../../target/replica-store.js';
 import type { AlertRow } from '../config-db.js';
 import type { ServerContext } from '../context.js';
 import { failback, failover, materializePoint } from '../failover.js';
+import type { InventoryNic } from '../../agent/inventory.js';
+import { bootCheck, compileMarker, DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MARKER, describeBootCheck, type BootAccel, type BootBus } from '../recovery/boot-check.js';
+import { applyNetworkMapping } from '../recovery/guest-network.js';
+import { parseNetworkMapping, resolveNics, type NetworkMapping } from '../recovery/network-mapping.js';
+import { appendTestFailover, readTestFailovers, type TestFailoverRecord } from '../recovery/test-failover-record.js';
 import { handleConfigApi } from './config-api.js';
 import { authorized, readBody, send, statusFor } from './http-util.js';
 import type { DiskStatus } from '../disk-status.js';
@@ -163,6 +170,100 @@ export interface TestFailoverResult {
   /** With download: the local sparse files written, per disk. */
   downloads: { diskId: string; file: string; bytes: number; ms: number }[];
   removed: boolean;
+  /** With a network mapping or a boot check: what was done and proved (also kept, see GET /v1/test-failovers). */
+  record?: TestFailoverRecord;
+}
+
+/** What a test failover does to its images after making them (a network mapping, a boot check). */
+export interface TestFailoverChecks {
+  networkMap: NetworkMapping | null;
+  boot: { marker: string; timeoutMs: number; bus: BootBus; accel: BootAccel; network: 'none' | 'isolated'; disk: string | null } | null;
+}
+
+/** Longest boot check time limit the API takes. */
+const MAX_BOOT_TIMEOUT_MS = 6 * 3600_000;
+
+/** The checks of a test-failover request body (validated: MOB_ERR_USAGE / MOB_ERR_NETWORK_MAP before anything is made). */
+export function testFailoverChecks(b: Record<string, unknown>): TestFailoverChecks {
+  const networkMap = b.networkMap === undefined || b.networkMap === null ? null : parseNetworkMapping(b.networkMap);
+  let boot: TestFailoverChecks['boot'] = null;
+  if (b.bootCheck !== undefined && b.bootCheck !== null && b.bootCheck !== false) {
+    const o = (typeof b.bootCheck === 'object' && !Array.isArray(b.bootCheck) ? b.bootCheck : {}) as Record<string, unknown>;
+    const marker = o.marker === undefined ? DEFAULT_MARKER : o.marker;
+    if (typeof marker !== 'string') throw new MobilityError('MOB_ERR_USAGE', 'bootCheck.marker must be a string (a regular expression)');
+    compileMarker(marker);
+    const timeoutMs = o.timeoutMs === undefined ? DEFAULT_BOOT_TIMEOUT_MS : o.timeoutMs;
+    if (typeof timeoutMs !== 'number' || !Number.isInteger(timeoutMs) || timeoutMs < 1000 || timeoutMs > MAX_BOOT_TIMEOUT_MS) throw new MobilityError('MOB_ERR_USAGE', `bootCheck.timeoutMs must be whole milliseconds from 1000 to ${MAX_BOOT_TIMEOUT_MS}`);
+    const pick = <T extends string>(k: string, allowed: readonly T[], dflt: T): T => {
+      const v = o[k] ?? dflt;
+      if (typeof v !== 'string' || !(allowed as readonly string[]).includes(v)) throw new MobilityError('MOB_ERR_USAGE', `bootCheck.${k} must be one of ${allowed.join(', ')}, got ${JSON.stringify(o[k])}`);
+      return v as T;
+    };
+    const disk = o.disk === undefined || o.disk === null ? null : o.disk;
+    if (disk !== null && (typeof disk !== 'string' || !ID_PATTERN.test(disk))) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `bootCheck.disk ${JSON.stringify(disk)} is not a disk id`);
+    boot = { marker, timeoutMs, bus: pick('bus', ['virtio', 'nvme', 'ide'] as const, 'virtio'), accel: pick('accel', ['auto', 'kvm', 'tcg'] as const, 'auto'), network: pick('network', ['none', 'isolated'] as const, 'none'), disk };
+  }
+  return { networkMap, boot };
+}
+
+/** The NICs the configuration server's inventory holds for the agent ([] for an agent that never registered). */
+function inventoryNics(server: ServerContext, agent: string): InventoryNic[] {
+  const inv = server.db.getAgent(agent)?.inventory as { nics?: unknown } | null | undefined;
+  return Array.isArray(inv?.nics) ? (inv.nics as InventoryNic[]).filter((n) => n && typeof n === 'object' && typeof n.mac === 'string') : [];
+}
+
+/**
+ * Runs the checks on the made images: the network mapping is written into the first disk whose
+ * image holds a root filesystem, then the machine boots (the boot disk first: bootCheck.disk, else
+ * the disk the mapping went to, else the first by id). The outcome is recorded with the agent's
+ * test failovers. A step that cannot run fails the request with its code after being recorded.
+ */
+async function runChecks(server: ServerContext, agent: string, point: RecoveryPoint, images: { diskId: string; file: string }[], checks: TestFailoverChecks,
+  onConsole: ((diskId: string, line: string) => void) | undefined): Promise<TestFailoverRecord> {
+  const rec: TestFailoverRecord = { agent, point: point.id, pointTakenAt: point.takenAt, at: new Date().toISOString(), images, networkMapping: null, bootCheck: null, error: null };
+  let failure: MobilityError | null = null;
+  if (checks.networkMap) {
+    const mountFailures: string[] = [];
+    for (const img of images) {
+      try {
+        rec.networkMapping = { diskId: img.diskId, ...(await applyNetworkMapping(img.file, checks.networkMap, inventoryNics(server, agent))) };
+        break;
+      } catch (err) {
+        const e = toMobilityError(err);
+        if (e.code !== 'MOB_ERR_IMAGE_MOUNT') { failure = e; break; }
+        mountFailures.push(`disk ${img.diskId}: ${e.message}`);
+      }
+    }
+    if (!rec.networkMapping && !failure) failure = new MobilityError('MOB_ERR_IMAGE_MOUNT', `no disk of ${point.id} holds a root filesystem to write the network mapping into: ${mountFailures.join('; ')}`);
+    if (failure) rec.error = { step: 'network-mapping', code: failure.code, message: failure.message };
+    else server.log.info('network mapping written', { agent, point: point.id, disk: rec.networkMapping!.diskId, stack: rec.networkMapping!.stack, files: rec.networkMapping!.files });
+  }
+  if (checks.boot && !failure) {
+    const b = checks.boot;
+    const first = b.disk ?? rec.networkMapping?.diskId ?? null;
+    if (first !== null && !images.some((i) => i.diskId === first)) failure = new MobilityError('MOB_ERR_USAGE', `bootCheck.disk ${first} is not a disk of ${point.id} (its disks: ${images.map((i) => i.diskId).join(', ')})`);
+    else {
+      const ordered = [...images].sort((x, y) => Number(y.diskId === first) - Number(x.diskId === first) || x.diskId.localeCompare(y.diskId));
+      const macs = rec.networkMapping?.nics.map((n) => n.mac) ?? inventoryNics(server, agent).map((n) => n.mac.toLowerCase()).filter((m) => /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/.test(m) && m !== '00:00:00:00:00:00');
+      const logDir = path.join(server.agentDir(agent), 'boot-checks');
+      await fsp.mkdir(logDir, { recursive: true, mode: 0o700 });
+      const consoleLog = path.join(logDir, `${point.id}-${rec.at.replace(/[:.]/g, '')}.log`);
+      try {
+        rec.bootCheck = await bootCheck({
+          images: ordered.map((i) => i.file), marker: b.marker, timeoutMs: b.timeoutMs, bus: b.bus, accel: b.accel,
+          network: b.network === 'isolated' ? { kind: 'isolated', macs } : { kind: 'none' }, consoleLog,
+          onLine: (line) => onConsole?.(ordered[0].diskId, line),
+        });
+        server.log.info('boot check', { agent, point: point.id, ok: rec.bootCheck.ok, result: describeBootCheck(rec.bootCheck), consoleLog });
+      } catch (err) {
+        failure = toMobilityError(err);
+      }
+    }
+    if (failure) rec.error = { step: 'boot-check', code: failure.code, message: failure.message };
+  }
+  await appendTestFailover(server.agentDir(agent), rec).catch((err: Error) => server.log.error('could not record a test failover', { agent, point: point.id, error: err.message }));
+  if (failure) throw failure;
+  return rec;
 }
 
 /**
@@ -183,7 +284,17 @@ async function prepareDownloadDir(dir: string): Promise<void> {
   }
 }
 
-export async function testFailover(server: ServerContext, agent: string, ref: string, o: { cleanup?: boolean; download?: string | null; progress?: (diskId: string, done: number, total: number) => void } = {}): Promise<TestFailoverResult> {
+export async function testFailover(server: ServerContext, agent: string, ref: string, o: {
+  cleanup?: boolean; download?: string | null; progress?: (diskId: string, done: number, total: number) => void;
+  checks?: TestFailoverChecks; onConsole?: (diskId: string, line: string) => void;
+} = {}): Promise<TestFailoverResult> {
+  const checks = o.checks && (o.checks.networkMap || o.checks.boot) ? o.checks : null;
+  if (checks && o.cleanup) throw new MobilityError('MOB_ERR_USAGE', 'a network mapping or boot check goes with making images, not with cleanup');
+  if (checks && !o.download && server.backend.kind !== 'file') {
+    throw new MobilityError('MOB_ERR_USAGE', `the ${server.backend.kind} replica store keeps test-failover images remotely: a network mapping or boot check needs them downloaded (give download)`);
+  }
+  // a mapping that covers no NIC of the machine fails before anything is made
+  if (checks?.networkMap) resolveNics(checks.networkMap, inventoryNics(server, agent));
   // the images are made under the agent's lock (a cut waits for it); a download, which can take
   // hours for a large disk, runs after the lock is released so replication and cuts go on
   const made = await server.withAgentLock(agent, async () => {
@@ -211,7 +322,13 @@ export async function testFailover(server: ServerContext, agent: string, ref: st
     }
   }
   server.log.info('test failover image ready', { agent, point: point.id, disks: disks.map((d) => ({ disk: d.diskId, location: d.location, method: d.method, ms: d.ms, undoRecords: d.undoRecords })), downloads: downloads.map((d) => d.file) });
-  return { point, disks, downloads, removed: false };
+  if (!checks) return { point, disks, downloads, removed: false };
+  // the downloaded copy when there is one (what the operator keeps), else the backend's local image
+  const images = disks.map((d) => ({ diskId: d.diskId, file: downloads.find((x) => x.diskId === d.diskId)?.file ?? d.localPath }));
+  const missing = images.filter((i) => i.file === null);
+  if (missing.length) throw new MobilityError('MOB_ERR_BOOT_CHECK', `no local image of disk(s) ${missing.map((i) => i.diskId).join(', ')} to map or boot (give download)`);
+  const record = await runChecks(server, agent, point, images as { diskId: string; file: string }[], checks, o.onConsole);
+  return { point, disks, downloads, removed: false, record };
 }
 
 export async function handleApi(server: ServerContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -256,7 +373,11 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         listing: ls.pending,
       };
       // the active alerts too (newest first): mobility status shows them without a second request
-      send(res, 200, { disks, target, rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs, alerts: server.db.listAlerts({ active: true }).map(alertView) });
+      // the last test failover of each agent that mapped a network or booted (what a DR drill proved)
+      const agents = [...new Set(disks.map((d) => d.agent))];
+      const testFailovers = (await Promise.all(agents.map((a) => readTestFailovers(server.agentDir(a), a).then((r) => r[r.length - 1] ?? null, () => null))))
+        .filter((r): r is TestFailoverRecord => r !== null);
+      send(res, 200, { disks, target, rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs, alerts: server.db.listAlerts({ active: true }).map(alertView), testFailovers });
     } else if (req.method === 'GET' && url.pathname === '/v1/history') {
       const q = url.searchParams;
       send(res, 200, collectHistory(server, { agent: optId(q.get('agent'), 'agent id'), disk: optId(q.get('disk'), 'disk id'), range: q.get('range') || '1h' }));
@@ -290,13 +411,15 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         if (typeof b.download !== 'string' || !path.isAbsolute(b.download)) throw new MobilityError('MOB_ERR_USAGE', 'download must be an absolute directory on the server');
         download = b.download;
       }
+      const checks = testFailoverChecks(b);
       if (b.stream === true) {
         // newline-delimited JSON: progress lines while images are made and downloaded, then the result
         res.writeHead(200, { 'content-type': 'application/x-ndjson' });
         let last = 0;
         try {
           const r = await testFailover(server, agent, ref, {
-            cleanup: b.cleanup === true, download,
+            cleanup: b.cleanup === true, download, checks,
+            onConsole: (diskId, line) => { res.write(JSON.stringify({ type: 'console', disk: diskId, line }) + '\n'); },
             progress: (diskId, done, total) => {
               if (done < total && Date.now() - last < 250) return;
               last = Date.now();
@@ -310,7 +433,10 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         }
         return;
       }
-      send(res, 200, await testFailover(server, agent, ref, { cleanup: b.cleanup === true, download }));
+      send(res, 200, await testFailover(server, agent, ref, { cleanup: b.cleanup === true, download, checks }));
+    } else if (req.method === 'GET' && url.pathname === '/v1/test-failovers') {
+      const agent = agentParam(url.searchParams.get('agent'));
+      send(res, 200, { agent, records: await readTestFailovers(server.agentDir(agent), agent) });
     } else if (await handleConfigApi(server, req, res, url)) {
       // answered
     } else {
