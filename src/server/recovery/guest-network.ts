@@ -65,7 +65,7 @@ export async function detectStack(root: string): Promise<NetworkStack> {
     + 'no enabled systemd-networkd and no /etc/systemd/network/*.network, no /etc/network/interfaces');
 }
 
-const header = (what: string) => `# Written by Mobility's network mapping at recovery (${what}); the machine's own configuration for this NIC no longer applies.\n`;
+const header = (what: string) => `# Written by Mobility's network mapping at recovery (${what}); the guest's own configuration no longer applies to the NICs matched here.\n`;
 
 /** The systemd-networkd file of one NIC: its name in /etc/systemd/network and its text. */
 export function renderNetworkd(n: GuestNicConfig): { name: string; text: string } {
@@ -102,7 +102,7 @@ export function renderIfupdownBlock(nics: GuestNicConfig[]): string {
   const out = [BEGIN];
   for (const n of nics) {
     const name = needName(n);
-    out.push(`# ${n.mac}: source ${n.source}`, `auto ${name}`, `allow-hotplug ${name}`);
+    out.push(`# ${n.mac}: source ${n.source}`, `auto ${name}`);
     if (n.dhcp) out.push(`iface ${name} inet dhcp`);
     else {
       out.push(`iface ${name} inet static`, `    address ${n.address!}`);
