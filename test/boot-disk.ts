@@ -140,6 +140,7 @@ const INIT = (modules: string[]) => `#!/bin/busybox sh
 export PATH=/bin
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs dev /dev
 echo "guest: init started"
 ${modules.map((m) => `/bin/busybox insmod /lib/modules/net/${path.basename(m)} 2>/dev/null`).join('\n')}
 /bin/busybox sleep 1
