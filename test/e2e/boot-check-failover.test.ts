@@ -52,6 +52,33 @@ t.test('a test failover maps the network and boots the recovered machine; a corr
     networks: [{ source: '10.0.0.0/24', target: { subnet: '192.168.77.0/24', gateway: '192.168.77.1', dns: ['192.168.77.53'], mode: 'static' } }],
     nics: [{ mac: MAC, name: 'eth0', source: '10.0.0.5/24' }],
   }));
+  // bad input costs nothing: refused with its code before any image is made
+  const api = (method: string, pathname: string, body?: unknown) => apiRequest(server.info.url, server.info.tokenFile, server.info.caFile!, method, pathname, body);
+  const tfDir = path.join(server.info.dataDir, 'test-failover');
+  const refused: [unknown, number, string, RegExp][] = [
+    [{ networkMap: { version: 1, networks: [{ source: '10.0.0.1/24', target: { mode: 'dhcp' } }] } }, 400, 'MOB_ERR_NETWORK_MAP', /host bits/],
+    [{ networkMap: { version: 1, networks: [{ source: '10.50.0.0/24', target: { mode: 'dhcp' } }] } }, 400, 'MOB_ERR_NETWORK_MAP', /no inventory of NICs/],
+    [{ networkMap: 'not a mapping' }, 400, 'MOB_ERR_NETWORK_MAP', /must be an object/],
+    [{ bootCheck: { bus: 'scsi' } }, 400, 'MOB_ERR_USAGE', /bootCheck\.bus must be one of virtio, nvme, ide/],
+    [{ bootCheck: { marker: '(' } }, 400, 'MOB_ERR_USAGE', /not a regular expression/],
+    [{ bootCheck: { timeoutMs: 5 } }, 400, 'MOB_ERR_USAGE', /timeoutMs/],
+    [{ bootCheck: {}, cleanup: true }, 400, 'MOB_ERR_USAGE', /not with cleanup/],
+  ];
+  for (const [extra, status, code, re] of refused) {
+    const r = await api('POST', '/v1/test-failover', { agent: agentId, point: goodPoint, ...(extra as object) });
+    t.equal(r.status, status, `${JSON.stringify(extra)}: HTTP ${status}`);
+    t.equal(r.json.code, code);
+    t.match(String(r.json.message), re);
+  }
+  t.notOk(fs.existsSync(path.join(tfDir, agentId, goodPoint)), 'no image was made for a refused request');
+  const badMap = path.join(dir, 'bad-map.json');
+  await fsp.writeFile(badMap, '{ "version": 1, ');
+  const cliBad = await runCli(['test-failover', ...conn, '--agent-id', agentId, '--network-map', badMap]).done;
+  t.equal(cliBad.code, 3, 'a mapping file that is not JSON: exit 3');
+  t.match(cliBad.stderr, /MOB_ERR_NETWORK_MAP.*not JSON/);
+  const cliUsage = await runCli(['test-failover', ...conn, '--agent-id', agentId, '--boot-marker', 'x']).done;
+  t.equal(cliUsage.code, 2, '--boot-marker without --boot-check: usage');
+
   const boot = ['--boot-check', '--boot-marker', `^${MARKER}$`, '--boot-timeout', '9m', '--boot-bus', 'nvme', '--boot-accel', 'tcg', '--boot-network', 'isolated'];
   const ok = await runCli(['test-failover', ...conn, '--agent-id', agentId, '--point', goodPoint, '--network-map', mapFile, ...boot]).done;
   t.equal(ok.code, 0, `the boot check of ${goodPoint} passes${ok.code ? `: ${ok.stdout}\n${ok.stderr.slice(-3000)}` : ''}`);
@@ -92,27 +119,28 @@ t.test('a test failover maps the network and boots the recovered machine; a corr
   t.match(st.stdout, new RegExp(`last test failovers:\\n {2}${agentId} ${badPoint} at \\S+: DID NOT BOOT \\(exited after [\\d.]+ s\\)`), 'status shows the failed boot check');
   const sj = JSON.parse((await runCli(statusArgs(server)).done).stdout) as { testFailovers: { point: string; bootCheck: { ok: boolean } }[] };
   t.same(sj.testFailovers.map((x) => [x.point, x.bootCheck.ok]), [[badPoint, false]], 'status --json carries the last record');
-  const list = await fetchRecords(server.info.url, server.info.tokenFile, server.info.caFile!, agentId);
+  const list = (await api('GET', `/v1/test-failovers?agent=${agentId}`)).json.records as { point: string; bootCheck: { ok: boolean } | null; networkMapping: { stack: string } | null }[];
   t.same(list.map((x) => [x.point, x.bootCheck?.ok, x.networkMapping?.stack ?? null]), [[goodPoint, true, 'systemd-networkd'], [badPoint, false, null]], 'GET /v1/test-failovers lists both runs');
   const logs = await fsp.readdir(path.join(server.info.dataDir, 'replicas', agentId, 'boot-checks'));
   t.equal(logs.length, 2, 'a console log per boot check on the server');
   await agent.stop();
 });
 
-async function fetchRecords(url: string, tokenFile: string, caFile: string, agent: string): Promise<{ point: string; bootCheck: { ok: boolean } | null; networkMapping: { stack: string } | null }[]> {
+/** An operator API request; answers status and JSON body. */
+async function apiRequest(url: string, tokenFile: string, caFile: string, method: string, pathname: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
   const { default: https } = await import('node:https');
   const u = new URL(url);
   const token = (await fsp.readFile(tokenFile, 'utf8')).trim();
   const ca = await fsp.readFile(caFile);
   return new Promise((resolve, reject) => {
-    const req = https.request({ host: u.hostname, port: u.port, path: `/v1/test-failovers?agent=${encodeURIComponent(agent)}`, method: 'GET', ca, headers: { authorization: `Bearer ${token}` } }, (res) => {
+    const req = https.request({ host: u.hostname, port: u.port, path: pathname, method, ca, headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' } }, (res) => {
       const parts: Buffer[] = [];
       res.on('data', (d: Buffer) => parts.push(d));
       res.on('end', () => {
-        try { resolve((JSON.parse(Buffer.concat(parts).toString('utf8')) as { records: [] }).records); } catch (err) { reject(err as Error); }
+        try { resolve({ status: res.statusCode ?? 0, json: JSON.parse(Buffer.concat(parts).toString('utf8')) as Record<string, unknown> }); } catch (err) { reject(err as Error); }
       });
     });
     req.on('error', reject);
-    req.end();
+    req.end(body === undefined ? undefined : JSON.stringify(body));
   });
 }
