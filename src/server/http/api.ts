@@ -28,10 +28,9 @@ import type { AlertRow } from '../config-db.js';
 import type { ServerContext } from '../context.js';
 import { failback, failover, materializePoint } from '../failover.js';
 import type { InventoryNic } from '../../agent/inventory.js';
-import { bootCheck, compileMarker, DEFAULT_BOOT_TIMEOUT_MS, DEFAULT_MARKER, describeBootCheck, type BootAccel, type BootBus } from '../recovery/boot-check.js';
-import { applyNetworkMapping } from '../recovery/guest-network.js';
-import { parseNetworkMapping, resolveNics, type NetworkMapping } from '../recovery/network-mapping.js';
-import { appendTestFailover, readTestFailovers, type TestFailoverRecord } from '../recovery/test-failover-record.js';
+import { resolveNics } from '../recovery/network-mapping.js';
+import { checkRecoveredMachine, parseMachineChecks, type MachineChecks } from '../recovery/recovered-machine.js';
+import { readTestFailovers, type TestFailoverRecord } from '../recovery/test-failover-record.js';
 import { handleConfigApi } from './config-api.js';
 import { authorized, readBody, send, statusFor } from './http-util.js';
 import type { DiskStatus } from '../disk-status.js';
@@ -174,98 +173,6 @@ export interface TestFailoverResult {
   record?: TestFailoverRecord;
 }
 
-/** What a test failover does to its images after making them (a network mapping, a boot check). */
-export interface TestFailoverChecks {
-  networkMap: NetworkMapping | null;
-  boot: { marker: string; timeoutMs: number; bus: BootBus; accel: BootAccel; network: 'none' | 'isolated'; disk: string | null } | null;
-}
-
-/** Longest boot check time limit the API takes. */
-const MAX_BOOT_TIMEOUT_MS = 6 * 3600_000;
-
-/** The checks of a test-failover request body (validated: MOB_ERR_USAGE / MOB_ERR_NETWORK_MAP before anything is made). */
-export function testFailoverChecks(b: Record<string, unknown>): TestFailoverChecks {
-  const networkMap = b.networkMap === undefined || b.networkMap === null ? null : parseNetworkMapping(b.networkMap);
-  let boot: TestFailoverChecks['boot'] = null;
-  if (b.bootCheck !== undefined && b.bootCheck !== null && b.bootCheck !== false) {
-    const o = (typeof b.bootCheck === 'object' && !Array.isArray(b.bootCheck) ? b.bootCheck : {}) as Record<string, unknown>;
-    const marker = o.marker === undefined ? DEFAULT_MARKER : o.marker;
-    if (typeof marker !== 'string') throw new MobilityError('MOB_ERR_USAGE', 'bootCheck.marker must be a string (a regular expression)');
-    compileMarker(marker);
-    const timeoutMs = o.timeoutMs === undefined ? DEFAULT_BOOT_TIMEOUT_MS : o.timeoutMs;
-    if (typeof timeoutMs !== 'number' || !Number.isInteger(timeoutMs) || timeoutMs < 1000 || timeoutMs > MAX_BOOT_TIMEOUT_MS) throw new MobilityError('MOB_ERR_USAGE', `bootCheck.timeoutMs must be whole milliseconds from 1000 to ${MAX_BOOT_TIMEOUT_MS}`);
-    const pick = <T extends string>(k: string, allowed: readonly T[], dflt: T): T => {
-      const v = o[k] ?? dflt;
-      if (typeof v !== 'string' || !(allowed as readonly string[]).includes(v)) throw new MobilityError('MOB_ERR_USAGE', `bootCheck.${k} must be one of ${allowed.join(', ')}, got ${JSON.stringify(o[k])}`);
-      return v as T;
-    };
-    const disk = o.disk === undefined || o.disk === null ? null : o.disk;
-    if (disk !== null && (typeof disk !== 'string' || !ID_PATTERN.test(disk))) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `bootCheck.disk ${JSON.stringify(disk)} is not a disk id`);
-    boot = { marker, timeoutMs, bus: pick('bus', ['virtio', 'nvme', 'ide'] as const, 'virtio'), accel: pick('accel', ['auto', 'kvm', 'tcg'] as const, 'auto'), network: pick('network', ['none', 'isolated'] as const, 'none'), disk };
-  }
-  return { networkMap, boot };
-}
-
-/** The NICs the configuration server's inventory holds for the agent ([] for an agent that never registered). */
-function inventoryNics(server: ServerContext, agent: string): InventoryNic[] {
-  const inv = server.db.getAgent(agent)?.inventory as { nics?: unknown } | null | undefined;
-  return Array.isArray(inv?.nics) ? (inv.nics as InventoryNic[]).filter((n) => n && typeof n === 'object' && typeof n.mac === 'string') : [];
-}
-
-/**
- * Runs the checks on the made images: the network mapping is written into the first disk whose
- * image holds a root filesystem, then the machine boots (the boot disk first: bootCheck.disk, else
- * the disk the mapping went to, else the first by id). The outcome is recorded with the agent's
- * test failovers. A step that cannot run fails the request with its code after being recorded.
- */
-async function runChecks(server: ServerContext, agent: string, point: RecoveryPoint, images: { diskId: string; file: string }[], checks: TestFailoverChecks,
-  onConsole: ((diskId: string, line: string) => void) | undefined): Promise<TestFailoverRecord> {
-  const rec: TestFailoverRecord = { agent, point: point.id, pointTakenAt: point.takenAt, at: new Date().toISOString(), images, networkMapping: null, bootCheck: null, error: null };
-  let failure: MobilityError | null = null;
-  if (checks.networkMap) {
-    const mountFailures: string[] = [];
-    for (const img of images) {
-      try {
-        rec.networkMapping = { diskId: img.diskId, ...(await applyNetworkMapping(img.file, checks.networkMap, inventoryNics(server, agent))) };
-        break;
-      } catch (err) {
-        const e = toMobilityError(err);
-        if (e.code !== 'MOB_ERR_IMAGE_MOUNT') { failure = e; break; }
-        mountFailures.push(`disk ${img.diskId}: ${e.message}`);
-      }
-    }
-    if (!rec.networkMapping && !failure) failure = new MobilityError('MOB_ERR_IMAGE_MOUNT', `no disk of ${point.id} holds a root filesystem to write the network mapping into: ${mountFailures.join('; ')}`);
-    if (failure) rec.error = { step: 'network-mapping', code: failure.code, message: failure.message };
-    else server.log.info('network mapping written', { agent, point: point.id, disk: rec.networkMapping!.diskId, stack: rec.networkMapping!.stack, files: rec.networkMapping!.files });
-  }
-  if (checks.boot && !failure) {
-    const b = checks.boot;
-    const first = b.disk ?? rec.networkMapping?.diskId ?? null;
-    if (first !== null && !images.some((i) => i.diskId === first)) failure = new MobilityError('MOB_ERR_USAGE', `bootCheck.disk ${first} is not a disk of ${point.id} (its disks: ${images.map((i) => i.diskId).join(', ')})`);
-    else {
-      const ordered = [...images].sort((x, y) => Number(y.diskId === first) - Number(x.diskId === first) || x.diskId.localeCompare(y.diskId));
-      const macs = rec.networkMapping?.nics.map((n) => n.mac) ?? inventoryNics(server, agent).map((n) => n.mac.toLowerCase()).filter((m) => /^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/.test(m) && m !== '00:00:00:00:00:00');
-      const logDir = path.join(server.agentDir(agent), 'boot-checks');
-      await fsp.mkdir(logDir, { recursive: true, mode: 0o700 });
-      const consoleLog = path.join(logDir, `${point.id}-${rec.at.replace(/[:.]/g, '')}.log`);
-      try {
-        rec.bootCheck = await bootCheck({
-          images: ordered.map((i) => i.file), marker: b.marker, timeoutMs: b.timeoutMs, bus: b.bus, accel: b.accel,
-          network: b.network === 'isolated' ? { kind: 'isolated', macs } : { kind: 'none' }, consoleLog,
-          onLine: (line) => onConsole?.(ordered[0].diskId, line),
-        });
-        server.log.info('boot check', { agent, point: point.id, ok: rec.bootCheck.ok, result: describeBootCheck(rec.bootCheck), consoleLog });
-      } catch (err) {
-        failure = toMobilityError(err);
-      }
-    }
-    if (failure) rec.error = { step: 'boot-check', code: failure.code, message: failure.message };
-  }
-  await appendTestFailover(server.agentDir(agent), rec).catch((err: Error) => server.log.error('could not record a test failover', { agent, point: point.id, error: err.message }));
-  if (failure) throw failure;
-  return rec;
-}
-
 /**
  * Test failover of a point: the backend makes a writable image of every disk (a file under
  * <data-dir>/test-failover/<agent>/<point>/, or a page blob copied from the point's snapshot).
@@ -284,9 +191,15 @@ async function prepareDownloadDir(dir: string): Promise<void> {
   }
 }
 
+/** The NICs the configuration server's inventory holds for the agent ([] for an agent that never registered). */
+function inventoryNics(server: ServerContext, agent: string): InventoryNic[] {
+  const inv = server.db.getAgent(agent)?.inventory as { nics?: unknown } | null | undefined;
+  return Array.isArray(inv?.nics) ? (inv.nics as InventoryNic[]).filter((n) => n && typeof n === 'object' && typeof n.mac === 'string') : [];
+}
+
 export async function testFailover(server: ServerContext, agent: string, ref: string, o: {
   cleanup?: boolean; download?: string | null; progress?: (diskId: string, done: number, total: number) => void;
-  checks?: TestFailoverChecks; onConsole?: (diskId: string, line: string) => void;
+  checks?: MachineChecks; onConsole?: (diskId: string, line: string) => void;
 } = {}): Promise<TestFailoverResult> {
   const checks = o.checks && (o.checks.networkMap || o.checks.boot) ? o.checks : null;
   if (checks && o.cleanup) throw new MobilityError('MOB_ERR_USAGE', 'a network mapping or boot check goes with making images, not with cleanup');
@@ -327,7 +240,8 @@ export async function testFailover(server: ServerContext, agent: string, ref: st
   const images = disks.map((d) => ({ diskId: d.diskId, file: downloads.find((x) => x.diskId === d.diskId)?.file ?? d.localPath }));
   const missing = images.filter((i) => i.file === null);
   if (missing.length) throw new MobilityError('MOB_ERR_BOOT_CHECK', `no local image of disk(s) ${missing.map((i) => i.diskId).join(', ')} to map or boot (give download)`);
-  const record = await runChecks(server, agent, point, images as { diskId: string; file: string }[], checks, o.onConsole);
+  const deps = { log: server.log, agentDir: (a: string) => server.agentDir(a), inventoryNics: (a: string) => inventoryNics(server, a) };
+  const record = await checkRecoveredMachine(deps, agent, point, images as { diskId: string; file: string }[], checks, o.onConsole);
   return { point, disks, downloads, removed: false, record };
 }
 
@@ -411,7 +325,7 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         if (typeof b.download !== 'string' || !path.isAbsolute(b.download)) throw new MobilityError('MOB_ERR_USAGE', 'download must be an absolute directory on the server');
         download = b.download;
       }
-      const checks = testFailoverChecks(b);
+      const checks = parseMachineChecks(b);
       if (b.stream === true) {
         // newline-delimited JSON: progress lines while images are made and downloaded, then the result
         res.writeHead(200, { 'content-type': 'application/x-ndjson' });
