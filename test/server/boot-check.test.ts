@@ -16,10 +16,12 @@ import { bootCheck, describeBootCheck, qemuArgs } from '../../src/server/recover
 import { bootParts, buildBootDisk, MARKER } from '../boot-disk.js';
 import { cleanup } from '../cleanup.js';
 
-const qemuRunning = (image: string) => {
-  const out = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' });
-  return out.split('\n').some((l) => l.includes('qemu-system') && l.includes(image));
-};
+/** Whether a QEMU process has the image on its command line (from /proc: no procps needed). */
+const qemuRunning = (image: string) => fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d)).some((pid) => {
+  let cmd = '';
+  try { cmd = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8'); } catch { return false; }
+  return cmd.includes('qemu-system') && cmd.includes(image);
+});
 
 t.test('QEMU command line: bus, network, acceleration, snapshot', async (t) => {
   const a = qemuArgs({ images: ['/srv/a,b.img', '/srv/c.img'], marker: 'x', timeoutMs: 1000, bus: 'nvme', network: { kind: 'isolated', macs: ['52:54:00:00:00:01'] } });
