@@ -222,6 +222,14 @@ t.test('on real ext4 images: detect the stack, write the mapping, unmount', asyn
     await t.rejects(applyNetworkMapping(junk, map, INVENTORY, { scratch }), { code: 'MOB_ERR_IMAGE_MOUNT', message: /no root filesystem found in recovered image .*the whole image:/ });
     noResidue(t, junk, scratch);
     await t.rejects(applyNetworkMapping(path.join(dir, 'missing.img'), map, INVENTORY, { scratch }), { code: 'MOB_ERR_IMAGE_MOUNT', message: /cannot be opened: ENOENT/ });
+    // a guest whose configuration directory is a link to the server's own files: refused, host untouched
+    const hostDir = path.join(dir, 'host-netplan');
+    fs.mkdirSync(hostDir);
+    fs.writeFileSync(path.join(hostDir, '01-host.yaml'), 'network: {}\n');
+    const evil = ext4Image(dir, 'evil', { 'etc/netplan': `->${hostDir}`, 'etc/network/interfaces': 'auto lo\n' });
+    await t.rejects(applyNetworkMapping(evil, map, INVENTORY, { scratch }), { code: 'MOB_ERR_GUEST_NETWORK', message: /\/etc\/netplan .* symbolic link/ });
+    t.same(fs.readdirSync(hostDir), ['01-host.yaml'], 'the server\'s files were neither renamed nor written');
+    noResidue(t, evil, scratch);
     const unmapped: NetworkMapping = parseNetworkMapping({ version: 1, networks: [{ source: '10.200.0.0/24', target: { mode: 'dhcp' } }] });
     await t.rejects(applyNetworkMapping(none, unmapped, INVENTORY, { scratch }), { code: 'MOB_ERR_NETWORK_MAP' }, 'a mapping that covers nothing fails before mounting');
   });

@@ -91,7 +91,8 @@ export async function mountGuestRoot(image: string, o: { scratch?: string } = {}
   for (const c of await candidates(image)) {
     const what = c.partition === null ? 'the whole image' : `partition ${c.partition}`;
     const dir = await fsp.mkdtemp(path.join(o.scratch ?? os.tmpdir(), 'mobility-guest-'));
-    const opts = ['loop', `offset=${c.offset}`, ...(c.size === null ? [] : [`sizelimit=${c.size}`])].join(',');
+    // the guest's files are data here: nothing on it runs or opens devices on the server
+    const opts = ['loop', 'nosuid', 'nodev', 'noexec', `offset=${c.offset}`, ...(c.size === null ? [] : [`sizelimit=${c.size}`])].join(',');
     const m = await run('mount', ['-o', opts, image, dir]);
     if (m.code !== 0) {
       await fsp.rmdir(dir).catch(() => undefined);
@@ -99,7 +100,7 @@ export async function mountGuestRoot(image: string, o: { scratch?: string } = {}
       failures.push(`${what}: ${m.stderr.trim().split('\n').pop() ?? `mount exited ${m.code}`}`);
       continue;
     }
-    const etc = await fsp.stat(path.join(dir, 'etc')).catch(() => null);
+    const etc = await fsp.lstat(path.join(dir, 'etc')).catch(() => null);
     if (etc?.isDirectory()) {
       let done = false;
       return {

@@ -48,19 +48,40 @@ async function exists(p: string): Promise<boolean> {
   return fsp.lstat(p).then(() => true, () => false);
 }
 
-async function list(dir: string): Promise<string[]> {
-  return fsp.readdir(dir).catch(() => [] as string[]);
+/**
+ * The host path of a directory inside the guest (rel like 'etc/netplan'), with every component
+ * checked to be a real directory, never a link: the image's contents are the protected machine's,
+ * and a link such as etc/netplan -> /etc must not make the server read or change its own files.
+ * Null when a component does not exist; MOB_ERR_GUEST_NETWORK when one is a link or not a directory.
+ */
+async function guestDir(root: string, rel: string): Promise<string | null> {
+  let p = root;
+  for (const part of rel.split('/').filter(Boolean)) {
+    p = path.join(p, part);
+    const st = await fsp.lstat(p).catch(() => null);
+    if (!st) return null;
+    if (st.isSymbolicLink() || !st.isDirectory()) {
+      throw new MobilityError('MOB_ERR_GUEST_NETWORK', `/${rel} in the recovered guest goes through /${path.relative(root, p)}, which is ${st.isSymbolicLink() ? 'a symbolic link' : 'not a directory'}: Mobility does not follow links out of the guest's network configuration`);
+    }
+  }
+  return p;
+}
+
+/** The entries of a guest directory (see guestDir), [] when it does not exist. */
+async function list(root: string, rel: string): Promise<string[]> {
+  const dir = await guestDir(root, rel);
+  return dir ? fsp.readdir(dir) : [];
 }
 
 /** The network stack of the guest mounted at root (see the file comment); MOB_ERR_GUEST_NETWORK when none is found. */
 export async function detectStack(root: string): Promise<NetworkStack> {
-  if ((await list(path.join(root, 'etc/netplan'))).some((f) => /\.ya?ml$/.test(f))) return 'netplan';
+  if ((await list(root, 'etc/netplan')).some((f) => /\.ya?ml$/.test(f))) return 'netplan';
   const sysd = path.join(root, 'etc/systemd/system');
-  for (const d of await list(sysd)) {
+  for (const d of await list(root, 'etc/systemd/system')) {
     if (d.endsWith('.wants') && await exists(path.join(sysd, d, 'systemd-networkd.service'))) return 'systemd-networkd';
   }
-  if ((await list(path.join(root, 'etc/systemd/network'))).some((f) => f.endsWith('.network'))) return 'systemd-networkd';
-  if (await exists(path.join(root, 'etc/network/interfaces'))) return 'ifupdown';
+  if ((await list(root, 'etc/systemd/network')).some((f) => f.endsWith('.network'))) return 'systemd-networkd';
+  if (await guestDir(root, 'etc/network') && await exists(path.join(root, 'etc/network/interfaces'))) return 'ifupdown';
   throw new MobilityError('MOB_ERR_GUEST_NETWORK', 'the recovered guest has no network stack Mobility can configure: no netplan file in /etc/netplan, '
     + 'no enabled systemd-networkd and no /etc/systemd/network/*.network, no /etc/network/interfaces');
 }
@@ -154,16 +175,22 @@ export function disableIfupdownStanzas(text: string, names: string[]): string {
 export async function writeGuestNetwork(root: string, stack: NetworkStack, nics: GuestNicConfig[]): Promise<string[]> {
   const files: string[] = [];
   const write = async (guestPath: string, text: string, mode = 0o644) => {
-    const p = path.join(root, guestPath);
-    await fsp.mkdir(path.dirname(p), { recursive: true });
+    const rel = path.posix.dirname(guestPath).slice(1);
+    // existing components must be real directories (guestDir throws on a link); missing ones are made
+    let dir = root;
+    for (const part of rel.split('/').filter(Boolean)) {
+      dir = path.join(dir, part);
+      if (!(await guestDir(root, path.relative(root, dir)))) await fsp.mkdir(dir, { mode: 0o755 });
+    }
+    const p = path.join(dir, path.posix.basename(guestPath));
     await fsp.rm(p, { force: true }); // a link in the guest is replaced, never followed
-    await fsp.writeFile(p, text, { mode });
+    await fsp.writeFile(p, text, { mode, flag: 'wx' });
     await fsp.chmod(p, mode);
     files.push(guestPath);
   };
   if (stack === 'systemd-networkd') {
     const dir = 'etc/systemd/network';
-    for (const f of await list(path.join(root, dir))) {
+    for (const f of await list(root, dir)) {
       if (/^05-mobility-[0-9a-f]{12}\.network$/.test(f)) await fsp.rm(path.join(root, dir, f), { force: true });
     }
     for (const n of nics) {
@@ -172,7 +199,7 @@ export async function writeGuestNetwork(root: string, stack: NetworkStack, nics:
     }
   } else if (stack === 'netplan') {
     const dir = 'etc/netplan';
-    for (const f of await list(path.join(root, dir))) {
+    for (const f of await list(root, dir)) {
       if (/\.ya?ml$/.test(f) && f !== '90-mobility.yaml') {
         await fsp.rename(path.join(root, dir, f), path.join(root, dir, `${f}.mobility-disabled`));
         files.push(`/${dir}/${f} -> ${f}.mobility-disabled`);
@@ -190,7 +217,7 @@ export async function writeGuestNetwork(root: string, stack: NetworkStack, nics:
       const after = disableIfupdownStanzas(before, names) + append;
       if (after !== before) await write(guestPath, after, st.mode & 0o7777);
     };
-    for (const f of await list(path.join(root, 'etc/network/interfaces.d'))) {
+    for (const f of await list(root, 'etc/network/interfaces.d')) {
       await edit(path.join(root, 'etc/network/interfaces.d', f), `/etc/network/interfaces.d/${f}`, '');
     }
     await edit(main, '/etc/network/interfaces', '\n' + block);
