@@ -96,7 +96,6 @@ export function compileMarker(src: string): RegExp {
 
 /** Strips what a serial console adds around text: carriage returns, ANSI escapes, other control characters. */
 function clean(s: string): string {
-  // eslint-disable-next-line no-control-regex
   return s.replace(/\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\x1bc/g, '').replace(/[\x00-\x08\x0b-\x1f\x7f]/g, '');
 }
 
