@@ -60,6 +60,18 @@ t.test('real boots under TCG', async (t) => {
   t.ok((await fsp.readFile(path.join(dir, 'console.log'), 'utf8')).includes('guest: init started'), 'the console log holds the console');
   t.notOk(qemuRunning(disk.img), 'QEMU is gone');
 
+  // auto: KVM when this host allows it, else TCG; either way the same disk boots
+  const auto = await bootCheck({ images: [disk.img], marker: `^${MARKER}$`, timeoutMs: 10 * 60_000, bus: 'nvme' });
+  t.ok(auto.ok, `auto acceleration boots too (${auto.accel}): ${auto.ok ? '' : auto.tail.join('\n')}`);
+  t.ok(auto.accel === 'tcg' || fs.existsSync('/dev/kvm'), 'KVM reported only where /dev/kvm exists');
+  t.notOk(qemuRunning(disk.img), 'no QEMU left (also none of a KVM attempt that failed)');
+  // kvm forced: boots where KVM runs guests, else a coded refusal (no /dev/kvm, or a KVM that stops the guest)
+  const kvm = await bootCheck({ images: [disk.img], marker: `^${MARKER}$`, timeoutMs: 10 * 60_000, bus: 'nvme', accel: 'kvm' })
+    .catch((err: { code?: string; message?: string }) => err);
+  if ('ok' in kvm) t.ok(kvm.ok && kvm.accel === 'kvm', `KVM boots here (${describeBootCheck(kvm)})`);
+  else t.match(kvm, { code: 'MOB_ERR_BOOT_CHECK', message: /KVM could not run the guest|QEMU refused to start/ }, `KVM cannot run guests here: ${kvm.message}`);
+  t.notOk(qemuRunning(disk.img), 'no QEMU left after the KVM attempt');
+
   const ac = new AbortController();
   const aborted = await bootCheck({ images: [disk.img], marker: 'never printed', timeoutMs: 10 * 60_000, bus: 'nvme', accel: 'tcg', signal: ac.signal,
     onLine: (l) => { if (l.includes('guest: init started')) ac.abort(); } });

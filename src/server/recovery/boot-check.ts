@@ -17,7 +17,11 @@
  * (with panic=N) ends the check as failed, at once.
  *
  * Acceleration: KVM when the host allows it, else TCG (QEMU is given `-accel kvm -accel tcg`
- * and falls back by itself; which one ran is read from its warning), or forced either way.
+ * and falls back by itself when KVM cannot start; which one ran is read from its warning), or
+ * forced either way. A host whose /dev/kvm opens but cannot run guests (nested virtualisation
+ * without what the firmware needs: QEMU reports "KVM internal error" and pauses the guest) is
+ * caught too: under auto the check starts again under TCG (and later checks of this process go
+ * to TCG at once); under kvm it is MOB_ERR_BOOT_CHECK.
  *
  * Who calls: test failover (http/api.ts), per machine; a recovery plan runner may call it per
  * machine too. Every run kills its QEMU (SIGKILL) before it returns, whatever happened.
@@ -132,14 +136,44 @@ export async function bootCheck(o: BootCheckOptions): Promise<BootCheckResult> {
     const st = await fsp.stat(img).catch(() => null);
     if (!st?.isFile() && !st?.isBlockDevice()) throw new MobilityError('MOB_ERR_BOOT_CHECK', `cannot boot ${img}: not a local image file`);
   }
+  const started = Date.now();
+  const log = o.consoleLog ? fs.createWriteStream(o.consoleLog, { mode: 0o600 }) : null;
+  try {
+    let accel = o.accel ?? 'auto';
+    if (accel === 'auto' && kvmBroken) accel = 'tcg';
+    let r = await bootOnce(o, marker, accel, o.timeoutMs, log);
+    if (r.kvmFailed) {
+      const why = r.qemuMessages.split('\n').find((l) => KVM_FAILURE.test(l)) ?? 'KVM internal error';
+      if (accel === 'kvm') throw new MobilityError('MOB_ERR_BOOT_CHECK', `KVM could not run the guest on this server (${why.trim()}); use --boot-accel tcg (or auto)`);
+      // /dev/kvm opened, but KVM cannot run guests here (nested virtualisation without the features SeaBIOS needs)
+      kvmBroken = true;
+      const first = r;
+      r = await bootOnce(o, marker, 'tcg', Math.max(1000, o.timeoutMs - (Date.now() - started)), log);
+      r.qemuMessages = `KVM could not run the guest (${why.trim()}); booted again under TCG\n${r.qemuMessages}`;
+      r.startedAt = first.startedAt;
+    }
+    const { kvmFailed: _k, ...result } = r;
+    return result;
+  } finally {
+    log?.end();
+  }
+}
+
+/** KVM failed to run a guest in this process: later 'auto' checks go straight to TCG. */
+let kvmBroken = false;
+/** What QEMU prints when KVM stops the guest (the VM stays paused: QEMU does not exit by itself). */
+const KVM_FAILURE = /KVM internal error|emulation failure|kvm run failed/i;
+
+/** One QEMU run of a check; kvmFailed: KVM stopped the guest (only with accel kvm or auto). */
+async function bootOnce(o: BootCheckOptions, marker: RegExp, accel: BootAccel, timeoutMs: number, log: fs.WriteStream | null): Promise<BootCheckResult & { kvmFailed: boolean }> {
   const qemu = o.qemu ?? 'qemu-system-x86_64';
   const started = Date.now();
   const startedAt = new Date(started).toISOString();
-  const log = o.consoleLog ? fs.createWriteStream(o.consoleLog, { mode: 0o600 }) : null;
+  const args = qemuArgs({ ...o, accel });
   // setpriv --pdeathsig: QEMU dies with this process even when it is killed with -9
   const child = SETPRIV && !o.qemu
-    ? spawn(SETPRIV, ['--pdeathsig', 'SIGKILL', '--', qemu, ...qemuArgs(o)], { stdio: ['ignore', 'pipe', 'pipe'] })
-    : spawn(qemu, qemuArgs(o), { stdio: ['ignore', 'pipe', 'pipe'] });
+    ? spawn(SETPRIV, ['--pdeathsig', 'SIGKILL', '--', qemu, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+    : spawn(qemu, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   live.add(child);
   child.once('exit', () => live.delete(child));
   const tail: string[] = [];
@@ -147,12 +181,13 @@ export async function bootCheck(o: BootCheckOptions): Promise<BootCheckResult> {
   let bytes = 0;
   let stderr = '';
   let markerLine: string | null = null;
+  let kvmFailed = false;
   const push = (line: string) => {
     tail.push(line);
     if (tail.length > TAIL_LINES) tail.shift();
     try { o.onLine?.(line); } catch { /* a progress listener cannot stop the check */ }
   };
-  return new Promise<BootCheckResult>((resolve, reject) => {
+  return new Promise((resolve, reject) => {
     let settled = false;
     let exitCode: number | null = null;
     const finish = (reason: BootCheckResult['reason'], err?: Error) => {
@@ -165,19 +200,18 @@ export async function bootCheck(o: BootCheckOptions): Promise<BootCheckResult> {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
       const done = () => {
         if (partial.trim()) push(partial);
-        log?.end();
         if (err) { reject(err); return; }
-        const accel: 'kvm' | 'tcg' = o.accel === 'tcg' || (o.accel !== 'kvm' && /fall(ing)? ?back|failed to initialize kvm|Could not access KVM|kvm.*(No such|Permission)/i.test(stderr)) ? 'tcg' : 'kvm';
+        const ran: 'kvm' | 'tcg' = accel === 'tcg' || (accel !== 'kvm' && /fall(ing)? ?back|failed to initialize kvm|Could not access KVM|kvm.*(No such|Permission)/i.test(stderr)) ? 'tcg' : 'kvm';
         resolve({
-          ok: reason === 'marker', reason, seconds: Math.round((Date.now() - started) / 100) / 10, accel, bus: o.bus ?? 'virtio',
+          ok: reason === 'marker', reason, seconds: Math.round((Date.now() - started) / 100) / 10, accel: ran, bus: o.bus ?? 'virtio',
           network: (o.network?.kind ?? 'none') === 'isolated' ? 'isolated' : 'none', marker: o.marker, markerLine, tail: [...tail], consoleBytes: bytes,
-          exitCode, qemuMessages: stderr.trim().slice(-2000), startedAt,
+          exitCode, qemuMessages: stderr.trim().slice(-2000), startedAt, kvmFailed,
         });
       };
       if (child.exitCode !== null || child.signalCode !== null) done();
       else child.once('close', done);
     };
-    const timer = setTimeout(() => finish('timeout'), o.timeoutMs);
+    const timer = setTimeout(() => finish('timeout'), timeoutMs);
     const onAbort = () => finish('aborted');
     if (o.signal?.aborted) { finish('aborted'); return; }
     o.signal?.addEventListener('abort', onAbort);
@@ -187,7 +221,10 @@ export async function bootCheck(o: BootCheckOptions): Promise<BootCheckResult> {
         : `cannot start ${qemu}: ${err.message}`));
     });
     child.stderr.setEncoding('utf8');
-    child.stderr.on('data', (d: string) => { stderr = (stderr + d).slice(-16_384); });
+    child.stderr.on('data', (d: string) => {
+      stderr = (stderr + d).slice(-16_384);
+      if (accel !== 'tcg' && KVM_FAILURE.test(stderr)) { kvmFailed = true; finish('exited'); }
+    });
     child.stdout.on('data', (d: Buffer) => {
       bytes += d.length;
       log?.write(d);
