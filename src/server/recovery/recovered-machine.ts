@@ -33,6 +33,8 @@ export interface MachineCheckDeps {
   agentDir(agentId: string): string;
   /** The NICs of the machine's inventory ([] when it has none). */
   inventoryNics(agentId: string): InventoryNic[];
+  /** Where images are mounted while the mapping is written (a directory of the server's own: a mount left by a crash is easy to find). */
+  scratch: string;
 }
 
 /** Longest boot check time limit taken. */
@@ -79,7 +81,8 @@ export async function checkRecoveredMachine(deps: MachineCheckDeps, agent: strin
     const mountFailures: string[] = [];
     for (const img of images) {
       try {
-        rec.networkMapping = { diskId: img.diskId, ...(await applyNetworkMapping(img.file, checks.networkMap, deps.inventoryNics(agent))) };
+        await fsp.mkdir(deps.scratch, { recursive: true, mode: 0o700 });
+        rec.networkMapping = { diskId: img.diskId, ...(await applyNetworkMapping(img.file, checks.networkMap, deps.inventoryNics(agent), { scratch: deps.scratch })) };
         break;
       } catch (err) {
         const e = toMobilityError(err);
