@@ -67,7 +67,9 @@ Runs the process server. On first start it creates in DATA-DIR:
   tls/ca.pem, tls/server.pem (+ keys, mode 0600)   the TLS identity agents pin
   token (mode 0600)                                 the pre-shared agent token
   metrics-token (mode 0600)                         read-only token of GET /metrics (Prometheus)
-  replicas/<agent>/                                 points.json (recovery points), failover.json (while failed over)
+  replicas/<agent>/                                 points.json (recovery points), failover.json (while failed over),
+                                                    test-failovers.json and boot-checks/ (network mappings and boot checks)
+  mnt/                                              recovered images mounted while a network mapping is written
 With the file store (the default), also:
   replicas/<agent>/<disk>/                          replica.img, state.json, wal.log, undo/<point>.undo
                                                     (in DIR/<agent>/<disk>/ with --store file:DIR)
