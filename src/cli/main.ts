@@ -68,7 +68,8 @@ Runs the process server. On first start it creates in DATA-DIR:
   token (mode 0600)                                 the pre-shared agent token
   metrics-token (mode 0600)                         read-only token of GET /metrics (Prometheus)
   replicas/<agent>/                                 points.json (recovery points), failover.json (while failed over),
-                                                    test-failovers.json and boot-checks/ (network mappings and boot checks)
+                                                    test-failovers.json (network mappings and boot checks of test failovers)
+  boot-checks/<agent>/<point>-<time>.log            the whole console of each boot check
   mnt/                                              recovered images mounted while a network mapping is written
 With the file store (the default), also:
   replicas/<agent>/<disk>/                          replica.img, state.json, wal.log, undo/<point>.undo

@@ -117,11 +117,12 @@ t.test('a test failover maps the network and boots the recovered machine; a corr
   const st = await runCli(statusArgs(server).filter((a) => a !== '--json')).done;
   t.equal(st.code, 0);
   t.match(st.stdout, new RegExp(`last test failovers:\\n {2}${agentId} ${badPoint} at \\S+: DID NOT BOOT \\(exited after [\\d.]+ s\\)`), 'status shows the failed boot check');
-  const sj = JSON.parse((await runCli(statusArgs(server)).done).stdout) as { testFailovers: { point: string; bootCheck: { ok: boolean } }[] };
+  const sj = JSON.parse((await runCli(statusArgs(server)).done).stdout) as { disks: { agent: string; disk: string; state: string }[]; testFailovers: { point: string; bootCheck: { ok: boolean } }[] };
+  t.same(sj.disks.filter((d) => d.agent === agentId).map((d) => d.disk), ['d0'], 'what the checks keep is not taken for a disk');
   t.same(sj.testFailovers.map((x) => [x.point, x.bootCheck.ok]), [[badPoint, false]], 'status --json carries the last record');
   const list = (await api('GET', `/v1/test-failovers?agent=${agentId}`)).json.records as { point: string; bootCheck: { ok: boolean } | null; networkMapping: { stack: string } | null }[];
   t.same(list.map((x) => [x.point, x.bootCheck?.ok, x.networkMapping?.stack ?? null]), [[goodPoint, true, 'systemd-networkd'], [badPoint, false, null]], 'GET /v1/test-failovers lists both runs');
-  const logs = await fsp.readdir(path.join(server.info.dataDir, 'replicas', agentId, 'boot-checks'));
+  const logs = await fsp.readdir(path.join(server.info.dataDir, 'boot-checks', agentId));
   t.equal(logs.length, 2, 'a console log per boot check on the server');
   await agent.stop();
 });

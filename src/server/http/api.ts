@@ -240,7 +240,9 @@ export async function testFailover(server: ServerContext, agent: string, ref: st
   const images = disks.map((d) => ({ diskId: d.diskId, file: downloads.find((x) => x.diskId === d.diskId)?.file ?? d.localPath }));
   const missing = images.filter((i) => i.file === null);
   if (missing.length) throw new MobilityError('MOB_ERR_BOOT_CHECK', `no local image of disk(s) ${missing.map((i) => i.diskId).join(', ')} to map or boot (give download)`);
-  const deps = { log: server.log, agentDir: (a: string) => server.agentDir(a), inventoryNics: (a: string) => inventoryNics(server, a), scratch: path.join(server.dataDir, 'mnt') };
+  const deps = { log: server.log, agentDir: (a: string) => server.agentDir(a), inventoryNics: (a: string) => inventoryNics(server, a),
+    // not under replicas/<agent>/: with the file store its subdirectories are the agent's disks
+    consoleDir: (a: string) => path.join(server.dataDir, 'boot-checks', a), scratch: path.join(server.dataDir, 'mnt') };
   const record = await checkRecoveredMachine(deps, agent, point, images as { diskId: string; file: string }[], checks, o.onConsole);
   return { point, disks, downloads, removed: false, record };
 }

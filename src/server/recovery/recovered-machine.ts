@@ -29,8 +29,10 @@ export interface MachineChecks {
 /** What checkRecoveredMachine needs from the server. */
 export interface MachineCheckDeps {
   log: Logger;
-  /** The server's metadata directory of an agent (records and console logs go there). */
+  /** The server's metadata directory of an agent (the records go there). */
   agentDir(agentId: string): string;
+  /** Where the whole console of the agent's boot checks is written (one file per check). */
+  consoleDir(agentId: string): string;
   /** The NICs of the machine's inventory ([] when it has none). */
   inventoryNics(agentId: string): InventoryNic[];
   /** Where images are mounted while the mapping is written (a directory of the server's own: a mount left by a crash is easy to find). */
@@ -102,7 +104,7 @@ export async function checkRecoveredMachine(deps: MachineCheckDeps, agent: strin
       const ordered = [...images].sort((x, y) => Number(y.diskId === first) - Number(x.diskId === first) || x.diskId.localeCompare(y.diskId));
       const macs = rec.networkMapping?.nics.map((n) => n.mac)
         ?? deps.inventoryNics(agent).map((n) => n.mac.toLowerCase()).filter((m) => MAC.test(m) && m !== '00:00:00:00:00:00');
-      const logDir = path.join(deps.agentDir(agent), 'boot-checks');
+      const logDir = deps.consoleDir(agent);
       await fsp.mkdir(logDir, { recursive: true, mode: 0o700 });
       const consoleLog = path.join(logDir, `${point.id}-${rec.at.replace(/[:.]/g, '')}.log`);
       try {
