@@ -12,6 +12,9 @@ install_missing sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
 # host mode (the QEMU change tracker): a real qemu-storage-daemon serves the disks, qemu-io writes
 # as a guest would, nbdinfo reads dirty bitmaps over NBD (nbdcopy, same package, for the data path)
 install_missing qemu-storage-daemon:qemu-system-common qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
+# boot check of test failover: QEMU boots the recovered images (the bootable test disk's kernel, busybox and
+# extlinux come with apt-get download at test time and are cached in $TMPDIR/mobility-test-debs)
+install_missing qemu-system-x86_64:qemu-system-x86
 
 # the change tracker needs tracefs (the agent mounts it itself; tests check for it up front)
 [ -d /sys/kernel/tracing/instances ] || mount -t tracefs tracefs /sys/kernel/tracing || echo "warning: cannot mount tracefs; the e2e tests will fail" >&2

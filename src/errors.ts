@@ -84,6 +84,10 @@ export const ERROR_CODES = {
   MOB_ERR_HYPERV: { retryable: false, summary: 'Host mode on Hyper-V: a VM or disk cannot be tracked with Resilient Change Tracking (no such VM, a disk that is not VHDX, a VM configuration older than 6.2, PowerShell or the Hyper-V module missing, a WMI method that failed: the message says which).' },
   MOB_ERR_QEMU_TRACKER: { retryable: false, summary: 'Host mode: a QEMU disk cannot be tracked (no such block node, its dirty bitmap is busy with another job, QEMU already runs an NBD server the tracker was not told about).' },
   MOB_ERR_DISK_TOO_LARGE: { retryable: false, summary: 'The disk is larger than the largest file the replica store\'s filesystem can hold; nothing was created.' },
+  MOB_ERR_NETWORK_MAP: { retryable: false, summary: 'A network mapping is invalid (bad subnet, address or field), or it maps no NIC of the machine, or a mapped address does not fit its target subnet.' },
+  MOB_ERR_IMAGE_MOUNT: { retryable: false, summary: 'A recovered image has no root filesystem that can be mounted (no partition or bare filesystem with /etc), so it cannot be changed before boot.' },
+  MOB_ERR_GUEST_NETWORK: { retryable: false, summary: 'The recovered guest has no network stack Mobility can configure (netplan, systemd-networkd or ifupdown), or an interface it must name is unknown.' },
+  MOB_ERR_BOOT_CHECK: { retryable: false, summary: 'A boot check could not run (QEMU missing or refused to start, no local image to boot); a guest that does not reach its marker is a failed result, not this error.' },
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

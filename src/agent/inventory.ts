@@ -41,12 +41,20 @@ export interface InventoryDisk {
   /** Every mount point on the disk, its partitions and the devices stacked on them (LVM, dm-crypt), shortest first. */
   mounts: string[];
 }
-export interface InventoryNic { name: string; mac: string; ipv4: string[]; ipv6: string[]; up: boolean }
+export interface InventoryNic {
+  name: string; mac: string; ipv4: string[]; ipv6: string[]; up: boolean;
+  /** Every address with its prefix length (10.0.0.5/24, fe80::1/64). Absent in inventories of older agents. */
+  cidrs?: string[];
+  /** Default gateways reached through this NIC (IPv4 from /proc/net/route, IPv6 from /proc/net/ipv6_route). Absent in older inventories. */
+  gateways?: string[];
+}
 export interface Inventory {
   machineId: string; hostname: string;
   os: { platform: string; distro: string; release: string; kernel: string; arch: string };
   cpu: { model: string; cores: number }; memoryBytes: number;
   disks: InventoryDisk[]; nics: InventoryNic[];
+  /** DNS servers of the machine (/etc/resolv.conf, or systemd-resolved's upstream list). Absent in older inventories. */
+  dns?: string[];
   /** ISO time at which collection started. */
   collectedAt: string;
   collectMs: number;
@@ -81,13 +89,14 @@ export async function readMachineId(file: string = MACHINE_ID_FILE): Promise<str
 export async function collectInventory(opts: { machineIdFile?: string } = {}): Promise<Inventory> {
   const started = performance.now();
   const collectedAt = new Date().toISOString();
-  const [machineId, osInfo, cpu, blocks, layout, nics] = await Promise.all([
+  const [machineId, osInfo, cpu, blocks, layout, nics, dns] = await Promise.all([
     readMachineId(opts.machineIdFile),
     readOsRelease(),
     si.cpu().catch(() => null),
     si.blockDevices().catch(() => []),
     bounded(si.diskLayout(), DISK_LAYOUT_TIMEOUT_MS, []),
     collectNics(),
+    readDns(),
   ]);
   const names = blocks.map((b) => b.name);
   const [parents, { mounts, fsTypes }] = await Promise.all([readParents(names), readDeviceMounts(names)]);
@@ -109,6 +118,7 @@ export async function collectInventory(opts: { machineIdFile?: string } = {}): P
     memoryBytes: os.totalmem(),
     disks: disksFrom(blocks, layout, { parents, mounts, fsTypes }),
     nics,
+    dns,
     collectedAt,
     collectMs: Math.round(performance.now() - started),
   };
@@ -177,7 +187,7 @@ function parentByName(part: string, disks: string[]): string | null {
 }
 
 /** The os.networkInterfaces() fields nicsFrom reads. */
-export interface OsAddress { address: string; family: string | number; mac: string; internal: boolean }
+export interface OsAddress { address: string; family: string | number; mac: string; internal: boolean; cidr?: string | null }
 /** What /sys/class/net/<name> says: operstate, flags (hex), address, and whether a `device` link exists. */
 export interface SysNic { operstate: string; flags: number; address: string; physical: boolean }
 
@@ -187,7 +197,7 @@ export interface SysNic { operstate: string; flags: number; address: string; phy
  * without (a NIC with its cable out). Loopback is left out unless it is the
  * only interface. Pure: exported for tests.
  */
-export function nicsFrom(addrs: NodeJS.Dict<OsAddress[]>, sys: Map<string, SysNic>): InventoryNic[] {
+export function nicsFrom(addrs: NodeJS.Dict<OsAddress[]>, sys: Map<string, SysNic>, gateways: Map<string, string[]> = new Map()): InventoryNic[] {
   const names = [...new Set([...Object.keys(addrs), ...[...sys].filter(([, s]) => s.physical).map(([n]) => n)])];
   const nics = names.map((name) => {
     const list = addrs[name] ?? [];
@@ -197,7 +207,11 @@ export function nicsFrom(addrs: NodeJS.Dict<OsAddress[]>, sys: Map<string, SysNi
     // operstate "unknown": drivers that do not report it (lo, tun, some virtual NICs): go by IFF_UP
     const up = s ? s.operstate === 'up' || (s.operstate === 'unknown' && (s.flags & 1) === 1) : list.length > 0;
     return {
-      nic: { name, mac: list[0]?.mac ?? s?.address ?? '', ipv4: [...new Set(v4)], ipv6: [...new Set(v6)], up },
+      nic: {
+        name, mac: list[0]?.mac ?? s?.address ?? '', ipv4: [...new Set(v4)], ipv6: [...new Set(v6)], up,
+        cidrs: [...new Set(list.map((a) => a.cidr).filter((c): c is string => typeof c === 'string' && c !== ''))],
+        gateways: gateways.get(name) ?? [],
+      },
       loopback: name === 'lo' || (list.length > 0 && list.every((a) => a.internal)),
     };
   });
@@ -217,7 +231,60 @@ async function collectNics(): Promise<InventoryNic[]> {
     ]);
     sys.set(name, { operstate, flags: Number.parseInt(flags, 16) || 0, address, physical });
   }));
-  return nicsFrom(os.networkInterfaces(), sys);
+  const [v4, v6] = await Promise.all([
+    fsp.readFile('/proc/net/route', 'utf8').catch(() => ''),
+    fsp.readFile('/proc/net/ipv6_route', 'utf8').catch(() => ''),
+  ]);
+  return nicsFrom(os.networkInterfaces(), sys, defaultGateways(v4, v6));
+}
+
+/**
+ * NIC name -> its default gateways, from the text of /proc/net/route (IPv4: destination and
+ * mask 0, the RTF_GATEWAY flag, addresses in host byte order of a little-endian machine) and
+ * /proc/net/ipv6_route (destination ::/0 with a next hop). Pure: exported for tests.
+ */
+export function defaultGateways(route: string, ipv6Route: string): Map<string, string[]> {
+  const out = new Map<string, string[]>();
+  const add = (nic: string, gw: string) => { const l = out.get(nic) ?? []; if (!l.includes(gw)) l.push(gw); out.set(nic, l); };
+  for (const line of route.split('\n').slice(1)) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 8) continue;
+    const [iface, dest, gw, flags, , , , mask] = f;
+    if (dest !== '00000000' || mask !== '00000000' || (Number.parseInt(flags, 16) & 0x2) === 0 || !/^[0-9A-Fa-f]{8}$/.test(gw)) continue;
+    const n = Number.parseInt(gw, 16);
+    add(iface, [n & 255, (n >>> 8) & 255, (n >>> 16) & 255, n >>> 24].join('.'));
+  }
+  for (const line of ipv6Route.split('\n')) {
+    const f = line.trim().split(/\s+/);
+    if (f.length < 10) continue;
+    const [dest, plen, , , hop, , , , , iface] = f;
+    if (!/^0{32}$/.test(dest) || plen !== '00' || /^0{32}$/.test(hop) || !/^[0-9a-f]{32}$/i.test(hop) || iface === 'lo') continue;
+    // the WHATWG URL parser writes an IPv6 address in its canonical compressed form
+    add(iface, new URL(`http://[${hop.match(/.{4}/g)!.join(':')}]/`).hostname.slice(1, -1));
+  }
+  return out;
+}
+
+/** systemd-resolved's stub: the upstream servers are in its own file. */
+const RESOLVED_STUB = '127.0.0.53';
+
+/** The DNS servers this machine uses: nameserver lines of resolv.conf text. Pure: exported for tests. */
+export function nameservers(resolvConf: string): string[] {
+  const out: string[] = [];
+  for (const line of resolvConf.split('\n')) {
+    const m = /^\s*nameserver\s+(\S+)/.exec(line);
+    if (m && !out.includes(m[1])) out.push(m[1]);
+  }
+  return out;
+}
+
+async function readDns(): Promise<string[]> {
+  const main = nameservers(await fsp.readFile('/etc/resolv.conf', 'utf8').catch(() => ''));
+  if (main.length === 1 && main[0] === RESOLVED_STUB) {
+    const upstream = nameservers(await fsp.readFile('/run/systemd/resolve/resolv.conf', 'utf8').catch(() => ''));
+    if (upstream.length) return upstream;
+  }
+  return main;
 }
 
 /** Partition name -> disk name, from /sys/class/block/<part> (its parent directory is the disk). */

@@ -4,6 +4,7 @@
  * exit codes (one switch, exitCodeFor) live in args.ts, the API client in
  * api-client.ts; no other module of the CLI imports this one.
  */
+import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { AGENT_VERSION, DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE, PROTOCOL_VERSION } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
@@ -67,7 +68,10 @@ Runs the process server. On first start it creates in DATA-DIR:
   tls/ca.pem, tls/server.pem (+ keys, mode 0600)   the TLS identity agents pin
   token (mode 0600)                                 the pre-shared agent token
   metrics-token (mode 0600)                         read-only token of GET /metrics (Prometheus)
-  replicas/<agent>/                                 points.json (recovery points), failover.json (while failed over)
+  replicas/<agent>/                                 points.json (recovery points), failover.json (while failed over),
+                                                    test-failovers.json (network mappings and boot checks of test failovers)
+  boot-checks/<agent>/<point>-<time>.log            the whole console of each boot check
+  mnt/                                              recovered images mounted while a network mapping is written
 With the file store (the default), also:
   replicas/<agent>/<disk>/                          replica.img, state.json, wal.log, undo/<point>.undo
                                                     (in DIR/<agent>/<disk>/ with --store file:DIR)
@@ -199,7 +203,9 @@ With --group G: the group's points, oldest first: GROUP POINT, TAKEN AT (the ear
 KIND (app when app-consistent on every machine), COMPLETE (every machine recorded its part;
 only complete group points can be test-failed-over), and each machine's recovery point.
 ${CONN_HELP}`,
-  'test-failover': `Usage: mobility test-failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID | --group G] [--point ID|latest|latest-app] [--download DIR | --cleanup] [--json]
+  'test-failover': `Usage: mobility test-failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--agent-id ID | --group G] [--point ID|latest|latest-app] [--download DIR | --cleanup]
+                               [--network-map FILE] [--boot-check [--boot-marker RE] [--boot-timeout 5m] [--boot-bus virtio|nvme|ide]
+                               [--boot-accel auto|kvm|tcg] [--boot-network none|isolated] [--boot-disk ID]] [--json]
 
 Has the server's replica store make a writable image of every disk of the point while
 replication goes on:
@@ -220,6 +226,23 @@ Options:
   --group G       every machine of consistency group G at one group point: --point is a
                   group point id (mobility points --group G), latest (the newest complete
                   group point) or latest-app; --download writes DIR/<agent>/<disk>.img
+                  (network mappings and boot checks of a group: mobility recovery-plan)
+  --network-map FILE  a network mapping (JSON, read here and sent to the server; see
+                  docs/operations.md): written into the image for the guest's network stack
+                  (netplan, systemd-networkd or ifupdown, detected in the image) before boot
+  --boot-check    boot the images under QEMU on the server (KVM when it can, else TCG), with
+                  no network, and watch the serial console for the marker; the guest's writes
+                  are discarded. The result (booted in N s, or the last console lines) is
+                  kept with the test failover and shown by mobility status. Exit 1 when the
+                  guest does not reach the marker.
+  --boot-marker RE    regular expression a console line must match (default: a login prompt
+                  or systemd's "Reached target ... Multi-User System")
+  --boot-timeout D    time limit from QEMU's start to the marker (default 5m)
+  --boot-bus B    how the disks are attached: virtio (default), nvme or ide
+  --boot-accel A  auto (default: KVM when /dev/kvm works, else TCG), kvm or tcg
+  --boot-network N    none (default) or isolated (a user-mode network with no way out, one
+                  NIC per mapped MAC)
+  --boot-disk ID  the disk to boot from (default: the one the mapping went to, else the first)
   --json          the server's answer as JSON
 ${CONN_HELP}`,
   failover: `Usage: mobility failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
@@ -378,7 +401,10 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     ...(cmd === 'alerts' ? { all: { type: 'boolean' } } : {}),
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
     disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' } } : {}),
-    ...(cmd === 'test-failover' ? { download: { type: 'string' } } : {}),
+    ...(cmd === 'test-failover' ? {
+      download: { type: 'string' }, 'network-map': { type: 'string' }, 'boot-check': { type: 'boolean' }, 'boot-marker': { type: 'string' },
+      'boot-timeout': { type: 'string' }, 'boot-bus': { type: 'string' }, 'boot-accel': { type: 'string' }, 'boot-network': { type: 'string' }, 'boot-disk': { type: 'string' },
+    } : {}),
     ...(cmd === 'test-failover' || cmd === 'points' ? { group: { type: 'string' } } : {}),
   });
   if (v.group !== undefined && v['agent-id'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', 'give --agent-id or --group, not both');
@@ -403,6 +429,8 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     // active RPO alerts come with the status (an older server sends none)
     const alerts = Array.isArray(j.alerts) ? j.alerts as import('./history-cli.js').AlertView[] : [];
     const disks = (j.disks ?? []) as import('../server/http/api.js').DiskStatus[];
+    // an older server sends none
+    const tfs = Array.isArray(j.testFailovers) ? j.testFailovers as TestFailoverRecord[] : [];
     const target = j.target as { kind: string; location: string; listedAt: string | null; error: { code: string; message: string } | null; listing?: boolean } | undefined;
     const asListed = target?.listedAt ? `disks as listed at ${target.listedAt}` : 'no listing yet';
     const targetLine = target?.error
@@ -419,7 +447,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
           d.churnBytesPerSec === null ? '-' : fmtBytes(d.churnBytesPerSec), String(d.points), typeof d.storedBytes === 'number' ? fmtBytes(d.storedBytes) : '-', d.lastFreezeMs === null ? '-' : `${d.lastFreezeMs} ms${d.freezeFailures ? ` (${d.freezeFailures} failed)` : ''}`, d.reason]);
       }
       return targetLine + table(rows) + (disks.some((d) => d.rpoAlert) ? '! RPO above its alert threshold (RPO ALERT: the machine\'s policy) or no recovery point yet\n' : '')
-        + alertLines(alerts);
+        + alertLines(alerts) + testFailoverLines(tfs);
     });
     return EXIT.OK;
   }
@@ -481,10 +509,15 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
       + `\nfailed back: the promoted images are the replicas now; run mobility protect again\n`);
     return EXIT.OK;
   }
-  const body = { ...(v.group !== undefined ? { group: v.group } : { agent }), point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup) };
+  const checks = await testFailoverCheckOptions(v);
+  if (v.group !== undefined && (checks.networkMap !== undefined || checks.bootCheck !== undefined)) {
+    throw new MobilityError('MOB_ERR_USAGE', 'a network mapping or boot check of a group runs per machine, in boot order: use a recovery plan (mobility recovery-plan test-failover)');
+  }
+  const body = { ...(v.group !== undefined ? { group: v.group } : { agent }), point: (v.point as string | undefined) ?? 'latest', cleanup: Boolean(v.cleanup), ...checks };
   let j: Record<string, unknown>;
-  if (v.download === undefined) j = await api(c, 'POST', '/v1/test-failover', body);
-  else j = await testFailoverStreamed(c, { ...body, download: path.resolve(v.download as string) }, createLogger({ component: 'cli', json: v['json-logs'] ? true : undefined }));
+  const logger = createLogger({ component: 'cli', json: v['json-logs'] ? true : undefined });
+  if (v.download === undefined && !checks.bootCheck) j = await api(c, 'POST', '/v1/test-failover', body);
+  else j = await testFailoverStreamed(c, { ...body, ...(v.download === undefined ? {} : { download: path.resolve(v.download as string) }) }, logger);
   if (v.group !== undefined) {
     const g = j as unknown as import('../server/http/api.js').GroupTestFailoverResult;
     out(j, () => `group ${g.group}, group point ${g.point} (${g.kind}, ${g.takenAt}): ${g.removed ? 'images removed' : 'every machine materialised at it'}\n`
@@ -492,10 +525,48 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     return EXIT.OK;
   }
   out(j, () => formatTestFailover(j as unknown as TestFailoverResult));
-  return EXIT.OK;
+  const boot = (j as unknown as TestFailoverResult).record?.bootCheck;
+  return boot && !boot.ok ? EXIT.ERROR : EXIT.OK;
+}
+
+/** The network mapping and boot check options of test-failover, as the request body carries them (the mapping file is read here). */
+async function testFailoverCheckOptions(v: Values): Promise<{ networkMap?: unknown; bootCheck?: Record<string, unknown> }> {
+  const bootOpts = ['boot-marker', 'boot-timeout', 'boot-bus', 'boot-accel', 'boot-network', 'boot-disk'].filter((k) => v[k] !== undefined);
+  if (bootOpts.length && !v['boot-check']) throw new MobilityError('MOB_ERR_USAGE', `--${bootOpts[0]} goes with --boot-check`);
+  if (v.cleanup && (v['boot-check'] || v['network-map'] !== undefined)) throw new MobilityError('MOB_ERR_USAGE', '--boot-check and --network-map go with making images, not with --cleanup');
+  const out: { networkMap?: unknown; bootCheck?: Record<string, unknown> } = {};
+  if (v['network-map'] !== undefined) {
+    const file = v['network-map'] as string;
+    let text: string;
+    try { text = await fsp.readFile(file, 'utf8'); } catch (err) {
+      throw new MobilityError('MOB_ERR_CONFIG', `cannot read the network mapping ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+    try { out.networkMap = JSON.parse(text) as unknown; } catch (err) {
+      throw new MobilityError('MOB_ERR_NETWORK_MAP', `network mapping ${file} is not JSON: ${(err as Error).message}`);
+    }
+    // checked here too, so a mistake is reported before the server makes anything
+    const { parseNetworkMapping } = await import('../server/recovery/network-mapping.js');
+    parseNetworkMapping(out.networkMap);
+  }
+  if (v['boot-check']) {
+    const b: Record<string, unknown> = {};
+    if (v['boot-marker'] !== undefined) {
+      const { compileMarker } = await import('../server/recovery/boot-check.js');
+      compileMarker(v['boot-marker'] as string);
+      b.marker = v['boot-marker'];
+    }
+    if (v['boot-timeout'] !== undefined) b.timeoutMs = parseDuration(v['boot-timeout'] as string);
+    if (v['boot-bus'] !== undefined) b.bus = v['boot-bus'];
+    if (v['boot-accel'] !== undefined) b.accel = v['boot-accel'];
+    if (v['boot-network'] !== undefined) b.network = v['boot-network'];
+    if (v['boot-disk'] !== undefined) b.disk = v['boot-disk'];
+    out.bootCheck = b;
+  }
+  return out;
 }
 
 type TestFailoverResult = import('../server/http/api.js').TestFailoverResult;
+type TestFailoverRecord = import('../server/recovery/test-failover-record.js').TestFailoverRecord;
 type FailoverResult = import('../server/failover.js').FailoverResult;
 
 /**
@@ -511,6 +582,10 @@ async function testFailoverStreamed(c: ApiConn, body: Record<string, unknown>, l
     for await (const line of apiStream(c, 'POST', '/v1/test-failover', { ...body, stream: true })) {
       if (line.type === 'progress') {
         progress.update({ diskId: String(line.disk), kind: 'download', done: Number(line.doneBytes), total: Number(line.totalBytes) });
+      } else if (line.type === 'console') {
+        // the booting guest's serial console, as it comes
+        progress.end();
+        process.stderr.write(`[${String(line.disk)}] ${String(line.line)}\n`);
       } else if (line.type === 'error') {
         const code = typeof line.code === 'string' && isErrorCode(line.code) ? line.code : 'MOB_ERR_INTERNAL';
         throw new MobilityError(code, `server: ${String(line.message ?? 'test failover failed')}`);
@@ -527,6 +602,17 @@ async function testFailoverStreamed(c: ApiConn, body: Record<string, unknown>, l
   return result;
 }
 
+/** Status lines: the last test failover of each agent that mapped a network or booted. */
+function testFailoverLines(recs: TestFailoverRecord[]): string {
+  if (!recs.length) return '';
+  return 'last test failovers:\n' + recs.map((r) => {
+    const b = r.bootCheck;
+    const boot = b ? (b.ok ? `booted in ${b.seconds} s (${b.accel})` : `DID NOT BOOT (${b.reason} after ${b.seconds} s): ${b.tail.slice(-1)[0] ?? ''}`) : r.error ? `${r.error.step} failed: ${r.error.code}` : 'no boot check';
+    const net = r.networkMapping ? `, network mapped (${r.networkMapping.stack}, ${r.networkMapping.nics.length} NIC)` : '';
+    return `  ${r.agent} ${r.point} at ${r.at}: ${boot}${net}\n`;
+  }).join('');
+}
+
 function formatTestFailover(r: TestFailoverResult): string {
   if (r.removed) {
     return r.disks.length
@@ -540,7 +626,29 @@ function formatTestFailover(r: TestFailoverResult): string {
       const dl = downloads.filter((x) => x.diskId === d.diskId).map((x) => `    downloaded to ${x.file} (${fmtBytes(x.bytes)} in ${(x.ms / 1000).toFixed(1)} s)\n`).join('');
       return `  ${d.diskId}: ${d.location} (${d.method}${d.undoRecords ? `, ${d.undoRecords} undo records` : ''}, ${d.ms} ms)\n${dl}`;
     }).join('')
-    + (downloads.length ? 'the downloaded files are on the server machine\n' : '');
+    + (downloads.length ? 'the downloaded files are on the server machine\n' : '')
+    + (r.record ? formatChecks(r.record) : '');
+}
+
+/** The network mapping and boot check of a test failover, for people. */
+export function formatChecks(rec: TestFailoverRecord): string {
+  const lines: string[] = [];
+  const m = rec.networkMapping;
+  if (m) {
+    lines.push(`network mapping written to disk ${m.diskId}${m.partition === null ? '' : ` (partition ${m.partition})`} for ${m.stack}:`);
+    for (const n of m.nics) lines.push(`  ${n.mac}${n.name ? ` (${n.name})` : ''}: ${n.source} -> ${n.dhcp ? 'DHCP' : n.address}${n.gateway ? ` via ${n.gateway}` : ''}${n.dns.length ? `, DNS ${n.dns.join(' ')}` : ''}`);
+    for (const n of m.unmapped) lines.push(`  ${n.mac}${n.name ? ` (${n.name})` : ''}: in no mapped network, left as it was`);
+    for (const f of m.files) lines.push(`  wrote ${f}`);
+  }
+  const b = rec.bootCheck;
+  if (b) {
+    lines.push(b.ok
+      ? `boot check: booted in ${b.seconds} s (${b.accel}, ${b.bus}, network ${b.network}): ${JSON.stringify(b.markerLine)}`
+      : `boot check FAILED (${b.accel}, ${b.bus}): ${b.reason === 'timeout' ? `no marker /${b.marker}/ within ${b.seconds} s` : b.reason === 'exited' ? `QEMU exited (code ${String(b.exitCode)}) after ${b.seconds} s before the marker /${b.marker}/` : 'aborted'}; last console lines:`);
+    if (!b.ok) for (const l of b.tail) lines.push(`  | ${l}`);
+  }
+  if (rec.error) lines.push(`${rec.error.step} failed: ${rec.error.code}: ${rec.error.message}`);
+  return lines.map((l) => l + '\n').join('');
 }
 
 async function cmdReplicate(argv: string[], verify: boolean): Promise<number> {

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import si from 'systeminformation';
 import {
-  collectInventory, disksFrom, formatMachines, nicsFrom, readMachineId,
+  collectInventory, defaultGateways, disksFrom, formatMachines, nameservers, nicsFrom, readMachineId,
   type BlockRow, type Inventory, type SysNic,
 } from '../../src/agent/inventory.js';
 import { tmpDir, sleep } from '../helpers.js';
@@ -170,7 +170,7 @@ t.test('disksFrom: partitions, loop devices, models and mounts', async (t) => {
 });
 
 t.test('nicsFrom: groups addresses, leaves loopback out, keeps unplugged physical NICs', async (t) => {
-  const a = (address: string, family: string, mac: string, internal = false) => ({ address, family, mac, internal });
+  const a = (address: string, family: string, mac: string, internal = false) => ({ address, family, mac, internal, cidr: `${address}/${family === 'IPv4' ? 24 : 64}` });
   const lo = [a('127.0.0.1', 'IPv4', '00:00:00:00:00:00', true), a('::1', 'IPv6', '00:00:00:00:00:00', true)];
   const eth0 = [a('10.0.0.5', 'IPv4', '02:00:00:00:00:01'), a('10.0.0.6', 'IPv4', '02:00:00:00:00:01'),
     a('fd00::5', 'IPv6', '02:00:00:00:00:01'), a('fe80::1', 'IPv6', '02:00:00:00:00:01')];
@@ -180,14 +180,31 @@ t.test('nicsFrom: groups addresses, leaves loopback out, keeps unplugged physica
     ['eth1', { operstate: 'down', flags: 0x1002, address: '02:00:00:00:00:02', physical: true }],
     ['ifb0', { operstate: 'down', flags: 0x82, address: 'ba:4e:2c:cc:ab:96', physical: false }],
   ]);
-  t.same(nicsFrom({ lo, eth0 }, sys), [
-    { name: 'eth0', mac: '02:00:00:00:00:01', ipv4: ['10.0.0.5', '10.0.0.6'], ipv6: ['fd00::5', 'fe80::1'], up: true },
-    { name: 'eth1', mac: '02:00:00:00:00:02', ipv4: [], ipv6: [], up: false },
+  t.same(nicsFrom({ lo, eth0 }, sys, new Map([['eth0', ['10.0.0.1']]])), [
+    { name: 'eth0', mac: '02:00:00:00:00:01', ipv4: ['10.0.0.5', '10.0.0.6'], ipv6: ['fd00::5', 'fe80::1'], up: true,
+      cidrs: ['10.0.0.5/24', '10.0.0.6/24', 'fd00::5/64', 'fe80::1/64'], gateways: ['10.0.0.1'] },
+    { name: 'eth1', mac: '02:00:00:00:00:02', ipv4: [], ipv6: [], up: false, cidrs: [], gateways: [] },
   ]);
   t.same(nicsFrom({ lo }, new Map([['lo', sys.get('lo')!]])), [
-    { name: 'lo', mac: '00:00:00:00:00:00', ipv4: ['127.0.0.1'], ipv6: ['::1'], up: true },
+    { name: 'lo', mac: '00:00:00:00:00:00', ipv4: ['127.0.0.1'], ipv6: ['::1'], up: true, cidrs: ['127.0.0.1/24', '::1/64'], gateways: [] },
   ], 'loopback when it is the only interface');
   t.same(nicsFrom({ eth0 }, new Map()).map((n) => n.up), [true], 'no sysfs: listed with addresses means up');
+});
+
+t.test('defaultGateways and nameservers read /proc/net/route, /proc/net/ipv6_route and resolv.conf text', async (t) => {
+  const route = 'Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n'
+    + 'eth0\t00000000\t0100000A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n'
+    + 'eth0\t0000000A\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n'
+    + 'eth1\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n';
+  const v6 = '00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 eth0\n'
+    + 'fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 eth0\n'
+    + '00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200 lo\n';
+  t.same(Object.fromEntries(defaultGateways(route, v6)), { eth0: ['10.0.0.1', 'fe80::1'] }, 'default routes with a gateway only');
+  t.same(nameservers('# generated\nsearch example.net\nnameserver 10.0.0.53\n nameserver fd00::53\nnameserver 10.0.0.53\n'), ['10.0.0.53', 'fd00::53']);
+  const inv = await collectInventory();
+  t.ok(Array.isArray(inv.dns), 'the inventory lists DNS servers');
+  t.ok(inv.nics.every((n) => Array.isArray(n.cidrs) && Array.isArray(n.gateways)), 'and per NIC prefixes and gateways');
+  t.ok(inv.nics.every((n) => n.cidrs!.length === n.ipv4.length + n.ipv6.length), 'one prefix per address');
 });
 
 function inventory(over: Partial<Inventory> = {}): Inventory {

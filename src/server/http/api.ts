@@ -7,8 +7,10 @@
  *   GET  /v1/history?agent=A&disk=D&range=1h|24h|7d   health samples per disk (RPO, lag, backlog, churn, state)
  *   GET  /v1/events?since=T&limit=N      events, newest first
  *   GET  /v1/alerts?active=1             RPO alerts, newest first
- *   POST /v1/test-failover               {agent, point, cleanup?}: materialise (or remove) writable images;
+ *   POST /v1/test-failover               {agent, point, cleanup?, download?, networkMap?, bootCheck?}: materialise (or remove)
+ *                                        writable images; optionally write a network mapping into them and boot them;
  *                                        {group, point (a group point, latest or latest-app), ...}: every machine of a group at one group point
+ *   GET  /v1/test-failovers?agent=A      the recorded network mappings and boot checks of an agent's test failovers
  *   GET  /metrics                        Prometheus text exposition (server/metrics.ts); the read-only
  *                                        metrics token (DATA-DIR/metrics-token) or the operator token
  *
@@ -26,6 +28,10 @@ import type { PointImage } from '../../target/replica-store.js';
 import type { AlertRow } from '../config-db.js';
 import type { ServerContext } from '../context.js';
 import { failback, failover, materializePoint } from '../failover.js';
+import type { InventoryNic } from '../../agent/inventory.js';
+import { resolveNics } from '../recovery/network-mapping.js';
+import { checkRecoveredMachine, parseMachineChecks, type MachineChecks } from '../recovery/recovered-machine.js';
+import { readTestFailovers, type TestFailoverRecord } from '../recovery/test-failover-record.js';
 import { handleConfigApi, listGroupPoints } from './config-api.js';
 import { authorized, readBody, send, statusFor } from './http-util.js';
 import type { DiskStatus } from '../disk-status.js';
@@ -164,6 +170,8 @@ export interface TestFailoverResult {
   /** With download: the local sparse files written, per disk. */
   downloads: { diskId: string; file: string; bytes: number; ms: number }[];
   removed: boolean;
+  /** With a network mapping or a boot check: what was done and proved (also kept, see GET /v1/test-failovers). */
+  record?: TestFailoverRecord;
 }
 
 /**
@@ -184,7 +192,23 @@ async function prepareDownloadDir(dir: string): Promise<void> {
   }
 }
 
-export async function testFailover(server: ServerContext, agent: string, ref: string, o: { cleanup?: boolean; download?: string | null; progress?: (diskId: string, done: number, total: number) => void } = {}): Promise<TestFailoverResult> {
+/** The NICs the configuration server's inventory holds for the agent ([] for an agent that never registered). */
+function inventoryNics(server: ServerContext, agent: string): InventoryNic[] {
+  const inv = server.db.getAgent(agent)?.inventory as { nics?: unknown } | null | undefined;
+  return Array.isArray(inv?.nics) ? (inv.nics as InventoryNic[]).filter((n) => n && typeof n === 'object' && typeof n.mac === 'string') : [];
+}
+
+export async function testFailover(server: ServerContext, agent: string, ref: string, o: {
+  cleanup?: boolean; download?: string | null; progress?: (diskId: string, done: number, total: number) => void;
+  checks?: MachineChecks; onConsole?: (diskId: string, line: string) => void;
+} = {}): Promise<TestFailoverResult> {
+  const checks = o.checks && (o.checks.networkMap || o.checks.boot) ? o.checks : null;
+  if (checks && o.cleanup) throw new MobilityError('MOB_ERR_USAGE', 'a network mapping or boot check goes with making images, not with cleanup');
+  if (checks && !o.download && server.backend.kind !== 'file') {
+    throw new MobilityError('MOB_ERR_USAGE', `the ${server.backend.kind} replica store keeps test-failover images remotely: a network mapping or boot check needs them downloaded (give download)`);
+  }
+  // a mapping that covers no NIC of the machine fails before anything is made
+  if (checks?.networkMap) resolveNics(checks.networkMap, inventoryNics(server, agent));
   // the images are made under the agent's lock (a cut waits for it); a download, which can take
   // hours for a large disk, runs after the lock is released so replication and cuts go on
   const made = await server.withAgentLock(agent, async () => {
@@ -212,7 +236,16 @@ export async function testFailover(server: ServerContext, agent: string, ref: st
     }
   }
   server.log.info('test failover image ready', { agent, point: point.id, disks: disks.map((d) => ({ disk: d.diskId, location: d.location, method: d.method, ms: d.ms, undoRecords: d.undoRecords })), downloads: downloads.map((d) => d.file) });
-  return { point, disks, downloads, removed: false };
+  if (!checks) return { point, disks, downloads, removed: false };
+  // the downloaded copy when there is one (what the operator keeps), else the backend's local image
+  const images = disks.map((d) => ({ diskId: d.diskId, file: downloads.find((x) => x.diskId === d.diskId)?.file ?? d.localPath }));
+  const missing = images.filter((i) => i.file === null);
+  if (missing.length) throw new MobilityError('MOB_ERR_BOOT_CHECK', `no local image of disk(s) ${missing.map((i) => i.diskId).join(', ')} to map or boot (give download)`);
+  const deps = { log: server.log, agentDir: (a: string) => server.agentDir(a), inventoryNics: (a: string) => inventoryNics(server, a),
+    // not under replicas/<agent>/: with the file store its subdirectories are the agent's disks
+    consoleDir: (a: string) => path.join(server.dataDir, 'boot-checks', a), scratch: path.join(server.dataDir, 'mnt') };
+  const record = await checkRecoveredMachine(deps, agent, point, images as { diskId: string; file: string }[], checks, o.onConsole);
+  return { point, disks, downloads, removed: false, record };
 }
 
 export interface GroupTestFailoverResult {
@@ -301,7 +334,11 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         listing: ls.pending,
       };
       // the active alerts too (newest first): mobility status shows them without a second request
-      send(res, 200, { disks, target, rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs, alerts: server.db.listAlerts({ active: true }).map(alertView) });
+      // the last test failover of each agent that mapped a network or booted (what a DR drill proved)
+      const agents = [...new Set(disks.map((d) => d.agent))];
+      const testFailovers = (await Promise.all(agents.map((a) => readTestFailovers(server.agentDir(a), a).then((r) => r[r.length - 1] ?? null, () => null))))
+        .filter((r): r is TestFailoverRecord => r !== null);
+      send(res, 200, { disks, target, rpoAlertMs: server.rpoAlertMs, retentionMs: server.retentionMs, alerts: server.db.listAlerts({ active: true }).map(alertView), testFailovers });
     } else if (req.method === 'GET' && url.pathname === '/v1/history') {
       const q = url.searchParams;
       send(res, 200, collectHistory(server, { agent: optId(q.get('agent'), 'agent id'), disk: optId(q.get('disk'), 'disk id'), range: q.get('range') || '1h' }));
@@ -333,20 +370,25 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
       if (group !== null && b.agent !== undefined && b.agent !== null) throw new MobilityError('MOB_ERR_USAGE', 'give agent or group, not both');
       const agent = group === null ? agentParam(b.agent) : '';
       const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
-      const run = (o: { cleanup: boolean; download: string | null; progress?: (diskId: string, done: number, total: number) => void }): Promise<object> =>
-        group !== null ? groupTestFailover(server, group, ref, o) : testFailover(server, agent, ref, o);
+      const run = (o: { cleanup: boolean; download: string | null; checks: MachineChecks; onConsole?: (diskId: string, line: string) => void; progress?: (diskId: string, done: number, total: number) => void }): Promise<object> => {
+        if (group === null) return testFailover(server, agent, ref, o);
+        if (o.checks && (o.checks.networkMap || o.checks.boot)) throw new MobilityError('MOB_ERR_USAGE', 'a network mapping or boot check of a group runs per machine, in boot order: use a recovery plan');
+        return groupTestFailover(server, group, ref, o);
+      };
       let download: string | null = null;
       if (b.download !== undefined && b.download !== null) {
         if (typeof b.download !== 'string' || !path.isAbsolute(b.download)) throw new MobilityError('MOB_ERR_USAGE', 'download must be an absolute directory on the server');
         download = b.download;
       }
+      const checks = parseMachineChecks(b);
       if (b.stream === true) {
         // newline-delimited JSON: progress lines while images are made and downloaded, then the result
         res.writeHead(200, { 'content-type': 'application/x-ndjson' });
         let last = 0;
         try {
           const r = await run({
-            cleanup: b.cleanup === true, download,
+            cleanup: b.cleanup === true, download, checks,
+            onConsole: (diskId, line) => { res.write(JSON.stringify({ type: 'console', disk: diskId, line }) + '\n'); },
             progress: (diskId, done, total) => {
               if (done < total && Date.now() - last < 250) return;
               last = Date.now();
@@ -360,7 +402,10 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         }
         return;
       }
-      send(res, 200, await run({ cleanup: b.cleanup === true, download }));
+      send(res, 200, await run({ cleanup: b.cleanup === true, download, checks }));
+    } else if (req.method === 'GET' && url.pathname === '/v1/test-failovers') {
+      const agent = agentParam(url.searchParams.get('agent'));
+      send(res, 200, { agent, records: await readTestFailovers(server.agentDir(agent), agent) });
     } else if (await handleConfigApi(server, req, res, url)) {
       // answered
     } else {

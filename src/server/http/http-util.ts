@@ -25,7 +25,9 @@ export function statusFor(code: string): number {
     case 'MOB_ERR_GROUP_CUT': return 502;
     case 'MOB_ERR_AGENT_OFFLINE': return 503;
     case 'MOB_ERR_PREFLIGHT': return 412;
-    case 'MOB_ERR_USAGE': case 'MOB_ERR_CONFIG': case 'MOB_ERR_BAD_DISK_ID': return 400;
+    case 'MOB_ERR_USAGE': case 'MOB_ERR_CONFIG': case 'MOB_ERR_BAD_DISK_ID': case 'MOB_ERR_NETWORK_MAP': return 400;
+    // the recovered image cannot take the mapping (no root filesystem, no known network stack)
+    case 'MOB_ERR_IMAGE_MOUNT': case 'MOB_ERR_GUEST_NETWORK': return 422;
     case 'MOB_ERR_UNKNOWN_POINT': case 'MOB_ERR_UNKNOWN_DISK': return 404;
     case 'MOB_ERR_FAILED_OVER': case 'MOB_ERR_DISK_BUSY': case 'MOB_ERR_NOT_PROTECTING': case 'MOB_ERR_AGENT_EXISTS': return 409;
     // mobility cut: the agent's cut failed, or no point came in time
