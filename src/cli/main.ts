@@ -48,6 +48,7 @@ Configuration server and agents:
   enable      start protecting a disk of a registered machine (pushed to its agent)
   disable     stop protecting a disk and delete its replica (asks first; --yes when not on a terminal)
   cut         take a consistency cut of a machine now and print its recovery point
+  capacity    plan bandwidth, storage and process servers from churn measured on profiled disks
   push-install  install the agent on Linux hosts over SSH (parallel, with progress)
   push-account  store, list or remove push-install accounts (encrypted at rest)
 
@@ -566,6 +567,7 @@ const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 
 async function helpFor(cmd: string): Promise<string | undefined> {
   if (cmd !== 'main' && Object.prototype.hasOwnProperty.call(HELP, cmd)) return HELP[cmd];
   if (ADMIN_COMMANDS.has(cmd)) return (await import('./admin.js')).adminHelp(cmd);
+  if (cmd === 'capacity') return (await import('./capacity-cli.js')).CAPACITY_HELP;
   return undefined;
 }
 
@@ -602,6 +604,7 @@ export async function main(argv: string[]): Promise<number> {
         const { runAdmin } = await import('./admin.js');
         return await runAdmin(cmd, rest);
       }
+      case 'capacity': return await (await import('./capacity-cli.js')).cmdCapacity(rest);
       case 'demo': {
         const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' } });
         if (v.help) { process.stdout.write(HELP.demo); return EXIT.OK; }
