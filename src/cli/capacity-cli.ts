@@ -66,7 +66,7 @@ export function renderPlan(p: CapacityPlan): string {
     ['initial sync', e.initialSyncSeconds !== null ? fmtDuration(e.initialSyncSeconds) : e.initialSyncNote ?? '-',
       `${fmtBytes(e.dataBytes)} to read (used, else disk size) x ratio = ${fmtBytes(e.initialSyncWireBytes)} over the link less the mean churn`],
     ['replica storage', `${fmtBytes(e.replicaBytes)} provisioned, about ${fmtBytes(e.replicaUsedBytes)} used`, 'the disks\' sizes; sparse replicas hold about the used bytes'],
-    ['recovery-point storage', e.recoveryPointBytes === null ? '-' : fmtBytes(e.recoveryPointBytes), `the churn of the worst ${fmtDuration(o.retentionMs / 1000)} window (raw: undo journals are not compressed)`],
+    ['recovery-point storage', e.recoveryPointBytes === null ? '-' : fmtBytes(e.recoveryPointBytes), `the churn of the worst ${fmtDuration(o.retentionMs / 1000)} window (raw: undo journals are not compressed)${e.recoveryPointNote ? `; ${e.recoveryPointNote.replace(/(\d+) s/g, (_, n: string) => fmtDuration(Number(n)))}` : ''}`],
     ['total storage', e.storageBytes === null ? '-' : fmtBytes(e.storageBytes), 'used replica bytes + recovery points'],
     ['process servers', e.processServers === null ? '-' : String(e.processServers), e.processServersBasis.replace(/(\d+) B\/s/g, (_, n: string) => rate(Number(n)))],
   ]);

@@ -92,6 +92,8 @@ export interface Figures {
   replicaBytes: number;
   replicaUsedBytes: number;
   recoveryPointBytes: number | null;
+  /** Set when the measurement is shorter than the retention: the figure extrapolates the measured churn. */
+  recoveryPointNote: string | null;
   storageBytes: number | null;
 }
 
@@ -182,7 +184,9 @@ function figures(sc: Scope, o: CapacityOptions): Figures {
     bandwidthForRpoBytesPerSec: bw, bandwidthForRpoP95BytesPerSec: rpoP95 === null ? null : rpoP95 * ratio,
     rpoHeld: bw === null || o.bandwidthBytesPerSec === null ? null : o.bandwidthBytesPerSec >= bw,
     sizeBytes: sc.sizeBytes, dataBytes: sc.dataBytes, initialSyncWireBytes: wire, initialSyncSeconds: init.seconds, initialSyncNote: init.note,
-    replicaBytes: sc.sizeBytes, replicaUsedBytes: sc.dataBytes, recoveryPointBytes: points, storageBytes: points === null ? null : sc.dataBytes + points,
+    replicaBytes: sc.sizeBytes, replicaUsedBytes: sc.dataBytes, recoveryPointBytes: points,
+    recoveryPointNote: points !== null && measuredMs < o.retentionMs ? `extrapolated: ${Math.round(measuredMs / 1000)} s measured for a retention of ${Math.round(o.retentionMs / 1000)} s` : null,
+    storageBytes: points === null ? null : sc.dataBytes + points,
   };
 }
 
