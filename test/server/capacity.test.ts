@@ -138,3 +138,24 @@ t.test('a plan from hand-built samples', async (t) => {
   t.equal(empty.estate.processServers, null);
   t.equal(empty.disks.length, 0);
 });
+
+t.test('the churn control message is checked before anything is stored', async (t) => {
+  const { parseChurn } = await import('../../src/server/control.js');
+  const good = { diskId: 'd1', intervalMs: 10_000, bytes: 4096, writes: 1, sampledBytes: 65_536, compressedBytes: 1000, sizeBytes: 1 << 20, usedBytes: null, complete: true };
+  t.same(parseChurn({ disks: [good] }), [good]);
+  t.same(parseChurn({ disks: [{ ...good, usedBytes: 5 }] })[0]!.usedBytes, 5);
+  const bad: [string, unknown][] = [
+    ['no list', { disks: 'x' }],
+    ['too many disks', { disks: Array.from({ length: 257 }, () => good) }],
+    ['not an object', { disks: [1] }],
+    ['no disk id', { disks: [{ ...good, diskId: '' }] }],
+    ['negative bytes', { disks: [{ ...good, bytes: -1 }] }],
+    ['fractional bytes', { disks: [{ ...good, bytes: 1.5 }] }],
+    ['a zero interval', { disks: [{ ...good, intervalMs: 0 }] }],
+    ['bytes as a string', { disks: [{ ...good, bytes: '10' }] }],
+    ['more compressed than sampled', { disks: [{ ...good, compressedBytes: 70_000 }] }],
+    ['used bytes negative', { disks: [{ ...good, usedBytes: -5 }] }],
+    ['complete missing', { disks: [{ ...good, complete: undefined }] }],
+  ];
+  for (const [what, m] of bad) t.throws(() => parseChurn(m as Record<string, unknown>), { code: 'MOB_ERR_FRAME_MALFORMED' }, what);
+});
