@@ -238,7 +238,7 @@ export async function runFullDemo(opts: { dir?: string; keep?: boolean }): Promi
     out('8. what an operator sees');
     const d = await status();
     if (d) {
-      process.stdout.write(table([['AGENT', 'DISK', 'STATE', 'RPO', 'POINTS'], [d.agent, d.disk, d.state, fmtAge(d.rpoMs), String(d.points)]]).replace(/^/gm, '   '));
+      out(table([['AGENT', 'DISK', 'STATE', 'RPO', 'POINTS'], [d.agent, d.disk, d.state, fmtAge(d.rpoMs), String(d.points)]]).trimEnd().replace(/^/gm, '   '));
     }
     const pts = (await api(conn, 'GET', `/v1/points?agent=${encodeURIComponent(id)}`)).points as { id: string; takenAt: string; kind: string; frozenMs: number }[];
     out(`   ${pts.length} recovery points (newest: ${pts[pts.length - 1]?.id ?? '-'}); the replica holds ${fmtBytes(DISK_MB * 1024 * 1024)} of disk`);
