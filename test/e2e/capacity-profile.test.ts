@@ -171,8 +171,25 @@ t.test('profile-only: measured churn within 10 % of fio, across an agent restart
   await waitFor(() => traceInstancesOf(agentId).length === 0, LONG, 'the profiling trace instance removed');
   await waitFor(() => !fs.existsSync(path.join(stateDir, 'profile', agentId)), LONG, 'the profiling state removed');
   t.ok((disk(await plan())?.basis.samples ?? 0) >= resumed.basis.samples, 'the samples stay after disable');
+  t.notOk(fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId)), 'still no replica');
+
+  // profiled again, then protected: protection takes the disk over, profiling ends, the samples stay
+  const again = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop, '--disk-id', 'data', '--profile-only']);
+  t.equal(again.code, 0, again.stderr);
+  await waitFor(() => traceInstancesOf(agentId).length === 1, LONG, 'profiling again');
+  const protect = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop, '--disk-id', 'data', '--json']);
+  t.equal(protect.code, 0, protect.stderr);
+  t.same((JSON.parse(protect.stdout) as { profileEnded: string[] }).profileEnded, ['data'], 'enable says the profiling of the disk ended');
+  const refused = await cli(['enable', ...conn, '--machine', agentId, '--disk', loop, '--disk-id', 'data', '--profile-only']);
+  t.match(refused.stderr, /MOB_ERR_CONFIG/, 'a protected disk cannot be profiled');
+  await waitFor(() => fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId, 'points.json')), LONG, 'a recovery point of the now protected disk');
+  await waitFor(() => !fs.existsSync(path.join(stateDir, 'profile', agentId)), LONG, 'the profiling state removed once the disk is protected');
+  t.ok(traceInstancesOf(agentId).length === 1, 'one trace instance: protection\'s');
+  t.ok((disk(await plan())?.basis.samples ?? 0) >= resumed.basis.samples, 'the samples stay after protection started');
+  const off = await cli(['disable', ...conn, '--machine', agentId, '--disk', 'data', '--yes']);
+  t.equal(off.code, 0, off.stderr);
+  await waitFor(() => traceInstancesOf(agentId).length === 0, LONG, 'no trace instance left');
 
   agent.child.kill('SIGTERM');
   t.equal(await agent.exited, 0);
-  t.notOk(fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId)), 'still no replica');
 });
