@@ -159,3 +159,31 @@ t.test('the churn control message is checked before anything is stored', async (
   ];
   for (const [what, m] of bad) t.throws(() => parseChurn(m as Record<string, unknown>), { code: 'MOB_ERR_FRAME_MALFORMED' }, what);
 });
+
+t.test('churn samples in the configuration database: a schema-4 database gains the tables, samples round-trip, old ones go', async (t) => {
+  const { default: Database } = await import('better-sqlite3');
+  const path = await import('node:path');
+  const { ConfigDb, MIGRATIONS, CHURN_KEEP_MS } = await import('../../src/server/config-db.js');
+  const { tmpDir } = await import('../helpers.js');
+  const dir = path.join(await tmpDir(t), 'data');
+  ConfigDb.open(dir).close();
+  const raw = new Database(path.join(dir, 'config.db'));
+  raw.exec('DROP TABLE profile_disks; DROP TABLE churn_samples;');
+  raw.pragma('user_version = 4');
+  raw.close();
+  const db = ConfigDb.open(dir);
+  t.teardown(() => db.close());
+  t.equal(db.schemaVersion, MIGRATIONS.length, 'upgraded in place');
+  db.upsertAgent({ id: 'm1', machineId: 'ab'.repeat(16), hostname: 'web1', certFingerprint: 'x', registeredWith: 'passphrase' });
+  db.enableProfile('m1', 'a', '/dev/sdb');
+  t.same(db.listProfileDisks('m1').map((d) => [d.diskId, d.device]), [['a', '/dev/sdb']]);
+  t.same(db.listDisks('m1'), [], 'a profiled disk is not a protected one');
+  const now = T0 + CHURN_KEEP_MS + 50_000;
+  db.recordChurn([{ ...ramp[0]!, t: T0 }, { ...ramp[1]!, t: now - 1000, usedBytes: null }], now);
+  const back = db.churnSamples({ agentId: 'm1' });
+  t.equal(back.length, 1, 'a sample older than the retention is deleted at the next write');
+  t.same(back[0], { ...ramp[1]!, t: now - 1000, usedBytes: null }, 'a sample round-trips');
+  t.ok(db.disableProfile('m1', 'a'));
+  t.notOk(db.disableProfile('m1', 'a'), 'twice: nothing to disable');
+  t.equal(db.churnSamples().length, 1, 'disabling keeps the samples');
+});
