@@ -304,10 +304,15 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       if (v.help) { process.stdout.write(HELP.machines); return EXIT.OK; }
       const j = await api(await serverConn(v), 'GET', '/v1/machines');
       const { formatMachines } = await import('../agent/inventory.js');
-      type M = { agentId: string; hostname: string; connected: boolean; lastSeen: string | null; inventory: import('../agent/inventory.js').Inventory | null; policy: string; disks: { diskId: string; device: string }[] };
+      type M = {
+        agentId: string; hostname: string; connected: boolean; lastSeen: string | null; inventory: import('../agent/inventory.js').Inventory | null; policy: string; disks: { diskId: string; device: string }[];
+        /** Absent from servers before profile-only mode. */
+        profiled?: { diskId: string; device: string }[];
+      };
       const ms = (j.machines ?? []) as M[];
       out(v, j, () => ms.length === 0 ? 'no registered machines\n' : formatMachines(ms.map((m) => ({ ...m, disks: m.disks.length })))
-        + ms.filter((m) => m.disks.length).map((m) => `${m.agentId} protects ${m.disks.map((d) => `${d.diskId} (${d.device})`).join(', ')}\n`).join(''));
+        + ms.filter((m) => m.disks.length).map((m) => `${m.agentId} protects ${m.disks.map((d) => `${d.diskId} (${d.device})`).join(', ')}\n`).join('')
+        + ms.filter((m) => m.profiled?.length).map((m) => `${m.agentId} profiles ${m.profiled!.map((d) => `${d.diskId} (${d.device})`).join(', ')} (capacity planning: see mobility capacity)\n`).join(''));
       return EXIT.OK;
     }
     case 'policy': {

@@ -163,6 +163,7 @@ t.test('profile-only: measured churn within 10 % of fio, across an agent restart
   const me = machines.machines.find((m) => m.agentId === agentId)!;
   t.same(me.disks, [], 'no protected disk');
   t.same(me.profiled.map((d) => d.diskId), ['data'], 'the profiled disk is listed');
+  t.match((await cli(['machines', ...conn])).stdout, new RegExp(`${agentId} profiles data \\(${loop}\\)`), 'mobility machines says the disk is profiled');
 
   // disable ends profiling (nothing to delete, nothing asked); the samples stay
   const dis = await cli(['disable', ...conn, '--machine', agentId, '--disk', 'data']);
