@@ -227,13 +227,14 @@ stop_agent() {
 # The agent's kernel trace instance (it keeps recording across agent restarts, so
 # stopping the agent leaves it). The agent records its name in
 # protect/<agent id>/trace-instance (mobility-<agent id>-<digest of the state dir>: unique to
-# this installation). Agents before 0.2 named it mobility-<agent id> and recorded nothing: that
+# this installation), and that of profiling in profile/<agent id>/trace-instance. Agents before 0.2 named it mobility-<agent id> and recorded nothing: that
 # name is derived from the agent id in identity.json. An instance locked by a live process
 # (/run/mobility/trace-locks/NAME.lock holds "pid starttime") is in use and is never removed.
 # rmdir alone, never enable=0 first: the kernel disables it as it removes it.
 remove_trace_instance() {
   local f name names=() agent
-  for f in "$STATE"/protect/*/trace-instance; do
+  # profile/<agent id>/trace-instance: the instance of profile-only disks (capacity planning)
+  for f in "$STATE"/protect/*/trace-instance "$STATE"/profile/*/trace-instance; do
     [ -f "$f" ] || continue
     name=$(head -n 1 "$f" | tr -cd 'A-Za-z0-9._-')
     if [ -n "$name" ]; then names+=("$name"); fi

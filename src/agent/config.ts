@@ -34,12 +34,14 @@ export interface AgentConfig {
   hooksDir?: string;
   /** error, warn, info (default), http, verbose, debug, silly; a reload applies it. */
   logLevel?: string;
+  /** Profile-only disks (capacity planning): how often their churn is reported (default 10 s, at least 1 s). */
+  profileIntervalMs?: number;
 }
 
 /** Every key of agent.json and its JSON type. Other keys are ignored (install.sh keeps them on upgrade). */
 export const AGENT_CONFIG_KEYS: Record<keyof AgentConfig, 'string' | 'number'> = {
   server: 'string', stateDir: 'string', logFile: 'string', pin: 'string', machineIdFile: 'string',
-  inventoryIntervalMs: 'number', tracefsRoot: 'string', hooksDir: 'string', logLevel: 'string',
+  inventoryIntervalMs: 'number', tracefsRoot: 'string', hooksDir: 'string', logLevel: 'string', profileIntervalMs: 'number',
 };
 
 /** The log levels logLevel may name (winston's npm levels). */
@@ -72,6 +74,9 @@ export async function loadAgentConfig(file: string): Promise<AgentConfig> {
   // setInterval takes at most 2^31-1 ms; a wrong value would refresh the inventory every millisecond
   if (c.inventoryIntervalMs !== undefined && !(Number.isInteger(c.inventoryIntervalMs) && c.inventoryIntervalMs >= 1000 && c.inventoryIntervalMs <= 2 ** 31 - 1)) {
     throw new MobilityError('MOB_ERR_CONFIG', `${file}: "inventoryIntervalMs" must be a whole number of milliseconds from 1000 to ${2 ** 31 - 1}, not ${c.inventoryIntervalMs}`);
+  }
+  if (c.profileIntervalMs !== undefined && !(Number.isInteger(c.profileIntervalMs) && c.profileIntervalMs >= 1000 && c.profileIntervalMs <= 2 ** 31 - 1)) {
+    throw new MobilityError('MOB_ERR_CONFIG', `${file}: "profileIntervalMs" must be a whole number of milliseconds from 1000 to ${2 ** 31 - 1}, not ${c.profileIntervalMs}`);
   }
   if (c.logLevel !== undefined && !(LOG_LEVELS as readonly string[]).includes(c.logLevel)) {
     throw new MobilityError('MOB_ERR_CONFIG', `${file}: "logLevel" must be one of ${LOG_LEVELS.join(', ')}, not ${JSON.stringify(c.logLevel)}`);

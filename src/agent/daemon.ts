@@ -14,6 +14,7 @@
  * nothing is protected). The server asks for cuts the same way (`mobility cut`,
  * a `cut` control message).
  */
+import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -31,6 +32,7 @@ import { runPreflight } from '../install/preflight.js';
 import { installIdOf } from '../util/installation.js';
 import { TracefsTracker, traceInstanceName } from '../source/tracker/tracefs.js';
 import { GroupCutMember } from './group-member.js';
+import { Profiler, type ChurnReport } from './profiler.js';
 
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 30_000;
@@ -59,7 +61,14 @@ export function policyCompressMode(p: Pick<Policy, 'compress' | 'compressMode'>)
   return p.compress ? 'auto' : 'never';
 }
 
-interface Assignments { agentId: string; policy: Policy; disks: { diskId: string; device: string }[] }
+interface Assignments {
+  agentId: string; policy: Policy; disks: { diskId: string; device: string }[];
+  /** Disks to profile only (capacity planning: track and report churn, ship nothing); absent from older servers. */
+  profile?: { diskId: string; device: string }[];
+}
+
+/** Churn reports kept while the control connection is down (a day of 10 s intervals of one machine); the oldest go first. */
+const MAX_QUEUED_CHURN = 8640;
 
 export class AgentDaemon {
   private cfg!: AgentConfig;
@@ -82,6 +91,11 @@ export class AgentDaemon {
   private wantedCut: { kind: CutKind; until: number } | null = null;
   /** Group cuts this machine takes part in, by group point (see group-member.ts). */
   private readonly groupCuts = new Map<string, GroupCutMember>();
+  private profiler: Profiler | null = null;
+  private profilerDone: Promise<void> | null = null;
+  private profiled = '';
+  /** Churn reports not sent yet (the control connection was down). */
+  private churnQueue: { type: 'churn'; atMs: number; disks: ChurnReport[] }[] = [];
 
   constructor(private readonly configFile: string, private readonly opts: { pidFile?: string; json?: boolean } = {}) {
     this.log = createLogger({ component: 'agent', json: opts.json });
@@ -115,6 +129,7 @@ export class AgentDaemon {
       await this.controlLoop();
     } finally {
       await this.stopProtector();
+      await this.stopProfiler();
       if (this.invTimer) clearInterval(this.invTimer);
       if (this.opts.pidFile) await fsp.rm(this.opts.pidFile, { force: true });
       this.log.info('agent stopped', { agent: this.creds.identity.agentId });
@@ -128,6 +143,7 @@ export class AgentDaemon {
     this.wakeReconnect?.();
     this.ws?.close(1000, 'agent stopping');
     this.protector?.stop();
+    this.profiler?.stop();
   }
 
   private async reload(): Promise<void> {
@@ -178,7 +194,9 @@ export class AgentDaemon {
           // stop, but keep the tracking state: only the server's assignments remove it
           await this.applying;
           await this.stopProtector();
+          await this.stopProfiler();
           this.applied = '';
+          this.profiled = '';
           wait = REFUSED_RETRY_MS;
         } else if (!this.stopping) {
           this.log.warn('control connection lost', { code: e.code, error: e.message, retryInMs: backoff });
@@ -235,6 +253,7 @@ export class AgentDaemon {
             this.log.info('control connected', { server: this.cfg.server });
             void this.sendInventory();
             this.scheduleInventory();
+            this.flushChurn();
           }
           void this.apply(m as unknown as Assignments);
           return;
@@ -350,13 +369,92 @@ export class AgentDaemon {
     p.requestGroupCut(member);
   }
 
-  /** Serialised: protection follows the latest assignments (null = protect nothing). */
+  /** Serialised: protection and profiling follow the latest assignments (null = protect nothing). */
   private apply(a: Assignments | null): Promise<void> {
     this.desired = a;
     this.applying = this.applying.then(() => this.reconcile()).catch((err) => {
       this.log.error('cannot apply assignments', { error: (err as Error).message });
+    }).then(() => this.reconcileProfile()).catch((err) => {
+      this.log.error('cannot apply the profiling assignments', { code: toMobilityError(err).code, error: (err as Error).message });
     });
     return this.applying;
+  }
+
+  /**
+   * Profile-only disks: one Profiler for all of them (its own trace instance, under
+   * <stateDir>/profile), restarted when the set changes, torn down when it is empty. A disk the
+   * server also assigns for protection is protected only.
+   */
+  private async reconcileProfile(): Promise<void> {
+    const a = this.desired;
+    const protectedIds = new Set(a?.disks.map((d) => d.diskId) ?? []);
+    const disks = (Array.isArray(a?.profile) ? a.profile : []).filter((d) => !protectedIds.has(d.diskId))
+      .map((d) => ({ id: String(d.diskId), path: String(d.device) })).sort((x, y) => x.id.localeCompare(y.id));
+    const k = JSON.stringify(disks);
+    if (k === this.profiled && (this.profiler || disks.length === 0)) return;
+    const had = this.profiled !== '' && this.profiled !== '[]';
+    await this.stopProfiler();
+    this.profiled = k;
+    const agentId = this.creds.identity.agentId;
+    const profileDir = path.join(this.cfg.stateDir, 'profile');
+    if (!disks.length) {
+      if (had || fs.existsSync(path.join(profileDir, agentId))) {
+        try {
+          await Profiler.remove(agentId, profileDir, this.cfg.tracefsRoot);
+          this.log.info('profiling removed', { agent: agentId });
+        } catch (err) {
+          this.log.warn('cannot remove the profiling trace instance; the next profiling reuses it', { code: toMobilityError(err).code, error: (err as Error).message });
+        }
+      }
+      return;
+    }
+    const p = new Profiler({
+      agentId, disks, stateDir: profileDir, intervalMs: this.cfg.profileIntervalMs, tracefsRoot: this.cfg.tracefsRoot,
+      logger: this.log.child({ component: 'profile' }),
+      onReport: (reports, atMs) => this.queueChurn(reports, atMs),
+    });
+    this.profiler = p;
+    this.log.info('profiling', { disks, intervalMs: this.cfg.profileIntervalMs });
+    this.profilerDone = p.run().then(
+      () => { this.log.info('profiling stopped'); },
+      (err) => {
+        const e = toMobilityError(err);
+        this.log.error('profiling failed', { code: e.code, error: e.message, restartInMs: PROTECT_RESTART_MS });
+        this.send({ type: 'event', event: { event: 'profile-failed', code: e.code, message: e.message } });
+      },
+    ).finally(() => {
+      if (this.profiler !== p) return;
+      this.profiler = null;
+      this.profilerDone = null;
+      if (!this.stopping) {
+        const t = setTimeout(() => { if (!this.stopping && !this.profiler) { this.profiled = ''; void this.apply(this.desired); } }, PROTECT_RESTART_MS);
+        t.unref();
+      }
+    });
+  }
+
+  private queueChurn(reports: ChurnReport[], atMs: number): void {
+    this.churnQueue.push({ type: 'churn', atMs, disks: reports });
+    if (this.churnQueue.length > MAX_QUEUED_CHURN) this.churnQueue.splice(0, this.churnQueue.length - MAX_QUEUED_CHURN);
+    this.flushChurn();
+  }
+
+  /** Sends the queued churn reports while the control connection is up (sent ones leave the queue). */
+  private flushChurn(): void {
+    while (this.churnQueue.length && this.status.connected && this.ws?.readyState === WebSocket.OPEN) {
+      const m = this.churnQueue.shift()!;
+      // ageMs: how long ago the interval ended, so the server dates it on its own clock
+      this.ws.send(JSON.stringify({ ...m, ageMs: Math.max(0, Date.now() - m.atMs) }));
+    }
+  }
+
+  private async stopProfiler(): Promise<void> {
+    const p = this.profiler;
+    if (!p) return;
+    this.profiler = null;
+    p.stop();
+    await this.profilerDone;
+    this.profilerDone = null;
   }
 
   private key(a: Assignments | null): string {

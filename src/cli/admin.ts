@@ -87,10 +87,16 @@ A policy governs all the disks of a machine (they form one consistency group):
                       a larger remainder converges further before the next freeze
 Creating an existing policy updates it; the agents under it get the change at once.
 ${CONN_HELP}`,
-  enable: `Usage: mobility enable --machine M --disk DEV [--disk-id ID] [--policy NAME] [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL]
+  enable: `Usage: mobility enable --machine M --disk DEV [--disk-id ID] [--policy NAME] [--profile-only] [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL]
 
 Runs the preflight checks for DEV on the machine's agent, then assigns the disk: the agent
 starts its initial replication at once (pushed over its control connection).
+  --profile-only   measure instead of protect (capacity planning): the agent tracks the disk's
+                   writes and reports its churn and a sampled compression ratio to the server
+                   every 10 s (agent.json profileIntervalMs); nothing is replicated, no replica
+                   or recovery point is made. See mobility capacity. Enabling the disk again
+                   without --profile-only protects it (its profiling ends, the samples stay);
+                   mobility disable ends profiling and deletes nothing.
 ${CONN_HELP}`,
   disable: `Usage: mobility disable --machine M --disk ID|DEV [--keep-replica] [--yes] [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
@@ -350,10 +356,15 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
       if (v.help) { process.stdout.write(HELP.machines); return EXIT.OK; }
       const j = await api(await serverConn(v), 'GET', '/v1/machines');
       const { formatMachines } = await import('../agent/inventory.js');
-      type M = { agentId: string; hostname: string; connected: boolean; lastSeen: string | null; inventory: import('../agent/inventory.js').Inventory | null; policy: string; disks: { diskId: string; device: string }[] };
+      type M = {
+        agentId: string; hostname: string; connected: boolean; lastSeen: string | null; inventory: import('../agent/inventory.js').Inventory | null; policy: string; disks: { diskId: string; device: string }[];
+        /** Absent from servers before profile-only mode. */
+        profiled?: { diskId: string; device: string }[];
+      };
       const ms = (j.machines ?? []) as M[];
       out(v, j, () => ms.length === 0 ? 'no registered machines\n' : formatMachines(ms.map((m) => ({ ...m, disks: m.disks.length })))
-        + ms.filter((m) => m.disks.length).map((m) => `${m.agentId} protects ${m.disks.map((d) => `${d.diskId} (${d.device})`).join(', ')}\n`).join(''));
+        + ms.filter((m) => m.disks.length).map((m) => `${m.agentId} protects ${m.disks.map((d) => `${d.diskId} (${d.device})`).join(', ')}\n`).join('')
+        + ms.filter((m) => m.profiled?.length).map((m) => `${m.agentId} profiles ${m.profiled!.map((d) => `${d.diskId} (${d.device})`).join(', ')} (capacity planning: see mobility capacity)\n`).join(''));
       return EXIT.OK;
     }
     case 'policy': {
@@ -399,25 +410,36 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
     case 'enable': case 'disable': {
       const { values: v } = parse(argv, {
         ...CONN, machine: { type: 'string' }, disk: { type: 'string' }, 'disk-id': { type: 'string' }, policy: { type: 'string' }, 'keep-replica': { type: 'boolean' },
-        ...(cmd === 'disable' ? { yes: { type: 'boolean', short: 'y' } } : {}),
+        ...(cmd === 'disable' ? { yes: { type: 'boolean', short: 'y' } } : { 'profile-only': { type: 'boolean' } }),
       });
       if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
       if (!v.machine || !v.disk) throw new MobilityError('MOB_ERR_USAGE', `${cmd} needs --machine and --disk`);
       const c = await serverConn(v);
       if (cmd === 'enable') {
-        const j = await api(c, 'POST', '/v1/enable', { machine: v.machine, disk: v.disk, diskId: v['disk-id'], policy: v.policy });
+        if (v['profile-only'] && v.policy) throw new MobilityError('MOB_ERR_USAGE', '--profile-only takes no --policy: nothing is replicated');
+        const j = await api(c, 'POST', '/v1/enable', { machine: v.machine, disk: v.disk, diskId: v['disk-id'], policy: v.policy, ...(v['profile-only'] ? { profileOnly: true } : {}) });
+        if (j.profileOnly === true) {
+          out(v, j, () => `profiling ${String(j.diskId)} (${String(j.device)}) on ${String(j.agentId)}; preflight passed; nothing is replicated (mobility capacity plans from what it measures)\n`);
+          return EXIT.OK;
+        }
+        if (v['profile-only']) throw new MobilityError('MOB_ERR_CONFIG', `the server does not know profile-only mode (an older server) and enabled protection of ${String(j.diskId)} instead; if that is not wanted: mobility disable --machine ${String(j.agentId)} --disk ${String(j.diskId)}`);
         out(v, j, () => `enabled ${String(j.diskId)} (${String(j.device)}) on ${String(j.agentId)} under policy ${String(j.policy)}; preflight passed; initial replication starts now (mobility status shows progress)\n`);
       } else {
         const body = { machine: v.machine, disk: v.disk, keepReplica: Boolean(v['keep-replica']) };
         if (!body.keepReplica) {
           const dry = await api(c, 'POST', '/v1/disable', { ...body, dryRun: true });
-          await confirmDestructive({
+          // a profiled disk: nothing on the server to delete, nothing to ask
+          if (dry.profileOnly !== true) await confirmDestructive({
             yes: Boolean(v.yes), command: 'disable',
             summary: `disable ${String(dry.diskId)} (${String(dry.device)}) on ${String(dry.agentId)} deletes, on the server:\n${fmtDisablePlan(dry.plan as DisablePlan)}`,
           });
         }
         const j = await api(c, 'POST', '/v1/disable', body);
         const removed = j.removed as DisablePlan | null;
+        if (j.profileOnly === true) {
+          out(v, j, () => `profiling of ${String(j.diskId)} on ${String(j.agentId)} ended; its churn samples stay for mobility capacity\n`);
+          return EXIT.OK;
+        }
         out(v, j, () => `disabled ${String(j.diskId)} on ${String(j.agentId)}${removed ? '; deleted:\n' + fmtDisablePlan(removed) : '; replica, recovery points and test-failover images kept\n'}`);
       }
       return EXIT.OK;

@@ -36,7 +36,7 @@ Commands:
   test-failover  materialise a writable image of a recovery point, or of every machine of a group point (or --cleanup it)
   failover    stop replication of an agent and promote a recovery point (after a final cut)
   reprotect   fail back: pull only the differences from the promoted images into the original disks (asks first)
-  demo        start a server and an agent on loopback, replicate a disk, prove the replica
+  demo        the whole product on this machine: server, agent, protection, points, a checked test failover
 
 Configuration server and agents:
   passphrase  show or rotate the registration passphrase (on the server)
@@ -50,6 +50,7 @@ Configuration server and agents:
   disable     stop protecting a disk and delete its replica (asks first; --yes when not on a terminal)
   cut         take a consistency cut of a machine now and print its recovery point
   group       consistency groups: machines cut together (create, list, delete, cut)
+  capacity    plan bandwidth, storage and process servers from churn measured on profiled disks
   push-install  install the agent on Linux hosts over SSH (parallel, with progress)
   push-account  store, list or remove push-install accounts (encrypted at rest)
 
@@ -267,16 +268,26 @@ run again (its first pass is a checksum resync that finds nothing to send).
 Whatever was written to these disks after the failover is overwritten: on a terminal the
 command lists the disks and asks; elsewhere it refuses (MOB_ERR_USAGE, exit 2) without --yes.
 ${CONN_HELP}`,
-  demo: `Usage: mobility demo [--dir DIR] [--size N] [--keep]
+  demo: `Usage: mobility demo [--dir DIR] [--keep] [--files [--size N]]
 
-Starts 'mobility server' on 127.0.0.1 with TLS, creates a mixed-content disk image,
-replicates it (initial), rewrites 1% of it, replicates again (incremental), verifies,
-and checks sha256(source) == sha256(replica) after each step.
+As root (with tracefs, losetup, mkfs.ext4, e2fsck, fsfreeze): the whole product on this
+machine. Starts 'mobility server' on 127.0.0.1 with TLS, makes a 128 MiB loop device with
+ext4 and files, registers an agent with the server's passphrase and runs it ('mobility
+agent'), creates a policy, enables the disk (preflight on the agent), shows the initial
+replication, takes three recovery points after changing files, and test-fails-over the
+middle one: e2fsck -fn of the image, and every file's checksum equal to the disk's at that
+point. Then status, the points and the console URL. On a terminal it waits for Enter before
+tearing everything down (loop device, mount, trace instance, processes).
+
+Otherwise (or with --files): a disk image replicated to the server (initial), 1% of it
+rewritten, replicated again (incremental), verified, with sha256(source) == sha256(replica)
+after each step.
 
 Options:
   --dir DIR    work directory (default: a new temporary directory)
-  --size N     image size, e.g. 256M (default 256M)
   --keep       keep the work directory
+  --files      the file-based demo even as root
+  --size N     image size of the file-based demo, e.g. 256M (default 256M)
 `,
 };
 
@@ -702,6 +713,7 @@ const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 
 async function helpFor(cmd: string): Promise<string | undefined> {
   if (cmd !== 'main' && Object.prototype.hasOwnProperty.call(HELP, cmd)) return HELP[cmd];
   if (ADMIN_COMMANDS.has(cmd)) return (await import('./admin.js')).adminHelp(cmd);
+  if (cmd === 'capacity') return (await import('./capacity-cli.js')).CAPACITY_HELP;
   return undefined;
 }
 
@@ -738,9 +750,17 @@ export async function main(argv: string[]): Promise<number> {
         const { runAdmin } = await import('./admin.js');
         return await runAdmin(cmd, rest);
       }
+      case 'capacity': return await (await import('./capacity-cli.js')).cmdCapacity(rest);
       case 'demo': {
-        const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' } });
+        const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' }, files: { type: 'boolean' } });
         if (v.help) { process.stdout.write(HELP.demo); return EXIT.OK; }
+        if (v.size !== undefined && !v.files && (await import('./demo-full.js')).fullDemoBlocker() === null) throw new MobilityError('MOB_ERR_USAGE', '--size goes with --files (the whole-product demo uses a 128 MiB loop device)');
+        if (!v.files) {
+          const full = await import('./demo-full.js');
+          const why = full.fullDemoBlocker();
+          if (why === null) return await full.runFullDemo({ dir: v.dir as string | undefined, keep: Boolean(v.keep) });
+          process.stdout.write(`the whole-product demo needs root, tracefs and a few tools: ${why}; running the file-based demo instead\n`);
+        }
         const { runDemo } = await import('./demo.js');
         return await runDemo({ dir: v.dir as string | undefined, size: v.size ? parseSize(v.size as string) : undefined, keep: Boolean(v.keep) });
       }

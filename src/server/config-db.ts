@@ -111,6 +111,28 @@ export const MIGRATIONS: string[] = [
      agent_id TEXT PRIMARY KEY REFERENCES agents(id) ON DELETE CASCADE,
      group_name TEXT NOT NULL REFERENCES consistency_groups(name) ON DELETE CASCADE,
      position INTEGER NOT NULL);`,
+  // 6: capacity planning: disks an agent profiles (tracks writes, ships nothing) and the churn it
+  // measured per report interval (bytes written as tracked, a sampled lz4 ratio of the changed data)
+  `CREATE TABLE profile_disks (
+     agent_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+     disk_id TEXT NOT NULL,
+     device TEXT NOT NULL,
+     enabled_at TEXT NOT NULL,
+     PRIMARY KEY (agent_id, disk_id));
+   CREATE TABLE churn_samples (
+     agent_id TEXT NOT NULL,
+     disk_id TEXT NOT NULL,
+     t INTEGER NOT NULL,
+     interval_ms INTEGER NOT NULL,
+     bytes INTEGER NOT NULL,
+     writes INTEGER NOT NULL,
+     sampled_bytes INTEGER NOT NULL,
+     compressed_bytes INTEGER NOT NULL,
+     size_bytes INTEGER NOT NULL,
+     used_bytes INTEGER,
+     complete INTEGER NOT NULL,
+     PRIMARY KEY (agent_id, disk_id, t));
+   CREATE INDEX churn_samples_t ON churn_samples (t);`,
 ];
 
 /**
@@ -119,6 +141,20 @@ export const MIGRATIONS: string[] = [
  * machine to answer each step of a group cut before it aborts it.
  */
 export interface ConsistencyGroup { name: string; members: string[]; intervalMs: number; boundMs: number; kind: 'crash' | 'app'; createdAt: string }
+
+/** How long churn samples are kept (a capacity plan looks at up to this much measurement). */
+export const CHURN_KEEP_MS = 31 * 24 * 3600_000;
+
+/**
+ * One profiling report interval of a disk: t = the end of the interval (server clock, ms),
+ * bytes = bytes written as tracked (extents of completed writes, merged per drain), writes =
+ * extents, sampledBytes / compressedBytes = changed blocks read back and their lz4 size as the
+ * data path would send them (all-zero blocks as 0), complete = no trace event was lost.
+ */
+export interface ChurnSample {
+  agentId: string; diskId: string; t: number; intervalMs: number; bytes: number; writes: number;
+  sampledBytes: number; compressedBytes: number; sizeBytes: number; usedBytes: number | null; complete: boolean;
+}
 
 /** History retention: 10 s samples for a day, 1-minute samples (and events, cleared alerts) for a week. */
 export const HISTORY_FINE_MS = 24 * 3600_000;
@@ -476,6 +512,40 @@ export class ConfigDb {
   }
   disableDisk(agentId: string, diskId: string): boolean {
     return this.db.prepare('DELETE FROM disks WHERE agent_id = ? AND disk_id = ?').run(agentId, diskId).changes === 1;
+  }
+
+  // ---- profiled disks (capacity planning: tracked, never replicated)
+  listProfileDisks(agentId?: string): DiskRow[] {
+    const rows = (agentId === undefined
+      ? this.db.prepare('SELECT * FROM profile_disks ORDER BY agent_id, disk_id').all()
+      : this.db.prepare('SELECT * FROM profile_disks WHERE agent_id = ? ORDER BY disk_id').all(agentId)) as Record<string, unknown>[];
+    return rows.map((r) => ({ agentId: r.agent_id as string, diskId: r.disk_id as string, device: r.device as string, enabledAt: r.enabled_at as string }));
+  }
+  /** Profiles a disk (the API refuses a disk that is protected; enabling protection removes the profile). */
+  enableProfile(agentId: string, diskId: string, device: string): void {
+    this.db.prepare(`INSERT INTO profile_disks (agent_id, disk_id, device, enabled_at) VALUES (?, ?, ?, ?)
+      ON CONFLICT(agent_id, disk_id) DO UPDATE SET device = excluded.device`).run(agentId, diskId, device, now());
+  }
+  disableProfile(agentId: string, diskId: string): boolean {
+    return this.db.prepare('DELETE FROM profile_disks WHERE agent_id = ? AND disk_id = ?').run(agentId, diskId).changes === 1;
+  }
+  /** Writes churn samples (a sample for the same disk and time replaces the older one) and drops those past CHURN_KEEP_MS. */
+  recordChurn(samples: ChurnSample[], nowMs = Date.now()): void {
+    const ins = this.db.prepare(`INSERT OR REPLACE INTO churn_samples (agent_id, disk_id, t, interval_ms, bytes, writes, sampled_bytes, compressed_bytes, size_bytes, used_bytes, complete)
+      VALUES (@agentId, @diskId, @t, @intervalMs, @bytes, @writes, @sampledBytes, @compressedBytes, @sizeBytes, @usedBytes, @complete)`);
+    this.db.transaction(() => {
+      for (const s of samples) ins.run({ ...s, complete: s.complete ? 1 : 0 });
+      this.db.prepare('DELETE FROM churn_samples WHERE t < ?').run(nowMs - CHURN_KEEP_MS);
+    })();
+  }
+  /** Churn samples from sinceMs on, of one agent when given, oldest first per disk. */
+  churnSamples(o: { agentId?: string | null; sinceMs?: number } = {}): ChurnSample[] {
+    return (this.db.prepare(`SELECT * FROM churn_samples WHERE t >= @since AND (@agent IS NULL OR agent_id = @agent) ORDER BY agent_id, disk_id, t`)
+      .all({ since: o.sinceMs ?? 0, agent: o.agentId ?? null }) as Record<string, unknown>[]).map((r) => ({
+      agentId: r.agent_id as string, diskId: r.disk_id as string, t: r.t as number, intervalMs: r.interval_ms as number, bytes: r.bytes as number,
+      writes: r.writes as number, sampledBytes: r.sampled_bytes as number, compressedBytes: r.compressed_bytes as number, sizeBytes: r.size_bytes as number,
+      usedBytes: (r.used_bytes as number | null) ?? null, complete: r.complete !== 0,
+    }));
   }
 
   // ---- push accounts (secret sealed with secrets.key)

@@ -22,7 +22,46 @@ const HELLO_TIMEOUT_MS = 10_000;
 const INSTALL_ID = /^[0-9a-f]{8,64}$/;
 
 export interface Assignment { diskId: string; device: string }
-export interface AssignmentsMessage { type: 'assignments'; agentId: string; policy: Policy; disks: Assignment[] }
+/** disks: to protect; profile: to profile only (track and report churn, never replicate). */
+export interface AssignmentsMessage { type: 'assignments'; agentId: string; policy: Policy; disks: Assignment[]; profile: Assignment[] }
+
+/** Most disks one churn message may carry. */
+const MAX_CHURN_DISKS = 256;
+const CHURN_FIELDS = ['intervalMs', 'bytes', 'writes', 'sampledBytes', 'compressedBytes', 'sizeBytes'] as const;
+
+/**
+ * A churn message's disks, checked: every figure a non-negative safe integer (intervalMs >= 1,
+ * compressedBytes <= a bound of lz4 on sampledBytes), usedBytes one too or null. Throws
+ * MOB_ERR_FRAME_MALFORMED naming the first bad field.
+ */
+export function parseChurn(m: Record<string, unknown>): ChurnReportIn[] {
+  if (!Array.isArray(m.disks) || m.disks.length > MAX_CHURN_DISKS) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `a churn message carries a list of at most ${MAX_CHURN_DISKS} disks`);
+  return (m.disks as unknown[]).map((x, i) => {
+    if (typeof x !== 'object' || x === null) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `churn disk ${i} is not an object`);
+    const d = x as Record<string, unknown>;
+    if (typeof d.diskId !== 'string' || !d.diskId) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `churn disk ${i} has no diskId`);
+    const n: Record<string, number> = {};
+    for (const f of CHURN_FIELDS) {
+      const v = d[f];
+      if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < (f === 'intervalMs' ? 1 : 0)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `churn of ${d.diskId}: ${f} must be a whole number >= ${f === 'intervalMs' ? 1 : 0}, not ${JSON.stringify(v)}`);
+      n[f] = v;
+    }
+    const used = d.usedBytes;
+    if (used !== null && used !== undefined && (typeof used !== 'number' || !Number.isSafeInteger(used) || used < 0)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `churn of ${d.diskId}: usedBytes must be a whole number >= 0 or null`);
+    if (typeof d.complete !== 'boolean') throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `churn of ${d.diskId}: complete must be a boolean`);
+    // lz4's worst case is a little over the input; the data path sends such a block raw
+    if (n.compressedBytes! > n.sampledBytes!) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `churn of ${d.diskId}: compressedBytes (${n.compressedBytes}) is over sampledBytes (${n.sampledBytes})`);
+    return {
+      diskId: d.diskId, intervalMs: n.intervalMs!, bytes: n.bytes!, writes: n.writes!, sampledBytes: n.sampledBytes!, compressedBytes: n.compressedBytes!,
+      sizeBytes: n.sizeBytes!, usedBytes: typeof used === 'number' ? used : null, complete: d.complete,
+    };
+  });
+}
+
+export interface ChurnReportIn {
+  diskId: string; intervalMs: number; bytes: number; writes: number; sampledBytes: number; compressedBytes: number;
+  sizeBytes: number; usedBytes: number | null; complete: boolean;
+}
 
 export interface PreflightReply { ok: boolean; checks: { id: string; ok: boolean; code?: string; message: string; fix?: string }[] }
 
@@ -116,6 +155,19 @@ class ControlSession {
           if (m.type === 'group-failed' && (typeof m.code !== 'string' || typeof m.message !== 'string')) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a group-failed message needs a code and a message');
           if (m.type === 'group-ready' && (typeof m.frozenAtMs !== 'number' || !Number.isFinite(m.frozenAtMs))) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a group-ready message needs frozenAtMs');
           this.hub.groupHandler?.onMessage(this.agentId, m as unknown as GroupAgentMessage);
+          return;
+        }
+        case 'churn': {
+          // profile-only disks' measurements: kept for the disks still profiled (a late report of a
+          // disk disabled meanwhile is dropped), timed by the server's clock
+          const reports = parseChurn(m);
+          const profiled = new Set(this.hub.db.listProfileDisks(this.agentId).map((d) => d.diskId));
+          const age = m.ageMs ?? 0;
+          if (typeof age !== 'number' || !Number.isSafeInteger(age) || age < 0) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a churn message\'s ageMs must be a whole number >= 0');
+          const t = Date.now() - age;
+          const samples = reports.filter((r) => profiled.has(r.diskId)).map((r) => ({ agentId: this.agentId, ...r, t }));
+          if (samples.length) this.hub.db.recordChurn(samples, t);
+          this.hub.db.touchAgent(this.agentId);
           return;
         }
         case 'event': {
@@ -247,7 +299,10 @@ export class ControlHub {
   assignments(agentId: string): AssignmentsMessage {
     const row = this.db.getAgent(agentId);
     const policy = this.db.getPolicy(row?.policy ?? 'default');
-    return { type: 'assignments', agentId, policy, disks: this.db.listDisks(agentId).map((d) => ({ diskId: d.diskId, device: d.device })) };
+    return {
+      type: 'assignments', agentId, policy, disks: this.db.listDisks(agentId).map((d) => ({ diskId: d.diskId, device: d.device })),
+      profile: this.db.listProfileDisks(agentId).map((d) => ({ diskId: d.diskId, device: d.device })),
+    };
   }
 
   /** Sends the agent its current assignments; false when it is not connected (it gets them when it connects). */

@@ -7,7 +7,8 @@
  *                                          never; true = auto, false = never), bandwidthBytes?,
  *                                          freezeLimitMs?, spoolBudgetBytes?}
  *   POST /v1/policies/assign              {machine, policy}
- *   POST /v1/enable                       {machine, disk (device path on the machine), diskId?, policy?}
+ *   POST /v1/enable                       {machine, disk (device path on the machine), diskId?, policy?, profileOnly?}: profileOnly
+ *                                         profiles the disk (tracks writes, reports churn, never replicates)
  *   POST /v1/disable                      {machine, disk (disk id or device), keepReplica?, dryRun?}: dryRun answers what
  *                                         would be deleted and changes nothing
  *   POST /v1/cut                          {machine, kind?, timeoutMs?}: an on-demand cut; answers its recovery point
@@ -17,6 +18,8 @@
  *   POST /v1/groups/delete                {name}: remove a group (its points keep their group labels)
  *   POST /v1/groups/cut                   {group, kind?}: a group cut now; answers the group point, or the error naming the machine
  *   GET  /v1/group-points?group=G         the group's points (complete when every member recorded its part)
+ *   GET  /v1/capacity?machine=&rpo=&retention=&bandwidth=&psThroughput=&window=
+ *                                         capacity plan from the measured churn (server/capacity.ts)
  */
 import fsp from 'node:fs/promises';
 import path from 'node:path';
@@ -62,6 +65,8 @@ export async function listGroupPoints(server: ServerContext, name: string): Prom
   }
   return groupPoints(g.name, catalogs);
 }
+import { DEFAULT_PS_THROUGHPUT, DEFAULT_RETENTION_MS, DEFAULT_RPO_MS, parseRate, parseSpan, planCapacity } from '../capacity.js';
+import { CHURN_KEEP_MS } from '../config-db.js';
 
 const MIN_CRASH_INTERVAL_MS = 15_000;
 export const DEFAULT_CUT_TIMEOUT_MS = 120_000;
@@ -232,7 +237,7 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
         machines: db.listAgents().map((a) => ({
           agentId: a.id, hostname: a.hostname, machineId: a.machineId, connected: server.control.connected(a.id), lastSeen: a.lastSeen,
           registeredAt: a.registeredAt, registeredWith: a.registeredWith, policy: a.policy ?? 'default',
-          disks: disks.filter((d) => d.agentId === a.id), inventory: a.inventory, inventoryAt: a.inventoryAt,
+          disks: disks.filter((d) => d.agentId === a.id), profiled: db.listProfileDisks(a.id), inventory: a.inventory, inventoryAt: a.inventoryAt,
         })),
       });
       return true;
@@ -279,18 +284,35 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
       const diskId = typeof b.diskId === 'string' && b.diskId ? b.diskId : diskIdFor(device);
       if (!ID_PATTERN.test(diskId)) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `disk id ${JSON.stringify(diskId)} is not [A-Za-z0-9._-]{1,64}`);
       const policy = typeof b.policy === 'string' && b.policy ? db.getPolicy(b.policy) : null;
-      const clash = db.listDisks(a.id).find((d) => d.diskId !== diskId && d.device === device);
-      if (clash) throw new MobilityError('MOB_ERR_CONFIG', `${device} is already enabled on ${a.id} as disk ${clash.diskId}`);
+      if (b.profileOnly !== undefined && typeof b.profileOnly !== 'boolean') throw new MobilityError('MOB_ERR_USAGE', 'profileOnly must be a boolean');
+      const profileOnly = b.profileOnly === true;
+      const clash = db.listDisks(a.id).find((d) => (profileOnly || d.diskId !== diskId) && d.device === device);
+      if (clash) throw new MobilityError('MOB_ERR_CONFIG', `${device} is already enabled on ${a.id} as disk ${clash.diskId}${profileOnly ? ' (protected: profiling is for disks not protected yet)' : ''}`);
+      if (profileOnly) {
+        if (db.listDisks(a.id).some((d) => d.diskId === diskId)) throw new MobilityError('MOB_ERR_CONFIG', `disk id ${diskId} is already protected on ${a.id}: profiling is for disks not protected yet`);
+        const pclash = db.listProfileDisks(a.id).find((d) => d.diskId !== diskId && d.device === device);
+        if (pclash) throw new MobilityError('MOB_ERR_CONFIG', `${device} is already profiled on ${a.id} as disk ${pclash.diskId}`);
+      }
       const pre = await server.control.preflight(a.id, [device]);
       if (!pre.ok) {
         const failed = pre.checks.filter((c) => !c.ok);
         throw Object.assign(new MobilityError('MOB_ERR_PREFLIGHT', `preflight on ${a.id} failed: ${failed.map((c) => `${c.code ?? c.id}: ${c.message}${c.fix ? ` (fix: ${c.fix})` : ''}`).join('; ')}`), { details: pre.checks });
       }
+      if (profileOnly) {
+        db.enableProfile(a.id, diskId, device);
+        const pushed = server.control.push(a.id);
+        server.log.info('profiling enabled', { agent: a.id, disk: diskId, device });
+        send(res, 200, { agentId: a.id, diskId, device, profileOnly: true, pushed, preflight: pre.checks });
+        return true;
+      }
       if (policy) db.setAgentPolicy(a.id, policy.name);
+      // a profiled disk becomes protected: its profiling ends (its churn samples stay for mobility capacity)
+      const profiledBefore = db.listProfileDisks(a.id).filter((d) => d.diskId === diskId || d.device === device);
+      for (const d of profiledBefore) db.disableProfile(a.id, d.diskId);
       db.enableDisk(a.id, diskId, device);
       const pushed = server.control.push(a.id);
       server.log.info('replication enabled', { agent: a.id, disk: diskId, device, policy: policy?.name ?? a.policy ?? 'default' });
-      send(res, 200, { agentId: a.id, diskId, device, policy: (policy ?? db.getPolicy(a.policy ?? 'default')).name, pushed, preflight: pre.checks });
+      send(res, 200, { agentId: a.id, diskId, device, policy: (policy ?? db.getPolicy(a.policy ?? 'default')).name, pushed, preflight: pre.checks, profileEnded: profiledBefore.map((d) => d.diskId) });
       return true;
     }
     case 'POST /v1/disable': {
@@ -298,6 +320,19 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
       const a = db.findAgent(str(b.machine, 'machine'));
       const ref = str(b.disk, 'disk');
       const row = db.listDisks(a.id).find((d) => d.diskId === ref || d.device === ref);
+      const prow = row ? undefined : db.listProfileDisks(a.id).find((d) => d.diskId === ref || d.device === ref);
+      if (prow) {
+        // profiling only: nothing on the server to delete (its churn samples stay for mobility capacity)
+        if (b.dryRun === true) {
+          send(res, 200, { agentId: a.id, diskId: prow.diskId, device: prow.device, dryRun: true, profileOnly: true, keepReplica: true, plan: null });
+          return true;
+        }
+        db.disableProfile(a.id, prow.diskId);
+        const pushed = server.control.push(a.id);
+        server.log.info('profiling disabled', { agent: a.id, disk: prow.diskId, pushed });
+        send(res, 200, { agentId: a.id, diskId: prow.diskId, profileOnly: true, pushed, replicaRemoved: false, removed: null });
+        return true;
+      }
       if (!row) throw new MobilityError('MOB_ERR_UNKNOWN_DISK', `no enabled disk ${JSON.stringify(ref)} on ${a.id} (enabled: ${db.listDisks(a.id).map((d) => d.diskId).join(', ') || 'none'})`);
       const keep = b.keepReplica === true;
       if (!keep) {
@@ -400,6 +435,30 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
     case 'GET /v1/group-points': {
       const name = str(url.searchParams.get('group'), 'group');
       send(res, 200, { group: name, points: await listGroupPoints(server, name) });
+        return true;
+      }
+    case 'GET /v1/capacity': {
+      const q = url.searchParams;
+      const opt = (name: string) => { const v = q.get(name); return v === null || v === '' ? null : v; };
+      const machine = opt('machine');
+      const agent = machine === null ? null : db.findAgent(machine);
+      const rpo = opt('rpo');
+      const retention = opt('retention');
+      const bandwidth = opt('bandwidth');
+      const ps = opt('psThroughput');
+      const window = opt('window');
+      const o = {
+        rpoMs: rpo === null ? DEFAULT_RPO_MS : parseSpan(rpo, 'rpo'),
+        retentionMs: retention === null ? DEFAULT_RETENTION_MS : parseSpan(retention, 'retention'),
+        bandwidthBytesPerSec: bandwidth === null ? null : parseRate(bandwidth, 'bandwidth'),
+        psThroughputBytesPerSec: ps === null ? DEFAULT_PS_THROUGHPUT : parseRate(ps, 'psThroughput'),
+      };
+      const now = Date.now();
+      const sinceMs = now - (window === null ? CHURN_KEEP_MS : parseSpan(window, 'window'));
+      const samples = db.churnSamples({ agentId: agent?.id ?? null, sinceMs });
+      const profiled = db.listProfileDisks(agent?.id).map((d) => ({ agentId: d.agentId, diskId: d.diskId }));
+      const hostnames = new Map(db.listAgents().map((x) => [x.id, x.hostname] as [string, string]));
+      send(res, 200, { machine: agent?.id ?? null, window: { from: new Date(sinceMs).toISOString(), to: new Date(now).toISOString() }, ...planCapacity(samples, o, profiled, hostnames, now) });
       return true;
     }
     case 'POST /v1/tokens': {
