@@ -160,17 +160,15 @@ t.test('the churn control message is checked before anything is stored', async (
   for (const [what, m] of bad) t.throws(() => parseChurn(m as Record<string, unknown>), { code: 'MOB_ERR_FRAME_MALFORMED' }, what);
 });
 
-t.test('churn samples in the configuration database: a schema-4 database gains the tables, samples round-trip, old ones go', async (t) => {
-  const { default: Database } = await import('better-sqlite3');
+t.test('churn samples in the configuration database: a database from before capacity planning gains the tables, samples round-trip, old ones go', async (t) => {
+  const { migrationNumber, rollBackSchema } = await import('./schema-rollback.js');
   const path = await import('node:path');
   const { ConfigDb, MIGRATIONS, CHURN_KEEP_MS } = await import('../../src/server/config-db.js');
   const { tmpDir } = await import('../helpers.js');
   const dir = path.join(await tmpDir(t), 'data');
   ConfigDb.open(dir).close();
-  const raw = new Database(path.join(dir, 'config.db'));
-  raw.exec('DROP TABLE profile_disks; DROP TABLE churn_samples;');
-  raw.pragma('user_version = 4');
-  raw.close();
+  // as the server before capacity planning left it
+  rollBackSchema(path.join(dir, 'config.db'), migrationNumber(/CREATE TABLE profile_disks/) - 1);
   const db = ConfigDb.open(dir);
   t.teardown(() => db.close());
   t.equal(db.schemaVersion, MIGRATIONS.length, 'upgraded in place');

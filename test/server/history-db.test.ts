@@ -5,7 +5,7 @@
  */
 import t from 'tap';
 import path from 'node:path';
-import Database from 'better-sqlite3';
+import { migrationNumber, rollBackSchema } from './schema-rollback.js';
 import { ConfigDb, HISTORY_FINE_MS, HISTORY_KEEP_MS, MIGRATIONS, type HealthSample } from '../../src/server/config-db.js';
 import { tmpDir } from '../helpers.js';
 
@@ -84,13 +84,12 @@ t.test('a schema-3 database upgrades in place and gains the history tables', asy
   const dir = path.join(await tmpDir(t), 'data');
   ConfigDb.open(dir).close();
   const file = path.join(dir, 'config.db');
-  // make it look like a database written by the previous server: schema 3, without the history tables
-  const raw = new Database(file);
-  // (and without the tables of later migrations)
-  raw.exec('DROP TABLE health_samples; DROP TABLE events; DROP TABLE alerts; DROP TABLE IF EXISTS profile_disks; DROP TABLE IF EXISTS churn_samples;');
-  raw.pragma('user_version = 3');
-  raw.prepare("INSERT INTO policies (name, rpo_threshold_ms, retention_ms, crash_interval_ms, app_interval_ms, compress, bandwidth_bytes, created_at) VALUES ('gold', 1000, 60000, 1000, 0, 1, 0, 'x')").run();
-  raw.close();
+  // make it look like a database written by the previous server: schema 3, without the history
+  // tables (and without the tables of later migrations)
+  t.equal(migrationNumber(/CREATE TABLE health_samples/), 4, 'the history is migration 4');
+  rollBackSchema(file, 3, (raw) => {
+    raw.prepare("INSERT INTO policies (name, rpo_threshold_ms, retention_ms, crash_interval_ms, app_interval_ms, compress, bandwidth_bytes, created_at) VALUES ('gold', 1000, 60000, 1000, 0, 1, 0, 'x')").run();
+  });
   const db = ConfigDb.open(dir);
   t.teardown(() => db.close());
   t.equal(db.schemaVersion, MIGRATIONS.length);
