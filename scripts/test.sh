@@ -12,6 +12,8 @@ install_missing sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
 # host mode (the QEMU change tracker): a real qemu-storage-daemon serves the disks, qemu-io writes
 # as a guest would, nbdinfo reads dirty bitmaps over NBD (nbdcopy, same package, for the data path)
 install_missing qemu-storage-daemon:qemu-system-common qemu-img:qemu-utils qemu-io:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
+# the operator console's browser test drives a real headless Chromium (playwright-core, no browser download)
+install_missing chromium:chromium
 
 # the change tracker needs tracefs (the agent mounts it itself; tests check for it up front)
 [ -d /sys/kernel/tracing/instances ] || mount -t tracefs tracefs /sys/kernel/tracing || echo "warning: cannot mount tracefs; the e2e tests will fail" >&2
