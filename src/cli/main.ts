@@ -50,6 +50,7 @@ Configuration server and agents:
   cut         take a consistency cut of a machine now and print its recovery point
   push-install  install the agent on Linux hosts over SSH (parallel, with progress)
   push-account  store, list or remove push-install accounts (encrypted at rest)
+  operator    add, list or remove operators of the web console (https://SERVER:PORT/console/)
 
 Operator profiles (connection options saved once):
   login       check a connection to a server and save it as a profile (server, CA or pin, token)
@@ -565,6 +566,7 @@ const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 
 /** The help text of a command (main.ts's own or admin.ts's); undefined for an unknown one. */
 async function helpFor(cmd: string): Promise<string | undefined> {
   if (cmd !== 'main' && Object.prototype.hasOwnProperty.call(HELP, cmd)) return HELP[cmd];
+  if (cmd === 'operator') return (await import('./operator-cli.js')).OPERATOR_HELP;
   if (ADMIN_COMMANDS.has(cmd)) return (await import('./admin.js')).adminHelp(cmd);
   return undefined;
 }
@@ -602,6 +604,7 @@ export async function main(argv: string[]): Promise<number> {
         const { runAdmin } = await import('./admin.js');
         return await runAdmin(cmd, rest);
       }
+      case 'operator': return await (await import('./operator-cli.js')).runOperator(rest);
       case 'demo': {
         const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' } });
         if (v.help) { process.stdout.write(HELP.demo); return EXIT.OK; }

@@ -183,7 +183,7 @@ export class ConsoleService implements OperatorConsole {
     if (p.startsWith('/console/api/')) return this.api(req, res, url, session);
     if (m !== 'GET') { req.resume(); throw new MobilityError('MOB_ERR_USAGE', `no such console endpoint: ${m} ${p}`); }
     req.resume();
-    if (p === '/console/live') return this.live.open(req, res, viewOf(url.searchParams), session.id);
+    if (p === '/console/live') return this.live.open(res, viewOf(url.searchParams), session.id);
     const view = pageView(p);
     if (!view) throw new MobilityError('MOB_ERR_USAGE', `no such console page: ${p}`);
     const status = await this.deps.status();
@@ -251,7 +251,7 @@ export class ConsoleService implements OperatorConsole {
       body = v as Record<string, unknown>;
     } catch (err) {
       const e = err instanceof SyntaxError ? new MobilityError('MOB_ERR_USAGE', `the request body is not JSON: ${err.message}`) : toMobilityError(err);
-      this.audit(session, path.slice(4), '', e.code, e.message);
+      this.audit(session, describe({}).action, '', e.code, e.message);
       this.deps.server.log.warn('console action refused', { operator: session.operator, path, code: e.code });
       throw e;
     }

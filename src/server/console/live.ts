@@ -12,7 +12,7 @@
  * A stream whose session expired or was logged out is ended. Streams are bounded (maxClients);
  * close() ends them all so the listener can stop.
  */
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { ServerResponse } from 'node:http';
 import { MobilityError } from '../../errors.js';
 import type { ConsoleDeps } from './console-view.js';
 import type { JobBoard } from './jobs.js';
@@ -31,14 +31,14 @@ export class LiveHub {
 
   get size(): number { return this.clients.size; }
 
-  open(req: IncomingMessage, res: ServerResponse, view: View, sessionId: string): void {
+  open(res: ServerResponse, view: View, sessionId: string): void {
     if (this.clients.size >= (this.o.maxClients ?? 200)) throw new MobilityError('MOB_ERR_RATE_LIMITED', 'too many open console pages on this server; close some and reload');
     res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store', 'x-accel-buffering': 'no' });
     res.write('retry: 2000\n\n');
     const c: Client = { res, view, key: JSON.stringify(view), sessionId, sent: {} };
     this.clients.add(c);
     const drop = () => { this.clients.delete(c); if (!this.clients.size) this.stopTimer(); };
-    req.once('close', drop);
+    // the response's close (the browser went away); the request's own close comes as soon as its (empty) body is read
     res.once('close', drop);
     if (!this.timer) this.timer = setInterval(() => void this.tick(), this.o.intervalMs ?? 1000);
     void this.tick();
