@@ -52,7 +52,7 @@ function str(v: unknown): string {
 
 const SECURITY_HEADERS = {
   'content-security-policy': "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
-  'x-frame-options': 'DENY', 'x-content-type-options': 'nosniff', 'referrer-policy': 'no-referrer', 'cache-control': 'no-store',
+  'x-frame-options': 'DENY', 'x-content-type-options': 'nosniff', 'referrer-policy': 'same-origin', 'cache-control': 'no-store',
 };
 
 export interface ConsoleOptions {
@@ -79,6 +79,9 @@ function replay(req: IncomingMessage, path: string, body: Buffer): IncomingMessa
   r.method = req.method;
   r.url = path;
   r.headers = { ...req.headers, 'content-length': String(body.length) };
+  // complete, as the parser marks a request it has read whole: else, once read, the message
+  // destroys itself as aborted and takes the connection (the real request's) with it
+  r.complete = true;
   r.push(body);
   r.push(null);
   return r;

@@ -7,6 +7,8 @@
  *    request's Host); Sec-Fetch-Site, when sent, is same-origin.
  *
  * The session cookie is SameSite=Strict as well; these checks stand on their own without it.
+ * (The pages send Referrer-Policy same-origin: with no-referrer, Chromium sends `Origin: null`
+ * on a same-origin form post, which these checks would refuse.)
  */
 import crypto from 'node:crypto';
 import type { IncomingMessage } from 'node:http';
