@@ -25,8 +25,8 @@ sessions. The password is stored as a salted scrypt hash in DATA-DIR/config.db (
   --data-dir DIR   the server's data directory (default ./mobility-data)
 `;
 
-/** Reads a line from the terminal without echoing it. */
-async function askHidden(prompt: string): Promise<string> {
+/** Asks each prompt in turn on the terminal and reads the answers without echoing them (one reader for all: typed-ahead lines are kept). */
+async function askHidden(prompts: string[]): Promise<string[]> {
   let muted = false;
   const out = new Writable({
     write(chunk: Buffer, _enc, cb) {
@@ -35,16 +35,28 @@ async function askHidden(prompt: string): Promise<string> {
     },
   });
   const rl = readline.createInterface({ input: process.stdin, output: out, terminal: true });
+  const answers: string[] = [];
   try {
-    return await new Promise<string>((resolve, reject) => {
-      rl.once('close', () => reject(new MobilityError('MOB_ERR_USAGE', 'no password was given (nothing was changed)')));
-      rl.once('SIGINT', () => rl.close());
-      rl.question(prompt, (a) => resolve(a));
-      muted = true;
+    const closed = new Promise<never>((_, reject) => rl.once('close', () => reject(new MobilityError('MOB_ERR_USAGE', 'no password was given (nothing was changed)'))));
+    closed.catch(() => undefined);
+    rl.once('SIGINT', () => rl.close());
+    // lines typed ahead (or arriving together) are queued, not lost between two prompts
+    const queued: string[] = [];
+    let waiter: ((line: string) => void) | null = null;
+    rl.on('line', (line) => {
+      if (waiter) { const w = waiter; waiter = null; w(line); } else queued.push(line);
     });
+    for (const prompt of prompts) {
+      process.stderr.write(prompt);
+      muted = true;
+      const next = queued.shift();
+      answers.push(next !== undefined ? next : await Promise.race([new Promise<string>((resolve) => { waiter = resolve; }), closed]));
+      muted = false;
+      process.stderr.write('\n');
+    }
+    return answers;
   } finally {
     muted = false;
-    process.stderr.write('\n');
     rl.removeAllListeners('close');
     rl.close();
   }
@@ -53,8 +65,7 @@ async function askHidden(prompt: string): Promise<string> {
 async function passwordOf(v: Values): Promise<string> {
   if (v['password-file']) return (await readSecretFile(v['password-file'] as string, 'password-file')).split('\n')[0];
   if (!isInteractive()) throw new MobilityError('MOB_ERR_USAGE', 'not on a terminal, so the password cannot be asked: give --password-file F (nothing was changed)');
-  const a = await askHidden('password: ');
-  const b = await askHidden('password again: ');
+  const [a, b] = await askHidden(['password: ', 'password again: ']);
   if (a !== b) throw new MobilityError('MOB_ERR_USAGE', 'the two passwords differ (nothing was changed)');
   return a;
 }
