@@ -272,10 +272,33 @@ t.test('operator console in headless Chromium: login, live sync progress, charts
   const withToken = await request(server, 'POST', '/console/api/v1/policies', { headers: { cookie: sessionCookie, 'x-csrf-token': csrf!, 'content-type': 'application/json' }, body });
   t.equal(withToken.status, 200, `with the session and its token the same action is done ${withToken.body.slice(0, 200)}`);
 
+  // an action the API refuses is answered with its code, shown as a failed job and audited
+  const unknown = await request(server, 'POST', '/console/api/v1/enable', { headers: { cookie: sessionCookie, 'x-csrf-token': csrf!, 'content-type': 'application/json' }, body: JSON.stringify({ machine: 'no-such-machine', disk: '/dev/sdz' }) });
+  t.equal(unknown.status, 404, 'enable of an unknown machine: 404');
+  t.equal((JSON.parse(unknown.body) as { code: string }).code, 'MOB_ERR_UNKNOWN_MACHINE');
+  // bad input to the console itself: coded, never internal
+  const bearer = `Bearer ${(await fsp.readFile(server.info.tokenFile, 'utf8')).trim()}`;
+  for (const [method, p, headers, b, status, code] of [
+    ['GET', '/console/api/v1/status', { authorization: bearer }, undefined, 401, 'MOB_ERR_SESSION'],
+    ['POST', '/console/api/v1/tokens', { cookie: sessionCookie, 'x-csrf-token': csrf! }, '{}', 400, 'MOB_ERR_USAGE'],
+    ['POST', '/console/api/v1/policies', { cookie: sessionCookie, 'x-csrf-token': csrf! }, '{not json', 400, 'MOB_ERR_USAGE'],
+    ['POST', '/console/api/v1/policies', { cookie: sessionCookie, 'x-csrf-token': csrf! }, 'x'.repeat(70_000), 400, 'MOB_ERR_USAGE'],
+    ['GET', '/console/live?page=nothing', { cookie: sessionCookie }, undefined, 400, 'MOB_ERR_USAGE'],
+    ['GET', '/console/assets/nothing.js', {}, undefined, 400, 'MOB_ERR_USAGE'],
+    ['POST', '/console/login', {}, 'name=' + 'x'.repeat(9000), 400, 'MOB_ERR_USAGE'],
+  ] as [string, string, Record<string, string>, string | undefined, number, string][]) {
+    const r = await request(server, method, p, { headers, body: b });
+    t.equal(r.status, status, `${method} ${p.slice(0, 40)}: ${status}`);
+    t.equal((JSON.parse(r.body) as { code: string }).code, code, `with ${code}`);
+  }
+  const legacyApi = await request(server, 'GET', '/v1/status', { headers: { authorization: bearer } });
+  t.equal(legacyApi.status, 200, 'the JSON API with the bearer token works as before');
+
   // --- the audit page lists who did what
   await page.goto(`${base()}/console/audit`);
   const audit = await page.$$eval('#audit tr[data-action]', (rows) => rows.map((r) => `${(r as HTMLElement).dataset.action} ${(r as HTMLElement).dataset.result} ${r.children[1].textContent}`));
-  for (const want of ['login MOB_ERR_AUTH alice', 'login ok alice', 'test-failover ok alice', 'test-failover-cleanup ok alice', 'policy-save MOB_ERR_CSRF alice', 'policy-save ok alice']) {
+  for (const want of ['login MOB_ERR_AUTH alice', 'login ok alice', 'test-failover ok alice', 'test-failover-cleanup ok alice', 'policy-save MOB_ERR_CSRF alice', 'policy-save ok alice',
+    'enable MOB_ERR_UNKNOWN_MACHINE alice']) {
     t.ok(audit.includes(want), `audited: ${want}`);
   }
   await screenshot(page, 'audit');
