@@ -252,6 +252,17 @@ t.test('operator console in headless Chromium: login, live sync progress, charts
   await page.waitForSelector('tr[data-kind="test-failover-cleanup"][data-state="succeeded"]', { timeout: LONG });
   await screenshot(page, 'machine-cleaned-up');
 
+  // --- a policy changed from the Policies page, as the API sees it
+  await page.goto(`${base()}/console/policies`);
+  await page.fill('form[data-action="/v1/policies"] input[name=name]', 'gold');
+  await page.fill('form[data-action="/v1/policies"] input[name=rpoThresholdMs]', '120');
+  await page.selectOption('form[data-action="/v1/policies"] select[name=compressMode]', 'always');
+  await clearFlash(page);
+  await page.click('form[data-action="/v1/policies"] button[type=submit]');
+  t.equal(await outcome(page), 'Policy gold saved.', 'the page reports the policy saved');
+  const gold = (await apiGet<{ policies: { name: string; rpoThresholdMs: number; compressMode: string }[] }>(server, '/v1/policies')).policies.find((p) => p.name === 'gold');
+  t.same(gold && [gold.rpoThresholdMs, gold.compressMode], [120_000, 'always'], 'the API has it, with the values given on the page');
+
   // --- CSRF: the session cookie alone does not make an action
   const sessionCookie = `__Host-mobility-session=${cookie!.value}`;
   const csrf = await page.getAttribute('meta[name="csrf-token"]', 'content');
@@ -298,7 +309,7 @@ t.test('operator console in headless Chromium: login, live sync progress, charts
   await page.goto(`${base()}/console/audit`);
   const audit = await page.$$eval('#audit tr[data-action]', (rows) => rows.map((r) => `${(r as HTMLElement).dataset.action} ${(r as HTMLElement).dataset.result} ${r.children[1].textContent}`));
   for (const want of ['login MOB_ERR_AUTH alice', 'login ok alice', 'test-failover ok alice', 'test-failover-cleanup ok alice', 'policy-save MOB_ERR_CSRF alice', 'policy-save ok alice',
-    'enable MOB_ERR_UNKNOWN_MACHINE alice']) {
+    'enable MOB_ERR_UNKNOWN_MACHINE alice', 'policy-save ok alice']) {
     t.ok(audit.includes(want), `audited: ${want}`);
   }
   await screenshot(page, 'audit');
