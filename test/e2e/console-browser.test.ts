@@ -18,42 +18,16 @@
 import t, { type Test } from 'tap';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
-import https from 'node:https';
 import path from 'node:path';
-import { chromium, type BrowserContext, type Page } from 'playwright-core';
-import type { SpawnedServer } from '../../src/server/spawn.js';
+import type { Page } from 'playwright-core';
+import { apiGet, clearFlash, consoleUrl, launchBrowser, LONG, outcome, request, screenshots } from '../console-harness.js';
 import { runCli, startServer, stopGently } from '../helpers.js';
-import { Agent, LONG, setup, sh, shAsync } from '../protect-harness.js';
+import { Agent, setup, sh, shAsync } from '../protect-harness.js';
 
-const CHROMIUM = '/usr/bin/chromium';
 const PASSWORD = 'console test password 1';
 
 // samples every second (the history's test knob), so the charts fill without waiting 10 s per point
 process.env.MOBILITY_HISTORY_WINDOW_MS = '1000';
-
-interface Answer { status: number; headers: Record<string, string | string[] | undefined>; body: string }
-
-/** One HTTPS request to the server, trusting its CA (as a script or curl would). */
-function request(server: SpawnedServer, method: string, p: string, o: { headers?: Record<string, string>; body?: string } = {}): Promise<Answer> {
-  const base = new URL(server.info.url.replace(/^wss:/, 'https:'));
-  return new Promise((resolve, reject) => {
-    const req = https.request({ host: base.hostname, port: base.port, path: p, method, ca: fs.readFileSync(server.info.caFile!), headers: o.headers }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (c: string) => (body += c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body }));
-    });
-    req.on('error', reject);
-    req.end(o.body);
-  });
-}
-
-async function apiGet<T>(server: SpawnedServer, p: string): Promise<T> {
-  const token = (await fsp.readFile(server.info.tokenFile, 'utf8')).trim();
-  const r = await request(server, 'GET', p, { headers: { authorization: `Bearer ${token}` } });
-  if (r.status !== 200) throw new Error(`GET ${p}: ${r.status} ${r.body}`);
-  return JSON.parse(r.body) as T;
-}
 
 interface HistorySample { at: string; rpoMs: number | null; dataLagMs: number | null; backlogBytes: number | null; churnBytesPerSec: number | null; state: string }
 interface ChartState { range: string; fetchedAt: number; samples: HistorySample[]; xs: number[]; ys: Record<string, (number | null)[]>; canvases: { key: string; inked: number }[] }
@@ -81,16 +55,6 @@ async function chartState(page: Page): Promise<ChartState> {
   });
 }
 
-async function clearFlash(page: Page): Promise<void> {
-  await page.evaluate(() => { const f = document.getElementById('flash'); if (f) { f.className = ''; f.textContent = ''; } });
-}
-
-/** The outcome of the action just started on the page: the #flash text once it is no longer "running". */
-async function outcome(page: Page): Promise<string> {
-  await page.waitForFunction(() => /\b(ok|bad)\b/.test(document.getElementById('flash')?.className ?? ''), undefined, { timeout: LONG });
-  return ((await page.textContent('#flash')) ?? '').trim();
-}
-
 const FIELDS: [string, keyof HistorySample, number][] = [['rpo', 'rpoMs', 1 / 1000], ['lag', 'dataLagMs', 1 / 1000], ['churn', 'churnBytesPerSec', 1 / 1048576], ['backlog', 'backlogBytes', 1 / 1048576]];
 
 /** Every point of every chart is the API's sample at that time (the newest, still aggregating window aside). */
@@ -115,17 +79,8 @@ function checkChartsMatch(t: Test, chart: ChartState, api: HistorySample[], what
 }
 
 t.test('operator console in headless Chromium: login, live sync progress, charts, test failover, CSRF, restart', async (t) => {
-  if (!fs.existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is required for this test (apt-get install chromium)`);
   const s = await setup(t, 256);
-  const artifacts = path.resolve('.tap', 'artifacts', 'console-browser', new Date().toISOString().replace(/[:.]/g, '-'));
-  await fsp.mkdir(artifacts, { recursive: true });
-  t.comment(`screenshots: ${artifacts}`);
-  let shot = 0;
-  const screenshot = async (page: Page, name: string) => {
-    const file = path.join(artifacts, `${String(++shot).padStart(2, '0')}-${name}.png`);
-    await page.screenshot({ path: file, fullPage: true });
-    t.comment(`screenshot ${file}`);
-  };
+  const screenshot = await screenshots(t, 'console-browser');
 
   // an operator, created with the CLI as an administrator would
   const pwFile = path.join(s.dir, 'operator-password');
@@ -138,18 +93,8 @@ t.test('operator console in headless Chromium: login, live sync progress, charts
   sh('sync', []);
 
   let server = s.server;
-  const base = () => server.info.url.replace(/^wss:/, 'https:');
-  const ctx: BrowserContext = await chromium.launchPersistentContext(s.c.dir('chromium-profile-'), {
-    executablePath: CHROMIUM, headless: true,
-    // the server's own CA is not in Chromium's store: loopback test only
-    ignoreHTTPSErrors: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    viewport: { width: 1440, height: 900 },
-  });
-  t.teardown(() => ctx.close());
-  const page = ctx.pages()[0] ?? await ctx.newPage();
-  page.setDefaultTimeout(LONG);
-  page.on('dialog', (d) => void d.accept());
+  const base = () => consoleUrl(server);
+  const { ctx, page } = await launchBrowser(t, s.c);
 
   // --- a wrong password is refused
   await page.goto(`${base()}/console/`);
