@@ -15,6 +15,8 @@ install_missing qemu-storage-daemon:qemu-system-common qemu-img:qemu-utils qemu-
 # boot check of test failover: QEMU boots the recovered images (the bootable test disk's kernel, busybox and
 # extlinux come with apt-get download at test time and are cached in $TMPDIR/mobility-test-debs)
 install_missing qemu-system-x86_64:qemu-system-x86
+# the operator console's browser test drives a real headless Chromium (playwright-core, no browser download)
+install_missing chromium:chromium
 
 # the change tracker needs tracefs (the agent mounts it itself; tests check for it up front)
 [ -d /sys/kernel/tracing/instances ] || mount -t tracefs tracefs /sys/kernel/tracing || echo "warning: cannot mount tracefs; the e2e tests will fail" >&2

@@ -53,6 +53,7 @@ Configuration server and agents:
   capacity    plan bandwidth, storage and process servers from churn measured on profiled disks
   push-install  install the agent on Linux hosts over SSH (parallel, with progress)
   push-account  store, list or remove push-install accounts (encrypted at rest)
+  operator    add, list or remove operators of the web console (https://SERVER:PORT/console/)
 
 Operator profiles (connection options saved once):
   login       check a connection to a server and save it as a profile (server, CA or pin, token)
@@ -712,6 +713,7 @@ const ADMIN_COMMANDS = new Set(['register', 'agent', 'preflight', 'passphrase', 
 /** The help text of a command (main.ts's own or admin.ts's); undefined for an unknown one. */
 async function helpFor(cmd: string): Promise<string | undefined> {
   if (cmd !== 'main' && Object.prototype.hasOwnProperty.call(HELP, cmd)) return HELP[cmd];
+  if (cmd === 'operator') return (await import('./operator-cli.js')).OPERATOR_HELP;
   if (ADMIN_COMMANDS.has(cmd)) return (await import('./admin.js')).adminHelp(cmd);
   if (cmd === 'capacity') return (await import('./capacity-cli.js')).CAPACITY_HELP;
   return undefined;
@@ -751,6 +753,7 @@ export async function main(argv: string[]): Promise<number> {
         return await runAdmin(cmd, rest);
       }
       case 'capacity': return await (await import('./capacity-cli.js')).cmdCapacity(rest);
+      case 'operator': return await (await import('./operator-cli.js')).runOperator(rest);
       case 'demo': {
         const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' }, files: { type: 'boolean' } });
         if (v.help) { process.stdout.write(HELP.demo); return EXIT.OK; }

@@ -133,6 +133,32 @@ export const MIGRATIONS: string[] = [
      complete INTEGER NOT NULL,
      PRIMARY KEY (agent_id, disk_id, t));
    CREATE INDEX churn_samples_t ON churn_samples (t);`,
+  // 7: the operator console: operators (salted scrypt hashes, see server/console/passwords.ts), their sessions
+  // (the sha256 of the session id, never the id itself; the CSRF token of the session) and the
+  // audit log of every console action; times in ms since the epoch
+  `CREATE TABLE console_operators (
+     name TEXT PRIMARY KEY,
+     password_hash TEXT NOT NULL,
+     created_at INTEGER NOT NULL,
+     last_login_at INTEGER);
+   CREATE TABLE console_sessions (
+     id_hash TEXT PRIMARY KEY,
+     operator TEXT NOT NULL,
+     csrf TEXT NOT NULL,
+     source TEXT NOT NULL,
+     created_at INTEGER NOT NULL,
+     expires_at INTEGER NOT NULL);
+   CREATE INDEX console_sessions_expiry ON console_sessions (expires_at);
+   CREATE TABLE console_audit (
+     id INTEGER PRIMARY KEY AUTOINCREMENT,
+     t INTEGER NOT NULL,
+     operator TEXT NOT NULL,
+     source TEXT NOT NULL,
+     action TEXT NOT NULL,
+     target TEXT NOT NULL,
+     result TEXT NOT NULL,
+     detail TEXT NOT NULL);
+   CREATE INDEX console_audit_t ON console_audit (t);`,
 ];
 
 /**
@@ -225,6 +251,15 @@ export interface AgentRow {
 export interface DiskRow { agentId: string; diskId: string; device: string; enabledAt: string }
 
 export interface TokenRow { id: string; hash: string; label: string; createdAt: string; expiresAt: string; usedAt: string | null; usedBy: string | null }
+
+/** A console operator: the password hash is a self-describing scrypt string (console/passwords.ts). */
+export interface OperatorRow { name: string; passwordHash: string; createdAt: number; lastLoginAt: number | null }
+
+/** A console session as stored: idHash = sha256(session id) in hex. */
+export interface SessionRow { idHash: string; operator: string; csrf: string; source: string; createdAt: number; expiresAt: number }
+
+/** One audited console action (or login, logout). result: ok, or the error code. */
+export interface AuditRow { id: number; t: number; operator: string; source: string; action: string; target: string; result: string; detail: string }
 
 export interface PushAccount { name: string; user: string; kind: 'key' | 'password'; secret: string; createdAt: string }
 
@@ -663,5 +698,60 @@ export class ConfigDb {
       deleted += this.db.prepare('DELETE FROM alerts WHERE cleared_at IS NOT NULL AND cleared_at < ?').run(keepFrom).changes;
       return { downsampled: old.length, written: buckets.size, deleted };
     })();
+  }
+
+  // ---- console operators, sessions and audit (server/console/)
+  putOperator(name: string, passwordHash: string): 'created' | 'updated' {
+    const had = this.getOperator(name) !== null;
+    this.db.prepare(`INSERT INTO console_operators (name, password_hash, created_at) VALUES (?, ?, ?)
+      ON CONFLICT(name) DO UPDATE SET password_hash = excluded.password_hash`).run(name, passwordHash, Date.now());
+    // a new password ends the operator's sessions
+    if (had) this.db.prepare('DELETE FROM console_sessions WHERE operator = ?').run(name);
+    return had ? 'updated' : 'created';
+  }
+  getOperator(name: string): OperatorRow | null {
+    const r = this.db.prepare('SELECT * FROM console_operators WHERE name = ?').get(name) as Record<string, unknown> | undefined;
+    return r ? { name: r.name as string, passwordHash: r.password_hash as string, createdAt: r.created_at as number, lastLoginAt: r.last_login_at as number | null } : null;
+  }
+  listOperators(): Omit<OperatorRow, 'passwordHash'>[] {
+    return (this.db.prepare('SELECT name, created_at, last_login_at FROM console_operators ORDER BY name').all() as Record<string, unknown>[])
+      .map((r) => ({ name: r.name as string, createdAt: r.created_at as number, lastLoginAt: r.last_login_at as number | null }));
+  }
+  /** Removes the operator and ends its sessions; false when there was none. */
+  removeOperator(name: string): boolean {
+    return this.db.transaction(() => {
+      this.db.prepare('DELETE FROM console_sessions WHERE operator = ?').run(name);
+      return this.db.prepare('DELETE FROM console_operators WHERE name = ?').run(name).changes === 1;
+    })();
+  }
+  touchOperatorLogin(name: string, t: number): void {
+    this.db.prepare('UPDATE console_operators SET last_login_at = ? WHERE name = ?').run(t, name);
+  }
+  putSession(s: SessionRow): void {
+    this.db.prepare('INSERT INTO console_sessions (id_hash, operator, csrf, source, created_at, expires_at) VALUES (@idHash, @operator, @csrf, @source, @createdAt, @expiresAt)').run(s);
+  }
+  getSession(idHash: string): SessionRow | null {
+    const r = this.db.prepare('SELECT * FROM console_sessions WHERE id_hash = ?').get(idHash) as Record<string, unknown> | undefined;
+    return r ? { idHash: r.id_hash as string, operator: r.operator as string, csrf: r.csrf as string, source: r.source as string, createdAt: r.created_at as number, expiresAt: r.expires_at as number } : null;
+  }
+  extendSession(idHash: string, expiresAt: number): void {
+    this.db.prepare('UPDATE console_sessions SET expires_at = ? WHERE id_hash = ?').run(expiresAt, idHash);
+  }
+  deleteSession(idHash: string): boolean {
+    return this.db.prepare('DELETE FROM console_sessions WHERE id_hash = ?').run(idHash).changes === 1;
+  }
+  /** Deletes sessions expired at nowMs; returns how many. */
+  purgeSessions(nowMs: number): number {
+    return this.db.prepare('DELETE FROM console_sessions WHERE expires_at <= ?').run(nowMs).changes;
+  }
+  addAudit(a: Omit<AuditRow, 'id'>): number {
+    return Number(this.db.prepare('INSERT INTO console_audit (t, operator, source, action, target, result, detail) VALUES (@t, @operator, @source, @action, @target, @result, @detail)').run(a).lastInsertRowid);
+  }
+  /** Audit entries newest first. */
+  listAudit(o: { limit?: number } = {}): AuditRow[] {
+    return (this.db.prepare('SELECT * FROM console_audit ORDER BY t DESC, id DESC LIMIT ?').all(o.limit ?? 200) as Record<string, unknown>[]).map((r) => ({
+      id: r.id as number, t: r.t as number, operator: r.operator as string, source: r.source as string, action: r.action as string,
+      target: r.target as string, result: r.result as string, detail: r.detail as string,
+    }));
   }
 }

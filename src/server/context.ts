@@ -9,6 +9,7 @@ import type { TlsIdentity } from '../transport/tls.js';
 import type { PointCatalog } from '../target/catalog.js';
 import type { ReplicaBackend } from '../target/replica-store.js';
 import type { ConfigDb } from './config-db.js';
+import type { OperatorConsole } from './console/console-view.js';
 import type { ControlHub } from './control.js';
 import type { GroupCoordinator } from './group-cut.js';
 import type { FailoverState } from './failover-state.js';
@@ -55,4 +56,6 @@ export interface ServerContext {
   /** True while a replication session holds the disk. */
   diskBusy(agentId: string, diskId: string): boolean;
   failoverState(agentId: string): Promise<FailoverState | null>;
+  /** The web console (login, pages, live updates) served under /console. */
+  readonly operatorConsole: OperatorConsole;
 }

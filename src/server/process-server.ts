@@ -25,6 +25,7 @@ import { writeFileDurable } from '../util/durable-file.js';
 import { collectStatus, handleApi } from './http/api.js';
 import { readFailoverState, type FailoverState } from './failover-state.js';
 import { ConfigDb, type Policy } from './config-db.js';
+import { ConsoleService } from './console/console-service.js';
 import { ControlHub } from './control.js';
 import { DiskLeases } from './disk-leases.js';
 import { HealthBoard } from './health.js';
@@ -127,6 +128,8 @@ export class ProcessServer {
   metrics!: ServerMetrics;
   /** Health samples, events and alerts kept in the configuration database. */
   history!: HistoryRecorder;
+  /** The web console under /console (built once the database is open). */
+  operatorConsole!: ConsoleService;
 
   constructor(readonly opts: ProcessServerOptions) {
     this.log = opts.logger ?? createLogger({ component: 'server' });
@@ -195,6 +198,9 @@ export class ProcessServer {
       thresholdFor: (a) => this.rpoAlertFor(a), watchCuts: (fn) => this.points.watchCuts(fn),
     });
     this.history.start();
+    this.operatorConsole = new ConsoleService({
+      server: this, status: () => collectStatus(this), operatorApi: (req, res) => handleApi(this, req, res, { operator: true }),
+    });
     await ensurePassphrase(this.opts.dataDir);
     this.control = new ControlHub(this.db, this.log.child({ component: 'control' }));
     this.groups = new GroupCoordinator({
@@ -374,6 +380,7 @@ export class ProcessServer {
     await new Promise<void>((r) => (this.controlWss ? this.controlWss.close(() => r()) : r()));
     await this.leases?.settled();
     await new Promise<void>((r) => (this.wss ? this.wss.close(() => r()) : r()));
+    this.operatorConsole?.close(); // its live streams would keep the listener open
     await new Promise<void>((r) => (this.http ? this.http.close(() => r()) : r()));
     await this.leases?.settled();
     await this.history?.stop();

@@ -13,6 +13,7 @@
  *   GET  /v1/test-failovers?agent=A      the recorded network mappings and boot checks of an agent's test failovers
  *   GET  /metrics                        Prometheus text exposition (server/metrics.ts); the read-only
  *                                        metrics token (DATA-DIR/metrics-token) or the operator token
+ *   /  and  /console/...                 the operator console (server/console/): its own login, no bearer token
  *
  * Errors answer {code, message} with a status from the code. The handler never
  * throws: a bad request cannot disturb replication.
@@ -292,9 +293,18 @@ export async function groupTestFailover(server: ServerContext, group: string, re
   return { group, point: gp.id, kind: gp.kind, takenAt: gp.takenAt, machines, removed: Boolean(o.cleanup) };
 }
 
-export async function handleApi(server: ServerContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
+/**
+ * Answers one request of the listener. operator: the request was already authenticated as an
+ * operator's (the console's session, see console/console-service.ts): no bearer token needed.
+ */
+export async function handleApi(server: ServerContext, req: IncomingMessage, res: ServerResponse, o: { operator?: boolean } = {}): Promise<void> {
   try {
     const url = new URL(req.url ?? '/', 'http://x');
+    // the operator console (its own login and sessions; never the bearer token)
+    if (!o.operator && (url.pathname === '/' || url.pathname === '/console' || url.pathname.startsWith('/console/'))) {
+      await server.operatorConsole.handle(req, res, url);
+      return;
+    }
     if (url.pathname === '/v1/replicate') {
       send(res, 426, { code: 'MOB_ERR_USAGE', message: 'connect with a WebSocket to /v1/replicate' });
       return;
@@ -320,7 +330,7 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
       res.end(body);
       return;
     }
-    if (!authorized(server.token, req)) {
+    if (!o.operator && !authorized(server.token, req)) {
       req.resume();
       throw new MobilityError('MOB_ERR_AUTH', 'missing or wrong bearer token');
     }

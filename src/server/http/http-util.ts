@@ -15,8 +15,8 @@ export function send(res: ServerResponse, status: number, body: unknown): void {
 
 export function statusFor(code: string): number {
   switch (code) {
-    case 'MOB_ERR_AUTH': case 'MOB_ERR_PASSPHRASE': case 'MOB_ERR_TOKEN_USED': return 401;
-    case 'MOB_ERR_FORBIDDEN': case 'MOB_ERR_CLONE': case 'MOB_ERR_NOT_REGISTERED': return 403;
+    case 'MOB_ERR_AUTH': case 'MOB_ERR_PASSPHRASE': case 'MOB_ERR_TOKEN_USED': case 'MOB_ERR_SESSION': return 401;
+    case 'MOB_ERR_FORBIDDEN': case 'MOB_ERR_CLONE': case 'MOB_ERR_NOT_REGISTERED': case 'MOB_ERR_CSRF': return 403;
     case 'MOB_ERR_RATE_LIMITED': return 429;
     case 'MOB_ERR_UNKNOWN_MACHINE': case 'MOB_ERR_UNKNOWN_POLICY': case 'MOB_ERR_UNKNOWN_GROUP': return 404;
     case 'MOB_ERR_GROUP_TOO_LARGE': return 400;
