@@ -84,6 +84,8 @@ export const ERROR_CODES = {
   MOB_ERR_QMP: { retryable: true, summary: 'Host mode: QEMU\'s QMP socket cannot be reached, closed, did not answer in time, or refused a command (the message carries QEMU\'s error class and text).' },
   MOB_ERR_NBD: { retryable: true, summary: 'Host mode: reading a disk or its dirty bitmap over NBD failed (nbdinfo missing, failed or timed out, or printed something unexpected).' },
   MOB_ERR_HYPERV: { retryable: false, summary: 'Host mode on Hyper-V: a VM or disk cannot be tracked with Resilient Change Tracking (no such VM, a disk that is not VHDX, a VM configuration older than 6.2, PowerShell or the Hyper-V module missing, a WMI method that failed: the message says which).' },
+  MOB_ERR_PLAN: { retryable: false, summary: 'Recovery plan: the plan is not valid (a step without machines, a machine in two steps or outside the plan\'s consistency group, a script path that is not absolute, a bad boot check), or the action does not fit it (cleanup without a test failover to clean up).' },
+  MOB_ERR_UNKNOWN_PLAN: { retryable: false, summary: 'Recovery plan: no plan of that name on this server.' },
   MOB_ERR_QEMU_TRACKER: { retryable: false, summary: 'Host mode: a QEMU disk cannot be tracked (no such block node, its dirty bitmap is busy with another job, QEMU already runs an NBD server the tracker was not told about).' },
   MOB_ERR_DISK_TOO_LARGE: { retryable: false, summary: 'The disk is larger than the largest file the replica store\'s filesystem can hold; nothing was created.' },
   MOB_ERR_NETWORK_MAP: { retryable: false, summary: 'A network mapping is invalid (bad subnet, address or field), or it maps no NIC of the machine, or a mapped address does not fit its target subnet.' },

@@ -26,6 +26,8 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'MOB_ERR_GROUP_TOO_LARGE':
     case 'MOB_ERR_NOT_PROTECTING':
     case 'MOB_ERR_NETWORK_MAP':
+    case 'MOB_ERR_PLAN':
+    case 'MOB_ERR_UNKNOWN_PLAN':
     case 'MOB_ERR_PREFLIGHT': return EXIT.CONFIG;
     case 'MOB_ERR_AUTH':
     case 'MOB_ERR_PASSPHRASE':

@@ -51,6 +51,7 @@ Configuration server and agents:
   cut         take a consistency cut of a machine now and print its recovery point
   group       consistency groups: machines cut together (create, list, delete, cut)
   capacity    plan bandwidth, storage and process servers from churn measured on profiled disks
+  recovery-plan  machines of an application recovered together: steps in boot order, scripts, network mapping, boot checks
   push-install  install the agent on Linux hosts over SSH (parallel, with progress)
   push-account  store, list or remove push-install accounts (encrypted at rest)
   operator    add, list or remove operators of the web console (https://SERVER:PORT/console/)
@@ -716,6 +717,7 @@ async function helpFor(cmd: string): Promise<string | undefined> {
   if (cmd === 'operator') return (await import('./operator-cli.js')).OPERATOR_HELP;
   if (ADMIN_COMMANDS.has(cmd)) return (await import('./admin.js')).adminHelp(cmd);
   if (cmd === 'capacity') return (await import('./capacity-cli.js')).CAPACITY_HELP;
+  if (cmd === 'recovery-plan') return (await import('./plan-cli.js')).PLAN_HELP;
   return undefined;
 }
 
@@ -753,6 +755,7 @@ export async function main(argv: string[]): Promise<number> {
         return await runAdmin(cmd, rest);
       }
       case 'capacity': return await (await import('./capacity-cli.js')).cmdCapacity(rest);
+      case 'recovery-plan': return await (await import('./plan-cli.js')).cmdRecoveryPlan(rest);
       case 'operator': return await (await import('./operator-cli.js')).runOperator(rest);
       case 'demo': {
         const { values: v } = parse(rest, { dir: { type: 'string' }, size: { type: 'string' }, keep: { type: 'boolean' }, files: { type: 'boolean' } });

@@ -159,6 +159,22 @@ export const MIGRATIONS: string[] = [
      result TEXT NOT NULL,
      detail TEXT NOT NULL);
    CREATE INDEX console_audit_t ON console_audit (t);`,
+  // 8: recovery plans (the plan as JSON, see server/recovery/plan.ts) and their runs (test
+  // failover, failover, cleanup: the report as JSON once the run ended)
+  `CREATE TABLE recovery_plans (
+     name TEXT PRIMARY KEY,
+     spec TEXT NOT NULL,
+     created_at TEXT NOT NULL,
+     updated_at TEXT NOT NULL);
+   CREATE TABLE recovery_plan_runs (
+     id TEXT PRIMARY KEY,
+     plan TEXT NOT NULL,
+     kind TEXT NOT NULL,
+     started_at TEXT NOT NULL,
+     ended_at TEXT,
+     ok INTEGER,
+     report TEXT);
+   CREATE INDEX recovery_plan_runs_plan ON recovery_plan_runs (plan, started_at);`,
 ];
 
 /**
@@ -752,6 +768,41 @@ export class ConfigDb {
     return (this.db.prepare('SELECT * FROM console_audit ORDER BY t DESC, id DESC LIMIT ?').all(o.limit ?? 200) as Record<string, unknown>[]).map((r) => ({
       id: r.id as number, t: r.t as number, operator: r.operator as string, source: r.source as string, action: r.action as string,
       target: r.target as string, result: r.result as string, detail: r.detail as string,
+    }));
+  }
+
+  // ---- recovery plans (server/recovery/plan.ts)
+  putPlan(name: string, spec: object): { createdAt: string; updatedAt: string } {
+    const now = new Date().toISOString();
+    this.db.prepare(`INSERT INTO recovery_plans (name, spec, created_at, updated_at) VALUES (?, ?, ?, ?)
+      ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at`).run(name, JSON.stringify(spec), now, now);
+    const r = this.db.prepare('SELECT created_at, updated_at FROM recovery_plans WHERE name = ?').get(name) as { created_at: string; updated_at: string };
+    return { createdAt: r.created_at, updatedAt: r.updated_at };
+  }
+  /** The stored plans: their JSON and times. */
+  listPlans(): { name: string; spec: unknown; createdAt: string; updatedAt: string }[] {
+    return (this.db.prepare('SELECT * FROM recovery_plans ORDER BY name').all() as Record<string, unknown>[])
+      .map((r) => ({ name: r.name as string, spec: JSON.parse(r.spec as string) as unknown, createdAt: r.created_at as string, updatedAt: r.updated_at as string }));
+  }
+  getPlan(name: string): { name: string; spec: unknown; createdAt: string; updatedAt: string } {
+    const p = this.listPlans().find((x) => x.name === name);
+    if (!p) throw new MobilityError('MOB_ERR_UNKNOWN_PLAN', `no recovery plan named ${JSON.stringify(name)} (see mobility recovery-plan list)`);
+    return p;
+  }
+  deletePlan(name: string): boolean {
+    return this.db.prepare('DELETE FROM recovery_plans WHERE name = ?').run(name).changes > 0;
+  }
+  startPlanRun(id: string, plan: string, kind: string): void {
+    this.db.prepare('INSERT INTO recovery_plan_runs (id, plan, kind, started_at) VALUES (?, ?, ?, ?)').run(id, plan, kind, new Date().toISOString());
+  }
+  endPlanRun(id: string, ok: boolean, report: object): void {
+    this.db.prepare('UPDATE recovery_plan_runs SET ended_at = ?, ok = ?, report = ? WHERE id = ?').run(new Date().toISOString(), ok ? 1 : 0, JSON.stringify(report), id);
+  }
+  /** A plan's runs, newest first (a run still going has endedAt, ok and report null). */
+  listPlanRuns(plan: string, limit = 20): { id: string; plan: string; kind: string; startedAt: string; endedAt: string | null; ok: boolean | null; report: unknown }[] {
+    return (this.db.prepare('SELECT * FROM recovery_plan_runs WHERE plan = ? ORDER BY started_at DESC, rowid DESC LIMIT ?').all(plan, limit) as Record<string, unknown>[]).map((r) => ({
+      id: r.id as string, plan: r.plan as string, kind: r.kind as string, startedAt: r.started_at as string, endedAt: (r.ended_at as string | null) ?? null,
+      ok: r.ok === null || r.ok === undefined ? null : r.ok === 1, report: typeof r.report === 'string' ? JSON.parse(r.report) as unknown : null,
     }));
   }
 }

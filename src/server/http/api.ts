@@ -31,9 +31,10 @@ import type { ServerContext } from '../context.js';
 import { failback, failover, materializePoint } from '../failover.js';
 import type { InventoryNic } from '../../agent/inventory.js';
 import { resolveNics } from '../recovery/network-mapping.js';
-import { checkRecoveredMachine, parseMachineChecks, type MachineChecks } from '../recovery/recovered-machine.js';
+import { checkRecoveredMachine, parseMachineChecks, type MachineCheckDeps, type MachineChecks } from '../recovery/recovered-machine.js';
 import { readTestFailovers, type TestFailoverRecord } from '../recovery/test-failover-record.js';
 import { handleConfigApi, listGroupPoints } from './config-api.js';
+import { handlePlanApi } from './plan-api.js';
 import { authorized, readBody, send, statusFor } from './http-util.js';
 import type { DiskStatus } from '../disk-status.js';
 
@@ -193,8 +194,17 @@ async function prepareDownloadDir(dir: string): Promise<void> {
   }
 }
 
+/** What the network mapping and boot check of a recovered machine need from the server. */
+export function machineCheckDeps(server: ServerContext): MachineCheckDeps {
+  return {
+    log: server.log, agentDir: (a: string) => server.agentDir(a), inventoryNics: (a: string) => inventoryNics(server, a),
+    // not under replicas/<agent>/: with the file store its subdirectories are the agent's disks
+    consoleDir: (a: string) => path.join(server.dataDir, 'boot-checks', a), scratch: path.join(server.dataDir, 'mnt'),
+  };
+}
+
 /** The NICs the configuration server's inventory holds for the agent ([] for an agent that never registered). */
-function inventoryNics(server: ServerContext, agent: string): InventoryNic[] {
+export function inventoryNics(server: ServerContext, agent: string): InventoryNic[] {
   const inv = server.db.getAgent(agent)?.inventory as { nics?: unknown } | null | undefined;
   return Array.isArray(inv?.nics) ? (inv.nics as InventoryNic[]).filter((n) => n && typeof n === 'object' && typeof n.mac === 'string') : [];
 }
@@ -242,10 +252,7 @@ export async function testFailover(server: ServerContext, agent: string, ref: st
   const images = disks.map((d) => ({ diskId: d.diskId, file: downloads.find((x) => x.diskId === d.diskId)?.file ?? d.localPath }));
   const missing = images.filter((i) => i.file === null);
   if (missing.length) throw new MobilityError('MOB_ERR_BOOT_CHECK', `no local image of disk(s) ${missing.map((i) => i.diskId).join(', ')} to map or boot (give download)`);
-  const deps = { log: server.log, agentDir: (a: string) => server.agentDir(a), inventoryNics: (a: string) => inventoryNics(server, a),
-    // not under replicas/<agent>/: with the file store its subdirectories are the agent's disks
-    consoleDir: (a: string) => path.join(server.dataDir, 'boot-checks', a), scratch: path.join(server.dataDir, 'mnt') };
-  const record = await checkRecoveredMachine(deps, agent, point, images as { diskId: string; file: string }[], checks, o.onConsole);
+  const record = await checkRecoveredMachine(machineCheckDeps(server), agent, point, images as { diskId: string; file: string }[], checks, o.onConsole);
   return { point, disks, downloads, removed: false, record };
 }
 
@@ -416,6 +423,8 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
     } else if (req.method === 'GET' && url.pathname === '/v1/test-failovers') {
       const agent = agentParam(url.searchParams.get('agent'));
       send(res, 200, { agent, records: await readTestFailovers(server.agentDir(agent), agent) });
+    } else if (await handlePlanApi(server, req, res, url, { testFailover, groupPoints: listGroupPoints, machineCheckDeps, inventoryNics })) {
+      // answered
     } else if (await handleConfigApi(server, req, res, url)) {
       // answered
     } else {
