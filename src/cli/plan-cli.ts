@@ -24,7 +24,8 @@ mapping, written into each machine whose NICs it covers. PLAN.json:
   {"name": "shop", "group": "shop",
    "steps": [{"machines": ["db1"], "bootCheck": {"marker": "login:"}, "post": "/srv/dr/check-db.sh"},
              {"machines": ["app1", "web1"], "pre": "/srv/dr/before-app.sh", "bootCheck": true}],
-   "networkMap": {...as mobility test-failover --network-map...}, "scriptTimeoutMs": 600000}
+   "networkMap": {...as mobility test-failover --network-map...},
+   "networkMaps": {"db1": {...a mapping of db1's own, instead of networkMap...}}, "scriptTimeoutMs": 600000}
 
 test-failover runs it: the points (the group point, or each machine's own latest / latest-app),
 then each step in order: pre script, each machine's test-failover images, the mapping, the
@@ -41,7 +42,7 @@ function fmtPlan(p: RecoveryPlan & { lastRun?: { kind: string; startedAt: string
   p.steps.forEach((s, i) => rows.push([String(i + 1), s.machines.join(', '), s.pre ?? '-', s.post ?? '-', s.bootCheck ? (typeof s.bootCheck.marker === 'string' ? `marker ${s.bootCheck.marker}` : 'default marker') : '-']));
   const last = p.lastRun ? `last run: ${p.lastRun.kind} at ${p.lastRun.startedAt}, ${p.lastRun.ok === null ? 'running' : p.lastRun.ok ? 'ok' : 'FAILED'}` : 'never run';
   return `plan ${p.name}: ${p.group ? `group ${p.group} (one group point for every machine)` : 'no group (each machine at its own point)'}, `
-    + `${p.networkMap ? 'a network mapping' : 'no network mapping'}, scripts limited to ${Math.round(p.scriptTimeoutMs / 1000)} s; ${last}\n${table(rows)}`;
+    + `${p.networkMap ? 'a network mapping' : 'no network mapping'}${Object.keys(p.networkMaps ?? {}).length ? ` (own mappings: ${Object.keys(p.networkMaps).join(', ')})` : ''}, scripts limited to ${Math.round(p.scriptTimeoutMs / 1000)} s; ${last}\n${table(rows)}`;
 }
 
 export function formatReport(r: PlanRunReport): string {

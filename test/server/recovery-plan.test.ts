@@ -46,6 +46,7 @@ t.test('parsePlan: resolves machines, refuses what cannot run, with the field na
     ['an unknown machine', { name: 'p', steps: [{ machines: ['nosuch'] }] }, /no machine nosuch/, 'MOB_ERR_UNKNOWN_MACHINE'],
     ['an unknown group', { name: 'p', group: 'g2', steps: [{ machines: ['db1'] }] }, /no group g2/, 'MOB_ERR_UNKNOWN_GROUP'],
     ['a bad mapping', { name: 'p', steps: [{ machines: ['db1'] }], networkMap: { version: 9 } }, /./, 'MOB_ERR_NETWORK_MAP'],
+    ['a mapping of a machine outside the plan', { name: 'p', steps: [{ machines: ['db1'] }], networkMaps: { app1: MAP } }, /networkMaps names machine agent-app, which is in no step/],
   ];
   for (const [what, plan, re, code] of bad) {
     t.throws(() => parsePlan(plan, db), { code: code ?? 'MOB_ERR_PLAN', message: re }, what);
@@ -89,7 +90,7 @@ t.test('runPlan: steps in order, scripts with their environment, the mapping whe
   const dir = await tmpDir(t);
   const log = path.join(dir, 'log');
   const env = await scriptFile(dir, 'env.sh', `echo "$MOBILITY_PLAN_PHASE $MOBILITY_PLAN_STEP $MOBILITY_PLAN_KIND $MOBILITY_PLAN_MACHINES $MOBILITY_PLAN $(test -s "$MOBILITY_PLAN_REPORT" && echo report)" >> ${log}; echo said-something`);
-  const plan = parsePlan({ name: 'shop', group: 'shop', networkMap: MAP, steps: [
+  const plan = parsePlan({ name: 'shop', group: 'shop', networkMap: MAP, networkMaps: { app1: MAP }, steps: [
     { machines: ['db1'], post: env, bootCheck: { marker: 'db ready' } },
     { machines: ['app1', 'web1'], pre: env, post: env },
   ] }, db);
@@ -97,8 +98,8 @@ t.test('runPlan: steps in order, scripts with their environment, the mapping whe
   const r = await runPlan(m.deps(), plan, { kind: 'test-failover', ref: 'latest', run: 'run1' });
   t.ok(r.ok, `the plan went through (${r.failure})`);
   t.equal(r.groupPoint, 'gp-7');
-  t.same(m.calls, ['points latest', 'tf agent-db@rp-agent-db +map +boot(db ready)', 'tf agent-app@rp-agent-app', 'tf agent-web@rp-agent-web +map'],
-    'one machine at a time in boot order; the mapping only where it covers a NIC; the boot check of its step');
+  t.same(m.calls, ['points latest', 'tf agent-db@rp-agent-db +map +boot(db ready)', 'tf agent-app@rp-agent-app +map', 'tf agent-web@rp-agent-web +map'],
+    'one machine at a time in boot order; the plan\'s mapping where it covers a NIC, a machine\'s own mapping; the boot check of its step');
   t.same(fs.readFileSync(log, 'utf8').trim().split('\n'), [
     'post 1 test-failover agent-db shop report', 'pre 2 test-failover agent-app,agent-web shop report', 'post 2 test-failover agent-app,agent-web shop report',
   ], 'scripts ran between the machines, with the plan\'s environment and the report so far');

@@ -5,7 +5,8 @@
  * A plan lists **steps** in boot order; each step is a set of machines with optional pre and
  * post scripts and a boot check. A plan may name a **consistency group** (group-cut.ts): then
  * every machine recovers to the same group point. It may carry a **network mapping**
- * (network-mapping.ts), written into each machine whose NICs it covers.
+ * (network-mapping.ts), written into each machine whose NICs it covers, and a mapping of its
+ * own per machine (networkMaps: by machine, instead of the plan's).
  *
  * Running it (runPlan), for a test failover or a failover:
  *   1. the points: the group point (latest, latest-app or an id; complete ones only), or each
@@ -57,7 +58,10 @@ export interface RecoveryPlan {
   /** Consistency group whose group points the plan recovers to; null: each machine's own points. */
   group: string | null;
   steps: PlanStep[];
+  /** Written into each machine whose NICs it covers. */
   networkMap: NetworkMapping | null;
+  /** A machine's own mapping (by agent id), instead of networkMap. */
+  networkMaps: Record<string, NetworkMapping>;
   scriptTimeoutMs: number;
   createdAt?: string;
   updatedAt?: string;
@@ -124,9 +128,18 @@ export function parsePlan(b: unknown, db: PlanDb): RecoveryPlan {
   });
   if (seen.size > MAX_PLAN_MACHINES) throw usage(`a plan holds at most ${MAX_PLAN_MACHINES} machines`);
   const networkMap = o.networkMap === undefined || o.networkMap === null ? null : parseNetworkMapping(o.networkMap);
+  const networkMaps: Record<string, NetworkMapping> = {};
+  if (o.networkMaps !== undefined && o.networkMaps !== null) {
+    if (typeof o.networkMaps !== 'object' || Array.isArray(o.networkMaps)) throw usage('networkMaps must map machines to their network mappings');
+    for (const [m, map] of Object.entries(o.networkMaps as Record<string, unknown>)) {
+      const id = db.resolveMachine(m);
+      if (!seen.has(id)) throw usage(`networkMaps names machine ${id}, which is in no step of the plan`);
+      networkMaps[id] = parseNetworkMapping(map);
+    }
+  }
   const t = o.scriptTimeoutMs ?? DEFAULT_SCRIPT_TIMEOUT_MS;
   if (typeof t !== 'number' || !Number.isInteger(t) || t < 1000 || t > MAX_SCRIPT_TIMEOUT_MS) throw usage(`scriptTimeoutMs must be whole milliseconds from 1000 to ${MAX_SCRIPT_TIMEOUT_MS}`);
-  return { name, group, steps, networkMap, scriptTimeoutMs: t };
+  return { name, group, steps, networkMap, networkMaps, scriptTimeoutMs: t };
 }
 
 /** The machines of a plan in boot order. */
@@ -238,7 +251,8 @@ export async function runPlan(deps: PlanRunDeps, plan: RecoveryPlan, o: { kind: 
         }
         let r: MachineResult;
         try {
-          const networkMap = plan.networkMap ? deps.mappingFor(agent, plan.networkMap) : null;
+          const own = plan.networkMaps[agent];
+          const networkMap = own ?? (plan.networkMap ? deps.mappingFor(agent, plan.networkMap) : null);
           const checks: MachineChecks | null = networkMap || s.bootCheck ? { networkMap, boot: parseMachineChecks({ bootCheck: s.bootCheck }).boot } : null;
           r = await (o.kind === 'failover' ? deps.failover(agent, point, checks) : deps.testFailover(agent, point, checks, false));
         } catch (err) {
