@@ -9,7 +9,7 @@ import type { TlsIdentity } from '../transport/tls.js';
 import type { PointCatalog } from '../target/catalog.js';
 import type { ReplicaBackend } from '../target/replica-store.js';
 import type { ConfigDb } from './config-db.js';
-import type { OperatorConsole } from './console/console-view.js';
+import type { OperatorConsole } from './console/operator-console.js';
 import type { ControlHub } from './control.js';
 import type { GroupCoordinator } from './group-cut.js';
 import type { FailoverState } from './failover-state.js';

@@ -20,10 +20,4 @@ export interface ConsoleDeps {
   operatorApi(req: IncomingMessage, res: ServerResponse): Promise<void>;
 }
 
-/** The console as the HTTP listener sees it. */
-export interface OperatorConsole {
-  /** Answers a request under /console (or / itself). Never throws. */
-  handle(req: IncomingMessage, res: ServerResponse, url: URL): Promise<void>;
-  /** Ends the live streams (server stop): open event streams would keep the listener from closing. */
-  close(): void;
-}
+export type { OperatorConsole } from './operator-console.js';

@@ -22,12 +22,15 @@ import { checkRecoveredMachine, type MachineCheckDeps, type MachineChecks } from
 import { resolveNics, type NetworkMapping } from '../recovery/network-mapping.js';
 import { parsePlan, planMachines, runPlan, type MachineResult, type PlanDb, type PlanRunDeps, type PlanRunKind, type PlanRunReport, type RecoveryPlan } from '../recovery/plan.js';
 import type { InventoryNic } from '../../agent/inventory.js';
-import type { TestFailoverResult } from './api.js';
+import type { TestFailoverRecord } from '../recovery/test-failover-record.js';
 import { readBody, send } from './http-util.js';
+
+/** What a test failover of one machine answers, as far as a plan reads it (api.ts's TestFailoverResult). */
+interface MachineTestFailover { point: RecoveryPoint; disks: { diskId: string; location: string }[]; record?: TestFailoverRecord }
 
 /** What the plan endpoints take from the JSON API (passed in: api.ts imports this module). */
 export interface PlanApiHooks {
-  testFailover(server: ServerContext, agent: string, ref: string, o: { cleanup?: boolean; checks?: MachineChecks }): Promise<TestFailoverResult>;
+  testFailover(server: ServerContext, agent: string, ref: string, o: { cleanup?: boolean; checks?: MachineChecks }): Promise<MachineTestFailover>;
   groupPoints(server: ServerContext, group: string): Promise<{ id: string; complete: boolean; kind: 'crash' | 'app'; points: Record<string, RecoveryPoint> }[]>;
   machineCheckDeps(server: ServerContext): MachineCheckDeps;
   inventoryNics(server: ServerContext, agent: string): InventoryNic[];
@@ -54,7 +57,7 @@ function loadPlan(server: ServerContext, name: string): RecoveryPlan {
   }
 }
 
-function machineResult(agent: string, r: { point: { id: string }; disks: { diskId: string; location: string }[]; record?: TestFailoverResult['record'] }, removed = false): MachineResult {
+function machineResult(agent: string, r: { point: { id: string }; disks: { diskId: string; location: string }[]; record?: TestFailoverRecord }, removed = false): MachineResult {
   const rec = r.record ?? null;
   const boot = rec?.bootCheck ?? null;
   const error = rec?.error ? { code: isErrorCode(rec.error.code) ? rec.error.code : 'MOB_ERR_BOOT_CHECK' as const, message: `${rec.error.step}: ${rec.error.message}` } : null;
