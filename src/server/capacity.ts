@@ -34,7 +34,7 @@
  *     least one.
  */
 import { MobilityError } from '../errors.js';
-import type { ChurnSample } from './config-db.js';
+import { CHURN_KEEP_MS, type ChurnSample } from './config-db.js';
 
 /**
  * Churn one process server sustains, bytes/s: 10 MiB/s, the highest fio rate the churn run of
@@ -305,4 +305,40 @@ export function parseRate(s: string, what: string): number {
   }
   if (!(v > 0) || !Number.isSafeInteger(v)) throw new MobilityError('MOB_ERR_USAGE', `${what} must be more than zero, got ${JSON.stringify(s)}`);
   return v;
+}
+
+/** What planFromDb reads from the configuration database. */
+export interface CapacityDb {
+  findAgent(m: string): { id: string };
+  churnSamples(o: { agentId?: string | null; sinceMs?: number }): ChurnSample[];
+  listProfileDisks(agentId?: string): { agentId: string; diskId: string }[];
+  listAgents(): { id: string; hostname: string }[];
+}
+
+/**
+ * The plan of GET /v1/capacity and the console's Capacity page from its textual options
+ * (machine id or host name, rpo / retention / window as durations, bandwidth / psThroughput as
+ * rates; null or empty: the default). MOB_ERR_USAGE for a bad value.
+ */
+export function planFromDb(db: CapacityDb, q: { machine?: string | null; rpo?: string | null; retention?: string | null; bandwidth?: string | null; psThroughput?: string | null; window?: string | null }, now = Date.now()):
+  CapacityPlan & { machine: string | null; window: { from: string; to: string } } {
+  const opt = (v: string | null | undefined) => (v === undefined || v === null || v === '' ? null : v);
+  const machine = opt(q.machine);
+  const agent = machine === null ? null : db.findAgent(machine);
+  const rpo = opt(q.rpo);
+  const retention = opt(q.retention);
+  const bandwidth = opt(q.bandwidth);
+  const ps = opt(q.psThroughput);
+  const window = opt(q.window);
+  const o = {
+    rpoMs: rpo === null ? DEFAULT_RPO_MS : parseSpan(rpo, 'rpo'),
+    retentionMs: retention === null ? DEFAULT_RETENTION_MS : parseSpan(retention, 'retention'),
+    bandwidthBytesPerSec: bandwidth === null ? null : parseRate(bandwidth, 'bandwidth'),
+    psThroughputBytesPerSec: ps === null ? DEFAULT_PS_THROUGHPUT : parseRate(ps, 'psThroughput'),
+  };
+  const sinceMs = now - (window === null ? CHURN_KEEP_MS : parseSpan(window, 'window'));
+  const samples = db.churnSamples({ agentId: agent?.id ?? null, sinceMs });
+  const profiled = db.listProfileDisks(agent?.id).map((d) => ({ agentId: d.agentId, diskId: d.diskId }));
+  const hostnames = new Map(db.listAgents().map((x) => [x.id, x.hostname] as [string, string]));
+  return { machine: agent?.id ?? null, window: { from: new Date(sinceMs).toISOString(), to: new Date(now).toISOString() }, ...planCapacity(samples, o, profiled, hostnames, now) };
 }

@@ -187,7 +187,7 @@ export class ConsoleService implements OperatorConsole {
     if (m !== 'GET') { req.resume(); throw new MobilityError('MOB_ERR_USAGE', `no such console endpoint: ${m} ${p}`); }
     req.resume();
     if (p === '/console/live') return this.live.open(res, viewOf(url.searchParams), session.id);
-    const view = pageView(p);
+    const view = pageView(p, url.searchParams);
     if (!view) throw new MobilityError('MOB_ERR_USAGE', `no such console page: ${p}`);
     const status = await this.deps.status();
     const page = await pageBody(view, { server: this.deps.server, status, jobs: this.jobs, now: Date.now() });
@@ -298,12 +298,13 @@ function idOrNull(v: string | null | undefined): string | null {
 }
 
 /** The page a path names; null for none. */
-export function pageView(p: string): View | null {
+export function pageView(p: string, q: URLSearchParams = new URLSearchParams()): View | null {
   const parts = p.split('/').filter(Boolean).map((x) => { try { return decodeURIComponent(x); } catch { return ''; } });
   if (parts[0] !== 'console') return null;
   const [, page, a, b] = parts;
   if (parts.length === 1) return { page: 'overview' };
-  if (parts.length === 2 && (page === 'events' || page === 'jobs' || page === 'audit' || page === 'policies')) return { page };
+  if (parts.length === 2 && (page === 'events' || page === 'jobs' || page === 'audit' || page === 'policies' || page === 'plans')) return { page };
+  if (parts.length === 2 && page === 'capacity') return { page, rpo: (q.get('rpo') ?? '').slice(0, 20), retention: (q.get('retention') ?? '').slice(0, 20), bandwidth: (q.get('bandwidth') ?? '').slice(0, 20) };
   if (page === 'machine' && parts.length === 3 && idOrNull(a)) return { page: 'machine', agent: a };
   if (page === 'disk' && parts.length === 4 && idOrNull(a) && idOrNull(b)) return { page: 'disk', agent: a, disk: b };
   return null;
@@ -314,7 +315,8 @@ function viewOf(q: URLSearchParams): View {
   const page = q.get('page');
   const agent = idOrNull(q.get('agent'));
   const disk = idOrNull(q.get('disk'));
-  if (page === 'overview' || page === 'events' || page === 'jobs' || page === 'audit' || page === 'policies') return { page };
+  if (page === 'overview' || page === 'events' || page === 'jobs' || page === 'audit' || page === 'policies' || page === 'plans') return { page };
+  if (page === 'capacity') return { page, rpo: '', retention: '', bandwidth: '' };
   if (page === 'machine' && agent) return { page, agent };
   if (page === 'disk' && agent && disk) return { page, agent, disk };
   throw new MobilityError('MOB_ERR_USAGE', `live updates need page=overview|machine|disk|events|jobs with a valid agent (and disk), got ${JSON.stringify(q.toString())}`);

@@ -21,6 +21,7 @@ import type { RecoveryPoint } from '../../target/catalog.js';
 import type { PointImage } from '../../target/replica-store.js';
 import { fmtBytes, fmtDuration } from '../../cli/progress.js';
 import type { ConsoleServerView } from './console-view.js';
+import { planFromDb, type Figures } from '../capacity.js';
 import type { JobBoard } from './jobs.js';
 
 export type View =
@@ -30,7 +31,9 @@ export type View =
   | { page: 'events' }
   | { page: 'jobs' }
   | { page: 'audit' }
-  | { page: 'policies' };
+  | { page: 'policies' }
+  | { page: 'capacity'; rpo: string; retention: string; bandwidth: string }
+  | { page: 'plans' };
 
 /** What every render needs: the server's narrow view, the status of this moment and the jobs. */
 export interface RenderData {
@@ -256,7 +259,7 @@ function live(key: string, html: string, cls = ''): string {
 
 export interface PageShell { title: string; operator: string; csrf: string; view: View; body: string }
 
-const NAV: [string, string][] = [['/console/', 'Overview'], ['/console/events', 'Events & alerts'], ['/console/jobs', 'Jobs'], ['/console/policies', 'Policies'], ['/console/audit', 'Audit']];
+const NAV: [string, string][] = [['/console/', 'Overview'], ['/console/events', 'Events & alerts'], ['/console/jobs', 'Jobs'], ['/console/policies', 'Policies'], ['/console/plans', 'Recovery plans'], ['/console/capacity', 'Capacity'], ['/console/audit', 'Audit']];
 
 function viewQuery(v: View): string {
   const q = new URLSearchParams({ page: v.page });
@@ -337,7 +340,54 @@ export async function pageBody(view: View, d: RenderData): Promise<{ title: stri
       return { title: 'Audit', body: `<section><h2>Audit log</h2>${auditTable(d.server.db.listAudit({ limit: 500 }))}</section>` };
     case 'policies':
       return { title: 'Policies', body: policiesBody(d) };
+    case 'capacity':
+      return { title: 'Capacity', body: capacityBody(view, d) };
+    case 'plans':
+      return { title: 'Recovery plans', body: plansBody(d) };
   }
+}
+
+const mbit = (n: number | null) => (n === null ? '–' : `${((n * 8) / 1e6).toFixed(n * 8 < 1e7 ? 2 : 1)} Mbit/s`);
+
+/** The capacity plan from the churn of profiled disks (GET /v1/capacity's figures), with what each rests on. */
+function capacityBody(v: Extract<View, { page: 'capacity' }>, d: RenderData): string {
+  const form = `<form method="get" action="/console/capacity" class="inline"><label>RPO <input name="rpo" value="${esc(v.rpo)}" placeholder="5m" size="6"></label>
+<label>Retention <input name="retention" value="${esc(v.retention)}" placeholder="24h" size="6"></label><label>Link <input name="bandwidth" value="${esc(v.bandwidth)}" placeholder="100Mbit" size="9"></label><button type="submit">Plan</button></form>`;
+  let plan: ReturnType<typeof planFromDb>;
+  try {
+    plan = planFromDb(d.server.db, { rpo: v.rpo, retention: v.retention, bandwidth: v.bandwidth }, d.now);
+  } catch (err) {
+    return `<section><h2>Capacity plan</h2>${form}<p class="badge bad">${esc((err as Error).message)}</p></section>`;
+  }
+  const intro = '<p class="dim">From the churn measured on profiled disks (<code>mobility enable --machine M --disk DEV --profile-only</code>: the agent tracks writes and ships nothing). Each figure shows the samples and the compression ratio it rests on; the same plan is <code>mobility capacity</code>.</p>';
+  if (!plan.disks.length) return `<section><h2>Capacity plan</h2>${form}${intro}<p class="dim">No profiled disk and no churn measured yet.</p></section>`;
+  const head = '<tr><th>Samples</th><th>Window</th><th>Ratio</th><th>Mean churn</th><th>P95</th><th>Peak</th><th>Bandwidth for the RPO</th><th>95 % of the time</th><th>Initial sync</th><th>Replica</th><th>Points</th></tr>';
+  const cells = (f: Figures) => `<td>${f.basis.samples}${f.basis.incompleteSamples ? ` (+${f.basis.incompleteSamples} incomplete)` : ''}</td><td>${esc(fmtTime(f.basis.from))} – ${esc(fmtTime(f.basis.to))}</td>`
+    + `<td>${f.basis.ratioAssumed ? '1.00 (assumed)' : f.basis.ratio.toFixed(2)}</td><td>${fmtRate(f.meanBytesPerSec)}</td><td>${fmtRate(f.p95BytesPerSec)}</td><td>${fmtRate(f.peakBytesPerSec)}</td>`
+    + `<td>${mbit(f.bandwidthForRpoBytesPerSec)}</td><td>${mbit(f.bandwidthForRpoP95BytesPerSec)}</td><td>${f.initialSyncSeconds === null ? esc(f.initialSyncNote ?? '–') : fmtMs(f.initialSyncSeconds * 1000)}</td>`
+    + `<td>${fmtBytes(f.replicaBytes)}</td><td>${f.recoveryPointBytes === null ? '–' : fmtBytes(f.recoveryPointBytes)}${f.recoveryPointNote ? ` <span class="dim">${esc(f.recoveryPointNote)}</span>` : ''}</td>`;
+  const e = plan.estate;
+  return `<section><h2>Capacity plan</h2>${form}${intro}
+<p class="facts-line">Estate: <b>${e.machines}</b> machines, <b>${e.disks}</b> disks · bandwidth for an RPO of ${fmtMs(plan.options.rpoMs)}: <b>${mbit(e.bandwidthForRpoBytesPerSec)}</b> · storage for ${fmtMs(plan.options.retentionMs)}: <b>${e.storageBytes === null ? '–' : fmtBytes(e.storageBytes)}</b> · process servers: <b>${e.processServers ?? '–'}</b> <span class="dim">(${esc(e.processServersBasis)})</span></p>
+<h3>Disks</h3><table class="grid" id="capacity-disks"><tr><th>Machine</th><th>Disk</th>${head.slice(4)}${plan.disks.map((x) => `<tr><td>${machineLink(x.agent)}</td><td>${esc(x.disk)}</td>${cells(x)}</tr>`).join('')}</table>
+<h3>Machines</h3><table class="grid" id="capacity-machines"><tr><th>Machine</th><th>Host</th>${head.slice(4)}${plan.machines.map((x) => `<tr><td>${machineLink(x.agent)}</td><td>${esc(x.hostname ?? '–')}</td>${cells(x)}</tr>`).join('')}</table></section>`;
+}
+
+/** The recovery plans and their last runs (read-only: plans are made and run with mobility recovery-plan). */
+function plansBody(d: RenderData): string {
+  const plans = d.server.db.listPlans();
+  if (!plans.length) return '<section><h2>Recovery plans</h2><p class="dim">No recovery plan yet: <code>mobility recovery-plan create --file PLAN.json</code>.</p></section>';
+  return `<section><h2>Recovery plans</h2><p class="dim">Made and run with <code>mobility recovery-plan</code>; the last runs of each are shown here.</p>${plans.map((p) => {
+    const spec = p.spec as { group?: string | null; steps?: { machines: string[]; pre?: string | null; post?: string | null; bootCheck?: unknown }[] };
+    const runs = d.server.db.listPlanRuns(p.name, 5);
+    const steps = (spec.steps ?? []).map((s, i) => `<tr><td>${i + 1}</td><td>${s.machines.map(machineLink).join(', ')}</td><td>${esc(s.pre ?? '–')}</td><td>${esc(s.post ?? '–')}</td><td>${s.bootCheck ? 'yes' : '–'}</td></tr>`).join('');
+    const runRows = runs.map((r) => {
+      const rep = r.report as { failure?: string | null; groupPoint?: string | null } | null;
+      return `<tr><td>${esc(r.id)}</td><td>${esc(r.kind)}</td><td>${esc(fmtTime(r.startedAt))}</td><td>${r.ok === null ? '<span class="badge busy">running</span>' : r.ok ? '<span class="badge ok">ok</span>' : '<span class="badge bad">failed</span>'}</td><td>${esc(rep?.groupPoint ?? '–')}</td><td class="dim">${esc(rep?.failure ?? '')}</td></tr>`;
+    }).join('');
+    return `<h3>${esc(p.name)} <span class="dim">${spec.group ? `group ${esc(spec.group)}` : 'no group'}</span></h3><table class="grid plan-steps"><tr><th>Step</th><th>Machines</th><th>Pre</th><th>Post</th><th>Boot check</th></tr>${steps}</table>`
+      + (runs.length ? `<table class="grid plan-runs"><tr><th>Run</th><th>Kind</th><th>Started</th><th>Result</th><th>Group point</th><th>Why</th></tr>${runRows}</table>` : '<p class="dim">Never run.</p>');
+  }).join('')}</section>`;
 }
 
 function auditTable(rows: AuditRow[]): string {

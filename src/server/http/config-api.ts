@@ -65,8 +65,7 @@ export async function listGroupPoints(server: ServerContext, name: string): Prom
   }
   return groupPoints(g.name, catalogs);
 }
-import { DEFAULT_PS_THROUGHPUT, DEFAULT_RETENTION_MS, DEFAULT_RPO_MS, parseRate, parseSpan, planCapacity } from '../capacity.js';
-import { CHURN_KEEP_MS } from '../config-db.js';
+import { planFromDb } from '../capacity.js';
 
 const MIN_CRASH_INTERVAL_MS = 15_000;
 export const DEFAULT_CUT_TIMEOUT_MS = 120_000;
@@ -439,26 +438,7 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
       }
     case 'GET /v1/capacity': {
       const q = url.searchParams;
-      const opt = (name: string) => { const v = q.get(name); return v === null || v === '' ? null : v; };
-      const machine = opt('machine');
-      const agent = machine === null ? null : db.findAgent(machine);
-      const rpo = opt('rpo');
-      const retention = opt('retention');
-      const bandwidth = opt('bandwidth');
-      const ps = opt('psThroughput');
-      const window = opt('window');
-      const o = {
-        rpoMs: rpo === null ? DEFAULT_RPO_MS : parseSpan(rpo, 'rpo'),
-        retentionMs: retention === null ? DEFAULT_RETENTION_MS : parseSpan(retention, 'retention'),
-        bandwidthBytesPerSec: bandwidth === null ? null : parseRate(bandwidth, 'bandwidth'),
-        psThroughputBytesPerSec: ps === null ? DEFAULT_PS_THROUGHPUT : parseRate(ps, 'psThroughput'),
-      };
-      const now = Date.now();
-      const sinceMs = now - (window === null ? CHURN_KEEP_MS : parseSpan(window, 'window'));
-      const samples = db.churnSamples({ agentId: agent?.id ?? null, sinceMs });
-      const profiled = db.listProfileDisks(agent?.id).map((d) => ({ agentId: d.agentId, diskId: d.diskId }));
-      const hostnames = new Map(db.listAgents().map((x) => [x.id, x.hostname] as [string, string]));
-      send(res, 200, { machine: agent?.id ?? null, window: { from: new Date(sinceMs).toISOString(), to: new Date(now).toISOString() }, ...planCapacity(samples, o, profiled, hostnames, now) });
+      send(res, 200, planFromDb(db, { machine: q.get('machine'), rpo: q.get('rpo'), retention: q.get('retention'), bandwidth: q.get('bandwidth'), psThroughput: q.get('psThroughput'), window: q.get('window') }));
       return true;
     }
     case 'POST /v1/tokens': {
