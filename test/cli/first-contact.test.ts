@@ -186,9 +186,9 @@ t.test('status: each disk carries the RPO alert threshold of its machine\'s poli
   const pts = await cli(['points', ...conn, '--agent-id', 'web1']);
   t.equal(pts.code, 0, pts.stderr);
   const lines = pts.stdout.trimEnd().split('\n');
-  t.match(lines[0], /^POINT\s+TAKEN AT\s+KIND\s+FROZEN\s+DISKS\s+VERIFIED\s+NOTE$/, 'points: a header row');
+  t.match(lines[0], /^POINT\s+TAKEN AT\s+KIND\s+FROZEN\s+DISKS\s+VERIFIED\s+GROUP POINT\s+NOTE$/, 'points: a header row');
   t.equal(lines.length, 2, 'and one row per point');
-  t.match(lines[1], new RegExp(`^${pointId}\\s+\\d{4}-\\d\\d-\\d\\dT\\S+\\s+crash\\s+3 ms\\s+d0\\s+\\d+ pages`));
+  t.match(lines[1], new RegExp(`^${pointId}\\s+\\d{4}-\\d\\d-\\d\\dT\\S+\\s+crash\\s+3 ms\\s+d0\\s+\\d+ pages\\s+-`));
   const noPoints = await cli(['points', ...conn, '--agent-id', 'nobody']);
   t.equal(noPoints.stdout, 'no recovery points for agent nobody\n');
 });
