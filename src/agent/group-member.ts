@@ -8,7 +8,7 @@
  * whatever happened to the server or the connection.
  */
 import { MobilityError, isErrorCode } from '../errors.js';
-import type { CutKind } from './protector.js';
+import type { CutKind } from './cut-kind.js';
 
 /** What the protector's cut sees of a group cut. */
 export interface GroupCutLink {

@@ -42,7 +42,8 @@ import type { CompressMode } from '../protocol/block-codec.js';
 import type { GroupCutLink } from './group-member.js';
 
 export type DiskStateName = 'initial-sync' | 'continuous' | 'resync-required' | 'resyncing' | 'error';
-export type CutKind = 'crash' | 'app';
+import type { CutKind } from './cut-kind.js';
+export type { CutKind };
 
 export const DEFAULT_CRASH_INTERVAL_MS = 5 * 60_000;
 export const MIN_CRASH_INTERVAL_MS = 15_000;
