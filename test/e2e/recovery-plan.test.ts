@@ -10,7 +10,9 @@
  * mapped network configuration printed by the guest, app's image is fsck-clean and holds the
  * file written before the group cut, the scripts ran between the steps in that order with the
  * plan's environment. `--cleanup` removes every image. A plan whose first step fails (its pre
- * script exits 1) stops there: its second step never runs, exit 1, the report says why.
+ * script exits 1) stops there: its second step never runs, exit 1, the report says why. Then the
+ * plan's failover (asks first; --yes) fails both machines over in order to the same group point
+ * and boots db's promoted image.
  *
  * Needs root, losetup, mkfs.ext4, e2fsck, fsfreeze, qemu-system-x86_64 and tracefs: a missing one fails the test.
  */
@@ -190,4 +192,21 @@ t.test('a recovery plan: two machines at one group point, in order, scripts betw
   t.equal(del.code, 2, 'delete asks: not a terminal, no --yes -> usage');
   t.equal((await cli(['recovery-plan', 'delete', 'stops', '--yes', ...conn])).code, 0);
   t.equal((await cli(['recovery-plan', 'show', 'stops', ...conn])).code, 3, 'gone');
+
+  // the real thing: the plan's failover asks first, then fails both machines over in order to
+  // one group point, and boot-checks db's promoted image
+  const noYes = await cli(['recovery-plan', 'failover', 'shop-drill', ...conn]);
+  t.equal(noYes.code, 2, 'failover asks: not a terminal, no --yes -> usage, nothing done');
+  const fo = await cli(['recovery-plan', 'failover', 'shop-drill', '--yes', ...conn, '--json']);
+  t.equal(fo.code, 0, `the plan's failover goes through${fo.code ? `: ${fo.stdout.slice(-4000)}\n${fo.stderr.slice(-2000)}` : ''}`);
+  const frep = JSON.parse(fo.stdout) as typeof rep & { kind: string };
+  t.equal(frep.kind, 'failover');
+  t.equal(frep.groupPoint, gp, 'to the same group point (the newest complete one)');
+  t.match(frep.steps[0]!.results[0]!.bootCheck, { ok: true, reason: 'marker' }, 'db\'s promoted image boots');
+  t.same(frep.steps.map((s) => s.results.map((r) => r.point)), [[dbRes.point], [appRes.point]], 'each machine at its part of the group point');
+  const st = JSON.parse((await cli(['status', ...conn, '--json'])).stdout) as { disks: { agent: string; state: string; reason: string }[] };
+  for (const m of machines) {
+    const d = st.disks.find((x) => x.agent === m.agentId)!;
+    t.equal(d.state, 'failed-over', `${m.name} is failed over (${d.reason})`);
+  }
 });
