@@ -243,7 +243,12 @@ export async function runFullDemo(opts: { dir?: string; keep?: boolean }): Promi
     const pts = (await api(conn, 'GET', `/v1/points?agent=${encodeURIComponent(id)}`)).points as { id: string; takenAt: string; kind: string; frozenMs: number }[];
     out(`   ${pts.length} recovery points (newest: ${pts[pts.length - 1]?.id ?? '-'}); the replica holds ${fmtBytes(DISK_MB * 1024 * 1024)} of disk`);
     out(`   the same from the CLI: node ${path.relative(process.cwd(), CLI_PATH) || CLI_PATH} status --data-dir ${dataDir} --server ${url}`);
-    out(`   console (dashboard): ${url.replace(/^wss:/, 'https:').replace(/^ws:/, 'http:')}/console`);
+    // an operator for the console, with a password of its own (in a 0600 file of the demo's)
+    const pwFile = path.join(dir, 'console-password');
+    await fsp.writeFile(pwFile, crypto.randomBytes(12).toString('base64url') + '\n', { mode: 0o600 });
+    const op = await cli(['operator', 'add', 'demo', '--password-file', pwFile, '--data-dir', dataDir]);
+    out(`   console (dashboard): ${url.replace(/^wss:/, 'https:').replace(/^ws:/, 'http:')}/console/`
+      + (op.code === 0 ? ` (operator demo, password in ${pwFile}; the certificate is the demo CA's: ${path.join(dataDir, 'tls', 'ca.pem')})` : ` (no operator: ${op.stderr.trim().split('\n').pop()})`));
     out(ok ? 'RESULT: protected, recovery points taken, the test failover image is clean and equals the disk at its point' : 'RESULT: FAILED (see above)');
     if (process.stdin.isTTY && process.stdout.isTTY) {
       out('press Enter to stop the demo (server, agent, loop device)');

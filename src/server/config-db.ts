@@ -789,8 +789,17 @@ export class ConfigDb {
     if (!p) throw new MobilityError('MOB_ERR_UNKNOWN_PLAN', `no recovery plan named ${JSON.stringify(name)} (see mobility recovery-plan list)`);
     return p;
   }
+  /** Removes a plan and its run history (a new plan of the same name starts with none). */
   deletePlan(name: string): boolean {
-    return this.db.prepare('DELETE FROM recovery_plans WHERE name = ?').run(name).changes > 0;
+    return this.db.transaction(() => {
+      this.db.prepare('DELETE FROM recovery_plan_runs WHERE plan = ?').run(name);
+      return this.db.prepare('DELETE FROM recovery_plans WHERE name = ?').run(name).changes > 0;
+    })();
+  }
+  /** Runs a stopped server left unfinished: recorded as failed (called once at server start). */
+  abandonPlanRuns(): number {
+    return this.db.prepare("UPDATE recovery_plan_runs SET ended_at = ?, ok = 0, report = COALESCE(report, json_object('failure', 'the server stopped during the run', 'steps', json_array())) WHERE ended_at IS NULL")
+      .run(new Date().toISOString()).changes;
   }
   startPlanRun(id: string, plan: string, kind: string): void {
     this.db.prepare('INSERT INTO recovery_plan_runs (id, plan, kind, started_at) VALUES (?, ?, ?, ?)').run(id, plan, kind, new Date().toISOString());

@@ -188,6 +188,9 @@ export class ProcessServer {
     };
     this.sessionDeps = deps;
     this.db = ConfigDb.open(this.opts.dataDir);
+    // recovery plan runs a stopped server left unfinished are failed runs now
+    const abandoned = this.db.abandonPlanRuns();
+    if (abandoned) this.log.warn('recovery plan runs left unfinished by a server stop marked failed', { runs: abandoned });
     this.history = new HistoryRecorder({
       db: this.db, log: this.log.child({ component: 'history' }), health: this.health, windowMs,
       newestPoints: async (agentId) => {

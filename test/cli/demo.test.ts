@@ -38,7 +38,7 @@ t.test('mobility demo as root: the whole product, then nothing left behind', asy
   if (agent) c.traceInstances(agent);
   for (const want of [/listening at wss:\/\/127\.0\.0\.1:\d+/, /agent pid \d+, connected/, /preflight checks passed/, /continuous: every write is tracked/,
     /point \S+: 4 files added \(12 files/, /point \S+: 4 files added \(20 files/, /e2fsck -fn clean/, /16 files: checksums EQUAL to the disk's at the point; files written after it: absent/,
-    /test failover cleaned up/, /data\s+continuous/, /console \(dashboard\): https:\/\/127\.0\.0\.1:\d+\/console/, /^RESULT: protected/m]) {
+    /test failover cleaned up/, /data\s+continuous/, /console \(dashboard\): https:\/\/127\.0\.0\.1:\d+\/console\/ \(operator demo, password in \S+console-password/, /^RESULT: protected/m]) {
     t.match(o, want, `the demo shows ${want}`);
   }
   // nothing left behind

@@ -38,6 +38,8 @@ export interface PlanApiHooks {
 
 /** Plans running now, by name: one run of a plan at a time. */
 const running = new Set<string>();
+/** Machines of the plans running now: a machine is recovered by one plan run at a time. */
+const busyMachines = new Set<string>();
 
 function planDb(server: ServerContext): PlanDb {
   return {
@@ -103,10 +105,16 @@ function planRunDeps(server: ServerContext, hooks: PlanApiHooks, progress: (m: R
       // no final cut: a plan recovers to the point it resolved (a group point is on every machine)
       const r = await failover(server, agent, point, false);
       if (!checks) return machineResult(agent, { point: r.point, disks: r.disks });
-      const images = r.disks.map((d) => ({ diskId: d.diskId, file: d.localPath }));
-      if (images.some((i) => i.file === null)) throw new MobilityError('MOB_ERR_BOOT_CHECK', `the ${server.backend.kind} store keeps failover images remotely: a network mapping or boot check of a plan failover needs local images`);
-      const record = await checkRecoveredMachine(hooks.machineCheckDeps(server), agent, r.point, images as { diskId: string; file: string }[], checks);
-      return machineResult(agent, { point: r.point, disks: r.disks, record });
+      // the machine is failed over from here on: a check that cannot run is reported with its images
+      try {
+        const images = r.disks.map((d) => ({ diskId: d.diskId, file: d.localPath }));
+        if (images.some((i) => i.file === null)) throw new MobilityError('MOB_ERR_BOOT_CHECK', `the ${server.backend.kind} store keeps failover images remotely: a network mapping or boot check of a plan failover needs local images`);
+        const record = await checkRecoveredMachine(hooks.machineCheckDeps(server), agent, r.point, images as { diskId: string; file: string }[], checks);
+        return machineResult(agent, { point: r.point, disks: r.disks, record });
+      } catch (err) {
+        const e = toMobilityError(err);
+        return { ...machineResult(agent, { point: r.point, disks: r.disks }), ok: false, error: { code: e.code, message: `failed over, then: ${e.message}` } };
+      }
     },
     mappingFor(agent, m: NetworkMapping) {
       try {
@@ -128,15 +136,23 @@ function planRunDeps(server: ServerContext, hooks: PlanApiHooks, progress: (m: R
 async function run(server: ServerContext, hooks: PlanApiHooks, name: string, kind: PlanRunKind, ref: string, progress: (m: Record<string, unknown>) => void): Promise<PlanRunReport> {
   const plan = loadPlan(server, name);
   if (running.has(plan.name)) throw new MobilityError('MOB_ERR_PLAN', `a run of recovery plan ${plan.name} is going on; wait for it to end`);
+  // two plans sharing a machine would make, map and boot the same images at once
+  const machines = planMachines(plan);
+  const shared = machines.find((m) => busyMachines.has(m));
+  if (shared) throw new MobilityError('MOB_ERR_PLAN', `machine ${shared} of recovery plan ${plan.name} is being recovered by another plan's run; wait for it to end`);
   running.add(plan.name);
+  for (const m of machines) busyMachines.add(m);
   try {
     let points: Map<string, string> | undefined;
     let groupPoint: string | null = null;
     if (kind === 'cleanup') {
-      const last = server.db.listPlanRuns(plan.name, 50).find((r) => r.kind === 'test-failover' && r.report !== null);
+      // the newest test failover that made something (one that failed before making anything,
+      // or was cut short with no report, has nothing to clean up)
+      const pointsOf = (rep: PlanRunReport | null) => new Map((rep?.steps ?? []).flatMap((s) => s.results.filter((x) => x.point !== null && (x.images.length > 0 || !x.ok)).map((x) => [x.agent, x.point!] as [string, string])));
+      const last = server.db.listPlanRuns(plan.name, 50).find((r) => r.kind === 'test-failover' && pointsOf(r.report as PlanRunReport | null).size > 0);
       if (!last) throw new MobilityError('MOB_ERR_PLAN', `recovery plan ${plan.name} has no test failover to clean up`);
       const rep = last.report as PlanRunReport;
-      points = new Map(rep.steps.flatMap((s) => s.results.filter((x) => x.point !== null).map((x) => [x.agent, x.point!] as [string, string])));
+      points = pointsOf(rep);
       groupPoint = rep.groupPoint;
     }
     const id = `${new Date().toISOString().replace(/[-:.]/g, '').slice(0, 15)}-${randomUUID().slice(0, 8)}`;
@@ -154,6 +170,7 @@ async function run(server: ServerContext, hooks: PlanApiHooks, name: string, kin
     return report;
   } finally {
     running.delete(plan.name);
+    for (const m of machines) busyMachines.delete(m);
   }
 }
 

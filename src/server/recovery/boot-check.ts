@@ -137,7 +137,21 @@ export async function bootCheck(o: BootCheckOptions): Promise<BootCheckResult> {
     if (!st?.isFile() && !st?.isBlockDevice()) throw new MobilityError('MOB_ERR_BOOT_CHECK', `cannot boot ${img}: not a local image file`);
   }
   const started = Date.now();
-  const log = o.consoleLog ? fs.createWriteStream(o.consoleLog, { mode: 0o600 }) : null;
+  // the console log: at most CONSOLE_LOG_MAX bytes (a guest printing without end must not fill the
+  // server's disk), and a write error (a full disk) only ends the log, never the server
+  const stream = o.consoleLog ? fs.createWriteStream(o.consoleLog, { mode: 0o600 }) : null;
+  stream?.on('error', () => undefined);
+  let logged = 0;
+  const log = stream ? {
+    write(d: Buffer): void {
+      if (logged >= CONSOLE_LOG_MAX || stream.destroyed) return;
+      const part = d.length <= CONSOLE_LOG_MAX - logged ? d : d.subarray(0, CONSOLE_LOG_MAX - logged);
+      logged += part.length;
+      stream.write(part);
+      if (logged >= CONSOLE_LOG_MAX) stream.write(`\n[console log truncated at ${CONSOLE_LOG_MAX} bytes]\n`);
+    },
+    end(): void { stream.end(); },
+  } : null;
   try {
     let accel = o.accel ?? 'auto';
     if (accel === 'auto' && kvmBroken) accel = 'tcg';
@@ -159,13 +173,16 @@ export async function bootCheck(o: BootCheckOptions): Promise<BootCheckResult> {
   }
 }
 
+/** Bytes of a guest's console kept in its log file (the rest is counted in consoleBytes only). */
+export const CONSOLE_LOG_MAX = 16 * 1024 * 1024;
+
 /** KVM failed to run a guest in this process: later 'auto' checks go straight to TCG. */
 let kvmBroken = false;
 /** What QEMU prints when KVM stops the guest (the VM stays paused: QEMU does not exit by itself). */
 const KVM_FAILURE = /KVM internal error|emulation failure|kvm run failed/i;
 
 /** One QEMU run of a check; kvmFailed: KVM stopped the guest (only with accel kvm or auto). */
-async function bootOnce(o: BootCheckOptions, marker: RegExp, accel: BootAccel, timeoutMs: number, log: fs.WriteStream | null): Promise<BootCheckResult & { kvmFailed: boolean }> {
+async function bootOnce(o: BootCheckOptions, marker: RegExp, accel: BootAccel, timeoutMs: number, log: { write(d: Buffer): void } | null): Promise<BootCheckResult & { kvmFailed: boolean }> {
   const qemu = o.qemu ?? 'qemu-system-x86_64';
   const started = Date.now();
   const startedAt = new Date(started).toISOString();

@@ -71,6 +71,12 @@ async function candidates(image: string): Promise<Candidate[]> {
     .map(({ p, n }) => ({ partition: n, offset: p.start * sector, size: p.size * sector }));
 }
 
+/** dir is the root of a mounted filesystem (its device differs from its parent's). */
+async function isMountPoint(dir: string): Promise<boolean> {
+  const [a, b] = await Promise.all([fsp.stat(dir).catch(() => null), fsp.stat(path.dirname(dir)).catch(() => null)]);
+  return a !== null && b !== null && a.dev !== b.dev;
+}
+
 async function unmountDir(dir: string): Promise<void> {
   const r = await run('umount', [dir]);
   if (r.code !== 0) await run('umount', ['-l', dir]);
@@ -95,6 +101,8 @@ export async function mountGuestRoot(image: string, o: { scratch?: string } = {}
     const opts = ['loop', 'nosuid', 'nodev', 'noexec', `offset=${c.offset}`, ...(c.size === null ? [] : [`sizelimit=${c.size}`])].join(',');
     const m = await run('mount', ['-o', opts, image, dir]);
     if (m.code !== 0) {
+      // mount(8) killed at its time limit may have mounted after all: never leave that behind
+      if (await isMountPoint(dir)) await unmountDir(dir).catch(() => undefined);
       await fsp.rmdir(dir).catch(() => undefined);
       if (m.code === 127) throw new MobilityError('MOB_ERR_CONFIG', 'mount(8) is needed to change a recovered image');
       failures.push(`${what}: ${m.stderr.trim().split('\n').pop() ?? `mount exited ${m.code}`}`);

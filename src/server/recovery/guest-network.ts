@@ -78,7 +78,8 @@ export async function detectStack(root: string): Promise<NetworkStack> {
   if ((await list(root, 'etc/netplan')).some((f) => /\.ya?ml$/.test(f))) return 'netplan';
   const sysd = path.join(root, 'etc/systemd/system');
   for (const d of await list(root, 'etc/systemd/system')) {
-    if (d.endsWith('.wants') && await exists(path.join(sysd, d, 'systemd-networkd.service'))) return 'systemd-networkd';
+    // a .wants that is a symbolic link (to a directory of the server's, through the mount) is not followed
+    if (d.endsWith('.wants') && (await fsp.lstat(path.join(sysd, d)).catch(() => null))?.isDirectory() && await exists(path.join(sysd, d, 'systemd-networkd.service'))) return 'systemd-networkd';
   }
   if ((await list(root, 'etc/systemd/network')).some((f) => f.endsWith('.network'))) return 'systemd-networkd';
   if (await guestDir(root, 'etc/network') && await exists(path.join(root, 'etc/network/interfaces'))) return 'ifupdown';

@@ -212,7 +212,9 @@ export async function runPlan(deps: PlanRunDeps, plan: RecoveryPlan, o: { kind: 
   }
   const report: PlanRunReport = { plan: plan.name, run: o.run, kind: o.kind, group: plan.group, groupPoint, startedAt, endedAt: startedAt, ok: true, failure: null, steps: [] };
   const reportFile = path.join(os.tmpdir(), `mobility-plan-${process.pid}-${o.run}.json`);
-  const saveReport = () => fsp.writeFile(reportFile, JSON.stringify(report, null, 2), { mode: 0o600 });
+  // the report so far, for the scripts; a failure to write it (a full /tmp) costs the scripts
+  // their report, never the run
+  const saveReport = () => fsp.writeFile(reportFile, JSON.stringify(report, null, 2), { mode: 0o600 }).catch(() => undefined);
   try {
     if (o.kind === 'cleanup') {
       for (const [i, s] of [...plan.steps.entries()].reverse()) {
@@ -310,11 +312,23 @@ export function runScript(file: string, env: Record<string, string>, timeoutMs: 
     let hard: NodeJS.Timeout | undefined;
     const timer = setTimeout(() => { timedOut = true; kill('SIGTERM'); hard = setTimeout(() => kill('SIGKILL'), 5000); }, timeoutMs);
     c.on('error', (err) => add(Buffer.from(`\n${err.message}`)));
-    c.on('close', (code, signal) => {
+    let done = false;
+    const settle = (code: number | null, signal: NodeJS.Signals | null) => {
+      if (done) return;
+      done = true;
       clearTimeout(timer);
       if (hard) clearTimeout(hard);
+      clearTimeout(last);
+      // a child the script left running (a daemon it started) may keep the pipes open: not ours to wait for
+      c.stdout!.destroy();
+      c.stderr!.destroy();
       const seconds = (performance.now() - started) / 1000;
       resolve({ path: file, ok: code === 0 && !timedOut, exitCode: code, signal, timedOut, seconds, tail: tail.trim() });
-    });
+    };
+    // the script's own exit decides; its output is read for up to a second more
+    c.on('exit', (code, signal) => { clearTimeout(timer); setTimeout(() => settle(code, signal), 1000).unref(); });
+    c.on('close', (code, signal) => settle(code, signal));
+    // whatever happens (a process that ignores every signal, a pipe held open), the run ends
+    const last = setTimeout(() => { kill('SIGKILL'); settle(null, 'SIGKILL'); }, timeoutMs + 10_000);
   });
 }
