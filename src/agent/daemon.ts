@@ -356,7 +356,7 @@ export class AgentDaemon {
     const group = String(m.group ?? '');
     const member = new GroupCutMember(point, group, m.kind as CutKind, {
       boundMs: Math.min(m.boundMs as number, MAX_CUT_WAIT_MS), convergeMs: Math.min(m.convergeMs as number, MAX_CUT_WAIT_MS),
-      send: (x) => this.send(x), onSettled: () => { this.groupCuts.delete(point); },
+      send: (x) => this.send(x), onSettled: () => { if (this.groupCuts.get(point) === member) this.groupCuts.delete(point); },
     });
     this.groupCuts.set(point, member);
     const p = this.protector;

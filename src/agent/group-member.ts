@@ -15,6 +15,8 @@ export interface GroupCutLink {
   readonly point: string;
   readonly group: string;
   readonly kind: CutKind;
+  /** Committed or aborted: nothing more to do for this group cut. */
+  readonly settled: boolean;
   /** Converged, not frozen: reports it, resolves when the group freezes; rejects (MOB_ERR_GROUP_CUT) on abort or when no freeze comes in time. */
   converged(): Promise<void>;
   /** Frozen, remainder spooled: reports it, resolves on the commit; rejects on abort or when no commit comes within min(bound, maxWaitMs). */
@@ -98,6 +100,12 @@ export class GroupCutMember implements GroupCutLink {
     return new Promise<void>((resolve, reject) => {
       const timer = this.timers.set(() => {
         this.waiter = null;
+        // said to the server at once: it must not commit a group point this machine has left
+        // (its other members are frozen, waiting), and the operator learns why
+        if (!this.reported) {
+          this.reported = true;
+          this.o.send({ type: 'group-failed', point: this.point, code: 'MOB_ERR_GROUP_CUT', message: why });
+        }
         this.abort(why);
         reject(this.err());
       }, ms);

@@ -655,6 +655,9 @@ export class Protector {
         if (scanned) continue;
         for (const d of this.disks) if (!d.unlisten && d.shipper) d.unlisten = d.shipper.listen(conn);
         const shipped = await this.shipRound(conn);
+        // a group cut the server already gave up on (its converge bound passed while this machine
+        // could not start) is dropped, not taken: its hooks would quiesce the applications for nothing
+        if (this.groupCut?.settled) this.groupCut = null;
         if (this.cutDue()) {
           const g = this.groupCut;
           this.groupCut = null;
@@ -859,7 +862,13 @@ export class Protector {
             }
             if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
             // still frozen: ready; the commit (or an abort, or this side's own bound) ends the freeze
-            if (group) await group.ready(frozeAt, bound - Date.now());
+            if (group) {
+              await group.ready(frozeAt, bound - Date.now());
+              // nothing may have written while this machine waited frozen for the group's commit
+              // either (a writer the freeze does not stop): its part would not be the group's moment
+              this.drainOnce();
+              if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen, waiting for the group\'s commit (a writer the freeze does not stop)');
+            }
           }
         } finally {
           if (frozeAt) {

@@ -318,9 +318,10 @@ t.test('member: no commit within the bound (a dead server): it aborts on its own
   clock.advance(5000);
   await t.rejects(r, { code: 'MOB_ERR_GROUP_CUT', message: /no commit from the server within 5000 ms/ });
   t.ok(m.settled);
+  t.match(sent[2], { type: 'group-failed', point: 'gp-1', code: 'MOB_ERR_GROUP_CUT', message: /no commit from the server within 5000 ms/ }, 'the server is told at once why this machine left the cut');
   m.onMessage({ type: 'group-commit', point: 'gp-1' });
   m.failed(new MobilityError('MOB_ERR_GROUP_CUT', 'x'));
-  t.equal(sent.length, 2, 'a late commit is ignored; nothing is sent after the own abort');
+  t.equal(sent.length, 3, 'a late commit is ignored; nothing more is sent after the own abort');
 });
 
 t.test('member: the freeze limit shortens the commit wait', async (t) => {
