@@ -126,20 +126,30 @@ export function percentile(values: number[], p: number): number | null {
 
 /**
  * Rates averaged over windows of windowMs ending at each point: the points ending within
- * windowMs of the point's end (itself included), their bytes over their measured time.
+ * windowMs of the point's end (itself included), their bytes over their measured time. Only
+ * windows the measurement covers whole count (a window at the start of the measurement would
+ * be one sample's burst, not an RPO-long average); a measurement shorter than windowMs gives
+ * one rate, its own mean.
  */
 export function windowedRates(pts: Pt[], windowMs: number): number[] {
   const s = [...pts].sort((a, b) => a.t - b.t);
+  if (!s.length) return [];
+  const start = s[0]!.t - s[0]!.ms;
   const out: number[] = [];
   let lo = 0;
   let bytes = 0;
   let ms = 0;
+  let allBytes = 0;
+  let allMs = 0;
   for (let i = 0; i < s.length; i++) {
     bytes += s[i]!.bytes;
     ms += s[i]!.ms;
+    allBytes += s[i]!.bytes;
+    allMs += s[i]!.ms;
     while (lo < i && s[lo]!.t <= s[i]!.t - windowMs) { bytes -= s[lo]!.bytes; ms -= s[lo]!.ms; lo++; }
-    out.push(bytes / (ms / 1000));
+    if (s[i]!.t - start >= windowMs) out.push(bytes / (ms / 1000));
   }
+  if (!out.length && allMs > 0) out.push(allBytes / (allMs / 1000));
   return out;
 }
 

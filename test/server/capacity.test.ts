@@ -28,11 +28,18 @@ t.test('percentile (nearest rank) and RPO-long windows', async (t) => {
   t.equal(percentile(Array.from({ length: 20 }, (_, i) => i + 1), 95), 19, 'rank ceil(0.95 x 20) = 19');
   t.equal(percentile(Array.from({ length: 10 }, (_, i) => i + 1), 95), 10, 'rank ceil(9.5) = 10');
   t.equal(percentile([3, 1, 2], 50), 2, 'unsorted input');
-  // 10 s points of 10, 20, 30 kB: a 30 s window at the third holds all three (60 kB / 30 s); a 20 s one the last two (50 kB / 20 s)
+  // 10 s points of 10, 20, 30 kB (measured from 0 s): a 30 s window at the third holds all three
+  // (60 kB / 30 s); 20 s ones end at the second (30 kB / 20 s) and the third (50 kB / 20 s). Windows
+  // the measurement does not cover whole (the first 10 or 20 s) do not count
   const pts = [{ t: 10_000, ms: 10_000, bytes: 10_000 }, { t: 20_000, ms: 10_000, bytes: 20_000 }, { t: 30_000, ms: 10_000, bytes: 30_000 }];
-  t.same(windowedRates(pts, 30_000), [1000, 1500, 2000]);
-  t.same(windowedRates(pts, 20_000), [1000, 1500, 2500]);
+  t.same(windowedRates(pts, 30_000), [2000]);
+  t.same(windowedRates(pts, 20_000), [1500, 2500]);
   t.same(windowedRates(pts, 1000), [1000, 2000, 3000], 'a window shorter than a sample is the sample');
+  t.same(windowedRates(pts, 60_000), [2000], 'a measurement shorter than the window: its own mean, once');
+  // a burst in the first sample does not make an RPO-long window of its own
+  const burst = [{ t: 10_000, ms: 10_000, bytes: 1_000_000 }, ...Array.from({ length: 59 }, (_, i) => ({ t: (i + 2) * 10_000, ms: 10_000, bytes: 10_000 }))];
+  t.equal(Math.max(...windowedRates(burst, 300_000)), (1_000_000 + 29 * 10_000) / 300, 'the highest 5-minute average holds the burst with 29 quiet samples');
+  t.same(windowedRates([], 1000), []);
 });
 
 t.test('initial sync over what the mean churn leaves of the link', async (t) => {
@@ -75,11 +82,12 @@ t.test('a plan from hand-built samples', async (t) => {
   t.equal(a.peakAt, new Date(T0 + 200_000).toISOString());
   t.equal(a.basis.ratio, 0.25, '16 KiB of 64 KiB per sample; the incomplete sample\'s are left out too');
   t.notOk(a.basis.ratioAssumed);
-  // 30 s windows: k >= 3 holds samples k-2..k: 10 000 (3k - 3) B / 30 s = 1000 (k - 1); k = 20: 19 000; p95 (rank 19 of 1000, 1500, 2000..19 000) 18 000
+  // 30 s windows, whole ones only (k >= 3): samples k-2..k: 10 000 (3k - 3) B / 30 s = 1000 (k - 1); k = 20: 19 000;
+  // p95 (rank ceil(0.95 x 18) = 18 of 2000..19 000) 19 000
   t.equal(a.rpoWindowPeakBytesPerSec, 19_000);
-  t.equal(a.rpoWindowP95BytesPerSec, 18_000);
+  t.equal(a.rpoWindowP95BytesPerSec, 19_000);
   t.equal(a.bandwidthForRpoBytesPerSec, 4750, '19 000 x 0.25');
-  t.equal(a.bandwidthForRpoP95BytesPerSec, 4500, '18 000 x 0.25');
+  t.equal(a.bandwidthForRpoP95BytesPerSec, 4750, '19 000 x 0.25');
   t.equal(a.rpoHeld, true, '1 000 000 B/s >= 4750');
   t.equal(a.dataBytes, 100_000_000, 'the used bytes, not the size');
   t.equal(a.initialSyncWireBytes, 25_000_000, 'x 0.25');
