@@ -235,6 +235,14 @@ export class Protector {
     const o = this.o;
     const stateDir = path.join(o.stateDir, o.agentId);
     this.stateDir = stateDir;
+    // an agent killed inside a cut's freeze left its filesystems frozen: thawed before anything is
+    // written (the state directory may be on one of them); a filesystem that is not frozen is left as it is
+    const family = new Set<string>();
+    for (const d of o.disks) {
+      try { for (const f of deviceFamily(d.path)) family.add(f); } catch { /* reported by open() */ }
+    }
+    const thawed = await thawAll(mountsOn(family)).catch(() => [] as string[]);
+    if (thawed.length) this.log.warn('could not thaw at start', { mounts: thawed });
     await fsp.mkdir(stateDir, { recursive: true, mode: 0o700 });
     try {
       await this.open(stateDir);
