@@ -171,3 +171,48 @@ t.test('page paths and escaping', async (t) => {
   t.equal(pageView('/console/nothing'), null);
   t.equal(esc('<img src=x onerror="a()">&\''), '&lt;img src=x onerror=&quot;a()&quot;&gt;&amp;&#39;');
 });
+
+t.test('login limit: checks still running count, so concurrent guesses cannot all pass; refusals are reported once', async (t) => {
+  let now = 1_000_000;
+  const l = new LoginLimiter({ limit: 5, windowMs: 60_000, now: () => now });
+  // a burst from one source: two checks at once at most (the thread pool is shared), and never
+  // more than the limit counted with the ones running
+  const passed: string[] = [];
+  let refusedConcurrency = 0;
+  for (let i = 0; i < 40; i++) {
+    try { l.begin('10.0.0.9'); passed.push(`begin ${i}`); } catch (err) {
+      t.equal((err as { code?: string }).code, 'MOB_ERR_RATE_LIMITED');
+      if (/at once/.test((err as Error).message)) refusedConcurrency++;
+    }
+  }
+  t.equal(passed.length, 2, 'two password checks run at once, the rest are refused at once');
+  t.equal(refusedConcurrency, 38);
+  l.end('10.0.0.9', false);
+  l.end('10.0.0.9', false);
+  // sequentially: 3 more failures reach the limit of 5
+  for (let i = 0; i < 3; i++) { l.begin('10.0.0.9'); l.end('10.0.0.9', false); }
+  const first = (() => { try { l.begin('10.0.0.9'); return null; } catch (err) { return err as { first?: boolean; message: string }; } })();
+  t.match(first, { first: true, message: /5 failed console logins from 10\.0\.0\.9/ }, 'the first refusal of the window is to be recorded');
+  const second = (() => { try { l.begin('10.0.0.9'); return null; } catch (err) { return err as { first?: boolean }; } })();
+  t.equal(second?.first, false, 'the ones after it are not (no audit flood)');
+  // checks running count before their outcome: 4 failures + 1 running = the limit
+  const l2 = new LoginLimiter({ limit: 5, windowMs: 60_000, now: () => now });
+  for (let i = 0; i < 4; i++) { l2.begin('a'); l2.end('a', false); }
+  l2.begin('a');
+  t.throws(() => l2.begin('a'), { code: 'MOB_ERR_RATE_LIMITED', message: /1 more being checked/ }, 'a check running counts as a failure until it ends');
+  l2.end('a', true);
+  now += 60_000;
+  t.doesNotThrow(() => { l2.begin('a'); l2.end('a', true); }, 'a new window');
+});
+
+t.test('an open page (its live stream) does not keep a session alive past its idle time', async (t) => {
+  const db = ConfigDb.open(await tmpDir(t));
+  t.teardown(() => db.close());
+  let now = 1_000_000;
+  const sm = new SessionManager(db, { idleMs: 30 * 60_000, maxAgeMs: 12 * 3600_000, now: () => now });
+  const s = sm.create('bob', '127.0.0.1');
+  for (let m = 0; m < 29; m++) { now += 60_000; t.ok(sm.alive(s.id)); }
+  now += 2 * 60_000;
+  t.notOk(sm.alive(s.id), 'asked every minute by the stream, it still ends 30 min after the last request');
+  t.equal(sm.get(s.id), null);
+});

@@ -201,16 +201,22 @@ export class ConsoleService implements OperatorConsole {
     const name = (form.get('name') ?? '').slice(0, 64);
     const password = form.get('password') ?? '';
     try {
-      this.limiter.check(source);
+      this.limiter.begin(source);
     } catch (err) {
       const e = toMobilityError(err);
-      this.audit({ operator: name, source }, 'login', 'console', e.code, e.message);
+      // audited once per source and window: a flood of refused logins does not flood the audit log
+      if ((err as { first?: boolean }).first) this.audit({ operator: name, source }, 'login', 'console', e.code, `${e.message} (further refusals from this address in this window are not recorded)`);
       return html(res, statusFor(e.code), loginPage({ error: `Too many failed logins from your address: ${e.message}.`, name }));
     }
-    const op = name ? this.deps.server.db.getOperator(name) : null;
-    const ok = op ? await verifyPassword(password, op.passwordHash) : await verifyDecoy(password);
+    let ok = false;
+    let op: ReturnType<typeof this.deps.server.db.getOperator> = null;
+    try {
+      op = name ? this.deps.server.db.getOperator(name) : null;
+      ok = op ? await verifyPassword(password, op.passwordHash) : await verifyDecoy(password);
+    } finally {
+      this.limiter.end(source, ok && op !== null);
+    }
     if (!ok || !op) {
-      this.limiter.fail(source);
       this.audit({ operator: name, source }, 'login', 'console', 'MOB_ERR_AUTH', op ? 'wrong password' : 'no such operator');
       this.deps.server.log.warn('console login refused', { operator: name, peer: source });
       return html(res, 401, loginPage({ error: 'Wrong operator name or password.', name }));

@@ -58,7 +58,8 @@ export class LiveHub {
       const now = Date.now();
       const byView = new Map<string, Record<string, string>>();
       for (const c of [...this.clients]) {
-        if (!this.sessions.get(c.sessionId)) {
+        // an open page is not activity: the session still ends after its idle time without a request
+        if (!this.sessions.alive(c.sessionId)) {
           c.res.end('event: logout\ndata: {}\n\n');
           this.clients.delete(c);
           continue;

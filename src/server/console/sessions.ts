@@ -65,6 +65,13 @@ export class SessionManager {
     return { id, operator, csrf, source, createdAt: t, expiresAt };
   }
 
+  /** Whether the session is still live, without counting this as the operator's activity (live streams ask every tick). */
+  alive(id: string | null): boolean {
+    if (!id || id.length > 128) return false;
+    const row = this.store.getSession(hashId(id));
+    return row !== null && row !== undefined && row.expiresAt > this.now();
+  }
+
   /** The live session of this id, its idle expiry slid forward; null when unknown or expired (an expired one is deleted). */
   get(id: string | null): Session | null {
     if (!id || id.length > 128) return null;
