@@ -982,8 +982,13 @@ export class Protector {
           // read from the view, not from the live disks.
           let point: QemuPoint | null = null;
           let guestFrozenAt = 0;
-          let groupReady = false;
+          let pausedAt = 0;
           const thawGuest = async () => {
+            if (pausedAt) {
+              await this.qemu!.resumeGuest().catch((err: Error) => this.log.error('cannot resume the guest', { code: 'MOB_ERR_QMP', error: err.message }));
+              frozenMs = Date.now() - pausedAt;
+              pausedAt = 0;
+            }
             if (!guestFrozenAt) return;
             const failed = await this.quiescer!.thaw();
             frozenMs = Date.now() - guestFrozenAt;
@@ -999,12 +1004,20 @@ export class Protector {
               if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
               if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the guest stayed frozen longer than the ${limit} ms bound`);
             }
+            if (group && !guestFrozenAt) {
+              // several machines: their points must share one instant. Without a guest agent the
+              // VM's CPUs are paused from here to the group's commit (a crash-consistent group point)
+              try {
+                if (await this.qemu.pauseGuest()) pausedAt = Date.now();
+              } catch (err) {
+                throw new MobilityError('MOB_ERR_GROUP_CUT', `this VM can take part in a group cut only if its QEMU can pause it or it has a guest agent: ${(err as Error).message}`);
+              }
+            }
             frozeAt = Date.now();
             point = await this.beginHostPoint(taken);
-            // frozen guest of a group cut: stays frozen until the group commits, like an in-guest cut
-            if (group && guestFrozenAt) {
+            // frozen or paused guest of a group cut: stays so until the group commits, like an in-guest cut
+            if (group) {
               await group.ready(frozeAt, bound - Date.now());
-              groupReady = true;
             }
             await thawGuest();
             await this.assertTrackingLive();
@@ -1025,8 +1038,6 @@ export class Protector {
               this.lastSampleReadMs = Date.now() - t1;
               spoolBytes = spool.bytes;
               spoolFileBytes = spool.fileBytes;
-              // crash-consistent group part: the point was taken when the group said freeze
-              if (group && !groupReady) await group.ready(frozeAt, limit);
             }
           } finally {
             await thawGuest();

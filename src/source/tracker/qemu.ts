@@ -358,6 +358,36 @@ export class QemuTracker implements ChangeTracker {
   }
 
   /**
+   * Pauses the guest's CPUs (QMP `stop`) so a multi-machine group point has one instant on
+   * every machine. Answers false when the guest was not running (then resumeGuest() must not
+   * be called). Throws MOB_ERR_QEMU_TRACKER when this QEMU cannot pause a guest (a
+   * qemu-storage-daemon has none).
+   */
+  pauseGuest(): Promise<boolean> {
+    return this.serial(async () => {
+      await this.reconnectIfNeeded();
+      let st: { running: boolean };
+      try {
+        st = await this.qmp.execute<{ running: boolean }>('query-status');
+      } catch (err) {
+        if (err instanceof QmpCommandError && err.qmpClass === 'CommandNotFound') throw trackerError(this.name, 'this QEMU runs no guest it could pause (query-status is unknown: a storage daemon?)', err);
+        throw err;
+      }
+      if (!st.running) return false;
+      await this.qmp.execute('stop');
+      return true;
+    });
+  }
+
+  /** Resumes a guest pauseGuest() paused (QMP `cont`). */
+  resumeGuest(): Promise<void> {
+    return this.serial(async () => {
+      await this.reconnectIfNeeded();
+      await this.qmp.execute('cont');
+    });
+  }
+
+  /**
    * A crash-consistent point of all the tracker's disks without stopping the guest: one QMP
    * transaction starts a copy-before-write view of every disk (blockdev-backup sync=none into a
    * temporary qcow2 in `dir` whose backing is the disk: a guest write first copies the old data
