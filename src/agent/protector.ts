@@ -347,6 +347,8 @@ export class Protector {
     });
     this.tracker = tracker;
     this.qemu = tracker;
+    // point views a killed agent left: open() removed them from QEMU; their images are ours to delete
+    for (const f of await fsp.readdir(this.viewDir())) if (f.endsWith('.qcow2')) await fsp.rm(path.join(this.viewDir(), f), { force: true });
     await writeFileDurable(path.join(stateDir, 'qemu-tracker'), `${tracker.name}\n${tracker.identity}\n`, 0o600);
   }
 
