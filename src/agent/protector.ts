@@ -475,6 +475,14 @@ export class Protector {
       ext = r instanceof Promise ? await r : r;
     } catch (err) {
       this.journal.endDrain(n);
+      if (this.qemu) {
+        // a QEMU round that fails leaves its bitmaps in QEMU (nothing is lost by the failure itself):
+        // the self-check tells a real loss (a bitmap disabled, removed, QEMU restarted) from a hiccup
+        if (!this.qemu.connected) return this.hostGone();
+        this.log.warn('a drain of QEMU\'s dirty bitmaps failed', { error: (err as Error).message });
+        await this.checkTracking();
+        return;
+      }
       this.lossDetected(`reading the tracker failed: ${(err as Error).message}`);
       return;
     }
