@@ -1,0 +1,269 @@
+/**
+ * A QEMU Guest Agent (QGA) client over a unix socket: the host side of a VM's virtio-serial
+ * channel to `qemu-ga` inside the guest (Proxmox: /var/run/qemu-server/<vmid>.qga; libvirt: the
+ * org.qemu.guest_agent.0 channel's socket). Host mode uses it to freeze the guest's filesystems
+ * for app-consistent points (src/agent/guest-agent-quiescer.ts).
+ *
+ * Protocol (QEMU's qga/qapi-schema.json): each command `{"execute": NAME, "arguments": {...}}`
+ * is answered, in order, by `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}`, one
+ * JSON text per line. Unlike QMP there is no greeting and no capabilities negotiation, and the
+ * stream may hold stale bytes: a previous client that timed out leaves its late answer (or half
+ * of it) in the virtio-serial channel, and the agent may hold half a command of that client. So
+ * a client resynchronises first: it sends a 0xFF byte (the agent's parser drops any partial
+ * input), then `guest-sync-delimited` with a random id; the agent answers with a 0xFF byte and
+ * then `{"return": id}`. Everything before the 0xFF (0xFF never occurs in the agent's UTF-8 JSON)
+ * and every answer before the one carrying our id is discarded.
+ *
+ * A VM without a running agent still accepts the connection (QEMU owns the socket) and never
+ * answers: every step has a timeout. Answers carry no id, so they are matched in order: a command
+ * that timed out keeps its place, and its late answer is dropped when it comes. One command at a
+ * time per connection: execute() sends the next command only when the previous one was answered
+ * or timed out. The agent also serves one client at a time: keep connections short (connect,
+ * commands, close).
+ *
+ * Contract: connect() resolves once the stream is in sync, or rejects with MOB_ERR_GUEST_AGENT
+ * (socket missing, refused, no sync answer within the timeout). execute() rejects with a
+ * GuestAgentCommandError (code MOB_ERR_GUEST_AGENT, plus the agent's error class and text) when
+ * the agent refuses a command, with MOB_ERR_GUEST_AGENT on a timeout or a closed connection.
+ * Nothing secret travels over the channel here (no guest-exec, no file or password commands).
+ */
+import net from 'node:net';
+import crypto from 'node:crypto';
+import { MobilityError } from '../../errors.js';
+import { QmpLineParser } from './qmp.js';
+
+export const QGA_DEFAULTS = {
+  connectTimeoutMs: 5_000,
+  commandTimeoutMs: 10_000,
+  /** The agent's answers are small (guest-get-fsinfo of a big guest: some KiB); a longer line is a broken peer. */
+  maxLineBytes: 4 * 1024 * 1024,
+} as const;
+
+const SENTINEL = 0xff;
+
+/** The guest agent refused a command: `qgaClass` is its error class (GenericError, CommandNotFound, ...). */
+export class GuestAgentCommandError extends MobilityError {
+  constructor(readonly command: string, readonly qgaClass: string, readonly desc: string) {
+    super('MOB_ERR_GUEST_AGENT', `guest agent command ${command} failed: ${qgaClass}: ${desc}`);
+  }
+}
+
+export function guestAgentError(what: string, o?: { cause?: unknown; retryable?: boolean }): MobilityError {
+  return new MobilityError('MOB_ERR_GUEST_AGENT', what, o);
+}
+
+/** guest-info: the agent's version and its commands (a disabled one was blocked by the guest's configuration). */
+export interface GuestInfo { version: string; supported_commands: { name: string; enabled: boolean; 'success-response'?: boolean }[] }
+/** guest-get-fsinfo, the fields used here. */
+export interface GuestFsInfo { name: string; mountpoint: string; type: string }
+export type FreezeStatus = 'thawed' | 'frozen';
+
+export interface GuestAgentConnectOptions {
+  /** Bound of the connection and the resynchronisation together. */
+  timeoutMs?: number;
+  /** Default bound of each command. */
+  commandTimeoutMs?: number;
+}
+
+interface Pending { command: string; resolve(v: unknown): void; reject(e: Error): void; timer: NodeJS.Timeout | null; timedOut: boolean }
+
+export class GuestAgentClient {
+  /** Resolves when the socket has closed (for any reason). */
+  readonly closed: Promise<void>;
+  /** Answers expected, in the order the commands were sent (timed-out ones stay until their answer comes). */
+  private readonly queue: Pending[] = [];
+  private parser: QmpLineParser;
+  /** Until the sentinel of our sync arrives, every byte is stale. */
+  private awaitingSentinel = false;
+  private syncId: number | null = null;
+  private syncWaiter: { resolve(): void; reject(e: Error): void } | null = null;
+  private ended: Error | null = null;
+  /** The command in flight (one at a time): the next execute() waits for it. */
+  private turn: Promise<void> = Promise.resolve();
+
+  private constructor(private readonly sock: net.Socket, readonly path: string, private readonly commandTimeoutMs: number, closed: Promise<void>) {
+    this.closed = closed;
+    this.parser = this.newParser();
+  }
+
+  /** Connects and resynchronises (0xFF, guest-sync-delimited). Rejects with MOB_ERR_GUEST_AGENT. */
+  static async connect(socketPath: string, o: GuestAgentConnectOptions = {}): Promise<GuestAgentClient> {
+    const timeoutMs = o.timeoutMs ?? QGA_DEFAULTS.connectTimeoutMs;
+    const sock = net.createConnection({ path: socketPath });
+    let closedResolve!: () => void;
+    const closed = new Promise<void>((r) => { closedResolve = r; });
+    const client = new GuestAgentClient(sock, socketPath, o.commandTimeoutMs ?? QGA_DEFAULTS.commandTimeoutMs, closed);
+    sock.on('data', (chunk: Buffer) => client.onData(chunk));
+    sock.on('error', (err) => {
+      const code = (err as NodeJS.ErrnoException).code;
+      client.fail(guestAgentError(`guest agent socket ${socketPath}: ${code ? `${code} ` : ''}${err.message.replace(`${code} `, '')}`, { cause: err, retryable: true }));
+    });
+    sock.on('close', () => {
+      client.fail(guestAgentError(`guest agent connection ${socketPath} closed (VM stopped, or the channel was taken by another client?)`, { retryable: true }));
+      closedResolve();
+    });
+    try {
+      await client.sync(timeoutMs);
+    } catch (err) {
+      client.close();
+      throw err;
+    }
+    return client;
+  }
+
+  /**
+   * Resynchronises the stream: everything the agent sent before is dropped. Done by connect();
+   * call it again after a command timed out if later answers must not wait for the late one.
+   */
+  sync(timeoutMs = this.commandTimeoutMs): Promise<void> {
+    if (this.ended) return Promise.reject(this.ended);
+    const id = crypto.randomInt(1, 2 ** 31 - 1);
+    return new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.syncWaiter = null;
+        reject(guestAgentError(`no answer to guest-sync-delimited from ${this.path} within ${timeoutMs} ms: is qemu-ga installed and running in the guest, and the VM's guest agent channel enabled?`, { retryable: true }));
+      }, timeoutMs);
+      this.syncWaiter = {
+        resolve: () => { clearTimeout(timer); this.syncWaiter = null; resolve(); },
+        reject: (e) => { clearTimeout(timer); this.syncWaiter = null; reject(e); },
+      };
+      // every answer still expected is now stale: its command is settled as lost
+      for (const p of this.queue.splice(0)) this.settleLost(p);
+      this.syncId = id;
+      this.awaitingSentinel = true;
+      this.sock.write(Buffer.concat([Buffer.from([SENTINEL]), Buffer.from(JSON.stringify({ execute: 'guest-sync-delimited', arguments: { id } }) + '\n')]));
+    });
+  }
+
+  /**
+   * Runs one command and resolves with its `return` value, after the previous command was
+   * answered or timed out. Rejects with GuestAgentCommandError when the agent refuses it, with
+   * MOB_ERR_GUEST_AGENT on a timeout or a closed connection.
+   */
+  execute<T = unknown>(command: string, args?: Record<string, unknown>, o: { timeoutMs?: number } = {}): Promise<T> {
+    const timeoutMs = o.timeoutMs ?? this.commandTimeoutMs;
+    const run = this.turn.then(() => this.send<T>(command, args, timeoutMs));
+    this.turn = run.then(() => undefined, () => undefined);
+    return run;
+  }
+
+  private send<T>(command: string, args: Record<string, unknown> | undefined, timeoutMs: number): Promise<T> {
+    if (this.ended) return Promise.reject(guestAgentError(`guest agent ${command}: ${this.ended.message}`, { retryable: true }));
+    return new Promise<T>((resolve, reject) => {
+      const p: Pending = { command, resolve: resolve as (v: unknown) => void, reject, timer: null, timedOut: false };
+      p.timer = setTimeout(() => {
+        p.timedOut = true; // keeps its place: its answer, if it ever comes, is the next one
+        reject(guestAgentError(`guest agent command ${command} got no answer from ${this.path} within ${timeoutMs} ms`, { retryable: true }));
+      }, timeoutMs);
+      this.queue.push(p);
+      this.sock.write(JSON.stringify(args === undefined ? { execute: command } : { execute: command, arguments: args }) + '\n');
+    });
+  }
+
+  /** The connection has ended (closed by either side, or broken): every command now fails. */
+  get isClosed(): boolean { return this.ended !== null; }
+
+  /** Closes the connection (pending commands reject with MOB_ERR_GUEST_AGENT). Idempotent. */
+  close(): void {
+    this.fail(guestAgentError(`guest agent connection ${this.path} closed by us`));
+    this.sock.destroy();
+  }
+
+  private newParser(): QmpLineParser {
+    return new QmpLineParser(QGA_DEFAULTS.maxLineBytes, (w, o) => guestAgentError(`the guest agent on ${this.path} sent ${w}`, o));
+  }
+
+  private onData(chunk: Buffer): void {
+    let data = chunk;
+    const s = data.lastIndexOf(SENTINEL);
+    if (s >= 0) {
+      // the agent's answer to our sync starts here: whatever came before is stale, partial lines included
+      data = data.subarray(s + 1);
+      this.parser = this.newParser();
+      this.awaitingSentinel = false;
+    } else if (this.awaitingSentinel) {
+      return;
+    }
+    let msgs: unknown[];
+    try {
+      msgs = this.parser.push(data);
+    } catch (err) {
+      this.fail(err as Error);
+      this.sock.destroy();
+      return;
+    }
+    for (const m of msgs) this.onMessage(m);
+  }
+
+  private onMessage(m: unknown): void {
+    const msg = (m ?? {}) as { return?: unknown; error?: { class?: string; desc?: string } };
+    if (this.syncId !== null) {
+      // after a sync only its own answer counts (a stale answer may even follow a stale sentinel)
+      if (msg.return === this.syncId) {
+        this.syncId = null;
+        this.syncWaiter?.resolve();
+      }
+      return;
+    }
+    const p = this.queue.shift();
+    if (!p) return; // an answer to nobody: dropped
+    if (p.timedOut) return;
+    if (p.timer) clearTimeout(p.timer);
+    if (msg.error) p.reject(new GuestAgentCommandError(p.command, msg.error.class ?? 'GenericError', msg.error.desc ?? 'no description'));
+    else p.resolve(msg.return);
+  }
+
+  private settleLost(p: Pending): void {
+    if (p.timer) clearTimeout(p.timer);
+    if (!p.timedOut) p.reject(guestAgentError(`guest agent command ${p.command}: its answer was dropped by a resynchronisation`, { retryable: true }));
+  }
+
+  private fail(err: Error): void {
+    if (this.ended) return;
+    this.ended = err;
+    for (const p of this.queue.splice(0)) {
+      if (p.timer) clearTimeout(p.timer);
+      if (!p.timedOut) p.reject(guestAgentError(`guest agent command ${p.command}: ${err.message}`, { cause: err, retryable: true }));
+    }
+    this.syncWaiter?.reject(err);
+  }
+
+  // ---- the commands host mode uses
+
+  /** guest-ping: the agent is alive (resolves, or rejects coded). */
+  async ping(o: { timeoutMs?: number } = {}): Promise<void> {
+    await this.execute('guest-ping', undefined, o);
+  }
+
+  /** guest-info: version and commands (with whether each is enabled). */
+  info(o: { timeoutMs?: number } = {}): Promise<GuestInfo> {
+    return this.execute<GuestInfo>('guest-info', undefined, o);
+  }
+
+  /** guest-get-fsinfo: the guest's mounted filesystems. */
+  fsInfo(o: { timeoutMs?: number } = {}): Promise<GuestFsInfo[]> {
+    return this.execute<GuestFsInfo[]>('guest-get-fsinfo', undefined, o);
+  }
+
+  /** guest-fsfreeze-status. */
+  async freezeStatus(o: { timeoutMs?: number } = {}): Promise<FreezeStatus> {
+    const s = await this.execute<string>('guest-fsfreeze-status', undefined, o);
+    if (s !== 'thawed' && s !== 'frozen') throw guestAgentError(`guest agent on ${this.path} reported an unknown freeze status ${JSON.stringify(s)}`);
+    return s;
+  }
+
+  /**
+   * Freezes the guest's filesystems: all of them (guest-fsfreeze-freeze), or only the listed
+   * mount points (guest-fsfreeze-freeze-list). Answers how many were frozen.
+   */
+  freeze(mountpoints?: string[], o: { timeoutMs?: number } = {}): Promise<number> {
+    return mountpoints
+      ? this.execute<number>('guest-fsfreeze-freeze-list', { mountpoints }, o)
+      : this.execute<number>('guest-fsfreeze-freeze', undefined, o);
+  }
+
+  /** guest-fsfreeze-thaw: thaws every frozen filesystem of the guest; answers how many. */
+  thaw(o: { timeoutMs?: number } = {}): Promise<number> {
+    return this.execute<number>('guest-fsfreeze-thaw', undefined, o);
+  }
+}
