@@ -10,9 +10,10 @@
  * stream may hold stale bytes: a previous client that timed out leaves its late answer (or half
  * of it) in the virtio-serial channel, and the agent may hold half a command of that client. So
  * a client resynchronises first: it sends a 0xFF byte (the agent's parser drops any partial
- * input), then `guest-sync-delimited` with a random id; the agent answers with a 0xFF byte and
- * then `{"return": id}`. Everything before the 0xFF (0xFF never occurs in the agent's UTF-8 JSON)
- * and every answer before the one carrying our id is discarded.
+ * input, and answers it with a parse error), then `guest-sync-delimited` with a random id; the
+ * agent answers with a 0xFF byte and then `{"return": id}`. Everything before the 0xFF (0xFF never
+ * occurs in the agent's UTF-8 JSON), every answer and every line that is not JSON before the
+ * answer carrying our id is discarded.
  *
  * A VM without a running agent still accepts the connection (QEMU owns the socket) and never
  * answers: every step has a timeout. Answers carry no id, so they are matched in order: a command
@@ -188,6 +189,13 @@ export class GuestAgentClient {
     try {
       msgs = this.parser.push(data);
     } catch (err) {
+      if (this.syncId !== null) {
+        // still resynchronising: a stale half line joined to the agent's next one (the agent also
+        // answers our 0xFF with a parse error) is stale by definition; the sync answer follows
+        // its own sentinel, which resets the parser again
+        this.parser = this.newParser();
+        return;
+      }
       this.fail(err as Error);
       this.sock.destroy();
       return;

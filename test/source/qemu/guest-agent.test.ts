@@ -101,9 +101,10 @@ interface Proxy { socket: string; connections: number }
 /**
  * A unix proxy in front of qemu-ga. `inject` is written to each client first (stale bytes of a
  * previous client). With `holdFrom`, the agent's answers are held back from the moment the client
- * sends a command containing `holdFrom` until it sends one containing `releaseOn`.
+ * sends a command containing `holdFrom` until it sends one containing `releaseOn`. With `trickle`,
+ * the agent's bytes are passed on one at a time (the client must parse chunks of any size).
  */
-async function proxy(t: Test, dir: string, upstream: string, o: { inject?: Buffer; holdFrom?: string; releaseOn?: string }): Promise<Proxy> {
+async function proxy(t: Test, dir: string, upstream: string, o: { inject?: Buffer; holdFrom?: string; releaseOn?: string; trickle?: boolean }): Promise<Proxy> {
   const socket = path.join(dir, `proxy-${Math.random().toString(36).slice(2)}.sock`);
   const res: Proxy = { socket, connections: 0 };
   const open = new Set<net.Socket>();
@@ -120,10 +121,15 @@ async function proxy(t: Test, dir: string, upstream: string, o: { inject?: Buffe
       up.write(d);
       if (holding && o.releaseOn && s.includes(o.releaseOn)) {
         holding = false;
-        for (const b of held.splice(0)) client.write(b);
+        for (const b of held.splice(0)) toClient(b);
       }
     });
-    up.on('data', (d: Buffer) => { if (holding) held.push(d); else client.write(d); });
+    let chain = Promise.resolve();
+    const toClient = (d: Buffer) => {
+      if (!o.trickle) { client.write(d); return; }
+      for (const b of d) chain = chain.then(() => new Promise<void>((r) => setImmediate(() => { if (!client.destroyed) client.write(Buffer.from([b])); r(); })));
+    };
+    up.on('data', (d: Buffer) => { if (holding) held.push(d); else toClient(d); });
     const end = () => { client.destroy(); up.destroy(); };
     client.on('close', end); up.on('close', end);
     client.on('error', end); up.on('error', end);
@@ -149,6 +155,16 @@ t.test('stale bytes before the sync answer are discarded', async (t) => {
   t.equal(await c.freezeStatus(), 'frozen');
   t.equal(await c.thaw(), 1);
   t.equal(p.connections, 1);
+  c.close(); // the agent serves one client at a time: the next one waits for this one to go
+  await c.closed;
+
+  // the same, the agent's bytes arriving one at a time: its answer to our 0xFF (a parse error)
+  // then lands alone, joined to the stale half line
+  const slow = await proxy(t, dir, socket, { inject: stale, trickle: true });
+  const c2 = await GuestAgentClient.connect(slow.socket);
+  t.teardown(() => c2.close());
+  t.equal(await c2.freezeStatus(), 'thawed', 'byte by byte: in sync');
+  await c2.ping();
 });
 
 t.test('quiescer: freeze-list and thaw with a real agent; targets; thaw idempotent', async (t) => {
