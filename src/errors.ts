@@ -68,6 +68,7 @@ export const ERROR_CODES = {
   MOB_ERR_PRE_DISK_NOT_FOUND: { retryable: false, summary: 'Preflight: the disk does not exist or is not a block device.' },
   MOB_ERR_PRE_DISK_SIZE: { retryable: false, summary: 'Preflight: the disk is empty, not a multiple of 512 bytes, or above the supported size.' },
   MOB_ERR_PRE_QEMU: { retryable: false, summary: 'Preflight (host mode): QEMU cannot serve the tracker: its QMP socket does not answer, it is older than 6.0, it has no FUSE exports or /dev/fuse is missing, nbdinfo is missing, or a disk node is missing, not a format node, read-only or refuses a dirty bitmap.' },
+  MOB_ERR_PRE_GUEST_AGENT: { retryable: false, summary: 'Preflight (host mode, app-consistent points): the VM\'s QEMU guest agent does not answer on its socket, or its fsfreeze commands are disabled.' },
   MOB_ERR_PUSH_UNREACHABLE: { retryable: true, summary: 'Push install (95101): the host\'s SSH (or WinRM) port cannot be reached.' },
   MOB_ERR_PUSH_AUTH: { retryable: false, summary: 'Push install (95102): the host refused the account\'s credentials.' },
   MOB_ERR_PUSH_HOST_KEY: { retryable: false, summary: 'Push install (95103): the host key does not match the pinned fingerprint.' },
