@@ -15,6 +15,8 @@
  *                      on the same connection (the agent runs it right after the freeze it is
  *                      still busy with) and freeze() rejects with MOB_ERR_GUEST_AGENT saying what
  *                      the agent answered and whether the thaw was confirmed.
+ *                      So a failed freeze rejects within timeoutMs plus the thaw's bound (as a
+ *                      failed fsfreeze does: freezeAll thaws with its own bound too).
  *   thaw()             after a freeze of ours: guest-fsfreeze-thaw; failures are answered, never
  *                      thrown, and the next thaw() tries again. Without a freeze of ours: nothing.
  *   releaseStale()     at start-up: a guest the agent reports `frozen` (an agent killed inside a
@@ -50,7 +52,11 @@ export class GuestAgentQuiescer implements Quiescer {
     this.thawTimeoutMs = o.thawTimeoutMs ?? THAW_TIMEOUT_MS;
   }
 
-  /** The listed mount points, else the guest's filesystems as last reported by the agent, else the agent itself. */
+  /**
+   * The listed mount points, else the guest's filesystems as the agent reported them at the last
+   * freeze (guest-get-fsinfo: the first cut's pre-freeze hooks, before any freeze, see the agent's
+   * name instead), else the agent itself.
+   */
   targets(): string[] {
     if (this.o.mountpoints) return [...this.o.mountpoints];
     if (this.known && this.known.length) return [...this.known];

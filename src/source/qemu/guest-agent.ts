@@ -122,7 +122,7 @@ export class GuestAgentClient {
     return new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.syncWaiter = null;
-        reject(guestAgentError(`no answer to guest-sync-delimited from ${this.path} within ${timeoutMs} ms: is qemu-ga installed and running in the guest, and the VM's guest agent channel enabled?`, { retryable: true }));
+        reject(guestAgentError(`no answer to guest-sync-delimited from ${this.path} within ${timeoutMs} ms: is qemu-ga installed and running in the guest, the VM's guest agent channel enabled, and no other client holding the channel?`, { retryable: true }));
       }, timeoutMs);
       this.syncWaiter = {
         resolve: () => { clearTimeout(timer); this.syncWaiter = null; resolve(); },
