@@ -66,6 +66,71 @@ export interface GuestAgentConnectOptions {
   commandTimeoutMs?: number;
 }
 
+/** What the agent's byte stream yields: our sync's answer, or the answer to a command. */
+export type GuestAgentEvent = { kind: 'synced' } | { kind: 'answer'; message: { return?: unknown; error?: { class?: string; desc?: string } } };
+
+/**
+ * The agent's byte stream as an explicit state machine, fed chunks of any size. After
+ * expectSync(id) every byte up to a 0xFF sentinel is stale, and so is every answer or line that
+ * is not JSON until `{"return": id}`; then answers are yielded in order. A line that is not JSON
+ * outside a sync is a broken stream (coded error from `fail`).
+ */
+export class GuestAgentStream {
+  private parser: QmpLineParser;
+  private awaitingSentinel = false;
+  private syncId: number | null = null;
+
+  constructor(private readonly fail: (what: string, o?: { cause?: unknown }) => MobilityError, private readonly maxLine: number = QGA_DEFAULTS.maxLineBytes) {
+    this.parser = new QmpLineParser(maxLine, fail);
+  }
+
+  /** A guest-sync-delimited with this id was sent: drop everything until its answer. */
+  expectSync(id: number): void {
+    this.syncId = id;
+    this.awaitingSentinel = true;
+  }
+
+  get syncing(): boolean { return this.syncId !== null; }
+
+  push(chunk: Buffer): GuestAgentEvent[] {
+    let data = chunk;
+    const s = data.lastIndexOf(SENTINEL);
+    if (s >= 0) {
+      // the agent's answer to a sync starts here: whatever came before is stale, partial lines included
+      data = data.subarray(s + 1);
+      this.parser = new QmpLineParser(this.maxLine, this.fail);
+      this.awaitingSentinel = false;
+    } else if (this.awaitingSentinel) {
+      return [];
+    }
+    let msgs: unknown[];
+    try {
+      msgs = this.parser.push(data);
+    } catch (err) {
+      // still resynchronising: a stale half line joined to the agent's next one (the agent also
+      // answers our 0xFF with a parse error) is stale by definition; the sync answer follows its
+      // own sentinel, which resets the parser again
+      if (this.syncId === null) throw err;
+      this.parser = new QmpLineParser(this.maxLine, this.fail);
+      return [];
+    }
+    const out: GuestAgentEvent[] = [];
+    for (const m of msgs) {
+      const message = (m !== null && typeof m === 'object' ? m : {}) as { return?: unknown; error?: { class?: string; desc?: string } };
+      if (this.syncId !== null) {
+        // after a sync only its own answer counts (a stale answer may even follow a stale sentinel)
+        if (message.return === this.syncId) {
+          this.syncId = null;
+          out.push({ kind: 'synced' });
+        }
+        continue;
+      }
+      out.push({ kind: 'answer', message });
+    }
+    return out;
+  }
+}
+
 interface Pending { command: string; resolve(v: unknown): void; reject(e: Error): void; timer: NodeJS.Timeout | null; timedOut: boolean }
 
 export class GuestAgentClient {
@@ -73,10 +138,7 @@ export class GuestAgentClient {
   readonly closed: Promise<void>;
   /** Answers expected, in the order the commands were sent (timed-out ones stay until their answer comes). */
   private readonly queue: Pending[] = [];
-  private parser: QmpLineParser;
-  /** Until the sentinel of our sync arrives, every byte is stale. */
-  private awaitingSentinel = false;
-  private syncId: number | null = null;
+  private readonly stream: GuestAgentStream;
   private syncWaiter: { resolve(): void; reject(e: Error): void } | null = null;
   private ended: Error | null = null;
   /** The command in flight (one at a time): the next execute() waits for it. */
@@ -84,7 +146,7 @@ export class GuestAgentClient {
 
   private constructor(private readonly sock: net.Socket, readonly path: string, private readonly commandTimeoutMs: number, closed: Promise<void>) {
     this.closed = closed;
-    this.parser = this.newParser();
+    this.stream = new GuestAgentStream((w, o) => guestAgentError(`the guest agent on ${this.path} sent ${w}`, o));
   }
 
   /** Connects and resynchronises (0xFF, guest-sync-delimited). Rejects with MOB_ERR_GUEST_AGENT. */
@@ -115,6 +177,7 @@ export class GuestAgentClient {
   /**
    * Resynchronises the stream: everything the agent sent before is dropped. Done by connect();
    * call it again after a command timed out if later answers must not wait for the late one.
+   * A sync that gets no answer within timeoutMs closes the connection.
    */
   sync(timeoutMs = this.commandTimeoutMs): Promise<void> {
     if (this.ended) return Promise.reject(this.ended);
@@ -123,6 +186,7 @@ export class GuestAgentClient {
       const timer = setTimeout(() => {
         this.syncWaiter = null;
         reject(guestAgentError(`no answer to guest-sync-delimited from ${this.path} within ${timeoutMs} ms: is qemu-ga installed and running in the guest, the VM's guest agent channel enabled, and no other client holding the channel?`, { retryable: true }));
+        this.close(); // out of sync for good: nothing it answers later could be trusted
       }, timeoutMs);
       this.syncWaiter = {
         resolve: () => { clearTimeout(timer); this.syncWaiter = null; resolve(); },
@@ -130,8 +194,7 @@ export class GuestAgentClient {
       };
       // every answer still expected is now stale: its command is settled as lost
       for (const p of this.queue.splice(0)) this.settleLost(p);
-      this.syncId = id;
-      this.awaitingSentinel = true;
+      this.stream.expectSync(id);
       this.sock.write(Buffer.concat([Buffer.from([SENTINEL]), Buffer.from(JSON.stringify({ execute: 'guest-sync-delimited', arguments: { id } }) + '\n')]));
     });
   }
@@ -170,55 +233,25 @@ export class GuestAgentClient {
     this.sock.destroy();
   }
 
-  private newParser(): QmpLineParser {
-    return new QmpLineParser(QGA_DEFAULTS.maxLineBytes, (w, o) => guestAgentError(`the guest agent on ${this.path} sent ${w}`, o));
-  }
-
   private onData(chunk: Buffer): void {
-    let data = chunk;
-    const s = data.lastIndexOf(SENTINEL);
-    if (s >= 0) {
-      // the agent's answer to our sync starts here: whatever came before is stale, partial lines included
-      data = data.subarray(s + 1);
-      this.parser = this.newParser();
-      this.awaitingSentinel = false;
-    } else if (this.awaitingSentinel) {
-      return;
-    }
-    let msgs: unknown[];
+    let events: GuestAgentEvent[];
     try {
-      msgs = this.parser.push(data);
+      events = this.stream.push(chunk);
     } catch (err) {
-      if (this.syncId !== null) {
-        // still resynchronising: a stale half line joined to the agent's next one (the agent also
-        // answers our 0xFF with a parse error) is stale by definition; the sync answer follows
-        // its own sentinel, which resets the parser again
-        this.parser = this.newParser();
-        return;
-      }
       this.fail(err as Error);
       this.sock.destroy();
       return;
     }
-    for (const m of msgs) this.onMessage(m);
-  }
-
-  private onMessage(m: unknown): void {
-    const msg = (m ?? {}) as { return?: unknown; error?: { class?: string; desc?: string } };
-    if (this.syncId !== null) {
-      // after a sync only its own answer counts (a stale answer may even follow a stale sentinel)
-      if (msg.return === this.syncId) {
-        this.syncId = null;
-        this.syncWaiter?.resolve();
-      }
-      return;
+    for (const ev of events) {
+      if (ev.kind === 'synced') { this.syncWaiter?.resolve(); continue; }
+      const p = this.queue.shift();
+      if (!p) continue; // an answer to nobody: dropped
+      if (p.timedOut) continue;
+      if (p.timer) clearTimeout(p.timer);
+      const msg = ev.message;
+      if (msg.error) p.reject(new GuestAgentCommandError(p.command, msg.error.class ?? 'GenericError', msg.error.desc ?? 'no description'));
+      else p.resolve(msg.return);
     }
-    const p = this.queue.shift();
-    if (!p) return; // an answer to nobody: dropped
-    if (p.timedOut) return;
-    if (p.timer) clearTimeout(p.timer);
-    if (msg.error) p.reject(new GuestAgentCommandError(p.command, msg.error.class ?? 'GenericError', msg.error.desc ?? 'no description'));
-    else p.resolve(msg.return);
   }
 
   private settleLost(p: Pending): void {

@@ -18,7 +18,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { GuestAgentClient, GuestAgentCommandError } from '../../../src/source/qemu/guest-agent.js';
+import { GuestAgentClient, GuestAgentCommandError, GuestAgentStream, guestAgentError, type GuestAgentEvent } from '../../../src/source/qemu/guest-agent.js';
 import { GuestAgentQuiescer } from '../../../src/agent/guest-agent-quiescer.js';
 import { MobilityError } from '../../../src/errors.js';
 import { cleanup } from '../../cleanup.js';
@@ -48,6 +48,45 @@ async function rejectsCoded(t: Test, p: Promise<unknown>, message: RegExp, what:
     return err as MobilityError;
   }
 }
+
+t.test('stream: stale bytes dropped until the sync answer, whatever the chunking', async (t) => {
+  const fixture = Buffer.concat([
+    Buffer.from('{"return": {}}\n{"retu'), // a previous client's answer, then half of one
+    Buffer.from([0xff]), Buffer.from('{"return": 99}\n{"return": "frozen"}\n{"ret'), // a stale sync of someone else, a stale answer
+    Buffer.from('{"error": {"class": "GenericError", "desc": "JSON parse error, stray \'\\uFFFD\'"}}\n'), // the agent's answer to our 0xFF, joined to the half line
+    Buffer.from([0xff]), Buffer.from('{"return": 7}\n'), // our sync's answer
+    Buffer.from('{"return": "thawed"}\n{"error": {"class": "CommandNotFound", "desc": "x é"}}\n'),
+  ]);
+  const want: GuestAgentEvent[] = [
+    { kind: 'synced' },
+    { kind: 'answer', message: { return: 'thawed' } },
+    { kind: 'answer', message: { error: { class: 'CommandNotFound', desc: 'x é' } } },
+  ];
+  const fail = (w: string) => guestAgentError(`sent ${w}`);
+  const run = (cuts: number[]) => {
+    const st = new GuestAgentStream(fail);
+    st.expectSync(7);
+    const got: GuestAgentEvent[] = [];
+    let from = 0;
+    for (const c of [...cuts, fixture.length]) { got.push(...st.push(fixture.subarray(from, c))); from = c; }
+    return got;
+  };
+  t.same(run([]), want, 'in one chunk');
+  let bad = '';
+  for (let i = 0; i <= fixture.length && !bad; i++) {
+    for (const j of [i, Math.min(fixture.length, i + 1), Math.min(fixture.length, i + 5)]) {
+      if (JSON.stringify(run([i, j])) !== JSON.stringify(want)) { bad = `split at ${i}/${j}`; break; }
+    }
+  }
+  t.equal(bad, '', 'every split gives the same events');
+  const bytes = [...Array(fixture.length).keys()];
+  t.same(run(bytes), want, 'byte by byte');
+
+  const st = new GuestAgentStream(fail);
+  t.throws(() => st.push(Buffer.from('{"return": \n')), { code: 'MOB_ERR_GUEST_AGENT', message: /not JSON/ }, 'outside a sync, a line that is not JSON is a broken stream');
+  const small = new GuestAgentStream(fail, 64);
+  t.throws(() => small.push(Buffer.alloc(65, 0x61)), { code: 'MOB_ERR_GUEST_AGENT', message: /longer than 64 bytes/ }, 'lines are bounded');
+});
 
 t.test('client against qemu-ga: ping, info, fsinfo, freeze-list blocks writers, status, thaw releases them', async (t) => {
   const { mnt, socket } = await setup(t);
