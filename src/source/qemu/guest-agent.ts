@@ -44,8 +44,15 @@ const SENTINEL = 0xff;
 
 /** The guest agent refused a command: `qgaClass` is its error class (GenericError, CommandNotFound, ...). */
 export class GuestAgentCommandError extends MobilityError {
-  constructor(readonly command: string, readonly qgaClass: string, readonly desc: string) {
-    super('MOB_ERR_GUEST_AGENT', `guest agent command ${command} failed: ${qgaClass}: ${desc}`);
+  readonly qgaClass: string;
+  readonly desc: string;
+  constructor(readonly command: string, qgaClass: string, desc: string) {
+    // the guest's own text: bounded and without control characters before it reaches a log line
+    const c = clean(qgaClass, 64);
+    const d = clean(desc, 500);
+    super('MOB_ERR_GUEST_AGENT', `guest agent command ${command} failed: ${c}: ${d}`);
+    this.qgaClass = c;
+    this.desc = d;
   }
 }
 
@@ -249,7 +256,8 @@ export class GuestAgentClient {
       if (p.timedOut) continue;
       if (p.timer) clearTimeout(p.timer);
       const msg = ev.message;
-      if (msg.error) p.reject(new GuestAgentCommandError(p.command, msg.error.class ?? 'GenericError', msg.error.desc ?? 'no description'));
+      const e = msg.error;
+      if (e) p.reject(new GuestAgentCommandError(p.command, typeof e.class === 'string' ? e.class : 'GenericError', typeof e.desc === 'string' ? e.desc : 'no description'));
       else p.resolve(msg.return);
     }
   }
@@ -269,7 +277,8 @@ export class GuestAgentClient {
     this.syncWaiter?.reject(err);
   }
 
-  // ---- the commands host mode uses
+  // ---- the commands host mode uses. The guest is not trusted (a compromised VM answers what it
+  // likes): every answer is checked for shape, and what is kept from it is bounded.
 
   /** guest-ping: the agent is alive (resolves, or rejects coded). */
   async ping(o: { timeoutMs?: number } = {}): Promise<void> {
@@ -277,19 +286,32 @@ export class GuestAgentClient {
   }
 
   /** guest-info: version and commands (with whether each is enabled). */
-  info(o: { timeoutMs?: number } = {}): Promise<GuestInfo> {
-    return this.execute<GuestInfo>('guest-info', undefined, o);
+  async info(o: { timeoutMs?: number } = {}): Promise<GuestInfo> {
+    const v = await this.execute<unknown>('guest-info', undefined, o);
+    const r = (v ?? {}) as { version?: unknown; supported_commands?: unknown };
+    if (typeof r.version !== 'string' || !Array.isArray(r.supported_commands)) throw this.badAnswer('guest-info', v);
+    const commands = (r.supported_commands as unknown[]).flatMap((c) => {
+      const x = (c ?? {}) as { name?: unknown; enabled?: unknown; 'success-response'?: unknown };
+      return typeof x.name === 'string' && typeof x.enabled === 'boolean' ? [{ name: x.name.slice(0, 128), enabled: x.enabled, 'success-response': x['success-response'] === true }] : [];
+    }).slice(0, MAX_LIST);
+    return { version: clean(r.version, 64), supported_commands: commands };
   }
 
-  /** guest-get-fsinfo: the guest's mounted filesystems. */
-  fsInfo(o: { timeoutMs?: number } = {}): Promise<GuestFsInfo[]> {
-    return this.execute<GuestFsInfo[]>('guest-get-fsinfo', undefined, o);
+  /** guest-get-fsinfo: the guest's mounted filesystems (entries that are not absolute, printable paths are left out). */
+  async fsInfo(o: { timeoutMs?: number } = {}): Promise<GuestFsInfo[]> {
+    const v = await this.execute<unknown>('guest-get-fsinfo', undefined, o);
+    if (!Array.isArray(v)) throw this.badAnswer('guest-get-fsinfo', v);
+    return (v as unknown[]).flatMap((f) => {
+      const x = (f ?? {}) as { name?: unknown; mountpoint?: unknown; type?: unknown };
+      if (typeof x.mountpoint !== 'string' || !isPrintablePath(x.mountpoint)) return [];
+      return [{ name: typeof x.name === 'string' ? clean(x.name, 256) : '', mountpoint: x.mountpoint, type: typeof x.type === 'string' ? clean(x.type, 64) : '' }];
+    }).slice(0, MAX_LIST);
   }
 
   /** guest-fsfreeze-status. */
   async freezeStatus(o: { timeoutMs?: number } = {}): Promise<FreezeStatus> {
-    const s = await this.execute<string>('guest-fsfreeze-status', undefined, o);
-    if (s !== 'thawed' && s !== 'frozen') throw guestAgentError(`guest agent on ${this.path} reported an unknown freeze status ${JSON.stringify(s)}`);
+    const s = await this.execute<unknown>('guest-fsfreeze-status', undefined, o);
+    if (s !== 'thawed' && s !== 'frozen') throw this.badAnswer('guest-fsfreeze-status', s);
     return s;
   }
 
@@ -297,14 +319,36 @@ export class GuestAgentClient {
    * Freezes the guest's filesystems: all of them (guest-fsfreeze-freeze), or only the listed
    * mount points (guest-fsfreeze-freeze-list). Answers how many were frozen.
    */
-  freeze(mountpoints?: string[], o: { timeoutMs?: number } = {}): Promise<number> {
-    return mountpoints
-      ? this.execute<number>('guest-fsfreeze-freeze-list', { mountpoints }, o)
-      : this.execute<number>('guest-fsfreeze-freeze', undefined, o);
+  async freeze(mountpoints?: string[], o: { timeoutMs?: number } = {}): Promise<number> {
+    const cmd = mountpoints ? 'guest-fsfreeze-freeze-list' : 'guest-fsfreeze-freeze';
+    return this.count(cmd, await this.execute<unknown>(cmd, mountpoints ? { mountpoints } : undefined, o));
   }
 
   /** guest-fsfreeze-thaw: thaws every frozen filesystem of the guest; answers how many. */
-  thaw(o: { timeoutMs?: number } = {}): Promise<number> {
-    return this.execute<number>('guest-fsfreeze-thaw', undefined, o);
+  async thaw(o: { timeoutMs?: number } = {}): Promise<number> {
+    return this.count('guest-fsfreeze-thaw', await this.execute<unknown>('guest-fsfreeze-thaw', undefined, o));
   }
+
+  private count(command: string, v: unknown): number {
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw this.badAnswer(command, v);
+    return v;
+  }
+
+  private badAnswer(command: string, v: unknown): MobilityError {
+    return guestAgentError(`the guest agent on ${this.path} answered ${command} with something unexpected: ${clean(JSON.stringify(v) ?? String(v), 120)}`);
+  }
+}
+
+/** Lists kept from an answer are cut at this length (a guest has far fewer commands or filesystems). */
+const MAX_LIST = 1024;
+
+/** Text from the guest for messages: control characters replaced, length bounded. */
+function clean(s: string, max: number): string {
+  const t = s.replace(/[\u0000-\u001f\u007f]/g, '?');
+  return t.length > max ? `${t.slice(0, max)}...` : t;
+}
+
+/** An absolute path without control characters (they would break newline-separated lists such as hooks' MOBILITY_MOUNTS). */
+export function isPrintablePath(p: string): boolean {
+  return p.startsWith('/') && p.length <= 4096 && !/[\u0000-\u001f\u007f]/.test(p);
 }

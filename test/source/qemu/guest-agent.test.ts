@@ -88,6 +88,62 @@ t.test('stream: stale bytes dropped until the sync answer, whatever the chunking
   t.throws(() => small.push(Buffer.alloc(65, 0x61)), { code: 'MOB_ERR_GUEST_AGENT', message: /longer than 64 bytes/ }, 'lines are bounded');
 });
 
+/**
+ * A scripted agent on a unix socket (a compromised guest answers what it likes): syncs properly,
+ * then answers each command with `answers[command]` (raw JSON text of the `return`, or an error).
+ */
+async function hostileAgent(t: Test, dir: string, answers: Record<string, string>): Promise<{ socket: string; commands: string[] }> {
+  const socket = path.join(dir, `hostile-${Math.random().toString(36).slice(2)}.sock`);
+  const commands: string[] = [];
+  const conns = new Set<net.Socket>();
+  const srv = net.createServer((c) => {
+    conns.add(c);
+    c.on('error', () => undefined);
+    c.on('close', () => conns.delete(c));
+    let buf = '';
+    c.on('data', (d: Buffer) => {
+      buf += d.toString('latin1').replace(/\xff/g, '');
+      for (let nl = buf.indexOf('\n'); nl >= 0; nl = buf.indexOf('\n')) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        const cmd = JSON.parse(line) as { execute: string; arguments?: { id?: number } };
+        commands.push(cmd.execute);
+        if (cmd.execute === 'guest-sync-delimited') c.write(Buffer.concat([Buffer.from([0xff]), Buffer.from(`{"return": ${cmd.arguments?.id}}\n`)]));
+        else c.write(`${answers[cmd.execute] ?? '{"error": {"class": "CommandNotFound", "desc": "no"}}'}\n`);
+      }
+    });
+  });
+  await new Promise<void>((r) => srv.listen(socket, r));
+  t.teardown(() => new Promise<void>((r) => { for (const c of conns) c.destroy(); srv.close(() => r()); }));
+  return { socket, commands };
+}
+
+t.test('answers a compromised guest could give: checked, bounded, coded', async (t) => {
+  const dir = await tmpDir(t, 'qga-hostile-');
+  const long = 'x'.repeat(100_000);
+  const a = await hostileAgent(t, dir, {
+    'guest-fsfreeze-status': '{"return": "thawed"}',
+    'guest-get-fsinfo': `{"return": [{"name": "a", "mountpoint": "/ok", "type": "ext4"}, {"mountpoint": "/bad\\nMOBILITY_X=1"}, {"mountpoint": "relative"}, {"mountpoint": 5}, "junk"]}`,
+    'guest-fsfreeze-freeze': '{"return": "5"}',
+    'guest-fsfreeze-thaw': `{"error": {"class": "GenericError\\u0007", "desc": "${long}"}}`,
+    'guest-info': '{"return": {"version": 7}}',
+  });
+  const c = await GuestAgentClient.connect(a.socket);
+  t.teardown(() => c.close());
+  t.same((await c.fsInfo()).map((f) => f.mountpoint), ['/ok'], 'only absolute, printable mount points are kept');
+  await rejectsCoded(t, c.freeze(), /answered guest-fsfreeze-freeze with something unexpected: "5"/, 'a count that is a string');
+  const err = await rejectsCoded(t, c.thaw(), /guest-fsfreeze-thaw failed: GenericError\?: x+\.\.\.$/, 'a huge error text');
+  t.ok(err && err.message.length < 700, `the agent's text is bounded in the message (${err?.message.length} characters)`);
+  await rejectsCoded(t, c.info(), /answered guest-info with something unexpected/, 'a guest-info of the wrong shape');
+  c.close();
+
+  // the quiescer: a freeze answered with nonsense is not taken for a freeze, and is thawed
+  const q = new GuestAgentQuiescer({ socket: a.socket });
+  await rejectsCoded(t, q.freeze(FREEZE_BOUND_MS), /could not freeze the guest .*something unexpected.*thaw was NOT confirmed/, 'quiescer freeze');
+  t.same(q.targets(), ['/ok'], 'targets: the one sane mount point');
+  t.ok(a.commands.filter((x) => x === 'guest-fsfreeze-thaw').length >= 2, 'the quiescer sent a thaw after the bad freeze answer');
+});
+
 t.test('client against qemu-ga: ping, info, fsinfo, freeze-list blocks writers, status, thaw releases them', async (t) => {
   const { mnt, socket } = await setup(t);
   const c = await GuestAgentClient.connect(socket);
