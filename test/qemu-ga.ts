@@ -1,7 +1,7 @@
 /**
  * The real QEMU guest agent (`qemu-ga`, Debian package qemu-guest-agent) run on this host for
- * tests, listening on a unix socket as a VM's agent channel would, and writers that show whether
- * a filesystem is frozen.
+ * tests, listening on a unix socket as a VM's agent channel would; and a socket that accepts and
+ * never answers (a VM without an agent).
  *
  * Safety: a guest agent freezes and thaws every filesystem it sees. Run here, it would see this
  * machine's: `guest-fsfreeze-freeze` (no list) would freeze / and hang the machine, and
@@ -108,38 +108,4 @@ export async function silentSocket(t: TestLike, file: string): Promise<net.Serve
   await new Promise<void>((resolve, reject) => { srv.once('error', reject); srv.listen(file, resolve); });
   t.teardown(() => new Promise<void>((r) => { for (const s of conns) s.destroy(); srv.close(() => r()); }));
   return srv;
-}
-
-export interface Writer { child: ChildProcess; pid: number; done: Promise<number | null> }
-
-/** A child writing `file` with fsync (dd conv=fsync): blocks while the filesystem is frozen. */
-export function startWriter(t: TestLike, file: string): Writer {
-  const child = cleanup(t).spawn('dd', ['if=/dev/urandom', `of=${file}`, 'bs=4k', 'count=4', 'conv=fsync', 'status=none']);
-  const done = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-  return { child, pid: child.pid!, done };
-}
-
-/** The process sleeps in the kernel waiting for a frozen filesystem (sb_start_write / mnt_want_write). */
-export function blockedOnFreeze(pid: number): boolean {
-  try {
-    return /^percpu_rwsem_wait|sb_start_write|freeze/.test(fs.readFileSync(`/proc/${pid}/wchan`, 'utf8'));
-  } catch {
-    return false;
-  }
-}
-
-/**
- * Waits until the writer is blocked on the frozen filesystem (answers true) or has finished
- * (answers false: the filesystem was not frozen). No time bound decides: only a generous limit
- * against a hang.
- */
-export async function writerBlocks(w: Writer): Promise<boolean> {
-  let finished = false;
-  void w.done.then(() => { finished = true; });
-  for (let i = 0; i < 3000; i++) {
-    if (finished) return false;
-    if (blockedOnFreeze(w.pid)) return true;
-    await sleep(20);
-  }
-  throw new Error(`writer ${w.pid} neither finished nor blocked on a frozen filesystem within 60 s`);
 }

@@ -17,7 +17,8 @@ import { GuestAgentQuiescer } from '../../src/agent/guest-agent-quiescer.js';
 import { MobilityError } from '../../src/errors.js';
 import { tmpDir } from '../helpers.js';
 import { mountExt4 } from '../mount-helpers.js';
-import { startQemuGa, startWriter, writerBlocks } from '../qemu-ga.js';
+import { startQemuGa } from '../qemu-ga.js';
+import { startWriter, writerBlocks } from '../frozen-writer.js';
 
 interface Implementation {
   name: string;

@@ -24,7 +24,8 @@ import { MobilityError } from '../../../src/errors.js';
 import { cleanup } from '../../cleanup.js';
 import { tmpDir } from '../../helpers.js';
 import { mountExt4 } from '../../mount-helpers.js';
-import { blockedOnFreeze, silentSocket, startQemuGa, startWriter, writerBlocks } from '../../qemu-ga.js';
+import { silentSocket, startQemuGa } from '../../qemu-ga.js';
+import { blockedOnFreeze, startWriter, writerBlocks } from '../../frozen-writer.js';
 
 /** Freezes in these tests are bounded generously: the machine is busy, and a bound hit is not what they test. */
 const FREEZE_BOUND_MS = 60_000;
