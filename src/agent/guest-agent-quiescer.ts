@@ -20,7 +20,7 @@
  *   thaw()             after a freeze of ours: guest-fsfreeze-thaw; failures are answered, never
  *                      thrown, and the next thaw() tries again. Without a freeze of ours: nothing.
  *   releaseStale()     at start-up: a guest the agent reports `frozen` (an agent killed inside a
- *                      freeze left it so) is thawed. Answers what it did.
+ *                      freeze left it so) is thawed (thawStale() also answers whether it was).
  *
  * The mountpoints option freezes only those mount points of the guest (freeze-list): for tests
  * and for guests where some filesystems must not be frozen; the default is the whole guest.
@@ -123,11 +123,17 @@ export class GuestAgentQuiescer implements Quiescer {
     }
   }
 
+  /** The Quiescer's start-up step: thawStale(), its report left out. Rejects with MOB_ERR_GUEST_AGENT. */
+  async releaseStale(): Promise<void> {
+    await this.thawStale();
+  }
+
   /**
    * At start-up: thaws a guest its agent reports frozen (left so by an agent killed inside a
-   * freeze). Rejects with MOB_ERR_GUEST_AGENT when the agent cannot be asked or refuses the thaw.
+   * freeze), and says whether it was. Rejects with MOB_ERR_GUEST_AGENT when the agent cannot be
+   * asked or refuses the thaw.
    */
-  async releaseStale(timeoutMs = this.thawTimeoutMs): Promise<StaleRelease> {
+  async thawStale(timeoutMs = this.thawTimeoutMs): Promise<StaleRelease> {
     let qga: GuestAgentClient;
     try {
       qga = await GuestAgentClient.connect(this.o.socket, { timeoutMs, commandTimeoutMs: timeoutMs });

@@ -187,7 +187,8 @@ t.test('a socket that accepts and never answers (no agent in the guest): coded e
   const q = new GuestAgentQuiescer({ socket: sock });
   await rejectsCoded(t, q.freeze(1500), /cannot freeze the guest: no answer/, 'quiescer freeze');
   t.same(await q.thaw(), [], 'thaw after a failed freeze: nothing to do');
-  await rejectsCoded(t, q.releaseStale(1000), /no answer/, 'releaseStale');
+  await rejectsCoded(t, q.thawStale(1000), /no answer/, 'thawStale');
+  await rejectsCoded(t, new GuestAgentQuiescer({ socket: sock, thawTimeoutMs: 1000 }).releaseStale(), /no answer/, 'releaseStale');
   t.same(q.targets(), [`guest agent ${sock}`], 'targets name the agent when it told nothing');
   await rejectsCoded(t, GuestAgentClient.connect(path.join(dir, 'missing.sock')), /ENOENT/, 'a missing socket');
 });
@@ -334,11 +335,11 @@ t.test('qemu-ga killed inside a freeze: coded errors; restarted, releaseStale th
   // the agent comes back with the same state directory: it knows the guest is frozen
   const ga2 = await startQemuGa(t, { dir, mounts: [mnt] });
   const fresh = new GuestAgentQuiescer({ socket: ga2.socket, mountpoints: [mnt] });
-  const r = await fresh.releaseStale();
+  const r = await fresh.thawStale();
   t.equal(r.wasFrozen, true, 'releaseStale found the guest frozen');
   t.ok(r.thawed >= 1, `and thawed it (${r.thawed})`);
   t.equal(await w.done, 0, 'the blocked writer finished');
-  t.same(await fresh.releaseStale(), { wasFrozen: false, thawed: 0 }, 'a second releaseStale: nothing to do');
+  t.same(await fresh.thawStale(), { wasFrozen: false, thawed: 0 }, 'a second thawStale: nothing to do');
   t.same(await q.thaw(), [], 'the first quiescer\'s retried thaw now succeeds');
 });
 
@@ -363,6 +364,7 @@ setInterval(() => {}, 1000);`;
   const w = startWriter(t, path.join(mnt, 'data'));
   t.equal(await writerBlocks(w), true, 'the killed agent left the guest frozen');
   const q = new GuestAgentQuiescer({ socket, mountpoints: [mnt] });
-  t.same(await q.releaseStale(), { wasFrozen: true, thawed: 1 }, 'releaseStale thawed it');
+  await q.releaseStale(); // what the protector calls at start-up
+  t.same(await q.thawStale(), { wasFrozen: false, thawed: 0 }, 'releaseStale thawed it: the agent says thawed now');
   t.equal(await w.done, 0, 'the writer finished');
 });
