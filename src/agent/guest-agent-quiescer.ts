@@ -21,6 +21,8 @@
  *                      thrown, and the next thaw() tries again. Without a freeze of ours: nothing.
  *   releaseStale()     at start-up: a guest the agent reports `frozen` (an agent killed inside a
  *                      freeze left it so) is thawed (thawStale() also answers whether it was).
+ *                      When the agent cannot be reached then, the first freeze that reaches it
+ *                      and finds the guest frozen thaws it first (presumed the same stale freeze).
  *
  * The mountpoints option freezes only those mount points of the guest (freeze-list): for tests
  * and for guests where some filesystems must not be frozen; the default is the whole guest.
@@ -45,6 +47,8 @@ const THAW_TIMEOUT_MS = 30_000;
 export class GuestAgentQuiescer implements Quiescer {
   /** A freeze of ours may hold the guest (set before the freeze is sent: a timed-out one may still land). */
   private mayBeFrozen = false;
+  /** releaseStale() failed (agent unreachable at start-up): the first freeze that finds the guest frozen thaws it first. */
+  private staleUnresolved = false;
   private known: string[] | null = null;
   private readonly thawTimeoutMs: number;
 
@@ -79,6 +83,16 @@ export class GuestAgentQuiescer implements Quiescer {
       } catch (err) {
         throw this.wrap('cannot freeze the guest: ', err);
       }
+      if (status === 'frozen' && this.staleUnresolved) {
+        // releaseStale() could not reach the agent at start-up: this is the freeze it was to thaw
+        try {
+          await qga.thaw({ timeoutMs: left() });
+        } catch (err) {
+          throw this.wrap('cannot thaw the guest\'s stale freeze before freezing it: ', err);
+        }
+        status = 'thawed';
+      }
+      this.staleUnresolved = false;
       if (status === 'frozen') {
         throw guestAgentError(`cannot freeze the guest through ${this.o.socket}: its agent says it is already frozen (by another client of the agent, or by an agent of ours that was killed: releaseStale() thaws that one at start-up); left as it is`);
       }
@@ -135,19 +149,24 @@ export class GuestAgentQuiescer implements Quiescer {
    */
   async thawStale(timeoutMs = this.thawTimeoutMs): Promise<StaleRelease> {
     let qga: GuestAgentClient;
+    this.staleUnresolved = true;
     try {
       qga = await GuestAgentClient.connect(this.o.socket, { timeoutMs, commandTimeoutMs: timeoutMs });
     } catch (err) {
-      throw this.wrap('cannot check the guest for a stale freeze: ', err);
+      throw this.wrap('cannot check the guest for a stale freeze (the first freeze that reaches the agent thaws it first): ', err);
     }
     try {
       const status = await qga.freezeStatus();
-      if (status !== 'frozen') return { wasFrozen: false, thawed: 0 };
+      if (status !== 'frozen') {
+        this.staleUnresolved = false;
+        return { wasFrozen: false, thawed: 0 };
+      }
       const thawed = await qga.thaw();
       this.mayBeFrozen = false;
+      this.staleUnresolved = false;
       return { wasFrozen: true, thawed };
     } catch (err) {
-      throw this.wrap('cannot release the guest\'s stale freeze: ', err);
+      throw this.wrap('cannot release the guest\'s stale freeze (the first freeze that reaches the agent thaws it first): ', err);
     } finally {
       qga.close();
     }

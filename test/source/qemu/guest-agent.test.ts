@@ -332,13 +332,31 @@ t.test('qemu-ga killed inside a freeze: coded errors; restarted, releaseStale th
   await rejectsCoded(t, again.freeze(5000), /cannot freeze the guest: .*(ECONNREFUSED|ENOENT)/, 'a freeze with the agent gone');
   t.ok(blockedOnFreeze(w.pid), 'the filesystem is still frozen (nobody thawed it)');
 
+  // an agent of ours starting now cannot release the stale freeze: its first freeze that reaches
+  // the agent will
+  const late = new GuestAgentQuiescer({ socket: ga.socket, mountpoints: [mnt], thawTimeoutMs: 2000 });
+  await rejectsCoded(t, late.releaseStale(), /stale freeze .*first freeze that reaches the agent thaws it first/, 'releaseStale with the agent gone');
+
   // the agent comes back with the same state directory: it knows the guest is frozen
   const ga2 = await startQemuGa(t, { dir, mounts: [mnt] });
+  const other = new GuestAgentQuiescer({ socket: ga2.socket, mountpoints: [mnt] });
+  await rejectsCoded(t, other.freeze(FREEZE_BOUND_MS), /already frozen/, 'a quiescer without a failed releaseStale leaves the frozen guest alone');
+  await late.freeze(FREEZE_BOUND_MS);
+  t.same(await late.thaw(), [], 'the late quiescer thawed the stale freeze, froze, and thawed');
+  t.equal(await w.done, 0, 'the blocked writer finished');
+  const w2 = startWriter(t, path.join(mnt, 'data2'));
+  await w2.done;
+  // frozen again as by a killed agent: thawStale answers what it found
+  const c = await GuestAgentClient.connect(ga2.socket);
+  t.equal(await c.freeze([mnt]), 1);
+  c.close();
+  await c.closed;
   const fresh = new GuestAgentQuiescer({ socket: ga2.socket, mountpoints: [mnt] });
   const r = await fresh.thawStale();
   t.equal(r.wasFrozen, true, 'releaseStale found the guest frozen');
   t.ok(r.thawed >= 1, `and thawed it (${r.thawed})`);
-  t.equal(await w.done, 0, 'the blocked writer finished');
+  const w3 = startWriter(t, path.join(mnt, 'data3'));
+  t.equal(await writerBlocks(w3), false, 'thawed');
   t.same(await fresh.thawStale(), { wasFrozen: false, thawed: 0 }, 'a second thawStale: nothing to do');
   t.same(await q.thaw(), [], 'the first quiescer\'s retried thaw now succeeds');
 });
@@ -364,7 +382,6 @@ setInterval(() => {}, 1000);`;
   const w = startWriter(t, path.join(mnt, 'data'));
   t.equal(await writerBlocks(w), true, 'the killed agent left the guest frozen');
   const q = new GuestAgentQuiescer({ socket, mountpoints: [mnt] });
-  await q.releaseStale(); // what the protector calls at start-up
-  t.same(await q.thawStale(), { wasFrozen: false, thawed: 0 }, 'releaseStale thawed it: the agent says thawed now');
+  t.same(await q.thawStale(), { wasFrozen: true, thawed: 1 }, 'thawStale (releaseStale with its report) thawed it');
   t.equal(await w.done, 0, 'the writer finished');
 });
