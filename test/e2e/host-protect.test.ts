@@ -27,6 +27,7 @@ import { cleanup, type Cleanup } from '../cleanup.js';
 import { runCli, startServer } from '../helpers.js';
 import { Agent, LONG, shAsync, type Ev } from '../protect-harness.js';
 import { QemuDaemon, createImage, requireQemuTools } from '../source/qemu/qemu-daemon.js';
+import { QmpClient } from '../../src/source/qemu/qmp.js';
 import type { SpawnedServer } from '../../src/server/spawn.js';
 
 const KiB = 1024;
@@ -179,8 +180,12 @@ t.test('host mode: points of two qcow2 disks are exact while the guests write; k
   }
   // kill -9 while the guests write: the next agent resumes the bitmaps and its journal
   await agent.kill9();
+  // as if it had been killed while a point's view existed (QEMU's side is removed by the next open)
+  const stale = path.join(r.state, r.agentId, 'qemu', 'mvdead-0.qcow2');
+  fs.writeFileSync(stale, 'x');
   agent = new Agent(r.c, r.args());
   const again = await agent.waitEvent((e) => e.event === 'started', LONG, 'the agent restarted');
+  tt.notOk(fs.existsSync(stale), 'a view image a killed agent left is removed');
   tt.same(again.scanRequired, { d0: null, d1: null }, 'after kill -9: no rescan');
   tt.equal(again.trackerResumed, true, 'the bitmaps were resumed');
   await agent.waitEvent(continuousAll(agent, 2), LONG, 'continuous after the restart');
@@ -300,5 +305,30 @@ t.test('host mode: failover to a final cut, then reprotect writes only the diffe
   await agent.waitEvent(continuousAll(agent, 1), LONG, 'protection resumes after the failback');
   const cut = await agent.cut('crash');
   tt.equal(cut.event, 'cut', 'and records points again');
+  await agent.stop();
+});
+
+t.test('host mode: tracking switched off under the running agent (its bitmap disabled in QEMU) is noticed, re-armed, and answered with a scan', async (tt) => {
+  const r = await rig(tt, ['qcow2']);
+  const guest = new Guest(r.c, r.daemon, 0, prng(9));
+  const agent = new Agent(r.c, r.args());
+  await agent.waitEvent(continuousAll(agent, 1), LONG, 'continuous');
+  const q = await QmpClient.connect(r.daemon.testQmpSocket);
+  tt.teardown(() => q.close());
+  const nodes = await q.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean }[] }[]>('query-named-block-nodes', { flat: true });
+  const active = nodes.find((n) => n['node-name'] === 'disk0')!['dirty-bitmaps']!.find((b) => b.recording)!.name;
+  await q.execute('block-dirty-bitmap-disable', { node: 'disk0', name: active });
+  guest.start(200, 0);
+  await guest.finish();
+  const lost = await agent.waitEvent((e) => e.event === 'tracking-lost', LONG, 'the loss is noticed');
+  tt.match(String(lost.reason), /disabled/, `named: ${String(lost.reason)}`);
+  tt.equal(lost.repaired, true, 're-armed');
+  const pass = await agent.waitEvent((e) => e.event === 'pass-done' && agent.events.indexOf(e) > agent.events.indexOf(lost), LONG, 'the scan');
+  tt.equal(pass.kind, 'incremental', 'a scan against the digest map');
+  await agent.waitEvent((e) => e.event === 'state' && e.state === 'continuous' && agent.events.indexOf(e) > agent.events.indexOf(pass), LONG, 'continuous again');
+  const cut = await agent.cut('crash');
+  tt.equal(cut.event, 'cut', 'a point after the scan');
+  const imgs = await pointImages(tt, r, String(cut.pointId));
+  tt.ok(isStateAfter(imgs[0]!, guest.writes, guest.writes.length), 'it holds the writes made while tracking was off');
   await agent.stop();
 });

@@ -442,6 +442,10 @@ export class QemuTracker implements ChangeTracker {
       await deleteOurExports(this.qmp, this.name);
       this.staleExports = false;
     }
+    // the recording bitmap must still be recording: rotating would otherwise quietly replace one that
+    // someone disabled (writes since then unrecorded) with a fresh one. selfCheck() says what differs.
+    const problem = await this.check();
+    if (problem) throw new MobilityError('MOB_ERR_TRACKING_LOST', `qemu tracker '${this.name}': ${problem}`);
     const all = this.disks.map((_, i) => i);
     const next = this.gen + 1;
     await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, false, extra);
