@@ -175,6 +175,12 @@ QEMU restart is an explained checksum resync), data is read through QEMU's FUSE 
 a cut is a copy-before-write view of every disk started in one QMP transaction: the guest does
 not pause. The state directory holds the exports and views (it needs /dev/fuse).
   --nbd-socket SOCKET   QEMU's own NBD server, if it runs one (else the agent starts one)
+  --guest-agent SOCKET  the VM's QEMU guest agent socket (e.g. Proxmox's /var/run/qemu-server/VMID.qga):
+                        app-consistent cuts freeze the guest's filesystems through it (pre-freeze,
+                        frozen and post-thaw hooks run on this host as in-guest; --freeze-limit bounds
+                        the freeze) and a guest left frozen by a killed agent is thawed at start.
+                        Without it, app-consistent cuts are recorded as crash-consistent, with a note
+  --guest-mount PATH    freeze only this mount point of the guest (repeatable; default: the whole guest)
 `,
   status: `Usage: mobility status [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
        mobility status --history [--range 1h|24h|7d] [--agent A] [--disk D] [connection options] [--json]
@@ -384,10 +390,15 @@ async function cmdProtect(argv: string[]): Promise<number> {
     ...CONN_OPTS, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, compress: { type: 'string' }, 'max-rate': { type: 'string' },
     'crash-interval': { type: 'string' }, 'app-interval': { type: 'string' }, 'hooks-dir': { type: 'string' }, 'hook-timeout': { type: 'string' },
     'freeze-limit': { type: 'string' }, 'trace-buffer-kb': { type: 'string' }, 'spool-budget': { type: 'string' }, 'spool-memory': { type: 'string' },
-    qmp: { type: 'string' }, 'nbd-socket': { type: 'string' },
+    qmp: { type: 'string' }, 'nbd-socket': { type: 'string' }, 'guest-agent': { type: 'string' }, 'guest-mount': { type: 'string', multiple: true },
   });
   if (v.help) { process.stdout.write(HELP.protect); return EXIT.OK; }
   if (v.qmp === undefined && v['nbd-socket'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--nbd-socket goes with --qmp (host mode)');
+  if (v.qmp === undefined && v['guest-agent'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--guest-agent goes with --qmp (host mode); in-guest cuts freeze with fsfreeze');
+  if (v['guest-agent'] === undefined && v['guest-mount'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--guest-mount goes with --guest-agent');
+  const guestMounts = v['guest-mount'] as string[] | undefined;
+  if (guestMounts?.some((m) => !m.startsWith('/'))) throw new MobilityError('MOB_ERR_USAGE', '--guest-mount wants an absolute mount point of the guest');
+  const guestAgent = v['guest-agent'] === undefined ? undefined : path.resolve(v['guest-agent'] as string);
   if (v.qmp !== undefined && v['trace-buffer-kb'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--trace-buffer-kb is for in-guest tracking; host mode (--qmp) uses QEMU dirty bitmaps');
   const size = (k: string) => {
     if (v[k] === undefined) return undefined;
@@ -408,7 +419,8 @@ async function cmdProtect(argv: string[]): Promise<number> {
     crashIntervalMs: dur('crash-interval'), appIntervalMs: dur('app-interval'), hooksDir: v['hooks-dir'] ? path.resolve(v['hooks-dir'] as string) : undefined,
     hookTimeoutMs: dur('hook-timeout'), freezeLimitMs: dur('freeze-limit'), trackerBufferKb: bufKb, logger,
     spoolBudgetBytes: size('spool-budget'), spoolMemoryBytes: size('spool-memory'),
-    ...(v.qmp !== undefined ? { qemu: { qmpSocket: path.resolve(v.qmp as string), ...(v['nbd-socket'] ? { nbdSocket: path.resolve(v['nbd-socket'] as string) } : {}) } } : {}),
+    ...(v.qmp !== undefined ? { qemu: { qmpSocket: path.resolve(v.qmp as string), ...(v['nbd-socket'] ? { nbdSocket: path.resolve(v['nbd-socket'] as string) } : {}), ...(guestAgent ? { guestAgentSocket: guestAgent } : {}) } } : {}),
+    ...(guestAgent ? { quiescer: new (await import('../agent/guest-agent-quiescer.js')).GuestAgentQuiescer({ socket: guestAgent, mountpoints: guestMounts }) } : {}),
     onEvent: (e) => process.stdout.write(JSON.stringify({ ...e, at: new Date().toISOString() }) + '\n'),
   });
   const stop = () => p.stop();
