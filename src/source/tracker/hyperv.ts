@@ -34,9 +34,24 @@
  * disk added/removed: selfCheck() says which, and the caller answers it with a checksum
  * resync; repair() starts a new base.
  *
- * What this does not do (yet): reading the disks' data (the agent would read the VHDX through
- * a recovery checkpoint's read-only parent), points through recovery checkpoints, discovery
- * of every VM on the host.
+ * Points and data (HostModeTracker, src/source/tracker/host-tracker.ts): beginPoint() takes ONE
+ * recovery checkpoint of the VM (crash- or application-consistent); its frozen parent VHDX
+ * files give both the extents (their changes since the base end exactly at the checkpoint) and
+ * the point's data (read through PowerShell: hyperv-vhd-source.ts); end() converts the
+ * checkpoint into the next base reference point (ConvertToReferencePoint). The running VM holds
+ * its VHDX files, so the live disks cannot be read: this path ships only from points
+ * (dataAccess 'points'; openSource() refuses), each round being a recovery checkpoint, as
+ * backup and replication products do on Hyper-V.
+ *
+ * Assumptions only a real host can confirm (none has run this): that a recovery checkpoint's
+ * disk settings keep the VM disk's InstanceID after their first backslash (how the frozen parent
+ * is matched to the disk), that ConvertToReferencePoint answers an RCT reference point whose
+ * VirtualDiskIdentifiers are the disks' InstanceIDs, that a frozen parent mounts read-only
+ * while the VM runs on its differencing disk, and that Get-Disk's Location of a mounted VHDX is
+ * its path.
+ *
+ * What this does not do (yet): discovery of every VM on the host; a CLI or daemon entry (the
+ * protector is not wired to it: there is no host to run it on).
  */
 import fs from 'node:fs';
 import path from 'node:path';
