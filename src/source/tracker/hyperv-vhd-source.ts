@@ -221,12 +221,11 @@ export class HyperVVhdSource implements DiskSource {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    // reads already asked are served first (new ones are refused from now on)
+    while (this.pumping) await new Promise((r) => setImmediate(r));
     const m = this.mount;
     this.mount = null;
-    if (!m) return;
-    const ok = await m.then(() => true, () => false);
-    if (!ok) return;
-    while (this.pumping) await new Promise((r) => setImmediate(r));
+    if (!m || !(await m.then(() => true, () => false))) return;
     await this.runScript(`dismount ${this.path}`, buildVhdDismountScript(this.path));
   }
 }

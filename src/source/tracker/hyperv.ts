@@ -376,7 +376,8 @@ export class HyperVTracker implements HostModeTracker {
   private async newBase(): Promise<void> {
     const old = this.state.base.id;
     const base = await this.createReferencePoint();
-    this.state = { version: 1, vm: this.o.vm, base, disks: this.disks.map((d) => d.id) };
+    // a recovery checkpoint still open stays recorded
+    this.state = { version: 1, vm: this.o.vm, base, disks: this.disks.map((d) => d.id), point: this.state.point ?? null };
     this.save();
     this.lost = null;
     if (old) await this.run(`destroy reference point ${old}`, buildDestroyReferencePointScript(old)).catch(() => undefined);

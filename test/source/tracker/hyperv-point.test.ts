@@ -271,6 +271,14 @@ t.test('the VHDX source: chunking, batching, offsets, short reads, decoding, err
   t.equal(host.mounts.size, 0, 'close() dismounted');
   await again.close();
   await t.rejects(again.read(Buffer.alloc(512), 0, 512), { code: 'MOB_ERR_HYPERV', message: /after close/ });
+  // close() while a read is in flight: the read is served, then the disk is dismounted
+  const busy = new HyperVVhdSource({ name: 'agent1', shell: host, path: vhdx, size, maxCallBytes: 65536 });
+  const inflight = Buffer.alloc(2 * 65536);
+  const reading = busy.read(inflight, 0, inflight.length);
+  await busy.close();
+  await reading;
+  t.ok(inflight.equals(bytes.subarray(0, inflight.length)), 'the read in flight at close() got its bytes');
+  t.equal(host.mounts.size, 0, '... and the disk was dismounted after it');
   const scripts = host.scripts.length;
   await new HyperVVhdSource({ name: 'agent1', shell: host, path: vhdx, size }).close();
   t.equal(host.scripts.length, scripts, 'a source never read closes without a script');
