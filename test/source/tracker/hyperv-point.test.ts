@@ -15,6 +15,7 @@ import {
   HyperVTracker, buildConvertToReferencePointScript, buildCreateRecoveryCheckpointScript, buildDestroyRecoveryCheckpointScript,
   buildDescribeScript, buildChangesScript,
 } from '../../../src/source/tracker/hyperv.js';
+import { serialShell } from '../../../src/source/tracker/hyperv-script.js';
 import { HyperVVhdSource, buildVhdDismountScript, buildVhdMountScript, buildVhdReadScript } from '../../../src/source/tracker/hyperv-vhd-source.js';
 import type { HostModeTracker } from '../../../src/source/tracker/host-tracker.js';
 import type { DirtyExtent } from '../../../src/source/tracker/change-tracker.js';
@@ -289,4 +290,29 @@ t.test('the VHDX source: chunking, batching, offsets, short reads, decoding, err
   await t.rejects(wrong.read(Buffer.alloc(512), 0, 512), { code: 'MOB_ERR_HYPERV', message: /bytes mounted/ });
   await src.close();
   t.throws(() => new HyperVVhdSource({ name: 'agent1', shell: host, path: vhdx, size, maxCallBytes: 1000 }), { code: 'MOB_ERR_HYPERV' });
+});
+
+t.test('one PowerShell session runs one script at a time, in call order', async (t) => {
+  let running = 0;
+  let most = 0;
+  const order: string[] = [];
+  const inner = {
+    async run(s: string) {
+      running++;
+      most = Math.max(most, running);
+      await new Promise((r) => setImmediate(r));
+      order.push(s);
+      running--;
+      if (s === 'bad') throw new Error('shell failed');
+      return s;
+    },
+    async close() { order.push('close'); },
+  };
+  const shell = serialShell(inner);
+  const runs = ['a', 'bad', 'b', 'c'].map((s) => shell.run(s).catch((e: Error) => e.message));
+  const closing = shell.close();
+  t.same(await Promise.all(runs), ['a', 'shell failed', 'b', 'c'], 'a failed script does not stop the next');
+  await closing;
+  t.equal(most, 1, 'never two scripts at once');
+  t.same(order, ['a', 'bad', 'b', 'c', 'close']);
 });
