@@ -139,7 +139,11 @@ class GuestWriter {
     return new Promise((resolve, reject) => { this.waiter = { resolve, reject }; this.settle(); });
   }
 
+  /** When this writer's qemu-io started and exited (ms since the epoch). */
+  span: [number, number] = [0, 0];
+
   async run(start: number, durationMs: number): Promise<void> {
+    this.span[0] = Date.now();
     const child = this.c.spawn('qemu-io', ['-f', 'raw', this.url], { stdio: ['pipe', 'pipe', 'pipe'] });
     this.child = child;
     child.stderr!.on('data', (d: Buffer) => { this.stderr = (this.stderr + d.toString()).slice(-4000); });
@@ -175,13 +179,23 @@ class GuestWriter {
     }
     child.stdin!.end('quit\n');
     await exited;
+    this.span[1] = Date.now();
     if (this.failure) throw this.failure;
+    // the writes of one qemu-io run one after another inside its life: their latencies cannot add
+    // up to more than that (else the stats line is not read as it should be)
+    const busy = this.writes.reduce((n, w) => n + (Number.isFinite(w.ms) ? w.ms : 0), 0);
+    const life = this.span[1] - this.span[0];
+    if (busy > life * 1.02 + 20) throw new Error(`CORRECTNESS: the ${this.writes.length} write latencies of one qemu-io add up to ${Math.round(busy)} ms, more than its ${life} ms life`);
   }
 
   get pid(): number | undefined { return this.child?.pid; }
 }
 
-interface GuestResult { start: number; end: number; writes: GuestWrite[]; bytes: number; mibPerSec: number; latencyMs: { p50: number; p99: number; max: number } }
+interface GuestResult {
+  start: number; end: number; writes: GuestWrite[]; bytes: number; mibPerSec: number; latencyMs: { p50: number; p99: number; max: number };
+  /** the writers' time spent in writes / their time alive: near 1, the guest could not go faster at its queue depth */
+  busyFraction: number;
+}
 
 /** The whole guest: JOBS writers sharing RATE, started together, run for SECONDS. */
 async function runGuest(c: Cleanup, daemon: QemuDaemon, patterns: string[]): Promise<GuestResult> {
@@ -193,7 +207,11 @@ async function runGuest(c: Cleanup, daemon: QemuDaemon, patterns: string[]): Pro
   const writes = writers.flatMap((w) => w.writes).sort((a, b) => a.at - b.at);
   const lat = writes.map((w) => w.ms).filter(Number.isFinite);
   const bytes = writes.length * BLOCK;
-  return { start, end, writes, bytes, mibPerSec: r1(bytes / MiB / ((end - start) / 1000)), latencyMs: { p50: r3(pct(lat, 50)), p99: r3(pct(lat, 99)), max: r3(max(lat)) } };
+  const lived = writers.reduce((n, w) => n + (w.span[1] - w.span[0]), 0);
+  return {
+    start, end, writes, bytes, mibPerSec: r1(bytes / MiB / ((end - start) / 1000)), latencyMs: { p50: r3(pct(lat, 50)), p99: r3(pct(lat, 99)), max: r3(max(lat)) },
+    busyFraction: lived > 0 ? r3(lat.reduce((n, x) => n + x, 0) / lived) : NaN,
+  };
 }
 
 interface Ev { event: string; [k: string]: unknown }
@@ -250,7 +268,7 @@ interface Dist { p50: number; p99: number; max: number }
 interface CutFigures { atS: number; kind: string; spoolBytes: number; shipMs: number; viewMs: number | null; frozenMs: number }
 interface PhaseResult {
   phase: 'alone' | 'protected'; round: number; seconds: number;
-  guest: { mibPerSec: number; bytes: number; writes: number; latencyMs: Dist };
+  guest: { mibPerSec: number; bytes: number; writes: number; latencyMs: Dist; busyFraction: number };
   qemuCpuPctOfCore: number;
   /** protected phase only */
   lagMs?: Dist; backlogBytes?: { p50: number; max: number }; rpoMs?: { p50: number; max: number }; samples?: number;
@@ -321,8 +339,8 @@ async function main(): Promise<void> {
       const alone = await runGuest(c, daemon, patterns);
       const q1 = qemuCpu();
       const aloneS = (alone.end - alone.start) / 1000;
-      results.push({ phase: 'alone', round, seconds: r1(aloneS), guest: { mibPerSec: alone.mibPerSec, bytes: alone.bytes, writes: alone.writes.length, latencyMs: alone.latencyMs }, qemuCpuPctOfCore: cpuPct(q0, q1, aloneS) });
-      say(`  round ${round}, guest alone: ${alone.mibPerSec} MiB/s for ${r1(aloneS)} s, write latency p50 ${fmtMs(alone.latencyMs.p50)} / p99 ${fmtMs(alone.latencyMs.p99)} / max ${fmtMs(alone.latencyMs.max)} ms`);
+      results.push({ phase: 'alone', round, seconds: r1(aloneS), guest: { mibPerSec: alone.mibPerSec, bytes: alone.bytes, writes: alone.writes.length, latencyMs: alone.latencyMs, busyFraction: alone.busyFraction }, qemuCpuPctOfCore: cpuPct(q0, q1, aloneS) });
+      say(`  round ${round}, guest alone: ${alone.mibPerSec} MiB/s for ${r1(aloneS)} s (writers busy ${Math.round(alone.busyFraction * 100)}%), write latency p50 ${fmtMs(alone.latencyMs.p50)} / p99 ${fmtMs(alone.latencyMs.p99)} / max ${fmtMs(alone.latencyMs.max)} ms`);
 
       // 2. protected
       if (!server) {
@@ -389,7 +407,7 @@ async function main(): Promise<void> {
       const rpo = nums('rpoMs');
       const res: PhaseResult = {
         phase: 'protected', round, seconds: r1(windowS),
-        guest: { mibPerSec: prot.mibPerSec, bytes: prot.bytes, writes: prot.writes.length, latencyMs: prot.latencyMs },
+        guest: { mibPerSec: prot.mibPerSec, bytes: prot.bytes, writes: prot.writes.length, latencyMs: prot.latencyMs, busyFraction: prot.busyFraction },
         qemuCpuPctOfCore: cpuPct(p0, p1, windowS),
         lagMs: dist(lag), backlogBytes: { p50: pct(backlog, 50), max: max(backlog) }, rpoMs: { p50: pct(rpo, 50), max: max(rpo) }, samples: inWindow.length,
         cuts, cutsFailed, duringViews: { writes: viewLat.length, latencyMs: dist(viewLat.map(r3)) }, drainMs, initialMs,
@@ -397,7 +415,7 @@ async function main(): Promise<void> {
         series: inWindow.map((x) => [r1((x.t - prot.start) / 1000), x.dataLagMs, x.backlogBytes, x.rpoMs]),
       };
       results.push(res);
-      say(`  round ${round}, protected: ${round === 1 ? 'initial sync' : 'catch-up'} + first point ${r1(initialMs / 1000)} s; guest ${prot.mibPerSec} MiB/s for ${r1(windowS)} s, `
+      say(`  round ${round}, protected: ${round === 1 ? 'initial sync' : 'catch-up'} + first point ${r1(initialMs / 1000)} s; guest ${prot.mibPerSec} MiB/s for ${r1(windowS)} s (writers busy ${Math.round(prot.busyFraction * 100)}%), `
         + `write latency p50 ${fmtMs(prot.latencyMs.p50)} / p99 ${fmtMs(prot.latencyMs.p99)} / max ${fmtMs(prot.latencyMs.max)} ms; points (s after the guest's start: spool MiB, view ms, ship ms) `
         + `${cuts.map((x) => `${x.atS} s: ${fmtMiB(x.spoolBytes)}, ${x.viewMs ?? '-'}, ${x.shipMs}`).join('; ') || 'none'}`
         + `${cutsFailed.length ? `; failed: ${cutsFailed.map((f) => f.code).join(', ')}` : ''}; drained ${drainMs === null ? `not within ${DRAIN_LIMIT_MS / 1000} s` : `${r1(drainMs / 1000)} s`} after the guest stopped`);
@@ -415,10 +433,11 @@ async function main(): Promise<void> {
   const of = (phase: PhaseResult['phase']) => results.filter((r) => r.phase === phase);
   const med = (phase: PhaseResult['phase'], f: (r: PhaseResult) => number | undefined) => {
     const xs = of(phase).map(f).filter((x): x is number => x !== undefined && Number.isFinite(x));
-    return xs.length ? median(xs) : NaN;
+    return xs.length ? r3(median(xs)) : NaN;
   };
   const summary = (phase: PhaseResult['phase']) => ({
     mibPerSec: med(phase, (r) => r.guest.mibPerSec),
+    busyFraction: med(phase, (r) => r.guest.busyFraction),
     latencyMs: { p50: med(phase, (r) => r.guest.latencyMs.p50), p99: med(phase, (r) => r.guest.latencyMs.p99), max: med(phase, (r) => r.guest.latencyMs.max) },
     qemuCpuPctOfCore: med(phase, (r) => r.qemuCpuPctOfCore),
   });
