@@ -264,7 +264,14 @@ async function stopProcess(c: ChildProcess | null | undefined): Promise<void> {
 
 async function waitFor(agent: AgentRun, what: string, ok: () => boolean): Promise<void> {
   const t0 = Date.now();
+  let told = t0;
   while (!ok()) {
+    // the initial sync of a large disk takes minutes on a busy machine: say where it is
+    if (Date.now() - told >= 15_000) {
+      told = Date.now();
+      const last = agent.events[agent.events.length - 1];
+      say(`    waiting for the ${what} (${Math.round((told - t0) / 1000)} s; the agent's last event: ${last ? JSON.stringify(last).slice(0, 160) : 'none yet'})`);
+    }
     if (!alive(agent.child)) throw new Error(`the agent exited (${agent.child.exitCode ?? agent.child.signalCode}) before ${what}: ${agent.stderr().slice(-3000)}`);
     if (Date.now() - t0 > SYNC_LIMIT_MS) throw new Error(`no ${what} within ${SYNC_LIMIT_MS / 60_000} min: ${JSON.stringify(agent.events.slice(-5))}`);
     await sleep(200);
