@@ -358,6 +358,14 @@ export class TracefsTracker implements ChangeTracker {
   private readonly lockDir: string;
   /** Copies that hold events their twin lacks, not yet told to a journal (see DrainJournal.soleHolder). */
   private sole: string[];
+  /**
+   * Parse what the shadow gives? Only until it was read empty once after open() or repair():
+   * until then it may hold events the instance no longer (or never) had (a read of the instance
+   * cut short by a kill, the shadow's head start); after that every event it gives is one the
+   * instance gives too (this process's reads of the instance all complete), so its text is
+   * only journaled, never parsed.
+   */
+  private parseShadow = true;
 
   private constructor(name: string, resumed: boolean, mapped: Mapped[], primary: Instance, shadow: Instance | null, sole: string[], lockDir: string) {
     this.name = name;
@@ -479,7 +487,11 @@ export class TracefsTracker implements ChangeTracker {
         which = i;
         // a copy recreated after its twin lacks the twin's older events
         const twin = i === this.shadow ? PRIMARY.name : SHADOW.name;
-        if (i.repair() && this.shadow && !this.sole.includes(twin)) this.sole.push(twin);
+        if (i.repair() && this.shadow) {
+          if (!this.sole.includes(twin)) this.sole.push(twin);
+          this.parseShadow = true;
+          this.shadow.partial = '';
+        }
       }
     } catch (err) {
       throw trackerError(this.name, `cannot repair instance ${which.dir}`, err);
@@ -500,15 +512,17 @@ export class TracefsTracker implements ChangeTracker {
       this.sole = [];
     }
     const out: DirtyExtent[] = [];
-    this.drainOne(this.primary, this.shadow ? PRIMARY : undefined, out, journal);
-    if (this.shadow) this.drainOne(this.shadow, SHADOW, out, journal);
+    this.drainOne(this.primary, this.shadow ? PRIMARY : undefined, out, journal, true);
+    if (this.shadow && this.drainOne(this.shadow, SHADOW, out, journal, this.parseShadow)) this.parseShadow = false;
     return coalesceExtents(out);
   }
 
-  private drainOne(inst: Instance, source: DrainSource | undefined, out: DirtyExtent[], journal?: DrainJournal): void {
+  /** Reads one instance until it is empty (returns true) or MAX_DRAIN_BYTES were read (false); parse = false: journal only. */
+  private drainOne(inst: Instance, source: DrainSource | undefined, out: DirtyExtent[], journal: DrainJournal | undefined, parse: boolean): boolean {
     const fd = inst.fd!;
     let text = inst.partial;
     let total = 0;
+    let empty = false;
     for (;;) {
       let n: number;
       journal?.beforeRead(source);
@@ -516,21 +530,23 @@ export class TracefsTracker implements ChangeTracker {
         n = fs.readSync(fd, this.buf, 0, this.buf.length, null);
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
-        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') { journal?.afterRead(this.buf.subarray(0, 0)); break; }
+        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') { journal?.afterRead(this.buf.subarray(0, 0)); empty = true; break; }
         if (code === 'EINTR') { journal?.afterRead(this.buf.subarray(0, 0)); continue; }
         throw trackerError(this.name, `reading ${inst.dir}/trace_pipe failed`, err);
       }
       // persisted before anything else happens: events out of the kernel are never only in memory
       journal?.afterRead(this.buf.subarray(0, n));
-      if (n === 0) break;
-      text += inst.decoder.write(this.buf.subarray(0, n));
+      if (n === 0) { empty = true; break; }
+      if (parse) text += inst.decoder.write(this.buf.subarray(0, n));
       total += n;
       if (total >= MAX_DRAIN_BYTES) break;
     }
+    if (!parse) return empty;
     const nl = text.lastIndexOf('\n');
     inst.partial = nl < 0 ? text : text.slice(nl + 1);
-    if (nl < 0) return;
+    if (nl < 0) return empty;
     for (const line of text.slice(0, nl).split('\n')) this.parseLine(line, out);
+    return empty;
   }
 
   /** Extents of raw trace text kept by a journal (replay after the agent died mid-drain). */
