@@ -44,15 +44,18 @@
  *    short in a row on different copies (kill, restart, kill again inside the first
  *    drain) lose events, and the journal says so. A copy created after its twin lacks
  *    the twin's older events: drain() tells the journal (soleHolder) once.
- *    Cost: the tracepoint writes each event into two ring buffers and the drain
- *    formats and journals it twice (measured: see docs/operations.md).
- *    Alternatives measured or ruled out: reading the non-consuming `trace` file and
- *    then trace_pipe cannot consume exactly what was journaled (whatever arrived in
- *    between is consumed unrecorded); trace_pipe_raw consumes a page per read (the
- *    same window, shorter); the snapshot swap (swap, read `snapshot`, clear) is exact
- *    but clearing the snapshot resets the per-CPU loss counters before they can be
- *    read, and its two synchronize_rcu per drain block the event loop; mapping the
- *    ring buffer (Linux 6.10) needs mmap and ioctl, which Node does not offer.
+ *    Cost: the tracepoint writes each event into two ring buffers and the kernel
+ *    formats it twice; the shadow's text is journaled, and parsed only until the
+ *    shadow was read empty once (measured: see docs/operations.md).
+ *    Alternatives ruled out: reading the non-consuming `trace` file, then trace_pipe,
+ *    cannot consume exactly what was journaled (what arrives in between is consumed
+ *    unrecorded); trace_pipe_raw consumes a page per read (the same window, shorter);
+ *    the snapshot swap (swap, read `snapshot`, clear) is exact, but the clear resets
+ *    the snapshot buffer's loss counters, which tracefs never shows (per_cpu stats
+ *    are the live buffer's), so drops just before a swap would go unseen, and opening
+ *    and clearing the snapshot each wait for an RCU grace period inside a synchronous
+ *    drain; mapping the ring buffer (Linux 6.10) needs mmap and ioctl, which Node
+ *    does not offer without a native addon.
  *  - Only request-based (blk-mq) disks emit block_rq_complete. Bio-based
  *    devices (device-mapper linear, md, zram, brd) never would, so they are
  *    refused rather than silently tracked as "never written".
@@ -625,7 +628,8 @@ export class TracefsTracker implements ChangeTracker {
    * MOB_ERR_TRACKER_BUSY while a live agent holds it: it is never disabled under its user.
    */
   static remove(name: string, tracefsRoot?: string, lockDir?: string): void {
-    assertInstanceFree(name, 'remove', lockDir);
+    // a shadow named on its own (a sweep of every instance of an agent) is locked with its instance
+    assertInstanceFree(name.endsWith(SHADOW_SUFFIX) ? name.slice(0, -SHADOW_SUFFIX.length) : name, 'remove', lockDir);
     const dir = path.join(tracefsRoot ?? DEFAULT_TRACEFS, 'instances', name);
     removeInstanceDir(name, dir);
     removeInstanceDir(name, dir + SHADOW_SUFFIX);

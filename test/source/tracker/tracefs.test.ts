@@ -274,6 +274,7 @@ t.test('instances are owned: another process can neither use nor remove one in u
   const other = (code: string) => execFileSync(process.execPath, ['--input-type=module', '-e',
     `import { TracefsTracker } from ${JSON.stringify(mod)};\ntry { ${code}; console.log('ok'); } catch (e) { console.log(e.code, e.message); }`], { encoding: 'utf8' });
   t.match(other(`TracefsTracker.remove(${JSON.stringify(name)})`), /^MOB_ERR_TRACKER_BUSY .*in use by process \d+/, 'remove() from another process: MOB_ERR_TRACKER_BUSY');
+  t.match(other(`TracefsTracker.remove(${JSON.stringify(name + SHADOW_SUFFIX)})`), /^MOB_ERR_TRACKER_BUSY/, 'its shadow named alone neither');
   t.match(other(`await TracefsTracker.open({ name: ${JSON.stringify(name)}, disks: [{ path: ${JSON.stringify(dev)} }] })`), /^MOB_ERR_TRACKER_BUSY/, 'open() from another process: MOB_ERR_TRACKER_BUSY');
   t.equal(tr.selfCheck(), null, 'still live after both attempts');
   // a raw rmdir (what uninstall.sh does) is refused while trace_pipe is open and changes nothing
