@@ -488,9 +488,10 @@ export class TracefsTracker implements ChangeTracker {
       // the shadow first: when both are recreated, it holds everything the new instance will
       for (const i of this.shadow ? [this.shadow, this.primary] : [this.primary]) {
         which = i;
-        // a copy recreated after its twin lacks the twin's older events
+        // a copy that was off (or recreated after its twin) lacks some of the twin's events
         const twin = i === this.shadow ? PRIMARY.name : SHADOW.name;
-        if (i.repair() && this.shadow) {
+        const wasOff = i.fd === null || i.problem() !== null;
+        if ((i.repair() || wasOff) && this.shadow) {
           if (!this.sole.includes(twin)) this.sole.push(twin);
           this.parseShadow = true;
           this.shadow.partial = '';

@@ -390,3 +390,30 @@ t.test('a shadow instance missing at a resume is recreated (resumed stays true) 
   p.close();
   t.notOk(fs.existsSync(path.join(TRACEFS, 'instances', name)), 'close() removes the instance');
 });
+
+t.test('a shadow switched off is named by the self-check; after repair the journal learns the instance alone holds what the shadow missed', async (t) => {
+  const { dev } = await loopDevice(t);
+  const name = instanceName();
+  track(t, name);
+  const state = await tmpDir(t);
+  const tr = await TracefsTracker.open({ name, disks: [{ path: dev }], bufferKb: 1024 });
+  t.teardown(() => tr.close());
+  const j = DirtyJournal.open(state, [{ id: 'd0', sizeBytes: 64 * MiB, blockSize: 4096 }], (x) => tr.parseText(x)).journal;
+  t.teardown(() => j.close());
+  tr.drain(j);
+  t.same(j.soleHolders, [], 'both copies read empty after the first drain');
+  fs.writeFileSync(path.join(TRACEFS, 'instances', name + SHADOW_SUFFIX, 'tracing_on'), '0\n');
+  t.match(tr.selfCheck(), /^tracing_on is 0 \(shadow trace instance .*\.shadow\)$/, 'the self-check names the shadow');
+  ddWrite(dev, 9, 1); // recorded by the instance only
+  tr.repair();
+  t.equal(tr.selfCheck(), null, 'repaired');
+  const told: string[] = [];
+  const spy = Object.assign(Object.create(j) as DirtyJournal, {
+    beforeRead: (s?: DrainSource) => j.beforeRead(s),
+    afterRead: (raw: Buffer) => j.afterRead(raw),
+    soleHolder: (x: string) => { told.push(x); j.soleHolder(x); },
+  });
+  t.same(tr.drain(spy), [{ disk: 0, offset: 9 * 4096, length: 4096 }], 'the write is delivered (by the instance)');
+  t.same(told, ['p'], 'the journal was told the instance alone held events');
+  t.same(j.soleHolders, [], 'and the instance was read empty in that drain');
+});
