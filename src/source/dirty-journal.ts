@@ -167,6 +167,7 @@ export class DirtyJournal implements DrainJournal {
     let open: { n: string; raw: Buffer[]; last: 'B' | 'R' | 'T'; from: DrainSource | null } | null = null;
     let maxDrain = 0;
     const sole = new Set<string>();
+    let reading: DrainSource | null = null;
     // a drain that never logged its end: replay its raw trace; a read whose result is missing
     // is recovered from the other copy when there is one that still holds it, else torn
     const settleOpen = () => {
@@ -196,20 +197,16 @@ export class DirtyJournal implements DrainJournal {
         open = { n: line.slice(2), raw: [], last: 'B', from: null };
         maxDrain = Math.max(maxDrain, Number(open.n) || 0);
       } else if (kind === 'R') {
-        if (open) {
-          open.last = 'R';
-          const m = /^R ([a-z]+) ([a-z]+)$/.exec(line);
-          open.from = m ? { name: m[1]!, heldBy: m[2]! } : null;
-        }
+        const m = /^R ([a-z]+) ([a-z]+)$/.exec(line);
+        reading = m ? { name: m[1]!, heldBy: m[2]! } : null;
+        if (open) { open.last = 'R'; open.from = reading; }
       } else if (kind === 'T') {
         const len = Number(line.slice(2));
         if (!Number.isSafeInteger(len) || len < 0 || pos + len > buf.length) { if (open) open.last = 'R'; break; }
-        if (open) {
-          open.raw.push(buf.subarray(pos, pos + len));
-          open.last = 'T';
-          // that copy was read empty: whatever it held is in the journal now
-          if (len === 0 && open.from) sole.delete(open.from.name);
-        }
+        if (open) { open.raw.push(buf.subarray(pos, pos + len)); open.last = 'T'; }
+        // that copy was read empty: whatever it held is in the journal now (as afterRead() does live)
+        if (len === 0 && reading) sole.delete(reading.name);
+        reading = null;
         pos += len;
       } else if (kind === 'X') {
         const m = /^X ([a-z]+)$/.exec(line);
@@ -296,6 +293,7 @@ export class DirtyJournal implements DrainJournal {
     fs.writeSync(this.logFd, rec);
     this.logBytes += rec.length;
     if (raw.length === 0 && this.reading) this.sole.delete(this.reading.name);
+    this.reading = null;
   }
 
   /** Copy `name` of the tracker may hold changes its twin lacks, until it is read empty (see DrainJournal). */

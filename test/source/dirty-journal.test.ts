@@ -604,3 +604,20 @@ t.test('dirty journal, two copies: a copy named sole holder (its twin is newer) 
   t.same(r2.journal.soleHolders, ['s']);
   r2.journal.close();
 });
+
+t.test('dirty journal, two copies: the replay knows the sole holders the live journal knew (reads outside a drain too)', async (t) => {
+  const dir = await tmpDir(t);
+  const { journal: j } = DirtyJournal.open(dir, [C], fakeParse);
+  j.soleHolder('s');
+  j.soleHolder('p');
+  j.beforeRead({ name: 's', heldBy: 'p' });
+  j.afterRead(Buffer.alloc(0));
+  j.beforeRead({ name: 'p', heldBy: 's' });
+  j.afterRead(Buffer.from(`0 0 ${BS}\n`)); // not empty: p may still hold more
+  t.same(j.soleHolders, ['p']);
+  j.close();
+  const r = DirtyJournal.open(dir, [C], fakeParse);
+  t.same(r.journal.soleHolders, ['p'], 'the same after a restart');
+  t.equal(r.torn, false);
+  r.journal.close();
+});
