@@ -547,6 +547,13 @@ export class Protector {
   private async checkTracking(): Promise<boolean> {
     const problem = this.trackerProblem ?? await this.tracker.selfCheck();
     if (!problem) return true;
+    if (this.qemu?.lastCheckUnreachable && this.trackerProblem === null) {
+      // not reaching QEMU is not a loss of its bitmaps: QEMU going away stops protection (its
+      // next start judges the bitmaps), a hiccup is checked again at the next round
+      if (!this.qemu.connected) this.hostGone();
+      else this.log.warn('QEMU did not answer the tracking self-check', { code: 'MOB_ERR_QMP', error: problem });
+      return false;
+    }
     const reason = problem.startsWith('tracking was disabled') ? problem : `tracking was disabled: ${problem}`;
     let repaired = false;
     try {

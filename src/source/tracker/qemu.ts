@@ -188,6 +188,13 @@ export class QemuTracker implements HostModeTracker {
    */
   get identity(): string { return `qemu:${this.o.qmpSocket}:${this.disks.map((d) => d.node).join(',')}`; }
 
+  /**
+   * The last self-check could not talk to QEMU at all (socket gone, connection reset, no
+   * answer): that says nothing about the bitmaps, which QEMU keeps whether we reach it or not
+   * (a restarted QEMU is judged once it answers again).
+   */
+  lastCheckUnreachable = false;
+
   /** false once the QMP connection closed (QEMU stopped, or restarted): the exports and views went with it. */
   get connected(): boolean { return !this.qmp.isClosed; }
 
@@ -317,16 +324,19 @@ export class QemuTracker implements HostModeTracker {
   }
 
   private async check(): Promise<string | null> {
+    this.lastCheckUnreachable = false;
     if (this.closed) return 'the tracker was closed';
     try {
       await this.reconnectIfNeeded();
     } catch (err) {
+      this.lastCheckUnreachable = true;
       return `QEMU's QMP socket ${this.o.qmpSocket} does not answer (${(err as Error).message})`;
     }
     let nodes: Map<string, NodeInfo>;
     try {
       nodes = await queryNodes(this.qmp);
     } catch (err) {
+      this.lastCheckUnreachable = !(err instanceof QmpCommandError);
       return `QEMU does not answer query-named-block-nodes (${(err as Error).message})`;
     }
     for (const d of this.disks) {
