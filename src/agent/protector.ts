@@ -81,6 +81,7 @@ export interface ProtectOptions {
   key?: string;
   agentId: string;
   disks: { path: string; id: string }[];
+  qemu?: { qmpSocket: string; guestAgentSocket?: string };
   stateDir: string;
   blockSize?: number;
   /** Default 'auto': lz4 only while the link is the bottleneck. */
