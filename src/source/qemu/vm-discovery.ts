@@ -16,7 +16,8 @@
  *                             skipped: nothing to protect.
  *   query-named-block-nodes   only when query-block lists no drive (qemu-storage-daemon, or
  *                             -blockdev without a guest device): every format node that no
- *                             other node sits on (its device name is then its node name)
+ *                             other node sits on, by node name (its device name is then its
+ *                             node name)
  *
  * The VM's guest agent socket is `<socket without extension>.qga` next to the QMP socket when
  * it exists (Proxmox's convention), else none.
@@ -193,7 +194,8 @@ export function vmDisksFrom(blocks: unknown, nodes: unknown): InventoryVmDisk[] 
     if (!name || name.startsWith('#') || children.has(name) || PROTOCOL_DRIVERS.has(n.drv ?? '') || FILTER_DRIVERS.has(n.drv ?? '')) continue;
     out.push(diskOf(name, name, n, undefined));
   }
-  return out;
+  // QEMU lists nodes newest first: by name, so the order does not depend on how they were added
+  return out.sort((x, y) => x.node.localeCompare(y.node));
 }
 
 /** What one socket answered, with QEMU's own errors for commands it lacks turned into fallbacks. */
