@@ -34,10 +34,13 @@ import { openDiskSource, type DiskSource } from '../source/disk-source.js';
 import { SourcePass, type PassKind } from '../source/source-pass.js';
 import { DirtyJournal, type LossBaseline } from '../source/dirty-journal.js';
 import { TracefsTracker, traceInstanceName } from '../source/tracker/tracefs.js';
+import { QemuTracker, qemuTrackerName, type QemuPoint } from '../source/tracker/qemu.js';
+import type { ChangeTracker, DirtyExtent } from '../source/tracker/change-tracker.js';
 import { chooseSamples, digestPagesAsync, includeFromEnv, WrittenPages, DEFAULT_RANDOM_SAMPLES, DEFAULT_WRITTEN_SAMPLES } from '../source/cut-sample.js';
 import { Spool } from '../source/spool.js';
 import { writeFileDurable } from '../util/durable-file.js';
-import { devOf, deviceFamily, freezeAll, mountsOn, runHooks, thawAll, type HookResult } from './freeze.js';
+import { devOf, deviceFamily, mountsOn, runHooks, thawAll, type HookResult } from './freeze.js';
+import { FsfreezeQuiescer, type Quiescer } from './quiesce.js';
 import type { CompressMode } from '../protocol/block-codec.js';
 import type { GroupCutLink } from './group-member.js';
 
@@ -64,6 +67,9 @@ export const DEFAULT_SPOOL_MEMORY_BYTES = 32 * 1024 * 1024;
 const SPOOL_ATTEMPTS = 3;
 const CONVERGE_TIMEOUT_MS = 30_000;
 const DRAIN_MS = 100;
+/** Host mode: a drain is a QMP transaction and an nbdinfo run; a few per second are plenty for sub-second lag. */
+const QEMU_DRAIN_MS = 250;
+const NO_COUNTERS: LossBaseline = { overrun: 0, dropped: 0, lostNotices: 0 };
 const COUNTER_CHECK_MS = 1000;
 const PERSIST_MS = 2000;
 /** Health report period: status figures on the server are at most about this old (plus the send queue, SEND_QUEUE_BYTES). */
@@ -102,7 +108,25 @@ export interface ProtectOptions {
   lockDir?: string;
   /** Pages sampled at random per disk at each cut (default 64); pages written since the last cut add up to as many again. */
   cutSamples?: number;
-  /** Read plain files too (tests with image files); block devices always use O_DIRECT. */
+  /**
+   * Host mode: the disks are block nodes of a running QEMU (disks[].path = the format node's
+   * name), tracked with dirty bitmaps over QMP, read through QEMU's exports; a cut is a
+   * copy-before-write view of every disk started in one QMP transaction (the guest does not
+   * pause). Absent: in-guest mode (block devices, tracefs, fsfreeze).
+   */
+  qemu?: {
+    qmpSocket: string;
+    /** The VM's QEMU guest agent socket: app-consistent cuts freeze the guest's filesystems through it. */
+    guestAgentSocket?: string;
+    /** The QEMU process's own NBD server socket, if it runs one (else the tracker starts one). */
+    nbdSocket?: string;
+  };
+  /**
+   * What app-consistent cuts freeze. Default: fsfreeze of the filesystems mounted from the
+   * disks in-guest; in host mode the caller passes the guest agent's (without one, app cuts are
+   * recorded as crash-consistent, with a note).
+   */
+  quiescer?: Quiescer;
   logger: Logger;
   signal?: AbortSignal;
   onEvent?: (e: ProtectEvent) => void;
@@ -150,7 +174,17 @@ export class Protector {
   private readonly bs: number;
   private readonly log: Logger;
   private disks: PDisk[] = [];
-  private tracker!: TracefsTracker;
+  private tracker!: ChangeTracker;
+  /** In-guest mode: the tracefs tracker (loss counters); null in host mode. */
+  private tracefs: TracefsTracker | null = null;
+  /** Host mode: the QEMU tracker (points are its views); null in-guest. */
+  private qemu: QemuTracker | null = null;
+  /** What a cut freezes (null: nothing to freeze; host mode without a guest agent). */
+  private quiescer: Quiescer | null = null;
+  /** Drains run one at a time (the QEMU tracker's are asynchronous): the tail of the chain. */
+  private drainChain: Promise<void> = Promise.resolve();
+  private drainActive = false;
+  private drainQueued = false;
   private journal!: DirtyJournal;
   private family = new Set<string>();
   private conn: Connection | null = null;
@@ -181,6 +215,10 @@ export class Protector {
   /** Losses of tracking noticed so far (by any check): a cut compares it across its freeze. */
   private lossEvents = 0;
   private stateDir = '';
+  /** In-guest: the trace instance found at start is a look-alike of the one the last agent left (events lost). */
+  private replaced = false;
+  /** Why protection stopped on its own (host mode: QEMU went away); run() rejects with it. */
+  private fatal: MobilityError | null = null;
 
   constructor(private readonly o: ProtectOptions) {
     this.bs = o.blockSize ?? DEFAULT_BLOCK_SIZE;
@@ -238,26 +276,37 @@ export class Protector {
     this.stateDir = stateDir;
     // an agent killed inside a cut's freeze left its filesystems frozen: thawed before anything is
     // written (the state directory may be on one of them); a filesystem that is not frozen is left as it is
-    const family = new Set<string>();
-    for (const d of o.disks) {
-      try { for (const f of deviceFamily(d.path)) family.add(f); } catch { /* reported by open() */ }
+    if (o.qemu) {
+      this.quiescer = o.quiescer ?? null;
+      // a guest agent left frozen by a killed agent: thawed first
+      if (this.quiescer?.releaseStale) await this.quiescer.releaseStale().catch((err: Error) => this.log.warn('could not thaw the guest at start', { error: err.message }));
+    } else {
+      const family = new Set<string>();
+      for (const d of o.disks) {
+        try { for (const f of deviceFamily(d.path)) family.add(f); } catch { /* reported by open() */ }
+      }
+      const thawed = await thawAll(mountsOn(family)).catch(() => [] as string[]);
+      if (thawed.length) this.log.warn('could not thaw at start', { mounts: thawed });
+      this.quiescer = o.quiescer ?? new FsfreezeQuiescer(() => mountsOn(this.family));
     }
-    const thawed = await thawAll(mountsOn(family)).catch(() => [] as string[]);
-    if (thawed.length) this.log.warn('could not thaw at start', { mounts: thawed });
     await fsp.mkdir(stateDir, { recursive: true, mode: 0o700 });
     try {
       await this.open(stateDir);
       this.started = true;
       await this.loop();
+    } catch (err) {
+      // reads through QEMU's exports fail once QEMU is gone: the reason is QEMU, not the read
+      if (this.qemu && !this.qemu.connected) this.hostGone();
+      throw this.fatal ?? err;
     } finally {
       await this.shutdown();
     }
+    if (this.fatal) throw this.fatal;
   }
 
-  private async open(stateDir: string): Promise<void> {
+  private async openTracefs(stateDir: string): Promise<void> {
     const o = this.o;
     for (const d of o.disks) {
-      if (!ID_PATTERN.test(d.id)) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `disk id ${JSON.stringify(d.id)} is not [A-Za-z0-9._-]{1,64}`);
       const st = await fsp.stat(d.path).catch((err: Error) => { throw new MobilityError('MOB_ERR_SOURCE', `cannot open ${d.path}: ${err.message}`); });
       if (!st.isBlockDevice()) throw new MobilityError('MOB_ERR_TRACKER', `${d.path} is not a block device: continuous protection tracks block devices (use 'mobility replicate' for image files)`);
       for (const f of deviceFamily(d.path)) this.family.add(f);
@@ -269,20 +318,58 @@ export class Protector {
     // a cut spool left by a killed agent: its cut was never sent, its blocks are still in the journal
     await Spool.removeStale(stateDir);
     // the tracker starts before anything is read, so no write between our read and its first event is missed
-    this.tracker = await TracefsTracker.open({
+    const tracker = await TracefsTracker.open({
       name: traceInstanceName(o.agentId, o.stateDir), disks: o.disks.map((d) => ({ path: d.path })), bufferKb: o.trackerBufferKb, tracefsRoot: o.tracefsRoot, lockDir: o.lockDir,
     });
+    this.tracker = tracker;
+    this.tracefs = tracker;
     // "<name>\n<instance inode>\n": uninstall finds this installation's instance by it, and a restart
     // tells the instance it left from a look-alike recreated meanwhile (same settings, events lost)
     const idFile = path.join(stateDir, 'trace-instance');
     const before = (await fsp.readFile(idFile, 'utf8').catch(() => '')).split('\n');
-    const replaced = this.tracker.resumed && before[0] === this.tracker.name && before[1] !== undefined && before[1] !== '' && before[1] !== this.tracker.identity;
+    this.replaced = this.tracker.resumed && before[0] === this.tracker.name && before[1] !== undefined && before[1] !== '' && before[1] !== this.tracker.identity;
     await writeFileDurable(idFile, `${this.tracker.name}\n${this.tracker.identity}\n`, 0o600);
     // an instance named the way agents before per-installation names did (mobility-<agent id>):
     // rmdir alone, which the kernel refuses while any reader (an older agent) holds it
-    try { fs.rmdirSync(path.join(path.dirname(this.tracker.instanceDir), `mobility-${o.agentId}`)); } catch { /* absent or in use */ }
+    try { fs.rmdirSync(path.join(path.dirname(tracker.instanceDir), `mobility-${o.agentId}`)); } catch { /* absent or in use */ }
+  }
+
+  /**
+   * Host mode: the QEMU tracker resumes the dirty bitmaps an earlier agent left (qcow2 keeps them
+   * across a clean QEMU restart too) or creates them; a disk whose bitmap is gone or
+   * inconsistent is a loss with its reason (a checksum resync against the replica, never a
+   * full copy).
+   */
+  private async openQemu(stateDir: string, q: NonNullable<ProtectOptions['qemu']>): Promise<void> {
+    const o = this.o;
+    await fsp.mkdir(this.viewDir(), { recursive: true, mode: 0o700 });
+    const tracker = await QemuTracker.open({
+      name: qemuTrackerName(o.agentId, o.stateDir), qmpSocket: q.qmpSocket, nbdSocket: q.nbdSocket, runDir: this.viewDir(), disks: o.disks.map((d) => ({ node: d.path })),
+    });
+    this.tracker = tracker;
+    this.qemu = tracker;
+    await writeFileDurable(path.join(stateDir, 'qemu-tracker'), `${tracker.name}\n${tracker.identity}\n`, 0o600);
+  }
+
+  /** Host mode: QEMU's exports (FUSE files, NBD socket) and point views live here (not on a guest disk: they are the host's). */
+  private viewDir(): string {
+    return path.join(this.stateDir, 'qemu');
+  }
+
+  private async open(stateDir: string): Promise<void> {
+    const o = this.o;
+    for (const d of o.disks) {
+      if (!ID_PATTERN.test(d.id)) throw new MobilityError('MOB_ERR_BAD_DISK_ID', `disk id ${JSON.stringify(d.id)} is not [A-Za-z0-9._-]{1,64}`);
+    }
+    if (o.qemu) {
+      // a cut spool left by a killed agent: its cut was never sent, its blocks are still in the journal
+      await Spool.removeStale(stateDir);
+      await this.openQemu(stateDir, o.qemu);
+    } else {
+      await this.openTracefs(stateDir);
+    }
     for (const [i, d] of o.disks.entries()) {
-      const src = await openDiskSource(d.path, { direct: true });
+      const src = this.qemu ? await this.qemu.openSource(i, this.viewDir()) : await openDiskSource(d.path, { direct: true });
       const mapFile = path.join(stateDir, `${d.id}.map`);
       let map: DigestMap | null = null;
       let mapProblem: string | null = null;
@@ -303,11 +390,15 @@ export class Protector {
     }
     const { journal, found, torn } = DirtyJournal.open(stateDir, this.disks.map((d) => ({ id: d.id, sizeBytes: d.src.size, blockSize: this.bs })), (text) => this.tracker.parseText(text));
     this.journal = journal;
-    const now = this.tracker.counters();
-    if (!this.tracker.resumed) {
+    const now = this.tracefs?.counters() ?? NO_COUNTERS;
+    if (this.qemu) {
+      // per disk: a bitmap QEMU lost (raw image and QEMU restarted, QEMU killed, removed) is explained
+      for (const [i, l] of this.qemu.openLoss.entries()) if (l.lost) journal.disks[i].scanRequired ??= `dirty tracking was lost: ${l.reason}`;
+      if (torn) for (const jd of journal.disks) jd.scanRequired ??= 'the agent stopped while taking changes out of QEMU';
+    } else if (!this.tracker.resumed) {
       for (const jd of journal.disks) jd.scanRequired ??= 'the trace instance was not running (machine restarted or tracking was removed)';
       journal.counters = now;
-    } else if (replaced) {
+    } else if (this.replaced) {
       for (const jd of journal.disks) jd.scanRequired ??= 'tracking was disabled: the trace instance was removed and recreated while the agent was down';
       journal.counters = now;
     } else if (torn) {
@@ -332,35 +423,85 @@ export class Protector {
       if (sr && found) this.setState(d, 'resync-required', sr);
     }
     await this.persist(true);
-    this.timers.push(setInterval(() => this.drainOnce(), DRAIN_MS));
+    this.timers.push(setInterval(() => this.drainOnce(), this.qemu ? QEMU_DRAIN_MS : DRAIN_MS));
     this.timers.push(setInterval(() => this.sendHealth(true), HEALTH_MS));
     this.timers.push(setInterval(() => { if (Date.now() - this.lastPersist >= PERSIST_MS || this.journal.logSize > 4 << 20) void this.persist(false).catch((err) => this.log.error('cannot persist state', { error: (err as Error).message })); }, 500));
     for (const t of this.timers) t.unref?.();
   }
 
-  /** Takes every pending event out of the kernel into the durable journal; watches the loss counters. */
-  private drainOnce(): void {
-    if (!this.tracker) return;
+  /**
+   * Takes every pending change out of the tracker into the durable journal; watches the loss
+   * counters. Drains run one at a time; a call while one runs waits for it and then drains again
+   * (so whatever was written before the call is in the journal when it resolves). Never rejects.
+   */
+  private drainOnce(): Promise<void> {
+    if (!this.tracker) return Promise.resolve();
+    // the periodic timer does not pile drains up behind a slow one (QMP)
+    if (this.drainQueued) return this.drainChain;
+    this.drainQueued = true;
+    const p = this.drainChain.then(async () => {
+      this.drainQueued = false;
+      this.drainActive = true;
+      try {
+        await this.drainNow();
+      } finally {
+        this.drainActive = false;
+      }
+    });
+    this.drainChain = p.catch((err: Error) => { this.log.error('drain failed', { error: err.message }); });
+    return this.drainChain;
+  }
+
+  private async drainNow(): Promise<void> {
+    if (this.qemu && !this.qemu.connected) {
+      this.hostGone();
+      return;
+    }
     if (this.trackerProblem) {
       // tracking is off and the last repair failed: retry it every check interval
       const t = Date.now();
       if (t - this.lastCounterCheck >= COUNTER_CHECK_MS) {
         this.lastCounterCheck = t;
-        this.checkTracking();
+        await this.checkTracking();
       }
       return;
     }
     const n = this.journal.beginDrain();
-    let ext;
+    let ext: DirtyExtent[];
     try {
-      ext = this.tracker.drain(this.journal);
+      // tracefs answers synchronously: nothing else runs between the journal's begin and end
+      const r = this.tracker.drain(this.journal);
+      ext = r instanceof Promise ? await r : r;
     } catch (err) {
       this.journal.endDrain(n);
-      this.lossDetected(`reading the trace failed: ${(err as Error).message}`);
+      this.lossDetected(`reading the tracker failed: ${(err as Error).message}`);
       return;
     }
     this.journal.addExtents(ext);
     this.journal.endDrain(n);
+    this.noteWritten(ext);
+    const t = Date.now();
+    if (t - this.lastCounterCheck >= COUNTER_CHECK_MS) {
+      this.lastCounterCheck = t;
+      if (!(await this.checkTracking())) return;
+      this.checkLoss();
+    }
+  }
+
+  /**
+   * Host mode: QEMU went away (the VM stopped, or restarted). Its exports (what the disks are read
+   * through) went with it: protection stops here, with everything journaled kept, and the next
+   * start resumes the bitmaps QEMU stored (qcow2, clean stop: no scan) or explains their loss.
+   */
+  private hostGone(): void {
+    if (this.fatal) return;
+    this.fatal = new MobilityError('MOB_ERR_QMP', `the VM's QEMU closed its QMP socket ${this.o.qemu?.qmpSocket ?? ''} (stopped or restarted): protection stops and resumes when it is started again`);
+    this.log.warn('QEMU is gone: protection stops', { code: 'MOB_ERR_QMP', error: this.fatal.message });
+    this.stop();
+  }
+
+  /** Churn figures and the pages a cut samples, for extents just journaled. */
+  private noteWritten(ext: DirtyExtent[]): void {
     for (const e of ext) {
       const d = this.disks[e.disk];
       if (!d) continue;
@@ -368,19 +509,14 @@ export class Protector {
       d.written.add(e.offset, e.length, PAGE_SIZE);
     }
     if (ext.length) this.wakeLoop?.();
-    const t = Date.now();
-    if (t - this.lastCounterCheck >= COUNTER_CHECK_MS) {
-      this.lastCounterCheck = t;
-      if (!this.checkTracking()) return;
-      this.checkLoss();
-    }
   }
 
-  /** Loss counters against the journal's baseline; a loss requires a scan. Returns whether nothing was lost. */
+  /** Loss counters (tracefs) against the journal's baseline; a loss requires a scan. Returns whether nothing was lost. */
   private checkLoss(): boolean {
+    if (!this.tracefs) return true; // QEMU's bitmaps do not overrun: a lost bitmap is the self-check's
     let c: LossBaseline;
     try {
-      c = this.tracker.counters();
+      c = this.tracefs.counters();
     } catch (err) {
       this.lossDetected(`the trace instance's loss counters cannot be read: ${(err as Error).message}`);
       return false;
@@ -393,18 +529,19 @@ export class Protector {
   }
 
   /**
-   * Self-check: is the trace instance still live as we set it up (anyone with root can switch
-   * it off)? If not: repair it first (so writes from now on are recorded), then require a scan
-   * of every disk (writes while it was off are unknown). Returns whether tracking is live.
+   * Self-check: is tracking still live as we set it up (anyone with root can switch the trace
+   * instance off; QEMU can restart, lose a raw disk's bitmap, or someone removes it)? If not:
+   * repair it first (so writes from now on are recorded), then require a scan of every disk
+   * (writes while it was off are unknown). Returns whether tracking is live.
    */
-  private checkTracking(): boolean {
-    const problem = this.trackerProblem ?? this.tracker.selfCheck();
+  private async checkTracking(): Promise<boolean> {
+    const problem = this.trackerProblem ?? await this.tracker.selfCheck();
     if (!problem) return true;
     const reason = problem.startsWith('tracking was disabled') ? problem : `tracking was disabled: ${problem}`;
     let repaired = false;
     try {
-      this.tracker.repair();
-      repaired = this.tracker.selfCheck() === null;
+      await this.tracker.repair();
+      repaired = (await this.tracker.selfCheck()) === null;
     } catch (err) {
       this.log.error('cannot repair change tracking', { code: 'MOB_ERR_TRACKER', error: (err as Error).message });
     }
@@ -414,8 +551,8 @@ export class Protector {
       this.log.warn('change tracking was switched off under the agent', { code: 'MOB_ERR_TRACKING_LOST', reason, repaired });
       this.emit({ event: 'tracking-lost', reason, repaired });
     }
-    if (repaired) {
-      try { this.journal.counters = this.tracker.counters(); } catch { /* read again at the next check */ }
+    if (repaired && this.tracefs) {
+      try { this.journal.counters = this.tracefs.counters(); } catch { /* read again at the next check */ }
       // the identity a restart compares against (a recreated instance has a new inode)
       void writeFileDurable(path.join(this.stateDir, 'trace-instance'), `${this.tracker.name}\n${this.tracker.identity}\n`, 0o600)
         .catch((err: Error) => this.log.error('cannot record the trace instance', { error: err.message }));
@@ -440,6 +577,9 @@ export class Protector {
       await this.persisting;
       if (!force) return;
     }
+    // a drain of the QEMU tracker spans await points: the snapshot (which switches to a new log)
+    // is never taken inside one, so a drain's records stay in one log
+    while (this.drainActive || this.drainQueued) await this.drainChain;
     this.lastPersist = Date.now();
     const bodies: [string, Buffer][] = [];
     for (const d of this.disks) {
@@ -773,7 +913,7 @@ export class Protector {
       group?.failed(new MobilityError('MOB_ERR_TRACKING_LOST', 'change tracking was lost while converging; the disks are rescanned'));
       return owed();
     }
-    const mounts = mountsOn(this.family);
+    const mounts = this.quiescer?.targets() ?? [];
     const env: Record<string, string> = {
       MOBILITY_CUT_ID: String(cutId), MOBILITY_CUT_KIND: kind, MOBILITY_MOUNTS: mounts.join('\n'),
       // hooks of a group cut know the group point (the same id on every machine of the group)
@@ -794,7 +934,14 @@ export class Protector {
         notes.push('a pre-freeze hook failed: recorded as crash-consistent');
       }
     }
-    if (!mounts.length) notes.push('no filesystem is mounted from the protected disks: nothing was frozen');
+    if (this.qemu) {
+      if (kind === 'app' && !this.quiescer) {
+        kind = 'crash';
+        notes.push('the VM has no guest agent: recorded as crash-consistent (its filesystems were not frozen)');
+      }
+    } else if (!mounts.length) {
+      notes.push('no filesystem is mounted from the protected disks: nothing was frozen');
+    }
     let frozeAt = 0;
     let frozenMs = 0;
     let failure: MobilityError | null = null;
@@ -829,62 +976,133 @@ export class Protector {
         // a loss noticed by the periodic checks while the cut runs (they move the loss counters the
         // cut's own check compares with) must fail the cut too
         const losses0 = this.lossEvents;
-        try {
-          frozeAt = Date.now();
-          await freezeAll(mounts, limit);
-          const bound = frozeAt + limit;
-          // everything written before the freeze is on the disks now, and its events are in the trace
-          this.drainOnce();
-          this.assertTrackingLive();
-          const runs = this.disks.map((d) => {
-            taken[d.i] = this.journal.take(d.i, Number.MAX_SAFE_INTEGER);
-            return d.shipper!.runsOf(taken[d.i]);
-          });
-          if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', `${this.dirtyBlocks()} dirty block(s) were still in flight at the freeze`);
-          const remainder = runs.flat().reduce((n, r) => n + r.len, 0);
-          if (remainder > budget) {
-            over = remainder;
-          } else {
-            // the verification samples, read while frozen (= the cut's content), alongside the remainder
+        if (this.qemu) {
+          // host mode: the point is a copy-before-write view of every disk, started in one QMP
+          // transaction with the bitmaps' rotation; the guest keeps running (an app cut freezes its
+          // filesystems through the guest agent around that transaction only). The remainder is
+          // read from the view, not from the live disks.
+          let point: QemuPoint | null = null;
+          let guestFrozenAt = 0;
+          let pausedAt = 0;
+          const thawGuest = async () => {
+            if (pausedAt) {
+              await this.qemu!.resumeGuest().catch((err: Error) => this.log.error('cannot resume the guest', { code: 'MOB_ERR_QMP', error: err.message }));
+              frozenMs = Date.now() - pausedAt;
+              pausedAt = 0;
+            }
+            if (!guestFrozenAt) return;
+            const failed = await this.quiescer!.thaw();
+            frozenMs = Date.now() - guestFrozenAt;
+            guestFrozenAt = 0;
+            if (failed.length) this.log.error('thaw failed', { code: 'MOB_ERR_FREEZE', failed });
+          };
+          try {
             const t0 = Date.now();
-            const sampling = Promise.all(this.samplePlan().map(async (p) => ({ pages: p.pages, digests: await digestPagesAsync(p.src, p.pages, PAGE_SIZE) })));
-            sampling.catch(() => undefined);
-            for (const d of this.disks) {
-              await d.shipper!.readRuns(runs[d.i]!, async (r, data) => {
-                if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `reading the ${remainder}-byte remainder did not end within the ${limit} ms freeze bound`);
-                await spool.add(d.i, r, data);
-              });
+            const bound = t0 + limit;
+            if (kind === 'app' && this.quiescer) {
+              await this.quiescer.freeze(limit);
+              guestFrozenAt = Date.now();
+              if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
+              if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the guest stayed frozen longer than the ${limit} ms bound`);
             }
-            samples = await sampling;
-            this.lastSampleReadMs = Date.now() - t0;
-            spoolBytes = spool.bytes;
-            spoolFileBytes = spool.fileBytes;
-            if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
-            const t1 = Date.now();
-            this.drainOnce();
-            sampleWaitMs = Date.now() - t1;
-            if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen (a frozen-phase hook or an unfrozen writer wrote to them)');
-            // tracking was live for the whole window the point covers (checked again after the hooks)
-            this.assertTrackingLive();
-            if (this.lossEvents !== losses0 || !this.allContinuous()) {
-              throw new MobilityError('MOB_ERR_TRACKING_LOST', 'change tracking lost events while the cut was being taken; no point is recorded until the disks are rescanned');
+            if (group && !guestFrozenAt) {
+              // several machines: their points must share one instant. Without a guest agent the
+              // VM's CPUs are paused from here to the group's commit (a crash-consistent group point)
+              try {
+                if (await this.qemu.pauseGuest()) pausedAt = Date.now();
+              } catch (err) {
+                throw new MobilityError('MOB_ERR_GROUP_CUT', `this VM can take part in a group cut only if its QEMU can pause it or it has a guest agent: ${(err as Error).message}`);
+              }
             }
-            if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
-            // still frozen: ready; the commit (or an abort, or this side's own bound) ends the freeze
+            frozeAt = Date.now();
+            point = await this.beginHostPoint(taken);
+            // frozen or paused guest of a group cut: stays so until the group commits, like an in-guest cut
             if (group) {
               await group.ready(frozeAt, bound - Date.now());
-              // nothing may have written while this machine waited frozen for the group's commit
-              // either (a writer the freeze does not stop): its part would not be the group's moment
-              this.drainOnce();
-              if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen, waiting for the group\'s commit (a writer the freeze does not stop)');
             }
-          }
-        } finally {
-          if (frozeAt) {
-            const failed = await thawAll(mounts);
-            frozenMs = Date.now() - frozeAt;
+            await thawGuest();
+            await this.assertTrackingLive();
+            if (this.lossEvents !== losses0 || !this.allContinuous()) {
+              throw new MobilityError('MOB_ERR_TRACKING_LOST', 'change tracking lost changes while the point was being taken; no point is recorded until the disks are rescanned');
+            }
+            const runs = this.disks.map((d) => d.shipper!.runsOf(taken[d.i]!));
+            const remainder = runs.flat().reduce((n, r) => n + r.len, 0);
+            if (remainder > budget) {
+              over = remainder;
+            } else {
+              const view = point;
+              const t1 = Date.now();
+              const sampling = Promise.all(this.samplePlan(view.sources).map(async (p) => ({ pages: p.pages, digests: await digestPagesAsync(p.src, p.pages, PAGE_SIZE) })));
+              sampling.catch(() => undefined);
+              for (const d of this.disks) await d.shipper!.readRuns(runs[d.i]!, async (r, data) => { await spool.add(d.i, r, data); }, 8, view.sources[d.i]!);
+              samples = await sampling;
+              this.lastSampleReadMs = Date.now() - t1;
+              spoolBytes = spool.bytes;
+              spoolFileBytes = spool.fileBytes;
+            }
+          } finally {
+            await thawGuest();
+            if (point) await point.end().catch((err: Error) => this.log.warn('cannot remove the point-in-time view', { error: err.message }));
             this.lastFreezeMs = frozenMs;
-            if (failed.length) this.log.error('thaw failed', { code: 'MOB_ERR_FREEZE', failed });
+          }
+        } else {
+          try {
+            frozeAt = Date.now();
+            await this.quiescer!.freeze(limit);
+            const bound = frozeAt + limit;
+            // everything written before the freeze is on the disks now, and its events are in the trace
+            await this.drainOnce();
+            await this.assertTrackingLive();
+            const runs = this.disks.map((d) => {
+              taken[d.i] = this.journal.take(d.i, Number.MAX_SAFE_INTEGER);
+              return d.shipper!.runsOf(taken[d.i]);
+            });
+            if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', `${this.dirtyBlocks()} dirty block(s) were still in flight at the freeze`);
+            const remainder = runs.flat().reduce((n, r) => n + r.len, 0);
+            if (remainder > budget) {
+              over = remainder;
+            } else {
+              // the verification samples, read while frozen (= the cut's content), alongside the remainder
+              const t0 = Date.now();
+              const sampling = Promise.all(this.samplePlan(this.disks.map((d) => d.src)).map(async (p) => ({ pages: p.pages, digests: await digestPagesAsync(p.src, p.pages, PAGE_SIZE) })));
+              sampling.catch(() => undefined);
+              for (const d of this.disks) {
+                await d.shipper!.readRuns(runs[d.i]!, async (r, data) => {
+                  if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `reading the ${remainder}-byte remainder did not end within the ${limit} ms freeze bound`);
+                  await spool.add(d.i, r, data);
+                });
+              }
+              samples = await sampling;
+              this.lastSampleReadMs = Date.now() - t0;
+              spoolBytes = spool.bytes;
+              spoolFileBytes = spool.fileBytes;
+              if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
+              const t1 = Date.now();
+              await this.drainOnce();
+              sampleWaitMs = Date.now() - t1;
+              if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen (a frozen-phase hook or an unfrozen writer wrote to them)');
+              // tracking was live for the whole window the point covers (checked again after the hooks)
+              await this.assertTrackingLive();
+              if (this.lossEvents !== losses0 || !this.allContinuous()) {
+                throw new MobilityError('MOB_ERR_TRACKING_LOST', 'change tracking lost events while the cut was being taken; no point is recorded until the disks are rescanned');
+              }
+              if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
+              // still frozen: ready; the commit (or an abort, or this side's own bound) ends the freeze
+              if (group) {
+                await group.ready(frozeAt, bound - Date.now());
+                // nothing may have written while this machine waited frozen for the group's commit
+                // either (a writer the freeze does not stop): its part would not be the group's moment
+                await this.drainOnce();
+                if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen, waiting for the group\'s commit (a writer the freeze does not stop)');
+              }
+            }
+          } finally {
+            if (frozeAt) {
+              const failed = await this.quiescer!.thaw();
+              frozenMs = Date.now() - frozeAt;
+              this.lastFreezeMs = frozenMs;
+              if (failed.length) this.log.error('thaw failed', { code: 'MOB_ERR_FREEZE', failed });
+            }
           }
         }
         if (!over) break;
@@ -967,22 +1185,62 @@ export class Protector {
   }
 
   /** Throws MOB_ERR_TRACKING_LOST (after starting the repair and the resync) when the self-check fails. */
-  private assertTrackingLive(): void {
-    const problem = this.trackerProblem ?? this.tracker.selfCheck();
+  private async assertTrackingLive(): Promise<void> {
+    const problem = this.trackerProblem ?? await this.tracker.selfCheck();
     if (problem) {
-      this.checkTracking();
+      await this.checkTracking();
       throw new MobilityError('MOB_ERR_TRACKING_LOST', `change tracking was switched off during the cut (${problem}); no point is recorded until the disks are rescanned`);
     }
     // events lost since the last check (a buffer overrun) would leave writes out of this point
     if (!this.checkLoss()) throw new MobilityError('MOB_ERR_TRACKING_LOST', 'trace events were lost before the cut; no point is recorded until the disks are rescanned');
   }
 
+  /**
+   * Host mode: starts the point (QemuTracker.beginPoint: the view of every disk and the bitmaps'
+   * rotation in one transaction), journals what was written up to it and takes every dirty block
+   * into `taken`, all in the drain order: no other drain runs in between, so what is taken is
+   * exactly what the point holds beyond the replica.
+   */
+  private beginHostPoint(taken: number[][]): Promise<QemuPoint> {
+    const run = async (): Promise<QemuPoint> => {
+      this.drainActive = true;
+      const n = this.journal.beginDrain();
+      // what the tracker journaled, in case the view fails after the bitmaps were removed
+      let raw: Buffer | null = null;
+      const j = { beforeRead: () => this.journal.beforeRead(), afterRead: (b: Buffer) => { raw = Buffer.from(b); this.journal.afterRead(b); } };
+      try {
+        let point: QemuPoint;
+        try {
+          point = await this.qemu!.beginPoint(this.viewDir(), j);
+        } catch (err) {
+          const got = raw as Buffer | null;
+          if (got) {
+            const ext = this.tracker.parseText(got.toString('utf8'));
+            this.journal.addExtents(ext);
+            this.noteWritten(ext);
+          }
+          throw err;
+        }
+        this.journal.addExtents(point.extents);
+        this.noteWritten(point.extents);
+        for (const d of this.disks) taken[d.i] = this.journal.take(d.i, Number.MAX_SAFE_INTEGER);
+        return point;
+      } finally {
+        this.journal.endDrain(n);
+        this.drainActive = false;
+      }
+    };
+    const p = this.drainChain.then(run);
+    this.drainChain = p.then(() => undefined, () => undefined);
+    return p;
+  }
+
   /** The pages each disk samples at this cut (drawn afresh). */
-  private samplePlan(): { src: DiskSource; pages: number[] }[] {
+  private samplePlan(sources: DiskSource[]): { src: DiskSource; pages: number[] }[] {
     const random = this.o.cutSamples ?? DEFAULT_RANDOM_SAMPLES;
     const writtenBudget = this.o.cutSamples ?? DEFAULT_WRITTEN_SAMPLES;
     return this.disks.map((d) => ({
-      src: d.src,
+      src: sources[d.i]!,
       pages: chooseSamples({ totalPages: Math.ceil(d.src.size / PAGE_SIZE), written: d.written.list(), random, writtenBudget, include: includeFromEnv(d.id) }),
     }));
   }
@@ -1049,7 +1307,7 @@ export class Protector {
     this.timers = [];
     if (this.started) {
       try {
-        this.drainOnce();
+        await this.drainOnce();
         for (const d of this.disks) this.journal.requeue(d.i);
         await this.persist(true);
       } catch (err) {
@@ -1057,7 +1315,11 @@ export class Protector {
       }
     }
     this.conn?.shutdown();
-    this.tracker?.close({ keep: true });
+    try {
+      await this.tracker?.close({ keep: true });
+    } catch (err) {
+      this.log.warn('cannot close the change tracker', { error: (err as Error).message });
+    }
     this.journal?.close();
     for (const d of this.disks) await d.src.close().catch(() => undefined);
     this.emit({ event: 'stopped' });

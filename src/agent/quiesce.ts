@@ -23,6 +23,8 @@ export interface Quiescer {
   freeze(timeoutMs: number): Promise<void>;
   /** Thaws every target; answers the ones it could not thaw (never throws). */
   thaw(): Promise<string[]>;
+  /** At start-up: thaws what a killed agent left frozen (the guest agent's state survives the agent). */
+  releaseStale?(): Promise<void>;
 }
 
 /** fsfreeze of the filesystems mounted from the protected disks (read again at every cut: mounts come and go). */

@@ -141,6 +141,7 @@ mismatching byte ranges. Changes nothing. Exit code 6 when any disk differs.
 Options: --server, --token-file, --ca, --pin, --disk, --agent-id, --state-dir, --retry-deadline, --json (as for replicate)
 `,
   protect: `Usage: mobility protect --server URL --token-file F (--ca F | --pin SHA256) --disk DEV[=ID]... [options]
+       mobility protect --qmp SOCKET --disk NODE[=ID]... [connection options] [options]   (host mode)
 
 Protects block devices continuously until stopped (SIGTERM/SIGINT):
   - a private tracefs instance records every completed write, discard and write-zeroes;
@@ -166,6 +167,14 @@ Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --stat
                         the disks are thawed at once and the cut converges further first
   --spool-memory SIZE   the part of the spool kept in memory (default 32M); the rest goes to STATE-DIR/<agent>/cut.spool
   --trace-buffer-kb N   per-CPU trace buffer (default 8192)
+
+Host mode (--qmp SOCKET: a running QEMU's QMP socket; --disk names the VM's disks by their
+format node names, as query-named-block-nodes lists them): QEMU dirty bitmaps track the writes
+(persistent in qcow2 images: a restart of QEMU or of the agent costs no scan; on raw images a
+QEMU restart is an explained checksum resync), data is read through QEMU's FUSE export, and
+a cut is a copy-before-write view of every disk started in one QMP transaction: the guest does
+not pause. The state directory holds the exports and views (it needs /dev/fuse).
+  --nbd-socket SOCKET   QEMU's own NBD server, if it runs one (else the agent starts one)
 `,
   status: `Usage: mobility status [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
        mobility status --history [--range 1h|24h|7d] [--agent A] [--disk D] [connection options] [--json]
@@ -372,8 +381,11 @@ async function cmdProtect(argv: string[]): Promise<number> {
     ...CONN_OPTS, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, compress: { type: 'string' }, 'max-rate': { type: 'string' },
     'crash-interval': { type: 'string' }, 'app-interval': { type: 'string' }, 'hooks-dir': { type: 'string' }, 'hook-timeout': { type: 'string' },
     'freeze-limit': { type: 'string' }, 'trace-buffer-kb': { type: 'string' }, 'spool-budget': { type: 'string' }, 'spool-memory': { type: 'string' },
+    qmp: { type: 'string' }, 'nbd-socket': { type: 'string' },
   });
   if (v.help) { process.stdout.write(HELP.protect); return EXIT.OK; }
+  if (v.qmp === undefined && v['nbd-socket'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--nbd-socket goes with --qmp (host mode)');
+  if (v.qmp !== undefined && v['trace-buffer-kb'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--trace-buffer-kb is for in-guest tracking; host mode (--qmp) uses QEMU dirty bitmaps');
   const size = (k: string) => {
     if (v[k] === undefined) return undefined;
     const n = parseSize(v[k] as string);
@@ -393,6 +405,7 @@ async function cmdProtect(argv: string[]): Promise<number> {
     crashIntervalMs: dur('crash-interval'), appIntervalMs: dur('app-interval'), hooksDir: v['hooks-dir'] ? path.resolve(v['hooks-dir'] as string) : undefined,
     hookTimeoutMs: dur('hook-timeout'), freezeLimitMs: dur('freeze-limit'), trackerBufferKb: bufKb, logger,
     spoolBudgetBytes: size('spool-budget'), spoolMemoryBytes: size('spool-memory'),
+    ...(v.qmp !== undefined ? { qemu: { qmpSocket: path.resolve(v.qmp as string), ...(v['nbd-socket'] ? { nbdSocket: path.resolve(v['nbd-socket'] as string) } : {}) } } : {}),
     onEvent: (e) => process.stdout.write(JSON.stringify({ ...e, at: new Date().toISOString() }) + '\n'),
   });
   const stop = () => p.stop();

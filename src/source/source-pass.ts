@@ -289,9 +289,10 @@ export class SourcePass {
   /**
    * Reads runs from the disk into buffers of their own, `parallel` reads at a time (the cut's
    * spool reads the frozen remainder with this: scattered blocks, so depth matters); `each` is
-   * called once per run, one call at a time, in completion order.
+   * called once per run, one call at a time, in completion order. `from`: another source of the
+   * same disk (a host-mode point's view) instead of the pass's own.
    */
-  async readRuns(runs: BlockRun[], each: (r: BlockRun, data: Buffer) => Promise<void>, parallel = 8): Promise<void> {
+  async readRuns(runs: BlockRun[], each: (r: BlockRun, data: Buffer) => Promise<void>, parallel = 8, from: DiskSource = this.src): Promise<void> {
     let next = 0;
     let failed = false;
     let chain = Promise.resolve();
@@ -300,7 +301,7 @@ export class SourcePass {
         const r = runs[next++]!;
         const buf = Buffer.allocUnsafe(r.len);
         try {
-          await this.src.read(buf, r.start, r.len);
+          await from.read(buf, r.start, r.len);
           if (failed) return;
           chain = chain.then(() => each(r, buf));
           await chain;

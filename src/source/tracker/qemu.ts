@@ -40,11 +40,13 @@
  * (missing, bitmap busy with another job) MOB_ERR_QEMU_TRACKER.
  */
 import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { MobilityError } from '../../errors.js';
 import { QmpClient, QmpCommandError } from '../qemu/qmp.js';
 import { openFuseSource } from '../qemu/fuse-source.js';
+import { installIdOf } from '../../util/installation.js';
 import type { DiskSource } from '../disk-source.js';
 import { coalesceExtents, lossOf, type ChangeTracker, type DirtyExtent, type DrainJournal, type TrackingLoss } from './change-tracker.js';
 
@@ -182,6 +184,9 @@ export class QemuTracker implements ChangeTracker {
    * disabled or inconsistent, or its generation is not the tracker's.)
    */
   get identity(): string { return `qemu:${this.o.qmpSocket}:${this.disks.map((d) => d.node).join(',')}`; }
+
+  /** false once the QMP connection closed (QEMU stopped, or restarted): the exports and views went with it. */
+  get connected(): boolean { return !this.qmp.isClosed; }
 
   /** Name of the bitmap recording now (on every disk). */
   get activeBitmap(): string { return `${this.name}.${this.gen}`; }
@@ -353,6 +358,36 @@ export class QemuTracker implements ChangeTracker {
   }
 
   /**
+   * Pauses the guest's CPUs (QMP `stop`) so a multi-machine group point has one instant on
+   * every machine. Answers false when the guest was not running (then resumeGuest() must not
+   * be called). Throws MOB_ERR_QEMU_TRACKER when this QEMU cannot pause a guest (a
+   * qemu-storage-daemon has none).
+   */
+  pauseGuest(): Promise<boolean> {
+    return this.serial(async () => {
+      await this.reconnectIfNeeded();
+      let st: { running: boolean };
+      try {
+        st = await this.qmp.execute<{ running: boolean }>('query-status');
+      } catch (err) {
+        if (err instanceof QmpCommandError && err.qmpClass === 'CommandNotFound') throw trackerError(this.name, 'this QEMU runs no guest it could pause (query-status is unknown: a storage daemon?)', err);
+        throw err;
+      }
+      if (!st.running) return false;
+      await this.qmp.execute('stop');
+      return true;
+    });
+  }
+
+  /** Resumes a guest pauseGuest() paused (QMP `cont`). */
+  resumeGuest(): Promise<void> {
+    return this.serial(async () => {
+      await this.reconnectIfNeeded();
+      await this.qmp.execute('cont');
+    });
+  }
+
+  /**
    * A crash-consistent point of all the tracker's disks without stopping the guest: one QMP
    * transaction starts a copy-before-write view of every disk (blockdev-backup sync=none into a
    * temporary qcow2 in `dir` whose backing is the disk: a guest write first copies the old data
@@ -365,7 +400,7 @@ export class QemuTracker implements ChangeTracker {
     return this.serial(async () => {
       if (this.closed) throw trackerError(this.name, 'beginPoint() after close()');
       await this.reconnectIfNeeded();
-      const views = this.disks.map((d, i) => ({ disk: d, node: `${this.name}-fleece-${i}`, job: `${this.name}-cbw-${i}`, file: path.join(dir, `${this.name}-fleece-${i}.qcow2`), added: false, started: false }));
+      const views = this.disks.map((d, i) => ({ disk: d, node: `${viewNodePrefix(this.name)}${i}`, job: `${this.name}-cbw-${i}`, file: path.join(dir, `${this.name}-fleece-${i}.qcow2`), added: false, started: false }));
       const sources: DiskSource[] = [];
       let ended = false;
       const end = async (): Promise<void> => {
@@ -462,6 +497,14 @@ export interface QemuPoint {
   end(): Promise<void>;
 }
 
+/**
+ * Node names of a point's views: QEMU limits node names to 31 characters (tracker names may be
+ * 64), so the views are named by a digest of the tracker's name.
+ */
+function viewNodePrefix(name: string): string {
+  return `mv${createHash('sha256').update(name).digest('hex').slice(0, 12)}-`;
+}
+
 function addArgs(node: string, name: string, persistent: boolean, granularity?: number): Record<string, unknown> {
   return { node, name, persistent, ...(granularity ? { granularity } : {}) };
 }
@@ -535,7 +578,7 @@ async function removeLeftovers(qmp: QmpClient, name: string): Promise<void> {
     await cancelled;
   }
   for (const n of (await queryNodes(qmp)).keys()) {
-    if (n.startsWith(`${name}-fleece-`)) await qmp.execute('blockdev-del', { 'node-name': n });
+    if (n.startsWith(viewNodePrefix(name))) await qmp.execute('blockdev-del', { 'node-name': n });
   }
 }
 
@@ -588,4 +631,12 @@ export async function nbdDirtyMap(sock: string, exportName: string, bitmap: stri
     if (e.type & 1) out.push({ offset: e.offset, length: e.length });
   }
   return out;
+}
+
+/**
+ * The bitmap prefix of one agent installation for one protected machine (a VM): its id plus a
+ * digest of the state directory, within QEMU's name rules for this tracker ([A-Za-z0-9_-], 64).
+ */
+export function qemuTrackerName(agentId: string, stateDir: string): string {
+  return `mob-${agentId.replace(/[^A-Za-z0-9_-]/g, '_').slice(0, 40)}-${installIdOf(stateDir).slice(0, 8)}`;
 }
