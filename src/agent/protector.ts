@@ -87,7 +87,6 @@ export interface ProtectOptions {
   key?: string;
   agentId: string;
   disks: { path: string; id: string }[];
-  qemu?: { qmpSocket: string; guestAgentSocket?: string };
   stateDir: string;
   blockSize?: number;
   /** Default 'auto': lz4 only while the link is the bottleneck. */
