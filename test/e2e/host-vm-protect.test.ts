@@ -148,6 +148,24 @@ t.test('host mode: enable --vm, a recovery point of the VM, test failover equals
   t.equal(st.code, 0, st.stderr);
   t.match(st.stdout, new RegExp(vmId.replace('.', '\\.')), 'status lists the VM machine');
   t.notOk(fs.existsSync(path.join(server.info.dataDir, 'replicas', `${hostId}.402`)), 'the other VM is not replicated');
-  const log = fs.readFileSync(logFile, 'utf8');
-  t.notMatch(log, /protection of a VM failed/, 'the VM\'s protection never failed');
+  t.notMatch(fs.readFileSync(logFile, 'utf8'), /protection of a VM failed/, 'the VM\'s protection never failed');
+
+  // failover: a final cut through the VM's replication session carries the last guest writes into the promoted images
+  for (let k = 0; k < 6; k++) vm.write(k % 2, (k * 29 % 150) * 64 * 1024, 64 * 1024, 240 + k, `g${k % 2}`, nbdSocket!);
+  const last = [0, 1].map((i) => {
+    const f = path.join(work, `last-disk${i}.raw`);
+    execFileSync('nbdcopy', [`nbd+unix:///g${i}?socket=${nbdSocket!}`, f]);
+    return fs.readFileSync(f);
+  });
+  const fo = await cli(['failover', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--agent-id', vmId, '--json']);
+  t.equal(fo.code, 0, `failover of the VM machine${fo.code ? `: ${fo.stderr.slice(-400)}` : ''}`);
+  const r = JSON.parse(fo.stdout) as { point: { id: string }; finalCut: { requested: boolean; pointId: string | null }; disks: { diskId: string; localPath: string | null }[] };
+  t.ok(r.finalCut.requested && r.finalCut.pointId === r.point.id, `failed over to the final cut ${r.point.id}`);
+  for (const d of r.disks) {
+    const got = fs.readFileSync(d.localPath!);
+    t.ok(got.equals(last[Number(d.diskId.slice(4))]!), `failover, ${d.diskId}: the promoted image is the VM's disk with its last writes`);
+  }
+  // replication of the VM is stopped: its protection ends with MOB_ERR_FAILED_OVER and the host keeps running
+  await waitFor(() => /protection of a VM failed[^\n]*MOB_ERR_FAILED_OVER|MOB_ERR_FAILED_OVER[^\n]*protection of a VM failed/.test(fs.readFileSync(logFile, 'utf8')), LONG, 'the VM\'s protection stops with MOB_ERR_FAILED_OVER');
+  t.equal(agent.exitCode, null, 'the host agent keeps running');
 });
