@@ -22,6 +22,7 @@ import type { CutKind } from './cut-kind.js';
 import type { GroupCutLink } from './group-member.js';
 import { policyCompressMode, policyKey, type AgentPolicy } from './policy.js';
 import type { ProtectEvent, ProtectOptions } from './protector.js';
+import type { Quiescer } from './quiesce.js';
 
 export const RESTART_MIN_MS = 15_000;
 export const RESTART_MAX_MS = 300_000;
@@ -53,6 +54,12 @@ export interface VmProtectionDeps {
   send(m: object): void;
   /** Builds a protector (the daemon: new Protector(o)); a seam for tests. */
   create(o: ProtectOptions): Promise<VmProtector>;
+  /**
+   * What freezes a VM's filesystems for app-consistent cuts, given its guest agent socket (the
+   * guest agent quiescer, src/agent/quiesce.ts). Absent, or a VM without a guest agent: none, and
+   * the protector records app-consistent cuts as crash-consistent with a note.
+   */
+  quiescer?(guestAgentSocket: string): Quiescer;
   restartMinMs?: number;
   restartMaxMs?: number;
 }
@@ -133,6 +140,7 @@ export class VmProtections {
         ...this.d.connection(),
         agentId: a.machineId, disks: a.disks.map((x) => ({ path: x.node, id: x.diskId })), stateDir: this.d.stateDir(),
         qemu: { qmpSocket: a.qmpSocket, ...(a.guestAgentSocket ? { guestAgentSocket: a.guestAgentSocket } : {}) },
+        ...(a.guestAgentSocket && this.d.quiescer ? { quiescer: this.d.quiescer(a.guestAgentSocket) } : {}),
         compress: policyCompressMode(a.policy), maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
         appIntervalMs: a.policy.appIntervalMs || undefined, hooksDir: this.d.hooksDir(),
         freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes,
