@@ -142,6 +142,18 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
   const cutLog = logLines().filter((l) => l.message === 'cut of a VM requested');
   t.match(cutLog[0], { machine: vmId, running: true }, 'the host got the cut request for its VM');
 
+  // a consistency group with the VM machine: the group cut's messages reach the VM's protection through
+  // the host and its answer comes back as the VM's (a qemu-storage-daemon has no guest CPUs to
+  // pause, so the protector refuses its part with a coded error that names the VM)
+  const grp = await cli(['group', 'create', 'g1', ...conn, '--machine', vmId, '--bound', '20s', '--interval', 'off']);
+  t.equal(grp.code, 0, grp.stderr);
+  const gcut = await cli(['group', 'cut', 'g1', ...conn, '--json']);
+  t.not(gcut.code, 0, 'the group cut fails');
+  t.match(gcut.stderr, new RegExp(`MOB_ERR_GROUP_CUT[\\s\\S]*${vmId.replace('.', '\\.')}`), 'naming the VM machine');
+  t.notMatch(gcut.stderr, /did not answer|timed out|bound/, 'with the VM\'s own answer, not a timeout');
+  t.ok(logLines().some((l) => l.message === 'group cut of a VM requested' && l.machine === vmId), 'the host handed the group cut to the VM');
+  t.equal((await cli(['group', 'delete', 'g1', ...conn])).code, 0);
+
   // replication sessions: the host's certificate may write its VM's disks, another agent's may not
   const session = async (creds: { cert: string; key: string }, agentId: string): Promise<string> => {
     try {
