@@ -31,7 +31,7 @@ import type { RecoveryPoint } from '../../target/catalog.js';
 import { readBody, send } from './http-util.js';
 import type { AgentRow, ConfigDb, ConsistencyGroup, DiskRow, Policy, VmMachineRow } from '../config-db.js';
 import { QEMU_DEVICE_PREFIX, type PreflightReply } from '../control.js';
-import { vmDiskId, type InventoryVm, type InventoryVmDisk } from '../../source/qemu/vm-discovery.js';
+import { vmDiskId, vmMachineId, type InventoryVm, type InventoryVmDisk } from '../../source/qemu/vm-discovery.js';
 import type { ServerContext } from '../context.js';
 import { allocatedBytes } from '../../target/local/local-backend.js';
 import { TOKEN_TTL_MS } from '../registry.js';
@@ -242,7 +242,7 @@ export interface MachineVm {
 
 /** The VMs of a host agent: those its last inventory reports, and VM machines it reported before. Empty object for other machines. */
 function hostVms(a: AgentRow, disks: DiskRow[], byId: Map<string, AgentRow>, links: Map<string, VmMachineRow>, server: ServerContext): { vms?: MachineVm[] } {
-  const reported = inventoryVms(a.inventory);
+  const reported = inventoryVms(a.id, a.inventory);
   const mine = [...links.values()].filter((v) => v.hostId === a.id);
   if (reported === null && mine.length === 0) return {};
   const connected = server.control.connected(a.id);
@@ -269,16 +269,22 @@ function hostVms(a: AgentRow, disks: DiskRow[], byId: Map<string, AgentRow>, lin
   return { vms: out.sort((x, y) => x.name.localeCompare(y.name)) };
 }
 
-/** The VMs of an inventory a host agent sent (null when it is not a host agent's), each checked for the fields used here. */
-function inventoryVms(inventory: unknown): InventoryVm[] | null {
+/**
+ * The VMs of an inventory host agent `hostId` sent (null when it is not a host agent's), each
+ * checked for the fields used here. The machine id is the server's own (vmMachineId of the host
+ * and the name): a host never names another machine's id for its VM.
+ */
+function inventoryVms(hostId: string, inventory: unknown): InventoryVm[] | null {
   const vms = (inventory as { vms?: unknown } | null)?.vms;
   if (!Array.isArray(vms)) return null;
   return vms.filter((v): v is InventoryVm => {
     const x = v as Partial<InventoryVm> | null;
-    return typeof x === 'object' && x !== null && typeof x.name === 'string' && typeof x.machineId === 'string' && ID_PATTERN.test(x.machineId)
-      && typeof x.qmpSocket === 'string' && Array.isArray(x.disks)
+    return typeof x === 'object' && x !== null && typeof x.name === 'string' && x.name !== '' && typeof x.qmpSocket === 'string' && Array.isArray(x.disks)
       && x.disks.every((d) => typeof d === 'object' && d !== null && typeof d.device === 'string' && typeof d.node === 'string' && d.node !== '');
-  }).map((v) => ({ ...v, guestAgentSocket: typeof v.guestAgentSocket === 'string' ? v.guestAgentSocket : null, status: typeof v.status === 'string' ? v.status : 'unknown' }));
+  }).map((v) => ({
+    ...v, machineId: vmMachineId(hostId, v.name), guestAgentSocket: typeof v.guestAgentSocket === 'string' ? v.guestAgentSocket : null,
+    status: typeof v.status === 'string' ? v.status : 'unknown',
+  }));
 }
 
 /**
@@ -297,7 +303,7 @@ async function enableVm(server: ServerContext, b: Record<string, unknown>): Prom
   const host = db.findAgent(str(b.machine, 'machine'));
   const hostLink = db.vmMachine(host.id);
   if (hostLink) throw new MobilityError('MOB_ERR_UNKNOWN_VM', `${host.id} is a VM of host ${hostLink.hostId}, not a host: enable --machine ${hostLink.hostId} --vm ${vmName}`);
-  const vms = inventoryVms(host.inventory);
+  const vms = inventoryVms(host.id, host.inventory);
   if (vms === null) {
     throw new MobilityError('MOB_ERR_UNKNOWN_VM', `${host.id} is not a host agent: its inventory${host.inventoryAt ? ` (${host.inventoryAt})` : ''} lists no VMs (set vmSockets in its agent.json to the glob of its VMs' QMP sockets and reload it)`);
   }
@@ -305,6 +311,11 @@ async function enableVm(server: ServerContext, b: Record<string, unknown>): Prom
   if (!vm) {
     throw new MobilityError('MOB_ERR_UNKNOWN_VM', `host ${host.id} reports no VM named ${JSON.stringify(vmName)} in its last inventory${host.inventoryAt ? ` (${host.inventoryAt})` : ''}; `
       + `its VMs: ${vms.map((v) => `${v.name}${v.error ? ' (unreachable)' : ''}`).join(', ') || 'none'}`);
+  }
+  const same = vms.filter((v) => v.machineId === vm.machineId);
+  if (same.length > 1) {
+    throw new MobilityError('MOB_ERR_UNKNOWN_VM', `host ${host.id} reports ${same.length} VMs that map to machine ${vm.machineId} (${same.map((v) => `${v.name} at ${v.qmpSocket}`).join(', ')}): `
+      + 'give them distinct names (QEMU -name; on Proxmox the VM name)');
   }
   if (vm.error) throw new MobilityError('MOB_ERR_UNKNOWN_VM', `host ${host.id} could not inspect VM ${vm.name} at its last inventory (${vm.qmpSocket}: ${vm.error.code}: ${vm.error.message}); start the VM, or check the socket, and retry once the host reported it`);
   if (vm.disks.length === 0) throw new MobilityError('MOB_ERR_UNKNOWN_VM', `VM ${vm.name} of ${host.id} has no disk to protect (CD-ROMs and empty drives are left out)`);
