@@ -8,8 +8,8 @@
  * rescanned that need not be).
  *
  * Signals: SIGTERM/SIGINT drain and persist, then exit 0; SIGHUP reloads the
- * configuration file (log level, inventory interval; a changed server means
- * reconnecting); SIGUSR1 asks for an app-consistent cut now, SIGUSR2 for a
+ * configuration file (log level, inventory interval, vmSockets; a changed server means
+ * reconnecting) and sends the inventory at once; SIGUSR1 asks for an app-consistent cut now, SIGUSR2 for a
  * crash-consistent one (as for `mobility protect`; logged and ignored when
  * nothing is protected). The server asks for cuts the same way (`mobility cut`,
  * a `cut` control message).
@@ -176,6 +176,8 @@ export class AgentDaemon {
     this.log.info('configuration reloaded', { file: this.configFile });
     if (before.server !== this.cfg.server) this.ws?.close(1000, 'server changed');
     this.scheduleInventory();
+    // a reload also reports the inventory now: a host's new VMs can be enabled without waiting
+    void this.sendInventory();
   }
 
   private scheduleInventory(): void {

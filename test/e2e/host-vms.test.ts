@@ -54,7 +54,7 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
   // the VMs: 301 with two disks (qcow2 + raw), 302 with one
   const run = c.dir('qemu-server-');
   const vms: QemuDaemon[] = [];
-  for (const [name, disks] of [['301', [['qcow2', '64M'], ['raw', '32M']]], ['302', [['qcow2', '16M']]]] as const) {
+  const startVm = async (name: string, disks: readonly (readonly ['qcow2' | 'raw', string])[]) => {
     const dir = c.dir(`vm${name}-`);
     const images = disks.map(([format, size], i) => {
       const image = path.join(dir, `disk${i}.${format}`);
@@ -65,7 +65,9 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
     await d.start();
     t.teardown(() => d.stop());
     vms.push(d);
-  }
+  };
+  await startVm('301', [['qcow2', '64M'], ['raw', '32M']]);
+  await startVm('302', [['qcow2', '16M']]);
 
   // two registered machines: the host, and one that is not a host
   const register = async (name: string, extra: object) => {
@@ -74,7 +76,7 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
     // short: the protector's QEMU mode keeps an NBD unix socket under it (at most 107 bytes)
     const stateDir = c.dir(`s${name}`);
     const config = path.join(work, `agent-${name}.json`);
-    await fsp.writeFile(config, JSON.stringify({ server: server.info.url, stateDir, machineIdFile: midFile, logFile: path.join(work, `agent-${name}.log`), inventoryIntervalMs: 60_000, ...extra }));
+    await fsp.writeFile(config, JSON.stringify({ server: server.info.url, stateDir, machineIdFile: midFile, logFile: path.join(work, `agent-${name}.log`), inventoryIntervalMs: 3_600_000, ...extra }));
     const reg = await cli(['register', '--config', config, '--passphrase-file', pass, '--json']);
     t.equal(reg.code, 0, reg.stderr);
     const f = credentialFiles(stateDir);
@@ -100,6 +102,10 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
   t.same(hostRow!.vms![1].inventoryDisks.map((d) => [d.node, d.format, d.sizeBytes]), [['disk0', 'qcow2', 16 * MiB]], 'VM 302 disks');
   t.same(hostRow!.vms!.map((v) => v.disks.length), [0, 0], 'nothing protected yet');
   t.notOk((await machines()).some((m) => m.agentId.startsWith(`${host.agentId}.`)), 'VMs are not listed as top-level machines');
+  // a VM started later is reported at the next reload (the inventory interval is an hour here)
+  await startVm('303', [['raw', '8M']]);
+  agent.kill('SIGHUP');
+  await waitFor(async () => ((await machines()).find((m) => m.agentId === host.agentId)?.vms?.length ?? 0) === 3, LONG, 'the reload reports the new VM');
   const text = await cli(['machines', ...conn]);
   t.equal(text.code, 0, text.stderr);
   t.match(text.stdout, new RegExp(`VMs of ${host.agentId}:\\n\\s+VM\\s+MACHINE\\s+STATE\\s+DISKS[^\\n]*\\n\\s+301\\s+${host.agentId}\\.301\\s+unknown\\s+2\\s+no\\s+not protected\\n\\s+disk0  node disk0  qcow2  64 MiB\\n\\s+disk1  node disk1  raw  32 MiB\\n\\s+302\\s`), 'mobility machines: the VMs indented under the host, each with its disks');
@@ -107,13 +113,13 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
   // unknown VM, or a machine that is not a host: coded errors that say what exists
   const unknown = await cli(['enable', ...conn, '--machine', host.agentId, '--vm', 'nope']);
   t.equal(unknown.code, 3, 'unknown VM: exit 3');
-  t.match(unknown.stderr, /MOB_ERR_UNKNOWN_VM[\s\S]*no VM named "nope"[\s\S]*its VMs: 301, 302/);
+  t.match(unknown.stderr, /MOB_ERR_UNKNOWN_VM[\s\S]*no VM named "nope"[\s\S]*its VMs: 301, 302, 303/);
   const notHost = await cli(['enable', ...conn, '--machine', other.agentId, '--vm', '301']);
   t.equal(notHost.code, 3);
   t.match(notHost.stderr, /MOB_ERR_UNKNOWN_VM[\s\S]*is not a host agent[\s\S]*vmSockets/);
   const mixed = await cli(['enable', ...conn, '--machine', host.agentId, '--vm', '301', '--disk', '/dev/sdb']);
   t.equal(mixed.code, 2, '--vm with --disk is a usage error');
-  t.same((await machines()).find((m) => m.agentId === host.agentId)!.vms!.map((v) => v.disks.length), [0, 0], 'the refusals changed nothing');
+  t.same((await machines()).find((m) => m.agentId === host.agentId)!.vms!.map((v) => v.disks.length), [0, 0, 0], 'the refusals changed nothing');
 
   // enable the VM: QEMU's preflight on the host, then every disk of the VM
   await json(['policy', 'create', 'vmpol', '--crash-interval', '30s']);

@@ -2,8 +2,9 @@
  * Host mode: the VMs of a KVM host, found through their QMP sockets.
  *
  * A host agent is configured with a glob of QMP unix sockets (agent.json `vmSockets`):
- * `/var/run/qemu-server/*.qmp` on Proxmox, `/var/lib/libvirt/qemu/domain-* /monitor.sock` with
- * libvirt (no space: the glob has `*` inside path segments only, never `**`). Each socket that
+ * `/var/run/qemu-server/*.qmp` on Proxmox; with libvirt a second monitor per domain (libvirt
+ * holds its own monitor.sock, and QEMU serves one client per monitor). The glob has `*` inside
+ * path segments only, never `**`. Each socket that
  * exists is asked, over its own short QMP connection:
  *
  *   query-name                the VM's name (QEMU -name); when QEMU has no name (or no such
