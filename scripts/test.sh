@@ -15,6 +15,9 @@ install_missing qemu-storage-daemon:qemu-system-common qemu-img:qemu-utils qemu-
 # boot check of test failover: QEMU boots the recovered images (the bootable test disk's kernel, busybox and
 # extlinux come with apt-get download at test time and are cached in $TMPDIR/mobility-test-debs)
 install_missing qemu-system-x86_64:qemu-system-x86
+# app-consistent points in host mode: the real QEMU guest agent (qemu-ga) runs on this host, in a mount
+# namespace of its own (unshare) that shows it only the loop filesystems it may freeze
+install_missing qemu-ga:qemu-guest-agent unshare:util-linux
 # the operator console's browser test drives a real headless Chromium (playwright-core, no browser download)
 install_missing chromium:chromium
 

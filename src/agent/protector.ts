@@ -347,6 +347,8 @@ export class Protector {
     });
     this.tracker = tracker;
     this.qemu = tracker;
+    // point views a killed agent left: open() removed them from QEMU; their images are ours to delete
+    for (const f of await fsp.readdir(this.viewDir())) if (f.endsWith('.qcow2')) await fsp.rm(path.join(this.viewDir(), f), { force: true });
     await writeFileDurable(path.join(stateDir, 'qemu-tracker'), `${tracker.name}\n${tracker.identity}\n`, 0o600);
   }
 
@@ -473,6 +475,14 @@ export class Protector {
       ext = r instanceof Promise ? await r : r;
     } catch (err) {
       this.journal.endDrain(n);
+      if (this.qemu) {
+        // a QEMU round that fails leaves its bitmaps in QEMU (nothing is lost by the failure itself):
+        // the self-check tells a real loss (a bitmap disabled, removed, QEMU restarted) from a hiccup
+        if (!this.qemu.connected) return this.hostGone();
+        this.log.warn('a drain of QEMU\'s dirty bitmaps failed', { error: (err as Error).message });
+        await this.checkTracking();
+        return;
+      }
       this.lossDetected(`reading the tracker failed: ${(err as Error).message}`);
       return;
     }

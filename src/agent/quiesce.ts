@@ -39,7 +39,13 @@ export class FsfreezeQuiescer implements Quiescer {
   async freeze(timeoutMs: number): Promise<void> {
     const m = this.mounts();
     this.frozen = m;
-    await freezeAll(m, timeoutMs);
+    try {
+      await freezeAll(m, timeoutMs);
+    } catch (err) {
+      // freezeAll thawed what it had frozen: nothing is left for thaw() to report
+      this.frozen = [];
+      throw err;
+    }
   }
 
   async thaw(): Promise<string[]> {

@@ -49,7 +49,7 @@ crash-consistent one (logged and ignored when nothing is protected). Logs: JSON 
 and stderr (readable lines on a terminal).
 `,
   preflight: `Usage: mobility preflight [--server URL] [--state-dir DIR] [--disk DEV]... [--json]
-       mobility preflight --qmp SOCKET --node NAME... [--run-dir DIR] [--state-dir DIR] [--json]
+       mobility preflight --qmp SOCKET --node NAME... [--run-dir DIR] [--guest-agent SOCKET] [--state-dir DIR] [--json]
 
 Checks this machine can run the agent: root, OS/kernel/arch, Node.js, free space for the
 agent state, tracefs, and with --server the server port and clock skew; with --disk each
@@ -61,6 +61,9 @@ tracefs: its QMP socket answers, QEMU is 6.0 or later with FUSE exports (and /de
 nbdinfo runs, each --node is a writable format node that takes a dirty bitmap (qcow2 keeps
 tracking across a QEMU restart; raw does not, and the check says so), and --run-dir (default:
 the socket's directory) has room for point-in-time views; plus root, Node.js and free space.
+With --guest-agent (the VM's guest agent socket, e.g. Proxmox's /var/run/qemu-server/VMID.qga),
+for app-consistent points: the QEMU guest agent answers guest-ping and has its fsfreeze
+commands enabled.
 `,
   machines: `Usage: mobility machines [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
@@ -337,7 +340,7 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
     case 'preflight': {
       const { values: v } = parse(argv, {
         server: { type: 'string' }, 'state-dir': { type: 'string' }, disk: { type: 'string', multiple: true }, json: { type: 'boolean' },
-        qmp: { type: 'string' }, node: { type: 'string', multiple: true }, 'run-dir': { type: 'string' },
+        qmp: { type: 'string' }, node: { type: 'string', multiple: true }, 'run-dir': { type: 'string' }, 'guest-agent': { type: 'string' },
       });
       if (v.help) { process.stdout.write(HELP.preflight); return EXIT.OK; }
       const { runPreflight, formatPreflight } = await import('../install/preflight.js');
@@ -349,9 +352,10 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
         if (v.disk !== undefined) throw new MobilityError('MOB_ERR_USAGE', 'preflight --qmp checks QEMU block nodes (--node), not block devices (--disk)');
         const { runHostPreflight } = await import('../install/host-preflight.js');
         const base = await runPreflight({ serverUrl: v.server as string | undefined, stateDir, only: ['root', 'node', 'disk-space', ...(v.server ? ['server-port', 'clock'] : [])] });
-        checks = [...base, ...await runHostPreflight({ qmpSocket: path.resolve(v.qmp as string), nodes, runDir: v['run-dir'] === undefined ? undefined : path.resolve(v['run-dir'] as string) })];
+        checks = [...base, ...await runHostPreflight({ qmpSocket: path.resolve(v.qmp as string), nodes, runDir: v['run-dir'] === undefined ? undefined : path.resolve(v['run-dir'] as string),
+          guestAgentSocket: v['guest-agent'] === undefined ? undefined : path.resolve(v['guest-agent'] as string) })];
       } else {
-        if (v.node !== undefined || v['run-dir'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--node and --run-dir go with --qmp (host mode)');
+        if (v.node !== undefined || v['run-dir'] !== undefined || v['guest-agent'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--node, --run-dir and --guest-agent go with --qmp (host mode)');
         checks = await runPreflight({ serverUrl: v.server as string | undefined, stateDir, disks: v.disk as string[] | undefined });
       }
       const ok = checks.every((c) => c.ok);

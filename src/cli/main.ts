@@ -175,6 +175,12 @@ QEMU restart is an explained checksum resync), data is read through QEMU's FUSE 
 a cut is a copy-before-write view of every disk started in one QMP transaction: the guest does
 not pause. The state directory holds the exports and views (it needs /dev/fuse).
   --nbd-socket SOCKET   QEMU's own NBD server, if it runs one (else the agent starts one)
+  --guest-agent SOCKET  the VM's QEMU guest agent socket (e.g. Proxmox's /var/run/qemu-server/VMID.qga):
+                        app-consistent cuts freeze the guest's filesystems through it (pre-freeze,
+                        frozen and post-thaw hooks run on this host as in-guest; --freeze-limit bounds
+                        the freeze) and a guest left frozen by a killed agent is thawed at start.
+                        Without it, app-consistent cuts are recorded as crash-consistent, with a note
+  --guest-mount PATH    freeze only this mount point of the guest (repeatable; default: the whole guest)
 `,
   status: `Usage: mobility status [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
        mobility status --history [--range 1h|24h|7d] [--agent A] [--disk D] [connection options] [--json]
@@ -269,6 +275,7 @@ Fails an agent over on the server:
      are refused until 'mobility reprotect' fails back.
 ${CONN_HELP}`,
   reprotect: `Usage: mobility reprotect [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] --agent-id ID --disk DEV[=ID]... [--yes] [--json]
+       mobility reprotect ... --vm-images --disk IMAGE[=ID]...   (host mode: the VM's qcow2/raw images)
 
 Run on the original machine once the recovered machine is shut down. For each disk (it must
 not be mounted): compares it page by page with its promoted image on the server and writes
@@ -278,6 +285,8 @@ equals the image, then fails back on the server: the promoted images become the 
 run again (its first pass is a checksum resync that finds nothing to send).
 Whatever was written to these disks after the failover is overwritten: on a terminal the
 command lists the disks and asks; elsewhere it refuses (MOB_ERR_USAGE, exit 2) without --yes.
+Host mode (--vm-images): --disk names the VM's disk images (qcow2 or raw); shut the VM down
+first (an image in use is refused): a storage daemon of the agent's own opens them for writing.
 ${CONN_HELP}`,
   demo: `Usage: mobility demo [--dir DIR] [--keep] [--files [--size N]]
 
@@ -381,10 +390,15 @@ async function cmdProtect(argv: string[]): Promise<number> {
     ...CONN_OPTS, 'block-size': { type: 'string' }, 'no-compress': { type: 'boolean' }, compress: { type: 'string' }, 'max-rate': { type: 'string' },
     'crash-interval': { type: 'string' }, 'app-interval': { type: 'string' }, 'hooks-dir': { type: 'string' }, 'hook-timeout': { type: 'string' },
     'freeze-limit': { type: 'string' }, 'trace-buffer-kb': { type: 'string' }, 'spool-budget': { type: 'string' }, 'spool-memory': { type: 'string' },
-    qmp: { type: 'string' }, 'nbd-socket': { type: 'string' },
+    qmp: { type: 'string' }, 'nbd-socket': { type: 'string' }, 'guest-agent': { type: 'string' }, 'guest-mount': { type: 'string', multiple: true },
   });
   if (v.help) { process.stdout.write(HELP.protect); return EXIT.OK; }
   if (v.qmp === undefined && v['nbd-socket'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--nbd-socket goes with --qmp (host mode)');
+  if (v.qmp === undefined && v['guest-agent'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--guest-agent goes with --qmp (host mode); in-guest cuts freeze with fsfreeze');
+  if (v['guest-agent'] === undefined && v['guest-mount'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--guest-mount goes with --guest-agent');
+  const guestMounts = v['guest-mount'] as string[] | undefined;
+  if (guestMounts?.some((m) => !m.startsWith('/'))) throw new MobilityError('MOB_ERR_USAGE', '--guest-mount wants an absolute mount point of the guest');
+  const guestAgent = v['guest-agent'] === undefined ? undefined : path.resolve(v['guest-agent'] as string);
   if (v.qmp !== undefined && v['trace-buffer-kb'] !== undefined) throw new MobilityError('MOB_ERR_USAGE', '--trace-buffer-kb is for in-guest tracking; host mode (--qmp) uses QEMU dirty bitmaps');
   const size = (k: string) => {
     if (v[k] === undefined) return undefined;
@@ -405,7 +419,8 @@ async function cmdProtect(argv: string[]): Promise<number> {
     crashIntervalMs: dur('crash-interval'), appIntervalMs: dur('app-interval'), hooksDir: v['hooks-dir'] ? path.resolve(v['hooks-dir'] as string) : undefined,
     hookTimeoutMs: dur('hook-timeout'), freezeLimitMs: dur('freeze-limit'), trackerBufferKb: bufKb, logger,
     spoolBudgetBytes: size('spool-budget'), spoolMemoryBytes: size('spool-memory'),
-    ...(v.qmp !== undefined ? { qemu: { qmpSocket: path.resolve(v.qmp as string), ...(v['nbd-socket'] ? { nbdSocket: path.resolve(v['nbd-socket'] as string) } : {}) } } : {}),
+    ...(v.qmp !== undefined ? { qemu: { qmpSocket: path.resolve(v.qmp as string), ...(v['nbd-socket'] ? { nbdSocket: path.resolve(v['nbd-socket'] as string) } : {}), ...(guestAgent ? { guestAgentSocket: guestAgent } : {}) } } : {}),
+    ...(guestAgent ? { quiescer: new (await import('../agent/guest-agent-quiescer.js')).GuestAgentQuiescer({ socket: guestAgent, mountpoints: guestMounts }) } : {}),
     onEvent: (e) => process.stdout.write(JSON.stringify({ ...e, at: new Date().toISOString() }) + '\n'),
   });
   const stop = () => p.stop();
@@ -426,7 +441,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     ...(cmd === 'events' ? { since: { type: 'string' }, limit: { type: 'string' } } : {}),
     ...(cmd === 'alerts' ? { all: { type: 'boolean' } } : {}),
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
-    disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' } } : {}),
+    disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' }, 'vm-images': { type: 'boolean' } } : {}),
     ...(cmd === 'test-failover' ? {
       download: { type: 'string' }, 'network-map': { type: 'string' }, 'boot-check': { type: 'boolean' }, 'boot-marker': { type: 'string' },
       'boot-timeout': { type: 'string' }, 'boot-bus': { type: 'string' }, 'boot-accel': { type: 'string' }, 'boot-network': { type: 'string' }, 'boot-disk': { type: 'string' },
@@ -510,6 +525,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   if (cmd === 'reprotect') {
     if (!v['agent-id']) throw new MobilityError('MOB_ERR_USAGE', '--agent-id is required');
     const disksToWrite = parseDisks(v.disk as string[] | undefined);
+    const vmImages = Boolean(v['vm-images']);
     if (!v.yes) {
       // what the server says about the failover (best effort: the reprotect itself checks it)
       const fo = await api(c, 'GET', '/v1/status').then((j) => ((j.disks ?? []) as { agent: string; state: string; reason: string }[]).find((d) => d.agent === agent && d.state === 'failed-over')?.reason ?? '', () => '');
@@ -517,18 +533,23 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
       await confirmDestructive({
         yes: false, command: 'reprotect',
         summary: `reprotect overwrites these disks of this machine with the promoted images of ${agent}${fo ? ` (${fo})` : ''}: every page that differs is replaced, so whatever was written to them after the failover is lost:\n`
-          + disksToWrite.map((d) => `  ${d.path} (disk ${d.id})`).join('\n') + '\n',
+          + disksToWrite.map((d) => `  ${vmImages ? `VM disk image ${d.path}` : d.path} (disk ${d.id})`).join('\n') + '\n',
       });
     }
     const logger = createLogger({ component: 'agent', json: v['json-logs'] ? true : undefined });
     const { reprotect } = await import('../agent/reprotect.js');
     const progress = new ProgressReporter(logger);
     let disks;
+    // host mode: the shut-down VM's images, written through a storage daemon's writable FUSE exports
+    const host = vmImages ? await (await import('../agent/host-reprotect.js')).openHostImagesForWrite(disksToWrite.map((d) => path.resolve(d.path))) : null;
     try {
-      disks = await reprotect({ serverUrl: c.url.toString(), token: c.token, ca: c.ca, pin: c.pin, agentId: agent, disks: disksToWrite, logger,
+      const targets = host ? disksToWrite.map((d, i) => ({ path: host.paths[i]!, id: d.id })) : disksToWrite;
+      disks = await reprotect({ serverUrl: c.url.toString(), token: c.token, ca: c.ca, pin: c.pin, agentId: agent, disks: targets, logger,
         onProgress: (p) => progress.update({ diskId: p.diskId, kind: 'reprotect', done: p.done, total: p.total, stats: { bytesSent: 0 } }) });
+      if (host) disks = disks.map((d, i) => ({ ...d, path: disksToWrite[i]!.path }));
     } finally {
       progress.end();
+      await host?.close();
     }
     const fb = await api(c, 'POST', '/v1/failback', { agent });
     out({ disks, failback: fb }, () => disks.map((d) => `${d.diskId}: ${d.path} now equals its promoted image: ${d.pagesPulled} pages (${fmtBytes(d.bytesPulled)}) pulled of ${fmtBytes(d.sizeBytes)} in ${(d.ms / 1000).toFixed(1)} s`).join('\n')

@@ -13,6 +13,10 @@
  *                   removed again)
  *   point-space     the run directory, where point-in-time views keep the old data the guest
  *                   overwrites while a point is read, has room (--min-free, default 1 GiB)
+ *   guest-agent     (with a guest agent socket, for app-consistent points) the VM's QEMU guest
+ *                   agent answers guest-ping within the bound
+ *   guest-fsfreeze  and its guest-info lists guest-fsfreeze-freeze (or -freeze-list), -thaw and
+ *                   -status as enabled (a guest configuration may block them)
  *
  * Never throws for a failing check. Side effects: one temporary dirty bitmap per node
  * (`mobility-preflight-<pid>`, non-persistent), removed before the check ends.
@@ -24,6 +28,7 @@ import path from 'node:path';
 import { promisify } from 'node:util';
 import { GiB } from '../constants.js';
 import { QmpClient } from '../source/qemu/qmp.js';
+import { GuestAgentClient } from '../source/qemu/guest-agent.js';
 import type { PreflightCheck } from './preflight.js';
 import type { ErrorCode } from '../errors.js';
 
@@ -35,6 +40,8 @@ export interface HostPreflightOptions {
   runDir?: string;
   minFreeBytes?: number;
   timeoutMs?: number;
+  /** The host side of the VM's guest agent channel: checked when given (app-consistent points). */
+  guestAgentSocket?: string;
 }
 
 export const HOST_PREFLIGHT_DEFAULTS = { minFreeBytes: 1 * GiB, timeoutMs: 5_000, minQemu: [6, 0] as const };
@@ -60,6 +67,7 @@ export async function runHostPreflight(o: HostPreflightOptions): Promise<Preflig
     out.push(check('qmp', t, false, `QMP on ${o.qmpSocket}: ${(err as Error).message}`, 'MOB_ERR_PRE_QEMU',
       'start QEMU with a QMP monitor of its own for the agent (-chardev socket,path=SOCK,server=on,wait=off,id=mob -mon chardev=mob,mode=control); a monitor serves one client at a time'));
     out.push(await checkNbdinfo(timeoutMs));
+    if (o.guestAgentSocket !== undefined) out.push(...await checkGuestAgent(o.guestAgentSocket, timeoutMs));
     return out;
   }
   try {
@@ -148,7 +156,44 @@ export async function runHostPreflight(o: HostPreflightOptions): Promise<Preflig
   } catch (err) {
     out.push(check('point-space', t, false, `${runDir}: ${(err as Error).message}`, 'MOB_ERR_PRE_LOW_DISK', 'name an existing run directory'));
   }
+  if (o.guestAgentSocket !== undefined) out.push(...await checkGuestAgent(o.guestAgentSocket, timeoutMs));
   return out;
+}
+
+const GUEST_AGENT_FIX = 'install and start the QEMU guest agent in the guest (Debian/Ubuntu: apt-get install qemu-guest-agent; systemctl enable --now qemu-guest-agent) and enable the VM\'s agent channel (Proxmox: qm set VMID --agent enabled=1, then stop and start the VM; libvirt: a unix channel with target org.qemu.guest_agent.0); only one client at a time may use it';
+
+/** guest-ping within the bound, then the fsfreeze commands enabled in guest-info. */
+async function checkGuestAgent(socket: string, timeoutMs: number): Promise<PreflightCheck[]> {
+  let t = performance.now();
+  let qga: GuestAgentClient;
+  try {
+    qga = await GuestAgentClient.connect(socket, { timeoutMs, commandTimeoutMs: timeoutMs });
+    await qga.ping();
+  } catch (err) {
+    return [check('guest-agent', t, false, `guest agent on ${socket}: ${(err as Error).message}`, 'MOB_ERR_PRE_GUEST_AGENT', GUEST_AGENT_FIX)];
+  }
+  try {
+    const out: PreflightCheck[] = [];
+    t = performance.now();
+    let info: Awaited<ReturnType<GuestAgentClient['info']>>;
+    try {
+      info = await qga.info();
+    } catch (err) {
+      return [check('guest-agent', t, false, `guest-info on ${socket}: ${(err as Error).message}`, 'MOB_ERR_PRE_GUEST_AGENT', GUEST_AGENT_FIX)];
+    }
+    out.push(check('guest-agent', t, true, `guest agent ${info.version} answers on ${socket}`));
+    t = performance.now();
+    const enabled = new Set(info.supported_commands.filter((c) => c.enabled).map((c) => c.name));
+    const missing = ['guest-fsfreeze-status', 'guest-fsfreeze-thaw'].filter((c) => !enabled.has(c));
+    if (!enabled.has('guest-fsfreeze-freeze') && !enabled.has('guest-fsfreeze-freeze-list')) missing.unshift('guest-fsfreeze-freeze');
+    out.push(missing.length === 0
+      ? check('guest-fsfreeze', t, true, `fsfreeze commands enabled${enabled.has('guest-fsfreeze-freeze') ? '' : ' (guest-fsfreeze-freeze-list only: name the mount points to freeze)'}`)
+      : check('guest-fsfreeze', t, false, `the guest agent has ${missing.join(', ')} disabled or missing: it cannot freeze the guest for app-consistent points`, 'MOB_ERR_PRE_GUEST_AGENT',
+        'allow the fsfreeze commands in the guest (remove them from block-rpcs, or add them to allow-rpcs, in /etc/qemu/qemu-ga.conf; restart qemu-guest-agent); a Windows guest needs the VSS provider of the guest agent installed'));
+    return out;
+  } finally {
+    qga.close();
+  }
 }
 
 async function checkNbdinfo(timeoutMs: number): Promise<PreflightCheck> {

@@ -25,8 +25,9 @@ import crypto from 'node:crypto';
 import type { ChildProcess } from 'node:child_process';
 import { cleanup, type Cleanup } from '../cleanup.js';
 import { runCli, startServer } from '../helpers.js';
-import { Agent, LONG, type Ev } from '../protect-harness.js';
+import { Agent, LONG, shAsync, type Ev } from '../protect-harness.js';
 import { QemuDaemon, createImage, requireQemuTools } from '../source/qemu/qemu-daemon.js';
+import { QmpClient } from '../../src/source/qemu/qmp.js';
 import type { SpawnedServer } from '../../src/server/spawn.js';
 
 const KiB = 1024;
@@ -179,8 +180,12 @@ t.test('host mode: points of two qcow2 disks are exact while the guests write; k
   }
   // kill -9 while the guests write: the next agent resumes the bitmaps and its journal
   await agent.kill9();
+  // as if it had been killed while a point's view existed (QEMU's side is removed by the next open)
+  const stale = path.join(r.state, r.agentId, 'qemu', 'mvdead-0.qcow2');
+  fs.writeFileSync(stale, 'x');
   agent = new Agent(r.c, r.args());
   const again = await agent.waitEvent((e) => e.event === 'started', LONG, 'the agent restarted');
+  tt.notOk(fs.existsSync(stale), 'a view image a killed agent left is removed');
   tt.same(again.scanRequired, { d0: null, d1: null }, 'after kill -9: no rescan');
   tt.equal(again.trackerResumed, true, 'the bitmaps were resumed');
   await agent.waitEvent(continuousAll(agent, 2), LONG, 'continuous after the restart');
@@ -248,5 +253,82 @@ t.test('host mode, raw image: a QEMU restart loses the bitmap, and the agent say
   tt.equal(cut.event, 'cut', 'a point after the resync');
   const imgs = await pointImages(tt, r, String(cut.pointId));
   tt.ok(isStateAfter(imgs[0]!, guest.writes, guest.writes.length), 'the point holds every write, those made while nothing tracked them included');
+  await agent.stop();
+});
+
+t.test('host mode: failover to a final cut, then reprotect writes only the differences back into the VM\'s disk', async (tt) => {
+  const r = await rig(tt, ['qcow2']);
+  const conn = ['--server', r.server.info.url, '--token-file', r.server.info.tokenFile, '--ca', r.server.info.caFile!];
+  const guest = new Guest(r.c, r.daemon, 0, prng(5));
+  let agent = new Agent(r.c, r.args());
+  await agent.waitEvent(continuousAll(agent, 1), LONG, 'continuous');
+  guest.start(300, 0);
+  await guest.finish();
+  const fo = await runCli(['failover', ...conn, '--agent-id', r.agentId, '--json']).done;
+  tt.equal(fo.code, 0, `failover ${fo.code ? fo.stderr.slice(-800) : ''}`);
+  const res = JSON.parse(fo.stdout) as { point: { id: string }; finalCut: { requested: boolean; pointId: string | null }; disks: { localPath: string | null }[] };
+  tt.ok(res.finalCut.requested && res.finalCut.pointId === res.point.id, 'failed over to a final cut');
+  tt.not(await agent.exited, 0, 'the protecting agent stopped');
+  tt.match(agent.stderr, /MOB_ERR_FAILED_OVER/, 'with MOB_ERR_FAILED_OVER');
+  const image = res.disks[0]!.localPath!;
+  const promoted = await fsp.readFile(image);
+  tt.ok(isStateAfter(promoted, guest.writes, guest.writes.length), 'the promoted image holds every write up to the failover');
+
+  // the recovered VM runs on the promoted image and changes it
+  const fd = fs.openSync(image, 'r+');
+  fs.writeSync(fd, Buffer.alloc(BLOCK, 0xee), 0, BLOCK, 7 * BLOCK);
+  fs.writeSync(fd, Buffer.alloc(BLOCK, 0xef), 0, BLOCK, (BLOCKS - 1) * BLOCK);
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+  const want = await fsp.readFile(image);
+
+  const vmImage = r.daemon.disks[0]!.image;
+  const running = await runCli(['reprotect', ...conn, '--agent-id', r.agentId, '--vm-images', '--disk', `${vmImage}=d0`, '--yes']).done;
+  tt.not(running.code, 0, 'reprotect refuses the images of a VM that still runs');
+  tt.match(running.stderr, /MOB_ERR_CONFIG.*in use/, `and says so: ${running.stderr.slice(-300)}`);
+  await r.daemon.stop('SIGTERM');
+  const rp = await runCli(['reprotect', ...conn, '--agent-id', r.agentId, '--vm-images', '--disk', `${vmImage}=d0`, '--yes', '--json']).done;
+  tt.equal(rp.code, 0, `reprotect of the shut-down VM's image ${rp.code ? rp.stderr.slice(-800) : ''}`);
+  const rr = JSON.parse(rp.stdout) as { disks: { pagesPulled: number; path: string }[] };
+  tt.ok(rr.disks[0]!.pagesPulled >= 32 && rr.disks[0]!.pagesPulled < (4 * BLOCK) / 4096, `only the differing pages came back (${rr.disks[0]!.pagesPulled})`);
+  tt.equal(rr.disks[0]!.path, vmImage, 'reported by image');
+  // the VM starts again on its disk
+  await r.daemon.start();
+  const back = path.join(r.dir, 'back.raw');
+  const cp = await shAsync('nbdcopy', [`nbd+unix:///guest0?socket=${r.daemon.nbdSocket}`, back]);
+  tt.equal(cp.code, 0, `read the VM's disk back ${cp.stderr}`);
+  tt.ok((await fsp.readFile(back)).equals(want), 'the VM\'s disk now equals the recovered image');
+
+  agent = new Agent(r.c, r.args());
+  const st = await agent.waitEvent((e) => e.event === 'started', LONG, 'started after the failback');
+  tt.equal(st.trackerResumed, true, 'the bitmap stored in the image was resumed');
+  await agent.waitEvent(continuousAll(agent, 1), LONG, 'protection resumes after the failback');
+  const cut = await agent.cut('crash');
+  tt.equal(cut.event, 'cut', 'and records points again');
+  await agent.stop();
+});
+
+t.test('host mode: tracking switched off under the running agent (its bitmap disabled in QEMU) is noticed, re-armed, and answered with a scan', async (tt) => {
+  const r = await rig(tt, ['qcow2']);
+  const guest = new Guest(r.c, r.daemon, 0, prng(9));
+  const agent = new Agent(r.c, r.args());
+  await agent.waitEvent(continuousAll(agent, 1), LONG, 'continuous');
+  const q = await QmpClient.connect(r.daemon.testQmpSocket);
+  tt.teardown(() => q.close());
+  const nodes = await q.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean }[] }[]>('query-named-block-nodes', { flat: true });
+  const active = nodes.find((n) => n['node-name'] === 'disk0')!['dirty-bitmaps']!.find((b) => b.recording)!.name;
+  await q.execute('block-dirty-bitmap-disable', { node: 'disk0', name: active });
+  guest.start(200, 0);
+  await guest.finish();
+  const lost = await agent.waitEvent((e) => e.event === 'tracking-lost', LONG, 'the loss is noticed');
+  tt.match(String(lost.reason), /disabled/, `named: ${String(lost.reason)}`);
+  tt.equal(lost.repaired, true, 're-armed');
+  const pass = await agent.waitEvent((e) => e.event === 'pass-done' && agent.events.indexOf(e) > agent.events.indexOf(lost), LONG, 'the scan');
+  tt.equal(pass.kind, 'incremental', 'a scan against the digest map');
+  await agent.waitEvent((e) => e.event === 'state' && e.state === 'continuous' && agent.events.indexOf(e) > agent.events.indexOf(pass), LONG, 'continuous again');
+  const cut = await agent.cut('crash');
+  tt.equal(cut.event, 'cut', 'a point after the scan');
+  const imgs = await pointImages(tt, r, String(cut.pointId));
+  tt.ok(isStateAfter(imgs[0]!, guest.writes, guest.writes.length), 'it holds the writes made while tracking was off');
   await agent.stop();
 });

@@ -2,7 +2,9 @@
  * Host-mode preflight against a real qemu-storage-daemon: every check passes for qcow2 and raw
  * format nodes (raw with its caveat), and each failure has its code and fix: a protocol node, an
  * unknown node, a read-only node, a socket nobody listens on, a run directory that is too full.
- * The CLI reports the same with exit 3. No bitmap is left behind.
+ * The CLI reports the same with exit 3. No bitmap is left behind. With a guest agent socket: a
+ * real qemu-ga passes (and one with its fsfreeze commands blocked fails), a silent socket fails
+ * within the bound.
  */
 import t from 'tap';
 import fs from 'node:fs';
@@ -12,6 +14,7 @@ import { QmpClient } from '../../src/source/qemu/qmp.js';
 import { cleanup } from '../cleanup.js';
 import { runCli } from '../helpers.js';
 import { QemuDaemon, createImage, requireQemuTools } from '../source/qemu/qemu-daemon.js';
+import { silentSocket, startQemuGa } from '../qemu-ga.js';
 
 t.test('host preflight on a real QEMU', async (t) => {
   requireQemuTools();
@@ -64,4 +67,39 @@ t.test('host preflight on a real QEMU', async (t) => {
   const usage = await runCli(['preflight', '--qmp', q.qmpSocket]).done;
   t.equal(usage.code, 2, 'no --node: a usage error');
   t.match(usage.stderr, /needs at least one --node/);
+});
+
+t.test('host preflight of the guest agent (app-consistent points) against a real qemu-ga', async (t) => {
+  const c = cleanup(t);
+  const dir = c.dir('hostpre-qga-');
+  const nobody = path.join(dir, 'nobody-qmp.sock'); // QMP is not what this test looks at
+  const ga = await startQemuGa(t, { dir: c.dir('qga-'), mounts: [] });
+  const ok = await runHostPreflight({ qmpSocket: nobody, nodes: ['disk0'], timeoutMs: 5000, guestAgentSocket: ga.socket });
+  const byId = new Map(ok.map((x) => [x.id, x]));
+  t.match(byId.get('guest-agent'), { ok: true, message: /^guest agent \d+\.\d+\S* answers on / });
+  // this test's agent blocks the unbounded freeze: freeze-list is enough, and the check says so
+  t.match(byId.get('guest-fsfreeze'), { ok: true, message: /fsfreeze commands enabled \(guest-fsfreeze-freeze-list only/ });
+
+  const blocked = await startQemuGa(t, { dir: c.dir('qga-blocked-'), mounts: [], block: ['guest-fsfreeze-freeze-list', 'guest-fsfreeze-thaw'] });
+  const b = await runHostPreflight({ qmpSocket: nobody, nodes: ['disk0'], timeoutMs: 5000, guestAgentSocket: blocked.socket });
+  t.match(b.find((x) => x.id === 'guest-agent'), { ok: true });
+  t.match(b.find((x) => x.id === 'guest-fsfreeze'), { ok: false, code: 'MOB_ERR_PRE_GUEST_AGENT', message: /guest-fsfreeze-freeze, guest-fsfreeze-thaw disabled/, fix: /qemu-ga\.conf/ });
+
+  const silent = path.join(dir, 'silent.sock');
+  await silentSocket(t, silent);
+  const s = await runHostPreflight({ qmpSocket: nobody, nodes: ['disk0'], timeoutMs: 1500, guestAgentSocket: silent });
+  t.match(s.find((x) => x.id === 'guest-agent'), { ok: false, code: 'MOB_ERR_PRE_GUEST_AGENT', message: /no answer to guest-sync-delimited .*within 1500 ms/, fix: /install and start the QEMU guest agent/ });
+  t.notOk(s.some((x) => x.id === 'guest-fsfreeze'), 'no fsfreeze check without an agent');
+  const none = await runHostPreflight({ qmpSocket: nobody, nodes: ['disk0'], timeoutMs: 1000 });
+  t.notOk(none.some((x) => x.id.startsWith('guest')), 'no guest agent checks unless a socket is given');
+
+  // the CLI: the checks come through, exit 3 (QMP fails here), and --guest-agent needs --qmp
+  const state = c.dir('state-');
+  const cli = await runCli(['preflight', '--qmp', nobody, '--node', 'disk0', '--guest-agent', ga.socket, '--state-dir', state, '--json']).done;
+  t.equal(cli.code, 3, 'exit 3: QMP does not answer here');
+  const j = JSON.parse(cli.stdout) as { checks: { id: string; ok: boolean }[] };
+  t.ok(j.checks.some((x) => x.id === 'guest-agent' && x.ok) && j.checks.some((x) => x.id === 'guest-fsfreeze' && x.ok), 'the guest agent checks pass through the CLI');
+  const usage = await runCli(['preflight', '--guest-agent', ga.socket]).done;
+  t.equal(usage.code, 2, '--guest-agent without --qmp: a usage error');
+  t.match(usage.stderr, /--guest-agent go with --qmp/);
 });

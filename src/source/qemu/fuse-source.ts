@@ -25,23 +25,45 @@ import type { QmpClient } from './qmp.js';
 
 const ID_RE = /^[A-Za-z0-9_.-]{1,128}$/;
 
-export async function openFuseSource(qmp: QmpClient, o: { node: string; id: string; dir: string }): Promise<DiskSource> {
+/**
+ * Exports block node `node` as the regular file `<dir>/<id>` through QEMU's FUSE export
+ * (writable: reprotect writes a stopped VM's disks through it). remove() deletes the export
+ * (waiting for QEMU's BLOCK_EXPORT_DELETED) and the mount point file.
+ */
+export async function addFuseExport(qmp: QmpClient, o: { node: string; id: string; dir: string; writable?: boolean }): Promise<{ path: string; remove(): Promise<void> }> {
   if (!ID_RE.test(o.id)) throw new MobilityError('MOB_ERR_QEMU_TRACKER', `export id ${JSON.stringify(o.id)} is not [A-Za-z0-9_.-]{1,128}`);
   const mountpoint = path.join(o.dir, o.id);
   // QEMU mounts over an existing regular file
   fs.writeFileSync(mountpoint, '', { mode: 0o600 });
   try {
-    await qmp.execute('block-export-add', { type: 'fuse', id: o.id, 'node-name': o.node, mountpoint, writable: false });
+    await qmp.execute('block-export-add', { type: 'fuse', id: o.id, 'node-name': o.node, mountpoint, writable: Boolean(o.writable) });
   } catch (err) {
     fs.rmSync(mountpoint, { force: true });
     throw err;
   }
+  let removed = false;
+  return {
+    path: mountpoint,
+    async remove() {
+      if (removed) return;
+      removed = true;
+      try {
+        if (!qmp.isClosed) await removeExport(qmp, o.id);
+      } finally {
+        fs.rmSync(mountpoint, { force: true });
+      }
+    },
+  };
+}
+
+export async function openFuseSource(qmp: QmpClient, o: { node: string; id: string; dir: string }): Promise<DiskSource> {
+  const exp = await addFuseExport(qmp, o);
+  const mountpoint = exp.path;
   let src: DiskSource;
   try {
     src = await openDiskSource(mountpoint, { directFile: true });
   } catch (err) {
-    await removeExport(qmp, o.id).catch(() => undefined);
-    fs.rmSync(mountpoint, { force: true });
+    await exp.remove().catch(() => undefined);
     throw err;
   }
   let closed = false;
@@ -54,11 +76,7 @@ export async function openFuseSource(qmp: QmpClient, o: { node: string; id: stri
       if (closed) return;
       closed = true;
       await src.close();
-      try {
-        if (!qmp.isClosed) await removeExport(qmp, o.id);
-      } finally {
-        fs.rmSync(mountpoint, { force: true });
-      }
+      await exp.remove();
     },
   };
 }

@@ -48,7 +48,8 @@ function qmpError(what: string, o?: { cause?: unknown; retryable?: boolean }): M
 export class QmpLineParser {
   private parts: Buffer[] = [];
   private pending = 0;
-  constructor(private readonly maxLine = MAX_LINE_BYTES) {}
+  /** `fail` makes the coded error of a broken stream (MOB_ERR_QMP here; the guest agent client passes its own). */
+  constructor(private readonly maxLine = MAX_LINE_BYTES, private readonly fail: (what: string, o?: { cause?: unknown }) => MobilityError = (w, o) => qmpError(`QMP sent ${w}`, o)) {}
 
   push(chunk: Buffer): unknown[] {
     const out: unknown[] = [];
@@ -61,19 +62,19 @@ export class QmpLineParser {
       this.parts = [];
       this.pending = 0;
       start = nl + 1;
-      if (line.length > this.maxLine) throw qmpError(`QMP message longer than ${this.maxLine} bytes`);
+      if (line.length > this.maxLine) throw this.fail(`a message longer than ${this.maxLine} bytes`);
       const text = line.toString('utf8').trim();
       if (!text) continue;
       try {
         out.push(JSON.parse(text));
       } catch (err) {
-        throw qmpError(`QMP sent a message that is not JSON: ${JSON.stringify(text.slice(0, 120))}`, { cause: err });
+        throw this.fail(`a message that is not JSON: ${JSON.stringify(text.slice(0, 120))}`, { cause: err });
       }
     }
     if (start < chunk.length) {
       const rest = chunk.subarray(start);
       this.pending += rest.length;
-      if (this.pending > this.maxLine) throw qmpError(`QMP message longer than ${this.maxLine} bytes`);
+      if (this.pending > this.maxLine) throw this.fail(`a message longer than ${this.maxLine} bytes`);
       this.parts.push(Buffer.from(rest)); // a copy: the socket may reuse its chunk
     }
     return out;

@@ -123,7 +123,7 @@ export class QemuTracker implements ChangeTracker {
     this.disks = disks;
     this.openLoss = openLoss;
     this.resumed = openLoss.every((l) => !l.lost);
-    this.ownNbd = o.nbdSocket ? null : path.join(o.runDir ?? path.dirname(o.qmpSocket), `${o.name}.nbd`);
+    this.ownNbd = o.nbdSocket ? null : ownNbdSocket(o.runDir ?? path.dirname(o.qmpSocket), o.name);
   }
 
   /**
@@ -343,6 +343,7 @@ export class QemuTracker implements ChangeTracker {
   private async ensureNbd(): Promise<string> {
     if (this.o.nbdSocket) return this.o.nbdSocket;
     const sock = this.ownNbd!;
+    fs.mkdirSync(path.dirname(sock), { recursive: true, mode: 0o700 });
     if (this.nbdStarted) return sock;
     try {
       await this.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
@@ -442,6 +443,10 @@ export class QemuTracker implements ChangeTracker {
       await deleteOurExports(this.qmp, this.name);
       this.staleExports = false;
     }
+    // the recording bitmap must still be recording: rotating would otherwise quietly replace one that
+    // someone disabled (writes since then unrecorded) with a fresh one. selfCheck() says what differs.
+    const problem = await this.check();
+    if (problem) throw new MobilityError('MOB_ERR_TRACKING_LOST', `qemu tracker '${this.name}': ${problem}`);
     const all = this.disks.map((_, i) => i);
     const next = this.gen + 1;
     await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, false, extra);
@@ -495,6 +500,17 @@ export interface QemuPoint {
   sources: DiskSource[];
   /** Closes the sources and removes the view (jobs, nodes, temporary images). Idempotent. */
   end(): Promise<void>;
+}
+
+/** Longest unix socket path (sun_path is 108 bytes with its NUL; a little margin). */
+const MAX_SOCKET_PATH = 100;
+/** Where the tracker's own NBD socket goes when `<runDir>/<name>.nbd` is too long for a unix socket. */
+export const SHORT_SOCKET_DIR = '/run/mobility/nbd';
+
+function ownNbdSocket(runDir: string, name: string): string {
+  const p = path.join(runDir, `${name}.nbd`);
+  if (Buffer.byteLength(p) <= MAX_SOCKET_PATH) return p;
+  return path.join(SHORT_SOCKET_DIR, `${createHash('sha256').update(p).digest('hex').slice(0, 16)}.sock`);
 }
 
 /**
