@@ -27,6 +27,7 @@ import { Connection } from '../../src/transport/client.js';
 import { MobilityError } from '../../src/errors.js';
 import { cleanup, runCli, startServer, stopGently, tmpDir, waitFor } from '../helpers.js';
 import { QemuDaemon, createImage, requireQemuTools } from '../source/qemu/qemu-daemon.js';
+import { silentSocket } from '../qemu-ga.js';
 
 const LONG = 120_000;
 const MiB = 1024 * 1024;
@@ -104,6 +105,8 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
   t.notOk((await machines()).some((m) => m.agentId.startsWith(`${host.agentId}.`)), 'VMs are not listed as top-level machines');
   // a VM started later is reported at the next reload (the inventory interval is an hour here)
   await startVm('303', [['raw', '8M']]);
+  // VM 303 has a guest agent channel (Proxmox: <vmid>.qga) where no agent answers
+  await silentSocket(t, path.join(run, '303.qga'));
   agent.kill('SIGHUP');
   await waitFor(async () => ((await machines()).find((m) => m.agentId === host.agentId)?.vms?.length ?? 0) === 3, LONG, 'the reload reports the new VM');
   const text = await cli(['machines', ...conn]);
@@ -184,6 +187,14 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
   t.equal(dis.code, 0, dis.stderr);
   await waitFor(() => logLines().filter((l) => l.message === 'protecting a VM').some((l) => JSON.stringify(l.disks) === JSON.stringify([{ diskId: 'disk0', node: 'disk0' }])), LONG, 'the host restarts the VM with one disk');
 
+  // VM 303 has a guest agent channel: its protection freezes the guest through it for app-consistent
+  // cuts; no agent answers there, so an app-consistent cut fails, coded
+  const en303 = await json(['enable', '--machine', host.agentId, '--vm', '303']);
+  t.equal(en303.agentId, `${host.agentId}.303`);
+  const app = await cli(['cut', ...conn, '--machine', `${host.agentId}.303`, '--kind', 'app', '--timeout', '240s']);
+  t.not(app.code, 0, 'the app-consistent cut of VM 303 fails');
+  t.match(app.stderr, /MOB_ERR_GUEST_AGENT[\s\S]*303\.qga/, 'with the guest agent\'s error: the host froze the VM through its guest agent channel');
+
   // the assignments message itself (a control connection of the host's, the agent stopped first)
   await stopGently(agent);
   const msg = await new Promise<Json>((resolve, reject) => {
@@ -198,5 +209,6 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
   });
   t.same(msg.disks, [], 'the host protects none of its own disks');
   t.match(msg.vms, [{ machineId: vmId, name: '301', qmpSocket: path.join(run, '301.qmp'), guestAgentSocket: null, policy: { name: 'vmpol', crashIntervalMs: 30_000 }, disks: [{ diskId: 'disk0', node: 'disk0' }] }]);
-  t.equal((msg.vms as unknown[]).length, 1, 'only the enabled VM');
+  t.match((msg.vms as unknown[])[1], { machineId: `${host.agentId}.303`, guestAgentSocket: path.join(run, '303.qga'), disks: [{ diskId: 'disk0', node: 'disk0' }] });
+  t.equal((msg.vms as unknown[]).length, 2, 'only the enabled VMs');
 });
