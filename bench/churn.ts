@@ -42,9 +42,10 @@ import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { api, connOptions, type ApiConn } from '../src/cli/api-client.js';
+import { connOptions, type ApiConn } from '../src/cli/api-client.js';
 import { CLI_PATH, stopServer, type ServerInfo, type SpawnedServer } from '../src/server/spawn.js';
 import { removeTraceInstances } from '../test/cleanup.js';
+import { StatusSampler, max, pct, procKb } from './common.js';
 
 const MiB = 1024 * 1024;
 const RATES = (process.env.BENCH_RATES ?? '10,30,50').split(',').map((s) => Number(s.trim())).filter((n) => n > 0);
@@ -72,15 +73,8 @@ interface Ev { event: string; at?: string; [k: string]: unknown }
 interface LogLine { message: string; timestamp: string; cutId?: number; frozenMs?: number; shipMs?: number; [k: string]: unknown }
 /** A freeze of the filesystems, from the agent's logs: a recorded cut's, a failed cut's, or one thawed at once (remainder over the spool budget). */
 interface Freeze { cutId: number; start: number; frozenMs: number; what: 'cut' | 'failed' | 'over-budget' }
-interface Sample { t: number; dataLagMs: number | null; backlogBytes: number | null; rpoMs: number | null; churnBytesPerSec: number | null; healthAgeMs: number | null; state: string }
 interface ProcSnap { cpuTicks: number; writeBytes: number }
 
-function pct(xs: number[], p: number): number {
-  if (!xs.length) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
-}
-const max = (xs: number[]) => (xs.length ? Math.max(...xs) : NaN);
 const r1 = (x: number) => Math.round(x * 10) / 10;
 const r2 = (x: number) => Math.round(x * 100) / 100;
 const r3 = (x: number) => Math.round(x * 1000) / 1000;
@@ -96,14 +90,6 @@ function procSnap(pid: number): ProcSnap {
   const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   const io = fs.readFileSync(`/proc/${pid}/io`, 'utf8');
   return { cpuTicks: Number(f[11]) + Number(f[12]), writeBytes: Number(/^write_bytes:\s*(\d+)/m.exec(io)?.[1] ?? 0) };
-}
-
-/** A field of /proc/PID/status in bytes (VmHWM, VmRSS), NaN once the process is gone. */
-function procKb(pid: number, field: string): number {
-  try {
-    const m = new RegExp(`^${field}:\\s*(\\d+) kB`, 'm').exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? Number(m[1]) * 1024 : NaN;
-  } catch { return NaN; }
 }
 
 /** Busy and total jiffies of the whole machine (/proc/stat). */
@@ -308,23 +294,8 @@ async function runOne(build: Build, cli: string | null, rate: number): Promise<R
     const apid = a.pid!;
 
     // the sampler: status every second (one request at a time)
-    const samples: Sample[] = [];
-    let sampling = true;
-    const sampler = (async () => {
-      while (sampling) {
-        const t = Date.now();
-        try {
-          // an answer slower than 5 s is dropped (the request is left to finish on its own)
-          const j = await Promise.race([api(conn, 'GET', '/v1/status'), sleep(5000).then((): Record<string, unknown> => ({}))]);
-          const d = ((j.disks ?? []) as Record<string, unknown>[]).find((x) => x.agent === agentId && x.disk === 'd0');
-          if (d) {
-            const n = (k: string) => (typeof d[k] === 'number' ? d[k] as number : null);
-            samples.push({ t, dataLagMs: n('dataLagMs'), backlogBytes: n('backlogBytes'), rpoMs: n('rpoMs'), churnBytesPerSec: n('churnBytesPerSec'), healthAgeMs: n('healthAgeMs'), state: String(d.state) });
-          }
-        } catch { /* a slow answer on a loaded machine: the next tick */ }
-        await sleep(Math.max(0, 1000 - (Date.now() - t)));
-      }
-    })();
+    const sampler = new StatusSampler(conn, agentId, ['d0']);
+    const samples = sampler.samples;
 
     const a0 = procSnap(apid);
     const s0 = procSnap(spid);
@@ -348,8 +319,7 @@ async function runOne(build: Build, cli: string | null, rate: number): Promise<R
     }
     const s2 = procSnap(spid);
     const a2 = procSnap(apid);
-    sampling = false;
-    await sampler;
+    await sampler.stop();
     const peakAgent = procKb(apid, 'VmHWM');
     const peakServer = procKb(spid, 'VmHWM');
     // the server's own count of the bytes it received (its stop statistics), less the initial pass

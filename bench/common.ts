@@ -1,10 +1,12 @@
 /**
- * What the benchmarks share: running a command and timing it, CPU seconds of a process from
- * /proc, telling other load on a shared machine from ours (LoadMonitor), medians.
+ * What the benchmarks share: running a command and timing it, CPU seconds and memory of a process
+ * from /proc, telling other load on a shared machine from ours (LoadMonitor), medians and
+ * percentiles, and sampling `mobility status` every second (StatusSampler).
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { performance } from 'node:perf_hooks';
+import { api, type ApiConn } from '../src/cli/api-client.js';
 
 /** Clock ticks per second of /proc's CPU times (getconf CLK_TCK; set by initClock()). */
 let CLK_TCK = 100;
@@ -110,3 +112,63 @@ export function median(xs: number[]): number {
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
+
+/** The p-th percentile (nearest rank, lower) of xs, NaN when empty. */
+export function pct(xs: number[], p: number): number {
+  if (!xs.length) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
+}
+
+/** The largest of xs, NaN when empty. */
+export const max = (xs: number[]): number => (xs.length ? Math.max(...xs) : NaN);
+
+/** A field of /proc/PID/status in bytes (VmHWM, VmRSS), NaN once the process is gone. */
+export function procKb(pid: number, field: string): number {
+  try {
+    const m = new RegExp(`^${field}:\\s*(\\d+) kB`, 'm').exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) * 1024 : NaN;
+  } catch { return NaN; }
+}
+
+/** One disk's figures from one GET /v1/status answer (null: the server did not give the figure). */
+export interface StatusSample { t: number; disk: string; dataLagMs: number | null; backlogBytes: number | null; rpoMs: number | null; churnBytesPerSec: number | null; healthAgeMs: number | null; state: string }
+
+/**
+ * `mobility status --json` every second, in-process through the CLI's API client (the same
+ * GET /v1/status answer, without a Node start-up per sample), for the given disks of one agent.
+ * One request at a time; an answer slower than 5 s is dropped (left to finish on its own), a
+ * failed one skipped: on a loaded machine the next tick samples again. samples grows as answers
+ * come; stop() ends the loop and resolves once the last request is done.
+ */
+export class StatusSampler {
+  readonly samples: StatusSample[] = [];
+  private running = true;
+  private readonly loop: Promise<void>;
+
+  constructor(private readonly conn: ApiConn, private readonly agentId: string, private readonly disks: string[]) {
+    this.loop = this.run();
+  }
+
+  private async run(): Promise<void> {
+    const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+    while (this.running) {
+      const t = Date.now();
+      try {
+        const j = await Promise.race([api(this.conn, 'GET', '/v1/status'), sleep(5000).then((): Record<string, unknown> => ({}))]);
+        for (const d of (j.disks ?? []) as Record<string, unknown>[]) {
+          if (d.agent !== this.agentId || !this.disks.includes(String(d.disk))) continue;
+          const n = (k: string) => (typeof d[k] === 'number' ? d[k] as number : null);
+          this.samples.push({ t, disk: String(d.disk), dataLagMs: n('dataLagMs'), backlogBytes: n('backlogBytes'), rpoMs: n('rpoMs'), churnBytesPerSec: n('churnBytesPerSec'), healthAgeMs: n('healthAgeMs'), state: String(d.state) });
+        }
+      } catch { /* a slow answer on a loaded machine: the next tick */ }
+      if (this.running) await sleep(Math.max(0, 1000 - (Date.now() - t)));
+    }
+  }
+
+  async stop(): Promise<StatusSample[]> {
+    this.running = false;
+    await this.loop;
+    return this.samples;
+  }
+}

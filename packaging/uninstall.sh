@@ -252,7 +252,7 @@ remove_trace_instance() {
 }
 
 remove_one_trace_instance() {
-  local name=$1 root dir lock pid start now
+  local name=$1 root dir lock pid start now found
   lock="/run/mobility/trace-locks/$name.lock"
   if [ -f "$lock" ]; then
     read -r pid start <"$lock" || true
@@ -264,11 +264,15 @@ remove_one_trace_instance() {
     fi
   fi
   for root in /sys/kernel/tracing /sys/kernel/debug/tracing; do
-    dir="$root/instances/$name"
-    [ -d "$dir" ] || continue
-    if [ "$DRY_RUN" = 1 ]; then echo "would remove the trace instance $dir"; break; fi
-    rmdir "$dir" 2>/dev/null && echo "removed the trace instance $dir" || echo "warning: cannot remove the trace instance $dir" >&2
-    break
+    found=0
+    # the instance and its shadow (same events, read only to recover a read the agent was killed in)
+    for dir in "$root/instances/$name" "$root/instances/$name.shadow"; do
+      [ -d "$dir" ] || continue
+      found=1
+      if [ "$DRY_RUN" = 1 ]; then echo "would remove the trace instance $dir"; continue; fi
+      rmdir "$dir" 2>/dev/null && echo "removed the trace instance $dir" || echo "warning: cannot remove the trace instance $dir" >&2
+    done
+    [ "$found" = 1 ] && break
   done
 }
 

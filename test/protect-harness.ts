@@ -22,7 +22,10 @@ import { CLI_PATH, type SpawnedServer } from '../src/server/spawn.js';
 import { cleanup, type Cleanup } from './cleanup.js';
 import { runCli, startServer, stopGently, waitFor } from './helpers.js';
 
-/** The reason the protector gives when it was killed inside a read of trace_pipe (events handed over, not yet journaled). */
+/**
+ * The reason the protector gives when events taken out of the tracker never reached the journal: with the shadow
+ * trace instance, only two kills in a row inside reads of the trace (the second in the first drain after a restart).
+ */
 export const TORN_READ = 'the agent stopped while taking events out of the tracker';
 
 /**

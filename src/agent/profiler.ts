@@ -132,7 +132,9 @@ export class Profiler {
     this.dir = path.join(o.stateDir, o.agentId);
     await fsp.mkdir(this.dir, { recursive: true, mode: 0o700 });
     const name = Profiler.instanceName(o.agentId, o.stateDir);
-    this.tracker = await TracefsTracker.open({ name, disks: o.disks.map((d) => ({ path: d.path })), bufferKb: o.trackerBufferKb, tracefsRoot: o.tracefsRoot, lockDir: o.lockDir });
+    this.tracker = await TracefsTracker.open({ name, disks: o.disks.map((d) => ({ path: d.path })), bufferKb: o.trackerBufferKb, tracefsRoot: o.tracefsRoot, lockDir: o.lockDir,
+      // it journals nothing: no read to recover, no shadow instance to pay for
+      shadow: false });
     const tracker = this.tracker;
     await writeFileDurable(path.join(this.dir, TRACE_INSTANCE_FILE), `${tracker.name}\n${tracker.identity}\n`, 0o600);
     for (const d of o.disks) {

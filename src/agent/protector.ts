@@ -41,6 +41,7 @@ import { Spool } from '../source/spool.js';
 import { writeFileDurable } from '../util/durable-file.js';
 import { devOf, deviceFamily, mountsOn, runHooks, thawAll, type HookResult } from './freeze.js';
 import { FsfreezeQuiescer, type Quiescer } from './quiesce.js';
+import { GuestAgentQuiescer } from './guest-agent-quiescer.js';
 import type { CompressMode } from '../protocol/block-codec.js';
 import type { GroupCutLink } from './group-member.js';
 
@@ -276,7 +277,7 @@ export class Protector {
     // an agent killed inside a cut's freeze left its filesystems frozen: thawed before anything is
     // written (the state directory may be on one of them); a filesystem that is not frozen is left as it is
     if (o.qemu) {
-      this.quiescer = o.quiescer ?? null;
+      this.quiescer = o.quiescer ?? (o.qemu.guestAgentSocket ? new GuestAgentQuiescer({ socket: o.qemu.guestAgentSocket }) : null);
       // a guest agent left frozen by a killed agent: thawed first
       if (this.quiescer?.releaseStale) await this.quiescer.releaseStale().catch((err: Error) => this.log.warn('could not thaw the guest at start', { error: err.message }));
     } else {

@@ -11,15 +11,28 @@
  *                 "B n"        a drain of the tracker begins (events leave the kernel)
  *                 "D id a-b,…" blocks a..b of the disk with that id became dirty
  *                 "R"          a read of the trace is about to happen
- *                 "T len\n" + len raw bytes   what that read returned (len 0: nothing)
+ *                 "R x y"      the same, from copy x of a tracker that records every
+ *                              change twice; copy y still holds what this read takes
+ *                 "T len\n" + len raw bytes   what that read returned (len 0: nothing,
+ *                              and after "R x y": copy x is empty now)
+ *                 "X x"        copy x may hold changes its twin lacks (the twin is newer)
  *                 "E n"        the drain's blocks are all logged
  *
  * Why no fsync: these files must survive the agent being killed, which page-cache
  * writes do; a machine crash loses the tracefs instance too, and that always means
  * a scan. A "B" without its "E" means the agent died in the middle of a drain: its raw
- * trace text ("T" records) is replayed through the tracker's parser; only when the last
- * record is an "R" (killed between a read and the record of what it returned, a window of
- * two system calls) are events lost, and open() reports it (torn): the caller scans.
+ * trace text ("T" records) is replayed through the tracker's parser. When the last
+ * record is an "R" (killed inside a read, or between it and the record of what it
+ * returned), what that read took is not in the journal:
+ *   - "R" (a tracker with one copy): those events are lost, and open() reports it
+ *     (torn): the caller scans;
+ *   - "R x y": copy y still holds them (its own reads were all logged, so everything
+ *     it gave up is in the journal and everything after is still in it) and the next
+ *     drain reads them from there: nothing is lost. Until y has been read empty once
+ *     (a "T 0" after "R y x"), y is the only holder, like a copy named by "X y": a read
+ *     of a sole holder cut short is torn (two kills in a row inside the first drain).
+ *     Which copies are sole holders is restated ("X") at the head of each new log, so a
+ *     snapshot deleting the old logs forgets nothing.
  *
  * The snapshot is taken together with the digest map (snapshot(): the caller
  * serialises the map in the same tick), so a block leaves the persisted dirty set
@@ -30,6 +43,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { MobilityError } from '../errors.js';
+import type { DrainJournal, DrainSource } from './tracker/change-tracker.js';
 
 export interface JournalDisk { id: string; sizeBytes: number; blockSize: number }
 export interface LossBaseline { overrun: number; dropped: number; lostNotices: number }
@@ -80,12 +94,16 @@ export class DiskDirt {
   }
 }
 
-export class DirtyJournal {
+export class DirtyJournal implements DrainJournal {
   readonly disks: DiskDirt[];
   counters: LossBaseline = { overrun: 0, dropped: 0, lostNotices: 0 };
   private drainNo = 0;
   private logFd: number;
   private logBytes = 0;
+  /** Copies of the tracker that may hold changes no other copy holds (see "X" in the file head). */
+  private readonly sole = new Set<string>();
+  /** The copy the last beforeRead() named (null: a tracker with one copy). */
+  private reading: DrainSource | null = null;
 
   private constructor(readonly dir: string, disks: DiskDirt[], private logGen: number) {
     this.disks = disks;
@@ -146,12 +164,19 @@ export class DirtyJournal {
     if (buf.length) found = true;
     const markRange = (d: DiskDirt, a: number, b: number) => { for (let x = a; x <= b; x++) if (x < d.blocks) d.dirty.set(x, now); };
     const pending: { disk: number; offset: number; length: number }[] = [];
-    let open: { n: string; raw: Buffer[]; last: 'B' | 'R' | 'T' } | null = null;
+    let open: { n: string; raw: Buffer[]; last: 'B' | 'R' | 'T'; from: DrainSource | null } | null = null;
     let maxDrain = 0;
-    // a drain that never logged its end: replay its raw trace, unless a read's result is missing
+    const sole = new Set<string>();
+    let reading: DrainSource | null = null;
+    // a drain that never logged its end: replay its raw trace; a read whose result is missing
+    // is recovered from the other copy when there is one that still holds it, else torn
     const settleOpen = () => {
       if (!open) return;
-      if (open.last === 'R' || !replayRaw) torn = true;
+      if (!replayRaw) torn = true;
+      else if (open.last === 'R') {
+        if (!open.from || sole.has(open.from.name)) torn = true;
+        else sole.add(open.from.heldBy);
+      }
       if (replayRaw) {
         const text = Buffer.concat(open.raw).toString('utf8');
         const nl = text.lastIndexOf('\n');
@@ -169,20 +194,29 @@ export class DirtyJournal {
       const kind = line[0];
       if (kind === 'B') {
         settleOpen();
-        open = { n: line.slice(2), raw: [], last: 'B' };
+        open = { n: line.slice(2), raw: [], last: 'B', from: null };
         maxDrain = Math.max(maxDrain, Number(open.n) || 0);
       } else if (kind === 'R') {
-        if (open) open.last = 'R';
+        const m = /^R ([a-z]+) ([a-z]+)$/.exec(line);
+        reading = m ? { name: m[1]!, heldBy: m[2]! } : null;
+        if (open) { open.last = 'R'; open.from = reading; }
       } else if (kind === 'T') {
         const len = Number(line.slice(2));
         if (!Number.isSafeInteger(len) || len < 0 || pos + len > buf.length) { if (open) open.last = 'R'; break; }
         if (open) { open.raw.push(buf.subarray(pos, pos + len)); open.last = 'T'; }
+        // that copy was read empty: whatever it held is in the journal now (as afterRead() does live)
+        if (len === 0 && reading) sole.delete(reading.name);
+        reading = null;
         pos += len;
+      } else if (kind === 'X') {
+        const m = /^X ([a-z]+)$/.exec(line);
+        if (m) sole.add(m[1]!);
+        else if (open) { open.last = 'R'; open.from = null; } else torn = true;
       } else if (kind === 'E') {
         if (open && open.n === line.slice(2)) open = null; // its D lines are complete
       } else if (kind === 'D') {
         const m = /^D ([A-Za-z0-9._-]+) ([\d,-]+)$/.exec(line);
-        if (!m) { if (open) open.last = 'R'; else torn = true; continue; }
+        if (!m) { if (open) { open.last = 'R'; open.from = null; } else torn = true; continue; }
         const idx = byId.get(m[1]);
         const d = idx === undefined ? undefined : dd[idx];
         if (!d) continue;
@@ -201,6 +235,9 @@ export class DirtyJournal {
     const j = new DirtyJournal(dir, dd, Math.max(snapGen, gens[gens.length - 1] ?? 0));
     j.counters = counters;
     j.drainNo = maxDrain; // drain numbers stay unique across runs (a torn drain is never matched by a later one)
+    // a copy found sole holder by this replay (a read of its twin cut short) is logged as such: the
+    // replayed log does not say it by itself (its drain is settled only by the next "B")
+    for (const x of sole) j.soleHolder(x);
     return { journal: j, found, torn };
   }
 
@@ -241,9 +278,13 @@ export class DirtyJournal {
     }
   }
 
-  /** The tracker is about to read the trace (see RawJournal in tracefs-tracker.ts). */
-  beforeRead(): void {
-    this.append('R\n');
+  /** The tracker is about to read the trace, from copy source.name when it keeps two (see DrainJournal). */
+  beforeRead(source?: DrainSource): void {
+    if (source && !(/^[a-z]+$/.test(source.name) && /^[a-z]+$/.test(source.heldBy))) {
+      throw new MobilityError('MOB_ERR_INTERNAL', `invalid trace copy names ${JSON.stringify(source)}`);
+    }
+    this.reading = source ?? null;
+    this.append(source ? `R ${source.name} ${source.heldBy}\n` : 'R\n');
   }
 
   /** What the read returned, raw, in one write with its header. */
@@ -251,7 +292,19 @@ export class DirtyJournal {
     const rec = Buffer.concat([Buffer.from(`T ${raw.length}\n`), raw]);
     fs.writeSync(this.logFd, rec);
     this.logBytes += rec.length;
+    if (raw.length === 0 && this.reading) this.sole.delete(this.reading.name);
+    this.reading = null;
   }
+
+  /** Copy `name` of the tracker may hold changes its twin lacks, until it is read empty (see DrainJournal). */
+  soleHolder(name: string): void {
+    if (!/^[a-z]+$/.test(name)) throw new MobilityError('MOB_ERR_INTERNAL', `invalid trace copy name ${JSON.stringify(name)}`);
+    this.sole.add(name);
+    this.append(`X ${name}\n`);
+  }
+
+  /** Copies that may hold changes no other copy holds (tests and diagnostics). */
+  get soleHolders(): string[] { return [...this.sole].sort(); }
 
   /** Logs the end of drain n: everything it took from the kernel is logged. */
   endDrain(n: number): void {
@@ -314,6 +367,8 @@ export class DirtyJournal {
     this.logGen = gen;
     this.logFd = fs.openSync(this.logPath(gen), 'a', 0o600);
     this.logBytes = 0;
+    // the logs this snapshot replaces may be all that said so
+    for (const x of this.sole) this.append(`X ${x}\n`);
     const body = JSON.stringify(snap);
     return () => {
       const tmp = `${this.snapFile}.tmp`;

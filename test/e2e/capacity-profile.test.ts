@@ -185,7 +185,7 @@ t.test('profile-only: measured churn within 10 % of fio, across an agent restart
   t.match(refused.stderr, /MOB_ERR_CONFIG/, 'a protected disk cannot be profiled');
   await waitFor(() => fs.existsSync(path.join(server.info.dataDir, 'replicas', agentId, 'points.json')), LONG, 'a recovery point of the now protected disk');
   await waitFor(() => !fs.existsSync(path.join(stateDir, 'profile', agentId)), LONG, 'the profiling state removed once the disk is protected');
-  t.ok(traceInstancesOf(agentId).length === 1, 'one trace instance: protection\'s');
+  t.same(traceInstancesOf(agentId).map((n) => (n.endsWith('.shadow') ? 'shadow' : 'instance')), ['instance', 'shadow'], 'one trace instance, protection\'s (with its shadow): the profiler\'s is gone');
   t.ok((disk(await plan())?.basis.samples ?? 0) >= resumed.basis.samples, 'the samples stay after protection started');
   const off = await cli(['disable', ...conn, '--machine', agentId, '--disk', 'data', '--yes']);
   t.equal(off.code, 0, off.stderr);

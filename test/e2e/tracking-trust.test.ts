@@ -66,7 +66,8 @@ class Agent {
 async function setup(t: Test, sizeMb = 128) {
   const h = await protectSetup(t, sizeMb);
   const conn = ['--server', h.server.info.url, '--token-file', h.server.info.tokenFile, '--ca', h.server.info.caFile!];
-  const instances = () => fs.readdirSync(path.join(TRACEFS, 'instances')).filter((n) => n.startsWith(`mobility-${h.agentId}-`));
+  // the agent's instance (not its shadow, NAME.shadow)
+  const instances = () => fs.readdirSync(path.join(TRACEFS, 'instances')).filter((n) => n.startsWith(`mobility-${h.agentId}-`) && !n.endsWith('.shadow'));
   const args = (extra: string[] = []) => h.args(['--crash-interval', '60m', '--app-interval', '60m', ...extra]);
   return { ...h, conn, instances, args };
 }

@@ -60,18 +60,20 @@ function instance(t: Test, agentId: string, name: string): string {
   return dir;
 }
 
-t.test('uninstall removes the recorded instance and the pre-0.2 one (mobility-<agent id>)', async (t) => {
+t.test('uninstall removes the recorded instance, its shadow and the pre-0.2 one (mobility-<agent id>)', async (t) => {
   const agentId = `uninst-${crypto.randomBytes(4).toString('hex')}`;
   const current = `mobility-${agentId}-0123abcd`;
   const legacy = `mobility-${agentId}`;
   const prefix = await prefixWith(t, agentId, current);
   const cur = instance(t, agentId, current);
+  const shadow = instance(t, agentId, `${current}.shadow`);
   const old = instance(t, agentId, legacy);
 
   const dry = await run(['--prefix', prefix, '--dry-run']);
   t.equal(dry.code, 0, `dry run exits 0 (${dry.stderr.trim()})`);
   t.match(dry.stdout, `would remove the trace instance ${cur}\n`, 'the dry run names the recorded instance');
   t.match(dry.stdout, `would remove the trace instance ${old}\n`, 'and the pre-0.2 one');
+  t.match(dry.stdout, `would remove the trace instance ${shadow}\n`, 'and the shadow of the recorded one');
   t.ok(fs.existsSync(cur) && fs.existsSync(old), 'the dry run removed nothing');
   t.equal(fs.readFileSync(path.join(old, ENABLE), 'utf8').trim(), '1', 'nor disabled anything');
 
@@ -81,6 +83,7 @@ t.test('uninstall removes the recorded instance and the pre-0.2 one (mobility-<a
   t.match(u.stdout, `removed the trace instance ${old}\n`);
   t.notOk(fs.existsSync(cur), 'the recorded instance is gone');
   t.notOk(fs.existsSync(old), 'the pre-0.2 instance is gone');
+  t.notOk(fs.existsSync(shadow), 'the shadow instance is gone');
   t.equal(u.stdout.trimEnd().split('\n').at(-1), 'MOBILITY-UNINSTALL ok');
 });
 

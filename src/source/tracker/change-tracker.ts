@@ -31,10 +31,33 @@ export type MaybePromise<T> = T | Promise<T>;
  * extents on replay.
  */
 export interface DrainJournal {
-  /** Called right before changes leave the tracker (they may be gone from it afterwards). */
-  beforeRead(): void;
-  /** Called right after, with the raw record of what was taken (empty for nothing). */
+  /**
+   * Called right before changes leave the tracker (they may be gone from it afterwards).
+   * source: set by a tracker that records every change twice (tracefs: an instance and its
+   * shadow) to say which copy this read takes from; without it, a read whose result was
+   * never recorded means changes were lost.
+   */
+  beforeRead(source?: DrainSource): void;
+  /** Called right after, with the raw record of what was taken (empty for nothing: that copy is empty now). */
   afterRead(raw: Buffer): void;
+  /**
+   * Copy `name` may hold changes its twin does not (the twin was created after it): a read of
+   * `name` cut short cannot be recovered from the twin until `name` has been read empty once.
+   * Called by drain() before its first read after open() or repair() created a copy.
+   */
+  soleHolder?(name: string): void;
+}
+
+/**
+ * One of two copies of the same change record (tracefs: the instance and its shadow instance,
+ * both fed by the same tracepoint). A read takes changes out of one copy only: until they are
+ * recorded, the other copy (heldBy) still holds them, as long as it is not read meanwhile.
+ */
+export interface DrainSource {
+  /** This copy's name in the journal: [a-z]+ */
+  name: string;
+  /** The other copy, which still holds what this read takes. */
+  heldBy: string;
 }
 
 export interface ChangeTracker {

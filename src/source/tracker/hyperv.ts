@@ -34,22 +34,36 @@
  * disk added/removed: selfCheck() says which, and the caller answers it with a checksum
  * resync; repair() starts a new base.
  *
- * What this does not do (yet): reading the disks' data (the agent would read the VHDX through
- * a recovery checkpoint's read-only parent), points through recovery checkpoints, discovery
- * of every VM on the host.
+ * Points and data (HostModeTracker, src/source/tracker/host-tracker.ts): beginPoint() takes ONE
+ * recovery checkpoint of the VM (crash- or application-consistent); its frozen parent VHDX
+ * files give both the extents (their changes since the base end exactly at the checkpoint) and
+ * the point's data (read through PowerShell: hyperv-vhd-source.ts); end() converts the
+ * checkpoint into the next base reference point (ConvertToReferencePoint). The running VM holds
+ * its VHDX files, so the live disks cannot be read: this path ships only from points
+ * (dataAccess 'points'; openSource() refuses), each round being a recovery checkpoint, as
+ * backup and replication products do on Hyper-V.
+ *
+ * Assumptions only a real host can confirm (none has run this): that a recovery checkpoint's
+ * disk settings keep the VM disk's InstanceID after their first backslash (how the frozen parent
+ * is matched to the disk), that ConvertToReferencePoint answers an RCT reference point whose
+ * VirtualDiskIdentifiers are the disks' InstanceIDs, that a frozen parent mounts read-only
+ * while the VM runs on its differencing disk, and that Get-Disk's Location of a mounted VHDX is
+ * its path.
+ *
+ * What this does not do (yet): discovery of every VM on the host; a CLI or daemon entry (the
+ * protector is not wired to it: there is no host to run it on).
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { MobilityError } from '../../errors.js';
-import { psQuote, wrapForInvoke } from '../../util/powershell.js';
-import { coalesceExtents, type ChangeTracker, type DirtyExtent, type DrainJournal } from './change-tracker.js';
+import { wrapForInvoke } from '../../util/powershell.js';
+import { hvError, list, parseScriptOutput, script, serialShell, type HyperVShell } from './hyperv-script.js';
 
-/** One PowerShell session the tracker runs its scripts in (node-powershell in production). */
-export interface HyperVShell {
-  /** Runs one script; resolves with its standard output. Rejects only when the shell itself fails. */
-  run(script: string): Promise<string>;
-  close(): Promise<void>;
-}
+export { parseScriptOutput, type HyperVShell } from './hyperv-script.js';
+import type { DiskSource } from '../disk-source.js';
+import { coalesceExtents, type DirtyExtent, type DrainJournal } from './change-tracker.js';
+import type { HostModeTracker, HostPoint, HostPointOptions, PointConsistency } from './host-tracker.js';
+import { HyperVVhdSource } from './hyperv-vhd-source.js';
 
 export interface HyperVTrackerOptions {
   /** Name of the tracker (one per agent installation), [A-Za-z0-9_-]{1,64}. */
@@ -61,6 +75,8 @@ export interface HyperVTrackerOptions {
   shell: HyperVShell;
   /** Least time between two rounds, ms (default 5 s). */
   minDrainIntervalMs?: number;
+  /** Most bytes one read script of a point's disk source returns (default 4 MiB). */
+  maxReadCallBytes?: number;
 }
 
 export interface HyperVDisk {
@@ -74,6 +90,9 @@ export interface HyperVDisk {
 }
 
 interface ReferencePoint { id: string; disks: string[]; rct: string[] }
+interface ChangesAnswer { path: string; offsets: number | number[] | null; lengths: number | number[] | null; lost: string | null }
+interface Listed { out: DirtyExtent[]; raw: string; lost: string[] }
+interface SnapDisk { id: string; path: string }
 
 interface TrackerState {
   version: 1;
@@ -81,56 +100,13 @@ interface TrackerState {
   /** The base reference point and each disk's RCT id in it (by disk instance id). */
   base: { id: string; rct: Record<string, string> };
   disks: string[];
+  /** A recovery checkpoint beginPoint() created and end() has not removed yet (removed by the next open()). */
+  point?: string | null;
 }
 
 const NAME_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const RECORD_RE = /^H (\d+) (\d+) (\d+)$/;
 export const DEFAULT_HYPERV_DRAIN_INTERVAL_MS = 5000;
-
-function hvError(name: string, what: string, cause?: unknown): MobilityError {
-  return new MobilityError('MOB_ERR_HYPERV', `hyper-v tracker '${name}': ${what}`, cause === undefined ? undefined : { cause });
-}
-
-// ---- The scripts (pure) ------------------------------------------------------------------
-
-const PRELUDE: readonly string[] = [
-  "$ErrorActionPreference = 'Stop'",
-  "$ns = 'root\\virtualization\\v2'",
-  "function Write-MobilityJson($o) { 'MOBILITY-JSON ' + ($o | ConvertTo-Json -Compress -Depth 6) }",
-  "function Write-MobilityFail([string]$code, [string]$text) { 'MOBILITY-FAIL ' + $code + ' ' + ($text -replace '\\s+', ' ') }",
-  '# a method that answers 4096 runs as a job: wait for it (CIM_ConcreteJob: 2..6 not finished, 7 completed)',
-  'function Wait-MobilityJob($result, [string]$what) {',
-  '  if ($result.ReturnValue -eq 0) { return }',
-  "  if ($result.ReturnValue -ne 4096) { throw ('{0} failed with return value {1}' -f $what, $result.ReturnValue) }",
-  '  $job = Get-CimInstance -InputObject $result.Job',
-  '  while ($job.JobState -ge 2 -and $job.JobState -le 6) { Start-Sleep -Milliseconds 200; $job = Get-CimInstance -InputObject $job }',
-  "  if ($job.JobState -ne 7) { throw ('{0} failed: job state {1}: {2}' -f $what, $job.JobState, $job.ErrorDescription) }",
-  '}',
-  '# the VM by its name, compared here rather than in a WQL filter (no quoting of the name into WQL)',
-  'function Get-MobilityVm([string]$name) {',
-  "  $vm = @(Get-CimInstance -Namespace $ns -ClassName Msvm_ComputerSystem | Where-Object { $_.Caption -eq 'Virtual Machine' -and $_.ElementName -eq $name })",
-  "  if ($vm.Count -eq 0) { throw ('no virtual machine named {0} on this host' -f $name) }",
-  "  if ($vm.Count -gt 1) { throw ('{0} virtual machines are named {1}: rename one' -f $vm.Count, $name) }",
-  '  return $vm[0]',
-  '}',
-  'function Get-MobilityReferencePoint([string]$id) {',
-  '  return Get-CimInstance -Namespace $ns -ClassName Msvm_VirtualSystemReferencePoint | Where-Object { $_.InstanceID -eq $id }',
-  '}',
-];
-
-function script(title: string, args: object, body: readonly string[]): string {
-  return [
-    `# ${title}. Generated by src/source/tracker/hyperv.ts; do not edit.`,
-    ...PRELUDE,
-    `$a = ConvertFrom-Json ${psQuote(JSON.stringify(args))}`,
-    'try {',
-    ...body.map((l) => `  ${l}`),
-    '} catch {',
-    "  Write-MobilityFail 'MOB_ERR_HYPERV' $_.Exception.Message",
-    '}',
-    '',
-  ].join('\n');
-}
 
 /** Describes the VM: its configuration version, its virtual hard disks, and the base reference point if it still exists. */
 export function buildDescribeScript(vm: string, baseId: string | null): string {
@@ -206,31 +182,87 @@ export function buildDestroyReferencePointScript(id: string): string {
   ]);
 }
 
-/** The JSON a script printed (its MOBILITY-JSON line), or its MOBILITY-FAIL as a coded error. */
-export function parseScriptOutput<T>(name: string, what: string, out: string): T {
-  let json: string | null = null;
-  for (const raw of out.split(/\r?\n/)) {
-    const line = raw.trim();
-    const fail = /^MOBILITY-FAIL (MOB_ERR_[A-Z_]+) ?(.*)$/.exec(line);
-    if (fail) throw hvError(name, `${what}: ${fail[2] || 'failed'}`);
-    if (line.startsWith('MOBILITY-JSON ')) json = line.slice('MOBILITY-JSON '.length);
-  }
-  if (json === null) throw hvError(name, `${what}: the script printed no result (${out.trim().slice(-300) || 'no output'})`);
-  try {
-    return JSON.parse(json) as T;
-  } catch (err) {
-    throw hvError(name, `${what}: the script's result is not JSON`, err);
-  }
+/**
+ * Documented values this uses (Hyper-V WMI v2, root\virtualization\v2):
+ *   - Msvm_VirtualSystemSnapshotSettingData.ConsistencyLevel: Unknown (0), Application
+ *     Consistent (1), Crash Consistent (2) (learn.microsoft.com, "Msvm_VirtualSystemSnapshot
+ *     SettingData class");
+ *   - Msvm_VirtualSystemSnapshotService.CreateSnapshot SnapshotType: Full (2), Disk (3), vendor
+ *     specific 32768..65535; 32768 is the recovery snapshot ("Microsoft:Hyper-V:Snapshot:Recovery",
+ *     the one backup applications take), as Microsoft's Hyper-V backup sample
+ *     (New-VmBackupCheckpoint) passes it, with the settings as an embedded instance string;
+ *   - Msvm_VirtualSystemSnapshotService.ConvertToReferencePoint(AffectedSnapshot): turns a
+ *     recovery snapshot into a reference point (each disk's RCT id at the snapshot's instant) and
+ *     merges the snapshot away, the sample's Convert-VmBackupCheckpoint;
+ *   - DestroySnapshot(AffectedSnapshot): removes a snapshot, merging its differencing disks.
+ */
+export const CONSISTENCY_LEVEL = { application: 1, crash: 2 } as const;
+export const RECOVERY_SNAPSHOT_TYPE = 32768;
+
+/**
+ * Creates a recovery checkpoint of the VM (application- or crash-consistent) and prints its id
+ * and, per disk, the snapshot's virtual hard disk: the VHDX the VM wrote to until now, frozen
+ * from here on (the VM now writes to a new AVHDX differencing disk whose parent it is).
+ */
+export function buildCreateRecoveryCheckpointScript(vm: string, consistency: PointConsistency): string {
+  return script('Create a recovery checkpoint', { vm, consistencyLevel: CONSISTENCY_LEVEL[consistency] }, [
+    '$vm = Get-MobilityVm $a.vm',
+    '$svc = Get-CimInstance -Namespace $ns -ClassName Msvm_VirtualSystemSnapshotService',
+    '# ConsistencyLevel 1 application-consistent (VSS in the guest through the integration services), 2 crash-consistent',
+    '$ssd = Get-CimClass -Namespace $ns -ClassName Msvm_VirtualSystemSnapshotSettingData | New-CimInstance -ClientOnly -Property @{ ConsistencyLevel = [byte]$a.consistencyLevel; IgnoreNonSnapshottableDisks = $false }',
+    '$ser = [Microsoft.Management.Infrastructure.Serialization.CimSerializer]::Create()',
+    '$settings = [System.Text.Encoding]::Unicode.GetString($ser.Serialize($ssd, [Microsoft.Management.Infrastructure.Serialization.InstanceSerializationOptions]::None))',
+    '# SnapshotType 32768: a recovery snapshot',
+    "$r = Invoke-CimMethod -InputObject $svc -MethodName CreateSnapshot -Arguments @{ AffectedSystem = $vm; SnapshotSettings = $settings; SnapshotType = [uint16]32768 }",
+    "Wait-MobilityJob $r 'CreateSnapshot'",
+    '$snap = $r.ResultingSnapshot',
+    'if ($null -eq $snap) { $snap = Get-CimAssociatedInstance -InputObject $r.Job -ResultClassName Msvm_VirtualSystemSettingData }',
+    '$snap = Get-CimInstance -InputObject $snap',
+    '$disks = @(Get-CimAssociatedInstance -InputObject $snap -ResultClassName Msvm_StorageAllocationSettingData | Where-Object { $_.ResourceType -eq 31 } | ForEach-Object { [pscustomobject]@{ id = $_.InstanceID; path = $_.HostResource[0] } })',
+    'Write-MobilityJson @{ id = $snap.InstanceID; type = [string]$snap.VirtualSystemType; disks = $disks }',
+  ]);
+}
+
+/** Turns a recovery checkpoint into an RCT reference point (merging the checkpoint away) and prints the reference point as the create script does. */
+export function buildConvertToReferencePointScript(snapshotId: string): string {
+  return script('Convert a recovery checkpoint to a reference point', { id: snapshotId }, [
+    '$snap = Get-CimInstance -Namespace $ns -ClassName Msvm_VirtualSystemSettingData | Where-Object { $_.InstanceID -eq $a.id }',
+    "if (-not $snap) { throw ('recovery checkpoint {0} no longer exists' -f $a.id) }",
+    '$svc = Get-CimInstance -Namespace $ns -ClassName Msvm_VirtualSystemSnapshotService',
+    "$r = Invoke-CimMethod -InputObject $svc -MethodName ConvertToReferencePoint -Arguments @{ AffectedSnapshot = $snap }",
+    "Wait-MobilityJob $r 'ConvertToReferencePoint'",
+    '$rp = $r.ResultingReferencePoint',
+    'if ($null -eq $rp) { $rp = Get-CimAssociatedInstance -InputObject $r.Job -ResultClassName Msvm_VirtualSystemReferencePoint }',
+    '$rp = Get-CimInstance -InputObject $rp',
+    'Write-MobilityJson @{ id = $rp.InstanceID; disks = @($rp.VirtualDiskIdentifiers); rct = @($rp.ResilientChangeTrackingIdentifiers) }',
+  ]);
+}
+
+/** Removes a recovery checkpoint, merging its differencing disks (idempotent: one already gone is not an error). */
+export function buildDestroyRecoveryCheckpointScript(snapshotId: string): string {
+  return script('Destroy a recovery checkpoint', { id: snapshotId }, [
+    '$snap = Get-CimInstance -Namespace $ns -ClassName Msvm_VirtualSystemSettingData | Where-Object { $_.InstanceID -eq $a.id }',
+    'if ($snap) {',
+    '  $svc = Get-CimInstance -Namespace $ns -ClassName Msvm_VirtualSystemSnapshotService',
+    "  $r = Invoke-CimMethod -InputObject $svc -MethodName DestroySnapshot -Arguments @{ AffectedSnapshot = $snap }",
+    "  Wait-MobilityJob $r 'DestroySnapshot'",
+    '}',
+    'Write-MobilityJson @{ destroyed = [bool]$snap }',
+  ]);
 }
 
 // ---- The tracker -------------------------------------------------------------------------
 
-/** ConvertTo-Json prints a one-element array as the element itself, and an empty one as null. */
-function list<T>(v: T | T[] | null | undefined): T[] {
-  return v === null || v === undefined ? [] : Array.isArray(v) ? v : [v];
+/** A point of a Hyper-V VM: a recovery checkpoint whose frozen parent VHDX files the sources read. */
+export interface HyperVPoint extends HostPoint {
+  consistency: PointConsistency;
+  /** The recovery checkpoint's instance id on the host. */
+  checkpoint: string;
 }
 
-export class HyperVTracker implements ChangeTracker {
+export class HyperVTracker implements HostModeTracker {
+  /** The running VM holds its VHDX files: data is read only inside a point (see beginPoint()). */
+  readonly dataAccess = 'points' as const;
   readonly name: string;
   resumed: boolean;
   /** Why the tracking in place before open() cannot be trusted (null when resumed). */
@@ -242,6 +274,8 @@ export class HyperVTracker implements ChangeTracker {
   private closed = false;
   /** Disks whose changes could not be listed in the last round, and why. */
   private lost: string | null = null;
+  /** The point begun and not ended yet. */
+  private point: HyperVPoint | null = null;
 
   private constructor(private readonly o: HyperVTrackerOptions, disks: HyperVDisk[], state: TrackerState, openLoss: string | null) {
     this.name = o.name;
@@ -262,6 +296,8 @@ export class HyperVTracker implements ChangeTracker {
    */
   static async open(o: HyperVTrackerOptions): Promise<HyperVTracker> {
     if (!NAME_RE.test(o.name)) throw hvError(String(o.name), 'name must match [A-Za-z0-9_-]{1,64}');
+    // the tracker and its points' disk sources share one PowerShell session: one script at a time
+    o = { ...o, shell: serialShell(o.shell) };
     const file = path.join(o.stateDir, `hyperv-${o.name}.json`);
     let saved: TrackerState | null = null;
     try {
@@ -271,6 +307,12 @@ export class HyperVTracker implements ChangeTracker {
       saved = null;
     }
     const usable = saved !== null && saved.vm === o.vm ? saved : null;
+    if (usable?.point) {
+      // a point the previous agent did not end: merge its checkpoint away before anything else
+      // (the base is still the one before it, so its changes are listed again: nothing is lost)
+      parseScriptOutput(o.name, `remove recovery checkpoint ${usable.point} left by a previous run`, await o.shell.run(wrapForInvoke(buildDestroyRecoveryCheckpointScript(usable.point))));
+      usable.point = null;
+    }
     const d = parseScriptOutput<{ version: string; disks: HyperVDisk | HyperVDisk[] | null; base: ReferencePoint | null }>(o.name, `describe VM ${o.vm}`, await o.shell.run(wrapForInvoke(buildDescribeScript(o.vm, usable?.base.id ?? null))));
     const disks = list(d.disks).map((x) => ({ id: String(x.id), path: String(x.path), sizeBytes: Number(x.sizeBytes), format: String(x.format) }));
     if (disks.length === 0) throw hvError(o.name, `VM ${o.vm} has no virtual hard disk`);
@@ -290,6 +332,7 @@ export class HyperVTracker implements ChangeTracker {
     else state = usable;
     const t = new HyperVTracker(o, disks, state ?? { version: 1, vm: o.vm, base: { id: '', rct: {} }, disks: disks.map((x) => x.id) }, openLoss);
     if (!state) await t.newBase();
+    else if (saved?.point !== undefined) t.save();
     return t;
   }
 
@@ -305,7 +348,11 @@ export class HyperVTracker implements ChangeTracker {
   }
 
   private async createReferencePoint(): Promise<{ id: string; rct: Record<string, string> }> {
-    const rp = await this.run<ReferencePoint>(`create a reference point of VM ${this.o.vm}`, buildCreateReferencePointScript(this.o.vm));
+    return this.toBase(await this.run<ReferencePoint>(`create a reference point of VM ${this.o.vm}`, buildCreateReferencePointScript(this.o.vm)));
+  }
+
+  /** A reference point as a base: its id and the RCT id of every disk of the tracker (all must be there). */
+  private toBase(rp: ReferencePoint): { id: string; rct: Record<string, string> } {
     const ids = list(rp.disks);
     const rcts = list(rp.rct);
     const rct: Record<string, string> = {};
@@ -329,7 +376,8 @@ export class HyperVTracker implements ChangeTracker {
   private async newBase(): Promise<void> {
     const old = this.state.base.id;
     const base = await this.createReferencePoint();
-    this.state = { version: 1, vm: this.o.vm, base, disks: this.disks.map((d) => d.id) };
+    // a recovery checkpoint still open stays recorded
+    this.state = { version: 1, vm: this.o.vm, base, disks: this.disks.map((d) => d.id), point: this.state.point ?? null };
     this.save();
     this.lost = null;
     if (old) await this.run(`destroy reference point ${old}`, buildDestroyReferencePointScript(old)).catch(() => undefined);
@@ -339,43 +387,27 @@ export class HyperVTracker implements ChangeTracker {
     return this.serial(async () => {
       const now = Date.now();
       if (now - this.lastRound < (this.o.minDrainIntervalMs ?? DEFAULT_HYPERV_DRAIN_INTERVAL_MS)) return [];
+      // while a point is open the disks' VHDX files are its frozen parents: its end() moves the base
+      if (this.point) return [];
       this.lastRound = now;
       const next = await this.createReferencePoint();
       journal?.beforeRead();
-      let raw = '';
-      const out: DirtyExtent[] = [];
+      let listed: Listed;
       try {
-        const res = await this.run<{ disks: { path: string; offsets: number | number[] | null; lengths: number | number[] | null; lost: string | null }[] | { path: string; offsets: number | number[] | null; lengths: number | number[] | null; lost: string | null } }>(
-          `list the changes of VM ${this.o.vm}`,
-          buildChangesScript(this.disks.map((d) => ({ path: d.path, sizeBytes: d.sizeBytes, since: this.state.base.rct[d.id]! }))));
-        const per = list(res.disks);
-        if (per.length !== this.disks.length) throw hvError(this.name, `the changes script answered for ${per.length} of ${this.disks.length} disks`);
-        const lost: string[] = [];
-        per.forEach((r, i) => {
-          if (r.lost) lost.push(r.lost);
-          const offs = list(r.offsets);
-          const lens = list(r.lengths);
-          if (offs.length !== lens.length) throw hvError(this.name, `disk ${this.disks[i]!.path}: ${offs.length} changed offsets but ${lens.length} lengths`);
-          for (let k = 0; k < offs.length; k++) {
-            const offset = Number(offs[k]);
-            const length = Math.min(Number(lens[k]), this.disks[i]!.sizeBytes - offset);
-            if (!Number.isSafeInteger(offset) || offset < 0 || !(length > 0)) continue;
-            out.push({ disk: i, offset, length });
-            raw += `H ${i} ${offset} ${length}\n`;
-          }
-        });
-        if (lost.length) {
-          // the old base stays: changes are unknown for these disks, selfCheck() says so and the
-          // caller resyncs (repair() then starts a new base); what was listed is still delivered
-          this.lost = lost.join('; ');
-          journal?.afterRead(Buffer.from(raw));
-          await this.run(`destroy reference point ${next.id}`, buildDestroyReferencePointScript(next.id)).catch(() => undefined);
-          return coalesceExtents(out);
-        }
+        listed = await this.listSinceBase(this.disks.map((d) => d.path));
       } catch (err) {
         journal?.afterRead(Buffer.alloc(0));
         await this.run(`destroy reference point ${next.id}`, buildDestroyReferencePointScript(next.id)).catch(() => undefined);
         throw err;
+      }
+      const { out, raw, lost } = listed;
+      if (lost.length) {
+        // the old base stays: changes are unknown for these disks, selfCheck() says so and the
+        // caller resyncs (repair() then starts a new base); what was listed is still delivered
+        this.lost = lost.join('; ');
+        journal?.afterRead(Buffer.from(raw));
+        await this.run(`destroy reference point ${next.id}`, buildDestroyReferencePointScript(next.id)).catch(() => undefined);
+        return coalesceExtents(out);
       }
       journal?.afterRead(Buffer.from(raw));
       const old = this.state.base.id;
@@ -384,6 +416,152 @@ export class HyperVTracker implements ChangeTracker {
       await this.run(`destroy reference point ${old}`, buildDestroyReferencePointScript(old)).catch(() => undefined);
       return coalesceExtents(out);
     });
+  }
+
+  /** Each disk's changes since the base's RCT ids, listed on the given VHDX paths (the live disks, or a point's frozen parents). */
+  private async listSinceBase(paths: string[]): Promise<Listed> {
+    const res = await this.run<{ disks: ChangesAnswer[] | ChangesAnswer }>(
+      `list the changes of VM ${this.o.vm}`,
+      buildChangesScript(this.disks.map((d, i) => ({ path: paths[i]!, sizeBytes: d.sizeBytes, since: this.state.base.rct[d.id]! }))));
+    const per = list(res.disks);
+    if (per.length !== this.disks.length) throw hvError(this.name, `the changes script answered for ${per.length} of ${this.disks.length} disks`);
+    const lost: string[] = [];
+    const out: DirtyExtent[] = [];
+    let raw = '';
+    per.forEach((r, i) => {
+      if (r.lost) lost.push(r.lost);
+      const offs = list(r.offsets);
+      const lens = list(r.lengths);
+      if (offs.length !== lens.length) throw hvError(this.name, `disk ${this.disks[i]!.path}: ${offs.length} changed offsets but ${lens.length} lengths`);
+      for (let k = 0; k < offs.length; k++) {
+        const offset = Number(offs[k]);
+        const length = Math.min(Number(lens[k]), this.disks[i]!.sizeBytes - offset);
+        if (!Number.isSafeInteger(offset) || offset < 0 || !(length > 0)) continue;
+        out.push({ disk: i, offset, length });
+        raw += `H ${i} ${offset} ${length}\n`;
+      }
+    });
+    return { out, raw, lost };
+  }
+
+  /**
+   * Refused: the running VM holds its VHDX files open, so the Hyper-V path reads data only
+   * inside a point (dataAccess 'points'): every round of shipping is a beginPoint().
+   */
+  async openSource(i: number, _dir: string): Promise<DiskSource> {
+    throw hvError(this.name, `disk ${this.disks[i]?.path ?? i} of running VM ${this.o.vm} cannot be read live: Hyper-V host mode reads the disks only inside a point (beginPoint)`);
+  }
+
+  /**
+   * A point of every disk of the VM without stopping it: ONE recovery checkpoint
+   * (CreateSnapshot, SnapshotType 32768; crash-consistent, or application-consistent through
+   * VSS in the guest when asked). From that instant the VM writes to new AVHDX differencing
+   * disks and each parent VHDX is frozen. The extents are each frozen parent's changes since the
+   * base's RCT ids, so they end exactly at the point's instant, and the sources read the frozen
+   * parents (mounted read-only through PowerShell, see hyperv-vhd-source.ts). The checkpoint's
+   * id is recorded in the state file before anything else, so a killed agent's checkpoint is
+   * removed by the next open().
+   *
+   * end(): closes (dismounts) the sources, then ConvertToReferencePoint turns the checkpoint into
+   * the new base (each disk's RCT id at the point's instant; the AVHDX is merged back) and the old
+   * base is destroyed. When the conversion fails the checkpoint is destroyed instead and the base
+   * stays: the next round lists these changes again (a superset, nothing lost), and end() rejects
+   * with MOB_ERR_HYPERV saying so. A checkpoint that cannot be removed at all stays recorded and
+   * end() rejects; the next open() tries again. While a point is open drain() returns nothing.
+   */
+  beginPoint(_dir: string, journal?: DrainJournal, po: HostPointOptions = {}): Promise<HyperVPoint> {
+    return this.serial(async () => {
+      if (this.closed) throw hvError(this.name, 'beginPoint() after close()');
+      if (this.point) throw hvError(this.name, `a point (recovery checkpoint ${this.point.checkpoint}) is already open: end() it first`);
+      const consistency = po.consistency ?? 'crash';
+      const snap = await this.run<{ id: string; type: string; disks: SnapDisk[] | SnapDisk | null }>(
+        `create a ${consistency}-consistent recovery checkpoint of VM ${this.o.vm}`, buildCreateRecoveryCheckpointScript(this.o.vm, consistency));
+      const checkpoint = String(snap.id);
+      this.state = { ...this.state, point: checkpoint };
+      this.save();
+      try {
+        const frozen = this.frozenPaths(checkpoint, list(snap.disks));
+        journal?.beforeRead();
+        let listed: Listed;
+        try {
+          listed = await this.listSinceBase(frozen);
+        } catch (err) {
+          journal?.afterRead(Buffer.alloc(0));
+          throw err;
+        }
+        journal?.afterRead(Buffer.from(listed.raw));
+        if (listed.lost.length) this.lost = listed.lost.join('; ');
+        const sources = frozen.map((p, i) => new HyperVVhdSource({ name: this.name, shell: this.o.shell, path: p, size: this.disks[i]!.sizeBytes, maxCallBytes: this.o.maxReadCallBytes }));
+        const point: HyperVPoint = {
+          extents: coalesceExtents(listed.out),
+          sources,
+          consistency,
+          checkpoint,
+          end: () => this.serial(() => this.endPoint(point, sources)),
+        };
+        this.point = point;
+        this.pointSources = sources;
+        return point;
+      } catch (err) {
+        await this.removeCheckpoint(checkpoint).catch(() => undefined);
+        throw err;
+      }
+    });
+  }
+
+  private pointSources: DiskSource[] = [];
+
+  /**
+   * The frozen parent VHDX of each of the tracker's disks in a recovery checkpoint's disk list.
+   * A snapshot's disk settings have their own InstanceID ("Microsoft:<snapshot id>\\<rest>");
+   * the part after the first backslash (controller, location) is the VM disk's own.
+   */
+  private frozenPaths(checkpoint: string, disks: SnapDisk[]): string[] {
+    const tail = (id: string) => id.slice(id.indexOf('\\') + 1);
+    return this.disks.map((d) => {
+      const m = disks.find((s) => tail(String(s.id)) === tail(d.id));
+      if (!m || typeof m.path !== 'string' || m.path === '') throw hvError(this.name, `recovery checkpoint ${checkpoint} of VM ${this.o.vm} holds no virtual hard disk for ${d.path}`);
+      return m.path;
+    });
+  }
+
+  /** Destroys a recovery checkpoint (merging it) and forgets it in the state file; on failure it stays recorded for the next open(). */
+  private async removeCheckpoint(checkpoint: string): Promise<void> {
+    await this.run(`remove recovery checkpoint ${checkpoint}`, buildDestroyRecoveryCheckpointScript(checkpoint));
+    if (this.state.point === checkpoint) {
+      this.state = { ...this.state, point: null };
+      this.save();
+    }
+  }
+
+  private async endPoint(point: HyperVPoint, sources: DiskSource[]): Promise<void> {
+    if (this.point !== point) return;
+    this.point = null;
+    this.pointSources = [];
+    const problems: string[] = [];
+    for (const s of sources) await s.close().catch((err: unknown) => { problems.push((err as Error).message); });
+    if (!this.lost) {
+      try {
+        const next = this.toBase(await this.run<ReferencePoint>(`convert recovery checkpoint ${point.checkpoint} to a reference point`, buildConvertToReferencePointScript(point.checkpoint)));
+        const old = this.state.base.id;
+        this.state = { ...this.state, base: next, point: null };
+        this.save();
+        this.lastRound = Date.now();
+        await this.run(`destroy reference point ${old}`, buildDestroyReferencePointScript(old)).catch(() => undefined);
+        if (problems.length) throw hvError(this.name, `point ${point.checkpoint} ended, but: ${problems.join('; ')}`);
+        return;
+      } catch (err) {
+        if (this.state.point !== point.checkpoint) throw err;
+        problems.push((err as Error).message);
+      }
+    }
+    // the base stays where it was: the next round lists this point's changes again
+    try {
+      await this.removeCheckpoint(point.checkpoint);
+    } catch (err) {
+      problems.push(`${(err as Error).message} (it stays recorded: the next start removes it)`);
+    }
+    if (problems.length) throw hvError(this.name, `point ${point.checkpoint} ended without moving the base (its changes will be listed again): ${problems.join('; ')}`);
   }
 
   parseText(text: string): DirtyExtent[] {
@@ -412,6 +590,7 @@ export class HyperVTracker implements ChangeTracker {
   close(o: { keep?: boolean } = {}): Promise<void> {
     return this.serial(async () => {
       if (this.closed) return;
+      if (this.point) await this.endPoint(this.point, this.pointSources).catch(() => undefined);
       if (!o.keep) {
         await this.run(`destroy reference point ${this.state.base.id}`, buildDestroyReferencePointScript(this.state.base.id)).catch(() => undefined);
         fs.rmSync(this.stateFile, { force: true });

@@ -48,7 +48,8 @@ import { QmpClient, QmpCommandError } from '../qemu/qmp.js';
 import { openFuseSource } from '../qemu/fuse-source.js';
 import { installIdOf } from '../../util/installation.js';
 import type { DiskSource } from '../disk-source.js';
-import { coalesceExtents, lossOf, type ChangeTracker, type DirtyExtent, type DrainJournal, type TrackingLoss } from './change-tracker.js';
+import { coalesceExtents, lossOf, type DirtyExtent, type DrainJournal, type TrackingLoss } from './change-tracker.js';
+import type { HostModeTracker, HostPoint, HostPointOptions } from './host-tracker.js';
 
 export interface QemuDiskSpec {
   /** Node name of the disk's format node (qcow2 or raw), as query-named-block-nodes lists it. */
@@ -101,8 +102,10 @@ function isQmpClass(err: unknown, desc: RegExp): boolean {
   return err instanceof QmpCommandError && desc.test(err.desc);
 }
 
-export class QemuTracker implements ChangeTracker {
+export class QemuTracker implements HostModeTracker {
   readonly name: string;
+  /** The disks are read live through QEMU's exports, between points too. */
+  readonly dataAccess = 'live' as const;
   resumed: boolean;
   /** Per disk (index as given to open()): was tracking lost before this open(), and why. */
   readonly openLoss: TrackingLoss[];
@@ -397,9 +400,11 @@ export class QemuTracker implements ChangeTracker {
    * disks as they were at the point, while the guest goes on writing. end() removes the view;
    * until then every guest write to a block not yet copied costs QEMU one copy.
    */
-  beginPoint(dir: string, journal?: DrainJournal): Promise<QemuPoint> {
+  beginPoint(dir: string, journal?: DrainJournal, o?: HostPointOptions): Promise<QemuPoint> {
     return this.serial(async () => {
       if (this.closed) throw trackerError(this.name, 'beginPoint() after close()');
+      // the view itself is crash-consistent: an application-consistent point is the caller's guest-agent freeze around it
+      if (o?.consistency === 'application') throw trackerError(this.name, 'QEMU views are crash-consistent: freeze the guest through its guest agent around beginPoint() for an application-consistent point');
       await this.reconnectIfNeeded();
       const views = this.disks.map((d, i) => ({ disk: d, node: `${viewNodePrefix(this.name)}${i}`, job: `${this.name}-cbw-${i}`, file: path.join(dir, `${this.name}-fleece-${i}.qcow2`), added: false, started: false }));
       const sources: DiskSource[] = [];
@@ -492,15 +497,8 @@ export class QemuTracker implements ChangeTracker {
 
 type QmpAction = { type: string; data: Record<string, unknown> };
 
-/** A point-in-time view of every disk of the tracker, from beginPoint(). */
-export interface QemuPoint {
-  /** Everything written up to the point since the previous drain (as drain() returns it). */
-  extents: DirtyExtent[];
-  /** Per disk, a read-only DiskSource of the disk as it was at the point. */
-  sources: DiskSource[];
-  /** Closes the sources and removes the view (jobs, nodes, temporary images). Idempotent. */
-  end(): Promise<void>;
-}
+/** A point-in-time view of every disk of the tracker, from beginPoint(): the host-mode seam's point. */
+export type QemuPoint = HostPoint;
 
 /** Longest unix socket path (sun_path is 108 bytes with its NUL; a little margin). */
 const MAX_SOCKET_PATH = 100;

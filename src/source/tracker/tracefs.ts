@@ -31,6 +31,31 @@
  *  - trace_pipe is opened O_NONBLOCK and read with readSync until EAGAIN: a
  *    blocking read (fs.createReadStream) would pin a libuv thread and keep the
  *    process from exiting.
+ *  - A read of trace_pipe consumes the events it returns, inside the kernel, before
+ *    the caller can record them: an agent killed by SIGKILL inside that read (or
+ *    between it and the write of what it returned) would lose them, and that window
+ *    covers a good part of a busy drain. So the tracker keeps a SHADOW instance
+ *    (NAME.shadow): same tracepoint, same filter, same buffer, so it records exactly
+ *    the same events. Each drain reads the instance, then the shadow, and reports
+ *    every read to the journal (DrainJournal.beforeRead with the copy's name). A read
+ *    of one copy that was cut short is recovered from the other: it still holds
+ *    everything that read took, because the other copy's own reads were all recorded
+ *    (what it gave is journaled, what it still holds is after). Only two reads cut
+ *    short in a row on different copies (kill, restart, kill again inside the first
+ *    drain) lose events, and the journal says so. A copy created after its twin lacks
+ *    the twin's older events: drain() tells the journal (soleHolder) once.
+ *    Cost: the tracepoint writes each event into two ring buffers and the kernel
+ *    formats it twice; the shadow's text is journaled, and parsed only until the
+ *    shadow was read empty once (measured: see docs/operations.md).
+ *    Alternatives ruled out: reading the non-consuming `trace` file, then trace_pipe,
+ *    cannot consume exactly what was journaled (what arrives in between is consumed
+ *    unrecorded); trace_pipe_raw consumes a page per read (the same window, shorter);
+ *    the snapshot swap (swap, read `snapshot`, clear) is exact, but the clear resets
+ *    the snapshot buffer's loss counters, which tracefs never shows (per_cpu stats
+ *    are the live buffer's), so drops just before a swap would go unseen, and opening
+ *    and clearing the snapshot each wait for an RCU grace period inside a synchronous
+ *    drain; mapping the ring buffer (Linux 6.10) needs mmap and ioctl, which Node
+ *    does not offer without a native addon.
  *  - Only request-based (blk-mq) disks emit block_rq_complete. Bio-based
  *    devices (device-mapper linear, md, zram, brd) never would, so they are
  *    refused rather than silently tracked as "never written".
@@ -43,7 +68,7 @@ import { StringDecoder } from 'node:string_decoder';
 import { MobilityError } from '../../errors.js';
 import { installIdOf } from '../../util/installation.js';
 import { acquireInstanceLock, assertInstanceFree, DEFAULT_LOCK_DIR, releaseInstanceLock } from './instance-lock.js';
-import { coalesceExtents, type ChangeTracker, type DirtyExtent } from './change-tracker.js';
+import { coalesceExtents, type ChangeTracker, type DirtyExtent, type DrainJournal, type DrainSource } from './change-tracker.js';
 
 export interface TrackedDiskSpec { path: string }
 /** disk = index into the specs given to open(); offset/length in bytes relative to the start of that device. */
@@ -59,12 +84,11 @@ const NAME_RE = /^[A-Za-z0-9_.-]+$/;
  * Where drain() records what it takes out of the kernel, around every read: an agent
  * killed between taking events and recording their extents can then recover them.
  */
-export interface RawJournal {
-  /** Called right before each read of trace_pipe. */
-  beforeRead(): void;
-  /** Called right after it with the bytes read (empty for none). */
-  afterRead(raw: Buffer): void;
-}
+export type RawJournal = DrainJournal;
+/** The shadow instance of instance NAME is NAME.shadow. */
+export const SHADOW_SUFFIX = '.shadow';
+const PRIMARY: DrainSource = { name: 'p', heldBy: 's' };
+const SHADOW: DrainSource = { name: 's', heldBy: 'p' };
 
 /** Upper bound of bytes read by one drain() so a flood of events cannot make it spin forever. */
 const MAX_DRAIN_BYTES = 64 * 1024 * 1024;
@@ -231,27 +255,128 @@ function readBufferKb(dir: string): number {
   return Number(/^\d+/.exec(readTrim(path.join(dir, 'buffer_size_kb')))?.[0] ?? NaN);
 }
 
+/** Is the instance at dir recording as open() would set it up (same filter, enabled, overwrite off, whole scope)? */
+function sameSetup(dir: string, filter: string): boolean {
+  const ev = path.join(dir, EVENT_DIR);
+  try {
+    return readTrim(path.join(ev, 'filter')) === filter && readTrim(path.join(ev, 'enable')) === '1'
+      && readTrim(path.join(dir, 'tracing_on')) === '1' && readTrim(path.join(dir, 'options', 'overwrite')) === '0'
+      && scopeProblem(dir) === null;
+  } catch {
+    return false;
+  }
+}
+
+function openPipe(dir: string): number {
+  return fs.openSync(path.join(dir, 'trace_pipe'), fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+}
+
+/** One ftrace instance the tracker set up, and its reader: trace_pipe, the undecoded tail of the last read. */
+class Instance {
+  fd: number | null;
+  partial = '';
+  readonly decoder = new StringDecoder('utf8');
+  constructor(readonly dir: string, readonly label: string, public expected: Expected, fd: number) {
+    this.fd = fd;
+  }
+
+  /** null when live as set up, else what differs. */
+  problem(): string | null {
+    const dir = this.dir;
+    const ex = this.expected;
+    let st: fs.BigIntStats | undefined;
+    try {
+      st = fs.statSync(dir, { bigint: true, throwIfNoEntry: false });
+    } catch (err) {
+      return `the ${this.label} ${dir} cannot be read: ${(err as Error).message}`;
+    }
+    if (!st) return `the ${this.label} ${dir} was removed`;
+    if (st.ino !== ex.ino) return `the ${this.label} ${dir} was removed and recreated`;
+    const checks: [string, string][] = [
+      [path.join(EVENT_DIR, 'enable'), '1'],
+      ['tracing_on', '1'],
+      [path.join(EVENT_DIR, 'filter'), ex.filter],
+      [path.join('options', 'overwrite'), '0'],
+    ];
+    const where = this.label === 'trace instance' ? '' : ` (${this.label} ${dir})`;
+    try {
+      for (const [file, want] of checks) {
+        const have = readTrim(path.join(dir, file));
+        if (have !== want) return `${file} is ${JSON.stringify(have).slice(1, -1) || '(empty)'}${file.endsWith('filter') ? ` (set: ${want})` : ''}${where}`;
+      }
+      const scope = scopeProblem(dir);
+      if (scope) return `${scope}${where}`;
+      const kb = readBufferKb(dir);
+      if (kb !== ex.bufferKb) return `buffer_size_kb is ${kb} (set: ${ex.bufferKb}; resizing discards recorded events)${where}`;
+    } catch (err) {
+      return `the ${this.label} ${dir} cannot be read: ${(err as Error).message}`;
+    }
+    return null;
+  }
+
+  /** Re-arms the settings in place, or recreates the instance; returns true when it was recreated (its recording starts now). */
+  repair(): boolean {
+    const dir = this.dir;
+    const ex = this.expected;
+    const st = fs.statSync(dir, { bigint: true, throwIfNoEntry: false });
+    if (st && st.ino === ex.ino && this.fd !== null) {
+      const ev = path.join(dir, EVENT_DIR);
+      writeCtl(path.join(dir, 'options', 'overwrite'), '0');
+      if (readBufferKb(dir) !== ex.bufferKb) writeCtl(path.join(dir, 'buffer_size_kb'), String(ex.requestedKb));
+      writeCtl(path.join(ev, 'filter'), ex.filter);
+      if (scopeProblem(dir)) setScope(dir);
+      writeCtl(path.join(ev, 'enable'), '1');
+      writeCtl(path.join(dir, 'tracing_on'), '1');
+      this.expected = { ...ex, bufferKb: readBufferKb(dir) };
+      return false;
+    }
+    this.closeFd();
+    if (st) fs.rmdirSync(dir); // an instance someone else created under our name
+    setUpInstance(dir, ex.requestedKb, ex.filter);
+    this.expected = { ...ex, bufferKb: readBufferKb(dir), ino: fs.statSync(dir, { bigint: true }).ino };
+    this.fd = openPipe(dir);
+    this.partial = '';
+    return true;
+  }
+
+  closeFd(): void {
+    if (this.fd === null) return;
+    try { fs.closeSync(this.fd); } catch { /* already closed */ }
+    this.fd = null;
+  }
+}
+
 export class TracefsTracker implements ChangeTracker {
   readonly resumed: boolean;
   readonly instanceDir: string;
   readonly name: string;
   private readonly byParent: Map<string, Mapped[]>;
-  private fd: number | null;
-  /** close() was called (fd is also null between the steps of a repair that failed: retried). */
+  private readonly primary: Instance;
+  /** The shadow instance (null: opened with shadow = false, e.g. by the profiler, which journals nothing). */
+  private readonly shadow: Instance | null;
+  /** close() was called (an fd is also null between the steps of a repair that failed: retried). */
   private closed = false;
-  private readonly decoder = new StringDecoder('utf8');
-  private partial = '';
   private lost = 0;
   private readonly buf = Buffer.allocUnsafe(READ_CHUNK);
-  private expected: Expected;
   private readonly lockDir: string;
+  /** Copies that hold events their twin lacks, not yet told to a journal (see DrainJournal.soleHolder). */
+  private sole: string[];
+  /**
+   * Parse what the shadow gives? Only until it was read empty once after open() or repair():
+   * until then it may hold events the instance no longer (or never) had (a read of the instance
+   * cut short by a kill, the shadow's head start); after that every event it gives is one the
+   * instance gives too (this process's reads of the instance all complete), so its text is
+   * only journaled, never parsed.
+   */
+  private parseShadow = true;
 
-  private constructor(name: string, instanceDir: string, resumed: boolean, mapped: Mapped[], fd: number, expected: Expected, lockDir: string) {
+  private constructor(name: string, resumed: boolean, mapped: Mapped[], primary: Instance, shadow: Instance | null, sole: string[], lockDir: string) {
     this.name = name;
-    this.instanceDir = instanceDir;
+    this.instanceDir = primary.dir;
     this.resumed = resumed;
-    this.fd = fd;
-    this.expected = expected;
+    this.primary = primary;
+    this.shadow = shadow;
+    this.sole = sole;
     this.lockDir = lockDir;
     this.byParent = new Map();
     for (const m of mapped) {
@@ -261,7 +386,14 @@ export class TracefsTracker implements ChangeTracker {
     }
   }
 
-  static async open(o: { name: string; disks: TrackedDiskSpec[]; bufferKb?: number; tracefsRoot?: string; lockDir?: string }): Promise<TracefsTracker> {
+  /**
+   * Opens (resumes or creates) the instance NAME and, unless shadow is false, its shadow
+   * NAME.shadow (see the file head). resumed = the instance kept recording since the last
+   * close({ keep: true }); a missing or different shadow is recreated without making the
+   * tracker not resumed (it only narrows what a cut-short read can recover, which the
+   * journal is told).
+   */
+  static async open(o: { name: string; disks: TrackedDiskSpec[]; bufferKb?: number; tracefsRoot?: string; lockDir?: string; shadow?: boolean }): Promise<TracefsTracker> {
     const name = o.name;
     if (!NAME_RE.test(name) || name === '.' || name === '..' || name.length > 200) {
       throw trackerError(String(name), 'instance name must match [A-Za-z0-9_.-]+');
@@ -273,161 +405,152 @@ export class TracefsTracker implements ChangeTracker {
     const root = o.tracefsRoot ?? DEFAULT_TRACEFS;
     await ensureTracefs(root, o.tracefsRoot !== undefined, name);
     const lockDir = o.lockDir ?? DEFAULT_LOCK_DIR;
-    // owned from here on: nothing else may disable or remove it while we use it
+    // owned from here on (with its shadow): nothing else may disable or remove it while we use it
     acquireInstanceLock(name, lockDir);
 
     const devs = [...new Set(mapped.map((m) => m.parentDev))].sort((a, b) => a - b);
     const filter = devs.map((d) => `dev == ${d}`).join(' || ');
     const dir = path.join(root, 'instances', name);
-    const ev = path.join(dir, EVENT_DIR);
+    const sdir = o.shadow === false ? null : dir + SHADOW_SUFFIX;
 
     let resumed = false;
-    let expected: Expected;
+    const sole: string[] = [];
+    const expectOf = (d: string): Expected => ({ filter, bufferKb: readBufferKb(d), requestedKb: bufferKb, ino: fs.statSync(d, { bigint: true }).ino });
+    let ex: Expected;
+    let sex: Expected | null = null;
     try {
       if (fs.existsSync(dir)) {
-        let same = false;
-        try {
-          same = readTrim(path.join(ev, 'filter')) === filter && readTrim(path.join(ev, 'enable')) === '1'
-            && readTrim(path.join(dir, 'tracing_on')) === '1' && readTrim(path.join(dir, 'options', 'overwrite')) === '0'
-            && scopeProblem(dir) === null;
-        } catch {
-          same = false;
+        if (sameSetup(dir, filter)) resumed = true;
+        else fs.rmdirSync(dir); // ours (we hold its lock) but set up differently: recreated below
+      }
+      if (sdir === null) {
+        // a shadow kept by an earlier user of this name records for nothing
+        if (fs.existsSync(dir + SHADOW_SUFFIX)) fs.rmdirSync(dir + SHADOW_SUFFIX);
+      } else {
+        const keepShadow = resumed && fs.existsSync(sdir) && sameSetup(sdir, filter);
+        if (!keepShadow && fs.existsSync(sdir)) fs.rmdirSync(sdir);
+        if (!keepShadow) {
+          // created before a new instance, so it holds everything the instance will: only its own head start is its alone
+          setUpInstance(sdir, bufferKb, filter);
+          sole.push(resumed ? PRIMARY.name : SHADOW.name);
         }
-        if (same) {
-          resumed = true;
-        } else {
-          fs.rmdirSync(dir); // ours (we hold its lock) but set up differently: recreated below
-        }
+        sex = expectOf(sdir);
       }
       // a resumed instance keeps its buffer size (resizing would discard what it recorded meanwhile)
       if (!resumed) setUpInstance(dir, bufferKb, filter);
-      expected = { filter, bufferKb: readBufferKb(dir), requestedKb: bufferKb, ino: fs.statSync(dir, { bigint: true }).ino };
+      ex = expectOf(dir);
     } catch (err) {
       releaseInstanceLock(name, lockDir);
       throw trackerError(name, `cannot set up instance ${dir}`, err);
     }
-    let fd: number;
+    let primary: Instance | undefined;
     try {
-      fd = fs.openSync(path.join(dir, 'trace_pipe'), fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
+      primary = new Instance(dir, 'trace instance', ex, openPipe(dir));
+      const shadow = sdir === null ? null : new Instance(sdir, 'shadow trace instance', sex!, openPipe(sdir));
+      return new TracefsTracker(name, resumed, mapped, primary, shadow, sole, lockDir);
     } catch (err) {
+      primary?.closeFd();
       releaseInstanceLock(name, lockDir);
-      throw trackerError(name, `cannot open ${dir}/trace_pipe`, err);
+      throw trackerError(name, `cannot open the trace_pipe of ${dir}${sdir ? ` or ${sdir}` : ''}`, err);
     }
-    return new TracefsTracker(name, dir, resumed, mapped, fd, expected, lockDir);
   }
 
   /** The instance's identity (its inode): a removed and recreated instance has another one. */
-  get identity(): string { return String(this.expected.ino); }
+  get identity(): string { return String(this.primary.expected.ino); }
+
+  private get instances(): Instance[] { return this.shadow ? [this.primary, this.shadow] : [this.primary]; }
 
   /**
    * Is tracking live as open() set it up? Returns null when it is, else what differs
-   * (e.g. "events/block/block_rq_complete/enable is 0"). Anyone with root can switch
-   * an instance off under us; the caller checks every second and inside every cut's
-   * freeze, and treats any difference as lost tracking (resync). Cheap: a few sysfs reads.
+   * (e.g. "events/block/block_rq_complete/enable is 0"; for the shadow instance, with its
+   * name). Anyone with root can switch an instance off under us; the caller checks every
+   * second and inside every cut's freeze, and treats any difference as lost tracking
+   * (resync). Cheap: a few sysfs reads.
    */
   selfCheck(): string | null {
-    const dir = this.instanceDir;
-    const ex = this.expected;
-    let st: fs.BigIntStats | undefined;
-    try {
-      st = fs.statSync(dir, { bigint: true, throwIfNoEntry: false });
-    } catch (err) {
-      return `the trace instance ${dir} cannot be read: ${(err as Error).message}`;
-    }
-    if (!st) return `the trace instance ${dir} was removed`;
-    if (st.ino !== ex.ino) return `the trace instance ${dir} was removed and recreated`;
-    const checks: [string, string][] = [
-      [path.join(EVENT_DIR, 'enable'), '1'],
-      ['tracing_on', '1'],
-      [path.join(EVENT_DIR, 'filter'), ex.filter],
-      [path.join('options', 'overwrite'), '0'],
-    ];
-    try {
-      for (const [file, want] of checks) {
-        const have = readTrim(path.join(dir, file));
-        if (have !== want) return `${file} is ${JSON.stringify(have).slice(1, -1) || '(empty)'}${file.endsWith('filter') ? ` (set: ${want})` : ''}`;
-      }
-      const scope = scopeProblem(dir);
-      if (scope) return scope;
-      const kb = readBufferKb(dir);
-      if (kb !== ex.bufferKb) return `buffer_size_kb is ${kb} (set: ${ex.bufferKb}; resizing discards recorded events)`;
-    } catch (err) {
-      return `the trace instance ${dir} cannot be read: ${(err as Error).message}`;
+    for (const i of this.instances) {
+      const p = i.problem();
+      if (p) return p;
     }
     return null;
   }
 
   /**
    * Puts tracking back as open() set it up after selfCheck() found a difference: re-arms
-   * the settings in place, or recreates the instance (and reopens trace_pipe) when it was
+   * the settings in place, or recreates an instance (and reopens its trace_pipe) when it was
    * removed or replaced. Events recorded before the repair may be incomplete: the caller
    * must rescan. Throws MOB_ERR_TRACKER when it cannot.
    */
   repair(): void {
     if (this.closed) throw trackerError(this.name, 'repair() after close()');
-    const dir = this.instanceDir;
-    const ex = this.expected;
+    let which = this.primary;
     try {
-      const st = fs.statSync(dir, { bigint: true, throwIfNoEntry: false });
-      if (st && st.ino === ex.ino && this.fd !== null) {
-        const ev = path.join(dir, EVENT_DIR);
-        writeCtl(path.join(dir, 'options', 'overwrite'), '0');
-        if (readBufferKb(dir) !== ex.bufferKb) writeCtl(path.join(dir, 'buffer_size_kb'), String(ex.requestedKb));
-        writeCtl(path.join(ev, 'filter'), ex.filter);
-        if (scopeProblem(dir)) setScope(dir);
-        writeCtl(path.join(ev, 'enable'), '1');
-        writeCtl(path.join(dir, 'tracing_on'), '1');
-        this.expected = { ...ex, bufferKb: readBufferKb(dir) };
-        return;
+      // the shadow first: when both are recreated, it holds everything the new instance will
+      for (const i of this.shadow ? [this.shadow, this.primary] : [this.primary]) {
+        which = i;
+        // a copy that was off (or recreated after its twin) lacks some of the twin's events
+        const twin = i === this.shadow ? PRIMARY.name : SHADOW.name;
+        const wasOff = i.fd === null || i.problem() !== null;
+        if ((i.repair() || wasOff) && this.shadow) {
+          if (!this.sole.includes(twin)) this.sole.push(twin);
+          this.parseShadow = true;
+          this.shadow.partial = '';
+        }
       }
-      if (this.fd !== null) {
-        try { fs.closeSync(this.fd); } catch { /* already closed */ }
-        this.fd = null;
-      }
-      if (st) fs.rmdirSync(dir); // an instance someone else created under our name
-      setUpInstance(dir, ex.requestedKb, ex.filter);
-      this.expected = { ...ex, bufferKb: readBufferKb(dir), ino: fs.statSync(dir, { bigint: true }).ino };
-      this.fd = fs.openSync(path.join(dir, 'trace_pipe'), fs.constants.O_RDONLY | fs.constants.O_NONBLOCK);
-      this.partial = '';
     } catch (err) {
-      throw trackerError(this.name, `cannot repair instance ${dir}`, err);
+      throw trackerError(this.name, `cannot repair instance ${which.dir}`, err);
     }
   }
 
   /**
-   * Reads everything currently in trace_pipe without blocking and returns the
-   * modified extents (merged per disk, sorted by disk and offset). A partial
-   * trailing line is kept for the next call. Events are consumed: they are not
-   * delivered again, even to another tracker on the same instance.
+   * Reads everything currently in trace_pipe (the instance's, then the shadow's) without
+   * blocking and returns the modified extents (merged per disk, sorted by disk and offset).
+   * A partial trailing line is kept for the next call. Events are consumed: they are not
+   * delivered again, even to another tracker on the same instance. Every read is reported
+   * to the journal, before and after, with the copy it read (see the file head).
    */
-  drain(journal?: RawJournal): DirtyExtent[] {
-    if (this.fd === null) throw trackerError(this.name, 'drain() without an open trace_pipe (closed, or a repair failed)');
-    let text = this.partial;
+  drain(journal?: DrainJournal): DirtyExtent[] {
+    if (this.instances.some((i) => i.fd === null)) throw trackerError(this.name, 'drain() without an open trace_pipe (closed, or a repair failed)');
+    if (journal?.soleHolder) {
+      for (const name of this.sole) journal.soleHolder(name);
+      this.sole = [];
+    }
+    const out: DirtyExtent[] = [];
+    this.drainOne(this.primary, this.shadow ? PRIMARY : undefined, out, journal, true);
+    if (this.shadow && this.drainOne(this.shadow, SHADOW, out, journal, this.parseShadow)) this.parseShadow = false;
+    return coalesceExtents(out);
+  }
+
+  /** Reads one instance until it is empty (returns true) or MAX_DRAIN_BYTES were read (false); parse = false: journal only. */
+  private drainOne(inst: Instance, source: DrainSource | undefined, out: DirtyExtent[], journal: DrainJournal | undefined, parse: boolean): boolean {
+    const fd = inst.fd!;
+    let text = inst.partial;
     let total = 0;
+    let empty = false;
     for (;;) {
       let n: number;
-      journal?.beforeRead();
+      journal?.beforeRead(source);
       try {
-        n = fs.readSync(this.fd, this.buf, 0, this.buf.length, null);
+        n = fs.readSync(fd, this.buf, 0, this.buf.length, null);
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
-        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') { journal?.afterRead(this.buf.subarray(0, 0)); break; }
+        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') { journal?.afterRead(this.buf.subarray(0, 0)); empty = true; break; }
         if (code === 'EINTR') { journal?.afterRead(this.buf.subarray(0, 0)); continue; }
-        throw trackerError(this.name, `reading ${this.instanceDir}/trace_pipe failed`, err);
+        throw trackerError(this.name, `reading ${inst.dir}/trace_pipe failed`, err);
       }
       // persisted before anything else happens: events out of the kernel are never only in memory
       journal?.afterRead(this.buf.subarray(0, n));
-      if (n === 0) break;
-      text += this.decoder.write(this.buf.subarray(0, n));
+      if (n === 0) { empty = true; break; }
+      if (parse) text += inst.decoder.write(this.buf.subarray(0, n));
       total += n;
       if (total >= MAX_DRAIN_BYTES) break;
     }
+    if (!parse) return empty;
     const nl = text.lastIndexOf('\n');
-    this.partial = nl < 0 ? text : text.slice(nl + 1);
-    if (nl < 0) return [];
-    const out: DirtyExtent[] = [];
+    inst.partial = nl < 0 ? text : text.slice(nl + 1);
+    if (nl < 0) return empty;
     for (const line of text.slice(0, nl).split('\n')) this.parseLine(line, out);
-    return coalesceExtents(out);
+    return empty;
   }
 
   /** Extents of raw trace text kept by a journal (replay after the agent died mid-drain). */
@@ -458,50 +581,59 @@ export class TracefsTracker implements ChangeTracker {
     }
   }
 
-  /** Current loss counters: overrun (incl. commit overrun) and dropped events summed over all CPUs, plus LOST lines seen. */
+  /**
+   * Current loss counters: overrun (incl. commit overrun) and dropped events summed over all
+   * CPUs of the instance and its shadow (a loss in either is a loss: the shadow is what a cut-short
+   * read is recovered from), plus LOST lines seen.
+   */
   counters(): LossCounters {
     let overrun = 0;
     let dropped = 0;
-    const perCpu = path.join(this.instanceDir, 'per_cpu');
-    try {
-      for (const cpu of fs.readdirSync(perCpu)) {
-        if (!/^cpu\d+$/.test(cpu)) continue;
-        const stats = fs.readFileSync(path.join(perCpu, cpu, 'stats'), 'utf8');
-        const num = (re: RegExp) => Number(re.exec(stats)?.[1] ?? 0);
-        overrun += num(/^overrun: (\d+)/m) + num(/^commit overrun: (\d+)/m);
-        dropped += num(/^dropped events: (\d+)/m);
+    for (const i of this.instances) {
+      const perCpu = path.join(i.dir, 'per_cpu');
+      try {
+        for (const cpu of fs.readdirSync(perCpu)) {
+          if (!/^cpu\d+$/.test(cpu)) continue;
+          const stats = fs.readFileSync(path.join(perCpu, cpu, 'stats'), 'utf8');
+          const num = (re: RegExp) => Number(re.exec(stats)?.[1] ?? 0);
+          overrun += num(/^overrun: (\d+)/m) + num(/^commit overrun: (\d+)/m);
+          dropped += num(/^dropped events: (\d+)/m);
+        }
+      } catch (err) {
+        throw trackerError(this.name, `cannot read ${perCpu}/cpu*/stats`, err);
       }
-    } catch (err) {
-      throw trackerError(this.name, `cannot read ${perCpu}/cpu*/stats`, err);
     }
     return { overrun, dropped, lostNotices: this.lost };
   }
 
   /**
-   * keep = true: close our descriptors and leave the instance recording (agent
-   * stop/upgrade); the next open() with the same name and disks resumes it.
-   * keep = false (default): disable the event and remove the instance.
+   * keep = true: close our descriptors and leave the instances recording (agent
+   * stop/upgrade); the next open() with the same name and disks resumes them.
+   * keep = false (default): remove the instance and its shadow.
    */
   close(o?: { keep?: boolean }): void {
     this.closed = true;
-    if (this.fd !== null) {
-      try { fs.closeSync(this.fd); } catch { /* already closed */ }
-      this.fd = null;
-    }
+    for (const i of this.instances) i.closeFd();
     try {
-      if (!o?.keep) removeInstanceDir(this.name, this.instanceDir);
+      if (!o?.keep) {
+        removeInstanceDir(this.name, this.primary.dir);
+        removeInstanceDir(this.name, this.primary.dir + SHADOW_SUFFIX);
+      }
     } finally {
       releaseInstanceLock(this.name, this.lockDir);
     }
   }
 
   /**
-   * Removes a kept instance without opening it (protection disabled, or uninstall).
+   * Removes a kept instance and its shadow without opening them (protection disabled, or uninstall).
    * MOB_ERR_TRACKER_BUSY while a live agent holds it: it is never disabled under its user.
    */
   static remove(name: string, tracefsRoot?: string, lockDir?: string): void {
-    assertInstanceFree(name, 'remove', lockDir);
-    removeInstanceDir(name, path.join(tracefsRoot ?? DEFAULT_TRACEFS, 'instances', name));
+    // a shadow named on its own (a sweep of every instance of an agent) is locked with its instance
+    assertInstanceFree(name.endsWith(SHADOW_SUFFIX) ? name.slice(0, -SHADOW_SUFFIX.length) : name, 'remove', lockDir);
+    const dir = path.join(tracefsRoot ?? DEFAULT_TRACEFS, 'instances', name);
+    removeInstanceDir(name, dir);
+    removeInstanceDir(name, dir + SHADOW_SUFFIX);
   }
 }
 

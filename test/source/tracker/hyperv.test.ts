@@ -3,12 +3,11 @@
  *
  * A MOCK, by necessity: Hyper-V, Windows and PowerShell cannot run on the Linux machines this
  * project is tested on, so no real peer exists here. The scripts are checked as text (golden
- * files), and the tracker runs against SimHost: a simulated Hyper-V host that decodes each
- * script the tracker sends, reads its arguments, and answers as the WMI methods are documented
- * to (CreateReferencePoint records each disk's RCT id; GetVirtualDiskChanges lists what was
- * written since an RCT id, a bounded amount per call, and refuses an id of a reset log). What
- * only a real host could show (that the scripts run, and that Hyper-V behaves as documented) is
- * not shown here: the README says so.
+ * files), and the tracker runs against SimHost (./hyperv-sim.ts): a simulated Hyper-V host that
+ * decodes each script the tracker sends, reads its arguments, and answers as the WMI methods are
+ * documented to. What only a real host could show (that the scripts run, and that Hyper-V
+ * behaves as documented) is not shown here: the README says so. Points and data reads:
+ * hyperv-point.test.ts.
  */
 import t from 'tap';
 import fs from 'node:fs';
@@ -16,117 +15,15 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
   HyperVTracker, buildChangesScript, buildCreateReferencePointScript, buildDescribeScript, buildDestroyReferencePointScript,
-  openPowerShellShell, type HyperVShell,
+  openPowerShellShell,
 } from '../../../src/source/tracker/hyperv.js';
 import type { DirtyExtent } from '../../../src/source/tracker/change-tracker.js';
 import { MobilityError } from '../../../src/errors.js';
 import { tmpDir } from '../../helpers.js';
+import { GiB, SimHost } from './hyperv-sim.js';
 
 // compiled to dist/test/source/tracker/: the golden files live in the source tree
-const GiB = 2 ** 30;
 const GOLDEN = fileURLToPath(new URL('../../../../test/source/tracker/golden/', import.meta.url));
-
-interface SimDisk { id: string; path: string; size: number; format: string; epoch: number }
-interface Write { seq: number; disk: string; offset: number; length: number }
-
-/** A simulated Hyper-V host with one VM. */
-class SimHost implements HyperVShell {
-  version = '10.0';
-  disks: SimDisk[] = [
-    { id: 'Microsoft:AAAA\\83F8638B-8DCA-4152-9EDA-2CA8B33039B4\\0\\0\\D', path: 'D:\\VMs\\app01\\disk0.vhdx', size: 8 * GiB, format: 'VHDX', epoch: 0 },
-    { id: 'Microsoft:AAAA\\83F8638B-8DCA-4152-9EDA-2CA8B33039B4\\0\\1\\D', path: 'D:\\VMs\\app01\\data.vhdx', size: 2 * GiB, format: 'VHDX', epoch: 0 },
-  ];
-  seq = 0;
-  writes: Write[] = [];
-  points = new Map<string, { disks: string[]; rct: string[] }>();
-  nextPoint = 1;
-  scripts: string[] = [];
-  /** Fails the next script whose title matches. */
-  failNext: RegExp | null = null;
-  /** Bytes GetVirtualDiskChanges processes per call (it may process less than asked). */
-  perCall = 3 * GiB;
-  changeCalls = 0;
-  closed = false;
-
-  constructor(readonly vmName = 'app01') {}
-
-  write(disk: number, offset: number, length: number): void {
-    this.writes.push({ seq: ++this.seq, disk: this.disks[disk]!.id, offset, length });
-  }
-
-  /** The disk's change log is reset (edited offline, compacted): RCT ids given before are refused. */
-  resetRct(disk: number): void {
-    this.disks[disk]!.epoch++;
-  }
-
-  private rctOf(d: SimDisk): string {
-    return `rct:{${d.id}}:${d.epoch}:${this.seq}`;
-  }
-
-  async run(line: string): Promise<string> {
-    const m = /FromBase64String\('([A-Za-z0-9+/=]+)'\)/.exec(line);
-    if (!m) throw new Error(`not a wrapped script: ${line.slice(0, 80)}`);
-    const text = Buffer.from(m[1]!, 'base64').toString('utf8');
-    this.scripts.push(text);
-    const title = text.split('\n')[0]!;
-    // a PowerShell single-quoted literal: any of the four quote characters ends it unless doubled
-    const lit = /^\$a = ConvertFrom-Json '((?:[^'\u2018-\u201B]|(['\u2018-\u201B])\2)*)'$/m.exec(text);
-    if (!lit) throw new Error('no arguments line');
-    const a = JSON.parse(lit[1]!.replace(/(['\u2018-\u201B])\1/g, '$1')) as Record<string, unknown>;
-    if (this.failNext && this.failNext.test(title)) {
-      this.failNext = null;
-      return 'MOBILITY-FAIL MOB_ERR_HYPERV The WMI provider failed (simulated)\n';
-    }
-    const json = (o: unknown) => `some host output\nMOBILITY-JSON ${JSON.stringify(o)}\n`;
-    if (title.includes('Describe a VM')) {
-      if (a.vm !== this.vmName) return `MOBILITY-FAIL MOB_ERR_HYPERV no virtual machine named ${String(a.vm)} on this host\n`;
-      const p = typeof a.base === 'string' ? this.points.get(a.base) : undefined;
-      const disks = this.disks.map((d) => ({ id: d.id, path: d.path, sizeBytes: d.size, format: d.format }));
-      // ConvertTo-Json prints a one-element array as the element
-      return json({ vm: 'GUID', version: this.version, disks: disks.length === 1 ? disks[0] : disks, base: p ? { id: a.base, disks: p.disks, rct: p.rct } : null });
-    }
-    if (title.includes('Create an RCT reference point')) {
-      const id = `Microsoft:RP-${this.nextPoint++}`;
-      const p = { disks: this.disks.map((d) => d.id), rct: this.disks.map((d) => this.rctOf(d)) };
-      this.points.set(id, p);
-      return json({ id, disks: p.disks, rct: p.rct });
-    }
-    if (title.includes('List the changes')) {
-      const out = (a.disks as { path: string; sizeBytes: number; since: string }[]).map((q) => {
-        const d = this.disks.find((x) => x.path === q.path)!;
-        const mm = /^rct:\{(.*)\}:(\d+):(\d+)$/.exec(q.since);
-        const offsets: number[] = [];
-        const lengths: number[] = [];
-        let at = 0;
-        while (at < q.sizeBytes) {
-          this.changeCalls++;
-          if (!mm || mm[1] !== d.id || Number(mm[2]) !== d.epoch) {
-            return { path: q.path, offsets, lengths, lost: `GetVirtualDiskChanges returned 32773 for ${q.path} since RCT id ${q.since}` };
-          }
-          const end = Math.min(q.sizeBytes, at + this.perCall);
-          for (const w of this.writes) {
-            if (w.disk !== d.id || w.seq <= Number(mm[3]) || w.offset + w.length <= at || w.offset >= end) continue;
-            const s = Math.max(w.offset, at);
-            offsets.push(s);
-            lengths.push(Math.min(w.offset + w.length, end) - s);
-          }
-          at = end;
-        }
-        return { path: q.path, offsets: offsets.length === 1 ? offsets[0] : offsets, lengths: lengths.length === 1 ? lengths[0] : lengths, lost: null };
-      });
-      return json({ disks: out.length === 1 ? out[0] : out });
-    }
-    if (title.includes('Destroy an RCT reference point')) {
-      const had = this.points.delete(String(a.id));
-      return json({ destroyed: had });
-    }
-    throw new Error(`unknown script: ${title}`);
-  }
-
-  async close(): Promise<void> {
-    this.closed = true;
-  }
-}
 
 function merged(list: DirtyExtent[]): string {
   return list.map((e) => `${e.disk}:${e.offset}+${e.length}`).join(' ');

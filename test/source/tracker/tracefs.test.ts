@@ -2,7 +2,9 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { TracefsTracker, type DirtyExtent } from '../../../src/source/tracker/tracefs.js';
+import { SHADOW_SUFFIX, TracefsTracker, type DirtyExtent } from '../../../src/source/tracker/tracefs.js';
+import { DirtyJournal } from '../../../src/source/dirty-journal.js';
+import type { DrainSource } from '../../../src/source/tracker/change-tracker.js';
 import { tmpDir, sleep } from '../../helpers.js';
 
 // Runs as root against real loop devices and the real kernel tracefs. Missing
@@ -28,7 +30,7 @@ function removeInstance(name: string): void {
 }
 
 function track(t: Teardown, name: string): void {
-  t.teardown(() => removeInstance(name));
+  t.teardown(() => { removeInstance(name); removeInstance(name + SHADOW_SUFFIX); });
 }
 
 /** A 64 MiB loop device (optionally with one partition start=2048 size=40960 sectors). */
@@ -230,8 +232,8 @@ t.test('self-check notices a removed or recreated instance (fake tracefs root), 
   const dev0 = fs.statSync(dev, { bigint: true }).rdev;
   const major = Number(((dev0 >> 8n) & 0xfffn) | ((dev0 >> 32n) & ~0xfffn));
   const minor = Number((dev0 & 0xffn) | ((dev0 >> 12n) & ~0xffn));
-  const make = () => {
-    const d = path.join(root, 'instances', name);
+  const make = (n = name) => {
+    const d = path.join(root, 'instances', n);
     fs.mkdirSync(path.join(d, 'events/block/block_rq_complete'), { recursive: true });
     fs.mkdirSync(path.join(d, 'options'), { recursive: true });
     fs.mkdirSync(path.join(d, 'per_cpu'), { recursive: true });
@@ -244,6 +246,7 @@ t.test('self-check notices a removed or recreated instance (fake tracefs root), 
     return d;
   };
   const dir = make();
+  make(name + SHADOW_SUFFIX);
   const tr = await TracefsTracker.open({ name, disks: [{ path: dev }], tracefsRoot: root, lockDir });
   t.teardown(() => tr.close({ keep: true }));
   t.equal(tr.resumed, true);
@@ -252,6 +255,13 @@ t.test('self-check notices a removed or recreated instance (fake tracefs root), 
   t.match(tr.selfCheck(), /was removed$/, 'removal noticed');
   make();
   t.match(tr.selfCheck(), /was removed and recreated$/, 'a look-alike recreated under the same name is noticed (inode)');
+  tr.close({ keep: true });
+  // the same for the shadow instance, named as such
+  const again = await TracefsTracker.open({ name, disks: [{ path: dev }], tracefsRoot: root, lockDir });
+  t.teardown(() => again.close({ keep: true }));
+  t.equal(again.selfCheck(), null);
+  fs.rmSync(path.join(root, 'instances', name + SHADOW_SUFFIX), { recursive: true });
+  t.match(again.selfCheck(), /^the shadow trace instance .*\.shadow was removed$/, 'removal of the shadow noticed');
 });
 
 t.test('instances are owned: another process can neither use nor remove one in use; rmdir never leaves it disabled', async (t) => {
@@ -264,6 +274,7 @@ t.test('instances are owned: another process can neither use nor remove one in u
   const other = (code: string) => execFileSync(process.execPath, ['--input-type=module', '-e',
     `import { TracefsTracker } from ${JSON.stringify(mod)};\ntry { ${code}; console.log('ok'); } catch (e) { console.log(e.code, e.message); }`], { encoding: 'utf8' });
   t.match(other(`TracefsTracker.remove(${JSON.stringify(name)})`), /^MOB_ERR_TRACKER_BUSY .*in use by process \d+/, 'remove() from another process: MOB_ERR_TRACKER_BUSY');
+  t.match(other(`TracefsTracker.remove(${JSON.stringify(name + SHADOW_SUFFIX)})`), /^MOB_ERR_TRACKER_BUSY/, 'its shadow named alone neither');
   t.match(other(`await TracefsTracker.open({ name: ${JSON.stringify(name)}, disks: [{ path: ${JSON.stringify(dev)} }] })`), /^MOB_ERR_TRACKER_BUSY/, 'open() from another process: MOB_ERR_TRACKER_BUSY');
   t.equal(tr.selfCheck(), null, 'still live after both attempts');
   // a raw rmdir (what uninstall.sh does) is refused while trace_pipe is open and changes nothing
@@ -278,4 +289,131 @@ t.test('instances are owned: another process can neither use nor remove one in u
   const again = await TracefsTracker.open({ name, disks: [{ path: dev }] });
   t.equal(again.selfCheck(), null, 'a stale lock does not block');
   again.close();
+});
+
+/** A journal that dies (throws, as a kill would stop it) right after the kernel handed over the events of a read of `copy`. */
+function dyingJournal(j: DirtyJournal, copy: string): DirtyJournal {
+  let reading: DrainSource | undefined;
+  return Object.assign(Object.create(j) as DirtyJournal, {
+    beforeRead(source?: DrainSource) { reading = source; j.beforeRead(source); },
+    afterRead(raw: Buffer) {
+      if (reading?.name === copy && raw.length > 0) throw new Error(`killed after a read of ${copy} took ${raw.length} bytes`);
+      j.afterRead(raw);
+    },
+    soleHolder(name: string) { j.soleHolder(name); },
+  });
+}
+
+t.test('a read of trace_pipe cut short (events consumed, not journaled) is recovered from the shadow instance after a restart', async (t) => {
+  const { dev } = await loopDevice(t);
+  const name = instanceName();
+  track(t, name);
+  const state = await tmpDir(t);
+  const disks = [{ id: 'd0', sizeBytes: 64 * MiB, blockSize: 4096 }];
+  const a = await TracefsTracker.open({ name, disks: [{ path: dev }], bufferKb: 1024 });
+  t.teardown(() => a.close({ keep: true }));
+  t.ok(fs.existsSync(path.join(TRACEFS, 'instances', name + SHADOW_SUFFIX)), 'a shadow instance next to the instance');
+  const j1 = DirtyJournal.open(state, disks, (x) => a.parseText(x)).journal;
+  j1.snapshot()();
+  t.same(j1.soleHolders, []);
+  a.drain(j1); // tells the journal the shadow was created first (its head start is its alone)
+  ddWrite(dev, 100, 1);
+  ddWrite(dev, 300, 2);
+  // dd (O_DIRECT) returns after its request completed: both events are in both instances
+  j1.beginDrain();
+  t.throws(() => a.drain(dyingJournal(j1, 'p')), /killed after a read of p/);
+  j1.close();
+  a.close({ keep: true });
+  t.match(fs.readdirSync(state).filter((f) => f.startsWith('dirty.log')).map((f) => fs.readFileSync(path.join(state, f), 'utf8')).join(''), /R p s\n$/,
+    'the journal ends inside a read of the instance');
+
+  const b = await TracefsTracker.open({ name, disks: [{ path: dev }] });
+  t.teardown(() => b.close({ keep: true }));
+  t.equal(b.resumed, true);
+  const r = DirtyJournal.open(state, disks, (x) => b.parseText(x));
+  t.equal(r.torn, false, 'not torn: the shadow still holds what the cut-short read took');
+  t.same(r.journal.soleHolders, ['s']);
+  const n = r.journal.beginDrain();
+  const got = b.drain(r.journal);
+  r.journal.addExtents(got);
+  r.journal.endDrain(n);
+  t.same(got, [{ disk: 0, offset: 409600, length: 4096 }, { disk: 0, offset: 1228800, length: 8192 }], 'the first drain after the restart delivers both writes, from the shadow');
+  t.same([...r.journal.disks[0].dirty.keys()].sort((x, y) => x - y), [100, 300, 301], 'and they are in the journal');
+  t.same(r.journal.soleHolders, [], 'both copies read empty: nothing is held by one copy alone');
+
+  // a second kill inside the read of the only holder (before it was read empty) is reported torn
+  ddWrite(dev, 500, 1);
+  r.journal.close();
+  b.close({ keep: true });
+  const c = await TracefsTracker.open({ name, disks: [{ path: dev }] });
+  t.teardown(() => c.close());
+  const j3 = DirtyJournal.open(state, disks, (x) => c.parseText(x)).journal;
+  j3.beginDrain();
+  t.throws(() => c.drain(dyingJournal(j3, 'p')), /killed/);
+  j3.close();
+  const j4 = DirtyJournal.open(state, disks, (x) => c.parseText(x));
+  t.equal(j4.torn, false, 'p cut short again: recoverable');
+  j4.journal.beginDrain();
+  t.throws(() => c.drain(dyingJournal(j4.journal, 's')), /killed after a read of s/);
+  j4.journal.close();
+  const j5 = DirtyJournal.open(state, disks, (x) => c.parseText(x));
+  t.equal(j5.torn, true, 'then s cut short before it was read empty: its events are in no copy any more, torn (the caller scans)');
+  j5.journal.close();
+});
+
+t.test('a shadow instance missing at a resume is recreated (resumed stays true) and the journal learns the instance alone holds older events', async (t) => {
+  const { dev } = await loopDevice(t);
+  const name = instanceName();
+  track(t, name);
+  const state = await tmpDir(t);
+  const a = await TracefsTracker.open({ name, disks: [{ path: dev }], bufferKb: 1024 });
+  a.close({ keep: true });
+  fs.rmdirSync(path.join(TRACEFS, 'instances', name + SHADOW_SUFFIX));
+  ddWrite(dev, 7, 1);
+  const b = await TracefsTracker.open({ name, disks: [{ path: dev }] });
+  t.teardown(() => b.close());
+  t.equal(b.resumed, true, 'the instance itself kept recording');
+  t.ok(fs.existsSync(path.join(TRACEFS, 'instances', name + SHADOW_SUFFIX)), 'shadow recreated');
+  const j = DirtyJournal.open(state, [{ id: 'd0', sizeBytes: 64 * MiB, blockSize: 4096 }], (x) => b.parseText(x)).journal;
+  t.teardown(() => j.close());
+  j.beginDrain();
+  t.throws(() => b.drain(dyingJournal(j, 'p')), /killed/);
+  j.close();
+  const r = DirtyJournal.open(state, [{ id: 'd0', sizeBytes: 64 * MiB, blockSize: 4096 }], (x) => b.parseText(x));
+  t.equal(r.torn, true, 'the write made before the shadow existed was only in the instance: its read cut short is torn');
+  r.journal.close();
+  // the profiler opens without a shadow, and removes one left behind
+  b.close({ keep: true });
+  const p = await TracefsTracker.open({ name, disks: [{ path: dev }], shadow: false });
+  t.teardown(() => p.close());
+  t.notOk(fs.existsSync(path.join(TRACEFS, 'instances', name + SHADOW_SUFFIX)), 'shadow: false removes the shadow');
+  p.close();
+  t.notOk(fs.existsSync(path.join(TRACEFS, 'instances', name)), 'close() removes the instance');
+});
+
+t.test('a shadow switched off is named by the self-check; after repair the journal learns the instance alone holds what the shadow missed', async (t) => {
+  const { dev } = await loopDevice(t);
+  const name = instanceName();
+  track(t, name);
+  const state = await tmpDir(t);
+  const tr = await TracefsTracker.open({ name, disks: [{ path: dev }], bufferKb: 1024 });
+  t.teardown(() => tr.close());
+  const j = DirtyJournal.open(state, [{ id: 'd0', sizeBytes: 64 * MiB, blockSize: 4096 }], (x) => tr.parseText(x)).journal;
+  t.teardown(() => j.close());
+  tr.drain(j);
+  t.same(j.soleHolders, [], 'both copies read empty after the first drain');
+  fs.writeFileSync(path.join(TRACEFS, 'instances', name + SHADOW_SUFFIX, 'tracing_on'), '0\n');
+  t.match(tr.selfCheck(), /^tracing_on is 0 \(shadow trace instance .*\.shadow\)$/, 'the self-check names the shadow');
+  ddWrite(dev, 9, 1); // recorded by the instance only
+  tr.repair();
+  t.equal(tr.selfCheck(), null, 'repaired');
+  const told: string[] = [];
+  const spy = Object.assign(Object.create(j) as DirtyJournal, {
+    beforeRead: (s?: DrainSource) => j.beforeRead(s),
+    afterRead: (raw: Buffer) => j.afterRead(raw),
+    soleHolder: (x: string) => { told.push(x); j.soleHolder(x); },
+  });
+  t.same(tr.drain(spy), [{ disk: 0, offset: 9 * 4096, length: 4096 }], 'the write is delivered (by the instance)');
+  t.same(told, ['p'], 'the journal was told the instance alone held events');
+  t.same(j.soleHolders, [], 'and the instance was read empty in that drain');
 });
