@@ -36,7 +36,6 @@ import { policyCompressMode, type AgentPolicy } from './policy.js';
 import { VmProtections, type VmAssignment } from './vm-protection.js';
 import { discoverVms, type InventoryVm } from '../source/qemu/vm-discovery.js';
 import { runHostPreflight } from '../install/host-preflight.js';
-import { GuestAgentQuiescer } from './guest-agent-quiescer.js';
 
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 30_000;
@@ -153,8 +152,6 @@ export class AgentDaemon {
         const { Protector } = await import('./protector.js');
         return new Protector(o);
       },
-      // app-consistent cuts of a VM with a guest agent freeze the guest through it
-      quiescer: (socket) => new GuestAgentQuiescer({ socket }),
     });
   }
 

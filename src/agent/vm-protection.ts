@@ -6,7 +6,8 @@
  * message's machineId), and stop() when it stops. Each VM's protector runs as its VM's machine
  * (agentId = the VM's machine id: its replication sessions, points and health are the VM's),
  * with the host's credentials and state directory, and QEMU as its tracker (qemu: the VM's QMP
- * and guest agent sockets; disks: its block nodes).
+ * and guest agent sockets, the protector freezing the guest through the latter for app-consistent
+ * cuts; disks: its block nodes).
  *
  * Isolation: a VM's protector that fails (the VM stopped: its QMP socket is gone) is restarted
  * after a backoff (RESTART_MIN_MS doubling to RESTART_MAX_MS, back to the minimum once it
@@ -22,7 +23,6 @@ import type { CutKind } from './cut-kind.js';
 import type { GroupCutLink } from './group-member.js';
 import { policyCompressMode, policyKey, type AgentPolicy } from './policy.js';
 import type { ProtectEvent, ProtectOptions } from './protector.js';
-import type { Quiescer } from './quiesce.js';
 
 export const RESTART_MIN_MS = 15_000;
 export const RESTART_MAX_MS = 300_000;
@@ -54,12 +54,6 @@ export interface VmProtectionDeps {
   send(m: object): void;
   /** Builds a protector (the daemon: new Protector(o)); a seam for tests. */
   create(o: ProtectOptions): Promise<VmProtector>;
-  /**
-   * What freezes a VM's filesystems for app-consistent cuts, given its guest agent socket (the
-   * guest agent quiescer, src/agent/quiesce.ts). Absent, or a VM without a guest agent: none, and
-   * the protector records app-consistent cuts as crash-consistent with a note.
-   */
-  quiescer?(guestAgentSocket: string): Quiescer;
   restartMinMs?: number;
   restartMaxMs?: number;
 }
@@ -140,7 +134,6 @@ export class VmProtections {
         ...this.d.connection(),
         agentId: a.machineId, disks: a.disks.map((x) => ({ path: x.node, id: x.diskId })), stateDir: this.d.stateDir(),
         qemu: { qmpSocket: a.qmpSocket, ...(a.guestAgentSocket ? { guestAgentSocket: a.guestAgentSocket } : {}) },
-        ...(a.guestAgentSocket && this.d.quiescer ? { quiescer: this.d.quiescer(a.guestAgentSocket) } : {}),
         compress: policyCompressMode(a.policy), maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
         appIntervalMs: a.policy.appIntervalMs || undefined, hooksDir: this.d.hooksDir(),
         freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes,
