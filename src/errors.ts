@@ -49,6 +49,7 @@ export const ERROR_CODES = {
   MOB_ERR_NOT_REGISTERED: { retryable: false, summary: 'The agent is not registered (or its certificate was revoked): run `mobility register`.' },
   MOB_ERR_FORBIDDEN: { retryable: false, summary: 'An authenticated agent asked for something outside its own identity (another agent\'s disks).' },
   MOB_ERR_UNKNOWN_MACHINE: { retryable: false, summary: 'No registered machine has this id or hostname.' },
+  MOB_ERR_UNKNOWN_VM: { retryable: false, summary: 'Host mode: the host\'s last inventory lists no VM of this name (or the machine is not a host agent, or the VM could not be inspected).' },
   MOB_ERR_UNKNOWN_POLICY: { retryable: false, summary: 'No replication policy has this name.' },
   MOB_ERR_AGENT_OFFLINE: { retryable: true, summary: 'The machine\'s agent is not connected to the server, so the request cannot reach it.' },
   MOB_ERR_NOT_PROTECTING: { retryable: false, summary: 'The machine protects nothing right now (no disk enabled, or its protection is not running), so there is nothing to cut.' },

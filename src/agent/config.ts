@@ -36,12 +36,19 @@ export interface AgentConfig {
   logLevel?: string;
   /** Profile-only disks (capacity planning): how often their churn is reported (default 10 s, at least 1 s). */
   profileIntervalMs?: number;
+  /**
+   * Host mode: a glob of the QMP unix sockets of this host's VMs (`*` within path segments), e.g.
+   * /var/run/qemu-server/*.qmp (Proxmox). When set the agent is a host agent: it reports the VMs
+   * in its inventory and protects those the server assigns (src/source/qemu/vm-discovery.ts).
+   */
+  vmSockets?: string;
 }
 
 /** Every key of agent.json and its JSON type. Other keys are ignored (install.sh keeps them on upgrade). */
 export const AGENT_CONFIG_KEYS: Record<keyof AgentConfig, 'string' | 'number'> = {
   server: 'string', stateDir: 'string', logFile: 'string', pin: 'string', machineIdFile: 'string',
   inventoryIntervalMs: 'number', tracefsRoot: 'string', hooksDir: 'string', logLevel: 'string', profileIntervalMs: 'number',
+  vmSockets: 'string',
 };
 
 /** The log levels logLevel may name (winston's npm levels). */
@@ -80,6 +87,9 @@ export async function loadAgentConfig(file: string): Promise<AgentConfig> {
   }
   if (c.logLevel !== undefined && !(LOG_LEVELS as readonly string[]).includes(c.logLevel)) {
     throw new MobilityError('MOB_ERR_CONFIG', `${file}: "logLevel" must be one of ${LOG_LEVELS.join(', ')}, not ${JSON.stringify(c.logLevel)}`);
+  }
+  if (c.vmSockets !== undefined && (!path.isAbsolute(c.vmSockets) || c.vmSockets.includes('**'))) {
+    throw new MobilityError('MOB_ERR_CONFIG', `${file}: "vmSockets" must be an absolute glob of QMP sockets with * within path segments (e.g. /var/run/qemu-server/*.qmp), not ${JSON.stringify(c.vmSockets)}`);
   }
   return c as AgentConfig;
 }

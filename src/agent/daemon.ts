@@ -8,8 +8,8 @@
  * rescanned that need not be).
  *
  * Signals: SIGTERM/SIGINT drain and persist, then exit 0; SIGHUP reloads the
- * configuration file (log level, inventory interval; a changed server means
- * reconnecting); SIGUSR1 asks for an app-consistent cut now, SIGUSR2 for a
+ * configuration file (log level, inventory interval, vmSockets; a changed server means
+ * reconnecting) and sends the inventory at once; SIGUSR1 asks for an app-consistent cut now, SIGUSR2 for a
  * crash-consistent one (as for `mobility protect`; logged and ignored when
  * nothing is protected). The server asks for cuts the same way (`mobility cut`,
  * a `cut` control message).
@@ -27,12 +27,15 @@ import { isCertificateError, normalizeFingerprint } from '../transport/tls.js';
 import { loadAgentConfig, loadCredentials, type AgentConfig, type Credentials } from './config.js';
 import { collectInventory, readMachineId } from './inventory.js';
 import type { CutKind, Protector, ProtectEvent } from './protector.js';
-import type { CompressMode } from '../protocol/block-codec.js';
 import { runPreflight } from '../install/preflight.js';
 import { installIdOf } from '../util/installation.js';
 import { TracefsTracker, traceInstanceName } from '../source/tracker/tracefs.js';
 import { GroupCutMember } from './group-member.js';
 import { Profiler, type ChurnReport } from './profiler.js';
+import { policyCompressMode, type AgentPolicy } from './policy.js';
+import { VmProtections, type VmAssignment } from './vm-protection.js';
+import { discoverVms, type InventoryVm } from '../source/qemu/vm-discovery.js';
+import { runHostPreflight } from '../install/host-preflight.js';
 
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 30_000;
@@ -46,23 +49,13 @@ const MAX_CUT_WAIT_MS = 3_600_000;
 /** In <stateDir>/protect/<agent>/: the name of the agent's trace instance (written by the protector). */
 const TRACE_INSTANCE_FILE = 'trace-instance';
 
-interface Policy {
-  name: string; crashIntervalMs: number; appIntervalMs: number; compress: boolean; bandwidthBytes: number;
-  /** Absent from older servers: then compress true means auto. */
-  compressMode?: CompressMode;
-  /** Absent from servers older than the setting: the protector's default. */
-  freezeLimitMs?: number; spoolBudgetBytes?: number;
-}
-/** The compress mode a policy asks for: compressMode from newer servers (an unknown one counts as auto), else compress true = auto. */
-export function policyCompressMode(p: Pick<Policy, 'compress' | 'compressMode'>): CompressMode {
-  const m = p.compressMode as string | undefined;
-  if (m === 'auto' || m === 'always' || m === 'never') return m;
-  if (m !== undefined) return 'auto';
-  return p.compress ? 'auto' : 'never';
-}
+type Policy = AgentPolicy;
+export { policyCompressMode };
 
 interface Assignments {
   agentId: string; policy: Policy; disks: { diskId: string; device: string }[];
+  /** A host agent's VMs to protect (host mode); absent from older servers. */
+  vms?: VmAssignment[];
   /** Disks to profile only (capacity planning: track and report churn, ship nothing); absent from older servers. */
   profile?: { diskId: string; device: string }[];
 }
@@ -94,6 +87,10 @@ export class AgentDaemon {
   private profiler: Profiler | null = null;
   private profilerDone: Promise<void> | null = null;
   private profiled = '';
+  /** Host mode: the protection of this host's VMs (created once the configuration is loaded). */
+  private vms: VmProtections | null = null;
+  /** Host mode: the last probe of each VM socket (reported again while a protection holds the socket). */
+  private lastProbes = new Map<string, InventoryVm>();
   /** Churn reports not sent yet (the control connection was down). */
   private churnQueue: { type: 'churn'; atMs: number; disks: ChurnReport[] }[] = [];
 
@@ -125,9 +122,11 @@ export class AgentDaemon {
     process.on('SIGHUP', () => { void this.reload(); });
     process.on('SIGUSR1', () => { this.requestCut('app', 'SIGUSR1'); });
     process.on('SIGUSR2', () => { this.requestCut('crash', 'SIGUSR2'); });
+    this.vms = this.newVmProtections();
     try {
       await this.controlLoop();
     } finally {
+      await this.vms.stop();
       await this.stopProtector();
       await this.stopProfiler();
       if (this.invTimer) clearInterval(this.invTimer);
@@ -135,6 +134,25 @@ export class AgentDaemon {
       this.log.info('agent stopped', { agent: this.creds.identity.agentId });
       await new Promise<void>((r) => { this.log.on('finish', r); this.log.end(); setTimeout(r, 500).unref(); });
     }
+  }
+
+  /** The VM protections of a host agent: each VM's protector runs as the VM's machine, with this host's credentials. */
+  private newVmProtections(): VmProtections {
+    return new VmProtections({
+      connection: () => {
+        const u = new URL(this.cfg.server);
+        u.pathname = '/v1/replicate';
+        return { serverUrl: u.toString(), token: '', ca: this.creds.ca, pin: this.creds.identity.serverFingerprint, cert: this.creds.cert, key: this.creds.key };
+      },
+      stateDir: () => path.join(this.cfg.stateDir, 'protect'),
+      hooksDir: () => this.cfg.hooksDir,
+      log: this.log,
+      send: (m) => this.send(m),
+      create: async (o) => {
+        const { Protector } = await import('./protector.js');
+        return new Protector(o);
+      },
+    });
   }
 
   async stop(): Promise<void> {
@@ -158,6 +176,8 @@ export class AgentDaemon {
     this.log.info('configuration reloaded', { file: this.configFile });
     if (before.server !== this.cfg.server) this.ws?.close(1000, 'server changed');
     this.scheduleInventory();
+    // a reload also reports the inventory now: a host's new VMs can be enabled without waiting
+    void this.sendInventory();
   }
 
   private scheduleInventory(): void {
@@ -168,10 +188,26 @@ export class AgentDaemon {
 
   private async sendInventory(): Promise<void> {
     try {
-      const inventory = await collectInventory({ machineIdFile: this.cfg.machineIdFile });
-      this.send({ type: 'inventory', inventory });
+      const [inventory, vms] = await Promise.all([collectInventory({ machineIdFile: this.cfg.machineIdFile }), this.collectVms()]);
+      this.send({ type: 'inventory', inventory: vms ? { ...inventory, vms } : inventory });
     } catch (err) {
       this.log.warn('inventory failed', { error: (err as Error).message });
+    }
+  }
+
+  /**
+   * Host mode: the VMs behind vmSockets (null when this is not a host agent). A socket a VM's
+   * protection holds is reported from its last probe (QEMU serves one client per monitor).
+   */
+  private async collectVms(): Promise<InventoryVm[] | null> {
+    if (!this.cfg.vmSockets) return null;
+    try {
+      const vms = await discoverVms(this.cfg.vmSockets, this.creds.identity.agentId, { held: this.vms?.heldSockets(), previous: this.lastProbes });
+      for (const v of vms) if (!v.error && !v.probedAt) this.lastProbes.set(v.qmpSocket, { ...v, probedAt: new Date().toISOString() });
+      return vms;
+    } catch (err) {
+      this.log.warn('VM discovery failed', { vmSockets: this.cfg.vmSockets, code: toMobilityError(err).code, error: (err as Error).message });
+      return [];
     }
   }
 
@@ -259,7 +295,9 @@ export class AgentDaemon {
           return;
         }
         if (m.type === 'preflight') {
-          void this.preflight(String(m.id), Array.isArray(m.disks) ? m.disks.map(String) : []);
+          const q = m.qemu as { qmpSocket?: unknown; nodes?: unknown } | undefined;
+          if (q && typeof q === 'object' && typeof q.qmpSocket === 'string' && Array.isArray(q.nodes)) void this.vmPreflight(String(m.id), q.qmpSocket, q.nodes.map(String));
+          else void this.preflight(String(m.id), Array.isArray(m.disks) ? m.disks.map(String) : []);
           return;
         }
         if (m.type === 'cut') {
@@ -271,7 +309,7 @@ export class AgentDaemon {
           return;
         }
         if (m.type === 'group-freeze' || m.type === 'group-commit' || m.type === 'group-abort') {
-          this.groupCuts.get(String(m.point))?.onMessage(m);
+          this.groupCuts.get(groupKey(m))?.onMessage(m);
         }
       });
       ws.on('error', (err) => {
@@ -289,6 +327,18 @@ export class AgentDaemon {
         else reject(new MobilityError('MOB_ERR_UNREACHABLE', `control connection closed (${code})`));
       });
     });
+  }
+
+  /** Host mode: the checks before a VM is protected: the host's own (no tracefs) and QEMU's (install/host-preflight.ts). */
+  private async vmPreflight(id: string, qmpSocket: string, nodes: string[]): Promise<void> {
+    const failed = (err: Error) => [{ id: 'preflight', ok: false, code: 'MOB_ERR_INTERNAL' as const, message: err.message, ms: 0 }];
+    const [host, qemu] = await Promise.all([
+      runPreflight({ serverUrl: this.cfg.server, stateDir: this.cfg.stateDir, disks: [], only: ['root', 'os', 'disk-space', 'server-port', 'clock'] }).catch(failed),
+      runHostPreflight({ qmpSocket, nodes }).catch(failed),
+    ]);
+    const checks = [...host, ...qemu];
+    this.log.info('preflight of a VM', { id, qmpSocket, nodes, ok: checks.every((c) => c.ok), failed: checks.filter((c) => !c.ok).map((c) => c.code) });
+    this.send({ type: 'preflight-result', id, checks });
   }
 
   private async preflight(id: string, disks: string[]): Promise<void> {
@@ -328,6 +378,19 @@ export class AgentDaemon {
     const waitMs = typeof m.waitMs === 'number' && m.waitMs > 0 ? Math.min(m.waitMs, MAX_CUT_WAIT_MS) : DEFAULT_CUT_WAIT_MS;
     // taken before the protector hears of it: every cut that freezes after this answers the request
     const requestedAtMs = Date.now();
+    if (typeof m.machineId === 'string' && m.machineId !== this.creds.identity.agentId) {
+      // a cut of one of this host's VMs
+      const r = this.vms?.requestCut(m.machineId, m.kind, waitMs) ?? 'unknown';
+      this.log.info('cut of a VM requested', { machine: m.machineId, kind: m.kind, running: r });
+      if (r === true) this.send({ type: 'cut-reply', id, accepted: true, requestedAtMs });
+      else {
+        this.send({
+          type: 'cut-reply', id, accepted: false, code: 'MOB_ERR_NOT_PROTECTING',
+          message: r === 'unknown' ? `${m.machineId} is not a VM this host protects` : `protection of VM ${m.machineId} is not running (starting, or restarting after a failure: see the agent log); the cut is taken when it runs again`,
+        });
+      }
+      return;
+    }
     if (this.requestCut(m.kind, 'server', waitMs)) {
       this.send({ type: 'cut-reply', id, accepted: true, requestedAtMs });
     } else {
@@ -354,11 +417,24 @@ export class AgentDaemon {
       return;
     }
     const group = String(m.group ?? '');
+    const key = groupKey(m);
+    const vm = typeof m.machineId === 'string' && m.machineId !== this.creds.identity.agentId ? m.machineId : null;
     const member = new GroupCutMember(point, group, m.kind as CutKind, {
       boundMs: Math.min(m.boundMs as number, MAX_CUT_WAIT_MS), convergeMs: Math.min(m.convergeMs as number, MAX_CUT_WAIT_MS),
-      send: (x) => this.send(x), onSettled: () => { if (this.groupCuts.get(point) === member) this.groupCuts.delete(point); },
+      // a VM's answers name it: the server takes them for the VM's machine
+      send: (x) => this.send(vm ? { ...x, machineId: vm } : x), onSettled: () => { if (this.groupCuts.get(key) === member) this.groupCuts.delete(key); },
     });
-    this.groupCuts.set(point, member);
+    this.groupCuts.set(key, member);
+    if (vm) {
+      this.log.info('group cut of a VM requested', { group, point, machine: vm, kind: m.kind });
+      try {
+        if (!this.vms) throw new MobilityError('MOB_ERR_NOT_PROTECTING', `${vm} is not a VM this host protects`);
+        this.vms.requestGroupCut(vm, member);
+      } catch (err) {
+        member.failed(toMobilityError(err));
+      }
+      return;
+    }
     const p = this.protector;
     this.log.info('group cut requested', { group, point, kind: m.kind, boundMs: m.boundMs });
     if (!p) {
@@ -372,6 +448,7 @@ export class AgentDaemon {
   /** Serialised: protection and profiling follow the latest assignments (null = protect nothing). */
   private apply(a: Assignments | null): Promise<void> {
     this.desired = a;
+    if (a && this.vms) void this.vms.apply(Array.isArray(a.vms) ? a.vms.filter(validVm) : []);
     this.applying = this.applying.then(() => this.reconcile()).catch((err) => {
       this.log.error('cannot apply assignments', { error: (err as Error).message });
     }).then(() => this.reconcileProfile()).catch((err) => {
@@ -558,4 +635,17 @@ export class AgentDaemon {
     await this.protectorDone;
     this.protectorDone = null;
   }
+}
+
+/** Group cut messages are the machine's: a host's VMs may take part in the same group point. */
+function groupKey(m: Record<string, unknown>): string {
+  return `${typeof m.machineId === 'string' ? m.machineId : ''}\0${String(m.point)}`;
+}
+
+/** A VM assignment with the fields the protection needs (a newer or broken server's others are ignored). */
+function validVm(v: unknown): v is VmAssignment {
+  const x = v as Partial<VmAssignment> | null;
+  return typeof x === 'object' && x !== null && typeof x.machineId === 'string' && typeof x.qmpSocket === 'string' && typeof x.name === 'string'
+    && typeof x.policy === 'object' && x.policy !== null && Array.isArray(x.disks) && x.disks.length > 0
+    && x.disks.every((d) => typeof d?.diskId === 'string' && typeof d.node === 'string');
 }

@@ -13,6 +13,7 @@ import { CONN_HELP, CONN_OPTIONS, api, fmtAge, resolveConn, serverConn } from '.
 import { confirmDestructive } from './confirm.js';
 import { configDir, profileFile, profileNames, readProfile, removeProfile, saveProfile, selectProfile, trustOf } from './profile.js';
 import { fmtBytes, table } from './progress.js';
+import { formatHostVms, type MachineVmRow } from './vm-format.js';
 
 const HELP: Record<string, string> = {
   passphrase: `Usage: mobility passphrase show|rotate [--data-dir DIR]
@@ -67,7 +68,9 @@ commands enabled.
   machines: `Usage: mobility machines [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
 Registered machines: connection, policy, protected disks, and the inventory the agent
-reports (OS, kernel, CPU, memory, disks, IPs).
+reports (OS, kernel, CPU, memory, disks, IPs). A host agent's VMs are listed under it, indented:
+name, machine id, run state, disks (device, node, format, size) and protection; --json nests
+them (machines[].vms).
 ${CONN_HELP}`,
   policy: `Usage:
   mobility policy create NAME [--rpo D] [--retention D] [--crash-interval D] [--app-interval D] [--compress MODE] [--max-rate N]
@@ -91,6 +94,7 @@ A policy governs all the disks of a machine (they form one consistency group):
 Creating an existing policy updates it; the agents under it get the change at once.
 ${CONN_HELP}`,
   enable: `Usage: mobility enable --machine M --disk DEV [--disk-id ID] [--policy NAME] [--profile-only] [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL]
+       mobility enable --machine HOST --vm NAME [--policy NAME] [...]
 
 Runs the preflight checks for DEV on the machine's agent, then assigns the disk: the agent
 starts its initial replication at once (pushed over its control connection).
@@ -100,6 +104,13 @@ starts its initial replication at once (pushed over its control connection).
                    or recovery point is made. See mobility capacity. Enabling the disk again
                    without --profile-only protects it (its profiling ends, the samples stay);
                    mobility disable ends profiling and deletes nothing.
+  --vm NAME        host mode: protect every disk of VM NAME of host agent HOST (as its last
+                   inventory reports it: mobility machines) as one machine, <HOST>.<NAME>, whose
+                   disks are cut together; CD-ROMs and empty drives are left out. The host runs
+                   QEMU's preflight for the VM first. Status, points, cut, test-failover,
+                   failover and disable then name the VM's machine (--machine HOST.NAME).
+                   Fails with MOB_ERR_UNKNOWN_VM (3) when HOST reports no such VM (the message
+                   lists those it reports) or is not a host agent (agent.json vmSockets).
 ${CONN_HELP}`,
   disable: `Usage: mobility disable --machine M --disk ID|DEV [--keep-replica] [--yes] [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] [--json]
 
@@ -364,9 +375,12 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
         agentId: string; hostname: string; connected: boolean; lastSeen: string | null; inventory: import('../agent/inventory.js').Inventory | null; policy: string; disks: { diskId: string; device: string }[];
         /** Absent from servers before profile-only mode. */
         profiled?: { diskId: string; device: string }[];
+        /** A host agent's VMs (absent for other machines and from older servers). */
+        vms?: MachineVmRow[];
       };
       const ms = (j.machines ?? []) as M[];
       out(v, j, () => ms.length === 0 ? 'no registered machines\n' : formatMachines(ms.map((m) => ({ ...m, disks: m.disks.length })))
+        + ms.filter((m) => m.vms !== undefined).map((m) => formatHostVms(m.agentId, m.vms!)).join('')
         + ms.filter((m) => m.disks.length).map((m) => `${m.agentId} protects ${m.disks.map((d) => `${d.diskId} (${d.device})`).join(', ')}\n`).join('')
         + ms.filter((m) => m.profiled?.length).map((m) => `${m.agentId} profiles ${m.profiled!.map((d) => `${d.diskId} (${d.device})`).join(', ')} (capacity planning: see mobility capacity)\n`).join(''));
       return EXIT.OK;
@@ -414,9 +428,19 @@ export async function runAdmin(cmd: string, argv: string[]): Promise<number> {
     case 'enable': case 'disable': {
       const { values: v } = parse(argv, {
         ...CONN, machine: { type: 'string' }, disk: { type: 'string' }, 'disk-id': { type: 'string' }, policy: { type: 'string' }, 'keep-replica': { type: 'boolean' },
-        ...(cmd === 'disable' ? { yes: { type: 'boolean', short: 'y' } } : { 'profile-only': { type: 'boolean' } }),
+        ...(cmd === 'disable' ? { yes: { type: 'boolean', short: 'y' } } : { 'profile-only': { type: 'boolean' }, vm: { type: 'string' } }),
       });
       if (v.help) { process.stdout.write(HELP[cmd]); return EXIT.OK; }
+      if (cmd === 'enable' && typeof v.vm === 'string') {
+        if (!v.machine) throw new MobilityError('MOB_ERR_USAGE', 'enable --vm needs --machine HOST (the host agent)');
+        if (v.disk || v['disk-id'] || v['profile-only']) throw new MobilityError('MOB_ERR_USAGE', 'enable --vm protects every disk of the VM: it takes no --disk, --disk-id or --profile-only');
+        const j = await api(await serverConn(v), 'POST', '/v1/enable', { machine: v.machine, vm: v.vm, policy: v.policy });
+        const disks = (j.disks ?? []) as { diskId: string; node: string; format: string; sizeBytes: number }[];
+        out(v, j, () => `enabled VM ${String(j.vm)} of ${String(j.hostId)} as machine ${String(j.agentId)} under policy ${String(j.policy)}: `
+          + `${disks.map((d) => `${d.diskId} (node ${d.node}, ${d.format}, ${(d.sizeBytes / 1024 ** 3).toFixed(1)} GiB)`).join(', ')}; `
+          + `${(j.preflight as unknown[] | undefined)?.length ? 'preflight passed; ' : ''}initial replication starts now (mobility status shows progress)\n`);
+        return EXIT.OK;
+      }
       if (!v.machine || !v.disk) throw new MobilityError('MOB_ERR_USAGE', `${cmd} needs --machine and --disk`);
       const c = await serverConn(v);
       if (cmd === 'enable') {

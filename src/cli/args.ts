@@ -21,6 +21,7 @@ export function exitCodeFor(code: ErrorCode): number {
     case 'MOB_ERR_TRACKER':
     case 'MOB_ERR_UNKNOWN_POINT':
     case 'MOB_ERR_UNKNOWN_MACHINE':
+    case 'MOB_ERR_UNKNOWN_VM':
     case 'MOB_ERR_UNKNOWN_POLICY':
     case 'MOB_ERR_UNKNOWN_GROUP':
     case 'MOB_ERR_GROUP_TOO_LARGE':

@@ -175,7 +175,33 @@ export const MIGRATIONS: string[] = [
      ok INTEGER,
      report TEXT);
    CREATE INDEX recovery_plan_runs_plan ON recovery_plan_runs (plan, started_at);`,
+  // 9: host mode: a VM of a KVM host is a machine of its own (a row of agents with no certificate:
+  // machine_id 'vm:<id>', cert_fingerprint ''), linked here to the host whose agent acts for it
+  `CREATE TABLE vm_machines (
+     agent_id TEXT PRIMARY KEY REFERENCES agents(id) ON DELETE CASCADE,
+     host_id TEXT NOT NULL REFERENCES agents(id) ON DELETE CASCADE,
+     vm_name TEXT NOT NULL,
+     qmp_socket TEXT NOT NULL,
+     guest_agent_socket TEXT,
+     created_at TEXT NOT NULL,
+     UNIQUE (host_id, vm_name));
+   CREATE INDEX vm_machines_host ON vm_machines (host_id);`,
 ];
+
+/** A VM of a host agent as the configuration server records it (the VM's own row is in agents, id = agentId). */
+export interface VmMachineRow {
+  agentId: string; hostId: string; name: string;
+  /** Where the host reaches the VM (as its inventory reported at enable; a later enable updates them). */
+  qmpSocket: string; guestAgentSocket: string | null;
+  createdAt: string;
+}
+
+function rowToVm(r: Record<string, unknown>): VmMachineRow {
+  return {
+    agentId: r.agent_id as string, hostId: r.host_id as string, name: r.vm_name as string, qmpSocket: r.qmp_socket as string,
+    guestAgentSocket: (r.guest_agent_socket as string | null) ?? null, createdAt: r.created_at as string,
+  };
+}
 
 /**
  * A consistency group: machines cut together by the configuration server (see group-cut.ts).
@@ -516,6 +542,43 @@ export class ConfigDb {
    */
   recordInstallId(id: string, installId: string): boolean {
     return this.db.prepare('UPDATE agents SET install_id = ? WHERE id = ? AND install_id IS NULL').run(installId, id).changes === 1;
+  }
+
+  // ---- VMs of host agents (host mode)
+  /**
+   * Creates (or finds) the machine of VM `name` of host `hostId` with id `agentId`: an agents row
+   * with no certificate (it never authenticates: the host's agent acts for it) and its link to the
+   * host, in one transaction. Throws MOB_ERR_CONFIG when the id belongs to another machine.
+   */
+  ensureVmMachine(hostId: string, agentId: string, vm: { name: string; qmpSocket: string; guestAgentSocket: string | null }): VmMachineRow {
+    const name = vm.name;
+    return this.db.transaction(() => {
+      const link = this.vmMachine(agentId);
+      if (link) {
+        if (link.hostId !== hostId) throw new MobilityError('MOB_ERR_CONFIG', `machine ${agentId} is a VM of host ${link.hostId}, not of ${hostId}`);
+        this.db.prepare('UPDATE vm_machines SET vm_name = ?, qmp_socket = ?, guest_agent_socket = ? WHERE agent_id = ?').run(name, vm.qmpSocket, vm.guestAgentSocket, agentId);
+        return this.vmMachine(agentId)!;
+      }
+      if (this.getAgent(agentId)) throw new MobilityError('MOB_ERR_CONFIG', `machine id ${agentId} (VM ${name} of ${hostId}) belongs to a registered machine`);
+      const at = now();
+      this.db.prepare(`INSERT INTO agents (id, machine_id, hostname, cert_fingerprint, registered_at, registered_with) VALUES (?, ?, ?, '', ?, ?)`)
+        .run(agentId, `vm:${agentId}`, name, at, `host ${hostId}`);
+      this.db.prepare('INSERT INTO vm_machines (agent_id, host_id, vm_name, qmp_socket, guest_agent_socket, created_at) VALUES (?, ?, ?, ?, ?, ?)')
+        .run(agentId, hostId, name, vm.qmpSocket, vm.guestAgentSocket, at);
+      return this.vmMachine(agentId)!;
+    })();
+  }
+  /** The VM link of a machine, or null when it is not a VM. */
+  vmMachine(agentId: string): VmMachineRow | null {
+    const r = this.db.prepare('SELECT * FROM vm_machines WHERE agent_id = ?').get(agentId) as Record<string, unknown> | undefined;
+    return r ? rowToVm(r) : null;
+  }
+  /** The VM machines of a host (every host's when hostId is undefined), by name. */
+  listVmMachines(hostId?: string): VmMachineRow[] {
+    const rows = (hostId === undefined
+      ? this.db.prepare('SELECT * FROM vm_machines ORDER BY host_id, vm_name').all()
+      : this.db.prepare('SELECT * FROM vm_machines WHERE host_id = ? ORDER BY vm_name').all(hostId)) as Record<string, unknown>[];
+    return rows.map(rowToVm);
   }
 
   touchAgent(id: string): void {

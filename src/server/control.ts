@@ -22,8 +22,20 @@ const HELLO_TIMEOUT_MS = 10_000;
 const INSTALL_ID = /^[0-9a-f]{8,64}$/;
 
 export interface Assignment { diskId: string; device: string }
-/** disks: to protect; profile: to profile only (track and report churn, never replicate). */
-export interface AssignmentsMessage { type: 'assignments'; agentId: string; policy: Policy; disks: Assignment[]; profile: Assignment[] }
+/**
+ * A VM a host agent protects for its machine (host mode): machineId is the VM's machine id (its
+ * replication sessions and recovery points are keyed by it), disks its block nodes, policy the
+ * VM machine's own.
+ */
+export interface VmAssignment {
+  machineId: string; name: string; qmpSocket: string; guestAgentSocket: string | null; policy: Policy;
+  disks: { diskId: string; node: string }[];
+}
+/** disks: to protect; profile: to profile only (track and report churn, never replicate); vms: a host agent's VMs to protect. */
+export interface AssignmentsMessage { type: 'assignments'; agentId: string; policy: Policy; disks: Assignment[]; profile: Assignment[]; vms: VmAssignment[] }
+
+/** How a VM's disk is stored in the disks table: its block node, prefixed (never a device path). */
+export const QEMU_DEVICE_PREFIX = 'qemu:';
 
 /** Most disks one churn message may carry. */
 const MAX_CHURN_DISKS = 256;
@@ -154,7 +166,8 @@ class ControlSession {
           if (typeof m.point !== 'string' || !m.point) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `a ${m.type} message needs the group point it answers`);
           if (m.type === 'group-failed' && (typeof m.code !== 'string' || typeof m.message !== 'string')) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a group-failed message needs a code and a message');
           if (m.type === 'group-ready' && (typeof m.frozenAtMs !== 'number' || !Number.isFinite(m.frozenAtMs))) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'a group-ready message needs frozenAtMs');
-          this.hub.groupHandler?.onMessage(this.agentId, m as unknown as GroupAgentMessage);
+          const who = this.subject(m);
+          if (who) this.hub.groupHandler?.onMessage(who, m as unknown as GroupAgentMessage);
           return;
         }
         case 'churn': {
@@ -173,8 +186,10 @@ class ControlSession {
         case 'event': {
           this.hub.db.touchAgent(this.agentId);
           const ev = typeof m.event === 'object' && m.event !== null && !Array.isArray(m.event) ? m.event as AgentEvent : null;
-          this.log.info('agent event', { agent: this.agentId, event: ev });
-          if (ev) this.hub.emitEvent(this.agentId, ev);
+          const who = this.subject(m);
+          if (!who) return;
+          this.log.info('agent event', { agent: who, ...(who !== this.agentId ? { host: this.agentId } : {}), event: ev });
+          if (ev) this.hub.emitEvent(who, ev);
           return;
         }
         default:
@@ -211,6 +226,19 @@ class ControlSession {
     this.send(this.hub.assignments(this.agentId));
   }
 
+  /**
+   * The machine a message of a host agent speaks for: `machineId` when it names one of this
+   * host's VMs, this agent when it names none. A message for a machine that is not (or no longer)
+   * a VM of this host is dropped (null, logged): a VM disabled a moment ago may still report.
+   */
+  private subject(m: Record<string, unknown>): string | null {
+    if (m.machineId === undefined || m.machineId === null || m.machineId === this.agentId) return this.agentId;
+    if (typeof m.machineId !== 'string') throw new MobilityError('MOB_ERR_FRAME_MALFORMED', 'machineId must be a string');
+    if (this.hub.db.vmMachine(m.machineId)?.hostId === this.agentId) return m.machineId;
+    this.log.warn('message for a machine that is not a VM of this host dropped', { agent: this.agentId, machineId: m.machineId, type: m.type });
+    return null;
+  }
+
   /** The pending request a reply answers (removed), or undefined for an unknown id or a reply of another kind. */
   private take(m: Record<string, unknown>, type: string): Pending | undefined {
     const p = this.pending.get(String(m.id));
@@ -236,8 +264,8 @@ class ControlSession {
     });
   }
 
-  async preflight(disks: string[]): Promise<PreflightReply> {
-    const m = await this.request('preflight', { disks }, PREFLIGHT_TIMEOUT_MS);
+  async preflight(disks: string[], qemu?: { qmpSocket: string; nodes: string[] }): Promise<PreflightReply> {
+    const m = await this.request('preflight', qemu ? { disks, qemu } : { disks }, PREFLIGHT_TIMEOUT_MS);
     const checks = m.checks as PreflightReply['checks'];
     return { ok: checks.every((c) => c.ok), checks };
   }
@@ -254,8 +282,9 @@ class ControlSession {
     if (this.hub.sessions.get(this.agentId) === this) {
       this.hub.sessions.delete(this.agentId);
       this.log.info('agent control disconnected', { agent: this.agentId });
-      // a group cut waiting for this machine aborts now (not at its bound)
+      // a group cut waiting for this machine (or one of its VMs) aborts now (not at its bound)
       this.hub.groupHandler?.onDisconnect(this.agentId);
+      for (const vm of this.hub.db.listVmMachines(this.agentId)) this.hub.groupHandler?.onDisconnect(vm.agentId);
     }
   }
 }
@@ -270,11 +299,25 @@ export class ControlHub {
   groupHandler: { onMessage(agentId: string, m: GroupAgentMessage): void; onDisconnect(agentId: string): void } | null = null;
   constructor(readonly db: ConfigDb, readonly log: Logger) {}
 
-  /** Sends a group cut message to a connected agent; false when it is not connected. */
+  /** The host agent that acts for a VM machine, or null when the machine is not a VM. */
+  hostOf(agentId: string): string | null {
+    return this.db.vmMachine(agentId)?.hostId ?? null;
+  }
+
+  /** The control session that speaks for a machine: its own, or its host's for a VM; and what to add to messages for it. */
+  private route(agentId: string): { s: ControlSession; extra: { machineId?: string } } | null {
+    const own = this.sessions.get(agentId);
+    if (own) return { s: own, extra: {} };
+    const host = this.hostOf(agentId);
+    const s = host ? this.sessions.get(host) : undefined;
+    return s ? { s, extra: { machineId: agentId } } : null;
+  }
+
+  /** Sends a group cut message to a connected agent (a VM's through its host); false when it is not connected. */
   sendGroup(agentId: string, m: GroupServerMessage): boolean {
-    const s = this.sessions.get(agentId);
-    if (!s) return false;
-    s.send(m);
+    const r = this.route(agentId);
+    if (!r) return false;
+    r.s.send({ ...m, ...r.extra });
     return true;
   }
 
@@ -294,29 +337,45 @@ export class ControlHub {
     new ControlSession(this, agentId, ws, this.log.child({ peer }), certFingerprint);
   }
 
-  connected(agentId: string): boolean { return this.sessions.has(agentId); }
+  /** Whether the agent that acts for the machine (its own, or its host's for a VM) is connected. */
+  connected(agentId: string): boolean { return this.route(agentId) !== null; }
 
   assignments(agentId: string): AssignmentsMessage {
     const row = this.db.getAgent(agentId);
     const policy = this.db.getPolicy(row?.policy ?? 'default');
+    const vms: VmAssignment[] = [];
+    for (const vm of this.db.listVmMachines(agentId)) {
+      const disks = this.db.listDisks(vm.agentId).filter((d) => d.device.startsWith(QEMU_DEVICE_PREFIX));
+      if (!disks.length) continue;
+      vms.push({
+        machineId: vm.agentId, name: vm.name, qmpSocket: vm.qmpSocket, guestAgentSocket: vm.guestAgentSocket,
+        policy: this.db.getPolicy(this.db.getAgent(vm.agentId)?.policy ?? 'default'),
+        disks: disks.map((d) => ({ diskId: d.diskId, node: d.device.slice(QEMU_DEVICE_PREFIX.length) })),
+      });
+    }
     return {
       type: 'assignments', agentId, policy, disks: this.db.listDisks(agentId).map((d) => ({ diskId: d.diskId, device: d.device })),
-      profile: this.db.listProfileDisks(agentId).map((d) => ({ diskId: d.diskId, device: d.device })),
+      profile: this.db.listProfileDisks(agentId).map((d) => ({ diskId: d.diskId, device: d.device })), vms,
     };
   }
 
-  /** Sends the agent its current assignments; false when it is not connected (it gets them when it connects). */
+  /**
+   * Sends the agent its current assignments (a VM's change goes to its host, whose assignments
+   * carry its VMs); false when it is not connected (it gets them when it connects).
+   */
   push(agentId: string): boolean {
-    const s = this.sessions.get(agentId);
+    const target = this.sessions.has(agentId) ? agentId : this.hostOf(agentId) ?? agentId;
+    const s = this.sessions.get(target);
     if (!s) return false;
-    s.send(this.assignments(agentId));
+    s.send(this.assignments(target));
     return true;
   }
 
-  async preflight(agentId: string, disks: string[]): Promise<PreflightReply> {
+  /** The agent's preflight checks; with qemu, a host agent's checks of a VM (install/host-preflight.ts). */
+  async preflight(agentId: string, disks: string[], qemu?: { qmpSocket: string; nodes: string[] }): Promise<PreflightReply> {
     const s = this.sessions.get(agentId);
     if (!s) throw new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${agentId} is not connected, so its preflight checks cannot run; start it (systemctl start mobility-agent) and retry`);
-    return s.preflight(disks);
+    return s.preflight(disks, qemu);
   }
 
   /**
@@ -327,9 +386,12 @@ export class ControlHub {
    * An agent with no running protection refuses (MOB_ERR_NOT_PROTECTING).
    */
   async cut(agentId: string, kind: 'crash' | 'app', waitMs: number, onAccepted: (requestedAtMs: number) => void): Promise<{ requestedAtMs: number }> {
-    const s = this.sessions.get(agentId);
-    if (!s) throw new MobilityError('MOB_ERR_AGENT_OFFLINE', `agent ${agentId} is not connected, so it cannot be asked for a cut; start it (systemctl start mobility-agent) and retry`);
-    const m = await s.request('cut', { kind, waitMs }, CUT_REPLY_TIMEOUT_MS, (r) => { if (r.accepted === true) onAccepted(r.requestedAtMs as number); });
+    const r = this.route(agentId);
+    if (!r) {
+      const host = this.hostOf(agentId);
+      throw new MobilityError('MOB_ERR_AGENT_OFFLINE', `${host ? `host agent ${host} of VM ${agentId}` : `agent ${agentId}`} is not connected, so it cannot be asked for a cut; start it (systemctl start mobility-agent) and retry`);
+    }
+    const m = await r.s.request('cut', { kind, waitMs, ...r.extra }, CUT_REPLY_TIMEOUT_MS, (x) => { if (x.accepted === true) onAccepted(x.requestedAtMs as number); });
     if (m.accepted === true) return { requestedAtMs: m.requestedAtMs as number };
     const code = String(m.code);
     throw new MobilityError(isErrorCode(code) ? code : 'MOB_ERR_NOT_PROTECTING', `agent ${agentId}: ${String(m.message)}`);

@@ -178,6 +178,7 @@ export class ProcessServer {
     const deps: SessionDeps = {
       log: this.log, stats: this.stats, heartbeatMs: this.heartbeatMs, maxFrameBytes: this.maxFrameBytes, creditBytes: this.creditBytes, busyPct: () => this.loopLoad.read(),
       token: () => this.token, isRegistered: (a) => Boolean(this.db.getAgent(a)),
+      hostOf: (a) => this.db.vmMachine(a)?.hostId ?? null,
       failoverState: (a) => this.failoverState(a), backend: this.backend, leases: this.leases, points: this.points, health: this.health,
       // the history hears how sessions end (the reason of a session lost, a refused cut)
       metrics: {

@@ -37,6 +37,8 @@ export interface SessionDeps {
   token(): string;
   /** A registered agent must authenticate with its certificate, never the token. */
   isRegistered(agentId: string): boolean;
+  /** The host agent that acts for a VM machine (host mode), or null when the machine is not a VM. */
+  hostOf(agentId: string): string | null;
   failoverState(agentId: string): Promise<FailoverState | null>;
   backend: ReplicaBackend;
   leases: DiskLeases;
@@ -239,8 +241,9 @@ export class Session {
       throw this.certError;
     }
     if (this.certAgentId !== null) {
-      // a registered agent: its certificate is its identity, and it writes only its own disks
-      if (h.agentId !== this.certAgentId) {
+      // a registered agent: its certificate is its identity, and it writes only its own disks, or
+      // those of the VMs it hosts (host mode: a VM machine has no certificate of its own)
+      if (h.agentId !== this.certAgentId && !(ID_PATTERN.test(h.agentId) && this.server.hostOf(h.agentId) === this.certAgentId)) {
         this.server.stats.rejected++;
         throw new MobilityError('MOB_ERR_FORBIDDEN', `the certificate of agent ${this.certAgentId} cannot replicate the disks of agent ${JSON.stringify(h.agentId)}`);
       }

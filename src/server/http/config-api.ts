@@ -29,7 +29,9 @@ import { MobilityError, isErrorCode } from '../../errors.js';
 import type { CompressMode } from '../../protocol/block-codec.js';
 import type { RecoveryPoint } from '../../target/catalog.js';
 import { readBody, send } from './http-util.js';
-import type { ConfigDb, ConsistencyGroup, Policy } from '../config-db.js';
+import type { AgentRow, ConfigDb, ConsistencyGroup, DiskRow, Policy, VmMachineRow } from '../config-db.js';
+import { QEMU_DEVICE_PREFIX, type PreflightReply } from '../control.js';
+import { vmDiskId, vmMachineId, type InventoryVm, type InventoryVmDisk } from '../../source/qemu/vm-discovery.js';
 import type { ServerContext } from '../context.js';
 import { allocatedBytes } from '../../target/local/local-backend.js';
 import { TOKEN_TTL_MS } from '../registry.js';
@@ -226,17 +228,148 @@ async function cutAndWait(server: ServerContext, agentId: string, kind: 'crash' 
   }
 }
 
+/** A VM as GET /v1/machines lists it under its host: the host's last report of it and its protection. */
+export interface MachineVm {
+  agentId: string; name: string; hostId: string; connected: boolean; status: string; qmpSocket: string; guestAgentSocket: string | null;
+  /** Disks as the host reported them (device, node, file, format, sizeBytes, persistentTracking). */
+  inventoryDisks: InventoryVmDisk[];
+  /** Whether the host's last inventory lists the VM (false: stopped or gone since it was enabled). */
+  reported: boolean;
+  error: { code: string; message: string } | null;
+  /** The VM machine's row when it exists (protected or once protected): policy and enabled disks. */
+  policy: string | null; disks: { diskId: string; device: string; enabledAt: string }[];
+}
+
+/** The VMs of a host agent: those its last inventory reports, and VM machines it reported before. Empty object for other machines. */
+function hostVms(a: AgentRow, disks: DiskRow[], byId: Map<string, AgentRow>, links: Map<string, VmMachineRow>, server: ServerContext): { vms?: MachineVm[] } {
+  const reported = inventoryVms(a.id, a.inventory);
+  const mine = [...links.values()].filter((v) => v.hostId === a.id);
+  if (reported === null && mine.length === 0) return {};
+  const connected = server.control.connected(a.id);
+  const out: MachineVm[] = [];
+  const seen = new Set<string>();
+  for (const v of reported ?? []) {
+    seen.add(v.machineId);
+    const row = byId.get(v.machineId);
+    out.push({
+      agentId: v.machineId, name: v.name, hostId: a.id, connected, status: v.status, qmpSocket: v.qmpSocket, guestAgentSocket: v.guestAgentSocket,
+      inventoryDisks: v.disks, reported: true, error: v.error ?? null,
+      policy: row ? row.policy ?? 'default' : null,
+      disks: disks.filter((d) => d.agentId === v.machineId).map((d) => ({ diskId: d.diskId, device: d.device, enabledAt: d.enabledAt })),
+    });
+  }
+  for (const v of mine) {
+    if (seen.has(v.agentId)) continue;
+    out.push({
+      agentId: v.agentId, name: v.name, hostId: a.id, connected, status: 'not reported', qmpSocket: v.qmpSocket, guestAgentSocket: v.guestAgentSocket,
+      inventoryDisks: [], reported: false, error: null, policy: byId.get(v.agentId)?.policy ?? 'default',
+      disks: disks.filter((d) => d.agentId === v.agentId).map((d) => ({ diskId: d.diskId, device: d.device, enabledAt: d.enabledAt })),
+    });
+  }
+  return { vms: out.sort((x, y) => x.name.localeCompare(y.name)) };
+}
+
+/**
+ * The VMs of an inventory host agent `hostId` sent (null when it is not a host agent's), each
+ * checked for the fields used here. The machine id is the server's own (vmMachineId of the host
+ * and the name): a host never names another machine's id for its VM.
+ */
+function inventoryVms(hostId: string, inventory: unknown): InventoryVm[] | null {
+  const vms = (inventory as { vms?: unknown } | null)?.vms;
+  if (!Array.isArray(vms)) return null;
+  return vms.filter((v): v is InventoryVm => {
+    const x = v as Partial<InventoryVm> | null;
+    return typeof x === 'object' && x !== null && typeof x.name === 'string' && x.name !== '' && typeof x.qmpSocket === 'string' && Array.isArray(x.disks)
+      && x.disks.every((d) => typeof d === 'object' && d !== null && typeof d.device === 'string' && typeof d.node === 'string' && d.node !== '');
+  }).map((v) => ({
+    ...v, machineId: vmMachineId(hostId, v.name), guestAgentSocket: typeof v.guestAgentSocket === 'string' ? v.guestAgentSocket : null,
+    status: typeof v.status === 'string' ? v.status : 'unknown',
+  }));
+}
+
+/**
+ * POST /v1/enable with vm: protects every disk of VM `vm` of host agent `machine` as one
+ * consistency group (one machine: every cut covers all its disks). The VM is looked up in the
+ * host's last inventory; its machine (id `<host>.<vm>`) is created when new, each disk enabled
+ * with id = its device name sanitized and device `qemu:<node>`, and the host gets its new
+ * assignments. The host's QEMU preflight runs first, unless the VM is protected already (its QMP
+ * socket is held by the protection then).
+ */
+async function enableVm(server: ServerContext, b: Record<string, unknown>): Promise<Record<string, unknown>> {
+  const db = server.db;
+  const vmName = str(b.vm, 'vm');
+  if (b.disk !== undefined || b.diskId !== undefined) throw new MobilityError('MOB_ERR_USAGE', 'enable --vm protects every disk of the VM: give no disk');
+  if (b.profileOnly === true) throw new MobilityError('MOB_ERR_USAGE', 'profiling (--profile-only) is for in-guest disks; a VM is profiled by protecting it');
+  const host = db.findAgent(str(b.machine, 'machine'));
+  const hostLink = db.vmMachine(host.id);
+  if (hostLink) throw new MobilityError('MOB_ERR_UNKNOWN_VM', `${host.id} is a VM of host ${hostLink.hostId}, not a host: enable --machine ${hostLink.hostId} --vm ${vmName}`);
+  const vms = inventoryVms(host.id, host.inventory);
+  if (vms === null) {
+    throw new MobilityError('MOB_ERR_UNKNOWN_VM', `${host.id} is not a host agent: its inventory${host.inventoryAt ? ` (${host.inventoryAt})` : ''} lists no VMs (set vmSockets in its agent.json to the glob of its VMs' QMP sockets and reload it)`);
+  }
+  const vm = vms.find((v) => v.name === vmName) ?? vms.find((v) => v.machineId === vmName);
+  if (!vm) {
+    throw new MobilityError('MOB_ERR_UNKNOWN_VM', `host ${host.id} reports no VM named ${JSON.stringify(vmName)} in its last inventory${host.inventoryAt ? ` (${host.inventoryAt})` : ''}; `
+      + `its VMs: ${vms.map((v) => `${v.name}${v.error ? ' (unreachable)' : ''}`).join(', ') || 'none'}`);
+  }
+  const same = vms.filter((v) => v.machineId === vm.machineId);
+  if (same.length > 1) {
+    throw new MobilityError('MOB_ERR_UNKNOWN_VM', `host ${host.id} reports ${same.length} VMs that map to machine ${vm.machineId} (${same.map((v) => `${v.name} at ${v.qmpSocket}`).join(', ')}): `
+      + 'give them distinct names (QEMU -name; on Proxmox the VM name)');
+  }
+  if (vm.error) throw new MobilityError('MOB_ERR_UNKNOWN_VM', `host ${host.id} could not inspect VM ${vm.name} at its last inventory (${vm.qmpSocket}: ${vm.error.code}: ${vm.error.message}); start the VM, or check the socket, and retry once the host reported it`);
+  if (vm.disks.length === 0) throw new MobilityError('MOB_ERR_UNKNOWN_VM', `VM ${vm.name} of ${host.id} has no disk to protect (CD-ROMs and empty drives are left out)`);
+  const policy = typeof b.policy === 'string' && b.policy ? db.getPolicy(b.policy) : null;
+  const existing = db.getAgent(vm.machineId);
+  const link = db.vmMachine(vm.machineId);
+  if (existing && link?.hostId !== host.id) throw new MobilityError('MOB_ERR_CONFIG', `machine id ${vm.machineId} of VM ${vm.name} belongs to ${link ? `a VM of host ${link.hostId}` : 'a registered machine'}`);
+  // disk ids: the device names sanitized, made unique
+  const ids = new Set<string>();
+  const disks = vm.disks.map((d) => {
+    let id = vmDiskId(d.device);
+    for (let i = 2; ids.has(id); i++) id = `${vmDiskId(d.device).slice(0, 60)}-${i}`;
+    ids.add(id);
+    return { diskId: id, node: d.node, device: d.device, format: d.format, sizeBytes: d.sizeBytes };
+  });
+  const protectedAlready = link !== null && db.listDisks(vm.machineId).length > 0;
+  const fo = existing ? await server.failoverState(vm.machineId) : null;
+  if (fo) throw new MobilityError('MOB_ERR_FAILED_OVER', `VM ${vm.name} (${vm.machineId}) is failed over to ${fo.point}: fail it back first (mobility reprotect)`);
+  let checks: PreflightReply['checks'] = [];
+  if (!protectedAlready) {
+    const pre = await server.control.preflight(host.id, [], { qmpSocket: vm.qmpSocket, nodes: disks.map((d) => d.node) });
+    checks = pre.checks;
+    if (!pre.ok) {
+      const failed = pre.checks.filter((c) => !c.ok);
+      throw Object.assign(new MobilityError('MOB_ERR_PREFLIGHT', `preflight of VM ${vm.name} on ${host.id} failed: ${failed.map((c) => `${c.code ?? c.id}: ${c.message}${c.fix ? ` (fix: ${c.fix})` : ''}`).join('; ')}`), { details: pre.checks });
+    }
+  }
+  db.ensureVmMachine(host.id, vm.machineId, { name: vm.name, qmpSocket: vm.qmpSocket, guestAgentSocket: vm.guestAgentSocket });
+  if (policy) db.setAgentPolicy(vm.machineId, policy.name);
+  // the VM's disks are exactly those it has now: a disk gone from the VM stops being protected
+  for (const d of db.listDisks(vm.machineId)) if (!ids.has(d.diskId)) db.disableDisk(vm.machineId, d.diskId);
+  for (const d of disks) db.enableDisk(vm.machineId, d.diskId, `${QEMU_DEVICE_PREFIX}${d.node}`);
+  const pushed = server.control.push(host.id);
+  const policyName = (policy ?? db.getPolicy(db.getAgent(vm.machineId)?.policy ?? 'default')).name;
+  server.log.info('replication of a VM enabled', { host: host.id, vm: vm.name, agent: vm.machineId, disks: disks.map((d) => `${d.diskId}=${d.node}`), policy: policyName, pushed });
+  return { agentId: vm.machineId, hostId: host.id, vm: vm.name, disks, policy: policyName, pushed, preflight: checks };
+}
+
 export async function handleConfigApi(server: ServerContext, req: IncomingMessage, res: ServerResponse, url: URL): Promise<boolean> {
   const db = server.db;
   const route = `${req.method ?? ''} ${url.pathname}`;
   switch (route) {
     case 'GET /v1/machines': {
       const disks = db.listDisks();
+      const vmLinks = new Map(db.listVmMachines().map((v) => [v.agentId, v]));
+      const agents = db.listAgents();
+      const byId = new Map(agents.map((a) => [a.id, a]));
       send(res, 200, {
-        machines: db.listAgents().map((a) => ({
+        // VM machines are listed under their host (vms), not at the top
+        machines: agents.filter((a) => !vmLinks.has(a.id)).map((a) => ({
           agentId: a.id, hostname: a.hostname, machineId: a.machineId, connected: server.control.connected(a.id), lastSeen: a.lastSeen,
           registeredAt: a.registeredAt, registeredWith: a.registeredWith, policy: a.policy ?? 'default',
           disks: disks.filter((d) => d.agentId === a.id), profiled: db.listProfileDisks(a.id), inventory: a.inventory, inventoryAt: a.inventoryAt,
+          ...hostVms(a, disks, byId, vmLinks, server),
         })),
       });
       return true;
@@ -277,7 +410,13 @@ export async function handleConfigApi(server: ServerContext, req: IncomingMessag
     }
     case 'POST /v1/enable': {
       const b = await readBody(req);
+      if (b.vm !== undefined) {
+        send(res, 200, await enableVm(server, b));
+        return true;
+      }
       const a = db.findAgent(str(b.machine, 'machine'));
+      const vmLink = db.vmMachine(a.id);
+      if (vmLink) throw new MobilityError('MOB_ERR_USAGE', `${a.id} is VM ${vmLink.name} of host ${vmLink.hostId}: its disks are enabled together (mobility enable --machine ${vmLink.hostId} --vm ${vmLink.name})`);
       const device = str(b.disk, 'disk');
       if (!device.startsWith('/')) throw new MobilityError('MOB_ERR_USAGE', `disk must be an absolute device path on the machine (e.g. /dev/sdb), not ${JSON.stringify(device)}`);
       const diskId = typeof b.diskId === 'string' && b.diskId ? b.diskId : diskIdFor(device);

@@ -18,7 +18,7 @@ export function statusFor(code: string): number {
     case 'MOB_ERR_AUTH': case 'MOB_ERR_PASSPHRASE': case 'MOB_ERR_TOKEN_USED': case 'MOB_ERR_SESSION': return 401;
     case 'MOB_ERR_FORBIDDEN': case 'MOB_ERR_CLONE': case 'MOB_ERR_NOT_REGISTERED': case 'MOB_ERR_CSRF': return 403;
     case 'MOB_ERR_RATE_LIMITED': return 429;
-    case 'MOB_ERR_UNKNOWN_MACHINE': case 'MOB_ERR_UNKNOWN_POLICY': case 'MOB_ERR_UNKNOWN_GROUP': case 'MOB_ERR_UNKNOWN_PLAN': return 404;
+    case 'MOB_ERR_UNKNOWN_MACHINE': case 'MOB_ERR_UNKNOWN_VM': case 'MOB_ERR_UNKNOWN_POLICY': case 'MOB_ERR_UNKNOWN_GROUP': case 'MOB_ERR_UNKNOWN_PLAN': return 404;
     case 'MOB_ERR_PLAN': return 400;
     case 'MOB_ERR_GROUP_TOO_LARGE': return 400;
     case 'MOB_ERR_GROUP_BUSY': return 409;

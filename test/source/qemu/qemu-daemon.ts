@@ -34,8 +34,9 @@ export class QemuDaemon {
   /** A second QMP monitor for the test itself: QEMU serves one client per monitor socket, and the tracker holds the first. */
   readonly testQmpSocket: string;
 
-  constructor(private readonly c: Cleanup, readonly dir: string, readonly disks: DaemonDisk[], readonly nbd = true) {
-    this.qmpSocket = path.join(dir, 'qmp.sock');
+  /** o.qmpSocket: where the (first) QMP socket goes (default DIR/qmp.sock; host-mode discovery tests put several daemons' sockets in one directory). */
+  constructor(private readonly c: Cleanup, readonly dir: string, readonly disks: DaemonDisk[], readonly nbd = true, o: { qmpSocket?: string } = {}) {
+    this.qmpSocket = o.qmpSocket ?? path.join(dir, 'qmp.sock');
     this.nbdSocket = path.join(dir, 'nbd.sock');
     this.testQmpSocket = path.join(dir, 'qmp-test.sock');
   }
