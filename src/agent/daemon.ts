@@ -584,7 +584,7 @@ export class AgentDaemon {
       serverUrl: replicateUrl.toString(), token: '', ca: this.creds.ca, pin: this.creds.identity.serverFingerprint, cert: this.creds.cert, key: this.creds.key,
       agentId, disks: a.disks.map((d) => ({ path: d.device, id: d.diskId })), stateDir: protectDir,
       compress: policyCompressMode(a.policy), maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
-      appIntervalMs: a.policy.appIntervalMs || undefined, hooksDir: this.cfg.hooksDir, tracefsRoot: this.cfg.tracefsRoot,
+      appIntervalMs: a.policy.appIntervalMs, hooksDir: this.cfg.hooksDir, tracefsRoot: this.cfg.tracefsRoot,
       freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes,
       logger: this.log.child({ component: 'protect' }),
       onEvent: (e: ProtectEvent) => this.onProtectEvent(e),

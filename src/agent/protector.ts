@@ -224,7 +224,8 @@ export class Protector {
     this.bs = o.blockSize ?? DEFAULT_BLOCK_SIZE;
     this.log = o.logger;
     this.crashMs = o.crashIntervalMs ?? DEFAULT_CRASH_INTERVAL_MS;
-    this.appMs = o.appIntervalMs ?? DEFAULT_APP_INTERVAL_MS;
+    // 0: no scheduled app-consistent cuts (a policy's "none"); asked-for ones still run
+    this.appMs = o.appIntervalMs === 0 ? Infinity : o.appIntervalMs ?? DEFAULT_APP_INTERVAL_MS;
     if (this.crashMs < MIN_CRASH_INTERVAL_MS) throw new MobilityError('MOB_ERR_USAGE', `the crash-consistent interval must be at least ${MIN_CRASH_INTERVAL_MS / 1000} s`);
     if (this.appMs < this.crashMs) throw new MobilityError('MOB_ERR_USAGE', 'the app-consistent interval must not be shorter than the crash-consistent one');
   }

@@ -135,7 +135,7 @@ export class VmProtections {
         agentId: a.machineId, disks: a.disks.map((x) => ({ path: x.node, id: x.diskId })), stateDir: this.d.stateDir(),
         qemu: { qmpSocket: a.qmpSocket, ...(a.guestAgentSocket ? { guestAgentSocket: a.guestAgentSocket } : {}) },
         compress: policyCompressMode(a.policy), maxRateBytes: a.policy.bandwidthBytes || undefined, crashIntervalMs: a.policy.crashIntervalMs,
-        appIntervalMs: a.policy.appIntervalMs || undefined, hooksDir: this.d.hooksDir(),
+        appIntervalMs: a.policy.appIntervalMs, hooksDir: this.d.hooksDir(),
         freezeLimitMs: a.policy.freezeLimitMs, spoolBudgetBytes: a.policy.spoolBudgetBytes,
         logger: log, onEvent: (e) => this.onEvent(run, e),
       });

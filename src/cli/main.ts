@@ -158,7 +158,7 @@ Events are printed on stdout as JSON lines.
 
 Options (besides --server, --token-file, --ca, --pin, --disk, --agent-id, --state-dir, --block-size, --compress, --no-compress, --max-rate):
   --crash-interval D    crash-consistent cut interval, e.g. 5m, 30s (default 5m, at least 15s)
-  --app-interval D      app-consistent cut interval (default 60m)
+  --app-interval D      app-consistent cut interval (default 60m; 0 = none scheduled)
   --hooks-dir DIR       hook scripts: DIR/pre-freeze/*, DIR/frozen/*, DIR/post-thaw/*
   --hook-timeout D      per hook (default 60s)
   --freeze-limit D      longest time the filesystems may stay frozen (default 10s); past it they are thawed and the cut is retried later

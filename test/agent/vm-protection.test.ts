@@ -59,6 +59,7 @@ t.test('one protector per VM: isolated failures, restarts only where the assignm
     qemu: { qmpSocket: '/run/qemu-server/a.qmp', guestAgentSocket: '/run/qemu-server/a.qga' }, cert: 'CERT', key: 'KEY', crashIntervalMs: 60_000,
   }, 'runs as the VM machine, on its nodes, with the host\'s credentials and the VM\'s sockets');
   t.same(made[1].o.qemu, { qmpSocket: '/run/qemu-server/b.qmp' }, 'no guest agent socket: none passed');
+  t.equal(made[0].o.appIntervalMs, 0, 'a policy\'s app interval 0 (none) reaches the protector as 0, not as its 60-minute default');
   t.same([...v.heldSockets()].sort(), ['/run/qemu-server/a.qmp', '/run/qemu-server/b.qmp'], 'both sockets held');
 
   // events are the VM's machine's
