@@ -23,6 +23,8 @@ export interface ReprotectDiskResult { diskId: string; path: string; sizeBytes: 
 
 export async function reprotect(o: {
   serverUrl: string; token: string; ca?: string; pin?: string; agentId: string; disks: { path: string; id: string }[]; logger: Logger;
+  /** A registered agent's client certificate and key (PEM): the session authenticates with them instead of the token. */
+  cert?: string; key?: string;
   onProgress?: (p: { diskId: string; done: number; total: number }) => void;
 }): Promise<ReprotectDiskResult[]> {
   const srcs: DiskSource[] = [];
@@ -39,7 +41,7 @@ export async function reprotect(o: {
       }
     }
     const conn = await Connection.connect({
-      url: o.serverUrl, ca: o.ca, pin: o.pin,
+      url: o.serverUrl, ca: o.ca, pin: o.pin, cert: o.cert, key: o.key,
       hello: { agentId: o.agentId, token: o.token, agentVersion: AGENT_VERSION, readOnly: true, purpose: 'reprotect', disks: o.disks.map((d, i) => ({ diskId: d.id, sizeBytes: srcs[i].size, blockSize: 64 * 1024, pageSize: PAGE_SIZE })) },
     });
     try {

@@ -287,6 +287,8 @@ Whatever was written to these disks after the failover is overwritten: on a term
 command lists the disks and asks; elsewhere it refuses (MOB_ERR_USAGE, exit 2) without --yes.
 Host mode (--vm-images): --disk names the VM's disk images (qcow2 or raw); shut the VM down
 first (an image in use is refused): a storage daemon of the agent's own opens them for writing.
+A registered machine, or a VM protected by a host agent, replicates only with its agent's
+certificate: --agent-state DIR (the agent's state directory) uses it for the data session.
 ${CONN_HELP}`,
   demo: `Usage: mobility demo [--dir DIR] [--keep] [--files [--size N]]
 
@@ -441,7 +443,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     ...(cmd === 'events' ? { since: { type: 'string' }, limit: { type: 'string' } } : {}),
     ...(cmd === 'alerts' ? { all: { type: 'boolean' } } : {}),
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
-    disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' }, 'vm-images': { type: 'boolean' } } : {}),
+    disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' }, 'vm-images': { type: 'boolean' }, 'agent-state': { type: 'string' } } : {}),
     ...(cmd === 'test-failover' ? {
       download: { type: 'string' }, 'network-map': { type: 'string' }, 'boot-check': { type: 'boolean' }, 'boot-marker': { type: 'string' },
       'boot-timeout': { type: 'string' }, 'boot-bus': { type: 'string' }, 'boot-accel': { type: 'string' }, 'boot-network': { type: 'string' }, 'boot-disk': { type: 'string' },
@@ -544,7 +546,9 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     const host = vmImages ? await (await import('../agent/host-reprotect.js')).openHostImagesForWrite(disksToWrite.map((d) => path.resolve(d.path))) : null;
     try {
       const targets = host ? disksToWrite.map((d, i) => ({ path: host.paths[i]!, id: d.id })) : disksToWrite;
-      disks = await reprotect({ serverUrl: c.url.toString(), token: c.token, ca: c.ca, pin: c.pin, agentId: agent, disks: targets, logger,
+      // a registered machine (or a VM of a host agent) replicates only with its agent's certificate
+      const creds = v['agent-state'] === undefined ? null : await (await import('../agent/config.js')).loadCredentials(path.resolve(v['agent-state'] as string));
+      disks = await reprotect({ serverUrl: c.url.toString(), token: c.token, ca: creds?.ca ?? c.ca, pin: c.pin, agentId: agent, disks: targets, logger, ...(creds ? { cert: creds.cert, key: creds.key } : {}),
         onProgress: (p) => progress.update({ diskId: p.diskId, kind: 'reprotect', done: p.done, total: p.total, stats: { bytesSent: 0 } }) });
       if (host) disks = disks.map((d, i) => ({ ...d, path: disksToWrite[i]!.path }));
     } finally {

@@ -168,4 +168,24 @@ t.test('host mode: enable --vm, a recovery point of the VM, test failover equals
   // replication of the VM is stopped: its protection ends with MOB_ERR_FAILED_OVER and the host keeps running
   await waitFor(() => /protection of a VM failed[^\n]*MOB_ERR_FAILED_OVER|MOB_ERR_FAILED_OVER[^\n]*protection of a VM failed/.test(fs.readFileSync(logFile, 'utf8')), LONG, 'the VM\'s protection stops with MOB_ERR_FAILED_OVER');
   t.equal(agent.exitCode, null, 'the host agent keeps running');
+
+  // failback: the VM is shut down, reprotect writes the differences into its images with the host's certificate
+  await vm.stop('SIGTERM');
+  // the promoted images become the replicas at the failback: kept here to compare with
+  const promoted = new Map(r.disks.map((d) => [d.diskId, fs.readFileSync(d.localPath!)]));
+  const images = vm.disks.map((d, i) => `${d.image}=disk${i}`);
+  const viaToken = await cli(['reprotect', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--agent-id', vmId,
+    '--vm-images', ...images.flatMap((x) => ['--disk', x]), '--yes']);
+  t.match(viaToken.stderr, /MOB_ERR_FORBIDDEN/, 'the operator token alone cannot open the VM machine\'s session');
+  const rp = await cli(['reprotect', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--agent-id', vmId,
+    '--agent-state', stateDir, '--vm-images', ...images.flatMap((x) => ['--disk', x]), '--yes', '--json']);
+  t.equal(rp.code, 0, `reprotect of the VM machine with the host's certificate${rp.code ? `: ${rp.stderr.slice(-600)}` : ''}`);
+  for (const d of r.disks) {
+    const i = Number(d.diskId.slice(4));
+    const back = path.join(work, `back-disk${i}.raw`);
+    execFileSync('qemu-img', ['convert', '-O', 'raw', vm.disks[i]!.image, back]);
+    t.ok(fs.readFileSync(back).equals(promoted.get(d.diskId)!), `failback, ${d.diskId}: the VM's image now equals the promoted image`);
+  }
+  const after = await json(['status'], 'status after the failback');
+  t.notOk(((after.disks ?? []) as { agent: string; state: string }[]).some((x) => x.agent === vmId && x.state === 'failed-over'), 'the VM machine is no longer failed over');
 });
