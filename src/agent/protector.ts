@@ -69,7 +69,7 @@ const SPOOL_ATTEMPTS = 3;
 const CONVERGE_TIMEOUT_MS = 30_000;
 const DRAIN_MS = 100;
 /** Host mode: a drain is a QMP transaction and an nbdinfo run; a few per second are plenty for sub-second lag. */
-const QEMU_DRAIN_MS = 250;
+const QEMU_DRAIN_MS = 1000;
 const NO_COUNTERS: LossBaseline = { overrun: 0, dropped: 0, lostNotices: 0 };
 const COUNTER_CHECK_MS = 1000;
 const PERSIST_MS = 2000;
@@ -217,6 +217,9 @@ export class Protector {
   private stateDir = '';
   /** In-guest: the trace instance found at start is a look-alike of the one the last agent left (events lost). */
   private replaced = false;
+  /** Host mode: when the last drain of QEMU's bitmaps ended, and the disks it found written (status: data lag). */
+  private lastDrainAt = 0;
+  private lastDrainHad = new Set<number>();
   /** Why protection stopped on its own (host mode: QEMU went away); run() rejects with it. */
   private fatal: MobilityError | null = null;
 
@@ -511,8 +514,22 @@ export class Protector {
     this.stop();
   }
 
+  /**
+   * How old the oldest write still inside the tracker may be: host mode drains QEMU's bitmaps
+   * once a QEMU_DRAIN_MS, so a disk that was written to in the last round holds writes up to
+   * that long before the journal sees them (the journal's own age starts when it does).
+   */
+  private trackerLagMs(disk: number, now: number): number {
+    if (!this.qemu || !this.lastDrainHad.has(disk) || !this.lastDrainAt) return 0;
+    return now - this.lastDrainAt;
+  }
+
   /** Churn figures and the pages a cut samples, for extents just journaled. */
   private noteWritten(ext: DirtyExtent[]): void {
+    if (this.qemu) {
+      this.lastDrainAt = Date.now();
+      this.lastDrainHad = new Set(ext.map((e) => e.disk));
+    }
     for (const e of ext) {
       const d = this.disks[e.disk];
       if (!d) continue;
@@ -641,7 +658,7 @@ export class Protector {
           disks: this.disks.map((d) => {
             const jd = this.journal.disks[d.i];
             return {
-              disk: d.i, state: d.state, reason: d.reason, backlogBytes: jd.backlogBytes(), dataLagMs: jd.oldestMs(now),
+              disk: d.i, state: d.state, reason: d.reason, backlogBytes: jd.backlogBytes(), dataLagMs: Math.max(jd.oldestMs(now), this.trackerLagMs(d.i, now)),
               churnBytesPerSec: Math.round(d.churnRate), freezeFailures: this.freezeFailures, lastFreezeMs: this.lastFreezeMs,
               progressPermille: d.progressPermille,
             };
