@@ -20,7 +20,7 @@ import os from 'node:os';
 import path from 'node:path';
 import type { TLSSocket } from 'node:tls';
 import { WebSocket } from 'ws';
-import { AGENT_VERSION } from '../constants.js';
+import { AGENT_VERSION, ID_PATTERN } from '../constants.js';
 import { MobilityError, isErrorCode, toMobilityError } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import { isCertificateError, normalizeFingerprint } from '../transport/tls.js';
@@ -334,7 +334,8 @@ export class AgentDaemon {
     const failed = (err: Error) => [{ id: 'preflight', ok: false, code: 'MOB_ERR_INTERNAL' as const, message: err.message, ms: 0 }];
     const [host, qemu] = await Promise.all([
       runPreflight({ serverUrl: this.cfg.server, stateDir: this.cfg.stateDir, disks: [], only: ['root', 'os', 'disk-space', 'server-port', 'clock'] }).catch(failed),
-      runHostPreflight({ qmpSocket, nodes }).catch(failed),
+      // the point views live under the protections' state directory, not next to the QMP socket
+      runHostPreflight({ qmpSocket, nodes, runDir: path.join(this.cfg.stateDir, 'protect') }).catch(failed),
     ]);
     const checks = [...host, ...qemu];
     this.log.info('preflight of a VM', { id, qmpSocket, nodes, ok: checks.every((c) => c.ok), failed: checks.filter((c) => !c.ok).map((c) => c.code) });
@@ -645,7 +646,9 @@ function groupKey(m: Record<string, unknown>): string {
 /** A VM assignment with the fields the protection needs (a newer or broken server's others are ignored). */
 function validVm(v: unknown): v is VmAssignment {
   const x = v as Partial<VmAssignment> | null;
-  return typeof x === 'object' && x !== null && typeof x.machineId === 'string' && typeof x.qmpSocket === 'string' && typeof x.name === 'string'
+  // ids become paths under the state directory (removed recursively when a VM goes): never '..' or '/'
+  return typeof x === 'object' && x !== null && typeof x.machineId === 'string' && ID_PATTERN.test(x.machineId) && x.machineId !== '.' && x.machineId !== '..'
+    && typeof x.qmpSocket === 'string' && typeof x.name === 'string'
     && typeof x.policy === 'object' && x.policy !== null && Array.isArray(x.disks) && x.disks.length > 0
-    && x.disks.every((d) => typeof d?.diskId === 'string' && typeof d.node === 'string');
+    && x.disks.every((d) => typeof d?.diskId === 'string' && ID_PATTERN.test(d.diskId) && typeof d.node === 'string' && d.node !== '');
 }

@@ -63,7 +63,8 @@ export class GuestAgentQuiescer implements Quiescer {
    */
   targets(): string[] {
     if (this.o.mountpoints) return [...this.o.mountpoints];
-    if (this.known && this.known.length) return [...this.known];
+    // the guest names these: a bounded list (hook environment, logs and events carry it)
+    if (this.known && this.known.length) return capList(this.known);
     return [`guest agent ${this.o.socket}`];
   }
 
@@ -83,14 +84,16 @@ export class GuestAgentQuiescer implements Quiescer {
       } catch (err) {
         throw this.wrap('cannot freeze the guest: ', err);
       }
-      if (status === 'frozen' && this.staleUnresolved) {
-        // releaseStale() could not reach the agent at start-up: this is the freeze it was to thaw
+      if (status === 'frozen' && (this.staleUnresolved || this.mayBeFrozen)) {
+        // ours: releaseStale() could not reach the agent at start-up, or an earlier thaw of ours was
+        // not confirmed; left frozen, every app cut would refuse it and the guest would stay frozen
         try {
           await qga.thaw({ timeoutMs: left() });
         } catch (err) {
           throw this.wrap('cannot thaw the guest\'s stale freeze before freezing it: ', err);
         }
         status = 'thawed';
+        this.mayBeFrozen = false;
       }
       this.staleUnresolved = false;
       if (status === 'frozen') {
@@ -196,4 +199,19 @@ export class GuestAgentQuiescer implements Quiescer {
     const m = err instanceof Error ? err.message : String(err);
     return guestAgentError(prefix + m, { cause: err, retryable: err instanceof MobilityError ? err.retryable : true });
   }
+}
+
+/** At most 64 entries and 8 KiB in all (a guest could report thousands of long mount points). */
+function capList(list: string[]): string[] {
+  const out: string[] = [];
+  let bytes = 0;
+  for (const m of list) {
+    if (out.length >= 64 || bytes + m.length + 1 > 8192) {
+      out.push(`... ${list.length - out.length} more`);
+      break;
+    }
+    out.push(m);
+    bytes += m.length + 1;
+  }
+  return out;
 }

@@ -16,6 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { MobilityError } from '../errors.js';
+import { unmountUnder } from '../source/qemu/fuse-source.js';
 
 export interface HostDisks {
   /** Per image given, the file that is the disk (read and write). */
@@ -33,11 +34,21 @@ function imageFormat(file: string): Promise<string> {
         reject(new MobilityError('MOB_ERR_SOURCE', missing ? 'qemu-img is not installed (Debian package qemu-utils)' : `cannot read the image ${file}: ${String(errOut).trim() || err.message}`));
         return;
       }
+      let info: { format: string; 'backing-filename'?: string; 'format-specific'?: { data?: { 'data-file'?: string } } };
       try {
-        resolve(String((JSON.parse(out) as { format: string }).format));
+        info = JSON.parse(out) as typeof info;
       } catch {
         reject(new MobilityError('MOB_ERR_SOURCE', `qemu-img info of ${file} printed no format`));
+        return;
       }
+      // the format is probed from the image's content, which the guest controls on a raw disk: an
+      // image that claims to refer to other files (a raw disk whose guest wrote a qcow2 header)
+      // would have us write those files. VM disks here are whole images: refused.
+      if (info['backing-filename'] || info['format-specific']?.data?.['data-file']) {
+        reject(new MobilityError('MOB_ERR_SOURCE', `${file} refers to another file (backing file or external data file): host-mode reprotect writes whole qcow2 or raw images only`));
+        return;
+      }
+      resolve(String(info.format));
     });
   });
 }
@@ -78,7 +89,9 @@ export async function openHostImagesForWrite(images: string[]): Promise<HostDisk
       await exited;
       clearTimeout(t);
     }
-    fs.rmSync(dir, { recursive: true, force: true });
+    // a storage daemon that died leaves its exports mounted (dead): lifted before the directory goes
+    unmountUnder(dir);
+    try { fs.rmSync(dir, { recursive: true, force: true }); } catch { /* reported by the caller's own error, if any */ }
   };
   try {
     const end = Date.now() + START_MS;

@@ -35,6 +35,7 @@ import { SourcePass, type PassKind } from '../source/source-pass.js';
 import { DirtyJournal, type LossBaseline } from '../source/dirty-journal.js';
 import { TracefsTracker, traceInstanceName } from '../source/tracker/tracefs.js';
 import { QemuTracker, qemuTrackerName, type QemuPoint } from '../source/tracker/qemu.js';
+import { unmountUnder } from '../source/qemu/fuse-source.js';
 import type { ChangeTracker, DirtyExtent } from '../source/tracker/change-tracker.js';
 import { chooseSamples, digestPagesAsync, includeFromEnv, WrittenPages, DEFAULT_RANDOM_SAMPLES, DEFAULT_WRITTEN_SAMPLES } from '../source/cut-sample.js';
 import { Spool } from '../source/spool.js';
@@ -300,7 +301,7 @@ export class Protector {
       await this.loop();
     } catch (err) {
       // reads through QEMU's exports fail once QEMU is gone: the reason is QEMU, not the read
-      if (this.qemu && !this.qemu.connected) this.hostGone();
+      if (this.qemuLost()) this.hostGone();
       throw this.fatal ?? err;
     } finally {
       await this.shutdown();
@@ -347,6 +348,9 @@ export class Protector {
   private async openQemu(stateDir: string, q: NonNullable<ProtectOptions['qemu']>): Promise<void> {
     const o = this.o;
     await fsp.mkdir(this.viewDir(), { recursive: true, mode: 0o700 });
+    // exports a QEMU that was killed left mounted here (dead: ENOTCONN on every access)
+    const stuck = unmountUnder(this.viewDir());
+    if (stuck.length) this.log.warn('cannot lift dead QEMU exports', { mounts: stuck });
     const tracker = await QemuTracker.open({
       name: qemuTrackerName(o.agentId, o.stateDir), qmpSocket: q.qmpSocket, nbdSocket: q.nbdSocket, runDir: this.viewDir(), disks: o.disks.map((d) => ({ node: d.path })),
     });
@@ -459,7 +463,9 @@ export class Protector {
   }
 
   private async drainNow(): Promise<void> {
-    if (this.qemu && !this.qemu.connected) {
+    // QEMU gone, or a tracker call already reconnected to a restarted one (the exports this agent
+    // reads through are dead): protection stops, the next start opens everything anew
+    if (this.qemuLost()) {
       this.hostGone();
       return;
     }
@@ -483,7 +489,7 @@ export class Protector {
       if (this.qemu) {
         // a QEMU round that fails leaves its bitmaps in QEMU (nothing is lost by the failure itself):
         // the self-check tells a real loss (a bitmap disabled, removed, QEMU restarted) from a hiccup
-        if (!this.qemu.connected) return this.hostGone();
+        if (this.qemuLost()) return this.hostGone();
         this.log.warn('a drain of QEMU\'s dirty bitmaps failed', { error: (err as Error).message });
         await this.checkTracking();
         return;
@@ -500,6 +506,11 @@ export class Protector {
       if (!(await this.checkTracking())) return;
       this.checkLoss();
     }
+  }
+
+  /** Host mode: the QEMU this agent opened is gone (closed), or the tracker is talking to a restarted one. */
+  private qemuLost(): boolean {
+    return this.qemu !== null && (!this.qemu.connected || this.qemu.epoch !== 0);
   }
 
   /**
@@ -568,7 +579,7 @@ export class Protector {
     if (this.qemu?.lastCheckUnreachable && this.trackerProblem === null) {
       // not reaching QEMU is not a loss of its bitmaps: QEMU going away stops protection (its
       // next start judges the bitmaps), a hiccup is checked again at the next round
-      if (!this.qemu.connected) this.hostGone();
+      if (this.qemuLost()) this.hostGone();
       else this.log.warn('QEMU did not answer the tracking self-check', { code: 'MOB_ERR_QMP', error: problem });
       return false;
     }
@@ -608,13 +619,19 @@ export class Protector {
 
   /** Snapshot of maps + journal (same tick), maps written durably first. */
   private async persist(force: boolean): Promise<void> {
-    if (this.persisting) {
-      await this.persisting;
-      if (!force) return;
+    // one persist at a time (they write the same files), and never inside a drain of the QEMU
+    // tracker, which spans await points: the snapshot switches to a new log, and a drain's records
+    // stay in one log. Both are checked again after every wait.
+    for (;;) {
+      if (this.persisting) {
+        await this.persisting;
+        if (!force) return;
+      } else if (this.drainActive || this.drainQueued) {
+        await this.drainChain;
+      } else {
+        break;
+      }
     }
-    // a drain of the QEMU tracker spans await points: the snapshot (which switches to a new log)
-    // is never taken inside one, so a drain's records stay in one log
-    while (this.drainActive || this.drainQueued) await this.drainChain;
     this.lastPersist = Date.now();
     const bodies: [string, Buffer][] = [];
     for (const d of this.disks) {
@@ -1026,7 +1043,12 @@ export class Protector {
               pausedAt = 0;
             }
             if (!guestFrozenAt) return;
-            const failed = await this.quiescer!.thaw();
+            let failed = await this.quiescer!.thaw();
+            // a guest left frozen hangs its applications: retried a few times before the cut goes on
+            for (let i = 0; failed.length && i < 5; i++) {
+              await new Promise((r) => setTimeout(r, 1000));
+              failed = await this.quiescer!.thaw();
+            }
             frozenMs = Date.now() - guestFrozenAt;
             guestFrozenAt = 0;
             if (failed.length) this.log.error('thaw failed', { code: 'MOB_ERR_FREEZE', failed });
@@ -1034,8 +1056,23 @@ export class Protector {
           try {
             const t0 = Date.now();
             const bound = t0 + limit;
+            let frozeGuest = false;
             if (kind === 'app' && this.quiescer) {
-              await this.quiescer.freeze(limit);
+              try {
+                await this.quiescer.freeze(limit);
+                frozeGuest = true;
+              } catch (err) {
+                // the view needs nothing from the guest: a guest agent that cannot freeze (absent, hung,
+                // refusing) costs the point its app consistency, never the point (a group's is the group's)
+                if (group) throw err;
+                const e = toMobilityError(err, 'MOB_ERR_GUEST_AGENT');
+                this.freezeFailures++;
+                kind = 'crash';
+                notes.push(`the guest could not be frozen (${e.code}: ${e.message}): recorded as crash-consistent`);
+                this.log.warn('guest freeze failed; the point is crash-consistent', { code: e.code, error: e.message });
+              }
+            }
+            if (frozeGuest) {
               guestFrozenAt = Date.now();
               if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
               if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the guest stayed frozen longer than the ${limit} ms bound`);
@@ -1350,13 +1387,14 @@ export class Protector {
       }
     }
     this.conn?.shutdown();
+    // the sources first: QEMU's exports are deleted over the tracker's QMP connection
+    for (const d of this.disks) await d.src.close().catch(() => undefined);
     try {
       await this.tracker?.close({ keep: true });
     } catch (err) {
       this.log.warn('cannot close the change tracker', { error: (err as Error).message });
     }
     this.journal?.close();
-    for (const d of this.disks) await d.src.close().catch(() => undefined);
     this.emit({ event: 'stopped' });
   }
 }

@@ -16,6 +16,8 @@
  * state of) those no longer assigned.
  */
 import fsp from 'node:fs/promises';
+import { unmountUnder } from '../source/qemu/fuse-source.js';
+import { QemuTracker, qemuTrackerName } from '../source/tracker/qemu.js';
 import path from 'node:path';
 import { MobilityError, toMobilityError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -43,7 +45,11 @@ export interface VmProtector {
   requestGroupCut(link: GroupCutLink): void;
 }
 
+const removeQemuTracking = (o: { name: string; qmpSocket: string; disks: { node: string }[] }): Promise<void> => QemuTracker.remove(o);
+
 export interface VmProtectionDeps {
+  /** Removes a VM's tracking from QEMU for disks no longer protected (default: QemuTracker.remove); tests replace it. */
+  removeTracking?: (o: { name: string; qmpSocket: string; disks: { node: string }[] }) => Promise<void>;
   /** Connection and credentials of the host (serverUrl of /v1/replicate, CA, pin, client cert and key). */
   connection(): Pick<ProtectOptions, 'serverUrl' | 'token' | 'ca' | 'pin' | 'cert' | 'key'>;
   /** The protect state directory (<stateDir>/protect): each VM keeps its state under <dir>/<machine id>/. */
@@ -109,9 +115,19 @@ export class VmProtections {
       if (next && keyOf(next) === run.key) { run.a = next; continue; }
       await this.stopRun(run);
       this.runs.delete(id);
+      // disks no longer protected: QEMU stops recording their writes (bitmaps go, in the image too)
+      const kept = new Set(next && next.qmpSocket === run.a.qmpSocket ? next.disks.map((x) => x.node) : []);
+      const dropped = run.a.disks.filter((x) => !kept.has(x.node));
+      if (dropped.length) {
+        await (this.d.removeTracking ?? removeQemuTracking)({ name: qemuTrackerName(id, this.d.stateDir()), qmpSocket: run.a.qmpSocket, disks: dropped.map((x) => ({ node: x.node })) })
+          .catch((err: Error) => this.d.log.warn('cannot remove the dirty bitmaps of disks no longer protected (QEMU keeps recording them until it is told)', { machine: id, error: err.message }));
+      }
       if (!next) {
         // no longer protected: its tracking state goes (the server removes the replica on disable)
-        await fsp.rm(path.join(this.d.stateDir(), id), { recursive: true, force: true });
+        const dir = path.join(this.d.stateDir(), id);
+        // a dead export of a killed QEMU would keep it busy; one VM's leftovers never block the others
+        unmountUnder(dir);
+        await fsp.rm(dir, { recursive: true, force: true }).catch((err: Error) => this.d.log.warn('cannot remove the state of a VM no longer protected', { machine: id, error: err.message }));
         this.d.log.info('protection of a VM removed', { vm: run.a.name, machine: id });
       }
     }

@@ -165,11 +165,13 @@ const GUEST_AGENT_FIX = 'install and start the QEMU guest agent in the guest (De
 /** guest-ping within the bound, then the fsfreeze commands enabled in guest-info. */
 async function checkGuestAgent(socket: string, timeoutMs: number): Promise<PreflightCheck[]> {
   let t = performance.now();
-  let qga: GuestAgentClient;
+  let qga: GuestAgentClient | null = null;
   try {
     qga = await GuestAgentClient.connect(socket, { timeoutMs, commandTimeoutMs: timeoutMs });
     await qga.ping();
   } catch (err) {
+    // the agent serves one client at a time: the slot is given back
+    qga?.close();
     return [check('guest-agent', t, false, `guest agent on ${socket}: ${(err as Error).message}`, 'MOB_ERR_PRE_GUEST_AGENT', GUEST_AGENT_FIX)];
   }
   try {

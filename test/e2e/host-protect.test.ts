@@ -332,3 +332,30 @@ t.test('host mode: tracking switched off under the running agent (its bitmap dis
   tt.ok(isStateAfter(imgs[0]!, guest.writes, guest.writes.length), 'it holds the writes made while tracking was off');
   await agent.stop();
 });
+
+t.test('host mode: QEMU killed (-9) under the running agent: the agent stops, its dead exports are lifted at the next start, and the loss is explained', async (tt) => {
+  const r = await rig(tt, ['qcow2']);
+  const guest = new Guest(r.c, r.daemon, 0, prng(21));
+  let agent = new Agent(r.c, r.args());
+  await agent.waitEvent(continuousAll(agent, 1), LONG, 'continuous');
+  const viewDir = path.join(r.state, r.agentId, 'qemu');
+  const mounted = () => fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').filter((l) => l.split(' ')[4]?.startsWith(`${viewDir}/`)).length;
+  tt.ok(mounted() > 0, 'the agent reads the disk through a FUSE export in its state directory');
+  await r.daemon.stop('SIGKILL');
+  tt.not(await agent.exited, 0, 'the agent stops when QEMU is killed');
+  tt.match(agent.stderr, /MOB_ERR_QMP/, 'and says why');
+  await r.daemon.start();
+  guest.start(100, 0);
+  await guest.finish();
+  agent = new Agent(r.c, r.args());
+  const st = await agent.waitEvent((e) => e.event === 'started', LONG, 'the agent started after QEMU was killed');
+  tt.match(String((st.scanRequired as Record<string, string | null>).d0), /inconsistent|killed|never stored/, `the loss is explained: ${String((st.scanRequired as Record<string, string | null>).d0)}`);
+  await agent.waitEvent((e) => e.event === 'pass-done', LONG, 'the scan');
+  await agent.waitEvent((e) => e.event === 'state' && e.state === 'continuous' && agent.events.some((x) => x.event === 'pass-done'), LONG, 'continuous again');
+  const cut = await agent.cut('crash');
+  tt.equal(cut.event, 'cut', 'points again');
+  const imgs = await pointImages(tt, r, String(cut.pointId));
+  tt.ok(isStateAfter(imgs[0]!, guest.writes, guest.writes.length), 'holding the writes made while nothing tracked them');
+  await agent.stop();
+  tt.equal(mounted(), 0, 'no export left mounted after a clean stop');
+});

@@ -291,7 +291,8 @@ function inventoryVms(hostId: string, inventory: unknown): InventoryVm[] | null 
  * POST /v1/enable with vm: protects every disk of VM `vm` of host agent `machine` as one
  * consistency group (one machine: every cut covers all its disks). The VM is looked up in the
  * host's last inventory; its machine (id `<host>.<vm>`) is created when new, each disk enabled
- * with id = its device name sanitized and device `qemu:<node>`, and the host gets its new
+ * with id = its device name sanitized and device `qemu:<device>` (the drive id; the host agent
+ * resolves it to the current node), and the host gets its new
  * assignments. The host's QEMU preflight runs first, unless the VM is protected already (its QMP
  * socket is held by the protection then).
  */
@@ -347,7 +348,9 @@ async function enableVm(server: ServerContext, b: Record<string, unknown>): Prom
   if (policy) db.setAgentPolicy(vm.machineId, policy.name);
   // the VM's disks are exactly those it has now: a disk gone from the VM stops being protected
   for (const d of db.listDisks(vm.machineId)) if (!ids.has(d.diskId)) db.disableDisk(vm.machineId, d.diskId);
-  for (const d of disks) db.enableDisk(vm.machineId, d.diskId, `${QEMU_DEVICE_PREFIX}${d.node}`);
+  // the device name (the VM's drive id): QEMU's automatic node names change at every start of the
+  // VM; the host agent resolves the device to its node each time it starts protecting
+  for (const d of disks) db.enableDisk(vm.machineId, d.diskId, `${QEMU_DEVICE_PREFIX}${d.device || d.node}`);
   const pushed = server.control.push(host.id);
   const policyName = (policy ?? db.getPolicy(db.getAgent(vm.machineId)?.policy ?? 'default')).name;
   server.log.info('replication of a VM enabled', { host: host.id, vm: vm.name, agent: vm.machineId, disks: disks.map((d) => `${d.diskId}=${d.node}`), policy: policyName, pushed });

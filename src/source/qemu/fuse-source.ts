@@ -17,6 +17,7 @@
  * QEMU's BLOCK_EXPORT_DELETED) and removes the mount point file. A QEMU that stopped takes its
  * export with it; close() then only removes the file.
  */
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { MobilityError } from '../../errors.js';
@@ -33,6 +34,8 @@ const ID_RE = /^[A-Za-z0-9_.-]{1,128}$/;
 export async function addFuseExport(qmp: QmpClient, o: { node: string; id: string; dir: string; writable?: boolean }): Promise<{ path: string; remove(): Promise<void> }> {
   if (!ID_RE.test(o.id)) throw new MobilityError('MOB_ERR_QEMU_TRACKER', `export id ${JSON.stringify(o.id)} is not [A-Za-z0-9_.-]{1,128}`);
   const mountpoint = path.join(o.dir, o.id);
+  // a QEMU killed with its export mounted leaves a dead mount here (ENOTCONN): lifted first
+  unmountUnder(mountpoint);
   // QEMU mounts over an existing regular file
   fs.writeFileSync(mountpoint, '', { mode: 0o600 });
   try {
@@ -79,6 +82,36 @@ export async function openFuseSource(qmp: QmpClient, o: { node: string; id: stri
       await exp.remove();
     },
   };
+}
+
+/** Mount points at `dir` or below it (from /proc/self/mountinfo), deepest first. */
+function mountsUnder(dir: string): string[] {
+  const base = path.resolve(dir);
+  const out: string[] = [];
+  let info = '';
+  try { info = fs.readFileSync('/proc/self/mountinfo', 'utf8'); } catch { return out; }
+  for (const line of info.split('\n')) {
+    const f = line.split(' ');
+    if (f.length < 5) continue;
+    const mp = f[4]!.replace(/\\(\d{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+    if (mp === base || mp.startsWith(`${base}/`)) out.push(mp);
+  }
+  return out.sort((a, b) => b.length - a.length);
+}
+
+/**
+ * Lifts every mount at `dir` or below it: the FUSE exports a QEMU that was killed (or crashed)
+ * left mounted, which fail every access with ENOTCONN and keep their directory busy. A mount of
+ * a live QEMU there is ours too (its export was already deleted, or is deleted next). Lazy
+ * (umount -l): never blocks. Answers the mount points it could not lift.
+ */
+export function unmountUnder(dir: string): string[] {
+  const failed: string[] = [];
+  for (const mp of mountsUnder(dir)) {
+    const r = spawnSync('umount', ['-l', mp], { stdio: 'ignore', timeout: 30_000 });
+    if (r.status !== 0 && mountsUnder(mp).includes(mp)) failed.push(mp);
+  }
+  return failed;
 }
 
 async function removeExport(qmp: QmpClient, id: string): Promise<void> {

@@ -52,7 +52,12 @@ import { coalesceExtents, lossOf, type DirtyExtent, type DrainJournal, type Trac
 import type { HostModeTracker, HostPoint, HostPointOptions } from './host-tracker.js';
 
 export interface QemuDiskSpec {
-  /** Node name of the disk's format node (qcow2 or raw), as query-named-block-nodes lists it. */
+  /**
+   * The disk: its device (drive id or qdev id, as query-block lists it: stable across restarts
+   * of the VM) or the node name of its format node (qcow2 or raw; stable only when the VM names
+   * its nodes: QEMU's automatic `#blockNNN` names change at every start). A device is resolved
+   * to the node it holds at every open().
+   */
   node: string;
 }
 
@@ -143,6 +148,7 @@ export class QemuTracker implements HostModeTracker {
     try {
       await removeLeftovers(qmp, o.name);
       const nodes = await queryNodes(qmp);
+      o = { ...o, disks: await resolveDisks(qmp, o.name, o.disks, nodes) };
       let gen = 0;
       for (const d of o.disks) for (const b of ours(nodes.get(d.node), o.name)) gen = Math.max(gen, b.gen);
       const disks: QemuTrackedDisk[] = [];
@@ -182,6 +188,30 @@ export class QemuTracker implements HostModeTracker {
   }
 
   /**
+   * Removes what a tracker of this name keeps on these disks (bitmaps, exports, point views),
+   * for protection that ends (a VM or a disk no longer protected): without it QEMU would go on
+   * recording every guest write, in the image too (qcow2). Disks QEMU no longer has are skipped.
+   */
+  static async remove(o: { name: string; qmpSocket: string; disks: QemuDiskSpec[]; qmpTimeoutMs?: number }): Promise<void> {
+    const qmp = await QmpClient.connect(o.qmpSocket, { timeoutMs: o.qmpTimeoutMs, commandTimeoutMs: o.qmpTimeoutMs });
+    try {
+      await removeLeftovers(qmp, o.name);
+      const nodes = await queryNodes(qmp);
+      for (const d of o.disks) {
+        let node: string;
+        try {
+          node = (await resolveDisks(qmp, o.name, [d], nodes))[0]!.node;
+        } catch {
+          continue;
+        }
+        for (const b of ours(nodes.get(node), o.name)) await qmp.execute('block-dirty-bitmap-remove', { node, name: b.info.name });
+      }
+    } finally {
+      qmp.close();
+    }
+  }
+
+  /**
    * Stable across rounds and restarts: the QMP socket and the nodes. (A bitmap removed or
    * replaced under the tracker is found by open() and selfCheck() themselves: it is missing,
    * disabled or inconsistent, or its generation is not the tracker's.)
@@ -194,6 +224,12 @@ export class QemuTracker implements HostModeTracker {
    * (a restarted QEMU is judged once it answers again).
    */
   lastCheckUnreachable = false;
+
+  /**
+   * Connections made since open(): a new one (after QEMU closed the last, or a dead one was
+   * given up) may be to a restarted QEMU, whose exports are not the ones the caller holds.
+   */
+  epoch = 0;
 
   /** false once the QMP connection closed (QEMU stopped, or restarted): the exports and views went with it. */
   get connected(): boolean { return !this.qmp.isClosed; }
@@ -282,7 +318,8 @@ export class QemuTracker implements HostModeTracker {
       this.closed = true;
       try {
         await this.reconnectIfNeeded();
-        await deleteOurExports(this.qmp, this.name);
+        // every export of ours: bitmap maps, and read exports a caller did not close
+        await deleteOurExports(this.qmp, this.name, `${this.name}-`);
         if (!o?.keep) {
           const nodes = await queryNodes(this.qmp);
           for (const d of this.disks) for (const b of ours(nodes.get(d.node), this.name)) await this.qmp.execute('block-dirty-bitmap-remove', { node: d.node, name: b.info.name });
@@ -308,6 +345,7 @@ export class QemuTracker implements HostModeTracker {
   private async reconnectIfNeeded(): Promise<void> {
     if (!this.qmpGone()) return;
     this.qmp = await QmpClient.connect(this.o.qmpSocket, { timeoutMs: this.o.qmpTimeoutMs, commandTimeoutMs: this.o.qmpTimeoutMs });
+    this.epoch++;
     this.nbdStarted = false; // a new QEMU process has no NBD server of ours
   }
 
@@ -332,12 +370,27 @@ export class QemuTracker implements HostModeTracker {
       this.lastCheckUnreachable = true;
       return `QEMU's QMP socket ${this.o.qmpSocket} does not answer (${(err as Error).message})`;
     }
-    let nodes: Map<string, NodeInfo>;
+    let nodes: Map<string, NodeInfo> = new Map();
     try {
       nodes = await queryNodes(this.qmp);
-    } catch (err) {
-      this.lastCheckUnreachable = !(err instanceof QmpCommandError);
-      return `QEMU does not answer query-named-block-nodes (${(err as Error).message})`;
+    } catch (first) {
+      // a connection to a QEMU that just went away (EPIPE before the close is seen): once more on
+      // a new one, so a restarted QEMU is judged on what it has, not on the dead connection
+      let err: unknown = first;
+      if (!(first instanceof QmpCommandError)) {
+        this.qmp.close();
+        try {
+          await this.reconnectIfNeeded();
+          nodes = await queryNodes(this.qmp);
+          err = null;
+        } catch (again) {
+          err = again;
+        }
+      }
+      if (err) {
+        this.lastCheckUnreachable = !(err instanceof QmpCommandError);
+        return `QEMU does not answer query-named-block-nodes (${(err as Error).message})`;
+      }
     }
     for (const d of this.disks) {
       const n = nodes.get(d.node);
@@ -527,6 +580,29 @@ function ownNbdSocket(runDir: string, name: string): string {
  */
 function viewNodePrefix(name: string): string {
   return `mv${createHash('sha256').update(name).digest('hex').slice(0, 12)}-`;
+}
+
+/** Drivers of protocol nodes (the file, device or network under a format node): never tracked themselves. */
+const PROTOCOL_DRIVERS = new Set(['file', 'host_device', 'host_cdrom', 'nbd', 'nfs', 'ssh', 'iscsi', 'rbd', 'gluster', 'http', 'https', 'ftp', 'ftps', 'null-co', 'null-aio', 'io_uring', 'nvme', 'blkdebug', 'blkverify']);
+
+/**
+ * Each disk as the node it is now: a device name (query-block's device or qdev) resolves to the
+ * node inserted in it, else the name must be a node's. The node must be a format node: a name
+ * that now belongs to a protocol node (QEMU's automatic names move between starts) is refused.
+ */
+async function resolveDisks(qmp: QmpClient, name: string, disks: QemuDiskSpec[], nodes: Map<string, NodeInfo>): Promise<QemuDiskSpec[]> {
+  const blocks = await qmp.execute<{ device?: string; qdev?: string; inserted?: { 'node-name'?: string } }[]>('query-block');
+  const out: QemuDiskSpec[] = [];
+  for (const d of disks) {
+    const dev = blocks.find((b) => b.inserted?.['node-name'] && ((b.device && b.device === d.node) || (b.qdev && (b.qdev === d.node || b.qdev.endsWith(`/${d.node}`)))));
+    const node = dev?.inserted?.['node-name'] ?? d.node;
+    const n = nodes.get(node);
+    if (!n) throw trackerError(name, `QEMU has no device or block node '${d.node}' (query-block, query-named-block-nodes)`);
+    if (PROTOCOL_DRIVERS.has(n.drv)) throw trackerError(name, `'${d.node}' is the ${n.drv} protocol node ${node}, not a disk's format node (name the device, or the qcow2/raw node above it)`);
+    out.push({ node });
+  }
+  if (new Set(out.map((d) => d.node)).size !== out.length) throw trackerError(name, 'two disks name the same block node');
+  return out;
 }
 
 function addArgs(node: string, name: string, persistent: boolean, granularity?: number): Record<string, unknown> {

@@ -362,7 +362,7 @@ t.test('a point a killed agent left (job, view node, FUSE export) is removed by 
 t.test('a node QEMU does not have is a coded error', async (t) => {
   const d = daemonWith(t, ['qcow2']);
   await d.start();
-  await t.rejects(QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'nope' }], nbdSocket: d.nbdSocket }), { code: 'MOB_ERR_QEMU_TRACKER', message: /no block node 'nope'/ });
+  await t.rejects(QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'nope' }], nbdSocket: d.nbdSocket }), { code: 'MOB_ERR_QEMU_TRACKER', message: /no device or block node 'nope'/ });
   await t.rejects(QemuTracker.open({ name: NAME, qmpSocket: path.join(d.dir, 'absent.sock'), disks: [{ node: 'disk0' }] }), { code: 'MOB_ERR_QMP' });
   await d.stop();
 });
