@@ -272,8 +272,9 @@ remove_one_trace_instance() {
       if [ "$DRY_RUN" = 1 ]; then echo "would remove the trace instance $dir"; continue; fi
       rmdir "$dir" 2>/dev/null && echo "removed the trace instance $dir" || echo "warning: cannot remove the trace instance $dir" >&2
     done
-    [ "$found" = 1 ] && break
+    if [ "$found" = 1 ]; then break; fi
   done
+  return 0
 }
 
 # On one line: bash has read it all before main runs, so removing this file's
