@@ -332,6 +332,8 @@ export class AgentDaemon {
   /** Host mode: the checks before a VM is protected: the host's own (no tracefs) and QEMU's (install/host-preflight.ts). */
   private async vmPreflight(id: string, qmpSocket: string, nodes: string[]): Promise<void> {
     const failed = (err: Error) => [{ id: 'preflight', ok: false, code: 'MOB_ERR_INTERNAL' as const, message: err.message, ms: 0 }];
+    // where the protections' views will live (created by the first protection otherwise)
+    await fsp.mkdir(path.join(this.cfg.stateDir, 'protect'), { recursive: true, mode: 0o700 }).catch(() => undefined);
     const [host, qemu] = await Promise.all([
       runPreflight({ serverUrl: this.cfg.server, stateDir: this.cfg.stateDir, disks: [], only: ['root', 'os', 'disk-space', 'server-port', 'clock'] }).catch(failed),
       // the point views live under the protections' state directory, not next to the QMP socket

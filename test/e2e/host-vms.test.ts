@@ -192,8 +192,8 @@ t.test('host mode: VMs of a KVM host as machines', async (t) => {
   const en303 = await json(['enable', '--machine', host.agentId, '--vm', '303']);
   t.equal(en303.agentId, `${host.agentId}.303`);
   const app = await cli(['cut', ...conn, '--machine', `${host.agentId}.303`, '--kind', 'app', '--timeout', '240s']);
-  t.equal(app.code, 0, `the app-consistent cut of VM 303 still gives a point (the view needs nothing from the guest)${app.code ? `: ${app.stderr}` : ''}`);
-  t.match(app.stderr, /crash-consistent[\s\S]*MOB_ERR_GUEST_AGENT[\s\S]*303\.qga/, 'recorded crash-consistent, with the guest agent\'s error in its note: the host tried to freeze the VM through its guest agent channel');
+  t.not(app.code, 0, 'the app-consistent cut of VM 303 is not app-consistent');
+  t.match(app.stderr, /MOB_ERR_GUEST_AGENT[\s\S]*303\.qga[\s\S]*crash-consistent point rp-\d+ was recorded instead/, `the guest agent's error, and the crash-consistent point taken all the same (the view needs nothing from the guest): ${app.stderr.slice(-400)}`);
 
   // the assignments message itself (a control connection of the host's, the agent stopped first)
   await stopGently(agent);

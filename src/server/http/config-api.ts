@@ -173,7 +173,8 @@ async function removeReplicas(server: ServerContext, agentId: string, diskId: st
  * An on-demand cut: the agent is asked over its control connection, then the first recovery
  * point of the machine taken (frozen) at or after the agent received the request answers it:
  * an app-consistent point for kind app (a crash point downgraded from app because a pre-freeze
- * hook failed is MOB_ERR_HOOK), any point for kind crash. The first cut failure the agent
+ * hook failed is MOB_ERR_HOOK; in host mode because the guest agent could not freeze the VM, or
+ * it has none, MOB_ERR_GUEST_AGENT), any point for kind crash. The first cut failure the agent
  * reports after accepting the request fails it with that failure's code.
  */
 async function cutAndWait(server: ServerContext, agentId: string, kind: 'crash' | 'app', timeoutMs: number, res: ServerResponse): Promise<{ point: RecoveryPoint; requestedAt: string; waitedMs: number }> {
@@ -188,7 +189,11 @@ async function cutAndWait(server: ServerContext, agentId: string, kind: 'crash' 
   const consider = (p: RecoveryPoint) => {
     if (requestedAtMs === null || Date.parse(p.takenAt) < requestedAtMs) return;
     if (kind === 'crash' || p.kind === 'app') finish(null, p);
-    else if (/pre-freeze hook failed/.test(p.note)) finish(new MobilityError('MOB_ERR_HOOK', `the app-consistent cut of ${agentId} was downgraded (${p.note}); crash-consistent point ${p.id} was recorded instead`));
+    else if (/recorded as crash-consistent/.test(p.note)) {
+      // the agent could not quiesce (a pre-freeze hook failed; host mode: the VM's guest agent could not freeze it, or it has none)
+      const code = /pre-freeze hook failed/.test(p.note) ? 'MOB_ERR_HOOK' : 'MOB_ERR_GUEST_AGENT';
+      finish(new MobilityError(code, `the app-consistent cut of ${agentId} was downgraded (${p.note}); crash-consistent point ${p.id} was recorded instead`));
+    }
   };
   const unwatchPoints = server.watchCuts((agent, n) => {
     if (agent !== agentId) return;
