@@ -57,6 +57,7 @@ import { connOptions, type ApiConn } from '../src/cli/api-client.js';
 import { parseSize } from '../src/cli/args.js';
 import { CLI_PATH, spawnServer, stopServer, type SpawnedServer } from '../src/server/spawn.js';
 import { cleanup, type Cleanup } from '../test/cleanup.js';
+import { prng } from '../test/helpers.js';
 import { QemuDaemon, createImage, requireQemuTools } from '../test/source/qemu/qemu-daemon.js';
 import { StatusSampler, exec, initClock, max, median, pct, procCpuSec, procKb, type StatusSample } from './common.js';
 
@@ -95,18 +96,6 @@ const fmtS = (ms: number) => (Number.isFinite(ms) ? `${r1(ms / 1000)}` : '-');
 const fmtMiB = (b: number) => (Number.isFinite(b) ? `${r1(b / MiB)}` : '-');
 const fmtMs = (ms: number) => (Number.isFinite(ms) ? (ms < 10 ? ms.toFixed(2) : `${Math.round(ms)}`) : '-');
 const fmtPct = (x: number) => (Number.isFinite(x) ? `${Math.round(x)}` : '-');
-
-/** Seeded PRNG (mulberry32): the same guest schedule in every phase. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** A line of `write -C`: bytes,ops,time,bytes/s,ops/s (qemu-io may print its prompt before it). */
 const STATS_LINE = /(\d+),(\d+),(\d+:\d+:[\d.]+),([\d.]+),([\d.]+)\s*$/;

@@ -75,3 +75,15 @@ export async function waitFor(cond: () => Promise<boolean> | boolean, timeoutMs:
     await sleep(50);
   }
 }
+
+/** Seeded PRNG (mulberry32): the same sequence for the same seed (workloads a test or benchmark replays). */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let x = a;
+    x = Math.imul(x ^ (x >>> 15), x | 1);
+    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
+    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
+  };
+}

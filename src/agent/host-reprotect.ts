@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { MobilityError } from '../errors.js';
-import { unmountUnder } from '../source/qemu/fuse-source.js';
+import { mountsUnder, unmountUnder } from '../source/qemu/fuse-source.js';
 
 export interface HostDisks {
   /** Per image given, the file that is the disk (read and write). */
@@ -53,9 +53,7 @@ function imageFormat(file: string): Promise<string> {
   });
 }
 
-function isMounted(p: string): boolean {
-  return fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === p);
-}
+const isMounted = (p: string): boolean => mountsUnder(p).includes(p);
 
 /** Opens the images of a shut-down VM for writing. Refused (MOB_ERR_CONFIG) when an image is in use (the VM runs). */
 export async function openHostImagesForWrite(images: string[]): Promise<HostDisks> {

@@ -24,7 +24,7 @@ import path from 'node:path';
 import crypto from 'node:crypto';
 import type { ChildProcess } from 'node:child_process';
 import { cleanup, type Cleanup } from '../cleanup.js';
-import { runCli, startServer } from '../helpers.js';
+import { prng, runCli, startServer } from '../helpers.js';
 import { Agent, LONG, shAsync, type Ev } from '../protect-harness.js';
 import { QemuDaemon, createImage, requireQemuTools } from '../source/qemu/qemu-daemon.js';
 import { QmpClient } from '../../src/source/qemu/qmp.js';
@@ -65,18 +65,6 @@ class Guest {
   get running(): boolean { return this.child !== null && this.child.exitCode === null && this.child.signalCode === null; }
 
   async finish(): Promise<void> { await this.exited; }
-}
-
-/** Seeded PRNG (mulberry32): the same writes every run. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /**

@@ -85,7 +85,7 @@ export async function openFuseSource(qmp: QmpClient, o: { node: string; id: stri
 }
 
 /** Mount points at `dir` or below it (from /proc/self/mountinfo), deepest first. */
-function mountsUnder(dir: string): string[] {
+export function mountsUnder(dir: string): string[] {
   const base = path.resolve(dir);
   const out: string[] = [];
   let info = '';
