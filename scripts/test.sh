@@ -44,8 +44,9 @@ summary=$(grep -E '^# \{ total: ' "$log" | tail -n 1)
 pass=$(sed -nE 's/.*pass: ([0-9]+).*/\1/p' <<<"$summary")
 fail=$(sed -nE 's/.*fail: ([0-9]+).*/\1/p' <<<"$summary")
 echo "longest test files:"
+# awk reads all of sort's output: `head` would close the pipe early and, under pipefail, sort's SIGPIPE (141) became the suite's exit code
 grep -E '^(not )?ok [0-9]+ - .* # time=' "$log" | sed -E 's/^(not )?ok [0-9]+ - (.*) # time=([0-9.]+)ms.*/\3 \2 \1/' \
-  | sort -rn | head -n 12 | awk '{ printf "  %7.1f s  %s%s\n", $1 / 1000, $2, ($3 == "not" ? "  (failed)" : "") }'
+  | sort -rn | awk 'NR <= 12 { printf "  %7.1f s  %s%s\n", $1 / 1000, $2, ($3 == "not" ? "  (failed)" : "") }' || true
 rm -f "$log"
 echo "tests: ${pass:-0} passed, ${fail:-0} failed"
 if [ -z "$summary" ] || [ "${pass:-0}" -eq 0 ]; then echo "no tests ran" >&2; exit 1; fi
