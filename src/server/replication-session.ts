@@ -100,6 +100,20 @@ function zeroDigest(len: number): bigint {
   return d;
 }
 
+/**
+ * Inclusive runs [first, last] of the sorted page numbers; runs with at most `gap` pages between
+ * them are merged (Infinity: one run from the first to the last page).
+ */
+export function pageRuns(pages: number[], gap: number): [number, number][] {
+  const out: [number, number][] = [];
+  for (const x of pages) {
+    const last = out[out.length - 1];
+    if (last && x - last[1] - 1 <= gap) last[1] = x;
+    else out.push([x, x]);
+  }
+  return out;
+}
+
 export class Session {
   private state: 'await-hello' | 'ready' | 'closed' = 'await-hello';
   private chain: Promise<void> = Promise.resolve();
@@ -433,7 +447,7 @@ export class Session {
   private async onData(m: Data, payload: Buffer, size: number): Promise<void> {
     const d = this.disk(m.disk);
     this.nextSeq(d, m.seq);
-    const ops: WriteOp[] = [];
+    const ops: (WriteOp | WriteOp[])[] = [];
     // every whole lz4 block of the frame decodes into one buffer: one allocation per frame, and
     // blocks adjacent on disk stay adjacent in memory (a target sends them on without a copy)
     let lz4Bytes = 0;
@@ -481,7 +495,9 @@ export class Session {
           dataBytes += blockLen;
         }
       } else {
-        const op: WriteOp = { offset, length: blockLen, data: null };
+        // filled in by the patch: the whole block, or the runs of changed pages (in place, so the
+        // frame's writes keep their order)
+        const slot: WriteOp[] = [];
         const { index, pageMask, encoding, digest: dig } = b;
         patches.push({
           index,
@@ -489,21 +505,22 @@ export class Session {
             const r = await this.patch(d, index, offset, blockLen, pageMask, encoding, p, dig);
             dataBytes += r.pageBytes;
             if (!spans) {
-              op.data = r.block;
+              slot.push({ offset, length: blockLen, data: r.block });
               return;
             }
-            // only the span from the first to the last changed page is written (WAL, replica,
-            // undo): a 4 KiB change in a 64 KiB block costs 4 KiB on the target, not 64. The
-            // rest of the verified block is what the store already holds (read() sees every
-            // accepted write, and the store applies overlapping writes in submission order).
-            const start = r.firstPage * d.pageSize;
-            const end = Math.min(blockLen, (r.lastPage + 1) * d.pageSize);
-            op.offset = offset + start;
-            op.length = end - start;
-            op.data = r.block.subarray(start, end);
+            // only the changed pages are written (WAL, replica, undo): a 4 KiB change in a 64 KiB
+            // block costs 4 KiB on the target, not 64. The rest of the verified block is what the
+            // store already holds (read() sees every accepted write, and the store applies
+            // overlapping writes in submission order). Runs closer than the store's patch gap are
+            // written as one (a remote store pays per call, not per byte).
+            for (const [a, z] of pageRuns(r.pages, Math.floor((d.store.patchGapBytes ?? 0) / d.pageSize))) {
+              const start = a * d.pageSize;
+              const end = Math.min(blockLen, (z + 1) * d.pageSize);
+              slot.push({ offset: offset + start, length: end - start, data: r.block.subarray(start, end) });
+            }
           },
         });
-        ops.push(op);
+        ops.push(slot);
         continue;
       }
       ops.push({ offset, length: blockLen, data });
@@ -524,7 +541,7 @@ export class Session {
     // message, which must not outlive this call (see target/staging.ts)
     const disk = m.disk;
     const submitted = performance.now();
-    d.store.submit(ops, seq).then(
+    d.store.submit(ops.flat(), seq).then(
       () => {
         this.server.metrics.targetWrite((performance.now() - submitted) / 1000);
         // credit comes back only with the ack, after persistence: that bounds what is buffered here
@@ -536,7 +553,7 @@ export class Session {
   }
 
   /** Applies changed pages on top of the replica's current block and checks the result. */
-  private async patch(d: SessionDisk, index: number, offset: number, blockLen: number, mask: Uint8Array, enc: Encoding, p: Buffer, dig: Uint8Array): Promise<{ block: Buffer; pageBytes: number; firstPage: number; lastPage: number }> {
+  private async patch(d: SessionDisk, index: number, offset: number, blockLen: number, mask: Uint8Array, enc: Encoding, p: Buffer, dig: Uint8Array): Promise<{ block: Buffer; pageBytes: number; pages: number[] }> {
     const pagesInBlock = Math.ceil(blockLen / d.pageSize);
     if (mask.length !== Math.ceil(pagesInBlock / 8)) throw new MobilityError('MOB_ERR_FRAME_MALFORMED', `page mask of ${mask.length} bytes for a ${pagesInBlock}-page block`);
     const pages: number[] = [];
@@ -559,7 +576,7 @@ export class Session {
     if (!digestEquals(block, dig)) {
       throw new MobilityError('MOB_ERR_REPLICA_DIVERGED', `block ${index} of ${d.diskId}: changed pages applied to the replica do not give the source block`);
     }
-    return { block, pageBytes: expected, firstPage: pages[0], lastPage: pages[pages.length - 1] };
+    return { block, pageBytes: expected, pages };
   }
 
   private onDigestRequest(diskIdx: number, requestId: number, firstPage: number, pageCount: number): void {

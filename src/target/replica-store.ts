@@ -67,6 +67,14 @@ export interface ReplicaStore {
   readonly failure: MobilityError | null;
   /** Bytes this store has written to the replica itself (image file, page blob) since it was opened, when it counts them (metrics). */
   readonly bytesWritten?: number;
+  /**
+   * How the changed pages of a patched block are written: runs of changed pages at most this many
+   * bytes apart become one write (the unchanged pages between rewritten as the store holds them).
+   * 0: every run of changed pages is a write of its own (fewest bytes: a local disk, where WAL,
+   * replica and undo each pay for every byte). Infinity: one write from the first to the last
+   * changed page (fewest requests: a remote store billed per call). Default 0.
+   */
+  readonly patchGapBytes?: number;
 
   /** Current content of a range, including accepted writes not yet applied. MOB_ERR_OUT_OF_RANGE past the end. */
   read(offset: number, length: number): Promise<Buffer>;

@@ -67,4 +67,18 @@ t.test('changed pages cost their own size on the replica, not their blocks', asy
   const cost = afterIncremental - afterInitial;
   t.ok(cost <= 2 * CHANGED * PAGE, `the replica took ${cost} bytes for ${CHANGED * PAGE} changed (whole blocks would be ${CHANGED * BLOCK})`);
   t.equal(await sha256File(path.join(dir, 'srv', 'replicas', 'agent1', 'd0', 'replica.img')), await sha256File(img), 'and the replica equals the disk');
+
+  // the first and the last page of 8 blocks: two writes of a page each, not the 15-page span between them
+  const fh2 = await fsp.open(img, 'r+');
+  const BLOCKS = 8;
+  for (let i = 0; i < BLOCKS; i++) {
+    for (const pg of [0, BLOCK / PAGE - 1]) await fh2.write(crypto.randomBytes(PAGE), 0, PAGE, (3 + i * 7) * BLOCK + pg * PAGE);
+  }
+  await fh2.close();
+  const inc2 = await replicate();
+  t.equal(inc2.disks[0].stats.pagesSent, 2 * BLOCKS, 'two pages per block shipped');
+  const afterSecond = await settled(afterIncremental + 2 * BLOCKS * PAGE);
+  const cost2 = afterSecond - afterIncremental;
+  t.ok(cost2 <= 2 * 2 * BLOCKS * PAGE, `the replica took ${cost2} bytes for ${2 * BLOCKS * PAGE} changed pages at both ends of their blocks (the spans between would be ${BLOCKS * BLOCK})`);
+  t.equal(await sha256File(path.join(dir, 'srv', 'replicas', 'agent1', 'd0', 'replica.img')), await sha256File(img), 'and the replica equals the disk again');
 });

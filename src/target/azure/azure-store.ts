@@ -298,6 +298,8 @@ export class AzureReplicaStore implements ReplicaStore {
   private savedBatches = 0;
   /** Bytes sent in Put Page calls by this store (data, completed edge sectors and the zeros of short gaps). */
   bytesWritten = 0;
+  /** A patched block is one Put Page from its first to its last changed page: calls are billed, bytes within a block are not. */
+  readonly patchGapBytes = Infinity;
 
   /**
    * For a blob created by this store's open: the ranges written since, merged and sorted. Zeros
