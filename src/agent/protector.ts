@@ -77,7 +77,8 @@ const PERSIST_MS = 2000;
 /** Health report period: status figures on the server are at most about this old (plus the send queue, SEND_QUEUE_BYTES). */
 const HEALTH_MS = 1000;
 const CHURN_WEIGHT = 1 - 0.5 ** (HEALTH_MS / 3000);
-const TAKE_BLOCKS = 128;
+/** Dirty data one shipping round takes per disk (128 blocks at the default 64 KiB; more, smaller blocks at smaller block sizes). */
+const TAKE_BYTES = 8 * 1024 * 1024;
 
 export interface ProtectOptions {
   serverUrl: string;
@@ -892,7 +893,7 @@ export class Protector {
     let any = false;
     for (const d of this.disks) {
       if (!d.shipper || d.state !== 'continuous') continue;
-      const blocks = this.journal.take(d.i, TAKE_BLOCKS);
+      const blocks = this.journal.take(d.i, Math.max(1, Math.floor(TAKE_BYTES / this.bs)));
       if (!blocks.length) continue;
       any = true;
       const unchanged = await d.shipper.shipBlocks(conn, blocks);
@@ -1003,6 +1004,8 @@ export class Protector {
     let spoolBytes = 0;
     let spoolFileBytes = 0;
     let shipMs = 0;
+    /** Where the last freeze's time went, ms (the cut's log line: freeze and thaw calls, trace drain, remainder read, hooks). */
+    const phases: Record<string, number> = {};
     /** Freezes thawed at once because the remainder was over the spool budget. */
     const overBudgetFreezesMs: number[] = [];
     let budgetFailed = false;
@@ -1122,8 +1125,11 @@ export class Protector {
             frozeAt = Date.now();
             await this.quiescer!.freeze(limit);
             const bound = frozeAt + limit;
+            phases.freeze = Date.now() - frozeAt;
             // everything written before the freeze is on the disks now, and its events are in the trace
+            let t = Date.now();
             await this.drainOnce();
+            phases.drain = Date.now() - t;
             await this.assertTrackingLive();
             const runs = this.disks.map((d) => {
               taken[d.i] = this.journal.take(d.i, Number.MAX_SAFE_INTEGER);
@@ -1144,12 +1150,15 @@ export class Protector {
                   await spool.add(d.i, r, data);
                 });
               }
+              phases.spool = Date.now() - t0;
               samples = await sampling;
               this.lastSampleReadMs = Date.now() - t0;
+              t = Date.now();
               spoolBytes = spool.bytes;
               spoolFileBytes = spool.fileBytes;
               if (!reportHooks(await runHooks(this.o.hooksDir, 'frozen', env, Math.max(1, Math.min(hookTimeout, bound - Date.now()))))) notes.push('a frozen-phase hook failed');
               const t1 = Date.now();
+              phases.hooks = t1 - t;
               await this.drainOnce();
               sampleWaitMs = Date.now() - t1;
               if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen (a frozen-phase hook or an unfrozen writer wrote to them)');
@@ -1170,8 +1179,10 @@ export class Protector {
             }
           } finally {
             if (frozeAt) {
+              const t2 = Date.now();
               const failed = await this.quiescer!.thaw();
               frozenMs = Date.now() - frozeAt;
+              phases.thaw = Date.now() - t2;
               this.lastFreezeMs = frozenMs;
               if (failed.length) this.log.error('thaw failed', { code: 'MOB_ERR_FREEZE', failed });
             }
@@ -1253,7 +1264,7 @@ export class Protector {
         disks: seqs.map((seq, disk) => ({ disk, seq, samplePages: samples[disk]!.pages, sampleDigests: samples[disk]!.digests })),
       },
     }));
-    this.log.info('cut sent', { cutId, kind, groupPoint: group?.point, frozenMs, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs });
+    this.log.info('cut sent', { cutId, kind, groupPoint: group?.point, frozenMs, frozenPhasesMs: phases, mounts, note, samplePages, sampleWaitMs, sampleReadMs: this.lastSampleReadMs, spoolBytes, spoolFileBytes, shipMs });
   }
 
   /** Throws MOB_ERR_TRACKING_LOST (after starting the repair and the resync) when the self-check fails. */

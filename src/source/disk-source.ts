@@ -112,8 +112,17 @@ class FileDiskSource implements DiskSource {
 }
 
 const ALIGN = 4096;
+/** Bounce buffers for large reads (a scan's chunks): few, because each is big. */
 const DIRECT_SLOTS = 3;
 const DIRECT_SLOT_BYTES = 4 * 1024 * 1024;
+/**
+ * Bounce buffers for small reads (continuous shipping and a cut's remainder read scattered blocks):
+ * more of them, so that many reads are in flight. Under churn each read waits its turn behind the
+ * disk's other requests (the application's writes and flushes), so the depth, not the size, sets
+ * how fast dirty blocks are read.
+ */
+const SMALL_SLOTS = 8;
+const SMALL_SLOT_BYTES = 256 * 1024;
 
 /**
  * A block device read with O_DIRECT through aligned bounce buffers. Node cannot
@@ -123,10 +132,13 @@ const DIRECT_SLOT_BYTES = 4 * 1024 * 1024;
  */
 class DirectDiskSource implements DiskSource {
   private free: Buffer[];
-  private waiters: ((b: Buffer) => void)[] = [];
+  private freeSmall: Buffer[];
+  /** Reads waiting for a slot; `small` ones take either kind, the others a large one. */
+  private waiters: { small: boolean; give: (b: Buffer) => void }[] = [];
 
-  private constructor(readonly path: string, private readonly fd: number, readonly size: number, slots: Buffer[], private readonly syncBuf: Buffer) {
+  private constructor(readonly path: string, private readonly fd: number, readonly size: number, slots: Buffer[], small: Buffer[], private readonly syncBuf: Buffer) {
     this.free = slots;
+    this.freeSmall = small;
   }
 
   readSync(buf: Buffer, offset: number, length: number): void {
@@ -152,7 +164,7 @@ class DirectDiskSource implements DiskSource {
     } catch (err) {
       throw new MobilityError('MOB_ERR_SOURCE', `cannot open ${path} for direct reads: ${(err as Error).message}`, { cause: err });
     }
-    const raw = Buffer.allocUnsafeSlow(DIRECT_SLOTS * DIRECT_SLOT_BYTES + SYNC_READ_BYTES + ALIGN);
+    const raw = Buffer.allocUnsafeSlow(DIRECT_SLOTS * DIRECT_SLOT_BYTES + SMALL_SLOTS * SMALL_SLOT_BYTES + SYNC_READ_BYTES + ALIGN);
     let base = -1;
     for (let off = 0; off < ALIGN && base < 0; off += 8) {
       try {
@@ -170,24 +182,32 @@ class DirectDiskSource implements DiskSource {
       throw new MobilityError('MOB_ERR_SOURCE', `no aligned buffer accepted for direct reads of ${path}`);
     }
     const slots = Array.from({ length: DIRECT_SLOTS }, (_, i) => raw.subarray(base + i * DIRECT_SLOT_BYTES, base + (i + 1) * DIRECT_SLOT_BYTES));
-    const syncStart = base + DIRECT_SLOTS * DIRECT_SLOT_BYTES;
-    return new DirectDiskSource(path, fd, size, slots, raw.subarray(syncStart, syncStart + SYNC_READ_BYTES));
+    const smallStart = base + DIRECT_SLOTS * DIRECT_SLOT_BYTES;
+    const small = Array.from({ length: SMALL_SLOTS }, (_, i) => raw.subarray(smallStart + i * SMALL_SLOT_BYTES, smallStart + (i + 1) * SMALL_SLOT_BYTES));
+    const syncStart = smallStart + SMALL_SLOTS * SMALL_SLOT_BYTES;
+    return new DirectDiskSource(path, fd, size, slots, small, raw.subarray(syncStart, syncStart + SYNC_READ_BYTES));
   }
 
-  private acquire(): Promise<Buffer> {
-    const b = this.free.pop();
+  /** A small read takes a small slot first (a large one when none is free); a large read a large one. */
+  private acquire(length: number): Promise<Buffer> {
+    const small = length <= SMALL_SLOT_BYTES;
+    const b = (small ? this.freeSmall.pop() : undefined) ?? this.free.pop();
     if (b) return Promise.resolve(b);
-    return new Promise((r) => this.waiters.push(r));
+    return new Promise((give) => this.waiters.push({ small, give }));
   }
 
   private release(b: Buffer): void {
-    const w = this.waiters.shift();
-    if (w) w(b);
+    const isSmall = b.length === SMALL_SLOT_BYTES && SMALL_SLOT_BYTES !== DIRECT_SLOT_BYTES;
+    const i = this.waiters.findIndex((w) => w.small || !isSmall);
+    if (i >= 0) {
+      const [w] = this.waiters.splice(i, 1);
+      w!.give(b);
+    } else if (isSmall) this.freeSmall.push(b);
     else this.free.push(b);
   }
 
   async read(buf: Buffer, offset: number, length: number): Promise<void> {
-    const slot = await this.acquire();
+    const slot = await this.acquire(length);
     try {
       let done = 0;
       while (done < length) {

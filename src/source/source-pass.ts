@@ -26,6 +26,9 @@ import { blockRuns, type BlockRun } from './spool.js';
 
 /** Idle data-frame buffers a pass keeps (each about 2 MiB at the default block size). */
 const MSG_POOL_KEEP = 6;
+/** Continuous shipping's reads in flight: runs, and bytes (see shipBlocks). */
+const READ_AHEAD_RUNS = 8;
+const READ_AHEAD_BYTES = 8 * 1024 * 1024;
 
 export type PassKind = 'initial' | 'incremental' | 'resync' | 'verify';
 
@@ -256,8 +259,8 @@ export class SourcePass {
   }
 
   /**
-   * Continuous shipping: reads the given blocks (coalesced into runs, up to three runs read
-   * ahead), ships the pages that differ from what the target holds, and returns the blocks
+   * Continuous shipping: reads the given blocks (coalesced into runs, up to READ_AHEAD_RUNS runs
+   * and READ_AHEAD_BYTES read ahead), ships the pages that differ from what the target holds, and returns the blocks
    * that needed nothing. Every frame is sent before this returns, so a cut sent afterwards
    * covers them. Subscribe acks with listen() while using this outside run().
    */
@@ -270,12 +273,23 @@ export class SourcePass {
       p.catch(() => undefined);
       return p;
     };
-    const ahead: Promise<Buffer>[] = [];
+    // scattered dirty blocks are mostly short runs, each waiting its turn at the disk: several in
+    // flight (the source's small slots), bounded in bytes too (a run can be a whole read chunk)
+    const ahead: { len: number; p: Promise<Buffer> }[] = [];
+    let aheadBytes = 0;
     let next = 0;
-    const fill = () => { while (ahead.length < 3 && next < runs.length) ahead.push(read(runs[next++])); };
+    const fill = () => {
+      while (next < runs.length && (ahead.length === 0 || (ahead.length < READ_AHEAD_RUNS && aheadBytes + runs[next]!.len <= READ_AHEAD_BYTES))) {
+        const r = runs[next++]!;
+        ahead.push({ len: r.len, p: read(r) });
+        aheadBytes += r.len;
+      }
+    };
     return this.shipRuns(conn, runs, async () => {
       fill();
-      const data = await ahead.shift()!;
+      const a = ahead.shift()!;
+      aheadBytes -= a.len;
+      const data = await a.p;
       fill();
       return data;
     });
