@@ -1004,7 +1004,7 @@ export class Protector {
     let spoolBytes = 0;
     let spoolFileBytes = 0;
     let shipMs = 0;
-    /** Where the last freeze's time went, ms (the cut's log line: freeze and thaw calls, trace drain, remainder read, hooks). */
+    /** Where an in-guest freeze's time went, ms (the cut's log line): freeze call, trace drain, remainder read, samples, hooks, the drain after them, the group's commit, thaw call. */
     const phases: Record<string, number> = {};
     /** Freezes thawed at once because the remainder was over the spool budget. */
     const overBudgetFreezesMs: number[] = [];
@@ -1151,8 +1151,10 @@ export class Protector {
                 });
               }
               phases.spool = Date.now() - t0;
+              t = Date.now();
               samples = await sampling;
               this.lastSampleReadMs = Date.now() - t0;
+              phases.samples = Date.now() - t;
               t = Date.now();
               spoolBytes = spool.bytes;
               spoolFileBytes = spool.fileBytes;
@@ -1161,6 +1163,7 @@ export class Protector {
               phases.hooks = t1 - t;
               await this.drainOnce();
               sampleWaitMs = Date.now() - t1;
+              phases.recheck = sampleWaitMs;
               if (this.dirtyBlocks() > 0) throw new MobilityError('MOB_ERR_CUT', 'the disks changed while frozen (a frozen-phase hook or an unfrozen writer wrote to them)');
               // tracking was live for the whole window the point covers (checked again after the hooks)
               await this.assertTrackingLive();
@@ -1170,7 +1173,9 @@ export class Protector {
               if (Date.now() > bound) throw new MobilityError('MOB_ERR_FREEZE', `the filesystems stayed frozen longer than the ${limit} ms bound`);
               // still frozen: ready; the commit (or an abort, or this side's own bound) ends the freeze
               if (group) {
+                t = Date.now();
                 await group.ready(frozeAt, bound - Date.now());
+                phases.group = Date.now() - t;
                 // nothing may have written while this machine waited frozen for the group's commit
                 // either (a writer the freeze does not stop): its part would not be the group's moment
                 await this.drainOnce();

@@ -4,7 +4,6 @@
  * exit codes (one switch, exitCodeFor) live in args.ts, the API client in
  * api-client.ts; no other module of the CLI imports this one.
  */
-import './threadpool.js';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { AGENT_VERSION, DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, PAGE_SIZE, PROTOCOL_VERSION } from '../constants.js';

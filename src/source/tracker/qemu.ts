@@ -445,9 +445,10 @@ export class QemuTracker implements HostModeTracker {
         await this.qmp.execute('stop');
       } catch (err) {
         // no answer is not "not paused": a `stop` QEMU carries out late would leave the guest
-        // paused for good. QMP runs commands in order, so a `cont` sent now follows it (and is
+        // paused for good (a refused one paused nothing, and a guest someone else paused meanwhile
+        // stays so). QMP runs commands in order, so a `cont` sent now follows it (and is
         // harmless on a running guest); best effort: a QEMU that is gone has no guest to resume
-        void this.qmp.execute('cont').catch(() => undefined);
+        if (!(err instanceof QmpCommandError)) void this.qmp.execute('cont').catch(() => undefined);
         throw err;
       }
       return true;
