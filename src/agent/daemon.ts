@@ -231,6 +231,8 @@ export class AgentDaemon {
           await this.applying;
           await this.stopProtector();
           await this.stopProfiler();
+          // a host's VMs too: their protectors use this agent's certificate
+          await this.vms?.pause();
           this.applied = '';
           this.profiled = '';
           wait = REFUSED_RETRY_MS;

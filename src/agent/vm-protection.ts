@@ -228,6 +228,24 @@ export class VmProtections {
     await run.done;
   }
 
+  /**
+   * The server refused this host (a clone, revoked, unknown): every VM's protection stops and its
+   * assignment is forgotten, while its tracking state and QEMU's bitmaps stay, so the next
+   * assignments (once an operator has acted) start them again where they were. Never replicate
+   * as someone else.
+   */
+  pause(): Promise<void> {
+    this.applying = this.applying.then(async () => {
+      for (const [id, run] of [...this.runs]) {
+        await this.stopRun(run);
+        this.runs.delete(id);
+      }
+    }).catch((err) => {
+      this.d.log.error('cannot stop the VM protections', { code: toMobilityError(err).code, error: (err as Error).message });
+    });
+    return this.applying;
+  }
+
   /** Stops every VM's protection (state kept for the next start). */
   async stop(): Promise<void> {
     this.stopping = true;

@@ -107,3 +107,36 @@ t.test('one protector per VM: isolated failures, restarts only where the assignm
   t.ok(made.every((p) => p.stopped || p.failed), 'stop() stops every VM still running');
   t.ok(made.filter((p) => !p.failed).length >= 2, 'and there were running ones');
 });
+
+t.test('a host the server refused stops every VM, keeps their state, and starts them again when assigned', async (t) => {
+  const stateDir = await tmpDir(t);
+  const made: FakeProtector[] = [];
+  const removed: string[] = [];
+  const v = new VmProtections({
+    connection: () => ({ serverUrl: 'wss://s:1/v1/replicate', token: '', ca: 'CA', pin: 'PIN', cert: 'CERT', key: 'KEY' }),
+    stateDir: () => stateDir, hooksDir: () => undefined,
+    log: winston.createLogger({ silent: true }),
+    send: () => undefined,
+    create: async (o) => { const p = new FakeProtector(o); made.push(p); return p; },
+    removeTracking: async (o) => { removed.push(...o.disks.map((d) => d.node)); },
+    restartMinMs: 20, restartMaxMs: 200,
+  });
+  t.teardown(() => v.stop());
+  const vms = [vm('a', ['disk0']), vm('b', ['disk0'])];
+  await v.apply(vms);
+  for (const id of ['kvm1.a', 'kvm1.b']) fs.mkdirSync(path.join(stateDir, id), { recursive: true });
+  // one VM is waiting for its restart when the refusal comes: it must not come back either
+  made[1].fail(new MobilityError('MOB_ERR_QMP', 'gone'));
+  await v.pause();
+  t.ok(made.every((p) => p.stopped || p.failed), 'every VM protector stopped');
+  t.same(v.assigned(), [], 'no VM assigned any more');
+  t.same(removed, [], 'QEMU keeps recording: no bitmap removed');
+  t.ok(fs.existsSync(path.join(stateDir, 'kvm1.a')) && fs.existsSync(path.join(stateDir, 'kvm1.b')), 'their tracking state is kept');
+  const before = made.length;
+  await new Promise((r) => setTimeout(r, 300));
+  t.equal(made.length, before, 'no restart after the refusal (the backoff timer was cleared)');
+  // the operator acted: the server assigns the VMs again
+  await v.apply(vms);
+  t.equal(made.length, before + 2, 'both VMs start again');
+  t.ok(v.running('kvm1.a') && v.running('kvm1.b'), 'and run');
+});
