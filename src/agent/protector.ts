@@ -1096,6 +1096,10 @@ export class Protector {
               await group.ready(frozeAt, bound - Date.now());
             }
             await thawGuest();
+            // the freeze bound holds for the whole freeze, the view's setup included (as in-guest cuts)
+            if (frozeGuest && frozenMs > limit) {
+              throw new MobilityError('MOB_ERR_FREEZE', `the guest stayed frozen ${frozenMs} ms, longer than the ${limit} ms bound (the point-in-time view took that long to set up)`);
+            }
             await this.assertTrackingLive();
             if (this.lossEvents !== losses0 || !this.allContinuous()) {
               throw new MobilityError('MOB_ERR_TRACKING_LOST', 'change tracking lost changes while the point was being taken; no point is recorded until the disks are rescanned');
