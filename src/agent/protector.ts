@@ -884,7 +884,19 @@ export class Protector {
   private async quiesce(conn: Connection, d: PDisk): Promise<void> {
     while (d.shipper && d.shipper.framesInFlight > 0) {
       if (conn.closed) throw conn.closed;
-      await new Promise((r) => setTimeout(r, 20));
+      // woken by the next ack (the pass's own listener, registered first, has counted it by then)
+      // or the connection's end; the timer only re-checks a shipper replaced meanwhile
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          conn.off('ack', done);
+          conn.off('close', done);
+          resolve();
+        };
+        const timer = setTimeout(done, 20);
+        conn.on('ack', done);
+        conn.on('close', done);
+      });
     }
   }
 
@@ -1004,7 +1016,7 @@ export class Protector {
     let spoolBytes = 0;
     let spoolFileBytes = 0;
     let shipMs = 0;
-    /** Where an in-guest freeze's time went, ms (the cut's log line): freeze call, trace drain, remainder read, samples, hooks, the drain after them, the group's commit, thaw call. */
+    /** Where an in-guest freeze's time went, ms (the cut's log line): freeze call, trace drain, remainder read, samples, hooks, the drain after them, the group's commit, thaw call; and, before the freeze, the wait for the last acks. */
     const phases: Record<string, number> = {};
     /** Freezes thawed at once because the remainder was over the spool budget. */
     const overBudgetFreezesMs: number[] = [];
@@ -1020,7 +1032,10 @@ export class Protector {
     try {
       for (let attempt = 1; ; attempt++) {
         // nothing in flight when the freeze starts: every dirty block can be spooled (one version of a block in flight at a time)
+        const tq = Date.now();
         for (const d of this.disks) await this.quiesce(conn, d);
+        // before the freeze, not part of it: the wait for the last frames' acks (what the disks dirty meanwhile is the remainder)
+        phases.ackWait = Date.now() - tq;
         if (!this.allContinuous()) {
           owed();
           throw new MobilityError('MOB_ERR_CUT', 'change tracking was lost before the freeze');
