@@ -5,6 +5,7 @@
  */
 import readline from 'node:readline';
 import { Writable } from 'node:stream';
+import fs from 'node:fs';
 import path from 'node:path';
 import { ID_PATTERN } from '../constants.js';
 import { MobilityError } from '../errors.js';
@@ -81,6 +82,10 @@ export async function runOperator(argv: string[]): Promise<number> {
     if (!ID_PATTERN.test(name)) throw new MobilityError('MOB_ERR_USAGE', `operator name ${JSON.stringify(name)} is not [A-Za-z0-9._-]{1,64}`);
   }
   const dataDir = path.resolve((v['data-dir'] as string | undefined) ?? 'mobility-data');
+  // operators belong to a server: a mistyped --data-dir must not create an empty one beside it
+  if (!fs.existsSync(path.join(dataDir, 'config.db'))) {
+    throw new MobilityError('MOB_ERR_CONFIG', `${dataDir} holds no Mobility server (no config.db): give the server's --data-dir (nothing was created)`);
+  }
   // the password is read (and checked) before the database is opened: a refused one changes nothing
   let hash: string | null = null;
   if (sub === 'add') {

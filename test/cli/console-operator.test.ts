@@ -4,6 +4,7 @@
  */
 import t from 'tap';
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { CLI_PATH } from '../../src/server/spawn.js';
@@ -33,6 +34,15 @@ t.test('operator add, list and remove', async (t) => {
   const dataDir = path.join(dir, 'data');
   const pw = path.join(dir, 'pw');
   await fsp.writeFile(pw, 'first password 1\n', { mode: 0o600 });
+
+  // a directory without a server (a mistyped --data-dir) is refused, and not created
+  const typo = path.join(dir, 'dta');
+  const wrong = await runCli(['operator', 'add', 'alice', '--data-dir', typo, '--password-file', pw]).done;
+  t.not(wrong.code, 0, 'a data directory without a server is refused');
+  t.match(wrong.stderr, /MOB_ERR_CONFIG.*no Mobility server/);
+  t.notOk(fs.existsSync(typo), 'and nothing was created there');
+  // the server's data directory (its configuration database)
+  ConfigDb.open(dataDir).close();
 
   const add = await runCli(['operator', 'add', 'alice', '--data-dir', dataDir, '--password-file', pw]).done;
   t.equal(add.code, 0, `add with --password-file ${add.stderr}`);
