@@ -52,3 +52,22 @@ t.test('capacity and recovery plan pages', async (t) => {
   t.match(plans.body, /<td>r2<\/td><td>cleanup<\/td>.*badge busy">running/, 'a run going on');
   t.match(plans.body, /<td>r1<\/td><td>test-failover<\/td>.*badge bad">failed<\/span><\/td><td>gp-1<\/td><td class="dim">step 1: machine m1: did not boot \(timeout\)/, 'a failed run with why');
 });
+
+t.test('a machine page for an id the server does not know loads no catalog', async (t) => {
+  const db = ConfigDb.open(path.join(await tmpDir(t), 'data'));
+  t.teardown(() => db.close());
+  db.upsertAgent({ id: 'm1', machineId: 'cd'.repeat(16), hostname: 'web1', certFingerprint: 'x', registeredWith: 'passphrase' });
+  const loaded: string[] = [];
+  const server = {
+    db,
+    catalog: async (a: string) => { loaded.push(a); return { list: () => [] }; },
+    backend: { images: async () => [] },
+    failoverState: async () => null,
+    control: { connected: () => false },
+  } as unknown as ConsoleServerView;
+  const d: RenderData = { server, status: [], jobs: { list: () => [], scanJobs: () => [] } as unknown as RenderData['jobs'], now: Date.now() };
+  for (const id of ['made-up-1', 'made-up-2']) await pageBody(pageView(`/console/machine/${id}`)!, d);
+  t.same(loaded, [], 'no catalog loaded (and kept) for ids typed into the address');
+  await pageBody(pageView('/console/machine/m1')!, d);
+  t.same(loaded, ['m1'], 'a registered machine\'s catalog is read');
+});

@@ -207,7 +207,12 @@ export async function fragments(view: View, d: RenderData): Promise<Record<strin
       const a = view.agent;
       const registered = d.server.db.getAgent(a) !== null;
       let points: readonly RecoveryPoint[] = [];
-      try { points = (await d.server.catalog(a)).list(); } catch { /* no catalog yet */ }
+      // only a machine the server knows has a catalog to show: one loaded for any id typed into
+      // the address would stay in memory for good
+      const known = registered || d.status.some((s) => s.agent === a);
+      if (known) {
+        try { points = (await d.server.catalog(a)).list(); } catch { /* no catalog yet */ }
+      }
       let imgs: PointImage[] = [];
       try { imgs = await d.server.backend.images(a, 'test-failover'); } catch { /* store down: shown by the disks' state */ }
       const fo = await d.server.failoverState(a).catch(() => null);
