@@ -263,7 +263,7 @@ Options:
   --boot-disk ID  the disk to boot from (default: the one the mapping went to, else the first)
   --json          the server's answer as JSON
 ${CONN_HELP}`,
-  failover: `Usage: mobility failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--json]
+  failover: `Usage: mobility failover [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] --agent-id ID [--point ID|latest|latest-app] [--no-final-cut] [--yes] [--json]
 
 Fails an agent over on the server:
   1. with --point latest (the default) and the agent connected, asks it for a final
@@ -273,6 +273,7 @@ Fails an agent over on the server:
      azure store: a page blob failover/<agent>/<disk>); prints where each one is;
   3. stops replication: the agent's session ends with MOB_ERR_FAILED_OVER and new sessions
      are refused until 'mobility reprotect' fails back.
+Asks first on a terminal; elsewhere it needs --yes.
 ${CONN_HELP}`,
   reprotect: `Usage: mobility reprotect [--data-dir DIR | --token-file F (--ca F | --pin SHA256) | --profile NAME] [--server URL] --agent-id ID --disk DEV[=ID]... [--yes] [--json]
        mobility reprotect ... --vm-images --disk IMAGE[=ID]...   (host mode: the VM's qcow2/raw images)
@@ -444,6 +445,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     ...(cmd === 'alerts' ? { all: { type: 'boolean' } } : {}),
     json: { type: 'boolean' }, point: { type: 'string' }, cleanup: { type: 'boolean' }, 'no-final-cut': { type: 'boolean' },
     disk: { type: 'string', multiple: true }, 'json-logs': { type: 'boolean' }, ...(cmd === 'reprotect' ? { yes: { type: 'boolean', short: 'y' }, 'vm-images': { type: 'boolean' }, 'agent-state': { type: 'string' } } : {}),
+    ...(cmd === 'failover' ? { yes: { type: 'boolean', short: 'y' } } : {}),
     ...(cmd === 'test-failover' ? {
       download: { type: 'string' }, 'network-map': { type: 'string' }, 'boot-check': { type: 'boolean' }, 'boot-marker': { type: 'string' },
       'boot-timeout': { type: 'string' }, 'boot-bus': { type: 'string' }, 'boot-accel': { type: 'string' }, 'boot-network': { type: 'string' }, 'boot-disk': { type: 'string' },
@@ -518,6 +520,13 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
   }
   if (cmd === 'failover') {
     if (!v['agent-id']) throw new MobilityError('MOB_ERR_USAGE', '--agent-id is required (failover acts on one agent)');
+    if (!v.yes) {
+      const { confirmDestructive } = await import('./confirm.js');
+      await confirmDestructive({
+        yes: false, command: 'failover',
+        summary: `failover stops the replication of ${agent} for good and promotes its replica at ${(v.point as string | undefined) ?? 'latest'}${v['no-final-cut'] ? '' : ' (after a final cut, when the machine still answers)'} into writable images: the machine is not protected again until it is reprotected (mobility reprotect)\n`,
+      });
+    }
     const j = await api(c, 'POST', '/v1/failover', { agent, point: (v.point as string | undefined) ?? 'latest', finalCut: !v['no-final-cut'] });
     const r = j as unknown as FailoverResult;
     out(j, () => `agent ${agent} failed over to ${r.point.id} (${r.point.kind}, ${r.point.takenAt})${r.finalCut.pointId ? ' — the final cut' : ''}${r.finalCut.note ? `; ${r.finalCut.note}` : ''}\n`

@@ -129,7 +129,12 @@ t.test('test-failover without --download, --cleanup, failover and status: text o
   t.equal(cl.code, 0, cl.stderr);
   t.match(cl.stdout, `removed the test-failover images of p-000042:\n  sda: ${IMAGE.location}\n`);
 
-  const fo = await runCli(['failover', ...c, '--agent-id', 'web1']).done;
+  const asked = api.requests.length;
+  const noYes = await runCli(['failover', ...c, '--agent-id', 'web1']).done;
+  t.equal(noYes.code, 2, 'failover without --yes, not on a terminal: usage error');
+  t.match(noYes.stderr, /failover stops the replication of web1[\s\S]*MOB_ERR_USAGE.*--yes/, 'it says what it would do and how to confirm');
+  t.notOk(api.requests.slice(asked).some((r) => r.path === '/v1/failover'), 'and asked the server for nothing');
+  const fo = await runCli(['failover', ...c, '--agent-id', 'web1', '--yes']).done;
   t.equal(fo.code, 0, fo.stderr);
   t.match(fo.stdout, '  sda: https://acct.blob.core.windows.net/mobility/failover/web1/sda (snapshot-copy)\n');
   t.match(fo.stdout, /replication is stopped/);

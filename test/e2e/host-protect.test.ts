@@ -252,7 +252,7 @@ t.test('host mode: failover to a final cut, then reprotect writes only the diffe
   await agent.waitEvent(continuousAll(agent, 1), LONG, 'continuous');
   guest.start(300, 0);
   await guest.finish();
-  const fo = await runCli(['failover', ...conn, '--agent-id', r.agentId, '--json']).done;
+  const fo = await runCli(['failover', ...conn, '--agent-id', r.agentId, '--yes', '--json']).done;
   tt.equal(fo.code, 0, `failover ${fo.code ? fo.stderr.slice(-800) : ''}`);
   const res = JSON.parse(fo.stdout) as { point: { id: string }; finalCut: { requested: boolean; pointId: string | null }; disks: { localPath: string | null }[] };
   tt.ok(res.finalCut.requested && res.finalCut.pointId === res.point.id, 'failed over to a final cut');

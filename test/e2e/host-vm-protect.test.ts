@@ -157,7 +157,7 @@ t.test('host mode: enable --vm, a recovery point of the VM, test failover equals
     execFileSync('nbdcopy', [`nbd+unix:///g${i}?socket=${nbdSocket!}`, f]);
     return fs.readFileSync(f);
   });
-  const fo = await cli(['failover', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--agent-id', vmId, '--json']);
+  const fo = await cli(['failover', '--server', server.info.url, '--token-file', server.info.tokenFile, '--ca', server.info.caFile!, '--agent-id', vmId, '--yes', '--json']);
   t.equal(fo.code, 0, `failover of the VM machine${fo.code ? `: ${fo.stderr.slice(-400)}` : ''}`);
   const r = JSON.parse(fo.stdout) as { point: { id: string }; finalCut: { requested: boolean; pointId: string | null }; disks: { diskId: string; localPath: string | null }[] };
   t.ok(r.finalCut.requested && r.finalCut.pointId === r.point.id, `failed over to the final cut ${r.point.id}`);

@@ -21,7 +21,7 @@ t.test('failover (final cut, promoted image, replication stopped), then reprotec
   sh('dd', ['if=/dev/urandom', `of=${s.mnt}/late`, 'bs=64k', 'count=32', 'status=none']);
   sh('sync', []);
   const lateSum = sh('sha256sum', [`${s.mnt}/late`]).split(' ')[0];
-  const fo = await runCli(['failover', ...conn, '--agent-id', s.agentId, '--json']).done;
+  const fo = await runCli(['failover', ...conn, '--agent-id', s.agentId, '--yes', '--json']).done;
   t.equal(fo.code, 0, `failover succeeds ${fo.stderr}`);
   const r = JSON.parse(fo.stdout) as { point: { id: string }; finalCut: { requested: boolean; pointId: string | null }; disks: { localPath: string | null; location: string }[] };
   t.ok(r.finalCut.requested && r.finalCut.pointId === r.point.id, `failed over to the final cut ${r.point.id}`);

@@ -178,6 +178,29 @@ t.test('a recovery plan: two machines at one group point, in order, scripts betw
   t.equal(clean.code, 0, `cleanup: ${clean.stderr}`);
   for (const r of [dbRes, appRes]) for (const im of r.images) t.notOk(fs.existsSync(im.location), `${r.agent}'s image ${im.location} is removed`);
 
+  // while a plan's run recovers a machine, a direct test failover or failover of it is refused
+  const started = path.join(path.dirname(planFile), 'hold-started');
+  const release = path.join(path.dirname(planFile), 'hold-release');
+  const hold = await script('hold.sh', `touch '${started}'; while [ ! -e '${release}' ]; do sleep 0.1; done; exit 1`);
+  await fsp.writeFile(planFile, JSON.stringify({ name: 'holds', group: 'shop', steps: [{ machines: [APP.agentId], pre: hold }] }));
+  t.equal((await cli(['recovery-plan', 'create', '--file', planFile, ...conn])).code, 0);
+  const holding = runCli(['recovery-plan', 'test-failover', 'holds', ...conn]).done;
+  try {
+    await waitFor(() => fs.existsSync(started), 120_000, 'the plan run to reach its pre script');
+    const direct = await cli(['test-failover', '--agent-id', APP.agentId, ...conn]);
+    t.equal(direct.code, 3, 'a direct test failover of a machine the plan is recovering is refused');
+    t.match(direct.stderr, /MOB_ERR_PLAN.*being recovered by a run of recovery plan holds/);
+    const directFo = await cli(['failover', '--agent-id', APP.agentId, '--yes', ...conn]);
+    t.equal(directFo.code, 3, 'so is a direct failover');
+    t.match(directFo.stderr, /MOB_ERR_PLAN/);
+  } finally {
+    await fsp.writeFile(release, '');
+  }
+  t.equal((await holding).code, 1, 'the held plan ends (its pre script failed on purpose)');
+  const after = await cli(['test-failover', '--agent-id', APP.agentId, '--cleanup', ...conn]);
+  t.not(after.stderr.includes('MOB_ERR_PLAN'), true, `after the run the machine is free again (${after.stderr.slice(-300)})`);
+  t.equal((await cli(['recovery-plan', 'delete', 'holds', '--yes', ...conn])).code, 0);
+
   // a plan whose first step fails stops there
   const failing = await script('refuse.sh', 'exit 1');
   await fsp.writeFile(planFile, JSON.stringify({ name: 'stops', group: 'shop', steps: [{ machines: [APP.agentId], pre: failing }, { machines: [DB.agentId], bootCheck: true }] }));

@@ -34,7 +34,7 @@ import { resolveNics } from '../recovery/network-mapping.js';
 import { checkRecoveredMachine, parseMachineChecks, type MachineCheckDeps, type MachineChecks } from '../recovery/recovered-machine.js';
 import { readTestFailovers, type TestFailoverRecord } from '../recovery/test-failover-record.js';
 import { handleConfigApi, listGroupPoints } from './config-api.js';
-import { handlePlanApi } from './plan-api.js';
+import { handlePlanApi, planRunHolding } from './plan-api.js';
 import { authorized, readBody, send, statusFor } from './http-util.js';
 import type { DiskStatus } from '../disk-status.js';
 
@@ -201,6 +201,12 @@ export function machineCheckDeps(server: ServerContext): MachineCheckDeps {
     // not under replicas/<agent>/: with the file store its subdirectories are the agent's disks
     consoleDir: (a: string) => path.join(server.dataDir, 'boot-checks', a), scratch: path.join(server.dataDir, 'mnt'),
   };
+}
+
+/** A machine a recovery plan's run is recovering is not tested or failed over beside it (MOB_ERR_PLAN). */
+function refuseDuringPlanRun(agent: string): void {
+  const plan = planRunHolding(agent);
+  if (plan) throw new MobilityError('MOB_ERR_PLAN', `machine ${agent} is being recovered by a run of recovery plan ${plan}; wait for it to end`);
 }
 
 /** The NICs the configuration server's inventory holds for the agent ([] for an agent that never registered). */
@@ -375,6 +381,7 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
     } else if (req.method === 'POST' && url.pathname === '/v1/failover') {
       const b = await readBody(req);
       const agent = agentParam(b.agent);
+      refuseDuringPlanRun(agent);
       const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
       send(res, 200, await failover(server, agent, ref, b.finalCut !== false));
     } else if (req.method === 'POST' && url.pathname === '/v1/failback') {
@@ -386,6 +393,7 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
       const group = typeof b.group === 'string' ? optId(b.group, 'group') : null;
       if (group !== null && b.agent !== undefined && b.agent !== null) throw new MobilityError('MOB_ERR_USAGE', 'give agent or group, not both');
       const agent = group === null ? agentParam(b.agent) : '';
+      for (const m of group === null ? [agent] : server.db.getGroup(group).members) refuseDuringPlanRun(m);
       const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
       const run = (o: { cleanup: boolean; download: string | null; checks: MachineChecks; onConsole?: (diskId: string, line: string) => void; progress?: (diskId: string, done: number, total: number) => void }): Promise<object> => {
         if (group === null) return testFailover(server, agent, ref, o);

@@ -38,8 +38,16 @@ export interface PlanApiHooks {
 
 /** Plans running now, by name: one run of a plan at a time. */
 const running = new Set<string>();
-/** Machines of the plans running now: a machine is recovered by one plan run at a time. */
-const busyMachines = new Set<string>();
+/** Machines of the plans running now, and the plan: a machine is recovered by one plan run at a time. */
+const busyMachines = new Map<string, string>();
+
+/**
+ * The recovery plan whose run is recovering this machine now (null: none). A direct test failover
+ * or failover of it meanwhile would make, map and boot the same images, or clean up the plan's.
+ */
+export function planRunHolding(machine: string): string | null {
+  return busyMachines.get(machine) ?? null;
+}
 
 function planDb(server: ServerContext): PlanDb {
   return {
@@ -141,7 +149,7 @@ async function run(server: ServerContext, hooks: PlanApiHooks, name: string, kin
   const shared = machines.find((m) => busyMachines.has(m));
   if (shared) throw new MobilityError('MOB_ERR_PLAN', `machine ${shared} of recovery plan ${plan.name} is being recovered by another plan's run; wait for it to end`);
   running.add(plan.name);
-  for (const m of machines) busyMachines.add(m);
+  for (const m of machines) busyMachines.set(m, plan.name);
   try {
     let points: Map<string, string> | undefined;
     let groupPoint: string | null = null;
