@@ -1106,15 +1106,15 @@ export class Protector {
             }
             frozeAt = Date.now();
             point = await this.beginHostPoint(taken);
+            // the freeze bound holds for the view's setup too, checked before a group's commit (as in-guest cuts)
+            if (frozeGuest && Date.now() > bound) {
+              throw new MobilityError('MOB_ERR_FREEZE', `the guest stayed frozen longer than the ${limit} ms bound (the point-in-time view took ${Date.now() - frozeAt} ms to set up)`);
+            }
             // frozen or paused guest of a group cut: stays so until the group commits, like an in-guest cut
             if (group) {
               await group.ready(frozeAt, bound - Date.now());
             }
             await thawGuest();
-            // the freeze bound holds for the whole freeze, the view's setup included (as in-guest cuts)
-            if (frozeGuest && frozenMs > limit) {
-              throw new MobilityError('MOB_ERR_FREEZE', `the guest stayed frozen ${frozenMs} ms, longer than the ${limit} ms bound (the point-in-time view took that long to set up)`);
-            }
             await this.assertTrackingLive();
             if (this.lossEvents !== losses0 || !this.allContinuous()) {
               throw new MobilityError('MOB_ERR_TRACKING_LOST', 'change tracking lost changes while the point was being taken; no point is recorded until the disks are rescanned');

@@ -13,6 +13,8 @@ export interface ConfirmOptions {
   command: string;
   /** What will be destroyed, one or more lines (shown on stderr before asking or refusing). */
   summary: string;
+  /** What the command does, for the refusal (default "destroys the data listed above"). */
+  consequence?: string;
   /** For tests: whether to treat the session as interactive (default: stdin and stderr are TTYs). */
   interactive?: boolean;
 }
@@ -27,7 +29,7 @@ export async function confirmDestructive(o: ConfirmOptions): Promise<void> {
   const interactive = o.interactive ?? isInteractive();
   process.stderr.write(o.summary.endsWith('\n') ? o.summary : o.summary + '\n');
   if (!interactive) {
-    throw new MobilityError('MOB_ERR_USAGE', `${o.command} destroys the data listed above and this is not a terminal, so it cannot ask: run it again with --yes to confirm (nothing was changed)`);
+    throw new MobilityError('MOB_ERR_USAGE', `${o.command} ${o.consequence ?? 'destroys the data listed above'} and this is not a terminal, so it cannot ask: run it again with --yes to confirm (nothing was changed)`);
   }
   const rl = readline.createInterface({ input: process.stdin, output: process.stderr });
   const answer = await new Promise<string | null>((resolve) => {

@@ -523,7 +523,7 @@ async function cmdOps(cmd: 'status' | 'points' | 'test-failover' | 'failover' | 
     if (!v.yes) {
       const { confirmDestructive } = await import('./confirm.js');
       await confirmDestructive({
-        yes: false, command: 'failover',
+        yes: false, command: 'failover', consequence: 'stops replication as said above',
         summary: `failover stops the replication of ${agent} for good and promotes its replica at ${(v.point as string | undefined) ?? 'latest'}${v['no-final-cut'] ? '' : ' (after a final cut, when the machine still answers)'} into writable images: the machine is not protected again until it is reprotected (mobility reprotect)\n`,
       });
     }

@@ -56,6 +56,8 @@ export class Connection extends EventEmitter {
 
   private constructor(private readonly ws: WebSocket, private readonly limiter?: RateLimiter) {
     super();
+    // one ack listener per disk's pass, plus a cut's wait for the last acks: many disks are not a leak
+    this.setMaxListeners(0);
   }
 
   get closed(): MobilityError | null {

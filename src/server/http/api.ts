@@ -34,7 +34,7 @@ import { resolveNics } from '../recovery/network-mapping.js';
 import { checkRecoveredMachine, parseMachineChecks, type MachineCheckDeps, type MachineChecks } from '../recovery/recovered-machine.js';
 import { readTestFailovers, type TestFailoverRecord } from '../recovery/test-failover-record.js';
 import { handleConfigApi, listGroupPoints } from './config-api.js';
-import { handlePlanApi, planRunHolding } from './plan-api.js';
+import { handlePlanApi, holdMachines } from './plan-api.js';
 import { authorized, readBody, send, statusFor } from './http-util.js';
 import type { DiskStatus } from '../disk-status.js';
 
@@ -201,12 +201,6 @@ export function machineCheckDeps(server: ServerContext): MachineCheckDeps {
     // not under replicas/<agent>/: with the file store its subdirectories are the agent's disks
     consoleDir: (a: string) => path.join(server.dataDir, 'boot-checks', a), scratch: path.join(server.dataDir, 'mnt'),
   };
-}
-
-/** A machine a recovery plan's run is recovering is not tested or failed over beside it (MOB_ERR_PLAN). */
-function refuseDuringPlanRun(agent: string): void {
-  const plan = planRunHolding(agent);
-  if (plan) throw new MobilityError('MOB_ERR_PLAN', `machine ${agent} is being recovered by a run of recovery plan ${plan}; wait for it to end`);
 }
 
 /** The NICs the configuration server's inventory holds for the agent ([] for an agent that never registered). */
@@ -381,9 +375,14 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
     } else if (req.method === 'POST' && url.pathname === '/v1/failover') {
       const b = await readBody(req);
       const agent = agentParam(b.agent);
-      refuseDuringPlanRun(agent);
       const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
-      send(res, 200, await failover(server, agent, ref, b.finalCut !== false));
+      // one recovery of a machine at a time (a plan's run, a test failover, a failover)
+      const release = holdMachines([agent], 'a failover');
+      try {
+        send(res, 200, await failover(server, agent, ref, b.finalCut !== false));
+      } finally {
+        release();
+      }
     } else if (req.method === 'POST' && url.pathname === '/v1/failback') {
       const b = await readBody(req);
       send(res, 200, await failback(server, agentParam(b.agent)));
@@ -393,7 +392,6 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
       const group = typeof b.group === 'string' ? optId(b.group, 'group') : null;
       if (group !== null && b.agent !== undefined && b.agent !== null) throw new MobilityError('MOB_ERR_USAGE', 'give agent or group, not both');
       const agent = group === null ? agentParam(b.agent) : '';
-      for (const m of group === null ? [agent] : server.db.getGroup(group).members) refuseDuringPlanRun(m);
       const ref = typeof b.point === 'string' && b.point ? b.point : 'latest';
       const run = (o: { cleanup: boolean; download: string | null; checks: MachineChecks; onConsole?: (diskId: string, line: string) => void; progress?: (diskId: string, done: number, total: number) => void }): Promise<object> => {
         if (group === null) return testFailover(server, agent, ref, o);
@@ -406,28 +404,35 @@ export async function handleApi(server: ServerContext, req: IncomingMessage, res
         download = b.download;
       }
       const checks = parseMachineChecks(b);
-      if (b.stream === true) {
-        // newline-delimited JSON: progress lines while images are made and downloaded, then the result
-        res.writeHead(200, { 'content-type': 'application/x-ndjson' });
-        let last = 0;
-        try {
-          const r = await run({
-            cleanup: b.cleanup === true, download, checks,
-            onConsole: (diskId, line) => { res.write(JSON.stringify({ type: 'console', disk: diskId, line }) + '\n'); },
-            progress: (diskId, done, total) => {
-              if (done < total && Date.now() - last < 250) return;
-              last = Date.now();
-              res.write(JSON.stringify({ type: 'progress', disk: diskId, doneBytes: done, totalBytes: total }) + '\n');
-            },
-          });
-          res.end(JSON.stringify({ type: 'result', ...r }) + '\n');
-        } catch (err) {
-          const e = toMobilityError(err);
-          res.end(JSON.stringify({ type: 'error', code: e.code, message: e.message }) + '\n');
+      // one recovery of a machine at a time (a plan's run, a test failover or its cleanup, a
+      // failover): held before any answer starts, so a refusal is a plain error
+      const release = holdMachines(group === null ? [agent] : server.db.getGroup(group).members, b.cleanup === true ? 'a test failover cleanup' : 'a test failover');
+      try {
+        if (b.stream === true) {
+          // newline-delimited JSON: progress lines while images are made and downloaded, then the result
+          res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+          let last = 0;
+          try {
+            const r = await run({
+              cleanup: b.cleanup === true, download, checks,
+              onConsole: (diskId, line) => { res.write(JSON.stringify({ type: 'console', disk: diskId, line }) + '\n'); },
+              progress: (diskId, done, total) => {
+                if (done < total && Date.now() - last < 250) return;
+                last = Date.now();
+                res.write(JSON.stringify({ type: 'progress', disk: diskId, doneBytes: done, totalBytes: total }) + '\n');
+              },
+            });
+            res.end(JSON.stringify({ type: 'result', ...r }) + '\n');
+          } catch (err) {
+            const e = toMobilityError(err);
+            res.end(JSON.stringify({ type: 'error', code: e.code, message: e.message }) + '\n');
+          }
+          return;
         }
-        return;
+        send(res, 200, await run({ cleanup: b.cleanup === true, download, checks }));
+      } finally {
+        release();
       }
-      send(res, 200, await run({ cleanup: b.cleanup === true, download, checks }));
     } else if (req.method === 'GET' && url.pathname === '/v1/test-failovers') {
       const agent = agentParam(url.searchParams.get('agent'));
       send(res, 200, { agent, records: await readTestFailovers(server.agentDir(agent), agent) });

@@ -38,15 +38,23 @@ export interface PlanApiHooks {
 
 /** Plans running now, by name: one run of a plan at a time. */
 const running = new Set<string>();
-/** Machines of the plans running now, and the plan: a machine is recovered by one plan run at a time. */
+/**
+ * Machines being recovered now, and by what ("a run of recovery plan shop", "a test failover",
+ * "a failover"): one recovery of a machine at a time, or two would make, map, boot or clean up
+ * the same images.
+ */
 const busyMachines = new Map<string, string>();
 
 /**
- * The recovery plan whose run is recovering this machine now (null: none). A direct test failover
- * or failover of it meanwhile would make, map and boot the same images, or clean up the plan's.
+ * Marks the machines as recovered by `holder` until the returned release is called; refuses
+ * (MOB_ERR_PLAN, nothing held) when one of them is being recovered already.
  */
-export function planRunHolding(machine: string): string | null {
-  return busyMachines.get(machine) ?? null;
+export function holdMachines(machines: string[], holder: string): () => void {
+  const taken = machines.find((m) => busyMachines.has(m));
+  if (taken) throw new MobilityError('MOB_ERR_PLAN', `machine ${taken} is being recovered by ${busyMachines.get(taken)}; wait for it to end`);
+  const mine = [...new Set(machines)];
+  for (const m of mine) busyMachines.set(m, holder);
+  return () => { for (const m of mine) if (busyMachines.get(m) === holder) busyMachines.delete(m); };
 }
 
 function planDb(server: ServerContext): PlanDb {
@@ -144,12 +152,10 @@ function planRunDeps(server: ServerContext, hooks: PlanApiHooks, progress: (m: R
 async function run(server: ServerContext, hooks: PlanApiHooks, name: string, kind: PlanRunKind, ref: string, progress: (m: Record<string, unknown>) => void): Promise<PlanRunReport> {
   const plan = loadPlan(server, name);
   if (running.has(plan.name)) throw new MobilityError('MOB_ERR_PLAN', `a run of recovery plan ${plan.name} is going on; wait for it to end`);
-  // two plans sharing a machine would make, map and boot the same images at once
-  const machines = planMachines(plan);
-  const shared = machines.find((m) => busyMachines.has(m));
-  if (shared) throw new MobilityError('MOB_ERR_PLAN', `machine ${shared} of recovery plan ${plan.name} is being recovered by another plan's run; wait for it to end`);
+  // another plan, or a direct test failover or failover, on one of its machines would make, map
+  // and boot the same images at once
+  const release = holdMachines(planMachines(plan), `a run of recovery plan ${plan.name}`);
   running.add(plan.name);
-  for (const m of machines) busyMachines.set(m, plan.name);
   try {
     let points: Map<string, string> | undefined;
     let groupPoint: string | null = null;
@@ -178,7 +184,7 @@ async function run(server: ServerContext, hooks: PlanApiHooks, name: string, kin
     return report;
   } finally {
     running.delete(plan.name);
-    for (const m of machines) busyMachines.delete(m);
+    release();
   }
 }
 
