@@ -161,6 +161,14 @@ export class QemuTracker implements HostModeTracker {
         const mine = ours(n, o.name);
         const busy = mine.find((b) => b.info.busy);
         if (busy) throw trackerError(o.name, `dirty bitmap ${busy.info.name} on node ${d.node} is busy (in use by a block job or export of someone else)`);
+        // an agent killed inside a rotation (the new bitmap added, the old one not yet disabled:
+        // see drainNow) left both recording: the old one is disabled now, and the next round
+        // drains it with the rest (an older generation's bitmap is folded in there)
+        const rec = mine.filter((b) => b.info.recording).sort((a, b) => a.gen - b.gen);
+        if (rec.length === 2 && rec[1]!.gen === gen && rec[0]!.gen === gen - 1 && !mine.some((b) => b.info.inconsistent || b.info.busy)) {
+          await qmp.execute('block-dirty-bitmap-disable', { node: d.node, name: rec[0]!.info.name });
+          rec[0]!.info.recording = false;
+        }
         const problem = resumeProblem(d.node, n, mine, gen, persistent);
         loss.push(lossOf(problem));
         if (problem) {
@@ -526,9 +534,21 @@ export class QemuTracker implements HostModeTracker {
     if (problem) throw new MobilityError('MOB_ERR_TRACKING_LOST', `qemu tracker '${this.name}': ${problem}`);
     const all = this.disks.map((_, i) => i);
     const next = this.gen + 1;
-    await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, false, extra);
-    rotated?.();
     const frozen = `${this.name}.${this.gen}`;
+    // the new bitmap starts recording while the old one still does (a write in between is in both:
+    // read twice, never missed); the old one is disabled only after checking that nobody else
+    // disabled it since the check above: QEMU has no transaction that tests it, and a rotation
+    // that replaced a disabled bitmap would hide the writes it missed
+    await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, false, extra, true);
+    rotated?.();
+    const after = await queryNodes(this.qmp);
+    const off = this.disks.find((d) => !ours(after.get(d.node), this.name).find((b) => b.gen === this.gen)?.info.recording);
+    if (off) {
+      // back to how the check would have found it: the old bitmap, disabled, and no new one
+      await this.qmp.execute('transaction', { actions: this.disks.map((d) => ({ type: 'block-dirty-bitmap-remove', data: { node: d.node, name: `${this.name}.${next}` } })) }).catch(() => undefined);
+      throw new MobilityError('MOB_ERR_TRACKING_LOST', `qemu tracker '${this.name}': dirty bitmap ${frozen} on node ${off.node} was disabled (not recording writes)`);
+    }
+    await this.qmp.execute('transaction', { actions: this.disks.map((d) => ({ type: 'block-dirty-bitmap-disable', data: { node: d.node, name: frozen } })) });
     this.gen = next;
     const nodes = await queryNodes(this.qmp);
     // earlier rounds' frozen bitmaps that were never removed: fold them into this round's
@@ -623,11 +643,12 @@ function addArgs(node: string, name: string, persistent: boolean, granularity?: 
  * alsoRemove: remove `<from>` instead of disabling it (merge it into the new one first), for
  * a resumed disk moved to a new common generation without losing what it recorded.
  */
-async function rotate(qmp: QmpClient, disks: QemuTrackedDisk[], idx: number[], name: string, from: number, to: number, granularity: number | undefined, mergeAndRemove: boolean, extra: QmpAction[] = []): Promise<void> {
+async function rotate(qmp: QmpClient, disks: QemuTrackedDisk[], idx: number[], name: string, from: number, to: number, granularity: number | undefined, mergeAndRemove: boolean, extra: QmpAction[] = [], keepOld = false): Promise<void> {
   const actions: QmpAction[] = [...extra];
   for (const i of idx) {
     const d = disks[i]!;
     actions.push({ type: 'block-dirty-bitmap-add', data: addArgs(d.node, `${name}.${to}`, d.persistent, granularity) });
+    if (keepOld) continue; // the caller disables it (see drainNow)
     if (mergeAndRemove) {
       actions.push({ type: 'block-dirty-bitmap-merge', data: { node: d.node, target: `${name}.${to}`, bitmaps: [`${name}.${from}`] } });
       actions.push({ type: 'block-dirty-bitmap-remove', data: { node: d.node, name: `${name}.${from}` } });

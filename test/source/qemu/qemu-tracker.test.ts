@@ -5,6 +5,7 @@
  */
 import t from 'tap';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { QemuTracker } from '../../../src/source/tracker/qemu.js';
 import { QmpClient } from '../../../src/source/qemu/qmp.js';
@@ -364,5 +365,77 @@ t.test('a node QEMU does not have is a coded error', async (t) => {
   await d.start();
   await t.rejects(QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'nope' }], nbdSocket: d.nbdSocket }), { code: 'MOB_ERR_QEMU_TRACKER', message: /no device or block node 'nope'/ });
   await t.rejects(QemuTracker.open({ name: NAME, qmpSocket: path.join(d.dir, 'absent.sock'), disks: [{ node: 'disk0' }] }), { code: 'MOB_ERR_QMP' });
+  await d.stop();
+});
+
+t.test('an agent killed inside a rotation (both bitmaps recording) resumes without a rescan, and loses nothing', async (t) => {
+  const d = daemonWith(t, ['qcow2']);
+  await d.start();
+  const tr = await QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'disk0' }], nbdSocket: d.nbdSocket });
+  const g = tr.granularity(0);
+  t.same(await tr.drain(), [], 'nothing written yet');
+  await tr.close({ keep: true });
+  // what a rotation's first step leaves when the agent dies right after it: the next generation
+  // added and recording, the current one not yet disabled
+  const q = await QmpClient.connect(d.testQmpSocket);
+  t.teardown(() => q.close());
+  const mine = async () => ((await q.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean }[] }[]>('query-named-block-nodes', { flat: true }))
+    .find((n) => n['node-name'] === 'disk0')!['dirty-bitmaps'] ?? []).filter((b) => b.name.startsWith(`${NAME}.`));
+  const cur = (await mine()).find((b) => b.recording)!.name;
+  const gen = Number(cur.slice(NAME.length + 1));
+  d.write(0, 3 * MiB, 8 * KiB); // in the current generation only
+  await q.execute('block-dirty-bitmap-add', { node: 'disk0', name: `${NAME}.${gen + 1}`, persistent: true, granularity: g });
+  d.write(0, 9 * MiB, 8 * KiB); // in both
+  t.equal((await mine()).filter((b) => b.recording).length, 2, 'two bitmaps of the tracker record');
+  const tr2 = await QemuTracker.open({ name: NAME, qmpSocket: d.qmpSocket, disks: [{ node: 'disk0' }], nbdSocket: d.nbdSocket });
+  t.teardown(() => tr2.close().catch(() => undefined));
+  t.equal(tr2.resumed, true, 'resumed');
+  t.match(tr2.openLoss[0], { lost: false }, 'no loss, no rescan');
+  t.same(await tr2.drain(), expected([{ disk: 0, offset: 3 * MiB, length: 8 * KiB }, { disk: 0, offset: 9 * MiB, length: 8 * KiB }], g), 'both writes, the one only the older bitmap held too');
+  t.equal((await mine()).filter((b) => b.recording).length, 1, 'one recording bitmap again');
+  await tr2.close();
+  await d.stop();
+});
+
+t.test('a bitmap disabled between the check and the rotation is noticed, not rotated away', async (t) => {
+  const d = daemonWith(t, ['qcow2']);
+  await d.start();
+  // a monitor in front of QEMU's: just before the rotation's transaction reaches QEMU, someone
+  // disables the recording bitmap (the race the check before the rotation cannot see)
+  const q = await QmpClient.connect(d.testQmpSocket);
+  t.teardown(() => q.close());
+  let armed = false;
+  let raced = '';
+  const proxySock = path.join(d.dir, 'proxy.qmp');
+  const proxy = net.createServer((client) => {
+    const up = net.connect(d.qmpSocket);
+    up.on('data', (b: Buffer) => client.write(b));
+    let chain = Promise.resolve();
+    client.on('data', (b: Buffer) => {
+      chain = chain.then(async () => {
+        const text = b.toString();
+        if (armed && /"transaction"/.test(text) && /block-dirty-bitmap-add/.test(text)) {
+          armed = false;
+          const nodes = await q.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean }[] }[]>('query-named-block-nodes', { flat: true });
+          raced = nodes.find((n) => n['node-name'] === 'disk0')!['dirty-bitmaps']!.find((x) => x.recording && x.name.startsWith(`${NAME}.`))!.name;
+          await q.execute('block-dirty-bitmap-disable', { node: 'disk0', name: raced });
+        }
+        up.write(b);
+      });
+    });
+    client.on('close', () => up.destroy());
+    up.on('error', () => client.destroy());
+    client.on('error', () => up.destroy());
+  });
+  await new Promise<void>((r) => proxy.listen(proxySock, r));
+  t.teardown(() => proxy.close());
+  const tr = await QemuTracker.open({ name: NAME, qmpSocket: proxySock, disks: [{ node: 'disk0' }], nbdSocket: d.nbdSocket });
+  t.teardown(() => tr.close().catch(() => undefined));
+  t.same(await tr.drain(), [], 'a first round');
+  armed = true;
+  await t.rejects(tr.drain(), { code: 'MOB_ERR_TRACKING_LOST', message: /was disabled/ }, 'the round that raced the disable reports the loss');
+  t.ok(raced, `the test disabled ${raced} just before the rotation`);
+  t.match(await tr.selfCheck(), /disabled/, 'and the tracker still says so (the disabled bitmap was not replaced by a fresh one)');
+  await tr.close();
   await d.stop();
 });
