@@ -184,7 +184,7 @@ export class QemuTracker implements HostModeTracker {
         });
         // a disk that resumed keeps its older generation: move it to the common one
         const resumedIdx = disks.map((_, i) => i).filter((i) => !fresh.includes(i));
-        if (resumedIdx.length) await rotate(qmp, disks, resumedIdx, o.name, gen - 1, gen, o.granularity, true);
+        if (resumedIdx.length) await rotate(qmp, disks, resumedIdx, o.name, gen - 1, gen, o.granularity, 'merge');
       }
       const t = new QemuTracker(o, qmp, gen, disks, loss);
       await t.refreshGranularity();
@@ -310,7 +310,7 @@ export class QemuTracker implements HostModeTracker {
       const next = this.gen + 1;
       await this.qmp.execute('transaction', { actions: bad.map((i) => ({ type: 'block-dirty-bitmap-add', data: addArgs(this.disks[i]!.node, `${this.name}.${next}`, this.disks[i]!.persistent, this.o.granularity) })) });
       const good = this.disks.map((_, i) => i).filter((i) => !bad.includes(i));
-      if (good.length) await rotate(this.qmp, this.disks, good, this.name, this.gen, next, this.o.granularity, false);
+      if (good.length) await rotate(this.qmp, this.disks, good, this.name, this.gen, next, this.o.granularity, 'disable');
       this.gen = next;
       await this.refreshGranularity();
     });
@@ -539,10 +539,10 @@ export class QemuTracker implements HostModeTracker {
     // read twice, never missed); the old one is disabled only after checking that nobody else
     // disabled it since the check above: QEMU has no transaction that tests it, and a rotation
     // that replaced a disabled bitmap would hide the writes it missed
-    await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, false, extra, true);
+    await rotate(this.qmp, this.disks, all, this.name, this.gen, next, this.o.granularity, 'keep', extra);
     rotated?.();
-    const after = await queryNodes(this.qmp);
-    const off = this.disks.find((d) => !ours(after.get(d.node), this.name).find((b) => b.gen === this.gen)?.info.recording);
+    const nodes = await queryNodes(this.qmp);
+    const off = this.disks.find((d) => !ours(nodes.get(d.node), this.name).find((b) => b.gen === this.gen)?.info.recording);
     if (off) {
       // back to how the check would have found it: the old bitmap, disabled, and no new one
       await this.qmp.execute('transaction', { actions: this.disks.map((d) => ({ type: 'block-dirty-bitmap-remove', data: { node: d.node, name: `${this.name}.${next}` } })) }).catch(() => undefined);
@@ -550,8 +550,8 @@ export class QemuTracker implements HostModeTracker {
     }
     await this.qmp.execute('transaction', { actions: this.disks.map((d) => ({ type: 'block-dirty-bitmap-disable', data: { node: d.node, name: frozen } })) });
     this.gen = next;
-    const nodes = await queryNodes(this.qmp);
-    // earlier rounds' frozen bitmaps that were never removed: fold them into this round's
+    // earlier rounds' frozen bitmaps that were never removed: fold them into this round's (the
+    // query above still holds for them: only this round's frozen one changed since)
     const leftovers: { node: string; names: string[] }[] = [];
     for (const d of this.disks) {
       const names = ours(nodes.get(d.node), this.name).filter((b) => b.gen < next && b.info.name !== frozen && !b.info.recording).map((b) => b.info.name);
@@ -639,20 +639,20 @@ function addArgs(node: string, name: string, persistent: boolean, granularity?: 
 }
 
 /**
- * One transaction on the given disks: add `<name>.<to>` and disable `<name>.<from>`.
- * alsoRemove: remove `<from>` instead of disabling it (merge it into the new one first), for
- * a resumed disk moved to a new common generation without losing what it recorded.
+ * Adds generation `to` on the given disks in one transaction (with `extra` actions), and does with
+ * generation `from`: 'merge' folds it into the new one and removes it (a resumed disk moved to a
+ * new common generation without losing what it recorded), 'disable' stops it, 'keep' leaves it
+ * recording (the caller checks and disables it: see drainNow).
  */
-async function rotate(qmp: QmpClient, disks: QemuTrackedDisk[], idx: number[], name: string, from: number, to: number, granularity: number | undefined, mergeAndRemove: boolean, extra: QmpAction[] = [], keepOld = false): Promise<void> {
+async function rotate(qmp: QmpClient, disks: QemuTrackedDisk[], idx: number[], name: string, from: number, to: number, granularity: number | undefined, old: 'merge' | 'disable' | 'keep', extra: QmpAction[] = []): Promise<void> {
   const actions: QmpAction[] = [...extra];
   for (const i of idx) {
     const d = disks[i]!;
     actions.push({ type: 'block-dirty-bitmap-add', data: addArgs(d.node, `${name}.${to}`, d.persistent, granularity) });
-    if (keepOld) continue; // the caller disables it (see drainNow)
-    if (mergeAndRemove) {
+    if (old === 'merge') {
       actions.push({ type: 'block-dirty-bitmap-merge', data: { node: d.node, target: `${name}.${to}`, bitmaps: [`${name}.${from}`] } });
       actions.push({ type: 'block-dirty-bitmap-remove', data: { node: d.node, name: `${name}.${from}` } });
-    } else {
+    } else if (old === 'disable') {
       actions.push({ type: 'block-dirty-bitmap-disable', data: { node: d.node, name: `${name}.${from}` } });
     }
   }

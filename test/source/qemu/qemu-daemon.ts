@@ -7,6 +7,7 @@
  */
 import { execFileSync, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import type { Cleanup } from '../../cleanup.js';
 import { sleep } from '../../helpers.js';
@@ -89,4 +90,29 @@ export class QemuDaemon {
   write(disk: number, offset: number, length: number, pattern = 0x5a, exportName = `guest${disk}`, socket = this.nbdSocket): void {
     execFileSync('qemu-io', ['-f', 'raw', '-c', `write -P ${pattern} ${offset} ${length}`, `nbd+unix:///${exportName}?socket=${socket}`], { stdio: ['ignore', 'ignore', 'pipe'] });
   }
+}
+
+/**
+ * A QMP monitor in front of QEMU's, for races a test cannot time otherwise: `before(text)` is
+ * told of each piece the client sends as it arrives, and the piece goes on to QEMU, in order, once
+ * that call has resolved (a test holds a command back there, or acts just before it); QEMU's
+ * answers go straight back. Closed with
+ * the test.
+ */
+export async function qmpProxy(t: { teardown(fn: () => unknown): void }, upstream: string, listen: string, before: (text: string) => Promise<void> | void): Promise<void> {
+  const proxy = net.createServer((client) => {
+    const up = net.connect(upstream);
+    up.on('data', (b: Buffer) => client.write(b));
+    let chain = Promise.resolve();
+    client.on('data', (b: Buffer) => {
+      // told at once (it sees what arrives behind a held command), forwarded in order
+      const gate = Promise.resolve(before(b.toString()));
+      chain = chain.then(() => gate).then(() => { up.write(b); }, () => { client.destroy(); });
+    });
+    client.on('close', () => up.destroy());
+    up.on('error', () => client.destroy());
+    client.on('error', () => up.destroy());
+  });
+  await new Promise<void>((r) => proxy.listen(listen, r));
+  t.teardown(() => proxy.close());
 }

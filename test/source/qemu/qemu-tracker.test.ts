@@ -5,13 +5,12 @@
  */
 import t from 'tap';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { QemuTracker } from '../../../src/source/tracker/qemu.js';
 import { QmpClient } from '../../../src/source/qemu/qmp.js';
 import type { DirtyExtent } from '../../../src/source/tracker/change-tracker.js';
 import { cleanup } from '../../cleanup.js';
-import { QemuDaemon, createImage, requireQemuTools } from './qemu-daemon.js';
+import { QemuDaemon, createImage, qmpProxy, requireQemuTools } from './qemu-daemon.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -407,28 +406,13 @@ t.test('a bitmap disabled between the check and the rotation is noticed, not rot
   let armed = false;
   let raced = '';
   const proxySock = path.join(d.dir, 'proxy.qmp');
-  const proxy = net.createServer((client) => {
-    const up = net.connect(d.qmpSocket);
-    up.on('data', (b: Buffer) => client.write(b));
-    let chain = Promise.resolve();
-    client.on('data', (b: Buffer) => {
-      chain = chain.then(async () => {
-        const text = b.toString();
-        if (armed && /"transaction"/.test(text) && /block-dirty-bitmap-add/.test(text)) {
-          armed = false;
-          const nodes = await q.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean }[] }[]>('query-named-block-nodes', { flat: true });
-          raced = nodes.find((n) => n['node-name'] === 'disk0')!['dirty-bitmaps']!.find((x) => x.recording && x.name.startsWith(`${NAME}.`))!.name;
-          await q.execute('block-dirty-bitmap-disable', { node: 'disk0', name: raced });
-        }
-        up.write(b);
-      });
-    });
-    client.on('close', () => up.destroy());
-    up.on('error', () => client.destroy());
-    client.on('error', () => up.destroy());
+  await qmpProxy(t, d.qmpSocket, proxySock, async (text) => {
+    if (!(armed && /"transaction"/.test(text) && /block-dirty-bitmap-add/.test(text))) return;
+    armed = false;
+    const nodes = await q.execute<{ 'node-name': string; 'dirty-bitmaps'?: { name: string; recording: boolean }[] }[]>('query-named-block-nodes', { flat: true });
+    raced = nodes.find((n) => n['node-name'] === 'disk0')!['dirty-bitmaps']!.find((x) => x.recording && x.name.startsWith(`${NAME}.`))!.name;
+    await q.execute('block-dirty-bitmap-disable', { node: 'disk0', name: raced });
   });
-  await new Promise<void>((r) => proxy.listen(proxySock, r));
-  t.teardown(() => proxy.close());
   const tr = await QemuTracker.open({ name: NAME, qmpSocket: proxySock, disks: [{ node: 'disk0' }], nbdSocket: d.nbdSocket });
   t.teardown(() => tr.close().catch(() => undefined));
   t.same(await tr.drain(), [], 'a first round');
